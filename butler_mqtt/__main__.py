@@ -1,0 +1,3 @@
+from butler_mqtt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,262 @@
+"""Settings: YAML file + `BUTLER_MQTT__SECTION__KEY` environment overrides, validated.
+
+Every problem is a `ConfigError` naming the dotted key (`mqtt.port: ...`), which the CLI turns
+into exit code 2. Relative paths are taken relative to the working directory, like most
+command-line tools; under systemd set `WorkingDirectory=` or use absolute paths.
+
+Secrets can also come from systemd credentials: when `$CREDENTIALS_DIRECTORY` holds
+`qrs_client.pem`, `qrs_client_key.pem`, `qrs_root.pem` or `mqtt_password`, they replace the
+matching keys (see docs and `systemd/butler-mqtt.service`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from butler_mqtt.errors import ConfigError
+from butler_mqtt.model import is_guid
+
+ENV_PREFIX = "BUTLER_MQTT__"
+DEFAULT_CONFIG = Path("etc/butler.yaml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TlsConfig(_Section):
+    enabled: bool = False
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    verify: bool = True
+
+
+class TopicsConfig(_Section):
+    start: str = "qliksense/task/start"
+    start_plain: str | None = "qliksense/start_task"
+    reply: str = "qliksense/task/start/reply"
+    status: str = "butler-mqtt/status"
+
+
+class MqttConfig(_Section):
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str = Field(default="butler-mqtt", min_length=1, max_length=128)
+    username: str | None = None
+    password: SecretStr | None = None
+    keepalive: int = Field(default=60, ge=5, le=65535)
+    session_expiry: int = Field(default=86400, ge=0)
+    tls: TlsConfig = TlsConfig()
+    shared_group: str | None = None
+    topics: TopicsConfig = TopicsConfig()
+    receive_maximum: int = Field(default=16, ge=1, le=65535)
+    workers: int = Field(default=8, ge=1, le=256)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, v: Any) -> Any:
+        # YAML reads `5` as an int and `3.1.1` as a string; accept both spellings.
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+
+class QrsConfig(_Section):
+    host: str = "localhost"
+    port: int = Field(default=4242, ge=1, le=65535)
+    cert: Path = Path("certs/client.pem")
+    key: Path = Path("certs/client_key.pem")
+    ca: Path | None = Path("certs/root.pem")
+    verify: bool = True
+    user_directory: str = "INTERNAL"
+    user_id: str = "sa_api"
+    timeout: float = Field(default=30, gt=0)
+    start_concurrency: int = Field(default=8, ge=1, le=64)
+    retries: int = Field(default=3, ge=0, le=10)
+    max_filter_length: int = Field(default=6000, ge=200)
+
+    @property
+    def base_url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+
+class CustomPropertyAllow(_Section):
+    name: str
+    value: str
+
+
+class AllowList(_Section):
+    task_ids: list[str] = []
+    tags: list[str] = []
+    custom_properties: list[CustomPropertyAllow] = []
+
+    @field_validator("task_ids")
+    @classmethod
+    def _ids(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not is_guid(t):
+                raise ValueError(f"'{t}' is not a GUID")
+        return [t.lower() for t in v]
+
+
+class StartFilterConfig(_Section):
+    enabled: bool = False
+    allow: AllowList = AllowList()
+
+
+class HttpConfig(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8081, ge=0, le=65535)
+    token: SecretStr | None = None
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+
+
+class MetricsConfig(_Section):
+    port: int | None = Field(default=None, ge=0, le=65535)
+
+
+class TrackingConfig(_Section):
+    poll_interval: float = Field(default=5, gt=0)
+    first_poll: float = Field(default=1, gt=0)
+    max_wait: float = Field(default=21600, gt=0)
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
+class JournalConfig(_Section):
+    url: str | None = None
+    retention_hours: float = Field(default=24, gt=0)
+
+
+class Config(_Section):
+    mqtt: MqttConfig = MqttConfig()
+    qrs: QrsConfig = QrsConfig()
+    start_filter: StartFilterConfig = StartFilterConfig()
+    http: HttpConfig = HttpConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    logging: LoggingConfig = LoggingConfig()
+    state_dir: Path = Path("state")
+    journal: JournalConfig = JournalConfig()
+
+    def check_qrs_files(self) -> None:
+        """Certificate files must exist and be readable before anything talks to QRS."""
+        files = {"qrs.cert": self.qrs.cert, "qrs.key": self.qrs.key}
+        if self.qrs.verify and self.qrs.ca is not None:
+            files["qrs.ca"] = self.qrs.ca
+        if self.mqtt.tls.enabled:
+            for name in ("ca", "cert", "key"):
+                p = getattr(self.mqtt.tls, name)
+                if p is not None:
+                    files[f"mqtt.tls.{name}"] = p
+        for key, path in files.items():
+            if not path.is_file():
+                raise ConfigError(key, f"file not found: {path}")
+            if not os.access(path, os.R_OK):
+                raise ConfigError(key, f"file not readable: {path}")
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings with secrets replaced, for logs and `check`."""
+        return self.model_dump(mode="json")  # SecretStr dumps as '**********'
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """`BUTLER_MQTT__MQTT__TLS__ENABLED=true` -> {"mqtt": {"tls": {"enabled": True}}}."""
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, int | float | bool) and path[-1] in {"password", "token", "user_id", "username"}:
+            value = raw  # secrets and ids stay strings even when they look like numbers
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(".".join(path), "conflicting environment overrides")
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def _credentials(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    """systemd `LoadCredential=` files override the matching keys."""
+    cred_dir = environ.get("CREDENTIALS_DIRECTORY")
+    if not cred_dir:
+        return data
+    d = Path(cred_dir)
+    extra: dict[str, Any] = {}
+    for fname, (section, key) in {
+        "qrs_client.pem": ("qrs", "cert"),
+        "qrs_client_key.pem": ("qrs", "key"),
+        "qrs_root.pem": ("qrs", "ca"),
+    }.items():
+        if (d / fname).is_file():
+            extra.setdefault(section, {})[key] = str(d / fname)
+    if (d / "mqtt_password").is_file():
+        extra.setdefault("mqtt", {})["password"] = (d / "mqtt_password").read_text().strip()
+    if (d / "http_token").is_file():
+        extra.setdefault("http", {})["token"] = (d / "http_token").read_text().strip()
+    return _merge(data, extra)
+
+
+def config_path(arg: str | None, environ: dict[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    return Path(arg or env.get("BUTLER_MQTT_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_config(path: Path | None, environ: dict[str, str] | None = None, *, missing_ok: bool = False) -> Config:
+    """Read, merge and validate the configuration. Raises ConfigError naming the key."""
+    env = dict(os.environ if environ is None else environ)
+    data: dict[str, Any] = {}
+    if path is not None:
+        if path.is_file():
+            try:
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as exc:
+                raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ConfigError(str(path), "the top level must be a mapping")
+            data = loaded or {}
+        elif not missing_ok:
+            raise ConfigError("--config", f"file not found: {path}")
+    data = _merge(data, _env_overrides(env))
+    data = _credentials(data, env)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        reason = first["msg"]
+        if first["type"] == "extra_forbidden":
+            reason = "unknown key"
+        raise ConfigError(key, reason) from None

@@ -1,0 +1,253 @@
+"""Plain typed data shared by every ingress (MQTT JSON, MQTT plain, REST) and the service.
+
+`StartRequest` is the one request model (contract section 3). `parse_request` turns raw bytes
+into it, or raises `RequestRejected` with the `error`/`details` pair the caller replies with.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from butler_mqtt.errors import RequestRejected
+
+GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+EMPTY_GUID = "00000000-0000-0000-0000-000000000000"
+
+#: Largest accepted request payload. A start request is a few hundred bytes; anything near
+#: this size is a mistake or an attack, and parsing it would only cost memory.
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_NAME_LENGTH = 255
+MAX_CRITERIA = 200  # per list (taskId, tag, customProperty)
+MAX_CHAIN_DEPTH = 10
+MAX_REQUEST_ID_LENGTH = 128
+
+INVALID_GUID_ERROR = "Invalid task ID format"
+INVALID_GUID_DETAILS = "Task ID must be a valid GUID"
+
+# Control characters never occur in Qlik tag or property names; rejecting them keeps log
+# lines and QRS filters clean. Quotes, `&`, `#`, `+`, `%`, parentheses and non-ASCII are
+# legitimate and are escaped instead (see qrs.filters).
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+TaskStatus = Literal["started", "notStarted", "denied", "failed", "wouldStart"]
+FINAL_STATES = {6: "Aborted", 7: "FinishedSuccess", 8: "FinishedFail", 9: "Skipped", 11: "Error", 12: "Reset"}
+
+
+def is_guid(value: str) -> bool:
+    """True when `value` is a GUID in its canonical 8-4-4-4-12 hex form (any case)."""
+    return bool(GUID_RE.match(value))
+
+
+def _check_name(value: str, what: str) -> str:
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} longer than {MAX_NAME_LENGTH} characters")
+    if _CONTROL_RE.search(value):
+        raise ValueError(f"{what} contains a control character")
+    return value
+
+
+class CustomPropertyCriterion(BaseModel):
+    """A custom property name/value pair; a task matches when it carries exactly this pair."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str
+    value: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "custom property name")
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, v: str) -> str:
+        return _check_name(v, "custom property value")
+
+
+class StartRequest(BaseModel):
+    """A start request (contract section 3). Field names are the wire names."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    requestId: str | None = Field(default=None, max_length=MAX_REQUEST_ID_LENGTH)
+    taskId: list[str] = Field(default_factory=list, max_length=MAX_CRITERIA)
+    tag: list[str] = Field(default_factory=list, max_length=MAX_CRITERIA)
+    customProperty: list[CustomPropertyCriterion] = Field(default_factory=list, max_length=MAX_CRITERIA)
+    allTaskIdsMustExist: bool = False
+    wait: bool = False
+    dryRun: bool = False
+    then: StartRequest | None = None
+    onFailure: Literal["stop", "continue"] = "stop"
+
+    @field_validator("taskId", "tag", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        # The contract accepts a single string where a list is expected.
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("tag")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        return [_check_name(t, "tag") for t in v]
+
+    @field_validator("taskId")
+    @classmethod
+    def _task_ids(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not is_guid(t.strip()):
+                raise ValueError(INVALID_GUID_DETAILS)
+        return [t.strip().lower() for t in v]
+
+    @model_validator(mode="after")
+    def _has_criteria(self) -> StartRequest:
+        if not (self.taskId or self.tag or self.customProperty):
+            raise ValueError("at least one of taskId, tag, customProperty is required")
+        return self
+
+    @property
+    def waits(self) -> bool:
+        """`then` implies waiting for the end of every task of this stage."""
+        return self.wait or self.then is not None
+
+    def chain_depth(self) -> int:
+        return 1 + (self.then.chain_depth() if self.then else 0)
+
+
+def _describe(err: ValidationError) -> RequestRejected:
+    """One clear sentence from pydantic's first error; GUID errors get the contract's text."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "value_error" and INVALID_GUID_DETAILS in msg:
+        return RequestRejected(INVALID_GUID_ERROR, INVALID_GUID_DETAILS)
+    if first["type"] == "extra_forbidden":
+        return RequestRejected("Invalid request", f"unknown field '{loc}'")
+    msg = msg.removeprefix("Value error, ")
+    where = f"field '{loc}': " if loc else ""
+    return RequestRejected("Invalid request", f"{where}{msg}")
+
+
+def validate_request(data: Any) -> StartRequest:
+    """Validate already-decoded JSON into a StartRequest, or raise RequestRejected."""
+    if not isinstance(data, dict):
+        raise RequestRejected("Invalid request", "the request must be a JSON object")
+    try:
+        req = StartRequest.model_validate(data)
+    except ValidationError as err:
+        # A GUID error anywhere wins: the contract gives it a fixed reply.
+        for e in err.errors():
+            if e["type"] == "value_error" and INVALID_GUID_DETAILS in e["msg"]:
+                raise RequestRejected(INVALID_GUID_ERROR, INVALID_GUID_DETAILS) from None
+        raise _describe(err) from None
+    except RecursionError:
+        raise RequestRejected("Invalid request", "the request is nested too deeply") from None
+    if req.chain_depth() > MAX_CHAIN_DEPTH:
+        raise RequestRejected("Invalid request", f"'then' chains are limited to {MAX_CHAIN_DEPTH} stages")
+    return req
+
+
+def decode_json(payload: bytes, limit: int = MAX_PAYLOAD_BYTES) -> Any:
+    """Bytes -> JSON value, with the size, UTF-8 and syntax checks every ingress needs."""
+    if len(payload) > limit:
+        raise RequestRejected("Payload too large", f"{len(payload)} bytes; the limit is {limit} bytes")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestRejected("Invalid payload", f"not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestRejected("Invalid JSON", f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise RequestRejected("Invalid JSON", "nested too deeply") from None
+
+
+def parse_request(payload: bytes) -> StartRequest:
+    """Raw MQTT payload -> StartRequest, or RequestRejected naming the problem."""
+    return validate_request(decode_json(payload))
+
+
+def parse_plain(payload: bytes) -> StartRequest:
+    """Butler's plain topic: the payload is one task GUID (whitespace trimmed)."""
+    if len(payload) > 1024:
+        raise RequestRejected("Payload too large", f"{len(payload)} bytes; a task ID is 36 characters")
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise RequestRejected("Invalid payload", "not valid UTF-8") from None
+    if not is_guid(text):
+        raise RequestRejected(INVALID_GUID_ERROR, INVALID_GUID_DETAILS)
+    return StartRequest(taskId=[text.lower()])
+
+
+# --------------------------------------------------------------------------- QRS-side data
+
+
+@dataclass(frozen=True)
+class QrsTask:
+    """The parts of a QRS ReloadTask that selection and replies need."""
+
+    id: str
+    name: str
+    enabled: bool = True
+    tags: tuple[str, ...] = ()
+    custom_properties: tuple[tuple[str, str], ...] = ()  # (definition name, value)
+
+    @classmethod
+    def from_qrs(cls, obj: dict[str, Any]) -> QrsTask:
+        """Build from a QRS full object, tolerating null collections (QRS sends `tags: null`)."""
+        tags = tuple(str(t.get("name", "")) for t in (obj.get("tags") or []))
+        cps = tuple(
+            (str((cp.get("definition") or {}).get("name", "")), str(cp.get("value", "")))
+            for cp in (obj.get("customProperties") or [])
+        )
+        return cls(
+            id=str(obj["id"]).lower(),
+            name=str(obj.get("name", "")),
+            enabled=bool(obj.get("enabled", True)),
+            tags=tags,
+            custom_properties=cps,
+        )
+
+
+@dataclass
+class TaskOutcome:
+    """What happened to one selected task."""
+
+    task_id: str
+    task_name: str
+    status: TaskStatus
+    matched_by: list[str] = field(default_factory=list)
+    execution_id: str | None = None
+    reason: str | None = None
+
+    def event(self, request_id: str | None, stage: int | None = None) -> dict[str, Any]:
+        ev: dict[str, Any] = {
+            "event": "task",
+            "requestId": request_id,
+            "taskId": self.task_id,
+            "taskName": self.task_name,
+            "status": self.status,
+        }
+        if self.execution_id is not None:
+            ev["executionId"] = self.execution_id
+        ev["matchedBy"] = list(self.matched_by)
+        if self.reason is not None:
+            ev["reason"] = self.reason
+        if stage is not None:
+            ev["stage"] = stage
+        return ev
+
+    def brief(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"taskId": self.task_id, "taskName": self.task_name, "status": self.status}
+        if self.reason is not None:
+            d["reason"] = self.reason
+        return d

@@ -1,0 +1,209 @@
+"""The QRS client: one reused HTTPS session with the Qlik client certificate.
+
+* Server verification against `root.pem` is on unless `qrs.verify: false` is written.
+* Every request carries a fresh random 16-character Xrfkey in the header and the query.
+* GETs are retried with backoff on connection errors and 5xx; a start is retried only when
+  the connection was never made (refused or connect timeout), because a blind retry of a
+  start can run a reload twice.
+* Errors map to `QrsUnreachable` / `QrsRefused` / `QrsNotFound` (errors.py).
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+
+from butler_mqtt.config import QrsConfig
+from butler_mqtt.errors import QrsError, QrsNotFound, QrsRefused, QrsUnreachable
+from butler_mqtt.model import EMPTY_GUID, is_guid
+from butler_mqtt.qrs.filters import execution_filters
+
+_XRF_ALPHABET = string.ascii_letters + string.digits
+
+#: Called after every QRS call with (method, route, status or None, seconds).
+CallObserver = Callable[[str, str, int | None, float], None]
+
+
+def new_xrfkey() -> str:
+    return "".join(secrets.choice(_XRF_ALPHABET) for _ in range(16))
+
+
+def _route(path: str) -> str:
+    """A low-cardinality route name for metrics: GUIDs replaced by `{id}`."""
+    return "/".join("{id}" if is_guid(p) else p for p in path.split("/"))
+
+
+class QrsClient:
+    """Thread-safe: one instance is shared by all workers."""
+
+    def __init__(self, cfg: QrsConfig, observer: CallObserver | None = None) -> None:
+        self.cfg = cfg
+        self.base_url = cfg.base_url
+        self._observer = observer
+        self._last_ok = 0.0
+        self._lock = threading.Lock()
+        s = requests.Session()
+        s.cert = (str(cfg.cert), str(cfg.key))
+        if cfg.verify:
+            s.verify = str(cfg.ca) if cfg.ca is not None else True
+        else:
+            s.verify = False
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        s.headers.update(
+            {
+                "X-Qlik-User": f"UserDirectory={cfg.user_directory}; UserId={cfg.user_id}",
+                "Accept": "application/json",
+                "Content-Type": "application/json",
+                "User-Agent": "butler-mqtt",
+            }
+        )
+        s.trust_env = False  # a proxy variable must not silently reroute QRS traffic
+        pool = max(cfg.start_concurrency * 2, 10)
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool, max_retries=0)
+        s.mount("https://", adapter)
+        self._session = s
+
+    def close(self) -> None:
+        self._session.close()
+
+    @property
+    def last_success(self) -> float:
+        """time.monotonic() of the last call QRS answered (any status below 500)."""
+        return self._last_ok
+
+    # ----------------------------------------------------------------- transport
+
+    def _call(
+        self, method: str, path: str, params: dict[str, str] | None = None, json_body: Any = None
+    ) -> requests.Response:
+        key = new_xrfkey()
+        query = dict(params or {})
+        query["xrfkey"] = key
+        t0 = time.perf_counter()
+        status: int | None = None
+        try:
+            resp = self._session.request(
+                method,
+                f"{self.base_url}{path}",
+                params=query,
+                json=json_body,
+                headers={"X-Qlik-Xrfkey": key},
+                timeout=self.cfg.timeout,
+            )
+            status = resp.status_code
+            if status < 500:
+                self._last_ok = time.monotonic()
+            return resp
+        except requests.exceptions.SSLError as exc:
+            raise QrsUnreachable(f"TLS handshake with QRS failed: {_short(exc)}") from None
+        except requests.exceptions.Timeout:
+            raise QrsUnreachable(f"QRS did not answer within {self.cfg.timeout} s ({method} {_route(path)})") from None
+        except requests.exceptions.ConnectionError as exc:
+            raise QrsUnreachable(f"cannot reach QRS at {self.base_url}: {_short(exc)}") from None
+        finally:
+            if self._observer is not None:
+                self._observer(method, _route(path), status, time.perf_counter() - t0)
+
+    def _check(self, resp: requests.Response, what: str) -> requests.Response:
+        if resp.status_code == 404:
+            raise QrsNotFound(f"{what}: not found", 404, resp.text[:200])
+        if resp.status_code >= 400:
+            raise QrsRefused(f"{what}: QRS answered {resp.status_code} {resp.text[:200]}".strip(), resp.status_code, resp.text[:500])
+        return resp
+
+    def get_json(self, path: str, params: dict[str, str] | None = None) -> Any:
+        """GET with retries and backoff on connection errors and 5xx."""
+        attempt = 0
+        while True:
+            try:
+                resp = self._call("GET", path, params)
+                if resp.status_code >= 500 and attempt < self.cfg.retries:
+                    raise QrsRefused(f"GET {path}: {resp.status_code}", resp.status_code)
+                self._check(resp, f"GET {_route(path)}")
+                try:
+                    return resp.json()
+                except ValueError:
+                    raise QrsRefused(f"GET {_route(path)}: answer is not JSON", resp.status_code, resp.text[:200]) from None
+            except (QrsUnreachable, QrsRefused) as exc:
+                retryable = isinstance(exc, QrsUnreachable) or (exc.status or 0) >= 500
+                if not retryable or attempt >= self.cfg.retries:
+                    raise
+                attempt += 1
+                time.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
+
+    # ----------------------------------------------------------------- QRS operations
+
+    def about(self) -> dict[str, Any]:
+        data = self.get_json("/qrs/about")
+        if not isinstance(data, dict):
+            raise QrsRefused("GET /qrs/about: unexpected answer")
+        return data
+
+    def reload_tasks(self, filter_expr: str) -> list[dict[str, Any]]:
+        """`GET /qrs/reloadtask/full?filter=...` -> full ReloadTask objects."""
+        data = self.get_json("/qrs/reloadtask/full", {"filter": filter_expr})
+        if not isinstance(data, list):
+            raise QrsRefused("GET /qrs/reloadtask/full: answer is not a list")
+        return [d for d in data if isinstance(d, dict) and "id" in d]
+
+    def start_synchronous(self, task_id: str) -> str:
+        """Start one task; returns the execution session id (EMPTY_GUID: not started)."""
+        if not is_guid(task_id):
+            raise ValueError(task_id)
+        path = f"/qrs/task/{task_id}/start/synchronous"
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                resp = self._call("POST", path)
+                break
+            except QrsUnreachable as exc:
+                # Safe to try again only if the connection itself never opened.
+                if not _never_sent(exc) or attempt >= self.cfg.retries:
+                    raise
+                time.sleep(min(0.2 * 2**attempt, 2.0))
+        self._check(resp, f"start task {task_id}")
+        try:
+            value = resp.json()
+        except ValueError:
+            value = resp.text.strip().strip('"')
+        if isinstance(value, dict):
+            value = value.get("value")
+        if not isinstance(value, str) or not is_guid(value):
+            raise QrsRefused(f"start task {task_id}: unexpected answer {resp.text[:100]!r}", resp.status_code)
+        return value.lower()
+
+    def execution_results(self, execution_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """ExecutionResult full objects for these execution (session) ids, chunked."""
+        out: list[dict[str, Any]] = []
+        for expr in execution_filters(execution_ids, self.cfg.max_filter_length):
+            data = self.get_json("/qrs/executionresult/full", {"filter": expr})
+            if isinstance(data, list):
+                out.extend(d for d in data if isinstance(d, dict))
+        return out
+
+    def execution_session_exists(self, execution_id: str) -> bool:
+        try:
+            self.get_json(f"/qrs/executionsession/{execution_id}")
+            return True
+        except QrsNotFound:
+            return False
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+def _never_sent(exc: QrsError) -> bool:
+    text = str(exc)
+    return "Connection refused" in text or "NewConnectionError" in text or "Failed to establish" in text
+
+
+__all__ = ["EMPTY_GUID", "QrsClient", "new_xrfkey"]

@@ -1,0 +1,129 @@
+"""Pure selection logic: criteria + the tasks QRS returned -> what to start, what not, and why.
+
+Nothing here does I/O. QRS's answer is treated as a superset: every task is re-checked
+against the criteria here, so a custom-property filter that QRS matched clause by clause
+(name on one property, value on another) cannot start a task the request did not name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from butler_mqtt.config import AllowList
+from butler_mqtt.model import QrsTask, StartRequest, TaskOutcome
+
+
+def _eq(a: str, b: str) -> bool:
+    # QRS compares strings case-insensitively (qrs-api.md 4.1); do the same.
+    return a.casefold() == b.casefold()
+
+
+@dataclass
+class Selected:
+    task: QrsTask
+    matched_by: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Selection:
+    """The union of all criteria of one stage: each task once, with what matched it."""
+
+    selected: list[Selected]
+    not_found: list[dict[str, Any]]
+
+    @property
+    def task_ids(self) -> list[str]:
+        return [s.task.id for s in self.selected]
+
+
+def matched_by(task: QrsTask, req: StartRequest) -> list[str]:
+    """Every criterion of `req` that `task` satisfies, as `kind:value` strings."""
+    out = [f"taskId:{t}" for t in req.taskId if t == task.id]
+    out += [f"tag:{tag}" for tag in req.tag if any(_eq(tag, t) for t in task.tags)]
+    out += [
+        f"customProperty:{c.name}={c.value}"
+        for c in req.customProperty
+        if any(_eq(c.name, n) and _eq(c.value, v) for n, v in task.custom_properties)
+    ]
+    return list(dict.fromkeys(out))
+
+
+def select(req: StartRequest, tasks: Iterable[QrsTask]) -> Selection:
+    """Union of criteria over the tasks QRS returned; criteria nothing matched are listed."""
+    chosen: dict[str, Selected] = {}
+    for task in tasks:
+        if task.id in chosen:
+            continue  # chunked queries may return a task twice
+        why = matched_by(task, req)
+        if why:
+            chosen[task.id] = Selected(task, why)
+    hits = {m for s in chosen.values() for m in s.matched_by}
+    not_found: list[dict[str, Any]] = []
+    for t in dict.fromkeys(req.taskId):
+        if f"taskId:{t}" not in hits:
+            not_found.append({"taskId": t})
+    for tag in dict.fromkeys(req.tag):
+        if f"tag:{tag}" not in hits:
+            not_found.append({"tag": tag})
+    for c in dict.fromkeys(req.customProperty):
+        if f"customProperty:{c.name}={c.value}" not in hits:
+            not_found.append({"customProperty": {"name": c.name, "value": c.value}})
+    return Selection(list(chosen.values()), not_found)
+
+
+def allowed(task: QrsTask, allow: AllowList) -> bool:
+    """The allow-list is judged on the task's own ID, tags and custom properties.
+
+    Lists are additive: a task may start when its ID is listed, or it carries a listed tag,
+    or a listed custom-property pair, whatever criterion selected it.
+    """
+    if task.id in allow.task_ids:
+        return True
+    if any(_eq(a, t) for a in allow.tags for t in task.tags):
+        return True
+    return any(_eq(a.name, n) and _eq(a.value, v) for a in allow.custom_properties for n, v in task.custom_properties)
+
+
+def plan(selection: Selection, req: StartRequest, allow: AllowList | None) -> list[TaskOutcome]:
+    """Decide per selected task: start it (status `started` pending QRS), deny it, or dry-run.
+
+    Returned outcomes with status `started` are *candidates*: the service replaces the status
+    with what QRS answered.
+    """
+    missing_ids = [nf["taskId"] for nf in selection.not_found if "taskId" in nf]
+    block_ids = req.allTaskIdsMustExist and bool(missing_ids)
+    out: list[TaskOutcome] = []
+    for s in selection.selected:
+        o = TaskOutcome(s.task.id, s.task.name, "started", list(s.matched_by))
+        only_by_id = all(m.startswith("taskId:") for m in s.matched_by)
+        if block_ids and only_by_id:
+            o.status, o.reason = "denied", "allTaskIdsMustExist: task ID(s) not found: " + ", ".join(missing_ids)
+        elif allow is not None and not allowed(s.task, allow):
+            o.status, o.reason = "denied", "not on the start_filter allow-list"
+        elif req.dryRun:
+            o.status = "wouldStart"
+        out.append(o)
+    return out
+
+
+def summary(request_id: str | None, outcomes: list[TaskOutcome], not_found: list[dict[str, Any]]) -> dict[str, Any]:
+    """The contract's `summary` event.
+
+    `tasksStarted` lists every task QRS was asked to start (status started or notStarted) or
+    would start (dryRun); `totalTasksStarted` counts those QRS really started.
+    """
+    return {
+        "event": "summary",
+        "requestId": request_id,
+        "tasksStarted": [o.brief() for o in outcomes if o.status in ("started", "notStarted", "wouldStart")],
+        "tasksNotFound": list(not_found),
+        "tasksDenied": [o.brief() for o in outcomes if o.status == "denied"],
+        "tasksFailed": [o.brief() for o in outcomes if o.status == "failed"],
+        "totalTasksStarted": sum(1 for o in outcomes if o.status == "started"),
+    }
+
+
+def error_event(request_id: str | None, error: str, details: str) -> dict[str, Any]:
+    return {"event": "error", "requestId": request_id, "error": error, "details": details}

@@ -1,0 +1,126 @@
+"""The one use case: handle a start request, producing the contract's reply events.
+
+Used by every ingress. Flow per stage: one filtered QRS query (chunked only when the URL would
+get too long) -> pure selection and plan -> starts with bounded concurrency -> events.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from butler_mqtt.config import Config
+from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable
+from butler_mqtt.model import EMPTY_GUID, QrsTask, StartRequest, TaskOutcome
+from butler_mqtt.qrs.client import QrsClient
+from butler_mqtt.qrs.filters import chunk_or, criteria_clauses
+from butler_mqtt.selection import Selection, plan, select, summary
+
+log = structlog.get_logger("butler_mqtt.service")
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class StageResult:
+    outcomes: list[TaskOutcome]
+    not_found: list[dict[str, Any]]
+    summary: dict[str, Any]
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def started(self) -> list[TaskOutcome]:
+        return [o for o in self.outcomes if o.status == "started"]
+
+
+class StartService:
+    """Resolve, filter and start. Thread-safe; one instance serves every ingress."""
+
+    def __init__(self, cfg: Config, qrs: QrsClient) -> None:
+        self.cfg = cfg
+        self.qrs = qrs
+        self._pool = ThreadPoolExecutor(max_workers=cfg.qrs.start_concurrency, thread_name_prefix="qrs-start")
+        self._allow_lock = threading.Lock()
+        self._allow = cfg.start_filter
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def set_start_filter(self, start_filter: Any) -> None:
+        """Swap the allow-list (SIGHUP reload) without disturbing requests in flight."""
+        with self._allow_lock:
+            self._allow = start_filter
+
+    def resolve(self, stage: StartRequest) -> Selection:
+        """All criteria of the stage in one `GET /qrs/reloadtask/full` (chunked if long)."""
+        tasks: list[QrsTask] = []
+        for expr in chunk_or(criteria_clauses(stage), self.cfg.qrs.max_filter_length):
+            tasks.extend(QrsTask.from_qrs(obj) for obj in self.qrs.reload_tasks(expr))
+        return select(stage, tasks)
+
+    def _start_one(self, o: TaskOutcome) -> TaskOutcome:
+        try:
+            execution_id = self.qrs.start_synchronous(o.task_id)
+        except QrsNotFound:
+            o.status, o.reason = "failed", "QRS: task not found when starting (deleted meanwhile?)"
+        except QrsUnreachable as exc:
+            o.status, o.reason = "failed", f"QRS unreachable: {exc}"
+        except QrsError as exc:
+            o.status, o.reason = "failed", f"QRS refused the start: {exc}"
+        else:
+            if execution_id == EMPTY_GUID:
+                o.status, o.reason = "notStarted", "QRS did not start the task (disabled, or no scheduler available)"
+            else:
+                o.status, o.execution_id = "started", execution_id
+        return o
+
+    def run_stage(
+        self, stage: StartRequest, request_id: str | None, emit: Emit, stage_index: int | None = None
+    ) -> StageResult:
+        """Resolve and start one stage, emitting one `task` event per task then the summary.
+
+        Raises QrsUnreachable (and other QrsError) only while resolving, i.e. before anything
+        was started, so the caller may safely retry the whole request later.
+        """
+        t0 = time.perf_counter()
+        selection = self.resolve(stage)
+        with self._allow_lock:
+            allow = self._allow.allow if self._allow.enabled else None
+        outcomes = plan(selection, stage, allow)
+        events: list[dict[str, Any]] = []
+
+        def send(ev: dict[str, Any]) -> None:
+            events.append(ev)
+            emit(ev)
+
+        to_start = [o for o in outcomes if o.status == "started"]
+        for o in outcomes:
+            if o.status != "started":
+                send(o.event(request_id, stage_index))
+        if len(to_start) == 1:
+            send(self._start_one(to_start[0]).event(request_id, stage_index))
+        elif to_start:
+            futures = [self._pool.submit(self._start_one, o) for o in to_start]
+            for fut in as_completed(futures):
+                send(fut.result().event(request_id, stage_index))
+        summ = summary(request_id, outcomes, selection.not_found)
+        if stage_index is not None:
+            summ["stage"] = stage_index
+        send(summ)
+        log.info(
+            "stage_done",
+            stage=stage_index,
+            selected=len(outcomes),
+            started=summ["totalTasksStarted"],
+            denied=len(summ["tasksDenied"]),
+            failed=len(summ["tasksFailed"]),
+            not_found=len(selection.not_found),
+            ms=round((time.perf_counter() - t0) * 1000, 1),
+        )
+        return StageResult(outcomes, selection.not_found, summ, events)
