@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -121,12 +122,67 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return serve(args.host, args.port, args.certs, args.tasks, args.latency_ms, args.demo)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from butler_mqtt.daemon import run
+
+    return run(config_path(args.config))
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    from butler_mqtt.mqtt.requester import Requester
+
+    cfg = load_config(config_path(args.config), missing_ok=True)
+    extra: dict[str, Any] = {"requestId": args.request_id or str(uuid.uuid4())}
+    if args.wait:
+        extra["wait"] = True
+    if args.dry_run:
+        extra["dryRun"] = True
+    req = selectors_request(args, **extra)
+    body = req.model_dump(exclude_defaults=True)
+    failed = False
+
+    def show(ev: dict[str, Any]) -> None:
+        nonlocal failed
+        print(json.dumps(ev, ensure_ascii=False), flush=True)
+        if ev.get("event") == "error" or (ev.get("event") == "summary" and ev.get("tasksFailed")):
+            failed = True
+        if ev.get("event") == "taskFinished" and ev.get("status") != "FinishedSuccess":
+            failed = True
+
+    try:
+        with Requester(cfg.mqtt) as r:
+            r.request(body, timeout=args.timeout, on_event=show)
+    except TimeoutError as exc:
+        print(f"butler-mqtt: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as exc:
+        print(f"butler-mqtt: cannot reach the broker at {cfg.mqtt.host}:{cfg.mqtt.port}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from butler_mqtt.check import run_checks
+
+    return run_checks(config_path(args.config))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from butler_mqtt.demo import run_demo
+
+    return run_demo(keep_running=args.keep_running)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {
+        "run": cmd_run,
+        "check": cmd_check,
         "resolve": cmd_resolve,
+        "request": cmd_request,
         "sim": cmd_sim,
+        "demo": cmd_demo,
     }
     try:
         return handlers[args.command](args)

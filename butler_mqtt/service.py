@@ -17,6 +17,7 @@ import structlog
 
 from butler_mqtt.config import Config
 from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable
+from butler_mqtt.journal import Journal, Prior
 from butler_mqtt.model import EMPTY_GUID, QrsTask, StartRequest, TaskOutcome
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.qrs.filters import chunk_or, criteria_clauses
@@ -42,9 +43,10 @@ class StageResult:
 class StartService:
     """Resolve, filter and start. Thread-safe; one instance serves every ingress."""
 
-    def __init__(self, cfg: Config, qrs: QrsClient) -> None:
+    def __init__(self, cfg: Config, qrs: QrsClient, journal: Journal | None = None) -> None:
         self.cfg = cfg
         self.qrs = qrs
+        self.journal = journal
         self._pool = ThreadPoolExecutor(max_workers=cfg.qrs.start_concurrency, thread_name_prefix="qrs-start")
         self._allow_lock = threading.Lock()
         self._allow = cfg.start_filter
@@ -81,7 +83,13 @@ class StartService:
         return o
 
     def run_stage(
-        self, stage: StartRequest, request_id: str | None, emit: Emit, stage_index: int | None = None
+        self,
+        stage: StartRequest,
+        request_id: str | None,
+        emit: Emit,
+        stage_index: int | None = None,
+        key: str | None = None,
+        prior: Prior | None = None,
     ) -> StageResult:
         """Resolve and start one stage, emitting one `task` event per task then the summary.
 
@@ -99,14 +107,30 @@ class StartService:
             events.append(ev)
             emit(ev)
 
-        to_start = [o for o in outcomes if o.status == "started"]
+        to_start: list[TaskOutcome] = []
         for o in outcomes:
             if o.status != "started":
                 send(o.event(request_id, stage_index))
+            elif prior is not None and (earlier := prior.task_event(o.task_id, stage_index)) is not None:
+                # Started before the daemon stopped: report what was recorded, start nothing.
+                o.status, o.execution_id, o.reason = earlier["status"], earlier.get("executionId"), earlier.get("reason")
+                send(earlier)
+            elif prior is not None and o.task_id in prior.intents:
+                o.status = "failed"
+                o.reason = "the daemon stopped while starting this task; not started again to avoid a double start"
+                send(o.event(request_id, stage_index))
+            else:
+                to_start.append(o)
+
+        def start(o: TaskOutcome) -> TaskOutcome:
+            if key is not None and self.journal is not None:
+                self.journal.intent(key, o.task_id)
+            return self._start_one(o)
+
         if len(to_start) == 1:
-            send(self._start_one(to_start[0]).event(request_id, stage_index))
+            send(start(to_start[0]).event(request_id, stage_index))
         elif to_start:
-            futures = [self._pool.submit(self._start_one, o) for o in to_start]
+            futures = [self._pool.submit(start, o) for o in to_start]
             for fut in as_completed(futures):
                 send(fut.result().event(request_id, stage_index))
         summ = summary(request_id, outcomes, selection.not_found)
@@ -124,3 +148,82 @@ class StartService:
             ms=round((time.perf_counter() - t0) * 1000, 1),
         )
         return StageResult(outcomes, selection.not_found, summ, events)
+
+
+@dataclass
+class Handled:
+    """The outcome of one request through `StartService.handle`."""
+
+    events: list[dict[str, Any]]
+    replayed: bool = False
+
+
+def _audit_fields(req: StartRequest) -> dict[str, Any]:
+    return {
+        "criteria": {
+            "taskId": req.taskId,
+            "tag": req.tag,
+            "customProperty": [c.model_dump() for c in req.customProperty],
+        },
+        "dryRun": req.dryRun,
+        "allTaskIdsMustExist": req.allTaskIdsMustExist,
+    }
+
+
+def handle_request(
+    service: StartService,
+    req: StartRequest,
+    emit: Emit,
+    *,
+    ingress: str,
+    key: str | None,
+    source: str = "",
+    payload_hash: str | None = None,
+) -> Handled:
+    """One request end to end: journal check, the stage(s), journal record, one audit line.
+
+    `key` is the idempotency key (requestId, or MQTT 5 correlation data); None disables
+    duplicate suppression. Raises QrsError when QRS cannot resolve the request (nothing was
+    started; the journal claim is dropped so a retry is handled anew) and JournalError when
+    the journal cannot record it (the caller must not ack).
+    """
+    t0 = time.perf_counter()
+    journal = service.journal if key is not None else None
+    prior = journal.begin(key, ingress, payload_hash) if journal is not None and key is not None else None
+    if prior is not None and prior.done:
+        for ev in prior.replies:
+            emit(ev)
+        log.info("audit", ingress=ingress, source=source, duplicate=True, **_audit_fields(req),
+                 outcome="earlier outcome re-published; nothing started")
+        return Handled(prior.replies, replayed=True)
+
+    def record(ev: dict[str, Any]) -> None:
+        if journal is not None and key is not None:
+            journal.reply(key, ev)  # recorded before it is published: a crash can replay it
+        emit(ev)
+
+    try:
+        result = service.run_stage(req, req.requestId, record, None, key, prior)
+    except QrsError:
+        if journal is not None and key is not None and prior is None:
+            journal.forget(key)
+        raise
+    if journal is not None and key is not None:
+        journal.finish(key)
+    s = result.summary
+    log.info(
+        "audit",
+        ingress=ingress,
+        source=source,
+        duplicate=False,
+        resumed=prior is not None,
+        **_audit_fields(req),
+        started=[t["taskId"] for t in s["tasksStarted"] if t["status"] == "started"],
+        notStarted=[t["taskId"] for t in s["tasksStarted"] if t["status"] == "notStarted"],
+        wouldStart=[t["taskId"] for t in s["tasksStarted"] if t["status"] == "wouldStart"],
+        denied=[t["taskId"] for t in s["tasksDenied"]],
+        failed=[t["taskId"] for t in s["tasksFailed"]],
+        notFound=s["tasksNotFound"],
+        ms=round((time.perf_counter() - t0) * 1000, 1),
+    )
+    return Handled(result.events)

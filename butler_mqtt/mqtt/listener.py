@@ -1,0 +1,264 @@
+"""The MQTT edge: one paho-mqtt 2.x client with a persistent session and manual acks.
+
+Facts this relies on (research/peers-and-mqtt-practice.md part B, tested on Mosquitto 2.0):
+* the session survives a daemon restart only with a stable client id and clean_start=False
+  plus a session expiry (MQTT 5) or clean_session=False (3.1.1);
+* with manual_ack, a request that is never acked is redelivered (dup=True) on reconnect;
+* an exception escaping a callback silently kills paho's network thread, so every callback
+  is guarded;
+* Receive Maximum makes the broker stop sending once that many requests are unacked, which is
+  the back-pressure: the hand-off queue can never grow beyond it;
+* plain disconnect() does not send the will, so "offline" is published by hand on shutdown.
+
+The network thread only parses and enqueues; all work happens in the daemon's workers.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from butler_mqtt import __version__
+from butler_mqtt.config import MqttConfig
+
+log = structlog.get_logger("butler_mqtt.mqtt")
+
+
+@dataclass
+class Job:
+    """One received request, handed from the network thread to a worker."""
+
+    ingress: str  # "mqtt" (JSON topic) or "mqtt-plain" (Butler's GUID topic)
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    dup: bool
+    response_topic: str | None
+    correlation_data: bytes | None
+    expires_at: float | None  # time.monotonic() deadline from MQTT 5 Message Expiry
+    received: float
+    retained: bool = False
+
+
+class MqttListener:
+    def __init__(self, cfg: MqttConfig, on_job: Callable[[Job], None], client_id: str | None = None) -> None:
+        self.cfg = cfg
+        self._on_job = on_job
+        self.v5 = cfg.protocol == "5"
+        self.client_id = client_id or cfg.client_id
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self.paused = False  # set on shutdown: new deliveries are left unacked for the next run
+        self.started_at = time.time()
+        self.connects = 0
+        self._sub_mids: set[int] = set()
+        self.on_subscribed: Callable[[], None] | None = None
+
+        kwargs: dict[str, Any] = {
+            "callback_api_version": CallbackAPIVersion.VERSION2,
+            "client_id": self.client_id,
+            "protocol": mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+            "manual_ack": True,
+        }
+        if not self.v5:
+            kwargs["clean_session"] = False
+        c = mqtt.Client(**kwargs)
+        c.suppress_exceptions = True  # belt and braces: callbacks are guarded anyway
+        if cfg.username:
+            c.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
+        if cfg.tls.enabled:
+            c.tls_set(
+                ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
+                certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
+                keyfile=str(cfg.tls.key) if cfg.tls.key else None,
+                cert_reqs=ssl.CERT_REQUIRED if cfg.tls.verify else ssl.CERT_NONE,
+            )
+            if not cfg.tls.verify:
+                c.tls_insecure_set(True)
+        c.will_set(cfg.topics.status, self.status_payload("offline"), qos=1, retain=True)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.on_connect = self._guard(self._on_connect)
+        c.on_disconnect = self._guard(self._on_disconnect)
+        c.on_message = self._guard(self._on_message)
+        c.on_subscribe = self._guard(self._on_subscribe)
+        self.client = c
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.cfg.session_expiry
+            props.ReceiveMaximum = self.cfg.receive_maximum
+            self.client.connect_async(
+                self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive, clean_start=False, properties=props
+            )
+        else:
+            self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        self.client.loop_start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish the retained offline status, disconnect cleanly, stop the network thread."""
+        self.paused = True
+        if self.connected.is_set():
+            info = self.client.publish(self.cfg.topics.status, self.status_payload("offline"), qos=1, retain=True)
+            wait_published(info, timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    @property
+    def alive(self) -> bool:
+        """The network thread is running (paho's thread dies silently on a callback error)."""
+        t = getattr(self.client, "_thread", None)
+        return t is not None and t.is_alive()
+
+    # ------------------------------------------------------------------ topics
+
+    def _sub_topic(self, topic: str) -> str:
+        if self.cfg.shared_group:
+            return f"$share/{self.cfg.shared_group}/{topic}"
+        return topic
+
+    def topics(self) -> list[str]:
+        t = [self.cfg.topics.start]
+        if self.cfg.topics.start_plain:
+            t.append(self.cfg.topics.start_plain)
+        return t
+
+    def status_payload(self, state: str) -> str:
+        return json.dumps(
+            {
+                "status": state,
+                "version": __version__,
+                "clientId": self.client_id,
+                "startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
+                "topics": {
+                    "start": self.cfg.topics.start,
+                    "startPlain": self.cfg.topics.start_plain,
+                    "reply": self.cfg.topics.reply,
+                },
+            }
+        )
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _guard(self, fn: Callable[..., None]) -> Callable[..., None]:
+        def wrapped(*args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception:  # never let one bad message stop the network thread
+                log.exception("mqtt_callback_failed", callback=fn.__name__)
+
+        return wrapped
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, rc: ReasonCode, _p: Any) -> None:
+        if rc.is_failure:
+            log.error("mqtt_connect_refused", reason=str(rc), host=self.cfg.host, port=self.cfg.port)
+            return
+        self.connects += 1
+        self.connected.set()
+        log.info(
+            "mqtt_connected",
+            host=self.cfg.host,
+            port=self.cfg.port,
+            session_present=bool(getattr(flags, "session_present", False)),
+            client_id=self.client_id,
+        )
+        # Subscribe on every connect: shared subscriptions are not restored by Mosquitto 2.0.
+        subs: list[tuple[str, Any]] = []
+        for topic in self.topics():
+            opts: Any = SubscribeOptions(
+                qos=1, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
+            ) if self.v5 else 1
+            subs.append((self._sub_topic(topic), opts))
+        _rc, mid = client.subscribe(subs)
+        if mid is not None:
+            self._sub_mids.add(mid)
+        client.publish(self.cfg.topics.status, self.status_payload("online"), qos=1, retain=True)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, rcs: list[ReasonCode], _p: Any) -> None:
+        bad = [str(r) for r in rcs if r.is_failure]
+        if bad:
+            log.error("mqtt_subscribe_refused", reasons=bad, topics=self.topics())
+            return
+        if mid in self._sub_mids:
+            self._sub_mids.discard(mid)
+            self.subscribed.set()
+            log.info("mqtt_subscribed", topics=[self._sub_topic(t) for t in self.topics()])
+            if self.on_subscribed is not None:
+                self.on_subscribed()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+        if not self.paused:
+            log.warning("mqtt_disconnected", reason=str(rc), reconnecting=True)
+
+    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if self.paused:
+            return  # shutting down: left unacked, redelivered to the next run
+        props = msg.properties if self.v5 else None
+        expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
+        now = time.monotonic()
+        job = Job(
+            ingress="mqtt-plain" if self._is_plain(msg.topic) else "mqtt",
+            topic=msg.topic,
+            payload=msg.payload,
+            mid=msg.mid,
+            qos=msg.qos,
+            dup=bool(msg.dup),
+            response_topic=getattr(props, "ResponseTopic", None) if props is not None else None,
+            correlation_data=getattr(props, "CorrelationData", None) if props is not None else None,
+            expires_at=now + expiry if expiry is not None else None,
+            received=now,
+            # A retained "start" would re-fire on every (re)subscribe: never acted on. With
+            # MQTT 5, retain-as-published shows live retained publishes too.
+            retained=bool(msg.retain),
+        )
+        self._on_job(job)
+
+    def _is_plain(self, topic: str) -> bool:
+        return self.cfg.topics.start_plain is not None and topic == self.cfg.topics.start_plain
+
+    # ------------------------------------------------------------------ worker side
+
+    def ack(self, job: Job) -> None:
+        if job.qos > 0:
+            self.client.ack(job.mid, job.qos)
+
+    def reply(self, job: Job, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
+        topic = job.response_topic or self.cfg.topics.reply
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "application/json"
+            if job.correlation_data is not None:
+                props.CorrelationData = job.correlation_data
+        body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        return self.client.publish(topic, body, qos=1, retain=False, properties=props)
+
+
+def wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
+    """Wait for the broker's PUBACK. Survives reconnects: paho resends queued QoS 1 messages
+    after a reconnect but leaves `rc` at NO_CONN, so `wait_for_publish` would give up early."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if info._published:  # noqa: SLF001 - see docstring
+            return True
+        time.sleep(0.002)
+    return bool(info._published)  # noqa: SLF001

@@ -1,0 +1,155 @@
+"""The upstream side: publish one start request and collect its replies.
+
+Used by `butler-mqtt request`, the demo, the tests and the benchmarks. With MQTT 5 the replies
+come on a private response topic with correlation data; with 3.1.1 they are picked out of
+`topics.reply` by requestId.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from butler_mqtt.config import MqttConfig
+
+
+def is_last(event: dict[str, Any], waits: bool) -> bool:
+    """The reply that ends a request: its summary (or requestFinished when waiting), or an error."""
+    kind = event.get("event")
+    if kind == "error":
+        return True
+    return kind == ("requestFinished" if waits else "summary")
+
+
+class Requester:
+    """A connected MQTT client for sending requests; reusable for many requests."""
+
+    def __init__(self, cfg: MqttConfig, client_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.v5 = cfg.protocol == "5"
+        self.reply_base = f"butler-mqtt/client/{uuid.uuid4().hex}"
+        self._inbox: dict[str, queue.Queue[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        c = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"butler-mqtt-request-{uuid.uuid4().hex[:12]}",
+            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+        )
+        if cfg.username:
+            c.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
+        if cfg.tls.enabled:
+            c.tls_set(
+                ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
+                certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
+                keyfile=str(cfg.tls.key) if cfg.tls.key else None,
+                cert_reqs=ssl.CERT_REQUIRED if cfg.tls.verify else ssl.CERT_NONE,
+            )
+        c.on_connect = self._on_connect
+        c.on_message = self._on_message
+        c.on_subscribe = lambda *_a: self._subscribed.set()
+        self.client = c
+
+    def connect(self, timeout: float = 10.0) -> Requester:
+        self.client.connect(self.cfg.host, self.cfg.port, keepalive=30)
+        self.client.loop_start()
+        if not (self._connected.wait(timeout) and self._subscribed.wait(timeout)):
+            self.close()
+            raise TimeoutError(f"could not connect and subscribe to {self.cfg.host}:{self.cfg.port} within {timeout} s")
+        return self
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> Requester:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            return
+        topic = f"{self.reply_base}/#" if self.v5 else self.cfg.topics.reply
+        client.subscribe(topic, qos=1)
+        self._connected.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            event = json.loads(msg.payload)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        if self.v5:
+            corr = getattr(msg.properties, "CorrelationData", None)
+            token = corr.decode(errors="replace") if isinstance(corr, bytes) else None
+        else:
+            token = event.get("requestId")
+        with self._lock:
+            box = self._inbox.get(str(token))
+        if box is not None:
+            box.put(event)
+
+    def send(self, request: dict[str, Any] | bytes, topic: str | None = None) -> tuple[str, queue.Queue[dict[str, Any]]]:
+        """Publish a request; returns (token, queue receiving its replies)."""
+        if isinstance(request, dict):
+            request = dict(request)
+            if not self.v5:
+                request.setdefault("requestId", uuid.uuid4().hex)
+            payload = json.dumps(request).encode()
+            token = uuid.uuid4().hex if self.v5 else str(request["requestId"])
+        else:
+            payload, token = request, uuid.uuid4().hex
+        box: queue.Queue[dict[str, Any]] = queue.Queue()
+        with self._lock:
+            self._inbox[token] = box
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = f"{self.reply_base}/{token}"
+            props.CorrelationData = token.encode()
+        self.client.publish(topic or self.cfg.topics.start, payload, qos=1, properties=props)
+        return token, box
+
+    def request(
+        self,
+        request: dict[str, Any],
+        timeout: float = 30.0,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Send and collect replies up to the last one; raises TimeoutError when it never comes."""
+        waits = bool(request.get("wait") or request.get("then"))
+        token, box = self.send(request)
+        events: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no final reply within {timeout} s ({len(events)} replies so far)")
+                try:
+                    ev = box.get(timeout=left)
+                except queue.Empty:
+                    continue
+                events.append(ev)
+                if on_event is not None:
+                    on_event(ev)
+                if is_last(ev, waits):
+                    return events
+        finally:
+            with self._lock:
+                self._inbox.pop(token, None)

@@ -1,0 +1,41 @@
+"""Prometheus metrics, kept in a private registry so several daemons can live in one test process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "butler_mqtt_requests", "Start requests by ingress and outcome", ["ingress", "outcome"], registry=r
+        )
+        self.task_outcomes = Counter("butler_mqtt_tasks", "Tasks by outcome status", ["status"], registry=r)
+        self.qrs_latency = Histogram(
+            "butler_mqtt_qrs_call_seconds",
+            "QRS call latency",
+            ["method", "route", "status"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.mqtt_connected = Gauge("butler_mqtt_mqtt_connected", "1 when connected to the broker", registry=r)
+        self.deferred = Counter(
+            "butler_mqtt_requests_deferred", "Requests kept unacked for a retry (QRS or journal unavailable)", registry=r
+        )
+
+    def request(self, ingress: str, outcome: str) -> None:
+        self.requests.labels(ingress, outcome).inc()
+
+    def tasks(self, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            if ev.get("event") == "task":
+                self.task_outcomes.labels(str(ev.get("status"))).inc()
+
+    def observe_qrs(self, method: str, route: str, status: int | None, seconds: float) -> None:
+        self.qrs_latency.labels(method, route, str(status) if status is not None else "error").observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,470 @@
+"""A QRS stand-in served over mutual TLS: the endpoints a reload-task client uses.
+
+Behaviour follows /work/shared/research/qrs-api.md: every request needs a client certificate
+signed by the simulator's CA, a matching 16-character Xrfkey in query and header (403
+``XSRF prevention check failed. Possible XSRF discovered.`` otherwise) and a parseable
+``X-Qlik-User`` (403 ``Unknown users not allowed for repository calls, missing or malformed
+http header: X-Qlik-User``). Paths and query parameter names are case-insensitive; ``+`` in the
+query decodes as a space. JSON answers carry ``application/json; charset=utf-8``, errors are
+plain text (often empty, as QRS's are).
+
+Knobs for tests, all changeable while the simulator runs:
+
+* ``latency_ms``: every answer is delayed by this much (slept in the connection's thread).
+* ``fault``: ``None``; ``"error500"``: answer 500 ``Internal Server Error``; ``"outage"``: read
+  the request, do nothing with it and close the connection without an answer. A client then
+  sees a connection error with no response, which is what a QRS (or its host) going down
+  looks like mid-conversation; refused connections are what :meth:`QrsSimulator.stop` gives.
+* ``fault_paths``: a regular expression (``re.search`` on the decoded path) limiting the
+  fault to matching requests, e.g. ``r"/start"`` to break only starts.
+* ``fail_starts_for``: task ids whose start answers 500 without starting anything.
+* ``already_running``: what starting a task that is still running answers. ``"same"``
+  (default): 204 / 201 with the running execution's session id, and no second execution;
+  ``"409"``: 409 ``Conflict``. Either way the task never runs twice in parallel.
+
+Choices where the research is silent: a malformed id answers 400 with an empty body; an
+unknown route or a wrong method answers 404; ``/qrs/task/start/many`` ignores unknown ids and
+answers 500 (starting nothing) when any id is in ``fail_starts_for``; start by name picks the
+first task with that name (compared case-insensitively).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from .certs import CertPaths, ensure_certs
+from .filter import CompiledFilter, FilterError, compile_filter
+from .store import COLLECTIONS, EMPTY_GUID, STATUS_NAMES, SimTask, StartRecord, Store
+
+XSRF_TEXT = "XSRF prevention check failed. Possible XSRF discovered."
+USER_TEXT = (
+    "Unknown users not allowed for repository calls, missing or malformed http header: X-Qlik-User"
+)
+_XRFKEY = re.compile(r"[0-9a-zA-Z]{16}")
+_USER_PART = re.compile(r"\s*(userdirectory|userid)\s*=\s*(\S(?:.*\S)?)\s*", re.IGNORECASE)
+_GUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+_JSON = "application/json; charset=utf-8"
+_TEXT = "text/plain; charset=utf-8"
+
+ABOUT = {
+    "buildVersion": "28.0.6.0",
+    "buildDate": "6/14/2021 16:04:18 PM",
+    "databaseProvider": "Devart.Data.PostgreSql",
+    "nodeType": 1,
+    "sharedPersistence": True,
+    "requiresBootstrap": False,
+    "singleNodeOnly": False,
+    "schemaPath": "About",
+}
+ENUMS = {
+    "TaskExecutionStatus": {
+        "values": [f"{n}: {name}" for n, name in enumerate(STATUS_NAMES)],
+        "usages": ["ExecutionResult.status", "ExecutionResultCondensed.status"],
+    },
+    "TaskType": {
+        "values": ["0: Reload", "1: ExternalProgram", "2: UserSync", "3: Distribute"],
+        "usages": ["Task.taskType", "ReloadTask.taskType", "ExternalProgramTask.taskType"],
+    },
+}
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One request as the simulator saw it.
+
+    ``query`` has decoded values and lower-cased names; ``status`` is 0 when the connection was
+    closed without an answer (``fault="outage"``); ``at`` is ``time.time()`` on arrival.
+    """
+
+    method: str
+    path: str
+    query: dict[str, str]
+    status: int
+    at: float
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    body: bytes = b""
+    content_type: str = _TEXT
+
+    @classmethod
+    def json(cls, status: int, payload: Any) -> _Reply:
+        return cls(status, json.dumps(payload, ensure_ascii=False).encode(), _JSON)
+
+    @classmethod
+    def raw_json(cls, text: str) -> _Reply:
+        return cls(200, text.encode(), _JSON)
+
+    @classmethod
+    def text(cls, status: int, text: str) -> _Reply:
+        return cls(status, text.encode())
+
+
+class QrsSimulator:
+    """A running (after :meth:`start`) simulated QRS on ``https://host:port/qrs``.
+
+    ``certs_dir`` holds or receives the certificate set (see :mod:`.certs`); ``port=0``
+    picks a free port. ``require_client_cert=False`` lets clients in without a certificate
+    (QRS itself always requires one on 4242).
+    """
+
+    def __init__(
+        self,
+        tasks: list[SimTask] | None = None,
+        *,
+        certs_dir: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency_ms: float = 0,
+        require_client_cert: bool = True,
+        already_running: str = "same",
+    ) -> None:
+        if already_running not in ("same", "409"):
+            raise ValueError("already_running must be 'same' or '409'")
+        self.store = Store(tasks or [])
+        self.certs: CertPaths = ensure_certs(Path(certs_dir))
+        self.host = host
+        self.latency_ms = latency_ms
+        self.fault: str | None = None
+        self.fault_paths: str | None = None
+        self.fail_starts_for: set[str] = set()
+        self.already_running = already_running
+        self._requested_port = port
+        self._log: list[LoggedRequest] = []
+        self._log_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._ssl.load_cert_chain(self.certs.server, self.certs.server_key)
+        if require_client_cert:
+            self._ssl.verify_mode = ssl.CERT_REQUIRED
+            self._ssl.load_verify_locations(self.certs.root)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> QrsSimulator:
+        """Bind and serve in a background (daemon) thread."""
+        if self._server is not None:
+            raise RuntimeError("simulator already started")
+        self._stopping.clear()
+        self._server = _Server((self.host, self._requested_port), self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"qrs-sim:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, drop open connections and wait for the accept loop to end."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping.set()  # wakes handlers sleeping for latency
+        server.shutdown()
+        server.server_close()
+        server.close_connections()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> QrsSimulator:
+        return self.start() if self._server is None else self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("simulator not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        """``https://host:port`` (``localhost`` when listening on all interfaces)."""
+        host = "localhost" if self.host in ("", "0.0.0.0") else self.host
+        return f"https://{host}:{self.port}"
+
+    # --- observation --------------------------------------------------------------------------
+
+    @property
+    def request_log(self) -> list[LoggedRequest]:
+        """Every request received so far, oldest first (a copy)."""
+        with self._log_lock:
+            return list(self._log)
+
+    def clear_log(self) -> None:
+        with self._log_lock:
+            self._log.clear()
+
+    @property
+    def starts(self) -> list[StartRecord]:
+        """Every execution actually started (see :attr:`Store.starts`)."""
+        return self.store.starts
+
+    def _record(self, entry: LoggedRequest) -> None:
+        with self._log_lock:
+            self._log.append(entry)
+
+    # --- request handling ---------------------------------------------------------------------
+
+    def _fault_for(self, path: str) -> str | None:
+        fault, pattern = self.fault, self.fault_paths
+        if fault is None or (pattern is not None and not re.search(pattern, path)):
+            return None
+        return fault
+
+    def _answer(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str],
+        headers: Any,
+        body: bytes | None,
+        malformed_query: bool,
+    ) -> _Reply:
+        """Everything after faults and latency: security checks, then routing."""
+        key = query.get("xrfkey")
+        header_key = headers.get("X-Qlik-Xrfkey")
+        if key is None or key != header_key or not _XRFKEY.fullmatch(key):
+            return _Reply.text(403, XSRF_TEXT)
+        if not _valid_user(headers.get("X-Qlik-User")):
+            return _Reply.text(403, USER_TEXT)
+        if malformed_query:
+            # An unencoded "&" in a filter leaves a parameter without "=" (qrs-api.md 4.4).
+            return _Reply.text(400, "Missing parameter value(s)")
+        if body is None:
+            return _Reply.text(400, "Bad Request")
+        route = path.lower().rstrip("/").split("/")[1:]
+        if route[:1] != ["qrs"]:
+            return _Reply(404)
+        try:
+            if method == "GET":
+                return self._get(route[1:], query)
+            if method == "POST":
+                return self._post(route[1:], query, body)
+        except FilterError as error:
+            return _Reply.text(400, str(error))
+        return _Reply(404)
+
+    def _get(self, route: list[str], query: dict[str, str]) -> _Reply:
+        if route == ["about"]:
+            return _Reply.json(200, ABOUT)
+        if route == ["about", "api", "enums"]:
+            return _Reply.json(200, ENUMS)
+        if not route or route[0] not in COLLECTIONS or len(route) > 2:
+            return _Reply(404)
+        collection = route[0]
+        text = query.get("filter", "").strip()
+        flt: CompiledFilter | None = compile_filter(text) if text else None
+        tail = route[1] if len(route) == 2 else None
+        if tail in (None, "full"):
+            return _Reply.raw_json(
+                self.store.query(collection, flt, query.get("orderby"), full=tail == "full")
+            )
+        if tail == "count":
+            return _Reply.json(200, {"value": self.store.count(collection, flt)})
+        if collection == "task":
+            return _Reply(404)  # QRS has no GET /qrs/task/{id} (qrs-api.md 3.4)
+        assert tail is not None
+        if not _GUID.fullmatch(tail):
+            return _Reply(400)
+        found = self.store.get(collection, tail)
+        return _Reply.raw_json(found) if found is not None else _Reply(404)
+
+    def _post(self, route: list[str], query: dict[str, str], body: bytes) -> _Reply:
+        if route[:1] != ["task"]:
+            return _Reply(404)
+        rest = route[1:]
+        if rest == ["start", "many"]:
+            return self._start_many(body)
+        if rest in (["start"], ["start", "synchronous"]):
+            name = query.get("name", "")
+            task_id = self.store.task_id_by_name(name)
+            if task_id is None:
+                return _Reply.text(400, f"Cannot find a task with the following name: {name}")
+            return self._start_one(task_id, synchronous=len(rest) == 2)
+        if len(rest) >= 2 and rest[1:] in (["start"], ["start", "synchronous"]):
+            return self._start_one(rest[0], synchronous=len(rest) == 3)
+        return _Reply(404)
+
+    def _start_one(self, task_id: str, *, synchronous: bool) -> _Reply:
+        if not _GUID.fullmatch(task_id):
+            return _Reply(400)
+        if self.store.task(task_id) is None:
+            return _Reply(404)
+        if task_id.lower() in {t.lower() for t in self.fail_starts_for}:
+            return _Reply.text(500, "Internal Server Error")
+        outcome = self.store.start(task_id)
+        if outcome.execution_id is not None and not outcome.created:
+            if self.already_running == "409":
+                return _Reply.text(409, "Conflict")
+        if synchronous:
+            return _Reply.json(201, {"value": outcome.execution_id or EMPTY_GUID})
+        return _Reply(204)
+
+    def _start_many(self, body: bytes) -> _Reply:
+        try:
+            ids = json.loads(body or b"null")
+        except ValueError:
+            return _Reply(400)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            return _Reply(400)
+        failing = {t.lower() for t in self.fail_starts_for}
+        if any(i.lower() in failing for i in ids):
+            return _Reply.text(500, "Internal Server Error")
+        for task_id in ids:
+            if _GUID.fullmatch(task_id) and self.store.task(task_id) is not None:
+                self.store.start(task_id)
+        return _Reply(204)
+
+
+def _valid_user(header: str | None) -> bool:
+    """``UserDirectory=X; UserId=Y``: both keys (any case), once each, in any order."""
+    if not header:
+        return False
+    seen: set[str] = set()
+    for part in header.split(";"):
+        if not part.strip():
+            continue
+        match = _USER_PART.fullmatch(part)
+        if match is None or match.group(1).lower() in seen:
+            return False
+        seen.add(match.group(1).lower())
+    return seen == {"userdirectory", "userid"}
+
+
+def _parse_query(raw: str) -> tuple[dict[str, str], bool]:
+    """Decoded parameters with lower-cased names (first wins), and whether any lacked '='."""
+    params: dict[str, str] = {}
+    for name, value in parse_qsl(raw, keep_blank_values=True):
+        params.setdefault(name.lower(), value)
+    malformed = any(part and "=" not in part for part in raw.split("&"))
+    return params, malformed
+
+
+class _Server(ThreadingHTTPServer):
+    """Plain-TCP accept loop; TLS is negotiated in each connection's own thread.
+
+    Doing the handshake there (not in ``accept``) keeps one slow or broken client from
+    stalling everybody else, and lets :meth:`close_connections` cut idle keep-alive sockets.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], sim: QrsSimulator) -> None:
+        self.sim = sim
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(30)  # bounds the handshake and idle keep-alive waits
+        # Headers and body leave in separate writes; without this, Nagle's algorithm and the
+        # client's delayed ACK add ~40 ms to every answer.
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            conn = self.sim._ssl.wrap_socket(request, server_side=True)
+        except OSError:
+            return  # bad or missing client certificate, or not TLS at all
+        with self._open_lock:
+            self._open.add(conn)
+        try:
+            _Handler(conn, client_address, self)
+        except OSError:
+            pass  # the peer went away mid-request
+        finally:
+            with self._open_lock:
+                self._open.discard(conn)
+            _close(conn)
+
+    def close_connections(self) -> None:
+        with self._open_lock:
+            conns = list(self._open)
+        for conn in conns:
+            try:
+                # Shut the TCP socket under the TLS layer: the owning thread's read then ends
+                # with EOF and that thread closes the connection itself.
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _close(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    conn.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as clients pool connections to QRS
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence the stdlib's stderr access log; ``request_log`` is the record."""
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def _dispatch(self) -> None:
+        sim = self.server.sim
+        at = time.time()
+        raw_path, _, raw_query = self.path.partition("?")
+        path = unquote(raw_path)
+        query, malformed = _parse_query(raw_query)
+        body = self._read_body()
+        if sim.latency_ms > 0:
+            sim._stopping.wait(sim.latency_ms / 1000)
+        # A simulator stopped during the latency wait must not act on the request either.
+        fault = "outage" if sim._stopping.is_set() else sim._fault_for(path)
+        if fault == "outage":
+            sim._record(LoggedRequest(self.command, path, query, 0, at))
+            self.close_connection = True
+            return
+        if fault == "error500":
+            reply = _Reply.text(500, "Internal Server Error")
+        else:
+            reply = sim._answer(self.command, path, query, self.headers, body, malformed)
+        # Logged before the answer is written, so a client that has its answer finds it logged.
+        sim._record(LoggedRequest(self.command, path, query, reply.status, at))
+        self.send_response(reply.status)
+        if reply.status != 204:
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(len(reply.body)))
+        if body is None:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+    def _read_body(self) -> bytes | None:
+        """The request body; None for a chunked body, which this simulator does not accept."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return None
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""

@@ -1,0 +1,192 @@
+"""Shared fixtures: real Mosquitto brokers, the QRS simulator over mTLS, in-process daemons."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from butler_mqtt.config import Config, load_config
+from butler_mqtt.ops.mosquitto import INSTALL_HINT, Mosquitto, find_mosquitto
+
+
+@pytest.fixture(scope="session")
+def qrs_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qlik-named certificate files from a trustme CA (root, server, client)."""
+    d = tmp_path_factory.mktemp("qrs-certs")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    client = ca.issue_cert("QlikClient")
+    ca.cert_pem.write_to_path(str(d / "root.pem"))
+    server.cert_chain_pems[0].write_to_path(str(d / "server.pem"))
+    server.private_key_pem.write_to_path(str(d / "server_key.pem"))
+    client.cert_chain_pems[0].write_to_path(str(d / "client.pem"))
+    client.private_key_pem.write_to_path(str(d / "client_key.pem"))
+    return d
+
+
+def _need_mosquitto() -> None:
+    if find_mosquitto() is None:
+        pytest.fail(INSTALL_HINT)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One broker for tests that do not restart it."""
+    _need_mosquitto()
+    with Mosquitto(tmp_path_factory.mktemp("broker")) as b:
+        yield b
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A broker this test may restart or kill."""
+    _need_mosquitto()
+    b = Mosquitto(tmp_path / "broker").start()
+    yield b
+    b.kill()
+
+
+def make_config(qrs_certs: Path, qrs_port: int, broker: Mosquitto, state_dir: Path, **sections: Any) -> Config:
+    """A Config pointing at the simulator and the broker; `sections` override (nested dicts)."""
+    base: dict[str, Any] = {
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "client_id": f"test-{uuid.uuid4().hex[:10]}"},
+        "qrs": {
+            "host": "localhost",
+            "port": qrs_port,
+            "cert": str(qrs_certs / "client.pem"),
+            "key": str(qrs_certs / "client_key.pem"),
+            "ca": str(qrs_certs / "root.pem"),
+            "timeout": 5,
+            "retries": 1,
+        },
+        "logging": {"level": "info", "format": "console"},
+        "state_dir": str(state_dir),
+        "tracking": {"poll_interval": 0.2, "first_poll": 0.1},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(base.get(section), dict):
+            for k, v in values.items():
+                if isinstance(v, dict) and isinstance(base[section].get(k), dict):
+                    base[section][k] = {**base[section][k], **v}
+                else:
+                    base[section][k] = v
+        else:
+            base[section] = values
+    cfg = load_config(None, environ={})
+    return Config.model_validate({**cfg.model_dump(), **base})
+
+
+class RunningDaemon:
+    """A Daemon in this process, in its own thread, ready once subscribed."""
+
+    def __init__(self, cfg: Config) -> None:
+        from butler_mqtt.daemon import Daemon
+
+        self.cfg = cfg
+        self.daemon = Daemon(cfg)
+        self.daemon.startup()
+        self.thread = threading.Thread(target=self.daemon.main_loop, daemon=True)
+        self.thread.start()
+        if not self.daemon.listener.subscribed.wait(15):
+            self.stop()
+            raise RuntimeError("daemon did not subscribe within 15 s")
+
+    stopped = False
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self.daemon.should_exit.set()
+        self.thread.join(10)
+        self.daemon.shutdown(drain_timeout=10)
+
+
+@pytest.fixture
+def start_daemon() -> Iterator[Callable[[Config], RunningDaemon]]:
+    running: list[RunningDaemon] = []
+
+    def start(cfg: Config) -> RunningDaemon:
+        d = RunningDaemon(cfg)
+        running.append(d)
+        return d
+
+    yield start
+    for d in running:
+        try:
+            d.stop()
+        except Exception:  # already stopped by the test
+            pass
+
+
+class TopicListener:
+    """Collects JSON messages from a topic (e.g. the default reply topic)."""
+
+    def __init__(self, broker: Mosquitto, topic: str, protocol: int = 5) -> None:
+        import json
+        import time
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self._json = json
+        self._time = time
+        self.messages: list[dict[str, Any]] = []
+        self.raw: list[Any] = []
+        self._cond = threading.Condition()
+        ready = threading.Event()
+        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"listen-{uuid.uuid4().hex[:8]}", protocol=protocol)
+        c.on_connect = lambda cl, *_: cl.subscribe(topic, qos=1)
+        c.on_subscribe = lambda *_: ready.set()
+        c.on_message = self._on_message
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        if not ready.wait(10):
+            raise RuntimeError("listener could not subscribe")
+        self.client = c
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        try:
+            ev = self._json.loads(msg.payload)
+        except ValueError:
+            return
+        with self._cond:
+            self.raw.append(msg)
+            self.messages.append(ev)
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:
+        deadline = self._time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self.messages:
+                    if pred(m):
+                        return m
+                left = deadline - self._time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no matching message within {timeout} s; got {self.messages[-5:]}")
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def listen(broker: Mosquitto) -> Iterator[Callable[..., TopicListener]]:
+    made: list[TopicListener] = []
+
+    def make(topic: str, on: Mosquitto | None = None, protocol: int = 5) -> TopicListener:
+        lst = TopicListener(on or broker, topic, protocol)
+        made.append(lst)
+        return lst
+
+    yield make
+    for lst in made:
+        lst.close()
