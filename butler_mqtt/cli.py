@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="serve the demo data set")
 
     p = sub.add_parser("demo", help="simulator + broker + daemon + a sample request, all local")
-    p.add_argument("--keep-running", action="store_true", help="keep everything up after the sample request")
+    p.add_argument("--once", action="store_true", help="stop right after the sample requests")
     return parser
 
 
@@ -170,7 +170,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from butler_mqtt.demo import run_demo
 
-    return run_demo(keep_running=args.keep_running)
+    return run_demo(once=args.once)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

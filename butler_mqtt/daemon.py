@@ -38,7 +38,8 @@ from butler_mqtt.ops import systemd
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.selection import error_event
-from butler_mqtt.service import StartService, handle_request
+from butler_mqtt.service import StageResult, StartService, handle_request
+from butler_mqtt.tracking import Route, Tracker
 
 log = structlog.get_logger("butler_mqtt.daemon")
 
@@ -87,12 +88,14 @@ class Daemon:
         self.qrs = QrsClient(cfg.qrs, observer=self.metrics.observe_qrs)
         self.service = StartService(cfg, self.qrs, self.journal)
         self.listener = MqttListener(cfg.mqtt, self._enqueue)
-        self.listener.on_subscribed = lambda: systemd.notify("READY=1\nSTATUS=connected and subscribed")
+        self.tracker = Tracker(cfg.tracking, self.qrs, self.service, self.journal, self.publish_route)
+        self.listener.on_subscribed = self._ready
         for i in range(cfg.mqtt.workers):
             t = threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True)
             t.start()
             self._workers.append(t)
         self.listener.start()
+        self.tracker.start()
         if cfg.http.enabled or cfg.metrics.port is not None:
             from butler_mqtt.http.server import start_http
 
@@ -106,6 +109,9 @@ class Daemon:
             start_filter=cfg.start_filter.enabled,
             http=cfg.http.enabled,
         )
+
+    def _ready(self) -> None:
+        systemd.notify("READY=1\nSTATUS=connected and subscribed")
 
     def main_loop(self) -> None:
         interval = systemd.watchdog_interval()
@@ -122,7 +128,7 @@ class Daemon:
 
     def healthy_threads(self) -> bool:
         """The MQTT network thread and every worker are alive (gates the systemd watchdog)."""
-        return self.listener.alive and all(t.is_alive() for t in self._workers)
+        return self.listener.alive and self.tracker.alive and all(t.is_alive() for t in self._workers)
 
     def shutdown(self, drain_timeout: float = 30.0) -> None:
         systemd.notify("STOPPING=1")
@@ -136,6 +142,7 @@ class Daemon:
             t.join(max(0.0, deadline - time.monotonic()))
         if self.http_server is not None:
             self.http_server.stop()
+        self.tracker.stop()  # its records stay in the journal: picked up again next run
         self.listener.stop()
         self.service.close()
         self.qrs.close()
@@ -272,9 +279,15 @@ class Daemon:
             digest = hashlib.sha256(job.payload).hexdigest()
             earlier = self.journal.recent_hash(digest, ANON_DUP_WINDOW_S) if job.dup else None
             key = earlier or f"anon:{uuid.uuid4()}:{digest}"
+        route = Route(job.response_topic or self.cfg.mqtt.topics.reply, corr)
+
+        def follow(result: StageResult) -> None:
+            if req.waits:
+                self.tracker.follow(key, req, result, route)
+
         try:
             handled = handle_request(
-                self.service, req, emit, ingress=ingress, key=key, source=job.topic, payload_hash=digest
+                self.service, req, emit, ingress=ingress, key=key, source=job.topic, payload_hash=digest, on_started=follow
             )
         except QrsError as exc:
             if isinstance(exc, QrsUnreachable) or (exc.status or 0) >= 500:
@@ -286,6 +299,10 @@ class Daemon:
         self.metrics.request(ingress, "duplicate" if handled.replayed else "ok")
         self.metrics.tasks(handled.events)
         self._finish(job, replies)
+
+    def publish_route(self, route: Route, event: dict[str, Any]) -> None:
+        """Publish a later event (taskFinished, chain stages) to where the request wanted it."""
+        self.listener.publish_event(route.topic, route.correlation_bytes, event)
 
     def _finish(self, job: Job, replies: list[Any]) -> None:
         """Ack only once the broker has every reply (QoS 1 keeps them in order)."""

@@ -27,7 +27,7 @@ from typing import Any
 
 from butler_mqtt.errors import JournalError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MIGRATIONS = {
     1: [
@@ -48,6 +48,13 @@ _MIGRATIONS = {
             task_id TEXT,
             body TEXT NOT NULL,
             PRIMARY KEY (key, seq)
+        )""",
+    ],
+    2: [
+        """CREATE TABLE IF NOT EXISTS waits (
+            key TEXT PRIMARY KEY,
+            body TEXT NOT NULL,              -- tracking.Waited as JSON
+            updated REAL NOT NULL
         )""",
     ],
 }
@@ -164,6 +171,34 @@ class Journal:
         except sqlite3.Error:
             pass
 
+    def load(self, key: str) -> Prior | None:
+        """What is recorded for `key`, without claiming it (resuming a chain stage)."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM requests WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return None
+            prior = Prior(state=row[0])
+            for kind, task_id, body in self._db.execute(
+                "SELECT kind, task_id, body FROM events WHERE key = ? ORDER BY seq", (key,)
+            ):
+                if kind == "intent":
+                    prior.intents.add(task_id)
+                else:
+                    prior.replies.append(json.loads(body))
+            seq = self._db.execute("SELECT max(seq) FROM events WHERE key = ?", (key,)).fetchone()[0]
+            self._seq[key] = seq or 0
+        return prior
+
+    def save_wait(self, key: str, body: str) -> None:
+        self._write("INSERT OR REPLACE INTO waits(key, body, updated) VALUES (?, ?, ?)", (key, body, time.time()))
+
+    def drop_wait(self, key: str) -> None:
+        self._write("DELETE FROM waits WHERE key = ?", (key,))
+
+    def load_waits(self) -> list[str]:
+        with self._lock:
+            return [str(r[0]) for r in self._db.execute("SELECT body FROM waits ORDER BY updated")]
+
     def recent_hash(self, payload_hash: str, within_s: float) -> str | None:
         """Key of a request with this payload hash handled within `within_s` seconds."""
         with self._lock:
@@ -174,7 +209,11 @@ class Journal:
         return None if row is None else str(row[0])
 
     def _next(self, key: str) -> int:
-        self._seq[key] = self._seq.get(key, 0) + 1
+        """Next event number of `key` (caller holds the lock)."""
+        if key not in self._seq:
+            row = self._db.execute("SELECT max(seq) FROM events WHERE key = ?", (key,)).fetchone()
+            self._seq[key] = row[0] or 0
+        self._seq[key] += 1
         return self._seq[key]
 
     def intent(self, key: str, task_id: str) -> None:

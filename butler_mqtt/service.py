@@ -152,10 +152,11 @@ class StartService:
 
 @dataclass
 class Handled:
-    """The outcome of one request through `StartService.handle`."""
+    """The outcome of one request through `handle_request`."""
 
     events: list[dict[str, Any]]
     replayed: bool = False
+    result: StageResult | None = None
 
 
 def _audit_fields(req: StartRequest) -> dict[str, Any]:
@@ -179,13 +180,16 @@ def handle_request(
     key: str | None,
     source: str = "",
     payload_hash: str | None = None,
+    on_started: Callable[[StageResult], None] | None = None,
 ) -> Handled:
     """One request end to end: journal check, the stage(s), journal record, one audit line.
 
     `key` is the idempotency key (requestId, or MQTT 5 correlation data); None disables
     duplicate suppression. Raises QrsError when QRS cannot resolve the request (nothing was
     started; the journal claim is dropped so a retry is handled anew) and JournalError when
-    the journal cannot record it (the caller must not ack).
+    the journal cannot record it (the caller must not ack). `on_started` runs after the
+    starts and before the journal marks the request done (tracking registers itself there,
+    so a crash in between resumes the request instead of forgetting to follow it).
     """
     t0 = time.perf_counter()
     journal = service.journal if key is not None else None
@@ -203,11 +207,13 @@ def handle_request(
         emit(ev)
 
     try:
-        result = service.run_stage(req, req.requestId, record, None, key, prior)
+        result = service.run_stage(req, req.requestId, record, 0 if req.then is not None else None, key, prior)
     except QrsError:
         if journal is not None and key is not None and prior is None:
             journal.forget(key)
         raise
+    if on_started is not None:
+        on_started(result)
     if journal is not None and key is not None:
         journal.finish(key)
     s = result.summary
@@ -226,4 +232,4 @@ def handle_request(
         notFound=s["tasksNotFound"],
         ms=round((time.perf_counter() - t0) * 1000, 1),
     )
-    return Handled(result.events)
+    return Handled(result.events, result=result)

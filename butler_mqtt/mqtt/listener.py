@@ -102,7 +102,7 @@ class MqttListener:
     def start(self) -> None:
         props = None
         if self.v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self.cfg.session_expiry
             props.ReceiveMaximum = self.cfg.receive_maximum
             self.client.connect_async(
@@ -218,7 +218,7 @@ class MqttListener:
         job = Job(
             ingress="mqtt-plain" if self._is_plain(msg.topic) else "mqtt",
             topic=msg.topic,
-            payload=msg.payload,
+            payload=bytes(msg.payload),
             mid=msg.mid,
             qos=msg.qos,
             dup=bool(msg.dup),
@@ -242,13 +242,16 @@ class MqttListener:
             self.client.ack(job.mid, job.qos)
 
     def reply(self, job: Job, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
-        topic = job.response_topic or self.cfg.topics.reply
+        return self.publish_event(job.response_topic or self.cfg.topics.reply, job.correlation_data, event)
+
+    def publish_event(self, topic: str, correlation: bytes | None, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
+        """A reply event as JSON, QoS 1, with the request's correlation data (MQTT 5)."""
         props = None
         if self.v5:
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ContentType = "application/json"
-            if job.correlation_data is not None:
-                props.CorrelationData = job.correlation_data
+            if correlation is not None:
+                props.CorrelationData = correlation
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         return self.client.publish(topic, body, qos=1, retain=False, properties=props)
 

@@ -119,7 +119,7 @@ class Requester:
             self._inbox[token] = box
         props = None
         if self.v5:
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ResponseTopic = f"{self.reply_base}/{token}"
             props.CorrelationData = token.encode()
         self.client.publish(topic or self.cfg.topics.start, payload, qos=1, properties=props)

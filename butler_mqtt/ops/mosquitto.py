@@ -82,7 +82,10 @@ class Mosquitto:
     def start(self, timeout: float = 10.0) -> Mosquitto:
         self.write_conf()
         log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf_path)], stdout=log, stderr=log)
+        # Own session: a Ctrl-C meant for the demo must not kill the broker before the daemon.
+        self.proc = subprocess.Popen(
+            [self.exe, "-c", str(self.conf_path)], stdout=log, stderr=log, start_new_session=True
+        )
         log.close()
         if not wait_port(self.port, timeout):
             self.kill()

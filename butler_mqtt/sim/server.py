@@ -1,6 +1,6 @@
 """A QRS stand-in served over mutual TLS: the endpoints a reload-task client uses.
 
-Behaviour follows /work/shared/research/qrs-api.md: every request needs a client certificate
+Behaviour follows the QRS research notes (qrs-api.md): every request needs a client certificate
 signed by the simulator's CA, a matching 16-character Xrfkey in query and header (403
 ``XSRF prevention check failed. Possible XSRF discovered.`` otherwise) and a parseable
 ``X-Qlik-User`` (403 ``Unknown users not allowed for repository calls, missing or malformed
@@ -463,8 +463,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(reply.body)
 
     def _read_body(self) -> bytes | None:
-        """The request body; None for a chunked body, which this simulator does not accept."""
+        """The request body; None when its length is unknown (chunked or a bad header).
+
+        Such a body cannot be skipped reliably, so it is answered 400 and the connection closed.
+        """
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return None
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return None
         return self.rfile.read(length) if length > 0 else b""

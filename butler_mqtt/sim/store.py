@@ -10,8 +10,8 @@ and the existence of its execution session are computed from the clock whenever 
 is no timer or thread per execution.
 
 Rendered objects are cached per entity and re-rendered only when something they show changed
-(a new execution state, a task added or replaced), and filters run on a pre-computed
-lower-cased copy, so a query over 20,000 tasks is a scan of cached data.
+(a new execution state, a task added or replaced), and filters keep what they found along
+each property path, so a repeated query over 20,000 tasks is a scan of cached data.
 
 Choices where the research is silent (qrs-api.md section 11 and elsewhere):
 
@@ -19,7 +19,10 @@ Choices where the research is silent (qrs-api.md section 11 and elsewhere):
   ``schemaPath: "Task"``; ``taskType`` tells the kinds apart.
 * A task that is still running is never started a second time; see :meth:`Store.start`.
 * Detail lines are listed in a stable but not chronological order (ordered by their ids), so
-  a client that forgets to sort by ``detailCreatedDate`` (as Butler does) shows it in tests.
+  a client that forgets to sort by ``detailCreatedDate`` (Butler sorts) shows it in tests.
+* Every detail line is ``detailsType`` 2 (Information), also for a failed run.
+* ``/qrs/executionresult`` (condensed) lacks ``taskID``/``executionID``; filters can still use
+  them, as on QRS. ``/qrs/executionresult/full`` has them.
 * ``startTime`` stays at the sentinel while Triggered; ``duration`` is 0 until finished.
 """
 
@@ -205,7 +208,7 @@ class _PropertyDefinition:
             "privileges": None,
         }
 
-    def render(self, key: object) -> _Rendered:
+    def render(self) -> _Rendered:
         doc = {
             "id": self.id,
             "createdDate": iso(self.created),
@@ -220,7 +223,7 @@ class _PropertyDefinition:
             "impactSecurityAccess": False,
             "schemaPath": "CustomPropertyDefinition",
         }
-        return _Rendered(key, doc, ("id", "name", "valueType", "choiceValues", "privileges"))
+        return _Rendered(None, doc, ("id", "name", "valueType", "choiceValues", "privileges"))
 
 
 class Execution:
@@ -726,10 +729,8 @@ class Store:
             return row.render(row.schema, now)  # type: ignore[no-any-return]
         if collection == "task":
             return row.render("Task", now)  # type: ignore[no-any-return]
-        if collection == "tag":
-            return row.render()  # type: ignore[no-any-return]
-        if collection == "custompropertydefinition":
-            return row.render(self.generation)  # type: ignore[no-any-return]
+        if collection in ("tag", "custompropertydefinition"):
+            return row.render()  # type: ignore[no-any-return]  # few rows: not cached
         if collection == "executionresult":
             return row.render_result(now)  # type: ignore[no-any-return]
         return row.render_session(now)  # type: ignore[no-any-return]

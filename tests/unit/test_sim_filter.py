@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -275,17 +274,15 @@ def test_escaped_tag_name_selects_exactly_its_tasks(
     assert select(f"(Tags.Name eq '{escape(name)}')", docs) == expected
 
 
-def test_twenty_thousand_tasks_filter_quickly() -> None:
+def test_twenty_thousand_tasks_filter_exactly() -> None:
+    # Speed is measured in bench/ (never asserted on time here: CI machines are shared).
     tasks = generate_tasks(20_000, seed=7)
     store = Store(tasks)
     expr = f"id eq {tasks[123].id} or tags.name eq 'tag-042'"
     flt = compile_filter(expr)
     store.count("reloadtask", flt)  # first use renders and caches every task
-    started = time.perf_counter()
     count = store.count("reloadtask", flt)
-    elapsed = time.perf_counter() - started
     expected = sum(
         1 for t in tasks if t.task_type == 0 and (t.id == tasks[123].id or "tag-042" in t.tags)
     )
     assert count == expected > 1
-    assert elapsed < 0.5  # ~30 ms on a developer machine; generous for slow CI

@@ -1,0 +1,153 @@
+"""`butler-mqtt check`: the operator's first aid. One line per check, each saying what to fix.
+
+Exit 0 only when every check passes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from cryptography import x509
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from butler_mqtt.config import Config, MqttConfig, load_config
+from butler_mqtt.errors import ConfigError, QrsError
+
+OK, FAIL, WARN = "ok  ", "FAIL", "warn"
+
+
+def _line(state: str, what: str, detail: str) -> None:
+    print(f"[{state}] {what}: {detail}", flush=True)
+
+
+def cert_days_left(path: Path) -> int:
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).days
+
+
+def check_cert_files(cfg: Config) -> bool:
+    good = True
+    files: list[tuple[str, Path | None]] = [("qrs.cert", cfg.qrs.cert), ("qrs.key", cfg.qrs.key), ("qrs.ca", cfg.qrs.ca)]
+    if cfg.mqtt.tls.enabled:
+        files += [("mqtt.tls.ca", cfg.mqtt.tls.ca), ("mqtt.tls.cert", cfg.mqtt.tls.cert), ("mqtt.tls.key", cfg.mqtt.tls.key)]
+    for key, path in files:
+        if path is None:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            _line(FAIL, key, f"cannot read {path} ({exc.strerror}); export it from the QMC or fix the path")
+            good = False
+            continue
+        if key.endswith("key"):
+            ok = b"PRIVATE KEY" in data
+            _line(OK if ok else FAIL, key, f"{path} readable" if ok else f"{path} holds no PEM private key")
+            good &= ok
+            continue
+        try:
+            days = cert_days_left(path)
+        except ValueError:
+            _line(FAIL, key, f"{path} is not a PEM certificate")
+            good = False
+            continue
+        if days < 0:
+            _line(FAIL, key, f"{path} expired {-days} days ago; export a new certificate")
+            good = False
+        else:
+            _line(OK if days >= 30 else WARN, key, f"{path} valid, {days} days left")
+    return good
+
+
+def check_broker(cfg: MqttConfig, timeout: float = 10.0) -> bool:
+    """Connect with the configured credentials and subscribe to the start topic."""
+    result: dict[str, str] = {}
+    done = threading.Event()
+    c = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"{cfg.client_id}-check-{uuid.uuid4().hex[:6]}",  # never take over the daemon's session
+        protocol=mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311,
+    )
+    if cfg.username:
+        c.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
+    if cfg.tls.enabled:
+        c.tls_set(
+            ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
+            certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
+            keyfile=str(cfg.tls.key) if cfg.tls.key else None,
+        )
+
+    def on_connect(client: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        result["connect"] = str(rc)
+        if rc.is_failure:
+            done.set()
+            return
+        topic = cfg.topics.start if not cfg.shared_group else f"$share/{cfg.shared_group}/{cfg.topics.start}"
+        client.subscribe(topic, qos=1)
+
+    def on_subscribe(_c: mqtt.Client, _u: object, _m: int, rcs: list[ReasonCode], _p: object) -> None:
+        result["subscribe"] = ",".join(str(r) for r in rcs)
+        result["subscribe_ok"] = "yes" if not any(r.is_failure for r in rcs) else "no"
+        done.set()
+
+    c.on_connect = on_connect
+    c.on_subscribe = on_subscribe
+    where = f"{cfg.host}:{cfg.port}"
+    try:
+        c.connect(cfg.host, cfg.port, keepalive=30)
+    except OSError as exc:
+        _line(FAIL, "broker", f"cannot reach {where} ({exc}); check mqtt.host/mqtt.port and that the broker runs")
+        return False
+    c.loop_start()
+    done.wait(timeout)
+    c.disconnect()
+    c.loop_stop()
+    if "connect" not in result:
+        _line(FAIL, "broker", f"no answer from {where} within {timeout:.0f} s; TLS on a plain port, or a firewall?")
+        return False
+    if "subscribe" not in result:
+        _line(FAIL, "broker", f"{where} refused the connection: {result['connect']}; check mqtt.username/password")
+        return False
+    _line(OK, "broker", f"connected to {where} as {'user ' + cfg.username if cfg.username else 'anonymous'}")
+    if result.get("subscribe_ok") != "yes":
+        _line(FAIL, "start topic", f"subscribing to {cfg.topics.start} refused ({result['subscribe']}); grant read in the broker ACL")
+        return False
+    _line(OK, "start topic", f"{cfg.topics.start} subscribable")
+    return True
+
+
+def check_qrs(cfg: Config) -> bool:
+    from butler_mqtt.qrs.client import QrsClient
+
+    if not cfg.qrs.verify:
+        _line(WARN, "qrs.verify", "server certificate verification is OFF; set qrs.ca to root.pem and qrs.verify: true")
+    client = QrsClient(cfg.qrs.model_copy(update={"retries": 0}))
+    try:
+        about = client.about()
+    except QrsError as exc:
+        hint = "is QRS running and qrs.host/qrs.port right? is the client certificate the one exported from this site?"
+        if exc.status == 403:
+            hint = "the certificate or X-Qlik-User was refused; export client.pem/client_key.pem again"
+        _line(FAIL, "qrs", f"{cfg.qrs.base_url}/qrs/about failed: {exc}; {hint}")
+        return False
+    finally:
+        client.close()
+    _line(OK, "qrs", f"{cfg.qrs.base_url} answered, build {about.get('buildVersion', '?')}, certificate accepted")
+    return True
+
+
+def run_checks(config_file: Path) -> int:
+    try:
+        cfg = load_config(config_file)
+    except ConfigError as exc:
+        _line(FAIL, "config", f"{exc}")
+        return 2
+    _line(OK, "config", f"{config_file} valid")
+    steps: list[Callable[[], bool]] = [lambda: check_cert_files(cfg), lambda: check_broker(cfg.mqtt), lambda: check_qrs(cfg)]
+    results = [step() for step in steps]
+    return 0 if all(results) else 1

@@ -1,0 +1,113 @@
+"""`butler-mqtt demo`: the whole thing on one machine, with nothing to configure.
+
+QRS simulator (demo data, generated certificates) + a private Mosquitto on a free port (or the
+broker of the config when no `mosquitto` is on PATH) + the daemon + a sample request whose
+replies are printed. Everything stops on Ctrl-C (or right after the sample with `--once`).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from butler_mqtt.config import Config, config_path, load_config
+from butler_mqtt.errors import ConfigError
+from butler_mqtt.ops.logging import setup_logging
+from butler_mqtt.ops.mosquitto import Mosquitto, find_mosquitto
+
+SAMPLES: list[tuple[str, dict[str, Any]]] = [
+    (
+        "start every task tagged 'Butler 5.0 demo' and follow them to the end",
+        {"requestId": "demo-1", "tag": ["Butler 5.0 demo"], "wait": True},
+    ),
+    (
+        "a custom property, a tag that matches nothing and a dry run",
+        {
+            "requestId": "demo-2",
+            "customProperty": [{"name": "taskGroup", "value": "financial-reports"}],
+            "tag": ["no-such-tag"],
+            "dryRun": True,
+        },
+    ),
+    ("an invalid task ID: rejected, nothing started", {"requestId": "demo-3", "taskId": ["not-a-guid"]}),
+]
+
+
+def _print_event(ev: dict[str, Any]) -> None:
+    print("    <- " + json.dumps(ev, ensure_ascii=False), flush=True)
+
+
+def run_demo(once: bool = False, workdir: Path | None = None) -> int:
+    from butler_mqtt.daemon import Daemon
+    from butler_mqtt.mqtt.requester import Requester
+    from butler_mqtt.sim import QrsSimulator, demo_tasks, ensure_certs
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="butler-mqtt-demo-"))
+    certs = ensure_certs(work / "certs")
+    sim = QrsSimulator(demo_tasks(), certs_dir=work / "certs").start()
+    broker: Mosquitto | None = None
+    try:
+        base = load_config(config_path(None), missing_ok=True)
+    except ConfigError:
+        base = Config()
+    mqtt_host, mqtt_port = base.mqtt.host, base.mqtt.port
+    if find_mosquitto() is not None:
+        broker = Mosquitto(work / "broker").start()
+        mqtt_host, mqtt_port = "127.0.0.1", broker.port
+    cfg = Config.model_validate(
+        {
+            "mqtt": {"host": mqtt_host, "port": mqtt_port, "client_id": "butler-mqtt-demo"},
+            "qrs": {
+                "host": "localhost",
+                "port": sim.port,
+                "cert": str(certs.client),
+                "key": str(certs.client_key),
+                "ca": str(certs.root),
+            },
+            "tracking": {"poll_interval": 0.5, "first_poll": 0.3},
+            "logging": {"level": "warning", "format": "console"},
+            "state_dir": str(work / "state"),
+        }
+    )
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    print(f"QRS simulator   {sim.base_url}/qrs  ({len(demo_tasks())} demo tasks, certificates in {work / 'certs'})")
+    print(f"MQTT broker     {mqtt_host}:{mqtt_port}" + ("  (private mosquitto)" if broker else "  (from the config)"))
+    daemon = Daemon(cfg)
+    daemon.startup()
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if not daemon.listener.subscribed.wait(15):
+            print(f"cannot connect to the broker at {mqtt_host}:{mqtt_port}")
+            return 1
+        print(f"butler-mqtt     listening on '{cfg.mqtt.topics.start}' and '{cfg.mqtt.topics.start_plain}'\n")
+        with Requester(cfg.mqtt) as requester:
+            for title, request in SAMPLES:
+                print(f"--> {title}\n    -> {json.dumps(request)}", flush=True)
+                requester.request(request, timeout=60, on_event=_print_event)
+                print()
+        if once:
+            return 0
+        print("Try it yourself (Ctrl-C stops everything):")
+        print(
+            f"  mosquitto_rr -h {mqtt_host} -p {mqtt_port} -t {cfg.mqtt.topics.start} -e my/replies "
+            "-m '{\"tag\": \"startTask1\"}' -W 10"
+        )
+        print(f"  mosquitto_sub -h {mqtt_host} -p {mqtt_port} -t '{cfg.mqtt.topics.reply}' -v")
+        print(
+            f"  mosquitto_pub -h {mqtt_host} -p {mqtt_port} -q 1 -t {cfg.mqtt.topics.start} "
+            "-m '{\"requestId\": \"r42\", \"tag\": [\"hourly-reload\"]}'"
+        )
+        stop.wait()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        daemon.shutdown(drain_timeout=5)
+        sim.stop()
+        if broker is not None:
+            broker.stop()

@@ -1,0 +1,429 @@
+"""The FastAPI application: Butler's start endpoint on the shared pipeline, health and metrics.
+
+Every request that starts tasks goes through `service.handle_request`, the pipeline MQTT uses,
+so the same criteria select the same tasks whichever way they arrive. This module only does
+what is HTTP's own: the bearer token, the body size limit, the two body shapes, the method
+override, and mapping outcomes and failures to status codes, always with a JSON body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
+
+from butler_mqtt import __version__
+from butler_mqtt.errors import JournalError, QrsError, QrsUnreachable, RequestRejected
+from butler_mqtt.http import schemas
+from butler_mqtt.http.bodies import (
+    butler_plan,
+    butler_response,
+    parse_flag,
+    path_task_id,
+    seed_request,
+    summary_response,
+)
+from butler_mqtt.model import StartRequest, decode_json
+from butler_mqtt.service import Handled, handle_request
+
+if TYPE_CHECKING:
+    from butler_mqtt.daemon import Daemon
+
+log = structlog.get_logger("butler_mqtt.http")
+
+INGRESS = "rest"
+START_PATH = "/v4/reloadtask/{taskId}/start"
+#: QRS counts as up when it answered any call this recently (no probe needed).
+QRS_FRESH_S = 60.0
+#: A failed health probe is reused this long, so a burst of health checks during an outage
+#: does not become a burst of QRS connection attempts.
+PROBE_REUSE_S = 5.0
+#: What a 503 suggests to clients before retrying.
+RETRY_AFTER_S = "30"
+
+ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+class ApiError(Exception):
+    """A request answered with an error status; `outcome` is its requests-metric label."""
+
+    def __init__(
+        self, status: int, error: str, details: str, outcome: str = "rejected", headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(f"{status} {error}: {details}")
+        self.status = status
+        self.error = error
+        self.details = details
+        self.outcome = outcome
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.error, self.details, self.headers)
+
+
+def error_response(status: int, error: str, details: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "details": details}, status_code=status, headers=headers)
+
+
+class MethodOverride:
+    """`POST` + `X-HTTP-Method-Override: M` is handled as method M (Butler's proxy does this).
+
+    Qlik's REST connector can only send GET and POST. Only POST is overridden; the routes then
+    decide, so an override to a method the path does not serve is a 405 like any other.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(
+        self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
+    ) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            for name, value in scope["headers"]:
+                if name == b"x-http-method-override":
+                    scope = dict(scope, method=value.decode("latin-1").strip().upper())
+                    break
+        await self.app(scope, receive, send)
+
+
+class KeyLocks:
+    """One lock per idempotency key, so a retry arriving while the first call still runs
+    waits for it and then gets the recorded outcome, instead of meeting a half-done entry."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str | None) -> Iterator[None]:
+        if key is None:
+            yield
+            return
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
+class RestApi:
+    """The handlers, bound to one daemon (its config, service, metrics, listener, QRS client)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.cfg = daemon.cfg
+        self.keys = KeyLocks()
+        self._background: set[asyncio.Future[Handled]] = set()
+        self._probe_lock = threading.Lock()
+        self._last_probe: tuple[float, str] | None = None
+        self._last_qrs_failure = 0.0
+
+    # ------------------------------------------------------------------ start endpoint
+
+    async def start(self, request: Request) -> Response:
+        try:
+            return await self._start(request)
+        except ApiError as exc:
+            self._count(exc.outcome)
+            log.warning(
+                "rest_request_refused",
+                status=exc.status,
+                error=exc.error,
+                details=exc.details,
+                client=_client(request),
+            )
+            return exc.response()
+        except Exception:  # a bug: answer JSON, log it once with its traceback
+            self._count("error")
+            log.exception("rest_internal_error", path=request.url.path)
+            return error_response(500, "Internal error", "an unexpected error occurred; see the daemon's log")
+
+    async def _start(self, request: Request) -> Response:
+        self._authorize(request)
+        _check_content_type(request)
+        try:
+            flag = parse_flag(request.query_params.getlist("allTaskIdsMustExist"))
+            task_id = path_task_id(request.path_params["taskId"])
+            raw = await self._read_body(request)
+            data: Any = decode_json(raw, self.cfg.http.max_body_bytes) if raw.strip() else {}
+            if isinstance(data, list):
+                plan = butler_plan(data, task_id, flag)
+                events = await self._run(plan.request, None, request) if plan.request is not None else []
+                return JSONResponse(butler_response(plan, events))
+            if isinstance(data, dict):
+                req = seed_request(data, task_id, flag)
+                # requestId is the idempotency key exactly as on MQTT (same journal, same key).
+                key = f"id:{req.requestId}" if req.requestId else None
+                return JSONResponse(summary_response(await self._run(req, key, request)))
+        except RequestRejected as rej:
+            raise ApiError(400, rej.error, rej.details) from None
+        raise ApiError(
+            400,
+            "Invalid request",
+            "the body must be a JSON object (this API's shape) or a JSON array (Butler's shape)",
+        )
+
+    def _authorize(self, request: Request) -> None:
+        token = self.cfg.http.token
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        challenge = {"WWW-Authenticate": 'Bearer realm="butler-mqtt"'}
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(401, "Unauthorized", "send 'Authorization: Bearer <token>' (http.token)", "unauthorized", challenge)
+        # Constant time: the comparison must not tell an attacker how much of a guess was right.
+        if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+            raise ApiError(401, "Unauthorized", "wrong bearer token", "unauthorized", challenge)
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to be too large.
+
+        Content-Length is checked first (nothing read), then the streamed size, which also
+        covers chunked bodies and a Content-Length that understates the body.
+        """
+        limit = self.cfg.http.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, "Payload too large", f"{declared} bytes; the limit is {limit} bytes (http.max_body_bytes)")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, "Payload too large", f"more than {limit} bytes (http.max_body_bytes)")
+        return bytes(body)
+
+    async def _run(self, req: StartRequest, key: str | None, request: Request) -> list[dict[str, Any]]:
+        """Run the pipeline in a worker thread; return its events up to the first summary.
+
+        The answer is sent once the first stage's summary exists: with `wait` or `then` the
+        pipeline may go on following executions, and the HTTP client is not kept waiting for
+        that (those later events are not part of the response).
+        """
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[None] = loop.create_future()
+        events: list[dict[str, Any]] = []
+        events_lock = threading.Lock()
+        early = False
+
+        def settle() -> None:
+            if not answered.done():
+                answered.set_result(None)
+
+        def emit(ev: dict[str, Any]) -> None:
+            with events_lock:
+                events.append(ev)
+            if ev.get("event") == "summary" and ev.get("stage") in (None, 0):
+                loop.call_soon_threadsafe(settle)
+
+        def work() -> Handled:
+            with self.keys.hold(key):
+                return handle_request(
+                    self.daemon.service, req, emit, ingress=INGRESS, key=key, source=_client(request)
+                )
+
+        def finished(job: asyncio.Future[Handled]) -> None:
+            self._background.discard(job)
+            if job.cancelled():
+                return
+            exc = job.exception()
+            if exc is None:
+                handled = job.result()
+                self._count("duplicate" if handled.replayed else "ok")
+                self.daemon.metrics.tasks(handled.events)
+            elif early:  # failed after the answer was sent: only the log can tell
+                self._count("error")
+                log.error("rest_request_failed_after_answer", error=str(exc), exc_info=exc)
+
+        job: asyncio.Future[Handled] = asyncio.ensure_future(run_in_threadpool(work))
+        self._background.add(job)  # keep a reference: the job may outlive this call
+        job.add_done_callback(finished)
+        await asyncio.wait({job, answered}, return_when=asyncio.FIRST_COMPLETED)
+        if not job.done():
+            early = True
+            with events_lock:
+                return list(events)
+        try:
+            return job.result().events
+        except QrsError as exc:
+            self._last_qrs_failure = time.monotonic()
+            # Raised only while resolving, i.e. before anything was started: safe to retry.
+            if isinstance(exc, QrsUnreachable) or (exc.status or 0) >= 500:
+                raise ApiError(503, "QRS unreachable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
+            raise ApiError(502, "QRS refused the request", str(exc), "error") from None
+        except JournalError as exc:
+            raise ApiError(503, "Journal unavailable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
+
+    def _count(self, outcome: str) -> None:
+        self.daemon.metrics.request(INGRESS, outcome)
+
+    # ------------------------------------------------------------------ health and metrics
+
+    async def healthz(self) -> JSONResponse:
+        body = await run_in_threadpool(self._health)
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    def _health(self) -> dict[str, Any]:
+        mqtt_ok = self.daemon.listener.connected.is_set()
+        qrs = self._qrs_state()
+        last = self.daemon.qrs.last_success
+        return {
+            "status": "ok" if mqtt_ok and qrs == "ok" else "unavailable",
+            "mqtt": "connected" if mqtt_ok else "disconnected",
+            "qrs": qrs,
+            "qrsLastAnswerSecondsAgo": round(time.monotonic() - last, 3) if last else None,
+            "version": __version__,
+        }
+
+    def _qrs_fresh(self) -> bool:
+        last = self.daemon.qrs.last_success
+        return last > 0 and time.monotonic() - last <= QRS_FRESH_S and last > self._last_qrs_failure
+
+    def _qrs_state(self) -> str:
+        """`ok` when QRS answered recently (and nothing failed since), else one probe."""
+        if self._qrs_fresh():
+            return "ok"
+        with self._probe_lock:  # concurrent health checks share one probe
+            if self._qrs_fresh():
+                return "ok"
+            if self._last_probe is not None and time.monotonic() - self._last_probe[0] < PROBE_REUSE_S:
+                return self._last_probe[1]
+            try:
+                self.daemon.qrs.about()  # bounded by qrs.timeout (and qrs.retries)
+                state = "ok"
+            except QrsError as exc:
+                state = "unreachable" if isinstance(exc, QrsUnreachable) or (exc.status or 0) >= 500 else "refused"
+                log.warning("health_qrs_probe_failed", error=str(exc))
+            self._last_probe = (time.monotonic(), state)
+            if state == "ok":
+                self._last_qrs_failure = 0.0
+            return state
+
+    def metrics(self) -> Response:
+        m = self.daemon.metrics
+        m.mqtt_connected.set(1 if self.daemon.listener.connected.is_set() else 0)
+        return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def _check_content_type(request: Request) -> None:
+    """JSON or nothing. Refusing form and text types also keeps a web page from starting
+    tasks through a visitor's browser: those are the types a browser posts cross-site
+    without asking the server first (CORS preflight)."""
+    ctype = request.headers.get("content-type")
+    if ctype is None:
+        return
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, "Unsupported Media Type", f"Content-Type {media or '(empty)'!r}: send the body as application/json")
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path):
+            methods |= route.methods
+    return sorted(methods)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """404, 405 and the rest in the API's `{"error", "details"}` shape, never HTML or text."""
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 404:
+            details = f"no endpoint at {request.url.path}"
+        elif exc.status_code == 405:
+            allowed = _allowed_methods(app, request.url.path)
+            headers["Allow"] = ", ".join(allowed)
+            details = f"{request.method} is not allowed here; use {' or '.join(allowed)}"
+        else:
+            details = str(exc.detail)
+        return error_response(exc.status_code, HTTPStatus(exc.status_code).phrase, details, headers)
+
+    async def validation_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(400, "Invalid request", f"{where}: {first.get('msg')}")
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("rest_internal_error", path=request.url.path, exc_info=exc)
+        return error_response(500, "Internal error", "an unexpected error occurred; see the daemon's log")
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
+
+
+def create_app(daemon: Daemon, full: bool) -> FastAPI:
+    """The application. `full`: the whole API; else only /metrics and /healthz (metrics.port)."""
+    api = RestApi(daemon)
+    token_required = daemon.cfg.http.token is not None
+    app = FastAPI(
+        title="butler-mqtt REST API",
+        version=__version__,
+        description="Start Qlik Sense reload tasks: Butler's endpoint, on the same pipeline as MQTT.",
+        docs_url="/docs" if full else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if full else None,
+        redirect_slashes=False,  # a redirect would not be JSON; a trailing slash is a 404
+    )
+    _install_error_handlers(app)
+    app.add_middleware(MethodOverride)  # type: ignore[arg-type]
+    if full:
+        for method in ("POST", "PUT"):
+            app.add_api_route(
+                START_PATH,
+                api.start,
+                methods=[method],
+                name=f"start_tasks_{method.lower()}",
+                summary="Start reload tasks",
+                tags=["tasks"],
+                response_model=None,
+                openapi_extra=schemas.start_operation(token_required),
+            )
+    app.add_api_route(
+        "/healthz", api.healthz, methods=["GET"], summary="Broker and QRS health", tags=["operations"],
+        response_model=None, openapi_extra=schemas.health_operation(),
+    )
+    app.add_api_route(
+        "/metrics", api.metrics, methods=["GET"], summary="Prometheus metrics", tags=["operations"],
+        response_model=None, openapi_extra=schemas.metrics_operation(),
+    )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            app.openapi_schema = schemas.finish_document(doc, token_required)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.state.api = api
+    return app

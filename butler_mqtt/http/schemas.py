@@ -1,0 +1,237 @@
+"""What the OpenAPI document says about the REST API.
+
+The start endpoint reads its body itself (two shapes, a size limit, Butler's lenient invalid
+IDs), so FastAPI cannot infer the request schema; it is assembled here from the same pydantic
+models that validate requests (`StartRequest`, `ButlerBody`). The response models below are
+documentation only: the handlers build plain dicts (from the pipeline's events) that match them,
+and the tests check that through the document (schemathesis' response conformance).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic.json_schema import models_json_schema
+
+from butler_mqtt.http.bodies import ButlerBody
+from butler_mqtt.model import GUID_RE, MAX_CRITERIA, StartRequest
+
+REF = "#/components/schemas/{model}"
+
+
+class ErrorBody(BaseModel):
+    """Every non-2xx answer of the API."""
+
+    error: str = Field(examples=["Invalid task ID format"])
+    details: str = Field(examples=["Task ID must be a valid GUID"])
+
+
+class TaskBrief(BaseModel):
+    taskId: str
+    taskName: str
+    status: Literal["started", "notStarted", "denied", "failed", "wouldStart"]
+    reason: str | None = Field(default=None, description="Present for notStarted, denied and failed.")
+
+
+class Summary(BaseModel):
+    """The contract's `summary` event without `event` (answer to a seed-shaped body)."""
+
+    requestId: str | None
+    tasksStarted: list[TaskBrief] = Field(description="Started, notStarted (QRS did not start it) or wouldStart (dryRun).")
+    tasksNotFound: list[dict[str, Any]] = Field(
+        description="Every criterion that matched no task: {taskId}, {tag} or {customProperty: {name, value}}."
+    )
+    tasksDenied: list[TaskBrief]
+    tasksFailed: list[TaskBrief]
+    totalTasksStarted: int = Field(description="Tasks QRS really started.")
+
+
+class ButlerTaskRef(BaseModel):
+    taskId: str
+    taskName: str
+
+
+class ButlerInvalid(BaseModel):
+    taskId: str
+
+
+class ButlerTasksId(BaseModel):
+    started: list[ButlerTaskRef]
+    invalid: list[ButlerInvalid] = Field(description="Malformed task IDs and task IDs QRS does not know.")
+    denied: list[ButlerTaskRef] = Field(description="Refused by start_filter, or held back by allTaskIdsMustExist.")
+
+
+class ButlerTagDenied(ButlerTaskRef):
+    tag: str
+
+
+class ButlerCpDenied(ButlerTaskRef):
+    name: str
+    value: str
+
+
+class ButlerNotStarted(ButlerTaskRef):
+    status: Literal["notStarted", "failed"]
+    reason: str | None = None
+
+
+class ButlerResponse(BaseModel):
+    """Butler's response shape (answer to a Butler-shaped body), plus two sections Butler lacks."""
+
+    tasksId: ButlerTasksId
+    tasksTag: list[ButlerTaskRef]
+    tasksTagDenied: list[ButlerTagDenied]
+    tasksCP: list[ButlerTaskRef]
+    tasksCPDenied: list[ButlerCpDenied]
+    tasksNotStarted: list[ButlerNotStarted] = Field(description="Selected, but QRS did not start them (disabled task, QRS error).")
+    tasksNotFound: list[dict[str, Any]] = Field(description="Criteria that matched no task, as in the summary.")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    mqtt: Literal["connected", "disconnected"]
+    qrs: Literal["ok", "unreachable", "refused"]
+    qrsLastAnswerSecondsAgo: float | None = Field(description="Since QRS last answered any call; null: never.")
+    version: str
+
+
+def _patch_start_request(defs: dict[str, Any]) -> None:
+    """Say what the validators accept: one string or a list for taskId/tag, GUIDs for taskId."""
+    props = defs["StartRequest"]["properties"]
+    guid = {"type": "string", "pattern": GUID_RE.pattern}
+    name = {"type": "string", "minLength": 1, "maxLength": 255}
+    for key, item in (("taskId", guid), ("tag", name)):
+        props[key] = {
+            "anyOf": [item, {"type": "array", "items": item, "maxItems": MAX_CRITERIA}],
+            "description": props[key].get("description", f"One {key} or a list of them."),
+        }
+
+
+def component_schemas() -> dict[str, Any]:
+    """Every schema the document refers to, keyed by model name."""
+    models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        (StartRequest, "validation"),
+        (ButlerBody, "validation"),
+        (ErrorBody, "serialization"),
+        (Summary, "serialization"),
+        (ButlerResponse, "serialization"),
+        (Health, "serialization"),
+    ]
+    _, top = models_json_schema(models, ref_template=REF)
+    defs: dict[str, Any] = top["$defs"]
+    _patch_start_request(defs)
+    return defs
+
+
+def _ref(model: str) -> dict[str, str]:
+    return {"$ref": REF.format(model=model)}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref("ErrorBody")}}}
+
+
+START_DESCRIPTION = """\
+Start reload tasks. `POST` and `PUT` are the same; a `POST` may carry
+`X-HTTP-Method-Override: PUT` (Qlik's REST connector can only send GET and POST).
+
+The path holds one task GUID, or `-` when every criterion is in the body. The body is either
+
+* **this API's shape**: the MQTT start request object (`taskId`, `tag`, `customProperty`,
+  `allTaskIdsMustExist`, `dryRun`, `requestId`, ...); `{}` or no body with a GUID in the path.
+  Answered with the `summary`.
+* **Butler's shape**: an array of `{"type": "starttaskid"|"starttasktag"|"starttaskcustomproperty",
+  "payload": {...}}`. Answered in Butler's response shape. `keyvaluestore` items are refused (400).
+"""
+
+
+def start_operation(token_required: bool) -> dict[str, Any]:
+    """The `openapi_extra` of the start operation: parameters, body and responses."""
+    op: dict[str, Any] = {
+        "description": START_DESCRIPTION,
+        "parameters": [
+            {
+                "name": "taskId",
+                "in": "path",
+                "required": True,
+                "description": "A task GUID, or `-` when the body holds every criterion.",
+                "schema": {"anyOf": [{"type": "string", "pattern": GUID_RE.pattern}, {"type": "string", "enum": ["-"]}]},
+            },
+            {
+                "name": "allTaskIdsMustExist",
+                "in": "query",
+                "required": False,
+                "description": "When true and any listed task ID does not exist, no task selected by ID starts.",
+                "schema": {"type": "string", "enum": ["true", "false"]},
+            },
+        ],
+        "requestBody": {
+            "required": False,
+            "content": {
+                "application/json": {
+                    "schema": {"anyOf": [_ref("StartRequest"), _ref("ButlerBody")]},
+                    "examples": {
+                        "seed": {"summary": "this API's shape", "value": {"tag": ["daily-refresh"], "requestId": "r-1"}},
+                        "butler": {
+                            "summary": "Butler's shape",
+                            "value": [
+                                {"type": "starttasktag", "payload": {"tag": "daily-refresh"}},
+                                {"type": "starttaskcustomproperty", "payload": {"customPropertyName": "taskGroup", "customPropertyValue": "finance"}},
+                            ],
+                        },
+                    },
+                }
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "Handled: the summary (this API's shape) or Butler's response (Butler's shape).",
+                "content": {"application/json": {"schema": {"anyOf": [_ref("Summary"), _ref("ButlerResponse")]}}},
+            },
+            "400": _error("Invalid input: JSON, types, unknown fields, task ID format, keyvaluestore items."),
+            "405": _error("Method not allowed (also an X-HTTP-Method-Override other than PUT or POST)."),
+            "413": _error("Body larger than http.max_body_bytes."),
+            "415": _error("Content-Type is not JSON."),
+            "502": _error("QRS refused the request (nothing was started)."),
+            "503": _error("QRS unreachable (nothing was started; retry later)."),
+        },
+    }
+    if token_required:
+        op["security"] = [{"bearerToken": []}]
+        op["responses"]["401"] = _error("Missing or wrong bearer token.")
+    return op
+
+
+def health_operation() -> dict[str, Any]:
+    body = {"application/json": {"schema": _ref("Health")}}
+    return {
+        "responses": {
+            "200": {"description": "The broker is connected and QRS answered recently.", "content": body},
+            "503": {"description": "The broker or QRS is down (see which).", "content": body},
+        }
+    }
+
+
+def metrics_operation() -> dict[str, Any]:
+    return {
+        "responses": {
+            "200": {
+                "description": "Prometheus text exposition format.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        }
+    }
+
+
+def finish_document(doc: dict[str, Any], token_required: bool) -> dict[str, Any]:
+    """Add the shared component schemas (and the bearer scheme) to FastAPI's document."""
+    components = doc.setdefault("components", {})
+    components.setdefault("schemas", {}).update(component_schemas())
+    if token_required:
+        components.setdefault("securitySchemes", {})["bearerToken"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "http.token from the configuration.",
+        }
+    return doc

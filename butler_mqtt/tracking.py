@@ -1,0 +1,386 @@
+"""Follow started executions to their final state; run `then` chains; survive restarts.
+
+One thread polls QRS with ONE query per interval for every execution in flight across all
+requests (`GET /qrs/executionresult/full?filter=executionID eq A or executionID eq B ...`,
+chunked only when the filter gets too long). Final states (qrs-api.md 6.4): Aborted,
+FinishedSuccess, FinishedFail, Skipped, Error, Reset. Retry, Queued, AbortInitiated and
+Aborting are not final. An execution that cannot be followed ends as `Unknown` with a reason:
+no result row and no execution session after a grace period, or `tracking.max_wait` reached.
+
+Every waited request is a `Waited` record stored in the journal (table `waits`) on each
+change, so after a restart the daemon picks up the executions and chains it was following.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import structlog
+
+from butler_mqtt.config import TrackingConfig
+from butler_mqtt.errors import ButlerError, QrsError
+from butler_mqtt.journal import Journal
+from butler_mqtt.model import FINAL_STATES, StartRequest
+from butler_mqtt.qrs.client import QrsClient
+from butler_mqtt.service import StageResult, StartService
+
+log = structlog.get_logger("butler_mqtt.tracking")
+
+NEVER = "1753-01-01T00:00:00.000Z"
+SUCCESS = "FinishedSuccess"
+
+
+@dataclass
+class Route:
+    """Where a request's replies go: an MQTT topic plus the request's correlation data."""
+
+    topic: str
+    correlation: str | None = None  # hex
+
+    @property
+    def correlation_bytes(self) -> bytes | None:
+        return bytes.fromhex(self.correlation) if self.correlation is not None else None
+
+
+@dataclass
+class Pending:
+    execution_id: str
+    task_id: str
+    task_name: str
+    stage: int | None
+    started: float  # wall clock
+    deadline: float  # wall clock
+
+
+@dataclass
+class Waited:
+    """A request whose end is awaited: its chain, where it is, what is still running."""
+
+    key: str
+    request_id: str | None
+    request: dict[str, Any]  # the root StartRequest as JSON
+    route: Route
+    started: float
+    chained: bool
+    stage: int = 0
+    pending: dict[str, Pending] = field(default_factory=dict)
+    finished: dict[str, int] = field(default_factory=dict)
+    stage_failures: list[str] = field(default_factory=list)  # why the current stage is not a success
+    starting: bool = False  # the current stage's starts are being sent
+
+    def stage_request(self, index: int) -> StartRequest | None:
+        req: StartRequest | None = StartRequest.model_validate(self.request)
+        for _ in range(index):
+            req = req.then if req is not None else None
+        return req
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Waited:
+        d = json.loads(text)
+        d["route"] = Route(**d["route"])
+        d["pending"] = {k: Pending(**v) for k, v in d["pending"].items()}
+        return cls(**d)
+
+
+Publish = Callable[[Route, dict[str, Any]], None]
+
+
+def _ms(start: str | None, stop: str | None, fallback: Any) -> int | None:
+    if isinstance(fallback, int) and fallback > 0:
+        return fallback
+    try:
+        from datetime import datetime
+
+        a = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+        b = datetime.fromisoformat(str(stop).replace("Z", "+00:00"))
+        return max(0, int((b - a).total_seconds() * 1000))
+    except ValueError:
+        return None
+
+
+def latest_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """With retries QRS keeps several results per execution: keep the newest of each."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        eid = str(row.get("executionID") or row.get("executionId") or "").lower()
+        if not eid:
+            continue
+        key = (str(row.get("startTime") or ""), str(row.get("modifiedDate") or ""))
+        best = out.get(eid)
+        if best is None or key >= (str(best.get("startTime") or ""), str(best.get("modifiedDate") or "")):
+            out[eid] = row
+    return out
+
+
+class Tracker:
+    """The polling thread and the chain engine. Thread-safe."""
+
+    def __init__(
+        self, cfg: TrackingConfig, qrs: QrsClient, service: StartService, journal: Journal, publish: Publish
+    ) -> None:
+        self.cfg = cfg
+        self.qrs = qrs
+        self.service = service
+        self.journal = journal
+        self.publish = publish
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waited: dict[str, Waited] = {}
+        self._next_poll: float | None = None
+        self._stop = False
+        self._stages = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chain")
+        self._thread = threading.Thread(target=self._run, name="tracker", daemon=True)
+        self.polls = 0
+        self.grace_s = max(30.0, 3 * cfg.poll_interval)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        for text in self.journal.load_waits():
+            try:
+                w = Waited.from_json(text)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("wait_record_unreadable", error=str(exc))
+                continue
+            with self._lock:
+                self._waited[w.key] = w
+            log.info("tracking_resumed", requestId=w.request_id, stage=w.stage, executions=len(w.pending))
+            if w.starting:  # stopped while sending this stage's starts: finish that stage
+                self._stages.submit(self._run_stage, w.key, w.stage, True)
+            elif not w.pending:
+                self._stages.submit(self._stage_ended, w.key)
+        self._schedule(self.cfg.first_poll)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify_all()
+        self._thread.join(10)
+        self._stages.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(len(w.pending) for w in self._waited.values())
+
+    # ------------------------------------------------------------------ entry point
+
+    def follow(self, key: str, req: StartRequest, result: StageResult, route: Route) -> None:
+        """Called once stage 0 of a waited request has been started."""
+        w = Waited(
+            key=key,
+            request_id=req.requestId,
+            request=req.model_dump(mode="json"),
+            route=route,
+            started=time.time(),
+            chained=req.then is not None,
+        )
+        self._absorb(w, result)
+        with self._lock:
+            self._waited[key] = w
+            self._save(w)
+        if not w.pending:
+            self._stages.submit(self._stage_ended, key)
+        else:
+            self._schedule(self.cfg.first_poll)
+
+    def _absorb(self, w: Waited, result: StageResult) -> None:
+        """Record a stage's started executions and its tasks that cannot succeed."""
+        now = time.time()
+        w.stage_failures = []
+        if not result.outcomes:
+            w.stage_failures.append("the stage selected no task")
+        for o in result.outcomes:
+            if o.status == "started" and o.execution_id:
+                w.pending[o.execution_id] = Pending(
+                    o.execution_id, o.task_id, o.task_name, w.stage if w.chained else None, now, now + self.cfg.max_wait
+                )
+            else:
+                w.stage_failures.append(f"{o.task_name} ({o.task_id}): {o.status}")
+
+    def _save(self, w: Waited) -> None:
+        try:
+            self.journal.save_wait(w.key, w.to_json())
+        except ButlerError as exc:
+            log.error("wait_record_not_saved", requestId=w.request_id, error=str(exc))
+
+    def _schedule(self, delay: float) -> None:
+        with self._lock:
+            at = time.monotonic() + delay
+            if self._next_poll is None or at < self._next_poll:
+                self._next_poll = at
+                self._wake.notify_all()
+
+    # ------------------------------------------------------------------ polling
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop:
+                    now = time.monotonic()
+                    if self._next_poll is not None and now >= self._next_poll:
+                        break
+                    self._wake.wait(None if self._next_poll is None else self._next_poll - now)
+                if self._stop:
+                    return
+                self._next_poll = None
+                pending = {eid: p for w in self._waited.values() for eid, p in w.pending.items()}
+            if pending:
+                try:
+                    self._poll(pending)
+                except Exception:  # never let one bad answer stop the tracking thread
+                    log.exception("tracking_poll_failed")
+                self._schedule(self.cfg.poll_interval)
+
+    def _poll(self, pending: dict[str, Pending]) -> None:
+        self.polls += 1
+        try:
+            rows = latest_rows(self.qrs.execution_results(list(pending)))
+        except QrsError as exc:
+            log.warning("tracking_poll_failed", error=str(exc), executions=len(pending))
+            rows = None
+        now = time.time()
+        for eid, p in pending.items():
+            row = rows.get(eid) if rows is not None else None
+            status = row.get("status") if row is not None else None
+            if isinstance(status, int) and status in FINAL_STATES:
+                self._finish(eid, FINAL_STATES[status], row)
+            elif now > p.deadline:
+                self._finish(eid, "Unknown", row, f"still not finished after tracking.max_wait ({self.cfg.max_wait:.0f} s)")
+            elif rows is not None and row is None and now - p.started > self.grace_s:
+                # No result row yet: if the session is gone too, nobody can tell the outcome.
+                try:
+                    gone = not self.qrs.execution_session_exists(eid)
+                except QrsError:
+                    gone = False
+                if gone:
+                    self._finish(eid, "Unknown", None, "the execution session ended and QRS has no result for it")
+
+    def _finish(self, eid: str, status: str, row: dict[str, Any] | None, reason: str | None = None) -> None:
+        with self._lock:
+            w = next((w for w in self._waited.values() if eid in w.pending), None)
+            if w is None:
+                return
+            p = w.pending.pop(eid)
+        start = row.get("startTime") if row else None
+        stop = row.get("stopTime") if row else None
+        ev: dict[str, Any] = {
+            "event": "taskFinished",
+            "requestId": w.request_id,
+            "taskId": p.task_id,
+            "taskName": p.task_name,
+            "executionId": eid,
+            "status": status,
+            "startTime": None if start in (None, NEVER) else start,
+            "stopTime": None if stop in (None, NEVER) else stop,
+            "durationMs": _ms(start, stop, row.get("duration") if row else None) if row else None,
+        }
+        if reason is not None:
+            ev["reason"] = reason
+        if p.stage is not None:
+            ev["stage"] = p.stage
+        with self._lock:
+            w.finished[status] = w.finished.get(status, 0) + 1
+            if status != SUCCESS:
+                w.stage_failures.append(f"{p.task_name} ({p.task_id}): {status}")
+            self._save(w)
+            stage_done = not w.pending and not w.starting
+        self._emit(w, ev)
+        log.info("task_finished", requestId=w.request_id, taskId=p.task_id, executionId=eid, status=status)
+        if stage_done:
+            self._stages.submit(self._stage_ended, w.key)
+
+    # ------------------------------------------------------------------ chains
+
+    def _emit(self, w: Waited, ev: dict[str, Any]) -> None:
+        try:
+            self.journal.reply(w.key, ev)
+        except ButlerError as exc:
+            log.error("journal_write_failed", error=str(exc))
+        self.publish(w.route, ev)
+
+    def _stage_ended(self, key: str) -> None:
+        with self._lock:
+            w = self._waited.get(key)
+            if w is None or w.pending or w.starting:
+                return
+            stage_req = w.stage_request(w.stage)
+            next_req = stage_req.then if stage_req is not None else None
+            failures = list(w.stage_failures)
+        if next_req is not None and stage_req is not None:
+            if stage_req.dryRun:
+                return self._request_finished(w, w.stage, "dryRun: the chain is not run")
+            if failures and stage_req.onFailure != "continue":
+                return self._request_finished(w, w.stage, "; ".join(failures[:10]))
+            with self._lock:
+                w.stage += 1
+                w.starting = True
+                self._save(w)
+            self._run_stage(key, w.stage, False)
+            return
+        self._request_finished(w, None, None)
+
+    def _run_stage(self, key: str, index: int, resumed: bool) -> None:
+        with self._lock:
+            w = self._waited.get(key)
+        if w is None:
+            return
+        stage_req = w.stage_request(index)
+        if stage_req is None:
+            return self._request_finished(w, None, None)
+        prior = self.journal.load(key) if resumed else None
+        delay = 1.0
+        while True:
+            try:
+                result = self.service.run_stage(
+                    stage_req, w.request_id, lambda ev: self._emit(w, ev), index, key, prior
+                )
+                break
+            except QrsError as exc:  # QRS down before anything of this stage started: retry
+                log.warning("chain_stage_deferred", requestId=w.request_id, stage=index, error=str(exc), retry_in_s=delay)
+                with self._lock:
+                    if self._stop:
+                        return  # resumed after the restart (the record says `starting`)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        with self._lock:
+            self._absorb(w, result)
+            w.starting = False
+            self._save(w)
+            empty = not w.pending
+        if empty:
+            self._stage_ended(key)
+        else:
+            self._schedule(self.cfg.first_poll)
+
+    def _request_finished(self, w: Waited, stopped_at: int | None, reason: str | None) -> None:
+        ev: dict[str, Any] = {
+            "event": "requestFinished",
+            "requestId": w.request_id,
+            "finished": dict(w.finished),
+            "stoppedAtStage": stopped_at,
+            "durationMs": int((time.time() - w.started) * 1000),
+        }
+        if reason is not None:
+            ev["reason"] = reason
+        self._emit(w, ev)
+        with self._lock:
+            self._waited.pop(w.key, None)
+        try:
+            self.journal.drop_wait(w.key)
+        except ButlerError as exc:
+            log.error("journal_write_failed", error=str(exc))
+        log.info("request_finished", requestId=w.request_id, finished=w.finished, stoppedAtStage=stopped_at)
