@@ -32,7 +32,11 @@ def _add_selectors(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="butler-mqtt", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="butler-mqtt",
+        description="Start Qlik Sense reload tasks from MQTT messages (and Butler's REST endpoint).",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage.",
+    )
     parser.add_argument("--version", action="version", version=f"butler-mqtt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -69,7 +69,7 @@ def run_demo(once: bool = False, workdir: Path | None = None) -> int:
                 "ca": str(certs.root),
             },
             "tracking": {"poll_interval": 0.5, "first_poll": 0.3},
-            "logging": {"level": "warning", "format": "console"},
+            "logging": {"level": "error", "format": "console"},
             "state_dir": str(work / "state"),
         }
     )
