@@ -64,7 +64,11 @@ class Daemon:
         self.cfg = cfg
         self.config_file = config_file
         self.should_exit = threading.Event()
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=cfg.mqtt.receive_maximum + cfg.mqtt.workers + 64)
+        # Never bounded by us: a full queue would block paho's network thread, which must keep
+        # reading PUBACKs for the replies the workers wait on (a deadlock). The broker bounds
+        # it: Receive Maximum, and its per-client queue (`max_queued_messages`). Measured on
+        # Mosquitto 2.0.11: Receive Maximum is not enforced any more once the client acks.
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._busy = 0
         self._busy_lock = threading.Lock()
@@ -199,7 +203,7 @@ class Daemon:
     # ------------------------------------------------------------------ workers
 
     def _enqueue(self, job: Job) -> None:
-        self._jobs.put(job)  # bounded; the broker's Receive Maximum keeps it from filling
+        self._jobs.put(job)  # never blocks the network thread
 
     def _worker(self) -> None:
         while True:

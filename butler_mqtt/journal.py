@@ -66,7 +66,7 @@ class Prior:
 
     state: str
     replies: list[dict[str, Any]] = field(default_factory=list)
-    intents: set[str] = field(default_factory=set)  # task ids whose start was sent
+    intents: dict[str, float] = field(default_factory=dict)  # task id -> when its start was sent
 
     @property
     def done(self) -> bool:
@@ -140,7 +140,7 @@ class Journal:
                     ):
                         seq = max(seq, s)
                         if kind == "intent":
-                            prior.intents.add(task_id)
+                            prior.intents[task_id] = float(body or 0)
                         else:
                             prior.replies.append(json.loads(body))
                     self._seq[key] = seq
@@ -182,7 +182,7 @@ class Journal:
                 "SELECT kind, task_id, body FROM events WHERE key = ? ORDER BY seq", (key,)
             ):
                 if kind == "intent":
-                    prior.intents.add(task_id)
+                    prior.intents[task_id] = float(body or 0)
                 else:
                     prior.replies.append(json.loads(body))
             seq = self._db.execute("SELECT max(seq) FROM events WHERE key = ?", (key,)).fetchone()[0]
@@ -220,7 +220,10 @@ class Journal:
         """Record, before the start is sent, that `task_id` is about to be started."""
         with self._lock:
             seq = self._next(key)
-        self._write("INSERT INTO events(key, seq, kind, task_id, body) VALUES (?, ?, 'intent', ?, '')", (key, seq, task_id))
+        self._write(
+            "INSERT INTO events(key, seq, kind, task_id, body) VALUES (?, ?, 'intent', ?, ?)",
+            (key, seq, task_id, repr(time.time())),
+        )
 
     def reply(self, key: str, event: dict[str, Any]) -> None:
         with self._lock:

@@ -82,6 +82,18 @@ class StartService:
                 o.status, o.execution_id = "started", execution_id
         return o
 
+    def _recover(self, o: TaskOutcome, since: float) -> None:
+        try:
+            execution_id = self.qrs.execution_since(o.task_id, since)
+        except QrsError as exc:
+            o.status = "failed"
+            o.reason = f"the daemon stopped while starting this task and QRS could not tell whether it started: {exc}"
+            return
+        if execution_id is not None:
+            o.execution_id = execution_id
+            o.reason = "start confirmed from QRS after a daemon restart"
+        log.warning("start_recovered", taskId=o.task_id, executionId=execution_id, restarted=execution_id is None)
+
     def run_stage(
         self,
         stage: StartRequest,
@@ -116,9 +128,13 @@ class StartService:
                 o.status, o.execution_id, o.reason = earlier["status"], earlier.get("executionId"), earlier.get("reason")
                 send(earlier)
             elif prior is not None and o.task_id in prior.intents:
-                o.status = "failed"
-                o.reason = "the daemon stopped while starting this task; not started again to avoid a double start"
-                send(o.event(request_id, stage_index))
+                # The daemon stopped after sending this start but before recording QRS's
+                # answer: ask QRS whether the start arrived rather than risk a double run.
+                self._recover(o, prior.intents[o.task_id])
+                if o.status == "started" and o.execution_id is None:
+                    to_start.append(o)  # it never reached QRS: start it now
+                else:
+                    send(o.event(request_id, stage_index))
             else:
                 to_start.append(o)
 

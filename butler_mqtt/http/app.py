@@ -8,10 +8,10 @@ override, and mapping outcomes and failures to status codes, always with a JSON 
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from http import HTTPStatus
@@ -21,7 +21,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,7 +39,8 @@ from butler_mqtt.http.bodies import (
     summary_response,
 )
 from butler_mqtt.model import StartRequest, decode_json
-from butler_mqtt.service import Handled, handle_request
+from butler_mqtt.service import Handled, StageResult, handle_request
+from butler_mqtt.tracking import Route as ReplyRoute
 
 if TYPE_CHECKING:
     from butler_mqtt.daemon import Daemon
@@ -136,7 +137,6 @@ class RestApi:
         self.daemon = daemon
         self.cfg = daemon.cfg
         self.keys = KeyLocks()
-        self._background: set[asyncio.Future[Handled]] = set()
         self._probe_lock = threading.Lock()
         self._last_probe: tuple[float, str] | None = None
         self._last_qrs_failure = 0.0
@@ -171,13 +171,11 @@ class RestApi:
             data: Any = decode_json(raw, self.cfg.http.max_body_bytes) if raw.strip() else {}
             if isinstance(data, list):
                 plan = butler_plan(data, task_id, flag)
-                events = await self._run(plan.request, None, request) if plan.request is not None else []
+                events = await self._run(plan.request, request) if plan.request is not None else []
                 return JSONResponse(butler_response(plan, events))
             if isinstance(data, dict):
                 req = seed_request(data, task_id, flag)
-                # requestId is the idempotency key exactly as on MQTT (same journal, same key).
-                key = f"id:{req.requestId}" if req.requestId else None
-                return JSONResponse(summary_response(await self._run(req, key, request)))
+                return JSONResponse(summary_response(await self._run(req, request)))
         except RequestRejected as rej:
             raise ApiError(400, rej.error, rej.details) from None
         raise ApiError(
@@ -215,58 +213,41 @@ class RestApi:
                 raise ApiError(413, "Payload too large", f"more than {limit} bytes (http.max_body_bytes)")
         return bytes(body)
 
-    async def _run(self, req: StartRequest, key: str | None, request: Request) -> list[dict[str, Any]]:
-        """Run the pipeline in a worker thread; return its events up to the first summary.
+    async def _run(self, req: StartRequest, request: Request) -> list[dict[str, Any]]:
+        """Run the one pipeline in a worker thread (QRS calls block); return its events.
 
-        The answer is sent once the first stage's summary exists: with `wait` or `then` the
-        pipeline may go on following executions, and the HTTP client is not kept waiting for
-        that (those later events are not part of the response).
+        `requestId` is the idempotency key exactly as on MQTT (same journal, same key). A
+        waited request (`wait`, `then`) is handed to the daemon's tracker once its first stage
+        started, as MQTT requests are; the answer is that stage's summary, and the later events
+        go to MQTT `topics.reply`. Tracking needs a journal key, so a waited request without
+        requestId gets an anonymous one.
         """
-        loop = asyncio.get_running_loop()
-        answered: asyncio.Future[None] = loop.create_future()
-        events: list[dict[str, Any]] = []
-        events_lock = threading.Lock()
-        early = False
+        if req.requestId:
+            key: str | None = f"id:{req.requestId}"
+        elif req.waits:
+            key = f"anon:rest:{uuid.uuid4()}"
+        else:
+            key = None
+        route = ReplyRoute(self.cfg.mqtt.topics.reply)
 
-        def settle() -> None:
-            if not answered.done():
-                answered.set_result(None)
-
-        def emit(ev: dict[str, Any]) -> None:
-            with events_lock:
-                events.append(ev)
-            if ev.get("event") == "summary" and ev.get("stage") in (None, 0):
-                loop.call_soon_threadsafe(settle)
+        def follow(result: StageResult) -> None:
+            if key is not None:
+                self.daemon.tracker.follow(key, req, result, route)
 
         def work() -> Handled:
             with self.keys.hold(key):
                 return handle_request(
-                    self.daemon.service, req, emit, ingress=INGRESS, key=key, source=_client(request)
+                    self.daemon.service,
+                    req,
+                    lambda _ev: None,  # the events come back in Handled; nothing to stream
+                    ingress=INGRESS,
+                    key=key,
+                    source=_client(request),
+                    on_started=follow if req.waits else None,
                 )
 
-        def finished(job: asyncio.Future[Handled]) -> None:
-            self._background.discard(job)
-            if job.cancelled():
-                return
-            exc = job.exception()
-            if exc is None:
-                handled = job.result()
-                self._count("duplicate" if handled.replayed else "ok")
-                self.daemon.metrics.tasks(handled.events)
-            elif early:  # failed after the answer was sent: only the log can tell
-                self._count("error")
-                log.error("rest_request_failed_after_answer", error=str(exc), exc_info=exc)
-
-        job: asyncio.Future[Handled] = asyncio.ensure_future(run_in_threadpool(work))
-        self._background.add(job)  # keep a reference: the job may outlive this call
-        job.add_done_callback(finished)
-        await asyncio.wait({job, answered}, return_when=asyncio.FIRST_COMPLETED)
-        if not job.done():
-            early = True
-            with events_lock:
-                return list(events)
         try:
-            return job.result().events
+            handled = await run_in_threadpool(work)
         except QrsError as exc:
             self._last_qrs_failure = time.monotonic()
             # Raised only while resolving, i.e. before anything was started: safe to retry.
@@ -275,6 +256,9 @@ class RestApi:
             raise ApiError(502, "QRS refused the request", str(exc), "error") from None
         except JournalError as exc:
             raise ApiError(503, "Journal unavailable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
+        self._count("duplicate" if handled.replayed else "ok")
+        self.daemon.metrics.tasks(handled.events)
+        return handled.events
 
     def _count(self, outcome: str) -> None:
         self.daemon.metrics.request(INGRESS, outcome)
@@ -396,7 +380,7 @@ def create_app(daemon: Daemon, full: bool) -> FastAPI:
         redirect_slashes=False,  # a redirect would not be JSON; a trailing slash is a 404
     )
     _install_error_handlers(app)
-    app.add_middleware(MethodOverride)  # type: ignore[arg-type]
+    app.add_middleware(MethodOverride)
     if full:
         for method in ("POST", "PUT"):
             app.add_api_route(
@@ -404,18 +388,19 @@ def create_app(daemon: Daemon, full: bool) -> FastAPI:
                 api.start,
                 methods=[method],
                 name=f"start_tasks_{method.lower()}",
+                operation_id=f"startTasks{method.title()}",
                 summary="Start reload tasks",
                 tags=["tasks"],
                 response_model=None,
                 openapi_extra=schemas.start_operation(token_required),
             )
     app.add_api_route(
-        "/healthz", api.healthz, methods=["GET"], summary="Broker and QRS health", tags=["operations"],
-        response_model=None, openapi_extra=schemas.health_operation(),
+        "/healthz", api.healthz, methods=["GET"], operation_id="health", summary="Broker and QRS health",
+        tags=["operations"], response_model=None, openapi_extra=schemas.health_operation(),
     )
     app.add_api_route(
-        "/metrics", api.metrics, methods=["GET"], summary="Prometheus metrics", tags=["operations"],
-        response_model=None, openapi_extra=schemas.metrics_operation(),
+        "/metrics", api.metrics, methods=["GET"], operation_id="metrics", summary="Prometheus metrics (text format)",
+        tags=["operations"], response_model=None, response_class=PlainTextResponse,
     )
 
     def openapi() -> dict[str, Any]:

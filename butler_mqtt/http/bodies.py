@@ -149,12 +149,14 @@ class ButlerBody(RootModel[Annotated[list[ButlerItem], Field(max_length=3 * MAX_
 
 def _describe_butler(err: ValidationError) -> RequestRejected:
     """One sentence naming the item at fault: `item 2 (starttasktag) payload.tag: ...`."""
-    first = err.errors()[0]
+    errors = err.errors()
+    # An unknown key is most likely a misspelt one: name it rather than the key it lacks.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = list(first["loc"])
     where = "body"
     if loc and isinstance(loc[0], int):
         where = f"item {loc.pop(0)}"
-        if loc and loc[0] in BUTLER_TYPES:  # the discriminator pydantic puts in the path
+        if loc and isinstance(loc[0], str) and loc[0] in BUTLER_TYPES:  # the discriminator pydantic puts in the path
             where += f" ({loc.pop(0)})"
     if loc:
         where += " " + ".".join(str(p) for p in loc)

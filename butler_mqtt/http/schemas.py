@@ -45,6 +45,7 @@ class Summary(BaseModel):
     tasksDenied: list[TaskBrief]
     tasksFailed: list[TaskBrief]
     totalTasksStarted: int = Field(description="Tasks QRS really started.")
+    stage: int | None = Field(default=None, description="0 when the request has `then` (the first stage).")
 
 
 class ButlerTaskRef(BaseModel):
@@ -96,16 +97,34 @@ class Health(BaseModel):
     version: str
 
 
+#: What each request field does (contract section 3), for readers of /docs.
+FIELD_DOCS = {
+    "requestId": "Echoed in the answer; the idempotency key: the same requestId within 24 h is not started again "
+    "(the earlier outcome is answered), whichever ingress (REST or MQTT) brought it.",
+    "taskId": "One task GUID or a list. A malformed GUID rejects the whole request (400).",
+    "tag": "One tag name or a list; every task carrying one of them is selected.",
+    "customProperty": "Custom property name/value pairs; a task matches when it carries exactly the pair.",
+    "allTaskIdsMustExist": "When true and any listed task ID does not exist, no task selected by ID starts "
+    "(tags and custom properties are unaffected).",
+    "wait": "Follow every execution to its end. Over REST the answer is the summary, sent once the tasks "
+    "were started; the later events (taskFinished, requestFinished) go to MQTT topics.reply.",
+    "dryRun": "Answer with what would start (status wouldStart); start nothing.",
+    "then": "A follow-up request started when every task of this stage finished successfully; implies wait.",
+    "onFailure": "'continue' starts `then` whatever the outcome of this stage.",
+}
+
+
 def _patch_start_request(defs: dict[str, Any]) -> None:
-    """Say what the validators accept: one string or a list for taskId/tag, GUIDs for taskId."""
+    """Say what the validators accept (one string or a list for taskId/tag, GUIDs for taskId)
+    and what each field means."""
     props = defs["StartRequest"]["properties"]
     guid = {"type": "string", "pattern": GUID_RE.pattern}
     name = {"type": "string", "minLength": 1, "maxLength": 255}
     for key, item in (("taskId", guid), ("tag", name)):
-        props[key] = {
-            "anyOf": [item, {"type": "array", "items": item, "maxItems": MAX_CRITERIA}],
-            "description": props[key].get("description", f"One {key} or a list of them."),
-        }
+        props[key] = {"anyOf": [item, {"type": "array", "items": item, "maxItems": MAX_CRITERIA}]}
+    for key, text in FIELD_DOCS.items():
+        if key in props:
+            props[key]["description"] = text
 
 
 def component_schemas() -> dict[str, Any]:
@@ -209,17 +228,6 @@ def health_operation() -> dict[str, Any]:
         "responses": {
             "200": {"description": "The broker is connected and QRS answered recently.", "content": body},
             "503": {"description": "The broker or QRS is down (see which).", "content": body},
-        }
-    }
-
-
-def metrics_operation() -> dict[str, Any]:
-    return {
-        "responses": {
-            "200": {
-                "description": "Prometheus text exposition format.",
-                "content": {"text/plain": {"schema": {"type": "string"}}},
-            }
         }
     }
 

@@ -188,6 +188,24 @@ class QrsClient:
                 out.extend(d for d in data if isinstance(d, dict))
         return out
 
+    def execution_since(self, task_id: str, since: float) -> str | None:
+        """The execution id of a run of `task_id` created at or after `since` (epoch seconds).
+
+        Used after a crash between sending a start and recording its answer: QRS is asked
+        whether the start arrived, instead of guessing (and risking a double run).
+        """
+        if not is_guid(task_id):
+            raise ValueError(task_id)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since - 1)) + ".000Z"
+        rows = self.get_json(
+            "/qrs/executionresult/full", {"filter": f"taskID eq {task_id} and createdDate ge '{stamp}'"}
+        )
+        found = [r for r in rows if isinstance(r, dict) and is_guid(str(r.get("executionID", "")))] if isinstance(rows, list) else []
+        if not found:
+            return None
+        newest = max(found, key=lambda r: str(r.get("createdDate", "")))
+        return str(newest["executionID"]).lower()
+
     def execution_session_exists(self, execution_id: str) -> bool:
         try:
             self.get_json(f"/qrs/executionsession/{execution_id}")

@@ -232,8 +232,9 @@ def test_body_over_the_limit_is_413(api, sim):
 
 def test_qrs_unreachable_is_503_and_unhealthy(api, sim):
     sim.stop()
-    body = error(api.call(T1, {}), 503)
-    assert body["error"] == "QRS unreachable"
+    resp = api.call(T1, {})
+    assert error(resp, 503)["error"] == "QRS unreachable"
+    assert resp.headers["retry-after"] == "30"
     health = api.get("/healthz")
     assert health.status_code == 503 and health.headers["content-type"] == "application/json"
     assert health.json()["qrs"] == "unreachable" and health.json()["mqtt"] == "connected"
@@ -252,6 +253,23 @@ def test_unknown_paths_are_json_404(api):
     for path in ("/nope", "/v4/reloadtask/-/start/", "/v4/reloadtask/a/b/start"):
         error(api.call(path=path), 404)
     error(api.get("/v4/reloadtask"), 404)
+
+
+def test_wait_and_then_over_rest_are_followed_like_mqtt(api, cfg, sim, listen):
+    """The answer is the first stage's summary; the tracker follows the executions, starts the
+    next stage and publishes the later events on MQTT topics.reply."""
+    replies = listen(cfg.mqtt.topics.reply)
+    rid = f"chain-{uuid.uuid4().hex}"
+    summary = ok(api.call(T1, {"requestId": rid, "then": {"tag": "weekly"}}))
+    assert summary["stage"] == 0 and ids(summary["tasksStarted"]) == [T1]
+    done = replies.wait_for(lambda m: m.get("requestId") == rid and m["event"] == "requestFinished")
+    assert done["finished"] == {"FinishedSuccess": 2} and done["stoppedAtStage"] is None
+    finished = [m for m in replies.messages if m.get("requestId") == rid and m["event"] == "taskFinished"]
+    assert [(m["taskId"], m["stage"]) for m in finished] == [(T1, 0), (T4, 1)]
+    assert started_ids(sim) == [T1, T4]
+    # without requestId the request is still followed (under an anonymous key)
+    ok(api.call(T2, {"wait": True}))
+    replies.wait_for(lambda m: m["event"] == "taskFinished" and m["taskId"] == T2 and m["requestId"] is None)
 
 
 # ----------------------------------------------------------------------------- token

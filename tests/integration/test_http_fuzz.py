@@ -87,8 +87,11 @@ def test_schemathesis_finds_no_500_and_the_document_holds(base_url: str) -> None
     }
     session = requests.Session()
     for op in operations:
-        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-            examples = 60 if op.path.startswith("/v4/") else 5
+        start_op = op.path.startswith("/v4/")
+        # GET /healthz and /metrics take no input: nothing to negate, a few calls suffice.
+        modes = list(schemathesis.GenerationMode) if start_op else [schemathesis.GenerationMode.POSITIVE]
+        for mode in modes:
+            examples = 60 if start_op else 3
 
             @settings(FUZZ, max_examples=examples)
             @given(case=op.as_strategy(generation_mode=mode))
@@ -136,7 +139,7 @@ headers = st.fixed_dictionaries(
 queries = st.dictionaries(st.sampled_from(["allTaskIdsMustExist", "dryRun", "x"]), st.sampled_from(["true", "false", "", "1", "yes"]), max_size=2)
 
 
-@FUZZ
+@settings(FUZZ, max_examples=300)  # cheap (a few ms each): explore more
 @given(
     method=st.sampled_from(["POST", "PUT", "GET", "DELETE", "PATCH"]),
     task_id=path_ids,

@@ -1,0 +1,149 @@
+"""Restarts under load: the broker restarted, the daemon SIGKILLed. Every request handled, every
+task started exactly once. No timing assertions: only waits with generous limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from butler_mqtt.mqtt.listener import wait_published
+from butler_mqtt.sim import QrsSimulator, SimTask
+from tests.conftest import make_config
+
+REPO = Path(__file__).resolve().parents[2]
+N = 200
+TASK_IDS = [f"fa017000-0000-4000-8000-{i:012d}" for i in range(N)]
+
+
+def persistent_client(port: int, name: str) -> mqtt.Client:
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+    c.reconnect_delay_set(0.1, 1)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    c.connect("127.0.0.1", port, clean_start=False, properties=props)
+    return c
+
+
+class Summaries:
+    """Counts summary replies per requestId on a persistent session (survives broker restarts)."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.seen: dict[str, int] = {}
+        self.cond = threading.Condition()
+        self.client = persistent_client(port, f"summaries-{uuid.uuid4().hex[:8]}")
+        ready = threading.Event()
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *_: ready.set()
+        self.client.on_message = self._on_message
+        self.client.loop_start()
+        assert ready.wait(10)
+
+    def _on_message(self, _c, _u, msg) -> None:
+        ev = json.loads(msg.payload)
+        if ev.get("event") in ("summary", "error"):
+            with self.cond:
+                self.seen[ev["requestId"]] = self.seen.get(ev["requestId"], 0) + 1
+                self.cond.notify_all()
+
+    def wait_count(self, n: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while len(self.seen) < n and time.monotonic() < deadline:
+                self.cond.wait(1)
+            return len(self.seen)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def publish_all(port: int, topic: str, prefix: str) -> list[mqtt.MQTTMessageInfo]:
+    pub = persistent_client(port, f"pub-{uuid.uuid4().hex[:8]}")
+    pub.loop_start()
+    infos = [
+        pub.publish(topic, json.dumps({"requestId": f"{prefix}-{i}", "taskId": TASK_IDS[i]}), qos=1)
+        for i in range(N)
+    ]
+    return infos, pub
+
+
+@pytest.fixture
+def sim(qrs_certs: Path):
+    s = QrsSimulator(tasks=[SimTask(t, f"Task {i}") for i, t in enumerate(TASK_IDS)], certs_dir=qrs_certs, latency_ms=3).start()
+    yield s
+    s.stop()
+
+
+def assert_each_started_once(sim) -> None:
+    ids = [s.task_id for s in sim.starts]
+    assert len(ids) == len(set(ids)), "a task was started twice"
+    assert sorted(ids) == sorted(TASK_IDS), f"{N - len(set(ids))} tasks never started"
+
+
+def test_broker_restart_while_requests_stream_in(qrs_certs, sim, own_broker, tmp_path, start_daemon):
+    cfg = make_config(qrs_certs, sim.port, own_broker, tmp_path / "state")
+    start_daemon(cfg)
+    summaries = Summaries(own_broker.port, cfg.mqtt.topics.reply)
+    infos, pub = publish_all(own_broker.port, cfg.mqtt.topics.start, "br")
+    summaries.wait_count(N // 4, 60)
+    own_broker.restart()  # clean restart: sessions and queued messages are persisted
+    for info in infos:
+        assert wait_published(info, 60), "the publisher could not deliver a request"
+    assert summaries.wait_count(N, 120) == N
+    assert_each_started_once(sim)
+    pub.loop_stop()
+    summaries.close()
+
+
+def test_daemon_sigkill_and_restart_mid_stream(qrs_certs, sim, own_broker, tmp_path, listen):
+    env = {
+        **os.environ,
+        "BUTLER_MQTT__MQTT__HOST": "127.0.0.1",
+        "BUTLER_MQTT__MQTT__PORT": str(own_broker.port),
+        "BUTLER_MQTT__MQTT__CLIENT_ID": "sigkill-daemon",
+        "BUTLER_MQTT__QRS__PORT": str(sim.port),
+        "BUTLER_MQTT__QRS__CERT": str(qrs_certs / "client.pem"),
+        "BUTLER_MQTT__QRS__KEY": str(qrs_certs / "client_key.pem"),
+        "BUTLER_MQTT__QRS__CA": str(qrs_certs / "root.pem"),
+        "BUTLER_MQTT__STATE_DIR": str(tmp_path / "state"),
+        "BUTLER_MQTT__LOGGING__LEVEL": "warning",
+    }
+    status = listen("butler-mqtt/status", on=own_broker)
+
+    def start() -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", "butler_mqtt", "run"], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return p
+
+    first = start()
+    status.wait_for(lambda m: m.get("clientId") == "sigkill-daemon" and m.get("status") == "online")
+    summaries = Summaries(own_broker.port, "qliksense/task/start/reply")
+    infos, pub = publish_all(own_broker.port, "qliksense/task/start", "kill")
+    summaries.wait_count(N // 4, 60)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert summaries.wait_count(N, 1) < N, "killed too late to test anything"
+    second = start()
+    try:
+        assert summaries.wait_count(N, 120) == N
+        assert_each_started_once(sim)
+    finally:
+        second.terminate()
+        assert second.wait(20) == 0  # clean exit on SIGTERM
+        pub.loop_stop()
+        summaries.close()
+    # The broker holds the will: the killed daemon was reported offline, the new one online.
+    assert any(m.get("status") == "offline" for m in status.messages)
