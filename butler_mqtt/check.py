@@ -6,6 +6,7 @@ Exit 0 only when every check passes.
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 import threading
 import uuid
 from collections.abc import Callable
@@ -80,7 +81,11 @@ def check_broker(cfg: MqttConfig, timeout: float = 10.0) -> bool:
             ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
             certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
             keyfile=str(cfg.tls.key) if cfg.tls.key else None,
+            cert_reqs=ssl.CERT_REQUIRED if cfg.tls.verify else ssl.CERT_NONE,
         )
+        if not cfg.tls.verify:
+            c.tls_insecure_set(True)
+            _line(WARN, "mqtt.tls.verify", "the broker certificate is not verified; set mqtt.tls.ca and mqtt.tls.verify: true")
 
     def on_connect(client: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
         result["connect"] = str(rc)
@@ -100,6 +105,12 @@ def check_broker(cfg: MqttConfig, timeout: float = 10.0) -> bool:
     where = f"{cfg.host}:{cfg.port}"
     try:
         c.connect(cfg.host, cfg.port, keepalive=30)
+    except ssl.SSLError as exc:
+        _line(
+            FAIL, "broker", f"TLS with {where} failed ({exc.reason or exc}); mqtt.tls.ca must be the CA that signed "
+            "the broker certificate, mqtt.host a name in it, and mqtt.port the broker's TLS port",
+        )
+        return False
     except OSError as exc:
         _line(FAIL, "broker", f"cannot reach {where} ({exc}); check mqtt.host/mqtt.port and that the broker runs")
         return False
@@ -110,8 +121,16 @@ def check_broker(cfg: MqttConfig, timeout: float = 10.0) -> bool:
     if "connect" not in result:
         _line(FAIL, "broker", f"no answer from {where} within {timeout:.0f} s; TLS on a plain port, or a firewall?")
         return False
+    if "subscribe" not in result and result["connect"] == "Success":
+        _line(FAIL, "start topic", f"{where} did not answer the subscription to {cfg.topics.start} within {timeout:.0f} s")
+        return False
     if "subscribe" not in result:
-        _line(FAIL, "broker", f"{where} refused the connection: {result['connect']}; check mqtt.username/password")
+        if cfg.username:
+            fix = (f"check mqtt.username ({cfg.username}) and mqtt.password (under systemd: the mqtt_password "
+                   "credential) against the broker's password_file")
+        else:
+            fix = "the broker wants a user name: set mqtt.username and mqtt.password"
+        _line(FAIL, "broker", f"{where} refused the connection: {result['connect']}; {fix}")
         return False
     _line(OK, "broker", f"connected to {where} as {'user ' + cfg.username if cfg.username else 'anonymous'}")
     if result.get("subscribe_ok") != "yes":

@@ -12,6 +12,7 @@ dropped and never answered with a guess.
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import signal
 import threading
@@ -178,10 +179,25 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc), detail="the running configuration is kept")
             return
+        old, fresh = self.cfg.model_dump(mode="json"), new.model_dump(mode="json")
+        unapplied = [k for k in fresh if k not in ("start_filter", "logging") and fresh[k] != old.get(k)]
+        unapplied += ["logging.format"] if new.logging.format != self.cfg.logging.format else []
+        if unapplied:
+            log.warning("reload_needs_restart", changed=unapplied, detail="only start_filter and logging.level are reloaded")
         self.service.set_start_filter(new.start_filter)
-        setup_logging(new.logging.level, self.cfg.logging.format)
         self.cfg.start_filter = new.start_filter
+        levels = ("debug", "info", "warning", "error")
+        # Logged under the more verbose of the old and new level, so that turning the level up
+        # to warning still leaves a trace of the reload that did it.
+        quieter = levels.index(new.logging.level) > levels.index(self.cfg.logging.level)
+        if quieter:
+            self._log_reloaded(new)
+        setup_logging(new.logging.level, self.cfg.logging.format)
         self.cfg.logging.level = new.logging.level
+        if not quieter:
+            self._log_reloaded(new)
+
+    def _log_reloaded(self, new: Config) -> None:
         log.info(
             "config_reloaded",
             start_filter=new.start_filter.enabled,
@@ -320,4 +336,15 @@ class Daemon:
 def run(config_file: Path | None) -> int:
     cfg = load_config(config_file, missing_ok=False)
     setup_logging(cfg.logging.level, cfg.logging.format)
-    return Daemon(cfg, config_file).run()
+    profile = os.environ.get("BUTLER_MQTT_PROFILE")
+    if not profile:
+        return Daemon(cfg, config_file).run()
+    import yappi  # type: ignore[import-untyped]  # benchmarks only (bench/throughput.py --profile): all threads, wall clock
+
+    yappi.set_clock_type("cpu")
+    yappi.start()
+    try:
+        return Daemon(cfg, config_file).run()
+    finally:
+        yappi.stop()
+        yappi.get_func_stats().save(profile, type="pstat")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,7 @@ class StartService:
         self._pool = ThreadPoolExecutor(max_workers=cfg.qrs.start_concurrency, thread_name_prefix="qrs-start")
         self._allow_lock = threading.Lock()
         self._allow = cfg.start_filter
+        self.keys = KeyLocks()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
@@ -166,6 +168,36 @@ class StartService:
         return StageResult(outcomes, selection.not_found, summ, events)
 
 
+class KeyLocks:
+    """One lock per idempotency key, so a duplicate arriving while the first delivery is
+    still being handled (QoS 1 redelivery, a publisher's retry, REST and MQTT at once) waits
+    for it and then gets the recorded outcome, instead of meeting a half-done journal entry
+    that looks like a crashed run to resume."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str | None) -> Iterator[None]:
+        if key is None:
+            yield
+            return
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
 @dataclass
 class Handled:
     """The outcome of one request through `handle_request`."""
@@ -207,6 +239,20 @@ def handle_request(
     starts and before the journal marks the request done (tracking registers itself there,
     so a crash in between resumes the request instead of forgetting to follow it).
     """
+    with service.keys.hold(key):
+        return _handle(service, req, emit, ingress, key, source, payload_hash, on_started)
+
+
+def _handle(
+    service: StartService,
+    req: StartRequest,
+    emit: Emit,
+    ingress: str,
+    key: str | None,
+    source: str,
+    payload_hash: str | None,
+    on_started: Callable[[StageResult], None] | None,
+) -> Handled:
     t0 = time.perf_counter()
     journal = service.journal if key is not None else None
     prior = journal.begin(key, ingress, payload_hash) if journal is not None and key is not None else None

@@ -12,8 +12,7 @@ import hmac
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -102,41 +101,12 @@ class MethodOverride:
         await self.app(scope, receive, send)
 
 
-class KeyLocks:
-    """One lock per idempotency key, so a retry arriving while the first call still runs
-    waits for it and then gets the recorded outcome, instead of meeting a half-done entry."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}
-
-    @contextmanager
-    def hold(self, key: str | None) -> Iterator[None]:
-        if key is None:
-            yield
-            return
-        with self._guard:
-            lock, users = self._locks.get(key, (threading.Lock(), 0))
-            self._locks[key] = (lock, users + 1)
-        try:
-            with lock:
-                yield
-        finally:
-            with self._guard:
-                lock, users = self._locks[key]
-                if users == 1:
-                    del self._locks[key]
-                else:
-                    self._locks[key] = (lock, users - 1)
-
-
 class RestApi:
     """The handlers, bound to one daemon (its config, service, metrics, listener, QRS client)."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.cfg = daemon.cfg
-        self.keys = KeyLocks()
         self._probe_lock = threading.Lock()
         self._last_probe: tuple[float, str] | None = None
         self._last_qrs_failure = 0.0
@@ -235,16 +205,15 @@ class RestApi:
                 self.daemon.tracker.follow(key, req, result, route)
 
         def work() -> Handled:
-            with self.keys.hold(key):
-                return handle_request(
-                    self.daemon.service,
-                    req,
-                    lambda _ev: None,  # the events come back in Handled; nothing to stream
-                    ingress=INGRESS,
-                    key=key,
-                    source=_client(request),
-                    on_started=follow if req.waits else None,
-                )
+            return handle_request(
+                self.daemon.service,
+                req,
+                lambda _ev: None,  # the events come back in Handled; nothing to stream
+                ingress=INGRESS,
+                key=key,
+                source=_client(request),
+                on_started=follow if req.waits else None,
+            )
 
         try:
             handled = await run_in_threadpool(work)

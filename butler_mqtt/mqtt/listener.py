@@ -16,6 +16,7 @@ The network thread only parses and enqueues; all work happens in the daemon's wo
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import threading
 import time
@@ -171,6 +172,7 @@ class MqttListener:
             log.error("mqtt_connect_refused", reason=str(rc), host=self.cfg.host, port=self.cfg.port)
             return
         self.connects += 1
+        nodelay(client)
         self.connected.set()
         log.info(
             "mqtt_connected",
@@ -254,6 +256,17 @@ class MqttListener:
                 props.CorrelationData = correlation
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         return self.client.publish(topic, body, qos=1, retain=False, properties=props)
+
+
+def nodelay(client: mqtt.Client) -> None:
+    """Disable Nagle's algorithm (paho does not): replies go out in bursts of small packets,
+    and Nagle plus the peer's delayed ACK would hold each burst's second packet ~40 ms."""
+    setsockopt = getattr(client.socket(), "setsockopt", None)
+    try:
+        if setsockopt is not None:
+            setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not a TCP socket: nothing to tune
 
 
 def wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:

@@ -22,6 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from butler_mqtt.config import MqttConfig
+from butler_mqtt.mqtt.listener import nodelay
 
 
 def is_last(event: dict[str, Any], waits: bool) -> bool:
@@ -83,6 +84,7 @@ class Requester:
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if rc.is_failure:
             return
+        nodelay(client)
         topic = f"{self.reply_base}/#" if self.v5 else self.cfg.topics.reply
         client.subscribe(topic, qos=1)
         self._connected.set()

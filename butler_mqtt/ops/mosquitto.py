@@ -73,6 +73,7 @@ class Mosquitto:
                     "log_type error",
                     "log_type warning",
                     "max_queued_messages 100000",
+                    "set_tcp_nodelay true",  # Nagle + delayed ACK would add ~40 ms per reply burst
                     self.extra_conf if self.extra_conf else f"listener {self.port} 127.0.0.1\nallow_anonymous true",
                     "",
                 ]

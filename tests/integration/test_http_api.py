@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ T1 = "11111111-1111-4111-8111-111111111111"
 T2 = "22222222-2222-4222-8222-222222222222"
 T3 = "33333333-3333-4333-8333-333333333333"
 T4 = "44444444-4444-4444-8444-444444444444"
+T5 = "55555555-5555-4555-8555-555555555555"
 MISSING = "99999999-9999-4999-8999-999999999999"
 GUID_ERROR = {"error": "Invalid task ID format", "details": "Task ID must be a valid GUID"}
 
@@ -27,6 +29,7 @@ TASKS = [
     SimTask(T2, "Sales daily", tags=["daily-refresh"], custom_properties=[("taskGroup", "sales"), ("priority", "finance")]),
     SimTask(T3, "Disabled daily", tags=["daily-refresh"], enabled=False),
     SimTask(T4, "Weekly", tags=["weekly"], custom_properties=[("taskGroup", "finance")]),
+    SimTask(T5, "Instant", tags=["instant"]),
 ]
 MAX_BODY = 4096
 
@@ -173,6 +176,16 @@ def test_request_id_is_the_idempotency_key_shared_with_mqtt(api, cfg, sim):
         events = r.request({"requestId": rid, "tag": "financial-reports"})
     assert {k: v for k, v in events[-1].items() if k != "event"} == first  # same journal, replayed
     assert started_ids(sim) == [T1]
+
+
+def test_concurrent_retries_with_one_request_id_start_once(api, sim):
+    sim.latency_ms = 150  # the first call is still running when the retries arrive
+    rid = f"race-{uuid.uuid4().hex}"
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: ok(api.call(body={"requestId": rid, "tag": "instant"})), range(4)))
+    assert all(a == answers[0] for a in answers) and answers[0]["totalTasksStarted"] == 1
+    # QRS was asked to start it once (the simulator would fold a second start into the first).
+    assert [r.path for r in sim.request_log if r.method == "POST"] == [f"/qrs/task/{T5}/start/synchronous"]
 
 
 @pytest.mark.parametrize(

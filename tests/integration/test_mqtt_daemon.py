@@ -165,7 +165,7 @@ def test_correlation_data_without_request_id_is_the_idempotency_key(daemon, cfg,
     summaries = []
     while len(summaries) < 2:
         replies.wait_for(lambda m: len([x for x in replies.messages if x["event"] == "summary"]) >= 2)
-        summaries = [(m, r) for m, r in zip(replies.messages, replies.raw) if m["event"] == "summary"]
+        summaries = [(m, r) for m, r in zip(replies.messages, replies.raw, strict=True) if m["event"] == "summary"]
     for _m, raw in summaries:
         assert raw.properties.CorrelationData == b"\x00\x01corr"
     assert started_ids(sim) == [T1]

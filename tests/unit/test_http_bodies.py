@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from butler_mqtt.errors import RequestRejected
-from butler_mqtt.http.app import KeyLocks
 from butler_mqtt.http.bodies import (
     ButlerPlan,
     butler_plan,
@@ -20,6 +19,7 @@ from butler_mqtt.http.bodies import (
     summary_response,
 )
 from butler_mqtt.model import EMPTY_GUID, StartRequest
+from butler_mqtt.service import KeyLocks
 
 T1 = "11111111-1111-4111-8111-111111111111"
 T2 = "22222222-2222-4222-8222-222222222222"

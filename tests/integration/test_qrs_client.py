@@ -1,0 +1,126 @@
+"""The QRS edge over real mTLS against the simulator: certificates, xrfkey, round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import requests
+import trustme
+
+from butler_mqtt.config import QrsConfig
+from butler_mqtt.errors import QrsRefused, QrsUnreachable
+from butler_mqtt.model import EMPTY_GUID, StartRequest
+from butler_mqtt.qrs.client import QrsClient
+from butler_mqtt.service import StartService
+from butler_mqtt.sim import QrsSimulator, SimTask
+from tests.conftest import make_config
+
+IDS = [f"c0ffee00-0000-4000-8000-{i:012d}" for i in range(8)]
+TASKS = [
+    SimTask(IDS[0], "a", tags=["t1"]),
+    SimTask(IDS[1], "b", tags=["t2", "t3"]),
+    SimTask(IDS[2], "c", custom_properties=[("group", "g1")]),
+    SimTask(IDS[3], "d", custom_properties=[("group", "g2"), ("other", "g1")]),
+    SimTask(IDS[4], "e"),
+    SimTask(IDS[5], "f"),
+    SimTask(IDS[6], "disabled", enabled=False),
+]
+
+
+@pytest.fixture
+def sim(qrs_certs: Path):
+    s = QrsSimulator(tasks=TASKS, certs_dir=qrs_certs).start()
+    yield s
+    s.stop()
+
+
+def qrs_cfg(qrs_certs: Path, port: int, **kw) -> QrsConfig:
+    base = {
+        "host": "localhost", "port": port, "cert": qrs_certs / "client.pem", "key": qrs_certs / "client_key.pem",
+        "ca": qrs_certs / "root.pem", "timeout": 5, "retries": 1,
+    }
+    return QrsConfig.model_validate({**base, **kw})
+
+
+def test_seven_criteria_cost_exactly_one_get(qrs_certs, sim, broker, tmp_path):
+    cfg = make_config(qrs_certs, sim.port, broker, tmp_path)
+    qrs = QrsClient(cfg.qrs)
+    service = StartService(cfg, qrs)
+    sim.clear_log()
+    req = StartRequest(
+        taskId=[IDS[4], IDS[5]],
+        tag=["t1", "t2", "t3"],
+        customProperty=[{"name": "group", "value": "g1"}, {"name": "group", "value": "g2"}],
+    )
+    selection = service.resolve(req)
+    assert sorted(selection.task_ids) == sorted(IDS[:6])
+    assert [(r.method, r.path) for r in sim.request_log] == [("GET", "/qrs/reloadtask/full")]
+    service.close()
+    qrs.close()
+
+
+def test_xrfkey_is_fresh_and_in_header_and_query(qrs_certs, sim):
+    qrs = QrsClient(qrs_cfg(qrs_certs, sim.port))
+    qrs.about()
+    qrs.about()
+    keys = [r.query["xrfkey"] for r in sim.request_log]
+    assert len(keys) == 2 and keys[0] != keys[1] and all(len(k) == 16 and k.isalnum() for k in keys)
+    assert all(r.status == 200 for r in sim.request_log)  # the simulator checked header == query
+    qrs.close()
+
+
+def test_start_sync_gives_execution_id_and_empty_guid_for_disabled(qrs_certs, sim):
+    qrs = QrsClient(qrs_cfg(qrs_certs, sim.port))
+    assert qrs.start_synchronous(IDS[0]) == sim.starts[0].execution_id
+    assert qrs.start_synchronous(IDS[6]) == EMPTY_GUID
+    qrs.close()
+
+
+def test_server_certificate_from_another_ca_is_refused(qrs_certs, sim, tmp_path):
+    other = trustme.CA()
+    other.cert_pem.write_to_path(str(tmp_path / "other-root.pem"))
+    qrs = QrsClient(qrs_cfg(qrs_certs, sim.port, ca=tmp_path / "other-root.pem", retries=0))
+    with pytest.raises(QrsUnreachable, match="TLS"):
+        qrs.about()
+    qrs.close()
+
+
+def test_client_certificate_from_another_ca_is_refused(qrs_certs, sim, tmp_path):
+    other = trustme.CA()
+    leaf = other.issue_cert("QlikClient")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    qrs = QrsClient(qrs_cfg(qrs_certs, sim.port, cert=tmp_path / "c.pem", key=tmp_path / "k.pem", retries=0))
+    with pytest.raises(QrsUnreachable):
+        qrs.about()
+    qrs.close()
+    with pytest.raises(requests.exceptions.RequestException):  # and with no certificate at all
+        requests.get(f"{sim.base_url}/qrs/about", verify=str(qrs_certs / "root.pem"), timeout=5)
+
+
+def test_errors_map_to_the_hierarchy(qrs_certs, sim):
+    qrs = QrsClient(qrs_cfg(qrs_certs, sim.port, retries=0))
+    sim.fault = "error500"
+    with pytest.raises(QrsRefused) as info:
+        qrs.about()
+    assert info.value.status == 500
+    sim.fault = None
+    sim.stop()
+    with pytest.raises(QrsUnreachable):
+        qrs.about()
+    qrs.close()
+
+
+def test_a_get_is_retried_after_a_5xx_but_a_start_is_not(qrs_certs, sim):
+    qrs = QrsClient(qrs_cfg(qrs_certs, sim.port, retries=2))
+    sim.fault, sim.fault_paths = "error500", r"/qrs/about"
+    with pytest.raises(QrsRefused):
+        qrs.about()
+    assert len([r for r in sim.request_log if r.path == "/qrs/about"]) == 3
+    sim.fault_paths = r"/start"
+    sim.clear_log()
+    with pytest.raises(QrsRefused):
+        qrs.start_synchronous(IDS[0])
+    assert len(sim.request_log) == 1
+    qrs.close()
