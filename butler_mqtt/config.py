@@ -12,6 +12,7 @@ matching keys (see docs and `systemd/butler-mqtt.service`).
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,7 @@ class MqttConfig(_Section):
     port: int = Field(default=1883, ge=1, le=65535)
     protocol: Literal["5", "3.1.1"] = "5"
     client_id: str = Field(default="butler-mqtt", min_length=1, max_length=128)
+    instance_id: str | None = None  # with shared_group: client id = <client_id>-<instance_id or host name>
     username: str | None = None
     password: SecretStr | None = None
     keepalive: int = Field(default=60, ge=5, le=65535)
@@ -58,6 +60,16 @@ class MqttConfig(_Section):
     topics: TopicsConfig = TopicsConfig()
     receive_maximum: int = Field(default=16, ge=1, le=65535)
     workers: int = Field(default=8, ge=1, le=256)
+
+    def effective_client_id(self) -> str:
+        """The client id this instance connects with (also its owner name in the journal).
+
+        Several instances in a shared group need distinct, stable ids: the configured base
+        plus the instance id, by default the host name.
+        """
+        if not self.shared_group:
+            return self.client_id
+        return f"{self.client_id}-{self.instance_id or socket.gethostname()}"
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -138,8 +150,9 @@ class LoggingConfig(_Section):
 
 
 class JournalConfig(_Section):
-    url: str | None = None
+    url: SecretStr | None = None  # a PostgreSQL URL may hold a password
     retention_hours: float = Field(default=24, gt=0)
+    lease_seconds: float = Field(default=30, ge=2)
 
 
 class Config(_Section):

@@ -85,14 +85,18 @@ class Daemon:
             log.warning("qrs_tls_verification_disabled", detail="qrs.verify is false: the QRS server is not authenticated")
         if cfg.mqtt.tls.enabled and not cfg.mqtt.tls.verify:
             log.warning("mqtt_tls_verification_disabled", detail="mqtt.tls.verify is false")
-        self.journal = Journal.from_config(cfg.state_dir, cfg.journal.url, cfg.journal.retention_hours)
+        client_id = cfg.mqtt.effective_client_id()
+        url = cfg.journal.url.get_secret_value() if cfg.journal.url else None
+        self.journal = Journal.from_config(
+            cfg.state_dir, url, cfg.journal.retention_hours, owner=client_id, lease_s=cfg.journal.lease_seconds
+        )
         self.journal.purge()
         from butler_mqtt.ops import metrics
 
         self.metrics = metrics.Metrics()
         self.qrs = QrsClient(cfg.qrs, observer=self.metrics.observe_qrs)
         self.service = StartService(cfg, self.qrs, self.journal)
-        self.listener = MqttListener(cfg.mqtt, self._enqueue)
+        self.listener = MqttListener(cfg.mqtt, self._enqueue, client_id=client_id)
         self.tracker = Tracker(cfg.tracking, self.qrs, self.service, self.journal, self.publish_route)
         self.listener.on_subscribed = self._ready
         for i in range(cfg.mqtt.workers):

@@ -5,14 +5,20 @@ be killed mid-request. Starting a reload is not idempotent, so before starting a
 journal is asked whether this key was seen in the last `retention` hours:
 
 * done   -> the earlier replies are published again; nothing is started;
-* open   -> the daemon stopped while handling it: tasks already started are reported from
-            the journal, the rest are started now (a task whose start was sent but whose answer
-            was never recorded is reported as failed, never started twice);
-* absent -> a new request.
+* open   -> being handled: by this instance's previous run (crashed) or by an instance whose
+            lease expired -> resumed (tasks already started are reported from the journal,
+            uncertain starts are checked with QRS); by another live instance -> wait for it;
+* absent -> claimed atomically by this instance: a new request.
 
-Storage is SQLite in WAL mode (one writer, many instances need `journal.url` PostgreSQL: see
-docs/scaling.md). A write that fails raises JournalError, and the caller then does not ack the
-message, so nothing is lost silently.
+Backends: SQLite in WAL mode (`state_dir`, one instance) or PostgreSQL (`journal.url:
+postgresql://...`, several instances sharing one journal). The claim is one atomic
+`INSERT ... ON CONFLICT DO NOTHING`, so exactly one instance wins a requestId. Requests being
+handled and chains being followed (`waits`) carry an owner and a lease: a surviving instance
+takes over what a dead one held once its lease expired. The owner name is the instance's
+MQTT client id, stable across restarts, so a restarted instance resumes its own work at once.
+
+Schema migrations are versioned and run at start (under an advisory lock on PostgreSQL).
+A write that fails raises JournalError; the caller then does not ack, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -21,43 +27,61 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from butler_mqtt.errors import JournalError
 
-SCHEMA_VERSION = 2
-
-_MIGRATIONS = {
-    1: [
-        """CREATE TABLE IF NOT EXISTS requests (
-            key TEXT PRIMARY KEY,
-            state TEXT NOT NULL,              -- open | done
-            ingress TEXT NOT NULL,
-            payload_hash TEXT,
-            created REAL NOT NULL,
-            updated REAL NOT NULL
-        )""",
-        "CREATE INDEX IF NOT EXISTS requests_created ON requests(created)",
-        "CREATE INDEX IF NOT EXISTS requests_hash ON requests(payload_hash, created)",
-        """CREATE TABLE IF NOT EXISTS events (
-            key TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            kind TEXT NOT NULL,               -- reply | intent
-            task_id TEXT,
-            body TEXT NOT NULL,
-            PRIMARY KEY (key, seq)
-        )""",
-    ],
-    2: [
-        """CREATE TABLE IF NOT EXISTS waits (
-            key TEXT PRIMARY KEY,
-            body TEXT NOT NULL,              -- tracking.Waited as JSON
-            updated REAL NOT NULL
-        )""",
-    ],
+#: Each version: statements per dialect ("sqlite", "postgresql"); "*" for both.
+_MIGRATIONS: dict[int, dict[str, list[str]]] = {
+    1: {
+        "*": [
+            """CREATE TABLE IF NOT EXISTS requests (
+                key TEXT PRIMARY KEY,
+                state TEXT NOT NULL,                 -- open | done
+                ingress TEXT NOT NULL,
+                payload_hash TEXT,
+                created DOUBLE PRECISION NOT NULL,
+                updated DOUBLE PRECISION NOT NULL,
+                owner TEXT NOT NULL DEFAULT '',
+                lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX IF NOT EXISTS requests_created ON requests(created)",
+            "CREATE INDEX IF NOT EXISTS requests_hash ON requests(payload_hash, created)",
+            """CREATE TABLE IF NOT EXISTS waits (
+                key TEXT PRIMARY KEY,
+                body TEXT NOT NULL,                  -- tracking.Waited as JSON
+                updated DOUBLE PRECISION NOT NULL,
+                owner TEXT NOT NULL DEFAULT '',
+                lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
+            )""",
+        ],
+        "sqlite": [
+            """CREATE TABLE IF NOT EXISTS events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                key TEXT NOT NULL,
+                kind TEXT NOT NULL,                  -- reply | intent
+                task_id TEXT,
+                body TEXT NOT NULL
+            )""",
+            "CREATE INDEX IF NOT EXISTS events_key ON events(key, id)",
+        ],
+        "postgresql": [
+            """CREATE TABLE IF NOT EXISTS events (
+                id BIGSERIAL PRIMARY KEY,
+                key TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                task_id TEXT,
+                body TEXT NOT NULL
+            )""",
+            "CREATE INDEX IF NOT EXISTS events_key ON events(key, id)",
+        ],
+    },
 }
+SCHEMA_VERSION = max(_MIGRATIONS)
 
 
 @dataclass
@@ -79,182 +103,321 @@ class Prior:
         return None
 
 
-class Journal:
-    """Thread-safe SQLite journal."""
+class _Cursor(Protocol):
+    def run(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
 
-    def __init__(self, path: Path, retention_hours: float = 24) -> None:
-        self.path = path
-        self.retention = retention_hours * 3600
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
-            self._migrate()
-        except (sqlite3.Error, OSError) as exc:
-            raise JournalError(f"cannot open the journal at {path}: {exc}") from None
-        self._lock = threading.Lock()
-        self._seq: dict[str, int] = {}
 
-    @classmethod
-    def from_config(cls, state_dir: Path, url: str | None, retention_hours: float) -> Journal:
-        if url is None:
-            return cls(state_dir / "journal.sqlite3", retention_hours)
-        if url.startswith("sqlite:///"):
-            return cls(Path(url[len("sqlite:///") :]), retention_hours)
-        raise JournalError(f"journal.url: unsupported scheme in {url.split(':', 1)[0]!r} (use sqlite:///path)")
+class _Sqlite:
+    dialect = "sqlite"
 
-    def _migrate(self) -> None:
-        self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
-        current = row[0] or 0
-        for version in sorted(v for v in _MIGRATIONS if v > current):
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
+        self._lock = threading.RLock()
+
+    def run(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return list(self._db.execute(sql, tuple(args)).fetchall())
+
+    @contextmanager
+    def tx(self) -> Iterator[_Cursor]:
+        with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            for stmt in _MIGRATIONS[version]:
-                self._db.execute(stmt)
-            self._db.execute("INSERT INTO schema_version(version) VALUES (?)", (version,))
+            try:
+                yield self
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             self._db.execute("COMMIT")
+
+    def advisory_lock(self) -> None:
+        pass  # BEGIN IMMEDIATE already serialises writers
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
-        try:
-            with self._lock:
-                self._db.execute(sql, args)
-        except sqlite3.Error as exc:
-            raise JournalError(f"journal write failed: {exc}") from None
 
-    def begin(self, key: str, ingress: str, payload_hash: str | None = None) -> Prior | None:
-        """Claim `key`. Returns None for a new request, else what was recorded before."""
+class _Postgres:
+    dialect = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+        except ImportError:  # pragma: no cover - installed with the package
+            raise JournalError("journal.url is PostgreSQL but psycopg is not installed: pip install 'psycopg[binary]'") from None
+        self._psycopg = psycopg
+        self._url = url
+        self._lock = threading.RLock()
+        self._conn = self._connect()
+
+    def _connect(self) -> Any:
+        return self._psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+
+    def _cur(self) -> Any:
+        if self._conn.closed or self._conn.broken:
+            self._conn = self._connect()
+        return self._conn.cursor()
+
+    def run(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            cur = self._cur()
+            cur.execute(sql.replace("?", "%s"), tuple(args))
+            return list(cur.fetchall()) if cur.description is not None else []
+
+    @contextmanager
+    def tx(self) -> Iterator[_Cursor]:
+        with self._lock:
+            self._cur()
+            with self._conn.transaction():
+                yield self
+
+    def advisory_lock(self) -> None:
+        self.run("SELECT pg_advisory_xact_lock(4242424242)")  # one migrator at a time
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+_DbError: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+
+
+def _db_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import psycopg
+
+        return (*_DbError, psycopg.Error)
+    except ImportError:  # pragma: no cover
+        return _DbError
+
+
+class Journal:
+    """Thread-safe journal over SQLite or PostgreSQL."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        retention_hours: float = 24,
+        *,
+        url: str | None = None,
+        owner: str = "butler-mqtt",
+        lease_s: float = 30.0,
+    ) -> None:
+        self.retention = retention_hours * 3600
+        self.owner = owner
+        self.lease_s = lease_s
+        self._errors = _db_errors()
+        where = url.split("@")[-1] if url else str(path)  # never log a password from the URL
+        try:
+            self._db: _Sqlite | _Postgres = _Postgres(url) if url else _Sqlite(path or Path("journal.sqlite3"))
+            self._migrate()
+        except JournalError:
+            raise
+        except self._errors as exc:
+            raise JournalError(f"cannot open the journal at {where}: {exc}") from None
+        self.dialect = self._db.dialect
+
+    @classmethod
+    def from_config(
+        cls, state_dir: Path, url: str | None, retention_hours: float, owner: str = "butler-mqtt", lease_s: float = 30.0
+    ) -> Journal:
+        if url is None:
+            return cls(state_dir / "journal.sqlite3", retention_hours, owner=owner, lease_s=lease_s)
+        if url.startswith("sqlite:///"):
+            return cls(Path(url[len("sqlite:///") :]), retention_hours, owner=owner, lease_s=lease_s)
+        if url.startswith(("postgresql://", "postgres://")):
+            return cls(None, retention_hours, url=url, owner=owner, lease_s=lease_s)
+        raise JournalError(f"journal.url: unsupported scheme {url.split(':', 1)[0]!r} (sqlite:///path or postgresql://...)")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _migrate(self) -> None:
+        with self._db.tx() as db:
+            self._db.advisory_lock()
+            db.run("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            current = db.run("SELECT max(version) FROM schema_version")[0][0] or 0
+            for version in sorted(v for v in _MIGRATIONS if v > current):
+                steps = _MIGRATIONS[version]
+                for stmt in steps.get("*", []) + steps.get(self._db.dialect, []):
+                    db.run(stmt)
+                db.run("INSERT INTO schema_version(version) VALUES (?)", (version,))
+
+    def schema_version(self) -> int:
+        return int(self._db.run("SELECT max(version) FROM schema_version")[0][0] or 0)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Database errors become JournalError (the caller then does not ack)."""
+        try:
+            yield
+        except self._errors as exc:
+            raise JournalError(f"journal {what} failed: {exc}") from None
+
+    @staticmethod
+    def _prior(state: str, rows: list[tuple[Any, ...]]) -> Prior:
+        prior = Prior(state=state)
+        for kind, task_id, body in rows:
+            if kind == "intent":
+                prior.intents[task_id] = float(body or 0)
+            else:
+                prior.replies.append(json.loads(body))
+        return prior
+
+    # ------------------------------------------------------------------ requests
+
+    def begin(self, key: str, ingress: str, payload_hash: str | None = None, wait_s: float = 120.0) -> Prior | None:
+        """Claim `key`. None: a new request, now ours. Else what was recorded before.
+
+        When another live instance holds the key (its lease runs), wait for it to finish (up
+        to `wait_s`), then return its outcome; a lease that expires meanwhile is taken over.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._guard("claim"):
+                outcome = self._try_claim(key, ingress, payload_hash)
+            if outcome != "busy":
+                return outcome  # type: ignore[return-value]
+            if time.monotonic() > deadline:
+                raise JournalError(f"request {key!r} is still being handled by another instance")
+            time.sleep(0.05)
+
+    def _try_claim(self, key: str, ingress: str, payload_hash: str | None) -> Prior | None | str:
         now = time.time()
-        try:
-            with self._lock:
-                row = self._db.execute("SELECT state, created FROM requests WHERE key = ?", (key,)).fetchone()
-                if row is not None and now - row[1] <= self.retention:
-                    prior = Prior(state=row[0])
-                    seq = 0
-                    for kind, task_id, body, s in self._db.execute(
-                        "SELECT kind, task_id, body, seq FROM events WHERE key = ? ORDER BY seq", (key,)
-                    ):
-                        seq = max(seq, s)
-                        if kind == "intent":
-                            prior.intents[task_id] = float(body or 0)
-                        else:
-                            prior.replies.append(json.loads(body))
-                    self._seq[key] = seq
-                    if not prior.done:
-                        # Resuming: the replies are sent again (and re-recorded) by the resumed
-                        # run; only the start intents must survive.
-                        self._db.execute("DELETE FROM events WHERE key = ? AND kind = 'reply'", (key,))
-                    return prior
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("DELETE FROM events WHERE key = ?", (key,))
-                self._db.execute(
-                    "INSERT OR REPLACE INTO requests(key, state, ingress, payload_hash, created, updated)"
-                    " VALUES (?, 'open', ?, ?, ?, ?)",
-                    (key, ingress, payload_hash, now, now),
-                )
-                self._db.execute("COMMIT")
-                self._seq[key] = 0
+        with self._db.tx() as db:
+            won = db.run(
+                "INSERT INTO requests(key, state, ingress, payload_hash, created, updated, owner, lease_until)"
+                " VALUES (?, 'open', ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING key",
+                (key, ingress, payload_hash, now, now, self.owner, now + self.lease_s),
+            )
+            if won:
+                db.run("DELETE FROM events WHERE key = ?", (key,))
                 return None
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise JournalError(f"journal write failed: {exc}") from None
-
-    def _rollback(self) -> None:
-        try:
-            with self._lock:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
+            lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
+            rows = db.run(f"SELECT state, created, owner, lease_until FROM requests WHERE key = ?{lock}", (key,))
+            if not rows:
+                return "busy"  # deleted between the two statements: try again
+            state, created, owner, lease_until = rows[0]
+            if now - created > self.retention:  # expired: a new request under an old key
+                db.run(
+                    "UPDATE requests SET state = 'open', ingress = ?, payload_hash = ?, created = ?, updated = ?,"
+                    " owner = ?, lease_until = ? WHERE key = ?",
+                    (ingress, payload_hash, now, now, self.owner, now + self.lease_s, key),
+                )
+                db.run("DELETE FROM events WHERE key = ?", (key,))
+                return None
+            if state == "open" and owner != self.owner and lease_until > now:
+                return "busy"  # another live instance is handling it right now
+            events = db.run("SELECT kind, task_id, body FROM events WHERE key = ? ORDER BY id", (key,))
+            prior = self._prior(state, events)
+            if state == "open":
+                # Ours from a previous run, or a dead instance's: take it over and resume. The
+                # replies are sent again (and re-recorded) by the resumed run; intents stay.
+                db.run("UPDATE requests SET owner = ?, lease_until = ? WHERE key = ?", (self.owner, now + self.lease_s, key))
+                db.run("DELETE FROM events WHERE key = ? AND kind = 'reply'", (key,))
+            return prior
 
     def load(self, key: str) -> Prior | None:
         """What is recorded for `key`, without claiming it (resuming a chain stage)."""
-        with self._lock:
-            row = self._db.execute("SELECT state FROM requests WHERE key = ?", (key,)).fetchone()
-            if row is None:
+        with self._guard("read"):
+            rows = self._db.run("SELECT state FROM requests WHERE key = ?", (key,))
+            if not rows:
                 return None
-            prior = Prior(state=row[0])
-            for kind, task_id, body in self._db.execute(
-                "SELECT kind, task_id, body FROM events WHERE key = ? ORDER BY seq", (key,)
-            ):
-                if kind == "intent":
-                    prior.intents[task_id] = float(body or 0)
-                else:
-                    prior.replies.append(json.loads(body))
-            seq = self._db.execute("SELECT max(seq) FROM events WHERE key = ?", (key,)).fetchone()[0]
-            self._seq[key] = seq or 0
-        return prior
-
-    def save_wait(self, key: str, body: str) -> None:
-        self._write("INSERT OR REPLACE INTO waits(key, body, updated) VALUES (?, ?, ?)", (key, body, time.time()))
-
-    def drop_wait(self, key: str) -> None:
-        self._write("DELETE FROM waits WHERE key = ?", (key,))
-
-    def load_waits(self) -> list[str]:
-        with self._lock:
-            return [str(r[0]) for r in self._db.execute("SELECT body FROM waits ORDER BY updated")]
+            events = self._db.run("SELECT kind, task_id, body FROM events WHERE key = ? ORDER BY id", (key,))
+        return self._prior(rows[0][0], events)
 
     def recent_hash(self, payload_hash: str, within_s: float) -> str | None:
         """Key of a request with this payload hash handled within `within_s` seconds."""
-        with self._lock:
-            row = self._db.execute(
+        with self._guard("read"):
+            rows = self._db.run(
                 "SELECT key FROM requests WHERE payload_hash = ? AND created >= ? ORDER BY created DESC LIMIT 1",
                 (payload_hash, time.time() - within_s),
-            ).fetchone()
-        return None if row is None else str(row[0])
-
-    def _next(self, key: str) -> int:
-        """Next event number of `key` (caller holds the lock)."""
-        if key not in self._seq:
-            row = self._db.execute("SELECT max(seq) FROM events WHERE key = ?", (key,)).fetchone()
-            self._seq[key] = row[0] or 0
-        self._seq[key] += 1
-        return self._seq[key]
+            )
+        return None if not rows else str(rows[0][0])
 
     def intent(self, key: str, task_id: str) -> None:
         """Record, before the start is sent, that `task_id` is about to be started."""
-        with self._lock:
-            seq = self._next(key)
-        self._write(
-            "INSERT INTO events(key, seq, kind, task_id, body) VALUES (?, ?, 'intent', ?, ?)",
-            (key, seq, task_id, repr(time.time())),
-        )
+        now = time.time()
+        with self._guard("write"), self._db.tx() as db:
+            db.run(
+                "INSERT INTO events(key, kind, task_id, body) VALUES (?, 'intent', ?, ?)", (key, task_id, repr(now))
+            )
+            db.run("UPDATE requests SET lease_until = ? WHERE key = ?", (now + self.lease_s, key))
 
     def reply(self, key: str, event: dict[str, Any]) -> None:
-        with self._lock:
-            seq = self._next(key)
-        self._write(
-            "INSERT INTO events(key, seq, kind, task_id, body) VALUES (?, ?, 'reply', ?, ?)",
-            (key, seq, event.get("taskId"), json.dumps(event, separators=(",", ":"))),
-        )
+        with self._guard("write"):
+            self._db.run(
+                "INSERT INTO events(key, kind, task_id, body) VALUES (?, 'reply', ?, ?)",
+                (key, event.get("taskId"), json.dumps(event, separators=(",", ":"))),
+            )
 
     def finish(self, key: str) -> None:
-        self._write("UPDATE requests SET state = 'done', updated = ? WHERE key = ?", (time.time(), key))
-        with self._lock:
-            self._seq.pop(key, None)
+        with self._guard("write"):
+            self._db.run("UPDATE requests SET state = 'done', updated = ? WHERE key = ?", (time.time(), key))
 
     def forget(self, key: str) -> None:
         """Drop a claim whose request never started anything (so a retry is handled anew)."""
-        self._write("DELETE FROM requests WHERE key = ?", (key,))
-        self._write("DELETE FROM events WHERE key = ?", (key,))
-        with self._lock:
-            self._seq.pop(key, None)
+        with self._guard("write"), self._db.tx() as db:
+            db.run("DELETE FROM requests WHERE key = ?", (key,))
+            db.run("DELETE FROM events WHERE key = ?", (key,))
 
     def purge(self) -> int:
         """Delete entries older than the retention period. Returns how many requests went."""
         cutoff = time.time() - self.retention
-        try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("DELETE FROM events WHERE key IN (SELECT key FROM requests WHERE created < ?)", (cutoff,))
-                n = self._db.execute("DELETE FROM requests WHERE created < ?", (cutoff,)).rowcount
-                self._db.execute("COMMIT")
-                return int(n)
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise JournalError(f"journal purge failed: {exc}") from None
+        with self._guard("purge"), self._db.tx() as db:
+            db.run(
+                "DELETE FROM events WHERE key IN (SELECT key FROM requests WHERE created < ?)"
+                " AND key NOT IN (SELECT key FROM waits)",
+                (cutoff,),
+            )
+            gone = db.run(
+                "DELETE FROM requests WHERE created < ? AND key NOT IN (SELECT key FROM waits) RETURNING key", (cutoff,)
+            )
+            return len(gone)
+
+    # ------------------------------------------------------------------ waits (tracking)
+
+    def save_wait(self, key: str, body: str) -> None:
+        now = time.time()
+        with self._guard("write"):
+            self._db.run(
+                "INSERT INTO waits(key, body, updated, owner, lease_until) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET body = excluded.body, updated = excluded.updated,"
+                " owner = excluded.owner, lease_until = excluded.lease_until",
+                (key, body, now, self.owner, now + self.lease_s),
+            )
+
+    def drop_wait(self, key: str) -> None:
+        with self._guard("write"):
+            self._db.run("DELETE FROM waits WHERE key = ?", (key,))
+
+    def claim_waits(self) -> list[tuple[str, str]]:
+        """Take every wait that is ours (a previous run) or whose owner's lease expired.
+
+        Returns (key, body) of the waits newly taken. Atomic per row: of several surviving
+        instances, one takes each orphaned chain.
+        """
+        now = time.time()
+        with self._guard("claim"):
+            return [
+                (str(k), str(b))
+                for k, b in self._db.run(
+                    "UPDATE waits SET owner = ?, lease_until = ? WHERE owner <> ? AND lease_until < ?"
+                    " RETURNING key, body",
+                    (self.owner, now + self.lease_s, self.owner, now),
+                )
+            ]
+
+    def own_waits(self) -> list[tuple[str, str]]:
+        with self._guard("read"):
+            return [(str(k), str(b)) for k, b in self._db.run("SELECT key, body FROM waits WHERE owner = ?", (self.owner,))]
+
+    def renew_waits(self) -> None:
+        """Extend the lease of every wait this instance follows (called at least every lease/3)."""
+        with self._guard("write"):
+            self._db.run("UPDATE waits SET lease_until = ? WHERE owner = ?", (time.time() + self.lease_s, self.owner))

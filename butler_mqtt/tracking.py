@@ -145,11 +145,20 @@ class Tracker:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        for text in self.journal.load_waits():
+        # Our own records (a previous run of this instance) and orphans of dead instances.
+        self._adopt(self.journal.own_waits() + self.journal.claim_waits())
+        self._schedule(self.cfg.first_poll)
+        self._thread.start()
+
+    def _adopt(self, records: list[tuple[str, str]]) -> None:
+        for key, text in records:
+            with self._lock:
+                if key in self._waited:
+                    continue
             try:
                 w = Waited.from_json(text)
             except (ValueError, TypeError, KeyError) as exc:
-                log.error("wait_record_unreadable", error=str(exc))
+                log.error("wait_record_unreadable", key=key, error=str(exc))
                 continue
             with self._lock:
                 self._waited[w.key] = w
@@ -158,8 +167,16 @@ class Tracker:
                 self._stages.submit(self._run_stage, w.key, w.stage, True)
             elif not w.pending:
                 self._stages.submit(self._stage_ended, w.key)
-        self._schedule(self.cfg.first_poll)
-        self._thread.start()
+            else:
+                self._schedule(self.cfg.first_poll)
+
+    def _maintain(self) -> None:
+        """Renew the leases on what we follow; take over chains whose owner died."""
+        try:
+            self.journal.renew_waits()
+            self._adopt(self.journal.claim_waits())
+        except ButlerError as exc:
+            log.warning("tracking_lease_failed", error=str(exc))
 
     def stop(self) -> None:
         with self._lock:
@@ -227,18 +244,26 @@ class Tracker:
     # ------------------------------------------------------------------ polling
 
     def _run(self) -> None:
+        maintain_every = self.journal.lease_s / 3
+        next_maintenance = time.monotonic() + maintain_every
         while True:
             with self._lock:
                 while not self._stop:
                     now = time.monotonic()
-                    if self._next_poll is not None and now >= self._next_poll:
+                    if (self._next_poll is not None and now >= self._next_poll) or now >= next_maintenance:
                         break
-                    self._wake.wait(None if self._next_poll is None else self._next_poll - now)
+                    until = next_maintenance if self._next_poll is None else min(self._next_poll, next_maintenance)
+                    self._wake.wait(until - now)
                 if self._stop:
                     return
-                self._next_poll = None
+                due = self._next_poll is not None and time.monotonic() >= self._next_poll
+                if due:
+                    self._next_poll = None
                 pending = {eid: p for w in self._waited.values() for eid, p in w.pending.items()}
-            if pending:
+            if time.monotonic() >= next_maintenance:
+                next_maintenance = time.monotonic() + maintain_every
+                self._maintain()
+            if due and pending:
                 try:
                     self._poll(pending)
                 except Exception:  # never let one bad answer stop the tracking thread

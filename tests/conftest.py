@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -190,3 +191,37 @@ def listen(broker: Mosquitto) -> Iterator[Callable[..., TopicListener]]:
     yield make
     for lst in made:
         lst.close()
+
+
+PG_ADMIN_URL = os.environ.get("BUTLER_MQTT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    import psycopg
+
+    name = f"butler_mqtt_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.Error as exc:
+        pytest.fail(
+            f"PostgreSQL not reachable at {PG_ADMIN_URL} ({exc}): start it (scripts/setup starts a local "
+            "cluster, or set BUTLER_MQTT_TEST_PG to an admin URL)"
+        )
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture
+def fresh_pg(pg_url: str) -> str:
+    """The session database emptied, for tests that need a clean journal."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        for table in ("requests", "events", "waits", "schema_version"):
+            c.execute(f"DROP TABLE IF EXISTS {table}")
+    return pg_url

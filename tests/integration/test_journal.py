@@ -1,0 +1,118 @@
+"""The journal on both backends: atomic claims, replay, resume, leases, migrations."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from butler_mqtt.errors import JournalError
+from butler_mqtt.journal import SCHEMA_VERSION, Journal
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make(request, tmp_path: Path):
+    made: list[Journal] = []
+    url = request.getfixturevalue("fresh_pg") if request.param == "postgresql" else None
+
+    def make(owner: str = "a", lease_s: float = 30.0) -> Journal:
+        j = Journal(tmp_path / "j.sqlite3", url=url, owner=owner, lease_s=lease_s)
+        made.append(j)
+        return j
+
+    yield make
+    for j in made:
+        j.close()
+
+
+def test_migrations_run_once_and_are_versioned(make):
+    a = make()
+    b = make("b")  # a second instance on the same database: no error, same version
+    assert a.schema_version() == b.schema_version() == SCHEMA_VERSION
+
+
+def test_new_done_and_replay(make):
+    j = make()
+    assert j.begin("k", "mqtt") is None
+    j.reply("k", {"event": "task", "taskId": "t1"})
+    j.reply("k", {"event": "summary"})
+    j.finish("k")
+    prior = j.begin("k", "mqtt")
+    assert prior is not None and prior.done
+    assert [e["event"] for e in prior.replies] == ["task", "summary"]
+
+
+def test_exactly_one_of_many_concurrent_claims_wins(make):
+    instances = [make(f"i{n}") for n in range(4)]
+    results: list[object] = []
+    barrier = threading.Barrier(len(instances))
+
+    def claim(j: Journal) -> None:
+        barrier.wait()
+        try:
+            results.append(j.begin("race", "mqtt", wait_s=0.5))
+        except JournalError:
+            results.append("busy")
+
+    threads = [threading.Thread(target=claim, args=(j,)) for j in instances]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(None) == 1  # one winner; the others waited for it and gave up
+
+
+def test_waiting_instance_gets_the_winners_outcome(make):
+    a, b = make("a"), make("b")
+    assert a.begin("k", "mqtt") is None
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(b.begin("k", "mqtt", wait_s=30)))
+    t.start()
+    a.reply("k", {"event": "summary", "requestId": "k"})
+    a.finish("k")
+    t.join(30)
+    assert got and got[0].done and got[0].replies == [{"event": "summary", "requestId": "k"}]
+
+
+def test_dead_owner_is_taken_over_after_its_lease(make):
+    a = make("a", lease_s=2)
+    b = make("b", lease_s=2)
+    assert a.begin("k", "mqtt") is None
+    a.intent("k", "task-1")
+    prior = b.begin("k", "mqtt", wait_s=30)  # waits for a's lease to run out, then resumes
+    assert prior is not None and not prior.done and "task-1" in prior.intents
+
+
+def test_own_open_request_resumed_at_once_after_restart(make):
+    a = make("same-client-id", lease_s=600)
+    assert a.begin("k", "mqtt") is None
+    a.intent("k", "t1")
+    a2 = make("same-client-id", lease_s=600)
+    prior = a2.begin("k", "mqtt", wait_s=0.1)
+    assert prior is not None and "t1" in prior.intents
+
+
+def test_waits_are_leased_and_adopted(make):
+    a = make("a", lease_s=2)
+    b = make("b", lease_s=2)
+    a.save_wait("w1", '{"x": 1}')
+    assert b.claim_waits() == []  # a is alive (lease runs)
+    a.renew_waits()
+    assert a.own_waits() == [("w1", '{"x": 1}')]
+    import time
+
+    time.sleep(2.2)  # a stops renewing: it died
+    assert b.claim_waits() == [("w1", '{"x": 1}')]
+    assert b.claim_waits() == []  # taken once
+    assert a.own_waits() == []
+
+
+def test_purge_keeps_what_is_still_followed(make):
+    j = make()
+    j.retention = 0
+    j.begin("old", "mqtt")
+    j.begin("followed", "mqtt")
+    j.save_wait("followed", "{}")
+    assert j.purge() == 1
+    assert j.load("followed") is not None and j.load("old") is None
