@@ -24,6 +24,7 @@ A write that fails raises JournalError; the caller then does not ack, so nothing
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
 import threading
 import time
@@ -141,7 +142,10 @@ class _Sqlite:
 
 
 class _Postgres:
+    """A small pool of autocommit connections: worker threads do not queue behind one socket."""
+
     dialect = "postgresql"
+    POOL = 8
 
     def __init__(self, url: str) -> None:
         try:
@@ -150,36 +154,61 @@ class _Postgres:
             raise JournalError("journal.url is PostgreSQL but psycopg is not installed: pip install 'psycopg[binary]'") from None
         self._psycopg = psycopg
         self._url = url
-        self._lock = threading.RLock()
-        self._conn = self._connect()
+        self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(self.POOL)
+        self._tx = threading.local()  # the connection of this thread's open transaction
+        self._release(self._connect())  # fail fast on a bad URL
 
     def _connect(self) -> Any:
         return self._psycopg.connect(self._url, autocommit=True, connect_timeout=10)
 
-    def _cur(self) -> Any:
-        if self._conn.closed or self._conn.broken:
-            self._conn = self._connect()
-        return self._conn.cursor()
+    def _release(self, conn: Any) -> None:
+        self._idle.put(conn)
+
+    @contextmanager
+    def _conn(self) -> Iterator[Any]:
+        current = getattr(self._tx, "conn", None)
+        if current is not None:  # inside tx(): the same connection
+            yield current
+            return
+        with self._slots:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+            if conn.closed or conn.broken:
+                conn = self._connect()
+            try:
+                yield conn
+            finally:
+                if conn.broken or conn.closed:
+                    conn.close()
+                else:
+                    self._release(conn)
 
     def run(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            cur = self._cur()
-            cur.execute(sql.replace("?", "%s"), tuple(args))
+        with self._conn() as conn:
+            cur = conn.execute(sql.replace("?", "%s"), tuple(args))
             return list(cur.fetchall()) if cur.description is not None else []
 
     @contextmanager
     def tx(self) -> Iterator[_Cursor]:
-        with self._lock:
-            self._cur()
-            with self._conn.transaction():
+        with self._conn() as conn, conn.transaction():
+            self._tx.conn = conn
+            try:
                 yield self
+            finally:
+                self._tx.conn = None
 
     def advisory_lock(self) -> None:
         self.run("SELECT pg_advisory_xact_lock(4242424242)")  # one migrator at a time
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
 
 
 _DbError: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
@@ -239,6 +268,11 @@ class Journal:
             self._db.advisory_lock()
             db.run("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             current = db.run("SELECT max(version) FROM schema_version")[0][0] or 0
+            if current > SCHEMA_VERSION:
+                raise JournalError(
+                    f"the journal has schema version {current}, newer than this butler-mqtt knows ({SCHEMA_VERSION}):"
+                    " run the newer version, or restore the journal backup taken before the upgrade"
+                )
             for version in sorted(v for v in _MIGRATIONS if v > current):
                 steps = _MIGRATIONS[version]
                 for stmt in steps.get("*", []) + steps.get(self._db.dialect, []):

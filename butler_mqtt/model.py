@@ -166,6 +166,8 @@ def decode_json(payload: bytes, limit: int = MAX_PAYLOAD_BYTES) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise RequestRejected("Invalid JSON", f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # a number beyond Python's int-parsing limit (4300 digits)
+        raise RequestRejected("Invalid JSON", str(exc).split(":", 1)[0]) from None
     except RecursionError:
         raise RequestRejected("Invalid JSON", "nested too deeply") from None
 

@@ -467,7 +467,7 @@ def test_flood_of_malformed_messages_mixed_with_valid_ones(qrs_certs, sim, broke
     status = listen(t["status"])
     daemon = subprocess.Popen(
         [sys.executable, "-m", "butler_mqtt", "run"], cwd=REPO, env=env,
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "daemon.log", "wb"),  # noqa: SIM115
+        stdout=open(tmp_path / "daemon.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
     )
     replies = Replies(broker.port, t["reply"])
     pub = Publisher(broker.port, t["start"])

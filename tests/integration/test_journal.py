@@ -116,3 +116,10 @@ def test_purge_keeps_what_is_still_followed(make):
     j.save_wait("followed", "{}")
     assert j.purge() == 1
     assert j.load("followed") is not None and j.load("old") is None
+
+
+def test_a_newer_schema_is_refused_not_silently_used(make):
+    j = make()
+    j._db.run("INSERT INTO schema_version(version) VALUES (?)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(JournalError, match="newer"):
+        make("b")

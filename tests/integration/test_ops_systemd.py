@@ -8,6 +8,7 @@ import json
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -103,9 +104,12 @@ def test_notify_ready_after_subscribe_watchdog_stopping(qrs_certs, sim, broker, 
     replies: list[dict] = []
     pub = client(broker.port)
     pub.on_message = lambda _c, _u, m: replies.append(json.loads(m.payload))
+    subscribed = threading.Event()
+    pub.on_subscribe = lambda *_: subscribed.set()
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
     pub.subscribe(f"ops-test/{client_id}/reply", qos=1)
+    assert subscribed.wait(10)
     daemon = DaemonProcess(env)
     try:
         notify.wait_for("READY=1", timeout=30)

@@ -51,16 +51,22 @@ def json_values(max_leaves: int = 12) -> st.SearchStrategy[Any]:
     )
 
 
+VALID_NAMES = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=12)
+ODD_NAMES = st.sampled_from(["", "it's", "\\", "\x00", "a\nb", "x" * 256]) | st.text(max_size=12)
+
+
 def plausible(key: str) -> st.SearchStrategy[Any]:
-    """Values of roughly the right shape for `key`, so validation gets past the first check."""
-    names = st.text(max_size=12) | st.sampled_from(["a", "it's", "\\", "\x00", "x" * 256])
-    pair = st.fixed_dictionaries({"name": names, "value": names}) | st.dictionaries(
+    """Values of roughly the right shape for `key` (valid more often than not), so that
+    validation gets past its first check and the deeper paths are fuzzed too."""
+    name = VALID_NAMES | VALID_NAMES | ODD_NAMES
+    pair = st.fixed_dictionaries({"name": name, "value": name}) | st.dictionaries(
         st.sampled_from(["name", "value", "colour"]), json_values(3), max_size=3
     )
+    guid = st.sampled_from([GUID, GUID.upper(), f" {GUID} "]) | st.uuids().map(str)
     return {
         "requestId": st.text(max_size=140) | json_values(2),
-        "taskId": st.sampled_from([GUID, GUID.upper(), "nope"]) | st.lists(st.sampled_from([GUID, "x", ""]) | json_values(1), max_size=3),
-        "tag": names | st.lists(names | json_values(1), max_size=3),
+        "taskId": guid | st.lists(guid | st.sampled_from(["nope", ""]) | json_values(1), max_size=3),
+        "tag": name | st.lists(name, max_size=3) | st.lists(json_values(1), max_size=2),
         "customProperty": st.lists(pair, max_size=3) | pair,
         "allTaskIdsMustExist": st.booleans() | json_values(1),
         "wait": st.booleans() | json_values(1),
@@ -71,14 +77,14 @@ def plausible(key: str) -> st.SearchStrategy[Any]:
 
 
 def requests_objects(depth: int = 4) -> st.SearchStrategy[dict[str, Any]]:
-    """Objects built from the request's keys (plus now and then an unknown one)."""
+    """Objects built from the request's keys, any subset, now and then an unknown key."""
     if depth <= 0:
         return st.dictionaries(st.sampled_from(KEYS), json_values(3), max_size=3)
-    return st.fixed_dictionaries(
+    core = st.fixed_dictionaries(
         {},
-        optional={k: (plausible(k) if k != "then" else st.deferred(lambda: requests_objects(depth - 1)) | json_values(2)) for k in KEYS}
-        | {"colour": json_values(1)},
+        optional={k: (plausible(k) if k != "then" else st.deferred(lambda: requests_objects(depth - 1)) | json_values(2)) for k in KEYS},
     )
+    return st.tuples(core, st.integers(0, 9), json_values(1)).map(lambda t: {**t[0], "colour": t[2]} if t[1] == 0 else t[0])
 
 
 def only_rejected(call: Any, arg: Any) -> StartRequest | None:
