@@ -58,8 +58,8 @@ class MqttConfig(_Section):
     tls: TlsConfig = TlsConfig()
     shared_group: str | None = None
     topics: TopicsConfig = TopicsConfig()
-    receive_maximum: int = Field(default=16, ge=1, le=65535)
-    workers: int = Field(default=8, ge=1, le=256)
+    receive_maximum: int = Field(default=32, ge=1, le=65535)
+    workers: int = Field(default=16, ge=1, le=256)
 
     def effective_client_id(self) -> str:
         """The client id this instance connects with (also its owner name in the journal).

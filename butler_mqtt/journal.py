@@ -376,11 +376,18 @@ class Journal:
 
     def intent(self, key: str, task_id: str) -> None:
         """Record, before the start is sent, that `task_id` is about to be started."""
+        self.intents(key, [task_id])
+
+    def intents(self, key: str, task_ids: Sequence[str]) -> None:
+        """Record, before any of their starts is sent, that these tasks are about to start.
+
+        One transaction for the whole stage. After a crash, a task with an intent and no
+        recorded outcome is looked up in QRS: started then, or started now, never twice.
+        """
         now = time.time()
         with self._guard("write"), self._db.tx() as db:
-            db.run(
-                "INSERT INTO events(key, kind, task_id, body) VALUES (?, 'intent', ?, ?)", (key, task_id, repr(now))
-            )
+            for task_id in task_ids:
+                db.run("INSERT INTO events(key, kind, task_id, body) VALUES (?, 'intent', ?, ?)", (key, task_id, repr(now)))
             db.run("UPDATE requests SET lease_until = ? WHERE key = ?", (now + self.lease_s, key))
 
     def reply(self, key: str, event: dict[str, Any]) -> None:
@@ -390,9 +397,15 @@ class Journal:
                 (key, event.get("taskId"), json.dumps(event, separators=(",", ":"))),
             )
 
-    def finish(self, key: str) -> None:
-        with self._guard("write"):
-            self._db.run("UPDATE requests SET state = 'done', updated = ? WHERE key = ?", (time.time(), key))
+    def finish(self, key: str, replies: Sequence[dict[str, Any]] = ()) -> None:
+        """Mark `key` done, recording its replies in the same transaction."""
+        with self._guard("write"), self._db.tx() as db:
+            for event in replies:
+                db.run(
+                    "INSERT INTO events(key, kind, task_id, body) VALUES (?, 'reply', ?, ?)",
+                    (key, event.get("taskId"), json.dumps(event, separators=(",", ":"))),
+                )
+            db.run("UPDATE requests SET state = 'done', updated = ? WHERE key = ?", (time.time(), key))
 
     def forget(self, key: str) -> None:
         """Drop a claim whose request never started anything (so a retry is handled anew)."""

@@ -49,6 +49,9 @@ class StartService:
         self.qrs = qrs
         self.journal = journal
         self._pool = ThreadPoolExecutor(max_workers=cfg.qrs.start_concurrency, thread_name_prefix="qrs-start")
+        # Starts of every request (pooled or inline) share one limit: QRS sees at most
+        # start_concurrency starts at a time from this instance.
+        self._start_slots = threading.BoundedSemaphore(cfg.qrs.start_concurrency)
         self._allow_lock = threading.Lock()
         self._allow = cfg.start_filter
         self.keys = KeyLocks()
@@ -69,12 +72,16 @@ class StartService:
         return select(stage, tasks)
 
     def _start_one(self, o: TaskOutcome) -> TaskOutcome:
+        sent = time.time()
         try:
-            execution_id = self.qrs.start_synchronous(o.task_id)
+            with self._start_slots:
+                sent = time.time()
+                execution_id = self.qrs.start_synchronous(o.task_id)
         except QrsNotFound:
             o.status, o.reason = "failed", "QRS: task not found when starting (deleted meanwhile?)"
         except QrsUnreachable as exc:
             o.status, o.reason = "failed", f"QRS unreachable: {exc}"
+            self._confirm_unanswered(o, sent)
         except QrsError as exc:
             o.status, o.reason = "failed", f"QRS refused the start: {exc}"
         else:
@@ -83,6 +90,22 @@ class StartService:
             else:
                 o.status, o.execution_id = "started", execution_id
         return o
+
+    def _confirm_unanswered(self, o: TaskOutcome, sent: float) -> None:
+        """A start that got no answer (timeout, connection dropped) may still have reached QRS
+        and run. Ask QRS, never start it again: a `failed` reply for a reload that runs would
+        invite the caller to start it a second time."""
+        try:
+            execution_id = self.qrs.execution_since(o.task_id, sent)
+        except QrsError as exc:
+            o.reason = f"{o.reason}; QRS could not be asked whether the start arrived ({exc}): it may run anyway"
+            return
+        if execution_id is None:
+            o.reason = f"{o.reason}; QRS shows no execution of this task since the start was sent"
+        else:
+            o.status, o.execution_id = "started", execution_id
+            o.reason = "QRS did not answer the start in time; the execution was found in QRS"
+        log.warning("start_unanswered", taskId=o.task_id, executionId=execution_id)
 
     def _recover(self, o: TaskOutcome, since: float) -> None:
         try:
@@ -140,15 +163,12 @@ class StartService:
             else:
                 to_start.append(o)
 
-        def start(o: TaskOutcome) -> TaskOutcome:
-            if key is not None and self.journal is not None:
-                self.journal.intent(key, o.task_id)
-            return self._start_one(o)
-
+        if to_start and key is not None and self.journal is not None:
+            self.journal.intents(key, [o.task_id for o in to_start])
         if len(to_start) == 1:
-            send(start(to_start[0]).event(request_id, stage_index))
+            send(self._start_one(to_start[0]).event(request_id, stage_index))
         elif to_start:
-            futures = [self._pool.submit(start, o) for o in to_start]
+            futures = [self._pool.submit(self._start_one, o) for o in to_start]
             for fut in as_completed(futures):
                 send(fut.result().event(request_id, stage_index))
         summ = summary(request_id, outcomes, selection.not_found)
@@ -263,13 +283,10 @@ def _handle(
                  outcome="earlier outcome re-published; nothing started")
         return Handled(prior.replies, replayed=True)
 
-    def record(ev: dict[str, Any]) -> None:
-        if journal is not None and key is not None:
-            journal.reply(key, ev)  # recorded before it is published: a crash can replay it
-        emit(ev)
-
+    # Replies are published as they happen and recorded together when the stage is done (one
+    # transaction): a crash in between is resumed from the start intents, checked with QRS.
     try:
-        result = service.run_stage(req, req.requestId, record, 0 if req.then is not None else None, key, prior)
+        result = service.run_stage(req, req.requestId, emit, 0 if req.then is not None else None, key, prior)
     except QrsError:
         if journal is not None and key is not None and prior is None:
             journal.forget(key)
@@ -277,7 +294,7 @@ def _handle(
     if on_started is not None:
         on_started(result)
     if journal is not None and key is not None:
-        journal.finish(key)
+        journal.finish(key, result.events)
     s = result.summary
     log.info(
         "audit",

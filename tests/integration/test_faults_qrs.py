@@ -362,6 +362,7 @@ def test_a_start_qrs_performs_but_answers_too_late(rig, sim):
     (summary,) = replies.finals("late-1")
     assert task_ev["status"] == "started", task_ev
     assert task_ev["executionId"] == sim.starts[0].execution_id
+    assert "did not answer" in task_ev["reason"]
     assert summary["totalTasksStarted"] == 1
     # Sent again: the journal's answer, no second start.
     pub.request("late-1", victim)

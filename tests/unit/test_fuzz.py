@@ -52,39 +52,58 @@ def json_values(max_leaves: int = 12) -> st.SearchStrategy[Any]:
 
 
 VALID_NAMES = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=12)
-ODD_NAMES = st.sampled_from(["", "it's", "\\", "\x00", "a\nb", "x" * 256]) | st.text(max_size=12)
+ODD_VALUES = st.sampled_from(["", "it's", "\\", "\x00", "a\nb", "x" * 256, "STOP", "nope", f" {GUID} "])
+GUIDS = st.sampled_from([GUID, GUID.upper()]) | st.uuids().map(str)
 
 
-def plausible(key: str) -> st.SearchStrategy[Any]:
-    """Values of roughly the right shape for `key` (valid more often than not), so that
-    validation gets past its first check and the deeper paths are fuzzed too."""
-    name = VALID_NAMES | VALID_NAMES | ODD_NAMES
-    pair = st.fixed_dictionaries({"name": name, "value": name}) | st.dictionaries(
-        st.sampled_from(["name", "value", "colour"]), json_values(3), max_size=3
-    )
-    guid = st.sampled_from([GUID, GUID.upper(), f" {GUID} "]) | st.uuids().map(str)
-    return {
-        "requestId": st.text(max_size=140) | json_values(2),
-        "taskId": guid | st.lists(guid | st.sampled_from(["nope", ""]) | json_values(1), max_size=3),
-        "tag": name | st.lists(name, max_size=3) | st.lists(json_values(1), max_size=2),
-        "customProperty": st.lists(pair, max_size=3) | pair,
-        "allTaskIdsMustExist": st.booleans() | json_values(1),
-        "wait": st.booleans() | json_values(1),
-        "dryRun": st.booleans() | json_values(1),
-        "then": st.deferred(lambda: requests_objects(2)) | json_values(2),
-        "onFailure": st.sampled_from(["stop", "continue", "STOP", ""]) | json_values(1),
-    }[key]
-
-
-def requests_objects(depth: int = 4) -> st.SearchStrategy[dict[str, Any]]:
-    """Objects built from the request's keys, any subset, now and then an unknown key."""
-    if depth <= 0:
-        return st.dictionaries(st.sampled_from(KEYS), json_values(3), max_size=3)
-    core = st.fixed_dictionaries(
+def valid_requests(depth: int) -> st.SearchStrategy[dict[str, Any]]:
+    """Well-formed requests (any subset of the optional keys, at least one criterion)."""
+    criteria = st.fixed_dictionaries(
         {},
-        optional={k: (plausible(k) if k != "then" else st.deferred(lambda: requests_objects(depth - 1)) | json_values(2)) for k in KEYS},
+        optional={
+            "taskId": GUIDS | st.lists(GUIDS, max_size=3),
+            "tag": VALID_NAMES | st.lists(VALID_NAMES, max_size=3),
+            "customProperty": st.lists(st.fixed_dictionaries({"name": VALID_NAMES, "value": VALID_NAMES}), max_size=3),
+        },
+    ).filter(lambda d: any(d.values()))
+    rest = st.fixed_dictionaries(
+        {},
+        optional={
+            "requestId": st.text(max_size=128),
+            "allTaskIdsMustExist": st.booleans(),
+            "wait": st.booleans(),
+            "dryRun": st.booleans(),
+            "onFailure": st.sampled_from(["stop", "continue"]),
+            **({"then": st.deferred(lambda: valid_requests(depth - 1))} if depth > 0 else {}),
+        },
     )
-    return st.tuples(core, st.integers(0, 9), json_values(1)).map(lambda t: {**t[0], "colour": t[2]} if t[1] == 0 else t[0])
+    return st.tuples(criteria, rest).map(lambda t: {**t[0], **t[1]})
+
+
+def mutated(obj: dict[str, Any], changes: list[tuple[str, Any]], drops: list[str]) -> dict[str, Any]:
+    out = dict(obj)
+    for key in drops:
+        out.pop(key, None)
+    for key, value in changes:
+        if key == "then" and isinstance(out.get("then"), dict) and isinstance(value, list):
+            out["then"] = mutated(out["then"], value, [])  # a change one stage down
+        else:
+            out[key] = value
+    return out
+
+
+def requests_objects(depth: int = 3) -> st.SearchStrategy[dict[str, Any]]:
+    """Objects built from the request's keys: valid requests with 0-2 keys dropped and 0-3
+    values replaced by anything (wrong types, odd strings, unknown keys), and arbitrary
+    dictionaries over the request's keys."""
+    change = st.tuples(st.sampled_from(KEYS + ["colour", "requestid"]), json_values(3) | ODD_VALUES)
+    nested = st.tuples(st.just("then"), st.lists(change, min_size=1, max_size=2))
+    return st.builds(
+        mutated,
+        valid_requests(depth),
+        st.lists(change | nested, max_size=3),
+        st.lists(st.sampled_from(KEYS), max_size=2),
+    ) | st.dictionaries(st.sampled_from(KEYS), json_values(3), max_size=5)
 
 
 def only_rejected(call: Any, arg: Any) -> StartRequest | None:
@@ -147,7 +166,7 @@ def test_the_generated_objects_are_sometimes_valid() -> None:
             pass
 
     count()
-    assert valid >= 10, f"only {valid} of 300 generated request objects were valid"
+    assert 30 <= valid <= 270, f"{valid} of 300 generated request objects were valid"
 
 
 # --------------------------------------------------------------------------- filter builder
