@@ -112,3 +112,14 @@ def test_request_command_prints_replies_and_exit_codes(sim_process, broker, tmp_
     assert rc == 0, log
     audit = [json.loads(x) for x in log.splitlines() if '"audit"' in x]
     assert audit and all("requestId" in a for a in audit)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """`butler-mqtt demo --once`, as the README's first command runs it (with --once)."""
+    out = cli("demo", "--once", timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    events = [json.loads(line.split("<- ", 1)[1]) for line in out.stdout.splitlines() if "<- " in line]
+    kinds = [e["event"] for e in events]
+    assert "requestFinished" in kinds and "summary" in kinds and "error" in kinds
+    finished = next(e for e in events if e["event"] == "requestFinished")
+    assert finished["finished"] == {"FinishedSuccess": 3, "FinishedFail": 1}
