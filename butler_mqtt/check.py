@@ -19,6 +19,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from butler_mqtt.config import Config, MqttConfig, load_config
 from butler_mqtt.errors import ConfigError, QrsError
+from butler_mqtt.mqtt.listener import apply_credentials
 
 OK, FAIL, WARN = "ok  ", "FAIL", "warn"
 
@@ -74,18 +75,9 @@ def check_broker(cfg: MqttConfig, timeout: float = 10.0) -> bool:
         client_id=f"{cfg.client_id}-check-{uuid.uuid4().hex[:6]}",  # never take over the daemon's session
         protocol=mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311,
     )
-    if cfg.username:
-        c.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
-    if cfg.tls.enabled:
-        c.tls_set(
-            ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
-            certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
-            keyfile=str(cfg.tls.key) if cfg.tls.key else None,
-            cert_reqs=ssl.CERT_REQUIRED if cfg.tls.verify else ssl.CERT_NONE,
-        )
-        if not cfg.tls.verify:
-            c.tls_insecure_set(True)
-            _line(WARN, "mqtt.tls.verify", "the broker certificate is not verified; set mqtt.tls.ca and mqtt.tls.verify: true")
+    apply_credentials(c, cfg)
+    if cfg.tls.enabled and not cfg.tls.verify:
+        _line(WARN, "mqtt.tls.verify", "the broker certificate is not verified; set mqtt.tls.ca and mqtt.tls.verify: true")
 
     def on_connect(client: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
         result["connect"] = str(rc)

@@ -225,3 +225,27 @@ def fresh_pg(pg_url: str) -> str:
         for table in ("requests", "events", "waits", "schema_version"):
             c.execute(f"DROP TABLE IF EXISTS {table}")
     return pg_url
+
+
+@pytest.fixture
+def sim(qrs_certs: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The simulator over mTLS, serving the requesting module's `TASKS` (fresh copies)."""
+    from butler_mqtt.sim import QrsSimulator, SimTask
+
+    tasks = [SimTask(**vars(t)) for t in request.module.TASKS]
+    s = QrsSimulator(tasks=tasks, certs_dir=qrs_certs).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def cfg(qrs_certs: Path, sim: Any, broker: Mosquitto, tmp_path: Path) -> Config:
+    return make_config(qrs_certs, sim.port, broker, tmp_path / "state")
+
+
+@pytest.fixture
+def requester(cfg: Config) -> Iterator[Any]:
+    from butler_mqtt.mqtt.requester import Requester
+
+    with Requester(cfg.mqtt) as r:
+        yield r

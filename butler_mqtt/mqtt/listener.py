@@ -79,17 +79,7 @@ class MqttListener:
             kwargs["clean_session"] = False
         c = mqtt.Client(**kwargs)
         c.suppress_exceptions = True  # belt and braces: callbacks are guarded anyway
-        if cfg.username:
-            c.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
-        if cfg.tls.enabled:
-            c.tls_set(
-                ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
-                certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
-                keyfile=str(cfg.tls.key) if cfg.tls.key else None,
-                cert_reqs=ssl.CERT_REQUIRED if cfg.tls.verify else ssl.CERT_NONE,
-            )
-            if not cfg.tls.verify:
-                c.tls_insecure_set(True)
+        apply_credentials(c, cfg)
         c.will_set(cfg.topics.status, self.status_payload("offline"), qos=1, retain=True)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
         c.on_connect = self._guard(self._on_connect)
@@ -256,6 +246,21 @@ class MqttListener:
                 props.CorrelationData = correlation
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         return self.client.publish(topic, body, qos=1, retain=False, properties=props)
+
+
+def apply_credentials(client: mqtt.Client, cfg: MqttConfig) -> None:
+    """Username/password and TLS from the config; every client of ours connects the same way."""
+    if cfg.username:
+        client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
+    if cfg.tls.enabled:
+        client.tls_set(
+            ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
+            certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
+            keyfile=str(cfg.tls.key) if cfg.tls.key else None,
+            cert_reqs=ssl.CERT_REQUIRED if cfg.tls.verify else ssl.CERT_NONE,
+        )
+        if not cfg.tls.verify:
+            client.tls_insecure_set(True)
 
 
 def nodelay(client: mqtt.Client) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import queue
-import ssl
 import threading
 import time
 import uuid
@@ -22,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from butler_mqtt.config import MqttConfig
-from butler_mqtt.mqtt.listener import nodelay
+from butler_mqtt.mqtt.listener import apply_credentials, nodelay
 
 
 def is_last(event: dict[str, Any], waits: bool) -> bool:
@@ -49,15 +48,7 @@ class Requester:
             client_id=client_id or f"butler-mqtt-request-{uuid.uuid4().hex[:12]}",
             protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
         )
-        if cfg.username:
-            c.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
-        if cfg.tls.enabled:
-            c.tls_set(
-                ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
-                certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
-                keyfile=str(cfg.tls.key) if cfg.tls.key else None,
-                cert_reqs=ssl.CERT_REQUIRED if cfg.tls.verify else ssl.CERT_NONE,
-            )
+        apply_credentials(c, cfg)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
         c.on_subscribe = lambda *_a: self._subscribed.set()

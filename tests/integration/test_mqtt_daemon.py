@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import uuid
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -14,8 +13,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.mqtt.requester import Requester
-from butler_mqtt.sim import QrsSimulator, SimTask
-from tests.conftest import make_config
+from butler_mqtt.sim import SimTask
 
 T1 = "11111111-1111-4111-8111-111111111111"
 T2 = "22222222-2222-4222-8222-222222222222"
@@ -37,26 +35,8 @@ TASKS = [
 
 
 @pytest.fixture
-def sim(qrs_certs: Path):
-    s = QrsSimulator(tasks=[SimTask(**vars(t)) for t in TASKS], certs_dir=qrs_certs).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def cfg(qrs_certs, sim, broker, tmp_path):
-    return make_config(qrs_certs, sim.port, broker, tmp_path / "state")
-
-
-@pytest.fixture
 def daemon(cfg, start_daemon):
     return start_daemon(cfg)
-
-
-@pytest.fixture
-def requester(cfg):
-    with Requester(cfg.mqtt) as r:
-        yield r
 
 
 def started_ids(sim) -> list[str]:

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
-from butler_mqtt.mqtt.requester import Requester
-from butler_mqtt.sim import QrsSimulator, SimTask
-from tests.conftest import make_config
+from butler_mqtt.sim import SimTask
 
 A1 = "a1111111-1111-4111-8111-111111111111"
 A2 = "a2222222-2222-4222-8222-222222222222"
@@ -27,24 +21,6 @@ TASKS = [
     SimTask(D1, "Disabled", tags=["erp-disabled"], enabled=False),
     SimTask(SLOW, "Slow", tags=["slow"], run_seconds=3.0),
 ] + [SimTask(f"0000aaaa-0000-4000-8000-{i:012d}", f"Bulk {i}", tags=["bulk"], run_seconds=1.5) for i in range(50)]
-
-
-@pytest.fixture
-def sim(qrs_certs: Path):
-    s = QrsSimulator(tasks=[SimTask(**vars(t)) for t in TASKS], certs_dir=qrs_certs).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def cfg(qrs_certs, sim, broker, tmp_path):
-    return make_config(qrs_certs, sim.port, broker, tmp_path / "state")
-
-
-@pytest.fixture
-def requester(cfg):
-    with Requester(cfg.mqtt) as r:
-        yield r
 
 
 def kinds(events, kind):
