@@ -74,6 +74,10 @@ class Mosquitto:
                     "log_type warning",
                     "max_queued_messages 100000",
                     "set_tcp_nodelay true",  # Nagle + delayed ACK would add ~40 ms per reply burst
+                    # As root, mosquitto drops to user "mosquitto", which cannot reach a workdir
+                    # under a 0700 parent (pytest's tmp_path): persistence then fails silently
+                    # and a restart loses every session and queued message. Stay root here.
+                    "user root" if hasattr(os, "geteuid") and os.geteuid() == 0 else "",
                     self.extra_conf if self.extra_conf else f"listener {self.port} 127.0.0.1\nallow_anonymous true",
                     "",
                 ]

@@ -414,6 +414,48 @@ def test_read_only_journal_disk_keeps_requests_unacked_until_writable(rig, sim, 
     assert all(len(replies.finals(r)) == 1 for r, _ in during), {r: len(replies.finals(r)) for r, _ in during}
 
 
+def test_journal_disk_turns_read_only_between_start_and_record(rig, sim, tmp_path):
+    """The worst moment: the task was started, then the journal cannot record the outcome.
+    The request is not acked; once the disk is writable the retry finds the start intent,
+    asks QRS, and reports the execution instead of starting the task again."""
+    running, replies, pub = rig()
+    journal = running.daemon.journal
+    state = tmp_path / "state"
+    original = journal.finish
+    locked: list[Path] = []
+
+    def finish_on_a_read_only_disk(*args: Any, **kwargs: Any) -> Any:
+        if not locked:
+            locked.extend([state] + [p for p in state.iterdir() if not p.name.endswith("-shm")])
+            _immutable(locked, True)
+        return original(*args, **kwargs)
+
+    journal.finish = finish_on_a_read_only_disk  # type: ignore[method-assign]
+    victim = TASK_IDS[90]
+    try:
+        pub.request("ro-mid-1", victim)
+        assert wait_until(lambda: deferred(running) >= 1, 60), "the unrecorded request was not deferred"
+        assert [s.task_id for s in sim.starts] == [victim]
+    finally:
+        if locked:
+            _immutable(locked, False)
+    assert replies.wait_answered(["ro-mid-1"], 60) == set()
+    assert wait_until(lambda: running.daemon.handled >= 1, 60)
+    assert [s.task_id for s in sim.starts] == [victim], "started again after the journal came back"
+    execution = sim.starts[0].execution_id
+    task_events = replies.tasks("ro-mid-1")
+    assert task_events and all(e["status"] == "started" and e["executionId"] == execution for e in task_events), task_events
+    finals = replies.finals("ro-mid-1")
+    assert all(f["event"] == "summary" and f["totalTasksStarted"] == 1 for f in finals)
+    # The first attempt published its replies before the record failed; the retry sends them
+    # again (the contract allows a repeated answer, never a repeated start).
+    assert len(finals) <= 2, finals
+    # Sent again later: answered from the journal, still one start.
+    pub.request("ro-mid-1", victim)
+    assert wait_until(lambda: running.daemon.handled >= 2, 60)
+    assert [s.task_id for s in sim.starts] == [victim]
+
+
 # --------------------------------------------------------------------------- flood of malformed messages
 
 

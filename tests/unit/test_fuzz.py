@@ -80,13 +80,18 @@ def valid_requests(depth: int) -> st.SearchStrategy[dict[str, Any]]:
     return st.tuples(criteria, rest).map(lambda t: {**t[0], **t[1]})
 
 
+class Nested(list):  # type: ignore[type-arg]
+    """Changes to apply one stage down (to `then`), not a value."""
+
+
 def mutated(obj: dict[str, Any], changes: list[tuple[str, Any]], drops: list[str]) -> dict[str, Any]:
     out = dict(obj)
     for key in drops:
         out.pop(key, None)
     for key, value in changes:
-        if key == "then" and isinstance(out.get("then"), dict) and isinstance(value, list):
-            out["then"] = mutated(out["then"], value, [])  # a change one stage down
+        if isinstance(value, Nested):
+            if isinstance(out.get("then"), dict):
+                out["then"] = mutated(out["then"], value, [])
         else:
             out[key] = value
     return out
@@ -97,7 +102,7 @@ def requests_objects(depth: int = 3) -> st.SearchStrategy[dict[str, Any]]:
     values replaced by anything (wrong types, odd strings, unknown keys), and arbitrary
     dictionaries over the request's keys."""
     change = st.tuples(st.sampled_from(KEYS + ["colour", "requestid"]), json_values(3) | ODD_VALUES)
-    nested = st.tuples(st.just("then"), st.lists(change, min_size=1, max_size=2))
+    nested = st.tuples(st.just("then"), st.lists(change, min_size=1, max_size=2).map(Nested))
     return st.builds(
         mutated,
         valid_requests(depth),
