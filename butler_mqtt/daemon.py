@@ -251,7 +251,12 @@ class Daemon:
                 retry = isinstance(exc, QrsUnreachable | JournalError) or (getattr(exc, "status", 0) or 0) >= 500
                 if not retry:
                     raise
-                log.warning("request_deferred", error=str(exc), retry_in_s=delay, detail="kept unacked; nothing started")
+                log.warning(
+                    "request_deferred",
+                    error=str(exc),
+                    retry_in_s=delay,
+                    detail="kept unacked and retried; the journal prevents a second start of anything already started",
+                )
                 self.metrics.deferred.inc()
                 if self.should_exit.wait(delay):
                     return  # left unacked: the broker redelivers it to the next run
@@ -343,7 +348,7 @@ def run(config_file: Path | None) -> int:
     profile = os.environ.get("BUTLER_MQTT_PROFILE")
     if not profile:
         return Daemon(cfg, config_file).run()
-    import yappi  # type: ignore[import-untyped]  # benchmarks only (bench/throughput.py --profile): all threads, wall clock
+    import yappi  # type: ignore[import-untyped]  # benchmarks only (bench/throughput.py --profile): all threads, CPU time
 
     yappi.set_clock_type("cpu")
     yappi.start()

@@ -116,7 +116,7 @@ class StartService:
             return
         if execution_id is not None:
             o.execution_id = execution_id
-            o.reason = "start confirmed from QRS after a daemon restart"
+            o.reason = "start confirmed from QRS (handling of this request was interrupted after the start was sent)"
         log.warning("start_recovered", taskId=o.task_id, executionId=execution_id, restarted=execution_id is None)
 
     def run_stage(
