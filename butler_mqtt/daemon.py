@@ -15,6 +15,7 @@ import hashlib
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -343,6 +344,9 @@ class Daemon:
 
 
 def run(config_file: Path | None) -> int:
+    # Threads waiting on QRS wake up to a GIL held by busy ones; CPython's default 5 ms switch
+    # interval then adds up to 5 ms per QRS call. 1 ms measured lower latency, same throughput.
+    sys.setswitchinterval(0.001)
     cfg = load_config(config_file, missing_ok=False)
     setup_logging(cfg.logging.level, cfg.logging.format)
     profile = os.environ.get("BUTLER_MQTT_PROFILE")

@@ -15,6 +15,7 @@ The network thread only parses and enqueues; all work happens in the daemon's wo
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import ssl
@@ -236,16 +237,22 @@ class MqttListener:
     def reply(self, job: Job, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
         return self.publish_event(job.response_topic or self.cfg.topics.reply, job.correlation_data, event)
 
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - one listener per daemon; bounded
+    def _reply_properties(self, correlation: bytes | None) -> Properties | None:
+        """MQTT 5 properties of a reply, built once per correlation value: paho's Properties
+        constructor costs more than the JSON of a reply. Never mutated after creation."""
+        if not self.v5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ContentType = "application/json"
+        if correlation is not None:
+            props.CorrelationData = correlation
+        return props
+
     def publish_event(self, topic: str, correlation: bytes | None, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
         """A reply event as JSON, QoS 1, with the request's correlation data (MQTT 5)."""
-        props = None
-        if self.v5:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.ContentType = "application/json"
-            if correlation is not None:
-                props.CorrelationData = correlation
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-        return self.client.publish(topic, body, qos=1, retain=False, properties=props)
+        return self.client.publish(topic, body, qos=1, retain=False, properties=self._reply_properties(correlation))
 
 
 def apply_credentials(client: mqtt.Client, cfg: MqttConfig) -> None:

@@ -27,6 +27,7 @@ def serve(
     given, or from both. Exit codes follow the CLI contract: 0 after a clean stop, 2 for an
     unusable tasks file or certificate directory, 1 when the port cannot be bound.
     """
+    sys.setswitchinterval(0.001)  # answer promptly under load (see daemon.run)
     tasks: list[SimTask] = []
     try:
         if demo or tasks_file is None:
