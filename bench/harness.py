@@ -139,3 +139,49 @@ def wait_for(pred: Any, timeout: float = 60.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+class Replies:
+    """Counts summary replies per requestId (and `online` statuses) on a private subscription."""
+
+    def __init__(self, port: int, reply_topic: str = "qliksense/task/start/reply") -> None:
+        from butler_mqtt.mqtt.listener import nodelay
+
+        self.seen: set[str] = set()
+        self.online: set[str] = set()
+        self.cond = threading.Condition()
+        ready = threading.Event()
+        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        c.on_connect = lambda cl, *_: (nodelay(cl), cl.subscribe([(reply_topic, 1), ("butler-mqtt/status", 1)]))
+        c.on_subscribe = lambda *_: ready.set()
+        c.on_message = self._on_message
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        ready.wait(10)
+        self.client = c
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        ev = json.loads(msg.payload)
+        with self.cond:
+            if msg.topic == "butler-mqtt/status":
+                if ev.get("status") == "online":
+                    self.online.add(ev["clientId"])
+            elif ev.get("event") == "summary":
+                self.seen.add(ev["requestId"])
+            self.cond.notify_all()
+
+    def wait(self, pred: Any, timeout: float) -> bool:
+        with self.cond:
+            return bool(self.cond.wait_for(pred, timeout=timeout))
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def publisher(port: int) -> mqtt.Client:
+    pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.max_inflight_messages_set(200)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    return pub

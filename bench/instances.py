@@ -13,17 +13,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import psycopg
-from harness import REPO, machine, table
-from paho.mqtt.enums import CallbackAPIVersion
+from harness import REPO, Replies, machine, publisher, table
 
-from butler_mqtt.mqtt.listener import nodelay, wait_published
+from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.ops.mosquitto import Mosquitto
 from butler_mqtt.sim import QrsSimulator, SimTask, ensure_certs
 
@@ -60,41 +57,15 @@ def run(instances: int, n: int, latency_ms: float, pg_admin: str | None) -> list
         e = {**env, "BUTLER_MQTT__MQTT__INSTANCE_ID": f"i{k}", "BUTLER_MQTT__STATE_DIR": str(work / f"state{k}")}
         procs.append(subprocess.Popen([sys.executable, "-m", "butler_mqtt", "run"], cwd=REPO, env=e,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    seen: set[str] = set()
-    lock = threading.Lock()
-    done = threading.Event()
-    online: set[str] = set()
-
-    def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
-        ev = json.loads(msg.payload)
-        if msg.topic == "butler-mqtt/status":
-            if ev.get("status") == "online":
-                online.add(ev["clientId"])
-            return
-        if ev.get("event") == "summary":
-            with lock:
-                seen.add(ev["requestId"])
-                if len(seen) == n:
-                    done.set()
-
-    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    sub.on_connect = lambda c, *_: (nodelay(c), c.subscribe([("qliksense/task/start/reply", 1), ("butler-mqtt/status", 1)]))
-    sub.on_message = on_message
-    sub.connect("127.0.0.1", broker.port)
-    sub.loop_start()
-    deadline = time.monotonic() + 60
-    while len(online) < instances and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    pub.max_inflight_messages_set(200)
-    pub.connect("127.0.0.1", broker.port)
-    pub.loop_start()
+    replies = Replies(broker.port)
+    replies.wait(lambda: len(replies.online) >= instances, 60)
+    pub = publisher(broker.port)
     run_id = uuid.uuid4().hex[:6]
     t0 = time.perf_counter()
     infos = [pub.publish("qliksense/task/start", json.dumps({"requestId": f"{run_id}-{i}", "taskId": t}), qos=1) for i, t in enumerate(ids)]
     for info in infos:
         wait_published(info, 60)
-    done.wait(600)
+    replies.wait(lambda: len(replies.seen) == n, 600)
     elapsed = time.perf_counter() - t0
     starts = [s.task_id for s in sim.starts]
     for p in procs:
@@ -102,7 +73,7 @@ def run(instances: int, n: int, latency_ms: float, pg_admin: str | None) -> list
     for p in procs:
         p.wait(30)
     pub.loop_stop()
-    sub.loop_stop()
+    replies.close()
     broker.stop()
     sim.stop()
     if db_name and pg_admin:
@@ -110,7 +81,7 @@ def run(instances: int, n: int, latency_ms: float, pg_admin: str | None) -> list
             c.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
     return [
         instances, "PostgreSQL" if url else "SQLite", f"{latency_ms:g} ms", n, f"{elapsed:.2f}", f"{n / elapsed:.0f}",
-        n - len(seen), len(starts) - len(set(starts)),
+        n - len(replies.seen), len(starts) - len(set(starts)),
     ]
 
 

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 import uuid
 
-import paho.mqtt.client as mqtt
-from harness import Stack, machine, table
-from paho.mqtt.enums import CallbackAPIVersion
+from harness import Replies, Stack, machine, publisher, table
 
-from butler_mqtt.mqtt.listener import nodelay, wait_published
+from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import SimTask
 
 TARGET_MB = 80.0
@@ -35,28 +32,9 @@ def main() -> None:
     marks = sorted({int(x) for x in args.at.split(",") if 0 < int(x) <= n} | {n})
     ids = [f"3e3c0000-0000-4000-8000-{i:012d}" for i in range(n)]
     stack = Stack([SimTask(t, f"Task {i}", run_seconds=0.05) for i, t in enumerate(ids)])
-    seen: set[str] = set()
-    cond = threading.Condition()
-
-    def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
-        ev = json.loads(msg.payload)
-        if ev.get("event") == "summary":
-            with cond:
-                seen.add(ev["requestId"])
-                cond.notify_all()
-
-    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    ready = threading.Event()
-    sub.on_connect = lambda c, *_: (nodelay(c), c.subscribe("qliksense/task/start/reply", qos=1))
-    sub.on_subscribe = lambda *_: ready.set()
-    sub.on_message = on_message
-    sub.connect("127.0.0.1", stack.broker.port)
-    sub.loop_start()
-    ready.wait(10)
-    pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    pub.max_inflight_messages_set(200)
-    pub.connect("127.0.0.1", stack.broker.port)
-    pub.loop_start()
+    replies = Replies(stack.broker.port)
+    seen = replies.seen
+    pub = publisher(stack.broker.port)
     run_id = uuid.uuid4().hex[:6]
     rows: list[list[object]] = [[0, f"{stack.rss_mb():.1f}", "", ""]]
     readings = {0: stack.rss_mb()}
@@ -71,9 +49,8 @@ def main() -> None:
             ]
             for info in infos:
                 wait_published(info, 60)
-            with cond:
-                if not cond.wait_for(lambda u=upto: len(seen) >= u, timeout=300):
-                    raise RuntimeError(f"only {len(seen)} of {upto} requests answered; see {stack.work / 'daemon.log'}")
+            if not replies.wait(lambda u=upto: len(seen) >= u, 300):
+                raise RuntimeError(f"only {len(seen)} of {upto} requests answered; see {stack.work / 'daemon.log'}")
             sent = upto
             if sent in marks:
                 rss = stack.rss_mb()
@@ -82,7 +59,7 @@ def main() -> None:
         starts = [s.task_id for s in stack.sim.starts]
     finally:
         pub.loop_stop()
-        sub.loop_stop()
+        replies.close()
         stack.close()
     half = min(marks, key=lambda m: abs(m - n / 2))
     growth = readings[n] - readings[half]

@@ -10,15 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import pstats
-import threading
 import time
 import uuid
 
-import paho.mqtt.client as mqtt
-from harness import Stack, machine, table
-from paho.mqtt.enums import CallbackAPIVersion
+from harness import Replies, Stack, machine, publisher, table
 
-from butler_mqtt.mqtt.listener import nodelay, wait_published
+from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import SimTask
 
 
@@ -26,30 +23,8 @@ def run(n: int, profile: str | None) -> list[object]:
     ids = [f"7a5c0000-0000-4000-8000-{i:012d}" for i in range(n)]
     env = {"BUTLER_MQTT_PROFILE": profile} if profile else {}
     stack = Stack([SimTask(t, f"Task {i}", run_seconds=0.05) for i, t in enumerate(ids)], daemon_env=env)
-    done = threading.Event()
-    seen: set[str] = set()
-    lock = threading.Lock()
-
-    def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
-        ev = json.loads(msg.payload)
-        if ev.get("event") == "summary":
-            with lock:
-                seen.add(ev["requestId"])
-                if len(seen) == n:
-                    done.set()
-
-    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    ready = threading.Event()
-    sub.on_connect = lambda c, *_: (nodelay(c), c.subscribe("qliksense/task/start/reply", qos=1))
-    sub.on_subscribe = lambda *_: ready.set()
-    sub.on_message = on_message
-    sub.connect("127.0.0.1", stack.broker.port)
-    sub.loop_start()
-    ready.wait(10)
-    pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    pub.max_inflight_messages_set(200)
-    pub.connect("127.0.0.1", stack.broker.port)
-    pub.loop_start()
+    replies = Replies(stack.broker.port)
+    pub = publisher(stack.broker.port)
     rss0 = stack.rss_mb()
     run_id = uuid.uuid4().hex[:6]
     t0 = time.perf_counter()
@@ -57,18 +32,18 @@ def run(n: int, profile: str | None) -> list[object]:
     for info in infos:
         wait_published(info, 60)
     t_pub = time.perf_counter() - t0
-    ok = done.wait(600)
+    ok = replies.wait(lambda: len(replies.seen) == n, 600)
     elapsed = time.perf_counter() - t0
     starts = [s.task_id for s in stack.sim.starts]
     rss = stack.rss_mb()
     pub.loop_stop()
-    sub.loop_stop()
+    replies.close()
     stack.close()
     if profile:
         stats = pstats.Stats(profile)
         stats.sort_stats("cumulative").print_stats(25)
         stats.sort_stats("tottime").print_stats(20)
-    lost = n - len(seen)
+    lost = n - len(replies.seen)
     return [
         n, f"{t_pub:.2f}", f"{elapsed:.2f}", f"{n / elapsed:.0f}", lost if ok else f"{lost} (timeout)",
         len(starts) - len(set(starts)), len(set(starts)), f"{rss0:.0f} -> {rss:.0f}",
