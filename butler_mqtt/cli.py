@@ -12,7 +12,7 @@ from typing import Any
 
 from butler_mqtt import __version__
 from butler_mqtt.config import Config, config_path, load_config
-from butler_mqtt.errors import ConfigError, QrsError, RequestRejected
+from butler_mqtt.errors import ButlerError, ConfigError, QrsError, RequestRejected
 from butler_mqtt.model import CustomPropertyCriterion, StartRequest, validate_request
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -198,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except QrsError as exc:
         print(f"butler-mqtt: QRS error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except ButlerError as exc:  # e.g. the journal cannot be opened
+        print(f"butler-mqtt: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
         return EXIT_OK

@@ -91,7 +91,10 @@ class Daemon:
         self.journal = Journal.from_config(
             cfg.state_dir, url, cfg.journal.retention_hours, owner=client_id, lease_s=cfg.journal.lease_seconds
         )
-        self.journal.purge()
+        try:
+            self.journal.purge()
+        except JournalError as exc:  # not essential: requests are still claimed and recorded
+            log.warning("journal_purge_failed", error=str(exc))
         from butler_mqtt.ops import metrics
 
         self.metrics = metrics.Metrics()

@@ -123,3 +123,12 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "requestFinished" in kinds and "summary" in kinds and "error" in kinds
     finished = next(e for e in events if e["event"] == "requestFinished")
     assert finished["finished"] == {"FinishedSuccess": 3, "FinishedFail": 1}
+
+
+def test_unreadable_journal_exits_1_with_a_message(sim_process, tmp_path):
+    port, certs = sim_process
+    (tmp_path / "journal.sqlite3").write_text("not a database")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    out = cli("run", "--config", str(cfg), env=qrs_env(port, certs, BUTLER_MQTT__STATE_DIR=str(tmp_path)))
+    assert out.returncode == 1 and "cannot open the journal" in out.stderr
