@@ -41,6 +41,11 @@ class StageResult:
         return [o for o in self.outcomes if o.status == "started"]
 
 
+def intent_key(task_id: str, stage: int | None) -> str:
+    """Start intents are per stage: a chain may start the same task in two stages."""
+    return task_id if stage is None else f"{stage}/{task_id}"
+
+
 class StartService:
     """Resolve, filter and start. Thread-safe; one instance serves every ingress."""
 
@@ -152,10 +157,10 @@ class StartService:
                 # Started before the daemon stopped: report what was recorded, start nothing.
                 o.status, o.execution_id, o.reason = earlier["status"], earlier.get("executionId"), earlier.get("reason")
                 send(earlier)
-            elif prior is not None and o.task_id in prior.intents:
+            elif prior is not None and intent_key(o.task_id, stage_index) in prior.intents:
                 # The daemon stopped after sending this start but before recording QRS's
                 # answer: ask QRS whether the start arrived rather than risk a double run.
-                self._recover(o, prior.intents[o.task_id])
+                self._recover(o, prior.intents[intent_key(o.task_id, stage_index)])
                 if o.status == "started" and o.execution_id is None:
                     to_start.append(o)  # it never reached QRS: start it now
                 else:
@@ -164,7 +169,7 @@ class StartService:
                 to_start.append(o)
 
         if to_start and key is not None and self.journal is not None:
-            self.journal.intents(key, [o.task_id for o in to_start])
+            self.journal.intents(key, [intent_key(o.task_id, stage_index) for o in to_start])
         if len(to_start) == 1:
             send(self._start_one(to_start[0]).event(request_id, stage_index))
         elif to_start:

@@ -68,3 +68,16 @@ def test_journal_survives_reopen(tmp_path):
     prior = j2.begin("id:a", "mqtt")
     assert prior is not None and prior.done and prior.replies == [{"event": "summary", "requestId": "a"}]
     j2.close()
+
+
+def test_a_task_in_two_chain_stages_is_started_in_each(setup):
+    sim, service, journal = setup
+    assert journal.begin("id:chain", "mqtt") is None
+    events: list[dict] = []
+    service.run_stage(StartRequest(taskId=[X]), "chain", events.append, 0, "id:chain")
+    import time
+
+    time.sleep(0.5)  # X runs 0.2 s: let stage 0's run finish (a running task is not started again)
+    # Stage 1 resumed after a crash: stage 0's intent for X must not count as stage 1's.
+    service.run_stage(StartRequest(taskId=[X]), "chain", events.append, 1, "id:chain", journal.load("id:chain"))
+    assert [s.task_id for s in sim.starts] == [X, X]
