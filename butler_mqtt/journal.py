@@ -374,10 +374,6 @@ class Journal:
             )
         return None if not rows else str(rows[0][0])
 
-    def intent(self, key: str, task_id: str) -> None:
-        """Record, before the start is sent, that `task_id` is about to be started."""
-        self.intents(key, [task_id])
-
     def intents(self, key: str, task_ids: Sequence[str]) -> None:
         """Record, before any of their starts is sent, that these tasks are about to start.
 

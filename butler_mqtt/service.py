@@ -36,10 +36,6 @@ class StageResult:
     summary: dict[str, Any]
     events: list[dict[str, Any]] = field(default_factory=list)
 
-    @property
-    def started(self) -> list[TaskOutcome]:
-        return [o for o in self.outcomes if o.status == "started"]
-
 
 def intent_key(task_id: str, stage: int | None) -> str:
     """Start intents are per stage: a chain may start the same task in two stages."""
@@ -229,7 +225,6 @@ class Handled:
 
     events: list[dict[str, Any]]
     replayed: bool = False
-    result: StageResult | None = None
 
 
 def _audit_fields(req: StartRequest) -> dict[str, Any]:
@@ -316,4 +311,4 @@ def _handle(
         notFound=s["tasksNotFound"],
         ms=round((time.perf_counter() - t0) * 1000, 1),
     )
-    return Handled(result.events, result=result)
+    return Handled(result.events)

@@ -189,9 +189,6 @@ class Tracker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def in_flight(self) -> int:
-        with self._lock:
-            return sum(len(w.pending) for w in self._waited.values())
 
     # ------------------------------------------------------------------ entry point
 

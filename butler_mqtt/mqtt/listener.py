@@ -52,7 +52,6 @@ class Job:
     response_topic: str | None
     correlation_data: bytes | None
     expires_at: float | None  # time.monotonic() deadline from MQTT 5 Message Expiry
-    received: float
     retained: bool = False
 
 
@@ -218,7 +217,6 @@ class MqttListener:
             response_topic=getattr(props, "ResponseTopic", None) if props is not None else None,
             correlation_data=getattr(props, "CorrelationData", None) if props is not None else None,
             expires_at=now + expiry if expiry is not None else None,
-            received=now,
             # A retained "start" would re-fire on every (re)subscribe: never acted on. With
             # MQTT 5, retain-as-published shows live retained publishes too.
             retained=bool(msg.retain),

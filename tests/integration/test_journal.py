@@ -79,7 +79,7 @@ def test_dead_owner_is_taken_over_after_its_lease(make):
     a = make("a", lease_s=2)
     b = make("b", lease_s=2)
     assert a.begin("k", "mqtt") is None
-    a.intent("k", "task-1")
+    a.intents("k", ["task-1"])
     prior = b.begin("k", "mqtt", wait_s=30)  # waits for a's lease to run out, then resumes
     assert prior is not None and not prior.done and "task-1" in prior.intents
 
@@ -87,7 +87,7 @@ def test_dead_owner_is_taken_over_after_its_lease(make):
 def test_own_open_request_resumed_at_once_after_restart(make):
     a = make("same-client-id", lease_s=600)
     assert a.begin("k", "mqtt") is None
-    a.intent("k", "t1")
+    a.intents("k", ["t1"])
     a2 = make("same-client-id", lease_s=600)
     prior = a2.begin("k", "mqtt", wait_s=0.1)
     assert prior is not None and "t1" in prior.intents

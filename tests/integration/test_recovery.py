@@ -36,9 +36,9 @@ def test_crash_after_start_sent_is_recovered_from_qrs_not_started_again(setup):
     req = StartRequest(requestId="k1", tag=["t"])
     # A first run "crashed": X's start reached QRS, Y's start intent was recorded but never sent.
     assert journal.begin("id:k1", "mqtt") is None
-    journal.intent("id:k1", X)
+    journal.intents("id:k1", [X])
     started = sim.store.start(X)
-    journal.intent("id:k1", Y)
+    journal.intents("id:k1", [Y])
     events: list[dict] = []
     handled = handle_request(service, req, events.append, ingress="mqtt", key="id:k1")
     tasks = {e["taskId"]: e for e in handled.events if e["event"] == "task"}
