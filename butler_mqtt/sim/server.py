@@ -15,6 +15,12 @@ Knobs for tests, all changeable while the simulator runs:
   the request, do nothing with it and close the connection without an answer. A client then
   sees a connection error with no response, which is what a QRS (or its host) going down
   looks like mid-conversation; refused connections are what :meth:`QrsSimulator.stop` gives.
+  ``"error403"``: answer 403 ``Forbidden`` (a proxy or a revoked user); ``"notjson"``: answer
+  200 with an HTML page (a login page of a proxy in front of QRS); ``"badid"``: the reload
+  tasks listed carry an ``id`` that is not a GUID; ``"huge"``: a 200 answer of
+  ``huge_bytes`` bytes (a runaway answer).
+* ``clock_skew``: seconds added to the simulator's clock (its timestamps and ``Date`` header),
+  to test a daemon whose clock differs from QRS's.
 * ``fault_paths``: a regular expression (``re.search`` on the decoded path) limiting the
   fault to matching requests, e.g. ``r"/start"`` to break only starts.
 * ``fail_starts_for``: task ids whose start answers 500 without starting anything.
@@ -140,6 +146,8 @@ class QrsSimulator:
         self.latency_ms = latency_ms
         self.fault: str | None = None
         self.fault_paths: str | None = None
+        self.huge_bytes = 100 * 1024 * 1024
+        self._clock_skew = 0.0
         self.fail_starts_for: set[str] = set()
         self.already_running = already_running
         self._requested_port = port
@@ -228,6 +236,15 @@ class QrsSimulator:
             self._log.append(entry)
 
     # --- request handling ---------------------------------------------------------------------
+
+    @property
+    def clock_skew(self) -> float:
+        return self._clock_skew
+
+    @clock_skew.setter
+    def clock_skew(self, seconds: float) -> None:
+        self._clock_skew = seconds
+        self.store.clock = (lambda: time.time() + seconds) if seconds else time.time
 
     def _fault_for(self, path: str) -> str | None:
         fault, pattern = self.fault, self.fault_paths
@@ -423,6 +440,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as clients pool connections to QRS
     server: _Server
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The `Date` header in the simulator's clock (``clock_skew``)."""
+        return super().date_time_string(self.server.sim.store.clock() if timestamp is None else timestamp)
+
     def log_message(self, format: str, *args: Any) -> None:
         """Silence the stdlib's stderr access log; ``request_log`` is the record."""
 
@@ -448,8 +469,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault == "error500":
             reply = _Reply.text(500, "Internal Server Error")
+        elif fault == "error403":
+            reply = _Reply.text(403, "Forbidden")
+        elif fault == "notjson":
+            reply = _Reply(200, b"<html><body>Please log in</body></html>", "text/html")
+        elif fault == "huge":
+            reply = _Reply(200, b"[" + b" " * max(0, sim.huge_bytes - 2) + b"]", "application/json; charset=utf-8")
         else:
             reply = sim._answer(self.command, path, query, self.headers, body, malformed)
+            if fault == "badid" and reply.status == 200 and "reloadtask" in path.lower():
+                reply = _Reply(reply.status, _bad_ids(reply.body), reply.content_type)
         # Logged before the answer is written, so a client that has its answer finds it logged.
         sim._record(LoggedRequest(self.command, path, query, reply.status, at))
         self.send_response(reply.status)
@@ -474,3 +503,15 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return None
         return self.rfile.read(length) if length > 0 else b""
+
+
+def _bad_ids(body: bytes) -> bytes:
+    """Every task `id` of a reloadtask answer replaced by one that is not a GUID."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    for i, obj in enumerate(data if isinstance(data, list) else [data]):
+        if isinstance(obj, dict) and "id" in obj:
+            obj["id"] = f"not-a-guid-{i}"
+    return json.dumps(data).encode()
