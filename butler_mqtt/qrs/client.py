@@ -29,6 +29,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode
 
+import structlog
 import urllib3
 
 from butler_mqtt.config import QrsConfig
@@ -42,7 +43,11 @@ from butler_mqtt.errors import (
     is_transient,
 )
 from butler_mqtt.model import EMPTY_GUID, is_guid
+from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.qrs.filters import execution_filters
+
+log = structlog.get_logger("butler_mqtt.qrs")
+_limiter = RateLimiter(60.0)
 
 _XRF_ALPHABET = string.ascii_letters + string.digits
 
@@ -199,6 +204,14 @@ class QrsClient:
     def _check(self, resp: Answer, what: str) -> Answer:
         if resp.status_code == 404:
             raise QrsNotFound(f"{what}: not found", 404, resp.text[:200])
+        if resp.status_code in (401, 403):
+            raise QrsRefused(
+                f"{what}: QRS answered {resp.status_code} {resp.text[:200]}".strip()
+                + f" (QRS does not let {self.cfg.user_directory}\\{self.cfg.user_id} do this: check qrs.user_directory,"
+                " qrs.user_id and that the client certificate is the one exported from this site)",
+                resp.status_code,
+                resp.text[:500],
+            )
         if resp.status_code >= 400:
             raise QrsRefused(f"{what}: QRS answered {resp.status_code} {resp.text[:200]}".strip(), resp.status_code, resp.text[:500])
         return resp
@@ -237,7 +250,21 @@ class QrsClient:
         data = self.get_json("/qrs/reloadtask/full", {"filter": filter_expr})
         if not isinstance(data, list):
             raise QrsRefused("GET /qrs/reloadtask/full: answer is not a list")
-        return [d for d in data if isinstance(d, dict) and "id" in d]
+        tasks = []
+        for d in data:
+            if isinstance(d, dict) and isinstance(d.get("id"), str) and is_guid(d["id"]):
+                tasks.append(d)
+                continue
+            # Not a task QRS could start: never guess, never fail the whole request for it.
+            ok, repeated = _limiter.allow("qrs_task_without_guid")
+            if ok:
+                log.warning(
+                    "qrs_task_skipped",
+                    reason="the reload task object from QRS has no GUID id; it is not started",
+                    id=repr(d.get("id") if isinstance(d, dict) else d)[:80],
+                    repeated=repeated,
+                )
+        return tasks
 
     def start_synchronous(self, task_id: str) -> str:
         """Start one task; returns the execution session id (EMPTY_GUID: not started)."""
