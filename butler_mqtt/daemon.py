@@ -427,7 +427,9 @@ class Daemon:
                 raise
             self._qrs_refused(exc)
             return reject("request_refused_by_qrs", "error", qrs_error_title(exc), str(exc))
-        self.qrs_problem = None
+        if self.qrs_problem is not None:
+            self.qrs_problem = None
+            self.listener.set_problem("qrs", None)
         self.metrics.request(ingress, "duplicate" if handled.replayed else "ok")
         self.metrics.tasks(handled.events)
         self._finish(job, d.replies)
@@ -435,6 +437,7 @@ class Daemon:
     def _qrs_refused(self, exc: QrsError) -> None:
         """A permanent QRS failure: logged at error level once per interval, shown in /healthz."""
         self.qrs_problem = str(exc)
+        self.listener.set_problem("qrs", str(exc))
         ok, repeated = self._limiter.allow(("qrs_refused", str(exc)[:200]))
         if ok:
             log.error("qrs_refused", error=str(exc), repeated=repeated,

@@ -85,6 +85,7 @@ class MqttListener:
         self._inflight: dict[int, Job] = {}  # packet id -> delivery being handled (this epoch)
         self.epoch = 0
         self.refused = 0  # deliveries not taken (queue full) since the last redelivery
+        self.problems: dict[str, str] = {}
         self.redeliveries = 0
         self.v5 = cfg.protocol == "5"
         self.client_id = client_id or cfg.client_id
@@ -158,9 +159,23 @@ class MqttListener:
             t.append(self.cfg.topics.start_plain)
         return t
 
+    def set_problem(self, name: str, text: str | None) -> None:
+        """Show (or clear) a standing problem, e.g. QRS refusing for good, on the status topic."""
+        with self._inflight_lock:
+            if self.problems.get(name) == text:
+                return
+            if text is None:
+                self.problems.pop(name, None)
+            else:
+                self.problems[name] = text
+        if self.connected.is_set():
+            self.client.publish(self.cfg.topics.status, self.status_payload("online"), qos=1, retain=True)
+
     def status_payload(self, state: str) -> str:
+        extra: dict[str, Any] = {"problems": dict(self.problems)} if self.problems and state == "online" else {}
         return json.dumps(
             {
+                **extra,
                 "status": state,
                 "version": __version__,
                 "clientId": self.client_id,
