@@ -21,8 +21,9 @@ Knobs for tests, all changeable while the simulator runs:
   ``huge_bytes`` bytes (a runaway answer).
 * ``clock_skew``: seconds added to the simulator's clock (its timestamps and ``Date`` header),
   to test a daemon whose clock differs from QRS's.
-* ``fault_paths``: a regular expression (``re.search`` on the decoded path) limiting the
-  fault to matching requests, e.g. ``r"/start"`` to break only starts.
+* ``fault_paths``: a regular expression (``re.search`` on the decoded path, then on the path
+  plus ``?`` plus the decoded query) limiting the fault to matching requests, e.g.
+  ``r"/start"`` to break only starts, or a tag name to break only lookups of that tag.
 * ``fail_starts_for``: task ids whose start answers 500 without starting anything.
 * ``already_running``: what starting a task that is still running answers. ``"same"``
   (default): 204 / 201 with the running execution's session id, and no second execution;
@@ -47,7 +48,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, unquote_plus
 
 from .certs import CertPaths, ensure_certs
 from .filter import CompiledFilter, FilterError, compile_filter
@@ -246,9 +247,11 @@ class QrsSimulator:
         self._clock_skew = seconds
         self.store.clock = (lambda: time.time() + seconds) if seconds else time.time
 
-    def _fault_for(self, path: str) -> str | None:
+    def _fault_for(self, path: str, query: str = "") -> str | None:
         fault, pattern = self.fault, self.fault_paths
-        if fault is None or (pattern is not None and not re.search(pattern, path)):
+        if fault is None:
+            return None
+        if pattern is not None and not (re.search(pattern, path) or re.search(pattern, f"{path}?{query}")):
             return None
         return fault
 
@@ -462,7 +465,7 @@ class _Handler(BaseHTTPRequestHandler):
         if sim.latency_ms > 0:
             sim._stopping.wait(sim.latency_ms / 1000)
         # A simulator stopped during the latency wait must not act on the request either.
-        fault = "outage" if sim._stopping.is_set() else sim._fault_for(path)
+        fault = "outage" if sim._stopping.is_set() else sim._fault_for(path, unquote_plus(raw_query))
         if fault == "outage":
             sim._record(LoggedRequest(self.command, path, query, 0, at))
             self.close_connection = True
