@@ -162,6 +162,7 @@ class Tracker:
         self._timers: set[threading.Timer] = set()
         self._thread = threading.Thread(target=self._run, name="tracker", daemon=True)
         self.polls = 0
+        self._refused_since: float | None = None
         self.grace_s = max(30.0, 3 * cfg.poll_interval)
 
     # ------------------------------------------------------------------ lifecycle
@@ -294,17 +295,25 @@ class Tracker:
 
     def _poll(self, pending: dict[str, Pending]) -> None:
         self.polls += 1
+        refused: str | None = None
         try:
             rows = latest_rows(self.qrs.execution_results(list(pending)))
+            self._refused_since = None
         except QrsError as exc:
             log.warning("tracking_poll_failed", error=str(exc), executions=len(pending))
             rows = None
+            if not is_transient(exc):  # QRS refuses to tell: give up after the grace period
+                self._refused_since = self._refused_since or time.monotonic()
+                if time.monotonic() - self._refused_since > self.grace_s:
+                    refused = f"QRS refuses to report executions: {exc}"
         now = time.monotonic()
         for eid, p in pending.items():
             row = rows.get(eid) if rows is not None else None
             status = row.get("status") if row is not None else None
             if isinstance(status, int) and status in FINAL_STATES:
                 self._finish(eid, FINAL_STATES[status], row)
+            elif refused is not None:
+                self._finish(eid, "Unknown", None, refused)
             elif now > p.mono_deadline:
                 self._finish(eid, "Unknown", row, f"still not finished after tracking.max_wait ({self.cfg.max_wait:.0f} s)")
             elif rows is not None and row is None and now - p.mono_started > self.grace_s:

@@ -355,6 +355,10 @@ _CLIENT_CERT_ALERTS = (
 )
 
 
+#: The peer is not a TLS server of a version we speak (plain HTTP on the port, an old protocol).
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "UNSUPPORTED_PROTOCOL", "PROTOCOL_VERSION")
+
+
 def _map_transport_error(exc: BaseException, base_url: str, timeout: float, what: str) -> QrsError:
     """The one table from urllib3/ssl/socket errors to the error tree (errors.py)."""
     causes = _causes(exc)
@@ -370,6 +374,11 @@ def _map_transport_error(exc: BaseException, base_url: str, timeout: float, what
         return QrsTlsRejected(
             f"QRS at {base_url} refused our client certificate ({getattr(tls, 'reason', None) or _short(tls)}):"
             " qrs.cert and qrs.key must be the client.pem and client_key.pem exported from this Qlik Sense site"
+        )
+    if tls is not None and any(r in str(getattr(tls, "reason", "") or tls) for r in _NOT_TLS):
+        return QrsTlsRejected(
+            f"QRS at {base_url} does not speak TLS as expected ({getattr(tls, 'reason', None) or _short(tls)}):"
+            " qrs.port must be the Repository Service's HTTPS port (4242) and qrs.host its server"
         )
     if tls is not None and (isinstance(tls, ssl.SSLEOFError) or "EOF" in str(tls)):
         # QRS closing the TLS connection straight after the handshake is how a server that
