@@ -28,6 +28,7 @@ from butler_mqtt.config import TrackingConfig
 from butler_mqtt.errors import ButlerError, QrsError, is_transient
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import FINAL_STATES, StartRequest
+from butler_mqtt.ops import retry
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StageResult, StartService
 
@@ -398,7 +399,7 @@ class Tracker:
             if not is_transient(exc):
                 log.error("chain_stage_refused", requestId=w.request_id, stage=index, error=str(exc))
                 return self._request_finished(w, index, f"stage {index} could not be started: {exc}")
-            delay = min(2.0**attempt, 30.0)
+            delay = retry.CHAIN_STAGE.delay(attempt)
             if time.time() + delay - w.started > self.cfg.max_wait:
                 return self._request_finished(
                     w, index, f"stage {index} could not be started within tracking.max_wait ({self.cfg.max_wait:.0f} s): {exc}"

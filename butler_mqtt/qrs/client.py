@@ -43,6 +43,7 @@ from butler_mqtt.errors import (
     is_transient,
 )
 from butler_mqtt.model import EMPTY_GUID, is_guid
+from butler_mqtt.ops import retry
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.qrs.filters import execution_filters
 
@@ -234,8 +235,8 @@ class QrsClient:
                 again = is_transient(exc) or (isinstance(exc, QrsTlsRejected) and exc.ambiguous)
                 if not again or attempt >= self.cfg.retries:
                     raise
+                time.sleep(retry.QRS_CALL.delay(attempt))
                 attempt += 1
-                time.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
 
     # ----------------------------------------------------------------- QRS operations
 
@@ -279,7 +280,7 @@ class QrsClient:
                 # Safe to try again only if the connection itself never opened.
                 if not exc.never_sent or attempt >= self.cfg.retries:
                     raise
-                time.sleep(min(0.2 * 2**attempt, 2.0))
+                time.sleep(retry.QRS_CALL.delay(attempt))
         self._check(resp, f"start task {task_id}")
         try:
             value = resp.json()
