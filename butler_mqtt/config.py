@@ -12,7 +12,7 @@ matching keys (see docs and `systemd/butler-mqtt.service`).
 from __future__ import annotations
 
 import os
-import socket
+import platform
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,7 +71,7 @@ class MqttConfig(_Section):
         """
         if not self.shared_group:
             return self.client_id
-        return f"{self.client_id}-{self.instance_id or socket.gethostname()}"
+        return f"{self.client_id}-{self.instance_id or platform.node()}"
 
     @field_validator("protocol", mode="before")
     @classmethod
