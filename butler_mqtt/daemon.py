@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from butler_mqtt import keys
+from butler_mqtt import keys, replies
 from butler_mqtt.config import Config, load_config
 from butler_mqtt.errors import (
     ConfigError,
@@ -52,7 +52,6 @@ from butler_mqtt.ops import retry, systemd
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.selection import error_event
 from butler_mqtt.service import StageResult, StartService, handle_request
 from butler_mqtt.tracking import Route, Tracker
 
@@ -339,7 +338,7 @@ class Daemon:
             exc_info=exc if ok else None,  # the traceback once per interval
         )
         self.metrics.request(job.ingress, "error")
-        ev = error_event(
+        ev = replies.error(
             delivery.request_id,
             "Internal error",
             f"the request could not be handled (reference {reference} in the daemon's log); what was"
@@ -369,7 +368,7 @@ class Daemon:
         def reject(event: str, outcome: str, title: str, text: str) -> None:
             log.warning(event, ingress=ingress, topic=job.topic, error=title, details=text)
             self.metrics.request(ingress, outcome)
-            emit(error_event(d.request_id, title, text))
+            emit(replies.error(d.request_id, title, text))
             self._finish(job, d.replies)
 
         if job.retained and not job.payload and not job.oversize:

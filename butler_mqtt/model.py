@@ -271,26 +271,3 @@ class TaskOutcome:
     matched_by: list[str] = field(default_factory=list)
     execution_id: str | None = None
     reason: str | None = None
-
-    def event(self, request_id: str | None, stage: int | None = None) -> dict[str, Any]:
-        ev: dict[str, Any] = {
-            "event": "task",
-            "requestId": request_id,
-            "taskId": self.task_id,
-            "taskName": self.task_name,
-            "status": self.status,
-        }
-        if self.execution_id is not None:
-            ev["executionId"] = self.execution_id
-        ev["matchedBy"] = list(self.matched_by)
-        if self.reason is not None:
-            ev["reason"] = self.reason
-        if stage is not None:
-            ev["stage"] = stage
-        return ev
-
-    def brief(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"taskId": self.task_id, "taskName": self.task_name, "status": self.status}
-        if self.reason is not None:
-            d["reason"] = self.reason
-        return d

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from butler_mqtt import replies
 from butler_mqtt.config import Config
 from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable
 from butler_mqtt.journal import Journal, Prior
@@ -23,7 +24,7 @@ from butler_mqtt.model import EMPTY_GUID, QrsTask, StartRequest, TaskOutcome
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.qrs.filters import chunk_or, criteria_clauses
 from butler_mqtt.resume import intent_key, plan_resume
-from butler_mqtt.selection import Selection, plan, select, summary
+from butler_mqtt.selection import Selection, plan, select
 
 log = structlog.get_logger("butler_mqtt.service")
 
@@ -143,9 +144,7 @@ class StartService:
 
         to_start = self._resume(outcomes, prior, stage_index, request_id, send)
         self._start_all(to_start, key, stage_index, request_id, send)
-        summ = summary(request_id, outcomes, selection.not_found)
-        if stage_index is not None:
-            summ["stage"] = stage_index
+        summ = replies.summary(request_id, outcomes, selection.not_found, stage_index)
         send(summ)
         log.info(
             "stage_done",
@@ -174,7 +173,7 @@ class StartService:
         for o in outcomes:
             step = by_task.get(o.task_id) if o.status == "started" else None
             if step is None:
-                send(o.event(request_id, stage))
+                send(replies.task(o, request_id, stage))
             elif step.action == "report" and step.recorded is not None:
                 # Started before the daemon stopped: report what was recorded, start nothing.
                 o.status, o.execution_id, o.reason = step.recorded["status"], step.recorded.get("executionId"), step.recorded.get("reason")
@@ -186,7 +185,7 @@ class StartService:
                 if o.status == "started" and o.execution_id is None:
                     to_start.append(o)  # it never reached QRS: start it now
                 else:
-                    send(o.event(request_id, stage))
+                    send(replies.task(o, request_id, stage))
             else:
                 to_start.append(o)
         return to_start
@@ -198,11 +197,11 @@ class StartService:
         if to_start and key is not None and self.journal is not None:
             self.journal.intents(key, [intent_key(o.task_id, stage) for o in to_start])
         if len(to_start) == 1:
-            send(self._start_one(to_start[0]).event(request_id, stage))
+            send(replies.task(self._start_one(to_start[0]), request_id, stage))
         elif to_start:
             futures = [self._pool.submit(self._start_one, o) for o in to_start]
             for fut in as_completed(futures):
-                send(fut.result().event(request_id, stage))
+                send(replies.task(fut.result(), request_id, stage))
 
 
 class KeyLocks:

@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from butler_mqtt import replies
 from butler_mqtt.chains import NextStage, after_stage, finish_failure, start_failures
 from butler_mqtt.config import TrackingConfig
 from butler_mqtt.errors import ButlerError, QrsError, is_transient
@@ -34,7 +35,6 @@ from butler_mqtt.service import StageResult, StartService
 
 log = structlog.get_logger("butler_mqtt.tracking")
 
-NEVER = "1753-01-01T00:00:00.000Z"
 
 
 @dataclass
@@ -114,19 +114,6 @@ class Waited:
 
 
 Publish = Callable[[Route, dict[str, Any]], None]
-
-
-def _ms(start: str | None, stop: str | None, fallback: Any) -> int | None:
-    if isinstance(fallback, int) and fallback > 0:
-        return fallback
-    try:
-        from datetime import datetime
-
-        a = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
-        b = datetime.fromisoformat(str(stop).replace("Z", "+00:00"))
-        return max(0, int((b - a).total_seconds() * 1000))
-    except ValueError:
-        return None
 
 
 def latest_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -328,23 +315,7 @@ class Tracker:
             if w is None:
                 return
             p = w.pending.pop(eid)
-        start = row.get("startTime") if row else None
-        stop = row.get("stopTime") if row else None
-        ev: dict[str, Any] = {
-            "event": "taskFinished",
-            "requestId": w.request_id,
-            "taskId": p.task_id,
-            "taskName": p.task_name,
-            "executionId": eid,
-            "status": status,
-            "startTime": None if start in (None, NEVER) else start,
-            "stopTime": None if stop in (None, NEVER) else stop,
-            "durationMs": _ms(start, stop, row.get("duration") if row else None) if row else None,
-        }
-        if reason is not None:
-            ev["reason"] = reason
-        if p.stage is not None:
-            ev["stage"] = p.stage
+        ev = replies.task_finished(w.request_id, p.task_id, p.task_name, eid, status, row, reason, p.stage)
         with self._lock:
             w.finished[status] = w.finished.get(status, 0) + 1
             failure = finish_failure(p.task_name, p.task_id, status)
@@ -434,15 +405,7 @@ class Tracker:
         timer.start()
 
     def _request_finished(self, w: Waited, stopped_at: int | None, reason: str | None) -> None:
-        ev: dict[str, Any] = {
-            "event": "requestFinished",
-            "requestId": w.request_id,
-            "finished": dict(w.finished),
-            "stoppedAtStage": stopped_at,
-            "durationMs": int((time.time() - w.started) * 1000),
-        }
-        if reason is not None:
-            ev["reason"] = reason
+        ev = replies.request_finished(w.request_id, w.finished, stopped_at, int((time.time() - w.started) * 1000), reason)
         self._emit(w, ev)
         with self._lock:
             self._waited.pop(w.key, None)
