@@ -11,10 +11,8 @@ dropped and never answered with a guess.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
-import re
 import signal
 import sys
 import threading
@@ -32,22 +30,15 @@ from butler_mqtt.errors import (
     JournalError,
     QrsError,
     QrsTlsRejected,
-    RequestRejected,
     is_transient,
 )
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import (
     MAX_PAYLOAD_BYTES,
     MAX_PLAIN_PAYLOAD_BYTES,
-    MAX_REQUEST_ID_LENGTH,
-    StartRequest,
-    decode_json,
-    encodable,
-    parse_plain,
-    validate_request,
 )
+from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener, wait_published
-from butler_mqtt.mqtt.topics import response_topic_problem
 from butler_mqtt.ops import retry, systemd
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.ops.ratelimit import RateLimiter
@@ -59,21 +50,7 @@ log = structlog.get_logger("butler_mqtt.daemon")
 
 #: How long a redelivery (dup) of a delivery without requestId is matched to its first copy.
 ANON_DUP_WINDOW_S = 24 * 3600
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 PUBLISH_TIMEOUT_S = 30.0
-
-
-def _request_id_of(payload: bytes) -> str | None:
-    """Best effort: the requestId of a payload (also one that fails validation), for replies."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        return None
-    try:
-        data = json.loads(payload.decode("utf-8"))
-    except (ValueError, RecursionError):
-        return None
-    rid = data.get("requestId") if isinstance(data, dict) else None
-    ok = isinstance(rid, str) and len(rid) <= MAX_REQUEST_ID_LENGTH and encodable(rid) and not _CONTROL.search(rid)
-    return rid if ok else None
 
 
 class Daemon:
@@ -365,55 +342,32 @@ class Daemon:
             d.events.append(ev)
             d.replies.append(self.listener.publish_event(d.topic(self.cfg), job.correlation_data, ev))
 
-        def reject(event: str, outcome: str, title: str, text: str) -> None:
-            log.warning(event, ingress=ingress, topic=job.topic, error=title, details=text)
-            self.metrics.request(ingress, outcome)
-            emit(replies.error(d.request_id, title, text))
+        def reject(r: ingress_rules.Reject) -> None:
+            d.route_ok = not r.default_route
+            log.warning(r.log_event, ingress=ingress, topic=job.topic, error=r.error, details=r.details)
+            self.metrics.request(ingress, r.outcome)
+            emit(replies.error(d.request_id, r.error, r.details))
             self._finish(job, d.replies)
 
-        if job.retained and not job.payload and not job.oversize:
+        d.request_id = ingress_rules.request_id_of(job)
+        structlog.contextvars.bind_contextvars(requestId=d.request_id)
+        verdict = ingress_rules.screen(job, self.cfg.mqtt, self.listener.limits, time.monotonic())
+        if isinstance(verdict, ingress_rules.Clear):
             self.listener.ack(job)  # someone clearing a retained message: nothing to answer
             return
-        d.request_id = None if ingress == "mqtt-plain" or job.oversize else _request_id_of(job.payload)
-        structlog.contextvars.bind_contextvars(requestId=d.request_id)
-        if job.response_topic is not None:
-            problem = response_topic_problem(job.response_topic, self.cfg.mqtt)
-            if problem is not None:  # answered on topics.reply instead; nothing is started
-                d.route_ok = False
-                return reject("request_rejected", "rejected", "Invalid response topic", f"{problem}; nothing was started")
-        if job.oversize:
-            limit = self.listener.limits[1 if ingress == "mqtt-plain" else 0]
-            return reject("request_rejected", "rejected", "Payload too large",
-                          f"{job.oversize} bytes; the limit is {limit} bytes")
-        if job.retained:
-            return reject("retained_request_ignored", "rejected", "Retained request ignored",
-                          "start requests must be published with retain=false; nothing was started")
-        try:
-            req: StartRequest = parse_plain(job.payload) if ingress == "mqtt-plain" else validate_request(decode_json(job.payload))
-        except RequestRejected as rej:
-            return reject("request_rejected", "rejected", rej.error, rej.details)
-        d.request_id = req.requestId
+        if isinstance(verdict, ingress_rules.Reject):
+            return reject(verdict)
+        req, d.request_id = verdict, verdict.requestId
         structlog.contextvars.bind_contextvars(requestId=req.requestId)
-        if job.expires_at is not None and time.monotonic() > job.expires_at:
-            return reject("request_expired", "expired", "Request expired",
-                          "the message expiry interval passed before it could be handled")
-
         route = Route(d.topic(self.cfg), job.correlation_data.hex() if job.correlation_data else None)
-        fingerprint: str | None = None
-        if req.requestId:
-            key = keys.for_request_id(req.requestId)
-        elif job.correlation_data:
-            key = keys.for_correlation(job.correlation_data, route.topic)
-        else:
-            # No idempotency key: only a redelivery (dup) of this very delivery (payload, topic
-            # and packet id) is the same request; an identical payload published later is new.
-            fingerprint = keys.delivery_fingerprint(job.payload, job.topic, job.mid)
+        key, fingerprint = ingress_rules.idempotency_key(req, job, route.topic)
+        if key is None and fingerprint is not None:
             earlier = self.journal.recent_hash(fingerprint, ANON_DUP_WINDOW_S) if job.dup else None
             key = earlier or keys.anonymous(ingress)
         d.key = key
 
         def follow(result: StageResult) -> None:
-            if req.waits:
+            if req.waits and key is not None:
                 self.tracker.follow(key, req, result, route)
 
         try:
@@ -425,7 +379,7 @@ class Daemon:
             if is_transient(exc):
                 raise
             self._qrs_refused(exc)
-            return reject("request_refused_by_qrs", "error", qrs_error_title(exc), str(exc))
+            return reject(ingress_rules.Reject("request_refused_by_qrs", "error", qrs_error_title(exc), str(exc)))
         if self.qrs_problem is not None:
             self.qrs_problem = None
             self.listener.set_problem("qrs", None)
