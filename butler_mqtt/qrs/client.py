@@ -5,37 +5,31 @@
 * GETs are retried with backoff on connection errors and 5xx; a start is retried only when
   the connection was never made (refused or connect timeout), because a blind retry of a
   start can run a reload twice.
-* Transport errors map to the tree of errors.py in one table (`_map_transport_error`):
+* The transport (qrs/transport.py) carries each request and names its failures in one table:
   unreachable (transient; `never_sent` when the connection never opened), TLS rejected
-  (permanent: certificate not trusted, client certificate refused), answered with an error.
-* Answers are read with a size cap (`qrs.max_response_bytes`).
+  (permanent: certificate not trusted, client certificate refused), answered with an error;
+  answers are read with a size cap (`qrs.max_response_bytes`). Tests may hand in a
+  `MockTransport`.
 * QRS's clock is learned from its `Date` header (`clock_offset`): "did my start arrive?"
   questions are asked in QRS's time, so a skewed daemon clock neither doubles nor misreports.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import secrets
-import socket
-import ssl
 import string
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode
 
 import structlog
-import urllib3
 
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import (
-    ConfigError,
-    QrsError,
     QrsNotFound,
     QrsRefused,
     QrsTlsRejected,
@@ -46,6 +40,7 @@ from butler_mqtt.model import EMPTY_GUID, is_guid
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.qrs.filters import execution_filters
+from butler_mqtt.qrs.transport import Answer, PoolTransport, Transport, route_name
 
 log = structlog.get_logger("butler_mqtt.qrs")
 _limiter = RateLimiter(60.0)
@@ -67,26 +62,6 @@ def new_xrfkey() -> str:
     return "".join(_RANDOM.choices(_XRF_ALPHABET, k=16))
 
 
-def _route(path: str) -> str:
-    """A low-cardinality route name for metrics: GUIDs replaced by `{id}`."""
-    return "/".join("{id}" if is_guid(p) else p for p in path.split("/"))
-
-
-@dataclass
-class Answer:
-    """One QRS answer: status and body."""
-
-    status_code: int
-    content: bytes
-
-    @property
-    def text(self) -> str:
-        return self.content.decode("utf-8", errors="replace")
-
-    def json(self) -> Any:
-        return json.loads(self.content)
-
-
 class QrsClient:
     """Thread-safe: one instance is shared by all workers.
 
@@ -94,7 +69,7 @@ class QrsClient:
     third of the CPU, which on a 2-core host is most of a start's own latency.
     """
 
-    def __init__(self, cfg: QrsConfig, observer: CallObserver | None = None) -> None:
+    def __init__(self, cfg: QrsConfig, observer: CallObserver | None = None, transport: Transport | None = None) -> None:
         self.cfg = cfg
         self.base_url = cfg.base_url
         self._observer = observer
@@ -102,27 +77,7 @@ class QrsClient:
         self._clock_lock = threading.Lock()
         self._offset = 0.0
         self._offset_known = False
-        if cfg.verify:
-            ctx = ssl.create_default_context(cafile=str(cfg.ca) if cfg.ca is not None else None)
-        else:
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        try:
-            ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError("qrs.cert", f"cannot load the client certificate and key: {exc}") from None
-        self._pool = urllib3.HTTPSConnectionPool(
-            cfg.host,
-            cfg.port,
-            maxsize=max(cfg.start_concurrency * 2, 10),
-            block=False,
-            ssl_context=ctx,
-            cert_reqs="CERT_REQUIRED" if cfg.verify else "CERT_NONE",
-            assert_hostname=cfg.host if cfg.verify else False,
-            retries=False,
-            timeout=urllib3.Timeout(connect=min(cfg.timeout, 10.0), read=cfg.timeout),
-        )
+        self._transport: Transport = transport if transport is not None else PoolTransport(cfg)
         self._headers = {
             "X-Qlik-User": f"UserDirectory={cfg.user_directory}; UserId={cfg.user_id}",
             "Accept": "application/json",
@@ -131,7 +86,7 @@ class QrsClient:
         }
 
     def close(self) -> None:
-        self._pool.close()
+        self._transport.close()
 
     @property
     def last_success(self) -> float:
@@ -148,40 +103,15 @@ class QrsClient:
         t0 = time.perf_counter()
         status: int | None = None
         try:
-            resp = self._pool.urlopen(
-                method, f"{path}?{query}", body=body, headers=headers, retries=False, redirect=False,
-                preload_content=False,
-            )
-            status = resp.status
+            answer = self._transport.send(method, f"{path}?{query}", body, headers)
+            status = answer.status_code
             if status < 500:
                 self._last_ok = time.monotonic()
-            self._learn_clock(resp.headers.get("Date"), t0)
-            return Answer(status, self._read_capped(resp, method, path))
-        except QrsError:
-            raise
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _map_transport_error(exc, self.base_url, self.cfg.timeout, f"{method} {_route(path)}") from None
+            self._learn_clock(answer.date, t0)
+            return answer
         finally:
             if self._observer is not None:
-                self._observer(method, _route(path), status, time.perf_counter() - t0)
-
-    def _read_capped(self, resp: Any, method: str, path: str) -> bytes:
-        """The body, at most `qrs.max_response_bytes`: a runaway answer must not eat the memory."""
-        cap = self.cfg.max_response_bytes
-        try:
-            data: bytes = resp.read(cap + 1)
-        except BaseException:
-            resp.close()
-            raise
-        if len(data) > cap:
-            resp.close()  # neither read nor reuse the rest of this connection
-            raise QrsRefused(
-                f"{method} {_route(path)}: the QRS answer is larger than qrs.max_response_bytes ({cap} bytes);"
-                " narrow the selection or raise qrs.max_response_bytes",
-                resp.status,
-            )
-        resp.release_conn()
-        return data
+                self._observer(method, route_name(path), status, time.perf_counter() - t0)
 
     def _learn_clock(self, date_header: str | None, t0: float) -> None:
         if not date_header:
@@ -225,11 +155,11 @@ class QrsClient:
                 resp = self._call("GET", path, params)
                 if resp.status_code >= 500 and attempt < self.cfg.retries:
                     raise QrsRefused(f"GET {path}: {resp.status_code}", resp.status_code)
-                self._check(resp, f"GET {_route(path)}")
+                self._check(resp, f"GET {route_name(path)}")
                 try:
                     return resp.json()
                 except ValueError:
-                    raise QrsRefused(f"GET {_route(path)}: answer is not JSON", resp.status_code, resp.text[:200]) from None
+                    raise QrsRefused(f"GET {route_name(path)}: answer is not JSON", resp.status_code, resp.text[:200]) from None
             except (QrsUnreachable, QrsRefused, QrsTlsRejected) as exc:
                 # An ambiguous TLS close is tried again a few times before it counts as a refusal.
                 again = is_transient(exc) or (isinstance(exc, QrsTlsRejected) and exc.ambiguous)
@@ -328,91 +258,6 @@ class QrsClient:
             return True
         except QrsNotFound:
             return False
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc)
-    return text if len(text) < 200 else text[:200] + "..."
-
-
-def _causes(exc: BaseException) -> list[BaseException]:
-    """The exception and what it wraps (urllib3 keeps the socket/ssl error in args or cause)."""
-    out: list[BaseException] = []
-    todo: list[BaseException] = [exc]
-    while todo and len(out) < 10:
-        e = todo.pop(0)
-        if e in out:
-            continue
-        out.append(e)
-        todo.extend(a for a in e.args if isinstance(a, BaseException))
-        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
-    return out
-
-
-#: Server alerts that mean "your client certificate is not accepted" (OpenSSL reason names).
-_CLIENT_CERT_ALERTS = (
-    "UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "CERTIFICATE_UNKNOWN",
-    "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED", "ACCESS_DENIED",
-)
-
-
-#: The peer is not a TLS server of a version we speak (plain HTTP on the port, an old protocol).
-_NOT_TLS = ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "UNSUPPORTED_PROTOCOL", "PROTOCOL_VERSION")
-
-
-def _map_transport_error(exc: BaseException, base_url: str, timeout: float, what: str) -> QrsError:
-    """The one table from urllib3/ssl/socket errors to the error tree (errors.py)."""
-    causes = _causes(exc)
-    verify = next((c for c in causes if isinstance(c, ssl.SSLCertVerificationError)), None)
-    if verify is not None:
-        return QrsTlsRejected(
-            f"the certificate of QRS at {base_url} is not trusted ({verify.verify_message or _short(verify)}):"
-            " qrs.ca must be the root.pem exported from this Qlik Sense site and qrs.host the name in the"
-            " server certificate (qrs.verify: false turns the check off, not recommended)"
-        )
-    tls = next((c for c in causes if isinstance(c, ssl.SSLError)), None)
-    if tls is not None and any(a in str(getattr(tls, "reason", "") or tls) for a in _CLIENT_CERT_ALERTS):
-        return QrsTlsRejected(
-            f"QRS at {base_url} refused our client certificate ({getattr(tls, 'reason', None) or _short(tls)}):"
-            " qrs.cert and qrs.key must be the client.pem and client_key.pem exported from this Qlik Sense site"
-        )
-    if tls is not None and any(r in str(getattr(tls, "reason", "") or tls) for r in _NOT_TLS):
-        return QrsTlsRejected(
-            f"QRS at {base_url} does not speak TLS as expected ({getattr(tls, 'reason', None) or _short(tls)}):"
-            " qrs.port must be the Repository Service's HTTPS port (4242) and qrs.host its server"
-        )
-    if tls is not None and (isinstance(tls, ssl.SSLEOFError) or "EOF" in str(tls)):
-        # QRS closing the TLS connection straight after the handshake is how a server that
-        # does not accept our client certificate says so under TLS 1.3 (no alert reaches us).
-        return QrsTlsRejected(
-            f"QRS at {base_url} closed the TLS connection without answering; usually it does not accept our"
-            " client certificate: qrs.cert and qrs.key must be the client.pem and client_key.pem exported"
-            " from this Qlik Sense site",
-            ambiguous=True,
-        )
-    oserr = next((c for c in causes if isinstance(c, OSError) and c.errno is not None), None)
-    if oserr is not None and oserr.errno in (errno.EMFILE, errno.ENFILE):
-        return QrsUnreachable(
-            f"cannot open a connection to QRS: too many open files ({oserr.strerror}); raise LimitNOFILE",
-            never_sent=True,
-        )
-    if isinstance(exc, urllib3.exceptions.NameResolutionError) or any(isinstance(c, socket.gaierror) for c in causes):
-        return QrsUnreachable(f"cannot resolve the QRS host name in {base_url} (qrs.host)", never_sent=True)
-    if oserr is not None and oserr.errno == errno.ECONNREFUSED:
-        return QrsUnreachable(
-            f"cannot reach QRS at {base_url}: connection refused (is the Qlik Sense Repository Service"
-            " running, and is qrs.port right?)",
-            never_sent=True,
-        )
-    if isinstance(exc, urllib3.exceptions.NewConnectionError):
-        return QrsUnreachable(f"cannot connect to QRS at {base_url}: {_short(oserr or exc)}", never_sent=True)
-    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
-        return QrsUnreachable(f"cannot connect to QRS at {base_url} within {min(timeout, 10.0):g} s", never_sent=True)
-    if isinstance(exc, urllib3.exceptions.TimeoutError):
-        return QrsUnreachable(f"QRS did not answer within {timeout:g} s ({what})")
-    if tls is not None:
-        return QrsUnreachable(f"TLS connection to QRS at {base_url} failed: {_short(tls)}")
-    return QrsUnreachable(f"QRS connection failed at {base_url}: {_short(exc)}")
 
 
 __all__ = ["EMPTY_GUID", "QrsClient", "new_xrfkey"]

@@ -1,0 +1,82 @@
+"""Crash resume against a stand-in QRS transport (no TLS, no server): an uncertain start is
+looked up in QRS, in QRS's clock, and never sent twice."""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from typing import Any
+
+from butler_mqtt.config import Config
+from butler_mqtt.journal import Prior
+from butler_mqtt.model import StartRequest
+from butler_mqtt.qrs.client import QrsClient
+from butler_mqtt.qrs.transport import Answer, MockTransport
+from butler_mqtt.resume import intent_key
+from butler_mqtt.service import StartService
+
+T1 = "11111111-1111-4111-8111-111111111111"
+E1 = "e1e1e1e1-0000-4000-8000-000000000001"
+SKEW = -300.0  # QRS's clock is 5 minutes behind ours
+
+
+def iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".000Z"
+
+
+class FakeQrs:
+    """Answers like QRS: one task; its executions, created in QRS's clock."""
+
+    def __init__(self, ran_at: float | None) -> None:
+        self.ran_at = ran_at  # QRS time of an execution of T1, if any
+        self.starts = 0
+
+    def __call__(self, method: str, path: str, params: dict[str, str], _body: Any) -> Answer:
+        date = formatdate(time.time() + SKEW, usegmt=True)
+        if path == "/qrs/reloadtask/full":
+            return Answer(200, b'[{"id": "%s", "name": "Load", "tags": [], "customProperties": []}]' % T1.encode(), date)
+        if path == "/qrs/executionresult/full":
+            since = params["filter"].split("createdDate ge '")[1].rstrip("'")
+            rows = [] if self.ran_at is None or iso(self.ran_at) < since else [
+                {"executionID": E1, "taskID": T1, "createdDate": iso(self.ran_at)}
+            ]
+            import json
+
+            return Answer(200, json.dumps(rows).encode(), date)
+        if path.endswith("/start/synchronous") and method == "POST":
+            self.starts += 1
+            return Answer(201, b'{"value": "e2e2e2e2-0000-4000-8000-000000000002"}', date)
+        return Answer(404, b"", date)
+
+
+def service(fake: FakeQrs) -> StartService:
+    cfg = Config()
+    return StartService(cfg, QrsClient(cfg.qrs, transport=MockTransport(fake)))
+
+
+def resume(fake: FakeQrs, sent_at: float) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    prior = Prior(state="open", intents={intent_key(T1, None): sent_at})
+    service(fake).run_stage(StartRequest(taskId=[T1]), "r", events.append, None, "id:r", prior)
+    return events
+
+
+def test_a_start_that_arrived_is_confirmed_not_repeated_despite_the_skew():
+    sent = time.time() - 10  # our clock; QRS recorded the execution 5 min "earlier" in its own
+    fake = FakeQrs(ran_at=sent + SKEW + 0.5)
+    [task, summary] = resume(fake, sent)
+    assert task["status"] == "started" and task["executionId"] == E1 and "confirmed from QRS" in task["reason"]
+    assert fake.starts == 0 and summary["totalTasksStarted"] == 1
+
+
+def test_a_start_that_never_arrived_is_sent_now_once():
+    fake = FakeQrs(ran_at=None)
+    [task, _summary] = resume(fake, time.time() - 10)
+    assert task["status"] == "started" and fake.starts == 1
+
+
+def test_an_older_execution_is_not_mistaken_for_ours():
+    sent = time.time() - 10
+    fake = FakeQrs(ran_at=sent + SKEW - 60)  # a run a minute before our start (QRS time)
+    resume(fake, sent)
+    assert fake.starts == 1
