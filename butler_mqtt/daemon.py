@@ -35,7 +35,7 @@ from butler_mqtt.errors import (
 )
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import StartRequest, decode_json, parse_plain, validate_request
-from butler_mqtt.mqtt.listener import Job, MqttListener, wait_published
+from butler_mqtt.mqtt.listener import Job, MqttListener
 from butler_mqtt.ops import systemd
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.qrs.client import QrsClient
@@ -338,8 +338,8 @@ class Daemon:
         self.listener.publish_event(route.topic, route.correlation_bytes, event)
 
     def _finish(self, job: Job, replies: list[Any]) -> None:
-        """Ack only once the broker has every reply (QoS 1 keeps them in order)."""
-        if replies and not wait_published(replies[-1], PUBLISH_TIMEOUT_S):
+        """Ack only once the broker has taken every reply (see MqttListener.confirm)."""
+        if replies and not self.listener.confirm(replies, PUBLISH_TIMEOUT_S):
             log.warning("reply_not_confirmed", detail="request left unacked; a redelivery replays the journal")
             return
         self.listener.ack(job)

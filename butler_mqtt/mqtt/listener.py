@@ -8,7 +8,13 @@ Facts this relies on (research/peers-and-mqtt-practice.md part B, tested on Mosq
   is guarded;
 * Receive Maximum makes the broker stop sending once that many requests are unacked, which is
   the back-pressure: the hand-off queue can never grow beyond it;
-* plain disconnect() does not send the will, so "offline" is published by hand on shutdown.
+* plain disconnect() does not send the will, so "offline" is published by hand on shutdown;
+* a PUBACK is not always "delivered": MQTT 5 brokers answer 0x10 No matching subscribers when
+  nobody subscribes to the topic, e.g. a requester that has not re-subscribed yet after a
+  broker restart (the reply is then dropped), and >= 0x80 when they refuse the message;
+* after a reconnect paho resends unconfirmed messages only once the CONNACK arrives, while a
+  worker's publish in the CONNECT/CONNACK window goes out at once: PUBACKs then arrive out of
+  publish order, so the last reply being confirmed says nothing about the earlier ones.
 
 The network thread only parses and enqueues; all work happens in the daemon's workers.
 """
@@ -21,6 +27,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +44,12 @@ from butler_mqtt import __version__
 from butler_mqtt.config import MqttConfig
 
 log = structlog.get_logger("butler_mqtt.mqtt")
+
+NO_MATCHING_SUBSCRIBERS = 0x10
+#: For this long after each (re)connect, a reply the broker dropped for want of a subscriber
+#: (PUBACK 0x10) is published again: requesters re-subscribe only once they are back too.
+REPLY_RESEND_WINDOW_S = 20.0
+_PUBACKS_KEPT = 1024  # non-success PUBACKs remembered for the workers (bounded)
 
 
 @dataclass
@@ -66,6 +79,10 @@ class MqttListener:
         self.paused = False  # set on shutdown: new deliveries are left unacked for the next run
         self.started_at = time.time()
         self.connects = 0
+        self.connected_at = 0.0  # time.monotonic() of the last successful connect
+        # mid -> (PUBACK reason code, the message if it may be resent): success is not stored
+        self._pubacks: OrderedDict[int, tuple[int, mqtt.MQTTMessage | None]] = OrderedDict()
+        self._pubacks_lock = threading.Lock()
         self._sub_mids: set[int] = set()
         self.on_subscribed: Callable[[], None] | None = None
 
@@ -86,6 +103,7 @@ class MqttListener:
         c.on_disconnect = self._guard(self._on_disconnect)
         c.on_message = self._guard(self._on_message)
         c.on_subscribe = self._guard(self._on_subscribe)
+        c.on_publish = self._guard(self._on_publish)
         self.client = c
 
     # ------------------------------------------------------------------ lifecycle
@@ -162,6 +180,7 @@ class MqttListener:
             log.error("mqtt_connect_refused", reason=str(rc), host=self.cfg.host, port=self.cfg.port)
             return
         self.connects += 1
+        self.connected_at = time.monotonic()
         nodelay(client)
         self.connected.set()
         log.info(
@@ -201,6 +220,19 @@ class MqttListener:
         if not self.paused:
             log.warning("mqtt_disconnected", reason=str(rc), reconnecting=True)
 
+    def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
+        """Remember a PUBACK that is not plain success, for `confirm`. Runs before paho marks
+        the message published and drops it, so the message is still at hand for a resend."""
+        code = int(getattr(rc, "value", 0) or 0)
+        with self._pubacks_lock:
+            self._pubacks.pop(mid, None)  # the mid's previous use, if any
+            if code == 0:
+                return
+            msg = client._out_messages.get(mid) if code == NO_MATCHING_SUBSCRIBERS else None  # noqa: SLF001
+            self._pubacks[mid] = (code, msg)
+            while len(self._pubacks) > _PUBACKS_KEPT:
+                self._pubacks.popitem(last=False)
+
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if self.paused:
             return  # shutting down: left unacked, redelivered to the next run
@@ -231,6 +263,35 @@ class MqttListener:
     def ack(self, job: Job) -> None:
         if job.qos > 0:
             self.client.ack(job.mid, job.qos)
+
+    def confirm(self, replies: list[mqtt.MQTTMessageInfo], timeout: float) -> bool:
+        """Wait until the broker has taken every reply (each one: PUBACK order is not publish
+        order after a reconnect). A reply dropped for want of a subscriber (0x10) within
+        REPLY_RESEND_WINDOW_S of a (re)connect is published again until someone takes it or
+        the window closes. False if a PUBACK did not come within `timeout`."""
+        deadline = time.monotonic() + timeout
+        for info in replies:
+            delay = 0.25
+            while True:
+                if not wait_published(info, max(0.0, deadline - time.monotonic())):
+                    return False
+                with self._pubacks_lock:
+                    code, msg = self._pubacks.pop(info.mid, (0, None))
+                if code == 0:
+                    break
+                topic = msg.topic if msg is not None else None
+                if code != NO_MATCHING_SUBSCRIBERS or msg is None:
+                    log.error("reply_refused", topic=topic, reason=_reason(code), detail="the broker refused the reply")
+                    break
+                window_end = self.connected_at + REPLY_RESEND_WINDOW_S
+                if time.monotonic() + delay > min(window_end, deadline):
+                    log.warning("reply_unmatched", topic=topic, detail="no client subscribes to the reply topic")
+                    break
+                log.info("reply_resent", topic=topic, reason=_reason(code), retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                info = self.client.publish(msg.topic, msg.payload, qos=1, retain=msg.retain, properties=msg.properties)
+        return True
 
     def reply(self, job: Job, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
         return self.publish_event(job.response_topic or self.cfg.topics.reply, job.correlation_data, event)
@@ -277,6 +338,13 @@ def nodelay(client: mqtt.Client) -> None:
             setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass  # not a TCP socket: nothing to tune
+
+
+def _reason(code: int) -> str:
+    try:
+        return f"{code:#04x} {ReasonCode(PacketTypes.PUBACK, identifier=code)}"
+    except Exception:  # not a PUBACK reason code paho knows
+        return f"{code:#04x}"
 
 
 def wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
