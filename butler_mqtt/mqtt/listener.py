@@ -46,8 +46,9 @@ from butler_mqtt.config import MqttConfig
 log = structlog.get_logger("butler_mqtt.mqtt")
 
 NO_MATCHING_SUBSCRIBERS = 0x10
-#: For this long after each (re)connect, a reply the broker dropped for want of a subscriber
-#: (PUBACK 0x10) is published again: requesters re-subscribe only once they are back too.
+#: For this long after each reconnect, a reply the broker dropped for want of a subscriber
+#: (PUBACK 0x10) is published again: after a broker restart a requester without a restored
+#: subscription re-subscribes only once it is back too, possibly after the daemon.
 REPLY_RESEND_WINDOW_S = 20.0
 _PUBACKS_KEPT = 1024  # non-success PUBACKs remembered for the workers (bounded)
 
@@ -80,8 +81,8 @@ class MqttListener:
         self.started_at = time.time()
         self.connects = 0
         self.connected_at = 0.0  # time.monotonic() of the last successful connect
-        # mid -> (PUBACK reason code, the message if it may be resent): success is not stored
-        self._pubacks: OrderedDict[int, tuple[int, mqtt.MQTTMessage | None]] = OrderedDict()
+        # mid -> (PUBACK reason code, topic, the message if it may be resent); not success
+        self._pubacks: OrderedDict[int, tuple[int, str | None, mqtt.MQTTMessage | None]] = OrderedDict()
         self._pubacks_lock = threading.Lock()
         self._sub_mids: set[int] = set()
         self.on_subscribed: Callable[[], None] | None = None
@@ -228,8 +229,9 @@ class MqttListener:
             self._pubacks.pop(mid, None)  # the mid's previous use, if any
             if code == 0:
                 return
-            msg = client._out_messages.get(mid) if code == NO_MATCHING_SUBSCRIBERS else None  # noqa: SLF001
-            self._pubacks[mid] = (code, msg)
+            msg = client._out_messages.get(mid)  # noqa: SLF001
+            topic = msg.topic if msg is not None else None
+            self._pubacks[mid] = (code, topic, msg if code == NO_MATCHING_SUBSCRIBERS else None)
             while len(self._pubacks) > _PUBACKS_KEPT:
                 self._pubacks.popitem(last=False)
 
@@ -265,10 +267,11 @@ class MqttListener:
             self.client.ack(job.mid, job.qos)
 
     def confirm(self, replies: list[mqtt.MQTTMessageInfo], timeout: float) -> bool:
-        """Wait until the broker has taken every reply (each one: PUBACK order is not publish
-        order after a reconnect). A reply dropped for want of a subscriber (0x10) within
-        REPLY_RESEND_WINDOW_S of a (re)connect is published again until someone takes it or
-        the window closes. False if a PUBACK did not come within `timeout`."""
+        """Wait until the broker has taken every reply: each one, since PUBACK order is not
+        publish order after a reconnect. Within REPLY_RESEND_WINDOW_S of a reconnect, a reply
+        the broker dropped for want of a subscriber (0x10) is published again until a requester
+        is back to take it or the window closes. False (leave the request unacked: redelivered
+        and replayed from the journal) if a PUBACK did not come in time or we are stopping."""
         deadline = time.monotonic() + timeout
         for info in replies:
             delay = 0.25
@@ -276,18 +279,20 @@ class MqttListener:
                 if not wait_published(info, max(0.0, deadline - time.monotonic())):
                     return False
                 with self._pubacks_lock:
-                    code, msg = self._pubacks.pop(info.mid, (0, None))
+                    code, topic, msg = self._pubacks.pop(info.mid, (0, None, None))
                 if code == 0:
                     break
-                topic = msg.topic if msg is not None else None
                 if code != NO_MATCHING_SUBSCRIBERS or msg is None:
                     log.error("reply_refused", topic=topic, reason=_reason(code), detail="the broker refused the reply")
                     break
-                window_end = self.connected_at + REPLY_RESEND_WINDOW_S
+                window_end = self.connected_at + REPLY_RESEND_WINDOW_S if self.connects > 1 else 0.0
                 if time.monotonic() + delay > min(window_end, deadline):
-                    log.warning("reply_unmatched", topic=topic, detail="no client subscribes to the reply topic")
-                    break
-                log.info("reply_resent", topic=topic, reason=_reason(code), retry_in_s=delay)
+                    if window_end:
+                        log.info("reply_unmatched", topic=topic, detail="no client subscribed to the reply topic in time")
+                    break  # nobody listens (fire and forget): the reply is not needed
+                if self.paused:
+                    return False
+                log.debug("reply_resent", topic=topic, reason=_reason(code), retry_in_s=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 info = self.client.publish(msg.topic, msg.payload, qos=1, retain=msg.retain, properties=msg.properties)
