@@ -52,14 +52,14 @@ def now() -> float:
 class Subscriber:
     """Persistent-session subscriber: every reply event per requestId, with arrival times."""
 
-    def __init__(self, port: int, topic: str, expiry: int = 3600, delay: float = 0.1) -> None:
+    def __init__(self, port: int, topic: str, expiry: int = 3600, delay: float = 0.1, max_delay: float = 1.0) -> None:
         self.events: dict[str, list[tuple[float, str]]] = collections.defaultdict(list)
         self.connects: list[tuple[float, bool]] = []
         self.lock = threading.Lock()
         self.c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"sum-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
         )
-        self.c.reconnect_delay_set(delay, max(1.0, delay))
+        self.c.reconnect_delay_set(delay, max(max_delay, delay))
         ready = threading.Event()
 
         def on_connect(c: mqtt.Client, _u: Any, flags: Any, _rc: Any, _p: Any) -> None:
@@ -150,7 +150,7 @@ def one_run(args: argparse.Namespace, certs: Path, sim: QrsSimulator, k: int) ->
     loop.start()
     assert d.listener.subscribed.wait(15), "daemon did not subscribe"
     probe = Probe(d)
-    sub = Subscriber(broker.port, cfg.mqtt.topics.reply, args.sub_expiry, args.sub_delay)
+    sub = Subscriber(broker.port, cfg.mqtt.topics.reply, args.sub_expiry, args.sub_delay, args.sub_max_delay)
     first_start = len(sim.starts)
     pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
     pub.reconnect_delay_set(0.1, 1)
@@ -220,7 +220,9 @@ def main() -> int:
     ap.add_argument("--wait", type=float, default=40.0, help="seconds to wait for all summaries after the last restart")
     ap.add_argument("--sub-expiry", type=int, default=3600,
                     help="the reply subscriber's session expiry (0: its subscription ends with each connection)")
-    ap.add_argument("--sub-delay", type=float, default=0.1, help="the reply subscriber's reconnect delay, seconds")
+    ap.add_argument("--sub-delay", type=float, default=0.1, help="the reply subscriber's first reconnect delay, seconds")
+    ap.add_argument("--sub-max-delay", type=float, default=1.0,
+                    help="the reply subscriber's longest reconnect delay (paho's default is 120: 1, 2, 4 s...)")
     ap.add_argument("--verbose", action="store_true", help="print every lost request")
     args = ap.parse_args()
     setup_logging("error", "console", stream=sys.stderr)
