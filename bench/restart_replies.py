@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,8 @@ def now() -> float:
 class Subscriber:
     """Persistent-session subscriber: every reply event per requestId, with arrival times."""
 
-    def __init__(self, port: int, topic: str, expiry: int = 3600, delay: float = 0.1, max_delay: float = 1.0) -> None:
+    def __init__(self, port: int, topic: str, expiry: int = 3600, delay: float = 0.1, max_delay: float = 1.0,
+                 clean: bool = False) -> None:
         self.events: dict[str, list[tuple[float, str]]] = collections.defaultdict(list)
         self.connects: list[tuple[float, bool]] = []
         self.lock = threading.Lock()
@@ -71,7 +73,7 @@ class Subscriber:
         self.c.on_message = self._on_message
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = expiry
-        self.c.connect("127.0.0.1", port, clean_start=False, properties=props)
+        self.c.connect("127.0.0.1", port, clean_start=clean, properties=props)
         self.c.loop_start()
         assert ready.wait(10)
 
@@ -101,6 +103,7 @@ class Probe:
         lst = d.listener
         client = lst.client
         orig_publish, orig_finish, orig_connect = lst.publish_event, d._finish, client.on_connect
+        orig_on_publish = client.on_publish  # the daemon's own (reason codes): chained, not replaced
 
         def publish_event(topic: str, corr: bytes | None, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
             info = orig_publish(topic, corr, event)
@@ -112,7 +115,9 @@ class Probe:
             self.by_request[str(event.get("requestId"))].append(rec)
             return info
 
-        def on_publish(_c: mqtt.Client, _u: Any, mid: int, rc: Any, _p: Any) -> None:
+        def on_publish(c: mqtt.Client, u: Any, mid: int, rc: Any, p: Any) -> None:
+            if orig_on_publish is not None:
+                orig_on_publish(c, u, mid, rc, p)
             rec = self.replies.get(mid)
             name = f"{rc.value:#04x} {rc}" if hasattr(rc, "value") else str(rc)
             self.rc_counts[name] += 1
@@ -150,7 +155,7 @@ def one_run(args: argparse.Namespace, certs: Path, sim: QrsSimulator, k: int) ->
     loop.start()
     assert d.listener.subscribed.wait(15), "daemon did not subscribe"
     probe = Probe(d)
-    sub = Subscriber(broker.port, cfg.mqtt.topics.reply, args.sub_expiry, args.sub_delay, args.sub_max_delay)
+    sub = Subscriber(broker.port, cfg.mqtt.topics.reply, args.sub_expiry, args.sub_delay, args.sub_max_delay, args.sub_clean)
     first_start = len(sim.starts)
     pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
     pub.reconnect_delay_set(0.1, 1)
@@ -196,6 +201,13 @@ def one_run(args: argparse.Namespace, certs: Path, sim: QrsSimulator, k: int) ->
             "acked_at": round(probe.acked[rid], 3) if rid in probe.acked else None,
             "events_seen": [e for _, e in sub.events.get(rid, [])],
         })
+    # Jobs whose last reply was confirmed before an earlier one (acking on the last one's PUBACK
+    # would then ack with a reply still unconfirmed)
+    out_of_order = 0
+    for recs in probe.by_request.values():
+        times = [r["puback"][0] for r in recs if r["puback"]]
+        if len(times) == len(recs) > 1 and max(times[:-1]) > times[-1]:
+            out_of_order += 1
     d.should_exit.set()
     loop.join(5)
     d.shutdown(drain_timeout=5)
@@ -205,7 +217,7 @@ def one_run(args: argparse.Namespace, certs: Path, sim: QrsSimulator, k: int) ->
     return {
         "got": got, "lost": lost, "details": details, "restarts": restarts,
         "daemon_connects": probe.connects, "sub_connects": sub.connects,
-        "starts": len(started), "unique_starts": len(set(started)), "rc_counts": dict(probe.rc_counts),
+        "starts": len(started), "unique_starts": len(set(started)), "rc_counts": dict(probe.rc_counts), "out_of_order": out_of_order,
         "work": str(work),
     }
 
@@ -223,9 +235,10 @@ def main() -> int:
     ap.add_argument("--sub-delay", type=float, default=0.1, help="the reply subscriber's first reconnect delay, seconds")
     ap.add_argument("--sub-max-delay", type=float, default=1.0,
                     help="the reply subscriber's longest reconnect delay (paho's default is 120: 1, 2, 4 s...)")
+    ap.add_argument("--sub-clean", action="store_true", help="the reply subscriber connects with clean start every time")
     ap.add_argument("--verbose", action="store_true", help="print every lost request")
     args = ap.parse_args()
-    setup_logging("error", "console", stream=sys.stderr)
+    setup_logging(os.environ.get("BENCH_LOG", "error"), "console", stream=sys.stderr)
     certs = Path(tempfile.mkdtemp(prefix="restart-replies-certs-"))
     sim = QrsSimulator(tasks=[SimTask(t, f"Task {i}") for i, t in enumerate(TASK_IDS)], certs_dir=certs, latency_ms=3).start()
     total_lost = 0
@@ -247,7 +260,8 @@ def main() -> int:
                   f"(unique {res['unique_starts']}); restarts [{rs}]", flush=True)
             print(f"   daemon connects (t, session_present): {[(round(t, 2), s) for t, s in res['daemon_connects']]}")
             print(f"   subscriber connects: {[(round(t, 2), s) for t, s in res['sub_connects']]}")
-            print(f"   PUBACK reason codes for replies: {res['rc_counts']}")
+            print(f"   PUBACK reason codes: {res['rc_counts']}")
+            print(f"   requests whose last reply was confirmed before an earlier one: {res['out_of_order']}")
             if lost:
                 by = collections.Counter(
                     (x["puback"][1] if x["puback"] else "no PUBACK", x["acked_at"] is not None) for x in res["details"]

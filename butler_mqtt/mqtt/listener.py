@@ -13,8 +13,8 @@ Facts this relies on (research/peers-and-mqtt-practice.md part B, tested on Mosq
   nobody subscribes to the topic, e.g. a requester that has not re-subscribed yet after a
   broker restart (the reply is then dropped), and >= 0x80 when they refuse the message;
 * after a reconnect paho resends unconfirmed messages only once the CONNACK arrives, while a
-  worker's publish in the CONNECT/CONNACK window goes out at once: PUBACKs then arrive out of
-  publish order, so the last reply being confirmed says nothing about the earlier ones.
+  worker's publish in the CONNECT/CONNACK window goes out at once: PUBACKs can then arrive out
+  of publish order, so the last reply being confirmed says nothing about the earlier ones.
 
 The network thread only parses and enqueues; all work happens in the daemon's workers.
 """
