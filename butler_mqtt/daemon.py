@@ -38,7 +38,7 @@ from butler_mqtt.model import (
     MAX_PLAIN_PAYLOAD_BYTES,
 )
 from butler_mqtt.mqtt import ingress as ingress_rules
-from butler_mqtt.mqtt.listener import Job, MqttListener, wait_published
+from butler_mqtt.mqtt.listener import Job, MqttListener
 from butler_mqtt.ops import retry, systemd
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.ops.ratelimit import RateLimiter
@@ -401,13 +401,13 @@ class Daemon:
         self.listener.publish_event(route.topic, route.correlation_bytes, event)
 
     def _finish(self, job: Job, replies: list[Any], force: bool = False) -> None:
-        """Ack once the broker has every reply (QoS 1 keeps them in order).
+        """Ack only once the broker has taken every reply (see MqttListener.confirm).
 
         A reply the broker has not confirmed in time is left to the broker: the delivery stays
         unacked, the connection is renewed, and the redelivery replays the journal's outcome.
         `force` (an internal error) acks regardless, after a bounded wait: such a delivery would
         fail again and must not hold a broker slot."""
-        if replies and not wait_published(replies[-1], PUBLISH_TIMEOUT_S) and not force:
+        if replies and not self.listener.confirm(replies, PUBLISH_TIMEOUT_S) and not force:
             log.warning("reply_not_confirmed", detail="request left unacked; a redelivery replays the journal")
             self.listener.release(job)
             self.listener.refused += 1

@@ -16,7 +16,13 @@ Facts this relies on (research/peers-and-mqtt-practice.md part B, tested on Mosq
   broker's redelivery of that same message (after a reconnect) and is not handled twice;
 * after a reconnect without the session, earlier packet ids mean nothing: jobs of the old
   session are not acked (their messages are gone from the broker or redelivered anew);
-* plain disconnect() does not send the will, so "offline" is published by hand on shutdown.
+* plain disconnect() does not send the will, so "offline" is published by hand on shutdown;
+* a PUBACK is not always "delivered": MQTT 5 brokers answer 0x10 No matching subscribers when
+  nobody subscribes to the topic, e.g. a requester that has not re-subscribed yet after a
+  broker restart (the reply is then dropped), and >= 0x80 when they refuse the message;
+* after a reconnect paho resends unconfirmed messages only once the CONNACK arrives, while a
+  worker's publish in the CONNECT/CONNACK window goes out at once: PUBACKs can then arrive out
+  of publish order, so the last reply being confirmed says nothing about the earlier ones.
 
 The network thread only parses and enqueues; all work happens in the daemon's workers.
 """
@@ -29,6 +35,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +52,13 @@ from butler_mqtt import __version__
 from butler_mqtt.config import MqttConfig
 
 log = structlog.get_logger("butler_mqtt.mqtt")
+
+NO_MATCHING_SUBSCRIBERS = 0x10
+#: For this long after each reconnect, a reply the broker dropped for want of a subscriber
+#: (PUBACK 0x10) is published again: after a broker restart a requester without a restored
+#: subscription re-subscribes only once it is back too, possibly after the daemon.
+REPLY_RESEND_WINDOW_S = 20.0
+_PUBACKS_KEPT = 1024  # non-success PUBACKs remembered for the workers (bounded)
 
 
 @dataclass
@@ -94,6 +108,10 @@ class MqttListener:
         self.paused = False  # set on shutdown: new deliveries are left unacked for the next run
         self.started_at = time.time()
         self.connects = 0
+        self.connected_at = 0.0  # time.monotonic() of the last successful connect
+        # mid -> (PUBACK reason code, topic, the message if it may be resent); not success
+        self._pubacks: OrderedDict[int, tuple[int, str | None, mqtt.MQTTMessage | None]] = OrderedDict()
+        self._pubacks_lock = threading.Lock()
         self._sub_mids: set[int] = set()
         self.on_subscribed: Callable[[], None] | None = None
 
@@ -114,6 +132,7 @@ class MqttListener:
         c.on_disconnect = self._guard(self._on_disconnect)
         c.on_message = self._guard(self._on_message)
         c.on_subscribe = self._guard(self._on_subscribe)
+        c.on_publish = self._guard(self._on_publish)
         self.client = c
 
     # ------------------------------------------------------------------ lifecycle
@@ -204,6 +223,7 @@ class MqttListener:
             log.error("mqtt_connect_refused", reason=str(rc), host=self.cfg.host, port=self.cfg.port)
             return
         self.connects += 1
+        self.connected_at = time.monotonic()
         nodelay(client)
         session_present = bool(getattr(flags, "session_present", False))
         if not session_present:
@@ -248,6 +268,20 @@ class MqttListener:
         self.subscribed.clear()
         if not self.paused:
             log.warning("mqtt_disconnected", reason=str(rc), reconnecting=True)
+
+    def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
+        """Remember a PUBACK that is not plain success, for `confirm`. Runs before paho marks
+        the message published and drops it, so the message is still at hand for a resend."""
+        code = int(getattr(rc, "value", 0) or 0)
+        with self._pubacks_lock:
+            self._pubacks.pop(mid, None)  # the mid's previous use, if any
+            if code == 0:
+                return
+            msg = client._out_messages.get(mid)  # noqa: SLF001
+            topic = msg.topic if msg is not None else None
+            self._pubacks[mid] = (code, topic, msg if code == NO_MATCHING_SUBSCRIBERS else None)
+            while len(self._pubacks) > _PUBACKS_KEPT:
+                self._pubacks.popitem(last=False)
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if self.paused:
@@ -334,6 +368,38 @@ class MqttListener:
         except OSError:
             pass
 
+    def confirm(self, replies: list[mqtt.MQTTMessageInfo], timeout: float) -> bool:
+        """Wait until the broker has taken every reply: each one, since PUBACK order is not
+        publish order after a reconnect. Within REPLY_RESEND_WINDOW_S of a reconnect, a reply
+        the broker dropped for want of a subscriber (0x10) is published again until a requester
+        is back to take it or the window closes. False (leave the request unacked: redelivered
+        and replayed from the journal) if a PUBACK did not come in time or we are stopping."""
+        deadline = time.monotonic() + timeout
+        for info in replies:
+            delay = 0.25
+            while True:
+                if not wait_published(info, max(0.0, deadline - time.monotonic())):
+                    return False
+                with self._pubacks_lock:
+                    code, topic, msg = self._pubacks.pop(info.mid, (0, None, None))
+                if code == 0:
+                    break
+                if code != NO_MATCHING_SUBSCRIBERS or msg is None:
+                    log.error("reply_refused", topic=topic, reason=_reason(code), detail="the broker refused the reply")
+                    break
+                window_end = self.connected_at + REPLY_RESEND_WINDOW_S if self.connects > 1 else 0.0
+                if time.monotonic() + delay > min(window_end, deadline):
+                    if window_end:
+                        log.info("reply_unmatched", topic=topic, detail="no client subscribed to the reply topic in time")
+                    break  # nobody listens (fire and forget): the reply is not needed
+                if self.paused:
+                    return False
+                log.debug("reply_resent", topic=topic, reason=_reason(code), retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                info = self.client.publish(msg.topic, msg.payload, qos=1, retain=msg.retain, properties=msg.properties)
+        return True
+
     def reply(self, job: Job, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
         return self.publish_event(job.response_topic or self.cfg.topics.reply, job.correlation_data, event)
 
@@ -382,6 +448,13 @@ def nodelay(client: mqtt.Client) -> None:
             setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass  # not a TCP socket: nothing to tune
+
+
+def _reason(code: int) -> str:
+    try:
+        return f"{code:#04x} {ReasonCode(PacketTypes.PUBACK, identifier=code)}"
+    except Exception:  # not a PUBACK reason code paho knows
+        return f"{code:#04x}"
 
 
 def wait_published(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
