@@ -36,7 +36,7 @@ from butler_mqtt.errors import (
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import StartRequest, decode_json, parse_plain, validate_request
 from butler_mqtt.mqtt.listener import Job, MqttListener, wait_published
-from butler_mqtt.ops import systemd
+from butler_mqtt.ops import fds, systemd
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.selection import error_event
@@ -352,6 +352,7 @@ def run(config_file: Path | None) -> int:
     sys.setswitchinterval(0.001)
     cfg = load_config(config_file, missing_ok=False)
     setup_logging(cfg.logging.level, cfg.logging.format)
+    fds.raise_fd_limit()  # systemd's default soft limit is 1024; the unit's LimitNOFILE is the hard one
     profile = os.environ.get("BUTLER_MQTT_PROFILE")
     if not profile:
         return Daemon(cfg, config_file).run()

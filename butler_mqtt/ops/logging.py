@@ -2,7 +2,9 @@
 
 Every line logged while a request is handled carries its `requestId` (bound with
 `structlog.contextvars` inside the worker thread that handles it). Secrets never reach the
-output: values under secret-looking keys are replaced by a redaction processor.
+output: values under secret-looking keys are replaced by a redaction processor. Libraries that
+can repeat one error in a tight loop (asyncio's accept loop, uvicorn) log each distinct line at
+most once a minute, with a count of the repeats (`RateLimitFilter`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from typing import Any
 
 import structlog
 
+from butler_mqtt.ops.ratelimit import RateLimitFilter
+
+#: stdlib loggers whose lines are rate-limited (a filter on a logger sees only its own records).
+RATE_LIMITED_LOGGERS = ("asyncio", "uvicorn", "uvicorn.error", "uvicorn.access")
 _SECRET_KEYS = ("password", "token", "secret", "authorization", "key_pem", "private")
 
 
@@ -53,3 +59,7 @@ def setup_logging(level: str = "info", fmt: str = "json", stream: Any = None) ->
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(lvl, logging.INFO) if lvl < logging.INFO else lvl)
+    for name in RATE_LIMITED_LOGGERS:
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, RateLimitFilter) for f in lg.filters):  # setup runs again on SIGHUP
+            lg.addFilter(RateLimitFilter(60.0))
