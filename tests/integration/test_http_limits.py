@@ -1,0 +1,134 @@
+"""File descriptors and the REST server (issue 11, class 7): idle or slow REST clients can never
+take the descriptors QRS and the broker need.
+
+The daemon runs as a subprocess with RLIMIT_NOFILE 256 (soft and hard, so raising the soft
+limit to the hard one cannot escape it), the REST API on, a real broker and the simulator over
+mTLS. 400 idle TCP connections to the REST port are more than the process could hold; the
+connection cap answers the surplus 503 and closes them unread, the request timeout closes the
+rest, and an MQTT request is answered and started meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import select
+import socket
+import time
+import uuid
+
+import requests
+
+from butler_mqtt.config import MqttConfig
+from butler_mqtt.mqtt.requester import Requester
+from butler_mqtt.ops.fds import FD_RESERVE
+from butler_mqtt.sim import SimTask
+from tests.support.ops import DaemonProcess, daemon_env
+
+T1 = "11111111-1111-4111-8111-111111111111"
+T2 = "22222222-2222-4222-8222-222222222222"
+TASKS = [SimTask(T1, "Finance daily"), SimTask(T2, "Sales daily")]
+
+FD_LIMIT = 256
+IDLE = 400
+REQUEST_TIMEOUT_S = 3
+
+
+def _low_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+
+def _closed_by_server(sock: socket.socket) -> bytes | None:
+    """What the server sent before closing, or None while the connection is still open."""
+    ready, _, _ = select.select([sock], [], [], 0)
+    if not ready:
+        return None
+    chunks = []
+    sock.settimeout(2)
+    try:
+        while chunk := sock.recv(4096):
+            chunks.append(chunk)
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return b"".join(chunks)
+
+
+def _wait_closed(socks: list[socket.socket], want: int, timeout: float) -> dict[int, bytes]:
+    """Poll until `want` of `socks` were closed by the server; returns index -> bytes received."""
+    closed: dict[int, bytes] = {}
+    deadline = time.monotonic() + timeout
+    while len(closed) < want and time.monotonic() < deadline:
+        for i, s in enumerate(socks):
+            if i not in closed and (got := _closed_by_server(s)) is not None:
+                closed[i] = got
+        time.sleep(0.05)
+    return closed
+
+
+def test_idle_rest_connections_cannot_starve_mqtt_or_qrs(qrs_certs, sim, broker, tmp_path):
+    topic = f"test/fds/{uuid.uuid4().hex}"
+    env = daemon_env(
+        qrs_certs,
+        sim.port,
+        broker.port,
+        tmp_path / "state",
+        f"fds-{uuid.uuid4().hex[:8]}",
+        BUTLER_MQTT__MQTT__TOPICS__START=topic,
+        BUTLER_MQTT__HTTP__ENABLED="true",
+        BUTLER_MQTT__HTTP__PORT="0",
+        BUTLER_MQTT__HTTP__REQUEST_TIMEOUT=str(REQUEST_TIMEOUT_S),
+    )
+    d = DaemonProcess(env, preexec_fn=_low_fd_limit)
+    socks: list[socket.socket] = []
+    try:
+        assert d.wait_log("fd_limit")["limit"] == FD_LIMIT
+        lowered = d.wait_log("http_max_connections_lowered")
+        cap = (FD_LIMIT - FD_RESERVE) // 2
+        assert lowered["used"] == cap and lowered["configured"] == 512
+        port = int(d.wait_log("http_listening")["url"].rsplit(":", 1)[1])
+        d.wait_log("mqtt_subscribed")
+
+        for _ in range(IDLE):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        # One slowloris client: half a request head, never finished.
+        socks[0].sendall(b"POST /v4/reloadtask/-/start HTTP/1.1\r\nHost: x\r\nContent-Type: app")
+
+        # Everything over the cap is answered 503 and closed without waiting for a request.
+        refused = _wait_closed(socks, IDLE - cap, timeout=20)
+        assert len(refused) >= IDLE - cap
+        busy = [b for b in refused.values() if b.startswith(b"HTTP/1.1 503")]
+        assert len(busy) >= IDLE - cap - 5, f"{len(busy)} of {len(refused)} closed connections got 503"
+        assert json.loads(busy[0].split(b"\r\n\r\n", 1)[1])["error"] == "Too many connections"
+
+        # With the REST API full, an MQTT request is still answered and its task started.
+        mq = MqttConfig(host="127.0.0.1", port=broker.port, protocol="5")
+        mq.topics.start = topic
+        with Requester(mq) as r:
+            events = r.request({"requestId": f"fd-{uuid.uuid4().hex}", "taskId": T1}, timeout=40)
+        assert events[-1]["event"] == "summary" and events[-1]["totalTasksStarted"] == 1
+        assert [s.task_id for s in sim.starts] == [T1]
+
+        # The request timeout closes the connections that never sent a request; the half head
+        # gets a 408.
+        closed = _wait_closed(socks, IDLE, timeout=REQUEST_TIMEOUT_S + 20)
+        assert len(closed) == IDLE, f"{IDLE - len(closed)} idle connections still open"
+        if 0 not in refused:  # it was among the accepted ones (the cap may also have refused it)
+            assert closed[0].startswith(b"HTTP/1.1 408"), closed[0][:80]
+
+        # And the REST API works again.
+        resp = requests.post(f"http://127.0.0.1:{port}/v4/reloadtask/{T2}/start", timeout=30)
+        assert resp.status_code == 200, resp.text
+        assert [t["taskId"] for t in resp.json()["tasksStarted"]] == [T2]
+        assert sorted(s.task_id for s in sim.starts) == sorted([T1, T2])
+
+        log = d.log_text()
+        assert "Too many open files" not in log, "EMFILE leaked into the log unnamed"
+        accept_errors = [ln for ln in d.lines if "accept" in ln.lower() and "error" in ln.lower()]
+        assert len(accept_errors) <= 3, accept_errors[:5]
+        refusals = [e for e in d.events if e.get("event") == "http_connection_refused"]
+        assert 1 <= len(refusals) <= 2  # rate-limited: once a minute, with a count
+    finally:
+        for s in socks:
+            s.close()
+        d.stop()
+    assert d.proc.returncode == 0
