@@ -26,6 +26,7 @@ import structlog
 
 from butler_mqtt.config import Config, load_config
 from butler_mqtt.errors import (
+    BrokerUnavailable,
     ConfigError,
     JournalError,
     QrsError,
@@ -36,6 +37,7 @@ from butler_mqtt.errors import (
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import StartRequest, decode_json, parse_plain, validate_request
 from butler_mqtt.mqtt.listener import Job, MqttListener, wait_published
+from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.ops import fds, systemd
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.qrs.client import QrsClient
@@ -76,6 +78,7 @@ class Daemon:
         self._busy_lock = threading.Lock()
         self.handled = 0
         self.http_server: Any = None
+        self.retain_probe: RetainProbe | None = None  # MQTT 3.1.1 only: see mqtt/retain_probe.py
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -103,6 +106,8 @@ class Daemon:
         self.listener = MqttListener(cfg.mqtt, self._enqueue, client_id=client_id)
         self.tracker = Tracker(cfg.tracking, self.qrs, self.service, self.journal, self.publish_route)
         self.listener.on_subscribed = self._ready
+        if not self.listener.v5:  # 3.1.1 clears the retain flag on live delivery: ask the broker
+            self.retain_probe = RetainProbe(cfg.mqtt, client_id).start()
         for i in range(cfg.mqtt.workers):
             t = threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True)
             t.start()
@@ -157,6 +162,8 @@ class Daemon:
             self.http_server.stop()
         self.tracker.stop()  # its records stay in the journal: picked up again next run
         self.listener.stop()
+        if self.retain_probe is not None:
+            self.retain_probe.stop()
         self.service.close()
         self.qrs.close()
         self.journal.close()
@@ -251,8 +258,8 @@ class Daemon:
             try:
                 self._process(job)
                 return
-            except (QrsUnreachable, QrsRefused, JournalError) as exc:
-                retry = isinstance(exc, QrsUnreachable | JournalError) or (getattr(exc, "status", 0) or 0) >= 500
+            except (QrsUnreachable, QrsRefused, JournalError, BrokerUnavailable) as exc:
+                retry = isinstance(exc, QrsUnreachable | JournalError | BrokerUnavailable) or (getattr(exc, "status", 0) or 0) >= 500
                 if not retry:
                     raise
                 log.warning(
@@ -278,7 +285,7 @@ class Daemon:
         if job.retained and not job.payload:
             self.listener.ack(job)  # someone clearing a retained message: nothing to answer
             return
-        if job.retained:
+        if job.retained or (self.retain_probe is not None and self.retain_probe.retained(job.topic, job.payload)):
             rid = None if ingress == "mqtt-plain" else _request_id_of(job.payload)
             structlog.contextvars.bind_contextvars(requestId=rid)
             log.warning("retained_request_ignored", topic=job.topic)

@@ -8,6 +8,7 @@
         ├── QrsRefused         QRS answered with an error status (4xx/5xx other than 404)
         └── QrsNotFound        QRS answered 404 for the entity asked for
     JournalError               the durable journal cannot be read or written
+    BrokerUnavailable          the broker did not answer a check in time (transient)
 
 Callers catch the narrowest class they can handle; anything else is a bug.
 """
@@ -63,3 +64,8 @@ class QrsNotFound(QrsError):
 
 class JournalError(ButlerError):
     """The request journal could not be read or written (the request is then not acked)."""
+
+
+class BrokerUnavailable(ButlerError):
+    """The broker did not answer a question the daemon must ask before acting (the MQTT 3.1.1
+    retain check): transient, the request stays unacked and is retried."""
