@@ -141,3 +141,35 @@ def test_probe_without_a_broker_raises_broker_unavailable():
             probe.retained("a/b", b"x")
     finally:
         probe.stop()
+
+
+def _deferred(daemon) -> float:
+    for line in daemon.metrics.render().decode().splitlines():
+        if line.startswith("butler_mqtt_requests_deferred_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_mqtt311_request_waits_unacked_while_the_probe_cannot_answer(cfg, sim, broker, start_daemon, listen):
+    _unique_topics(cfg, "3.1.1")
+    replies = listen(cfg.mqtt.topics.reply)
+    running = start_daemon(cfg)
+    probe = running.daemon.retain_probe
+    assert probe is not None
+    probe.timeout = 0.5
+    probe.stop()  # the probe's broker connection is gone: it cannot tell whether a request is retained
+    pub = _publisher(broker.port)
+    try:
+        pub.publish(cfg.mqtt.topics.start, json.dumps({"requestId": "w1", "taskId": T1}), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 20
+        while _deferred(running.daemon) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _deferred(running.daemon) >= 2  # deferred and retried, neither answered nor started
+        assert not [m for m in replies.messages if m.get("requestId") == "w1"]
+        assert sim.starts == []
+        probe.start()
+        summary = replies.wait_for(lambda m: m.get("requestId") == "w1" and m["event"] == "summary", timeout=40)
+        assert summary["totalTasksStarted"] == 1 and started(sim) == [T1]
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
