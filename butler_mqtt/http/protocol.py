@@ -112,6 +112,8 @@ class LimitedH11Protocol(H11Protocol):
         super().on_response_complete()
         if self.transport.is_closing() or self.conn.their_state not in _INCOMPLETE:
             self._disarm()  # closed, or a pipelined request is already complete
+        elif self.conn.trailing_data[0]:
+            self._unset_keepalive_if_required()  # part of the next request is here: not idle
 
     def _arm(self) -> None:
         self._disarm()
@@ -127,7 +129,8 @@ class LimitedH11Protocol(H11Protocol):
         if self.transport.is_closing() or self.conn.their_state not in _INCOMPLETE:
             return
         partial = self.conn.their_state is h11.SEND_BODY or bool(self.conn.trailing_data[0])
-        if partial and self.conn.our_state is h11.IDLE:
+        answered = self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete
+        if partial and not answered and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             self.transport.write(_TIMEOUT)
         self.transport.close()
         ok, suppressed = self.limits.limiter.allow("timeout")

@@ -132,3 +132,76 @@ def test_idle_rest_connections_cannot_starve_mqtt_or_qrs(qrs_certs, sim, broker,
             s.close()
         d.stop()
     assert d.proc.returncode == 0
+
+
+# ----------------------------------------------------------------------------- in-process details
+
+
+def _http_daemon(cfg, start_daemon, **http):
+    cfg.http.enabled = True
+    cfg.http.port = 0
+    for k, v in http.items():
+        setattr(cfg.http, k, v)
+    return start_daemon(cfg).daemon.http_server.port
+
+
+def _read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes; and how long that took."""
+    t0 = time.monotonic()
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks), time.monotonic() - t0
+
+
+def test_connection_over_the_cap_gets_503_before_sending_anything(cfg, sim, start_daemon):
+    port = _http_daemon(cfg, start_daemon, max_connections=3, request_timeout=30)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    try:
+        time.sleep(0.3)  # accepted
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+        got, _ = _read_until_closed(extra, 10)
+        extra.close()
+        assert got.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in got
+        # The held ones still work: a request on one of them is served.
+        held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        held[0].settimeout(10)
+        assert held[0].recv(65536).startswith(b"HTTP/1.1 ")
+    finally:
+        for s in held:
+            s.close()
+    # Freed slots are usable again.
+    assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code in (200, 503)
+
+
+def test_request_timeout_closes_half_requests_and_keep_alive_closes_idle(cfg, sim, start_daemon):
+    port = _http_daemon(cfg, start_daemon, request_timeout=1.5, keep_alive_timeout=1)
+    # Half a body: 408, then closed.
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"POST /v4/reloadtask/-/start HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"ta")
+    got, _ = _read_until_closed(s, 15)
+    s.close()
+    assert got.startswith(b"HTTP/1.1 408 ") and json.loads(got.split(b"\r\n\r\n", 1)[1])["error"] == "Request timeout"
+    assert sim.starts == []
+
+    # A complete request within the timeout, sent in slow pieces, is served; afterwards the idle
+    # keep-alive connection is closed without another answer.
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    for piece in (b"GET /heal", b"thz HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
+        s.sendall(piece)
+        time.sleep(0.2)
+    got, _ = _read_until_closed(s, 15)
+    s.close()
+    assert got.startswith(b"HTTP/1.1 ") and got.count(b"HTTP/1.1 ") == 1
+
+    # A second request on a keep-alive connection has its own timeout: a half head after a
+    # served request is closed too.
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHo")
+    got, _ = _read_until_closed(s, 15)
+    s.close()
+    assert got.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 408 " in got
