@@ -205,3 +205,33 @@ def test_request_timeout_closes_half_requests_and_keep_alive_closes_idle(cfg, si
     got, _ = _read_until_closed(s, 15)
     s.close()
     assert got.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 408 " in got
+
+
+def test_accept_out_of_descriptors_is_named_and_logged_once(cfg, sim, start_daemon):
+    """The process really runs out of descriptors while clients connect: asyncio's accept loop
+    fails with EMFILE thousands of times a second; the log says so once, naming the fix."""
+    import os
+
+    from structlog.testing import capture_logs
+
+    port = _http_daemon(cfg, start_daemon, max_connections=1000, request_timeout=30)
+    clients = [socket.socket() for _ in range(30)]  # descriptors taken before the limit drops
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with capture_logs() as logs:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
+            for c in clients:
+                c.setblocking(False)
+                c.connect_ex(("127.0.0.1", port))  # completes in the kernel's backlog, no new fd here
+            time.sleep(2.5)  # asyncio retries the accept every second
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            time.sleep(0.5)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for c in clients:
+            c.close()
+    out = [e for e in logs if e.get("event") == "http_out_of_file_descriptors"]
+    assert len(out) == 1, [e.get("event") for e in logs][:20]
+    assert out[0]["error"] == "too many open files (raise LimitNOFILE)" and out[0]["log_level"] == "error"
+    # Served again once descriptors are free.
+    assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code in (200, 503)
