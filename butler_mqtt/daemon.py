@@ -290,7 +290,7 @@ class Daemon:
             structlog.contextvars.bind_contextvars(requestId=rid)
             log.warning("retained_request_ignored", topic=job.topic)
             self.metrics.request(ingress, "rejected")
-            emit(error_event(rid, "Retained request ignored", "start requests must be published with retain=false; nothing was started"))
+            emit(error_event(rid, "Retained request ignored", "start requests must be published with retain=false (a retained copy on the topic counts too: clear it with an empty retained message); nothing was started"))
             self._finish(job, replies)
             return
         try:

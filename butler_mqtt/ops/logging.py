@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from butler_mqtt.ops.fds import FD_HINT, is_fd_exhaustion
 from butler_mqtt.ops.ratelimit import RateLimitFilter
 
 #: stdlib loggers whose lines are rate-limited (a filter on a logger sees only its own records).
@@ -27,6 +28,24 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     for k in list(event):
         if any(s in k.lower() for s in _SECRET_KEYS):
             event[k] = "**********"
+    return event
+
+
+_FD_TEXTS = ("[Errno 24]", "[Errno 23]", "Too many open files")
+
+
+def _name_fd_exhaustion(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A line caused by running out of file descriptors says so and names the fix (`hint`)."""
+    exc = event.get("exc_info")
+    if exc is True:
+        exc = sys.exc_info()[1]
+    elif isinstance(exc, tuple):
+        exc = exc[1]
+    error = event.get("error")
+    if is_fd_exhaustion(exc if isinstance(exc, BaseException) else None) or (
+        isinstance(error, str) and any(t in error for t in _FD_TEXTS)
+    ):
+        event.setdefault("hint", FD_HINT)
     return event
 
 
@@ -42,6 +61,7 @@ def setup_logging(level: str = "info", fmt: str = "json", stream: Any = None) ->
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact,
+        _name_fd_exhaustion,
     ]
     structlog.configure(
         processors=[*shared, structlog.processors.StackInfoRenderer(), structlog.processors.format_exc_info, renderer],

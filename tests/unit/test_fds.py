@@ -61,3 +61,27 @@ def test_asyncio_and_uvicorn_lines_are_rate_limited():
         structlog.reset_defaults()
     lines = [json.loads(ln) for ln in out.getvalue().splitlines()]
     assert len([ln for ln in lines if "out of system resource" in ln["event"]]) == 2  # once per logger
+
+
+def test_a_log_line_caused_by_emfile_names_the_fix():
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        setup_logging("info", "json", out)
+        log = structlog.get_logger("t")
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        except OSError:
+            log.exception("boom")
+        log.warning("qrs_call_failed", error="cannot connect: [Errno 24] Too many open files")
+        log.warning("other", error="Connection refused")
+        logging.getLogger("uvicorn.error").error("accept failed", exc_info=OSError(errno.ENFILE, "Too many open files in system"))
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        structlog.reset_defaults()
+    lines = {ln["event"]: ln for ln in map(json.loads, out.getvalue().splitlines())}
+    assert lines["boom"]["hint"] == lines["qrs_call_failed"]["hint"] == FD_HINT
+    assert lines["accept failed"]["hint"] == FD_HINT
+    assert "hint" not in lines["other"]
