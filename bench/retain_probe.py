@@ -1,5 +1,5 @@
 """The MQTT 3.1.1 retain check: what one SUBSCRIBE+UNSUBSCRIBE round trip to a local Mosquitto
-costs per request, alone and with 16 workers asking at once (the probe answers one at a time).
+costs per request, alone and with 16 workers asking at once (questions are pipelined).
 Run: .venv/bin/python bench/retain_probe.py [--requests N]"""
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d, Mosquitto(Path(d) / "broker") as broker:
         probe = RetainProbe(MqttConfig(host="127.0.0.1", port=broker.port, protocol="3.1.1"), "bench").start()
         payload = b'{"requestId": "bench", "taskId": "11111111-1111-4111-8111-111111111111"}'
-        probe.retained("bench/start", payload)  # connect and warm up
+        probe.retained_now("bench/start", payload)  # connect and warm up
         samples = []
         for _ in range(n):
             t0 = time.perf_counter()
-            probe.retained("bench/start", payload)
+            probe.retained_now("bench/start", payload)
             samples.append((time.perf_counter() - t0) * 1000)
         rows = [["1", n, f"{percentile(samples, 50):.2f}", f"{percentile(samples, 95):.2f}", f"{percentile(samples, 99):.2f}", f"{n / (sum(samples) / 1000):.0f}"]]
 
@@ -38,7 +38,7 @@ def main() -> None:
         def worker(k: int) -> None:
             for _ in range(k):
                 t0 = time.perf_counter()
-                probe.retained("bench/start", payload)
+                probe.retained_now("bench/start", payload)
                 with lock:
                     lat.append((time.perf_counter() - t0) * 1000)
 

@@ -234,6 +234,8 @@ class Daemon:
     # ------------------------------------------------------------------ workers
 
     def _enqueue(self, job: Job) -> None:
+        if self.retain_probe is not None:
+            self.retain_probe.ask(job)  # 3.1.1: ask on arrival, while a retained copy is surely there
         self._jobs.put(job)  # never blocks the network thread
 
     def _worker(self) -> None:
@@ -285,7 +287,7 @@ class Daemon:
         if job.retained and not job.payload:
             self.listener.ack(job)  # someone clearing a retained message: nothing to answer
             return
-        if job.retained or (self.retain_probe is not None and self.retain_probe.retained(job.topic, job.payload)):
+        if job.retained or (self.retain_probe is not None and self.retain_probe.retained(job)):
             rid = None if ingress == "mqtt-plain" else _request_id_of(job.payload)
             structlog.contextvars.bind_contextvars(requestId=rid)
             log.warning("retained_request_ignored", topic=job.topic)

@@ -4,18 +4,22 @@ With MQTT 5 the daemon subscribes with Retain As Published, so a retained reques
 `retain=1` however it arrives. MQTT 3.1.1 has no such option: the broker clears the flag on
 every live delivery (3.1.1 section 3.3.1.3), so a retained request published while the daemon
 is subscribed looks like any other. A retained request must never be acted on (it would fire
-again on every resubscribe), so for 3.1.1 a worker asks this probe before acting.
+again on every resubscribe), so for 3.1.1 the daemon asks this probe before acting.
 
-The probe is one extra clean-session client of ours (same credentials and TLS). For each
-question it sends SUBSCRIBE for the request's exact topic and, right behind it, UNSUBSCRIBE.
-A broker sends the retained message for a new subscription before it handles the next packet
-of that client (Mosquitto queues it while handling the SUBSCRIBE), so once the UNSUBACK is
-back every retained message of the subscription has been seen. The request counts as retained
-when a retained message with the identical payload sits on its topic.
+The probe is one extra clean-session client of ours (same credentials and TLS). A question is a
+SUBSCRIBE for the request's exact topic with an UNSUBSCRIBE right behind it. A broker sends the
+retained message of a new subscription before it handles the client's next packet (Mosquitto
+queues it while handling the SUBSCRIBE), and answers in order, so everything that arrives
+between the previous UNSUBACK and this question's UNSUBACK is this question's retained
+message. Questions are therefore pipelined (no lock around the round trip) and attributed by
+order. The request counts as retained when a retained message with the identical payload sits
+on its topic.
 
 Decisions:
-* One question at a time (a lock): two SUBSCRIBE/UNSUBSCRIBE pairs on one topic must not
-  interleave. The cost is one loopback round trip to the broker per 3.1.1 request.
+* The question is sent as soon as the request arrives (`ask(job)`, from the network thread,
+  non-blocking), not when a worker gets to it, so a retained request cleared or replaced by
+  its publisher while it waited in the queue is still caught. The worker then only waits for
+  the answer (`retained(job)`), normally long in.
 * No answer within `timeout` (probe disconnected, broker stuck): `BrokerUnavailable`, which
   the daemon treats like an unavailable QRS: the request stays unacked and is retried with
   backoff. Guessing "not retained" could start a retained request; guessing "retained" would
@@ -23,15 +27,19 @@ Decisions:
 * A non-retained request whose payload is identical to a retained message on the same topic
   is refused as retained: the retained copy would fire on the next resubscribe anyway, and the
   error tells the publisher to clear it.
-* Not detected: a retained request that a *different* retained message on the same topic
-  replaced before the worker asked (a gap of milliseconds). Use MQTT 5, or Mosquitto's
-  `retain_available false`, where that matters.
+* Only the length and SHA-256 of a retained message are kept, never the payload itself.
+* Not detected: a retained request that its publisher cleared or replaced by another retained
+  message within the round trip from broker to daemon and back (well under a millisecond on
+  one host). Use MQTT 5, or Mosquitto's `retain_available false`, where that matters.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
+import weakref
+from collections import deque
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -41,7 +49,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.errors import BrokerUnavailable
-from butler_mqtt.mqtt.listener import apply_credentials
+from butler_mqtt.mqtt.listener import Job, apply_credentials
 from butler_mqtt.ops.ratelimit import RateLimiter
 
 log = structlog.get_logger("butler_mqtt.mqtt")
@@ -49,26 +57,34 @@ log = structlog.get_logger("butler_mqtt.mqtt")
 PROBE_TIMEOUT_S = 5.0
 
 
+def _fingerprint(payload: bytes) -> tuple[int, bytes]:
+    return len(payload), hashlib.sha256(payload).digest()
+
+
 class _Question:
-    def __init__(self, topic: str, payload: bytes) -> None:
+    def __init__(self, topic: str) -> None:
         self.topic = topic
-        self.payload = payload
-        self.found = False
+        self.seen: list[tuple[int, bytes]] = []  # fingerprints of the topic's retained messages
+        self.done = False
+        self.failed: str | None = None
+        self.answered = threading.Event()  # done or failed (one event each: no thundering herd)
+
+    def matches(self, payload: bytes) -> bool:
+        return any(n == len(payload) for n, _ in self.seen) and _fingerprint(payload) in self.seen
 
 
 class RetainProbe:
-    """`retained(topic, payload)`: does a retained message with this payload sit on `topic`?
-    Thread-safe; one broker round trip per call."""
+    """`ask(job)` when a request arrives, `retained(job)` before acting on it; or
+    `retained_now(topic, payload)` for a single blocking question. Thread-safe."""
 
     def __init__(self, cfg: MqttConfig, client_id: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         self.timeout = timeout
         self.client_id = f"{client_id}-retain-probe"[:128]
         self.connected = threading.Event()
-        self._ask = threading.Lock()  # one question at a time
-        self._cond = threading.Condition()
-        self._question: _Question | None = None
-        self._answered: set[int] = set()  # UNSUBACK mids seen since the current question began
-        self._connects = 0  # bumped on every disconnect, so a question spanning one fails
+        self._send = threading.Lock()  # keeps each SUBSCRIBE/UNSUBSCRIBE pair in queue order
+        self._lock = threading.Lock()  # guards _pending and the questions in it
+        self._pending: deque[_Question] = deque()  # sent, UNSUBACK not yet back; oldest first
+        self._asked: dict[int, _Question] = {}  # id(job) -> its question, until used or the job is gone
         self._errors = RateLimiter(60.0)
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -94,42 +110,67 @@ class RetainProbe:
     def stop(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+        self._fail_pending("the retain check (MQTT 3.1.1) was stopped")
 
-    # ------------------------------------------------------------------ the question
+    # ------------------------------------------------------------------ questions
 
-    def retained(self, topic: str, payload: bytes) -> bool:
-        """True when a retained message with exactly `payload` sits on `topic` now.
+    def ask(self, job: Job) -> None:
+        """Send the question for `job` now (non-blocking; called on arrival, network thread)."""
+        if job.retained or not job.payload or not self.connected.is_set():
+            return  # nothing to ask, or the worker asks itself once the probe is connected
+        q = self._send_question(job.topic)
+        if q.failed is None:
+            key = id(job)
+            self._asked[key] = q
+            weakref.finalize(job, self._asked.pop, key, None)  # a job dropped unhandled
 
-        Raises BrokerUnavailable when the broker does not answer within `timeout`.
-        """
+    def retained(self, job: Job) -> bool:
+        """True when a retained message with exactly `job.payload` sat on its topic when the
+        job arrived (or now, if it was not asked then). Raises BrokerUnavailable."""
+        if not job.payload:
+            return False
+        q = self._asked.pop(id(job), None)
+        if q is None or (q.failed is not None and not q.done):
+            return self.retained_now(job.topic, job.payload)
+        return self._answer(q, job.payload, time.monotonic() + self.timeout)
+
+    def retained_now(self, topic: str, payload: bytes) -> bool:
+        """Ask now and wait for the answer. Raises BrokerUnavailable."""
         deadline = time.monotonic() + self.timeout
-        with self._ask:
-            if not self.connected.wait(max(0.0, deadline - time.monotonic())):
-                raise BrokerUnavailable("the retain check (MQTT 3.1.1) is not connected to the broker")
-            q = _Question(topic, payload)
-            with self._cond:
-                self._question = q
-                self._answered.clear()
-                generation = self._connects
-            try:
-                sub_rc, _ = self._client.subscribe(topic, qos=0)
-                unsub_rc, mid = self._client.unsubscribe(topic)
-                if sub_rc != mqtt.MQTT_ERR_SUCCESS or unsub_rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
-                    raise BrokerUnavailable("the retain check (MQTT 3.1.1) lost its broker connection")
-                with self._cond:
-                    while mid not in self._answered:
-                        left = deadline - time.monotonic()
-                        if self._connects != generation:
-                            raise BrokerUnavailable("the retain check (MQTT 3.1.1) lost its broker connection")
-                        if left <= 0:
-                            raise BrokerUnavailable(
-                                f"the broker did not answer the retain check (MQTT 3.1.1) within {self.timeout:g} s"
-                            )
-                        self._cond.wait(left)
-                    return q.found
-            finally:
-                with self._cond:
-                    self._question = None
+        if not self.connected.wait(self.timeout):
+            raise BrokerUnavailable("the retain check (MQTT 3.1.1) is not connected to the broker")
+        return self._answer(self._send_question(topic), payload, deadline)
+
+    def _send_question(self, topic: str) -> _Question:
+        q = _Question(topic)
+        with self._send:
+            with self._lock:
+                self._pending.append(q)  # before sending: the answer may come back at once
+            sub_rc, _ = self._client.subscribe(topic, qos=0)
+            unsub_rc, _ = self._client.unsubscribe(topic) if sub_rc == mqtt.MQTT_ERR_SUCCESS else (sub_rc, None)
+            if sub_rc != mqtt.MQTT_ERR_SUCCESS:
+                with self._lock:  # nothing was sent: the order of the others is unchanged
+                    if q in self._pending:
+                        self._pending.remove(q)
+                    q.failed = "the retain check (MQTT 3.1.1) lost its broker connection"
+                    q.answered.set()
+            elif unsub_rc != mqtt.MQTT_ERR_SUCCESS:
+                self._fail_pending("the retain check (MQTT 3.1.1) lost its broker connection")
+        return q
+
+    def _answer(self, q: _Question, payload: bytes, deadline: float) -> bool:
+        if not q.answered.wait(max(0.0, deadline - time.monotonic())):
+            raise BrokerUnavailable(f"the broker did not answer the retain check (MQTT 3.1.1) within {self.timeout:g} s")
+        if not q.done:
+            raise BrokerUnavailable(q.failed or "the retain check (MQTT 3.1.1) failed")
+        return q.matches(payload)
+
+    def _fail_pending(self, why: str) -> None:
+        with self._lock:
+            for q in self._pending:
+                q.failed = why
+                q.answered.set()
+            self._pending.clear()
 
     # ------------------------------------------------------------------ network thread
 
@@ -150,16 +191,20 @@ class RetainProbe:
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, _rc: ReasonCode, _p: Any) -> None:
         self.connected.clear()
-        with self._cond:
-            self._connects += 1
-            self._cond.notify_all()
+        self._fail_pending("the retain check (MQTT 3.1.1) lost its broker connection")
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        q = self._question
-        if q is not None and msg.retain and msg.topic == q.topic and msg.payload == q.payload:
-            q.found = True
+        if not msg.retain:
+            return
+        with self._lock:
+            head = self._pending[0] if self._pending else None
+            if head is not None and msg.topic == head.topic:
+                head.seen.append(_fingerprint(bytes(msg.payload)))
 
-    def _on_unsubscribe(self, _c: mqtt.Client, _u: Any, mid: int, _rcs: Any, _p: Any) -> None:
-        with self._cond:
-            self._answered.add(mid)
-            self._cond.notify_all()
+    def _on_unsubscribe(self, _c: mqtt.Client, _u: Any, _mid: int, _rcs: Any, _p: Any) -> None:
+        # Answers come back in the order the questions were sent: this one is the oldest's.
+        with self._lock:
+            q = self._pending.popleft() if self._pending else None
+        if q is not None:
+            q.done = True
+            q.answered.set()

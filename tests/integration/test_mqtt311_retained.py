@@ -118,13 +118,13 @@ def test_probe_matches_topic_and_exact_payload(broker):
     pub = _publisher(broker.port)
     probe = RetainProbe(MqttConfig(host="127.0.0.1", port=broker.port, protocol="3.1.1"), f"probe-{uuid.uuid4().hex[:8]}").start()
     try:
-        assert probe.retained(topic, b"x") is False  # nothing retained yet
+        assert probe.retained_now(topic, b"x") is False  # nothing retained yet
         pub.publish(topic, b'{"taskId": 1}', qos=1, retain=True).wait_for_publish(5)
-        assert probe.retained(topic, b'{"taskId": 1}') is True
-        assert probe.retained(topic, b'{"taskId": 2}') is False
-        assert probe.retained(topic + "/other", b'{"taskId": 1}') is False
+        assert probe.retained_now(topic, b'{"taskId": 1}') is True
+        assert probe.retained_now(topic, b'{"taskId": 2}') is False
+        assert probe.retained_now(topic + "/other", b'{"taskId": 1}') is False
         pub.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-        assert probe.retained(topic, b'{"taskId": 1}') is False
+        assert probe.retained_now(topic, b'{"taskId": 1}') is False
     finally:
         probe.stop()
         pub.loop_stop()
@@ -138,7 +138,7 @@ def test_probe_without_a_broker_raises_broker_unavailable():
     probe = RetainProbe(MqttConfig(host="127.0.0.1", port=port, protocol="3.1.1"), "probe-nobody", timeout=0.5).start()
     try:
         with pytest.raises(BrokerUnavailable, match="not connected"):
-            probe.retained("a/b", b"x")
+            probe.retained_now("a/b", b"x")
     finally:
         probe.stop()
 
@@ -171,5 +171,65 @@ def test_mqtt311_request_waits_unacked_while_the_probe_cannot_answer(cfg, sim, b
         summary = replies.wait_for(lambda m: m.get("requestId") == "w1" and m["event"] == "summary", timeout=40)
         assert summary["totalTasksStarted"] == 1 and started(sim) == [T1]
     finally:
+        pub.loop_stop()
+        pub.disconnect()
+
+
+def test_mqtt311_retained_request_cleared_while_queued_is_still_refused(cfg, sim, broker, start_daemon, listen):
+    """The broker is asked when the request arrives, not when a worker gets to it: a publisher
+    that clears its retained request while it waits in the queue does not get it started."""
+    _unique_topics(cfg, "3.1.1")
+    cfg.mqtt.workers = 1
+    replies = listen(cfg.mqtt.topics.reply)
+    start_daemon(cfg)
+    pub = _publisher(broker.port)
+    try:
+        sim.latency_ms = 1000  # the only worker is busy with the first request for a few seconds
+        pub.publish(cfg.mqtt.topics.start, json.dumps({"requestId": "busy", "taskId": T3}), qos=1).wait_for_publish(5)
+        time.sleep(0.3)
+        pub.publish(cfg.mqtt.topics.start, json.dumps({"requestId": "queued-ret", "taskId": T1}), qos=1, retain=True).wait_for_publish(5)
+        time.sleep(0.5)  # the question went out on arrival
+        pub.publish(cfg.mqtt.topics.start, b"", qos=1, retain=True).wait_for_publish(5)  # cleared
+        err = replies.wait_for(lambda m: m.get("requestId") == "queued-ret", timeout=60)
+        assert err["event"] == "error" and err["error"] == RETAINED
+        replies.wait_for(lambda m: m.get("requestId") == "busy" and m["event"] == "summary", timeout=60)
+        assert started(sim) == [T3]
+    finally:
+        sim.latency_ms = 0
+        pub.loop_stop()
+        pub.disconnect()
+
+
+def test_probe_answers_pipelined_questions_from_many_threads_correctly(broker):
+    import threading
+
+    base = f"test/probe/{uuid.uuid4().hex}"
+    topics = [f"{base}/{i}" for i in range(4)]
+    retained = {topics[0]: b"r0", topics[2]: b"r2"}
+    pub = _publisher(broker.port)
+    for topic, payload in retained.items():
+        pub.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+    probe = RetainProbe(MqttConfig(host="127.0.0.1", port=broker.port, protocol="3.1.1"), f"probe-{uuid.uuid4().hex[:8]}").start()
+    wrong: list[tuple[str, bytes, bool]] = []
+
+    def ask(k: int) -> None:
+        for i in range(40):
+            topic = topics[(k + i) % 4]
+            payload = retained.get(topic, b"x") if i % 2 else b"other"
+            got = probe.retained_now(topic, payload)
+            if got != (retained.get(topic) == payload):
+                wrong.append((topic, payload, got))
+
+    try:
+        threads = [threading.Thread(target=ask, args=(k,)) for k in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert wrong == []
+    finally:
+        probe.stop()
+        for topic in retained:
+            pub.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
         pub.loop_stop()
         pub.disconnect()
