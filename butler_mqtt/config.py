@@ -60,6 +60,8 @@ class MqttConfig(_Section):
     topics: TopicsConfig = TopicsConfig()
     receive_maximum: int = Field(default=32, ge=1, le=65535)
     workers: int = Field(default=16, ge=1, le=256)
+    queue_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    response_topic_prefixes: list[str] | None = None
 
     def effective_client_id(self) -> str:
         """The client id this instance connects with (also its owner name in the journal).
@@ -91,6 +93,7 @@ class QrsConfig(_Section):
     start_concurrency: int = Field(default=8, ge=1, le=64)
     retries: int = Field(default=3, ge=0, le=10)
     max_filter_length: int = Field(default=6000, ge=200)
+    max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
 
     @property
     def base_url(self) -> str:

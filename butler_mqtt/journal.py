@@ -24,6 +24,7 @@ A write that fails raises JournalError; the caller then does not ack, so nothing
 from __future__ import annotations
 
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -35,6 +36,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from butler_mqtt.errors import JournalError
+
+
+def _log_error(event: str, detail: str) -> None:
+    import structlog
+
+    structlog.get_logger("butler_mqtt.journal").error(event, detail=detail)
 
 #: Each version: statements per dialect ("sqlite", "postgresql"); "*" for both.
 _MIGRATIONS: dict[int, dict[str, list[str]]] = {
@@ -109,14 +116,65 @@ class _Cursor(Protocol):
 
 
 class _Sqlite:
+    """SQLite in WAL mode. The file is watched: deleted or replaced under the running daemon,
+    the journal refuses every operation (JournalError: deliveries stay unacked) until the file
+    is back, instead of silently forgetting which requests were handled.
+
+    A marker beside it (`<name>.created`) remembers that a journal existed: a daemon started
+    when the file is gone but the marker is there refuses to start rather than run on an empty
+    journal (which would start earlier requestIds again)."""
+
     dialect = "sqlite"
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+        self.path = path
+        self.marker = path.with_name(path.name + ".created")
+        if not path.exists() and self.marker.exists():
+            raise JournalError(
+                f"the journal {path} is missing, but {self.marker} says one existed: restore the journal from a backup,"
+                f" or delete {self.marker} to start with an empty journal (requestIds seen before may then start again)"
+            )
+        self._lock = threading.RLock()
+        self._open()
+        self.marker.touch()
+        self.problem: str | None = None
+
+    def _open(self) -> None:
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
-        self._lock = threading.RLock()
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def check_file(self) -> None:
+        """Raise JournalError while the journal file is not the one we opened."""
+        try:
+            st = os.stat(self.path)
+            identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            identity = None
+        if identity == self._identity:
+            if self.problem is not None:
+                self.problem = None
+            return
+        if identity is not None and self.problem is not None:
+            # Put back (e.g. restored from a backup): use it from now on.
+            with self._lock:
+                self._db.close()
+                self._open()
+            self.problem = None
+            _log_error("journal_reopened", f"the journal file {self.path} is back; using it again")
+            return
+        what = "deleted" if identity is None else "replaced by another file"
+        if self.problem is None:
+            _log_error(
+                "journal_file_lost",
+                f"the journal file {self.path} was {what} while the daemon runs: requests are kept unacked until it is"
+                " restored (put the file back) or the daemon is restarted",
+            )
+        self.problem = f"the journal file {self.path} was {what}"
+        raise JournalError(self.problem)
 
     def run(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -285,9 +343,20 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
+    def healthy(self) -> bool:
+        """False while the journal cannot be used (its file deleted or replaced)."""
+        if isinstance(self._db, _Sqlite):
+            try:
+                self._db.check_file()
+            except JournalError:
+                return False
+        return True
+
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:
         """Database errors become JournalError (the caller then does not ack)."""
+        if isinstance(self._db, _Sqlite):
+            self._db.check_file()
         try:
             yield
         except self._errors as exc:

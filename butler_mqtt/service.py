@@ -279,7 +279,7 @@ def _handle(
     if prior is not None and prior.done:
         for ev in prior.replies:
             emit(ev)
-        log.info("audit", ingress=ingress, source=source, duplicate=True, **_audit_fields(req),
+        log.info("audit", ingress=ingress, source=source, requestId=req.requestId, duplicate=True, **_audit_fields(req),
                  outcome="earlier outcome re-published; nothing started")
         return Handled(prior.replies, replayed=True)
 
@@ -300,6 +300,7 @@ def _handle(
         "audit",
         ingress=ingress,
         source=source,
+        requestId=req.requestId,
         duplicate=False,
         resumed=prior is not None,
         **_audit_fields(req),

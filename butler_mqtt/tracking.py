@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from butler_mqtt.config import TrackingConfig
-from butler_mqtt.errors import ButlerError, QrsError
+from butler_mqtt.errors import ButlerError, QrsError, is_transient
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import FINAL_STATES, StartRequest
 from butler_mqtt.qrs.client import QrsClient
@@ -54,8 +54,24 @@ class Pending:
     task_id: str
     task_name: str
     stage: int | None
-    started: float  # wall clock
-    deadline: float  # wall clock
+    started: float  # wall clock (stored: survives a restart)
+    deadline: float  # wall clock (stored)
+    # This process's view, on the monotonic clock: a wall-clock step (NTP, an admin) must not
+    # end a wait early. Derived from the stored wall-clock values once, when loaded.
+    mono_started: float = field(default=-1.0, compare=False)
+    mono_deadline: float = field(default=-1.0, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mono_started < 0:
+            now_wall, now_mono = time.time(), time.monotonic()
+            self.mono_started = now_mono - max(0.0, now_wall - self.started)
+            self.mono_deadline = now_mono + max(0.0, self.deadline - now_wall)
+
+    def stored(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("mono_started")
+        d.pop("mono_deadline")
+        return d
 
 
 @dataclass
@@ -81,13 +97,18 @@ class Waited:
         return req
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        d = asdict(self)
+        d["pending"] = {k: p.stored() for k, p in self.pending.items()}
+        return json.dumps(d, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> Waited:
         d = json.loads(text)
         d["route"] = Route(**d["route"])
-        d["pending"] = {k: Pending(**v) for k, v in d["pending"].items()}
+        d["pending"] = {
+            k: Pending(**{f: v[f] for f in ("execution_id", "task_id", "task_name", "stage", "started", "deadline")})
+            for k, v in d["pending"].items()
+        }
         return cls(**d)
 
 
@@ -137,7 +158,8 @@ class Tracker:
         self._waited: dict[str, Waited] = {}
         self._next_poll: float | None = None
         self._stop = False
-        self._stages = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chain")
+        self._stages = ThreadPoolExecutor(max_workers=4, thread_name_prefix="chain")
+        self._timers: set[threading.Timer] = set()
         self._thread = threading.Thread(target=self._run, name="tracker", daemon=True)
         self.polls = 0
         self.grace_s = max(30.0, 3 * cfg.poll_interval)
@@ -182,6 +204,9 @@ class Tracker:
         with self._lock:
             self._stop = True
             self._wake.notify_all()
+            timers, self._timers = self._timers, set()
+        for t in timers:
+            t.cancel()  # the stage is resumed after the restart (the record says `starting`)
         self._thread.join(10)
         self._stages.shutdown(wait=True, cancel_futures=True)
 
@@ -274,15 +299,15 @@ class Tracker:
         except QrsError as exc:
             log.warning("tracking_poll_failed", error=str(exc), executions=len(pending))
             rows = None
-        now = time.time()
+        now = time.monotonic()
         for eid, p in pending.items():
             row = rows.get(eid) if rows is not None else None
             status = row.get("status") if row is not None else None
             if isinstance(status, int) and status in FINAL_STATES:
                 self._finish(eid, FINAL_STATES[status], row)
-            elif now > p.deadline:
+            elif now > p.mono_deadline:
                 self._finish(eid, "Unknown", row, f"still not finished after tracking.max_wait ({self.cfg.max_wait:.0f} s)")
-            elif rows is not None and row is None and now - p.started > self.grace_s:
+            elif rows is not None and row is None and now - p.mono_started > self.grace_s:
                 # No result row yet: if the session is gone too, nobody can tell the outcome.
                 try:
                     gone = not self.qrs.execution_session_exists(eid)
@@ -355,29 +380,32 @@ class Tracker:
             return
         self._request_finished(w, None, None)
 
-    def _run_stage(self, key: str, index: int, resumed: bool) -> None:
+    def _run_stage(self, key: str, index: int, resumed: bool, attempt: int = 0) -> None:
+        """Start stage `index` of a chain. A transient QRS or journal failure (before anything of
+        the stage started) is retried later, on a timer, never by sleeping in the small chain
+        pool; it gives up after tracking.max_wait. A permanent one ends the chain."""
         with self._lock:
             w = self._waited.get(key)
-        if w is None:
-            return
+            if w is None or self._stop:
+                return
         stage_req = w.stage_request(index)
         if stage_req is None:
             return self._request_finished(w, None, None)
-        prior = self.journal.load(key) if resumed else None
-        delay = 1.0
-        while True:
-            try:
-                result = self.service.run_stage(
-                    stage_req, w.request_id, lambda ev: self._emit(w, ev), index, key, prior
+        try:
+            prior = self.journal.load(key) if resumed else None
+            result = self.service.run_stage(stage_req, w.request_id, lambda ev: self._emit(w, ev), index, key, prior)
+        except Exception as exc:  # noqa: BLE001 - every failure ends in a retry or requestFinished
+            if not is_transient(exc):
+                log.error("chain_stage_refused", requestId=w.request_id, stage=index, error=str(exc))
+                return self._request_finished(w, index, f"stage {index} could not be started: {exc}")
+            delay = min(2.0**attempt, 30.0)
+            if time.time() + delay - w.started > self.cfg.max_wait:
+                return self._request_finished(
+                    w, index, f"stage {index} could not be started within tracking.max_wait ({self.cfg.max_wait:.0f} s): {exc}"
                 )
-                break
-            except QrsError as exc:  # QRS down before anything of this stage started: retry
-                log.warning("chain_stage_deferred", requestId=w.request_id, stage=index, error=str(exc), retry_in_s=delay)
-                with self._lock:
-                    if self._stop:
-                        return  # resumed after the restart (the record says `starting`)
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+            log.warning("chain_stage_deferred", requestId=w.request_id, stage=index, error=str(exc), retry_in_s=delay)
+            self._later(delay, self._run_stage, key, index, resumed, attempt + 1)
+            return
         with self._lock:
             self._absorb(w, result)
             w.starting = False
@@ -387,6 +415,22 @@ class Tracker:
             self._stage_ended(key)
         else:
             self._schedule(self.cfg.first_poll)
+
+    def _later(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn` in the chain pool after `delay` seconds (unless stopping meanwhile)."""
+
+        def fire() -> None:
+            with self._lock:
+                self._timers.discard(timer)
+                if self._stop:
+                    return
+            self._stages.submit(fn, *args)
+
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
+        timer.start()
 
     def _request_finished(self, w: Waited, stopped_at: int | None, reason: str | None) -> None:
         ev: dict[str, Any] = {
