@@ -49,7 +49,7 @@ from butler_mqtt.model import (
 from butler_mqtt.mqtt.listener import Job, MqttListener, wait_published
 from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.mqtt.topics import response_topic_problem
-from butler_mqtt.ops import fds, systemd
+from butler_mqtt.ops import fds, retry, systemd
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.qrs.client import QrsClient
@@ -63,7 +63,6 @@ log = structlog.get_logger("butler_mqtt.daemon")
 ANON_DUP_WINDOW_S = 24 * 3600
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 PUBLISH_TIMEOUT_S = 30.0
-RETRY_MAX_S = 30.0
 
 
 def _request_id_of(payload: bytes) -> str | None:
@@ -294,7 +293,7 @@ class Daemon:
         metrics once it waits long). Any other failure is answered with "Internal error" and
         a reference that the log line carries, recorded in the journal, and acked."""
         delivery = Delivery(job)
-        delay = 0.5
+        attempt = 0
         try:
             while True:
                 delivery.replies.clear()
@@ -305,11 +304,12 @@ class Daemon:
                     if not is_transient(exc):
                         self._internal_error(job, delivery, exc)
                         return
+                    delay = retry.DELIVERY.delay(attempt)
+                    attempt += 1
                     self._deferred(job, exc, delay)
                     if self.should_exit.wait(delay):
                         self.listener.release(job)  # left unacked: redelivered to the next run
                         return
-                    delay = min(delay * 2, RETRY_MAX_S)
         finally:
             with self._busy_lock:
                 self._waiting.pop(id(job), None)

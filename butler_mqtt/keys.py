@@ -21,7 +21,9 @@ def for_request_id(request_id: str) -> str:
 
 def for_correlation(correlation: bytes, response_topic: str) -> str:
     topic = hashlib.sha256(response_topic.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"cd:{topic}:{correlation.hex()}"
+    # Correlation data may be up to 64 KiB: long values are keyed by their digest.
+    value = correlation.hex() if len(correlation) <= 64 else "h" + hashlib.sha256(correlation).hexdigest()
+    return f"cd:{topic}:{value}"
 
 
 def anonymous(ingress: str) -> str:

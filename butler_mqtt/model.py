@@ -234,19 +234,31 @@ class QrsTask:
 
     @classmethod
     def from_qrs(cls, obj: dict[str, Any]) -> QrsTask:
-        """Build from a QRS full object, tolerating null collections (QRS sends `tags: null`)."""
-        tags = tuple(str(t.get("name", "")) for t in (obj.get("tags") or []))
-        cps = tuple(
-            (str((cp.get("definition") or {}).get("name", "")), str(cp.get("value", "")))
-            for cp in (obj.get("customProperties") or [])
+        """Build from a QRS full object, tolerating null collections (QRS sends `tags: null`)
+        and skipping entries of any other shape: a malformed answer selects less, never more."""
+        tags = tuple(
+            t["name"] for t in _dicts(obj.get("tags")) if isinstance(t.get("name"), str)
         )
+        cps = tuple(
+            (cp["definition"]["name"], cp["value"])
+            for cp in _dicts(obj.get("customProperties"))
+            if isinstance(cp.get("definition"), dict)
+            and isinstance(cp["definition"].get("name"), str)
+            and isinstance(cp.get("value"), str)
+        )
+        name = obj.get("name")
+        enabled = obj.get("enabled", True)
         return cls(
             id=str(obj["id"]).lower(),
-            name=str(obj.get("name", "")),
-            enabled=bool(obj.get("enabled", True)),
+            name=name if isinstance(name, str) else "",
+            enabled=enabled if isinstance(enabled, bool) else True,
             tags=tags,
             custom_properties=cps,
         )
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 @dataclass

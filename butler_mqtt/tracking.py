@@ -23,17 +23,18 @@ from typing import Any
 
 import structlog
 
+from butler_mqtt.chains import NextStage, after_stage, finish_failure, start_failures
 from butler_mqtt.config import TrackingConfig
 from butler_mqtt.errors import ButlerError, QrsError, is_transient
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import FINAL_STATES, StartRequest
+from butler_mqtt.ops import retry
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StageResult, StartService
 
 log = structlog.get_logger("butler_mqtt.tracking")
 
 NEVER = "1753-01-01T00:00:00.000Z"
-SUCCESS = "FinishedSuccess"
 
 
 @dataclass
@@ -162,6 +163,7 @@ class Tracker:
         self._timers: set[threading.Timer] = set()
         self._thread = threading.Thread(target=self._run, name="tracker", daemon=True)
         self.polls = 0
+        self._refused_since: float | None = None
         self.grace_s = max(30.0, 3 * cfg.poll_interval)
 
     # ------------------------------------------------------------------ lifecycle
@@ -239,16 +241,12 @@ class Tracker:
     def _absorb(self, w: Waited, result: StageResult) -> None:
         """Record a stage's started executions and its tasks that cannot succeed."""
         now = time.time()
-        w.stage_failures = []
-        if not result.outcomes:
-            w.stage_failures.append("the stage selected no task")
+        w.stage_failures = start_failures(result.outcomes)
         for o in result.outcomes:
             if o.status == "started" and o.execution_id:
                 w.pending[o.execution_id] = Pending(
                     o.execution_id, o.task_id, o.task_name, w.stage if w.chained else None, now, now + self.cfg.max_wait
                 )
-            else:
-                w.stage_failures.append(f"{o.task_name} ({o.task_id}): {o.status}")
 
     def _save(self, w: Waited) -> None:
         try:
@@ -294,17 +292,25 @@ class Tracker:
 
     def _poll(self, pending: dict[str, Pending]) -> None:
         self.polls += 1
+        refused: str | None = None
         try:
             rows = latest_rows(self.qrs.execution_results(list(pending)))
+            self._refused_since = None
         except QrsError as exc:
             log.warning("tracking_poll_failed", error=str(exc), executions=len(pending))
             rows = None
+            if not is_transient(exc):  # QRS refuses to tell: give up after the grace period
+                self._refused_since = self._refused_since or time.monotonic()
+                if time.monotonic() - self._refused_since > self.grace_s:
+                    refused = f"QRS refuses to report executions: {exc}"
         now = time.monotonic()
         for eid, p in pending.items():
             row = rows.get(eid) if rows is not None else None
             status = row.get("status") if row is not None else None
             if isinstance(status, int) and status in FINAL_STATES:
                 self._finish(eid, FINAL_STATES[status], row)
+            elif refused is not None:
+                self._finish(eid, "Unknown", None, refused)
             elif now > p.mono_deadline:
                 self._finish(eid, "Unknown", row, f"still not finished after tracking.max_wait ({self.cfg.max_wait:.0f} s)")
             elif rows is not None and row is None and now - p.mono_started > self.grace_s:
@@ -341,8 +347,9 @@ class Tracker:
             ev["stage"] = p.stage
         with self._lock:
             w.finished[status] = w.finished.get(status, 0) + 1
-            if status != SUCCESS:
-                w.stage_failures.append(f"{p.task_name} ({p.task_id}): {status}")
+            failure = finish_failure(p.task_name, p.task_id, status)
+            if failure is not None:
+                w.stage_failures.append(failure)
             self._save(w)
             stage_done = not w.pending and not w.starting
         self._emit(w, ev)
@@ -364,21 +371,15 @@ class Tracker:
             w = self._waited.get(key)
             if w is None or w.pending or w.starting:
                 return
-            stage_req = w.stage_request(w.stage)
-            next_req = stage_req.then if stage_req is not None else None
-            failures = list(w.stage_failures)
-        if next_req is not None and stage_req is not None:
-            if stage_req.dryRun:
-                return self._request_finished(w, w.stage, "dryRun: the chain is not run")
-            if failures and stage_req.onFailure != "continue":
-                return self._request_finished(w, w.stage, "; ".join(failures[:10]))
-            with self._lock:
-                w.stage += 1
+            decision = after_stage(w.stage_request(w.stage), w.stage, list(w.stage_failures))
+            if isinstance(decision, NextStage):
+                w.stage = decision.index
                 w.starting = True
                 self._save(w)
-            self._run_stage(key, w.stage, False)
-            return
-        self._request_finished(w, None, None)
+        if isinstance(decision, NextStage):
+            self._run_stage(key, decision.index, False)
+        else:
+            self._request_finished(w, decision.stopped_at, decision.reason)
 
     def _run_stage(self, key: str, index: int, resumed: bool, attempt: int = 0) -> None:
         """Start stage `index` of a chain. A transient QRS or journal failure (before anything of
@@ -398,7 +399,7 @@ class Tracker:
             if not is_transient(exc):
                 log.error("chain_stage_refused", requestId=w.request_id, stage=index, error=str(exc))
                 return self._request_finished(w, index, f"stage {index} could not be started: {exc}")
-            delay = min(2.0**attempt, 30.0)
+            delay = retry.CHAIN_STAGE.delay(attempt)
             if time.time() + delay - w.started > self.cfg.max_wait:
                 return self._request_finished(
                     w, index, f"stage {index} could not be started within tracking.max_wait ({self.cfg.max_wait:.0f} s): {exc}"

@@ -43,6 +43,7 @@ from butler_mqtt.errors import (
     is_transient,
 )
 from butler_mqtt.model import EMPTY_GUID, is_guid
+from butler_mqtt.ops import retry
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.qrs.filters import execution_filters
 
@@ -234,8 +235,8 @@ class QrsClient:
                 again = is_transient(exc) or (isinstance(exc, QrsTlsRejected) and exc.ambiguous)
                 if not again or attempt >= self.cfg.retries:
                     raise
+                time.sleep(retry.QRS_CALL.delay(attempt))
                 attempt += 1
-                time.sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
 
     # ----------------------------------------------------------------- QRS operations
 
@@ -279,7 +280,7 @@ class QrsClient:
                 # Safe to try again only if the connection itself never opened.
                 if not exc.never_sent or attempt >= self.cfg.retries:
                     raise
-                time.sleep(min(0.2 * 2**attempt, 2.0))
+                time.sleep(retry.QRS_CALL.delay(attempt))
         self._check(resp, f"start task {task_id}")
         try:
             value = resp.json()
@@ -355,6 +356,10 @@ _CLIENT_CERT_ALERTS = (
 )
 
 
+#: The peer is not a TLS server of a version we speak (plain HTTP on the port, an old protocol).
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "UNSUPPORTED_PROTOCOL", "PROTOCOL_VERSION")
+
+
 def _map_transport_error(exc: BaseException, base_url: str, timeout: float, what: str) -> QrsError:
     """The one table from urllib3/ssl/socket errors to the error tree (errors.py)."""
     causes = _causes(exc)
@@ -370,6 +375,11 @@ def _map_transport_error(exc: BaseException, base_url: str, timeout: float, what
         return QrsTlsRejected(
             f"QRS at {base_url} refused our client certificate ({getattr(tls, 'reason', None) or _short(tls)}):"
             " qrs.cert and qrs.key must be the client.pem and client_key.pem exported from this Qlik Sense site"
+        )
+    if tls is not None and any(r in str(getattr(tls, "reason", "") or tls) for r in _NOT_TLS):
+        return QrsTlsRejected(
+            f"QRS at {base_url} does not speak TLS as expected ({getattr(tls, 'reason', None) or _short(tls)}):"
+            " qrs.port must be the Repository Service's HTTPS port (4242) and qrs.host its server"
         )
     if tls is not None and (isinstance(tls, ssl.SSLEOFError) or "EOF" in str(tls)):
         # QRS closing the TLS connection straight after the handshake is how a server that

@@ -294,3 +294,16 @@ def test_waits_use_the_monotonic_clock(monkeypatch):
     monkeypatch.setattr(time, "time", lambda: 1e10)  # a wall-clock step far ahead
     assert p.mono_deadline - time.monotonic() == pytest.approx(left, abs=1)
     assert "mono_deadline" not in json.dumps(p.stored())
+
+
+def test_executions_qrs_refuses_to_report_end_as_unknown_with_the_reason(daemon, requester, sim):
+    daemon.tracker.grace_s = 1.0
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev["event"] == "summary":
+            sim.fault, sim.fault_paths = "error403", "executionresult"
+
+    events = requester.request({"requestId": "poll403", "taskId": T1, "wait": True}, timeout=60, on_event=on_event)
+    [fin] = [e for e in events if e["event"] == "taskFinished"]
+    assert fin["status"] == "Unknown" and "refuses to report executions" in fin["reason"]
+    assert events[-1]["event"] == "requestFinished"

@@ -126,3 +126,21 @@ def test_a_get_is_retried_after_a_5xx_but_a_start_is_not(qrs_certs, sim):
         qrs.start_synchronous(IDS[0])
     assert len(sim.request_log) == 1
     qrs.close()
+
+
+def test_a_plain_http_server_on_the_qrs_port_is_a_clear_permanent_error(qrs_certs, tmp_path):
+    import http.server
+    import threading
+
+    from butler_mqtt.errors import QrsTlsRejected as Rejected
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        qrs = QrsClient(qrs_cfg(qrs_certs, srv.server_address[1], retries=0))
+        with pytest.raises(Rejected, match="does not speak TLS.*qrs.port") as caught:
+            qrs.about()
+        assert not is_transient(caught.value)
+        qrs.close()
+    finally:
+        srv.shutdown()

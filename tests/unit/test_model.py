@@ -99,3 +99,23 @@ def test_plain_topic_payload():
         parse_plain(b"nope")
     with pytest.raises(RequestRejected):
         parse_plain(b"\xff")
+
+
+def test_malformed_qrs_collections_select_less_never_crash():
+    from butler_mqtt.model import QrsTask
+
+    t = QrsTask.from_qrs({
+        "id": "11111111-1111-4111-8111-111111111111", "name": 7, "enabled": "yes",
+        "tags": "finance", "customProperties": [None, {"definition": None, "value": "x"},
+                                                 {"definition": {"name": "group"}, "value": 3},
+                                                 {"definition": {"name": "group"}, "value": "ok"}],
+    })
+    assert t.tags == () and t.custom_properties == (("group", "ok"),) and t.name == "" and t.enabled is True
+    assert QrsTask.from_qrs({"id": "11111111-1111-4111-8111-111111111111", "tags": [None, {"name": "a"}]}).tags == ("a",)
+
+
+def test_correlation_key_includes_the_response_topic_and_bounds_its_length():
+    from butler_mqtt import keys
+
+    assert keys.for_correlation(b"job-1", "a/replies") != keys.for_correlation(b"job-1", "b/replies")
+    assert len(keys.for_correlation(b"x" * 65000, "a")) < 100
