@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -57,6 +58,7 @@ class HttpLimits:
     max_connections: int
     request_timeout: float
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(60.0))
+    on_closed: Callable[[str], None] | None = None  # "refused" or "timeout" (the metrics counter)
 
 
 def limited_protocol(limits: HttpLimits) -> type[H11Protocol]:
@@ -80,6 +82,8 @@ class LimitedH11Protocol(H11Protocol):
             self.transport = transport
             transport.write(_BUSY)
             transport.close()  # nothing is read: the descriptor is released on the next loop pass
+            if self.limits.on_closed is not None:
+                self.limits.on_closed("refused")
             ok, suppressed = self.limits.limiter.allow("refused")
             if ok:
                 log.warning(
@@ -133,6 +137,8 @@ class LimitedH11Protocol(H11Protocol):
         if partial and not answered and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             self.transport.write(_TIMEOUT)
         self.transport.close()
+        if self.limits.on_closed is not None:
+            self.limits.on_closed("timeout")
         ok, suppressed = self.limits.limiter.allow("timeout")
         if ok:
             log.info(

@@ -172,7 +172,10 @@ def start_http(daemon: Daemon) -> HttpServer:
             fd_limit=limit,
             detail="the open-file limit leaves room for fewer REST connections; raise LimitNOFILE",
         )
-    limits = HttpLimits(max_connections=cap, request_timeout=cfg.http.request_timeout)
+    closed = daemon.metrics.http_closed
+    limits = HttpLimits(
+        max_connections=cap, request_timeout=cfg.http.request_timeout, on_closed=lambda why: closed.labels(why).inc()
+    )
     sock = _bind(host, port, key)
     server = HttpServer(create_app(daemon, full), sock, limits, cfg.http.keep_alive_timeout).start()
     log.info(

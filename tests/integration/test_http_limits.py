@@ -174,8 +174,10 @@ def test_connection_over_the_cap_gets_503_before_sending_anything(cfg, sim, star
     finally:
         for s in held:
             s.close()
-    # Freed slots are usable again.
+    # Freed slots are usable again, and the refusal is counted.
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code in (200, 503)
+    metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'butler_mqtt_http_connections_closed_total{reason="refused"} 1.0' in metrics
 
 
 def test_request_timeout_closes_half_requests_and_keep_alive_closes_idle(cfg, sim, start_daemon):
@@ -205,6 +207,8 @@ def test_request_timeout_closes_half_requests_and_keep_alive_closes_idle(cfg, si
     got, _ = _read_until_closed(s, 15)
     s.close()
     assert got.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 408 " in got
+    metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'butler_mqtt_http_connections_closed_total{reason="timeout"} 2.0' in metrics
 
 
 def test_accept_out_of_descriptors_is_named_and_logged_once(cfg, sim, start_daemon):
