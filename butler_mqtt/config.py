@@ -130,6 +130,11 @@ class HttpConfig(_Section):
     port: int = Field(default=8081, ge=0, le=65535)
     token: SecretStr | None = None
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Every connection is a file descriptor: capped (and lowered at start when the process's
+    # descriptor limit leaves too little room, see butler_mqtt/ops/fds.py).
+    max_connections: int = Field(default=512, ge=1)
+    request_timeout: float = Field(default=10, gt=0)  # head and body of a request (slowloris)
+    keep_alive_timeout: int = Field(default=5, ge=1)  # idle between two requests on a connection
 
 
 class MetricsConfig(_Section):

@@ -39,7 +39,8 @@ from butler_mqtt.model import (
 )
 from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
-from butler_mqtt.ops import retry, systemd
+from butler_mqtt.mqtt.retain_probe import RetainProbe
+from butler_mqtt.ops import fds, retry, systemd
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.qrs.client import QrsClient
@@ -72,6 +73,7 @@ class Daemon:
         self.qrs_problem: str | None = None  # the last permanent QRS failure, until a success
         self.handled = 0
         self.http_server: Any = None
+        self.retain_probe: RetainProbe | None = None  # MQTT 3.1.1 only: see mqtt/retain_probe.py
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -101,6 +103,8 @@ class Daemon:
         )
         self.tracker = Tracker(cfg.tracking, self.qrs, self.service, self.journal, self.publish_route)
         self.listener.on_subscribed = self._ready
+        if not self.listener.v5:  # 3.1.1 clears the retain flag on live delivery: ask the broker
+            self.retain_probe = RetainProbe(cfg.mqtt, client_id).start()
         for i in range(cfg.mqtt.workers):
             t = threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True)
             t.start()
@@ -155,6 +159,8 @@ class Daemon:
             self.http_server.stop()
         self.tracker.stop()  # its records stay in the journal: picked up again next run
         self.listener.stop()
+        if self.retain_probe is not None:
+            self.retain_probe.stop()
         self.service.close()
         self.qrs.close()
         self.journal.close()
@@ -231,6 +237,8 @@ class Daemon:
             if self._queued_bytes + size > self.cfg.mqtt.queue_bytes and self._queued_bytes > 0:
                 return False
             self._queued_bytes += size
+        if self.retain_probe is not None:
+            self.retain_probe.ask(job)  # 3.1.1: ask on arrival, while a retained copy is surely there
         self._jobs.put(job)
         return True
 
@@ -351,7 +359,9 @@ class Daemon:
 
         d.request_id = ingress_rules.request_id_of(job)
         structlog.contextvars.bind_contextvars(requestId=d.request_id)
-        verdict = ingress_rules.screen(job, self.cfg.mqtt, self.listener.limits, time.monotonic())
+        # MQTT 3.1.1 clears the retain flag on live delivery: the probe asks the broker instead.
+        retained = job.retained or (self.retain_probe is not None and self.retain_probe.retained(job))
+        verdict = ingress_rules.screen(job, self.cfg.mqtt, self.listener.limits, time.monotonic(), retained)
         if isinstance(verdict, ingress_rules.Clear):
             self.listener.ack(job)  # someone clearing a retained message: nothing to answer
             return
@@ -446,6 +456,7 @@ def run(config_file: Path | None) -> int:
     sys.setswitchinterval(0.001)
     cfg = load_config(config_file, missing_ok=False)
     setup_logging(cfg.logging.level, cfg.logging.format)
+    fds.raise_fd_limit()  # systemd's default soft limit is 1024; the unit's LimitNOFILE is the hard one
     profile = os.environ.get("BUTLER_MQTT_PROFILE")
     if not profile:
         return Daemon(cfg, config_file).run()

@@ -11,6 +11,7 @@
         │                      what the API returns (transient only for 5xx, 429)
         └── QrsNotFound        QRS answered 404 for the entity asked for
     JournalError               the durable journal cannot be read or written (transient)
+    BrokerUnavailable          the broker did not answer a check in time (transient)
 
 `is_transient(exc)` is the one place that decides whether a failure is worth waiting for
 (the request stays unacked and is retried) or permanent (the request is answered with an
@@ -92,14 +93,19 @@ class JournalError(ButlerError):
     """The request journal could not be read or written (the request is then not acked)."""
 
 
+class BrokerUnavailable(ButlerError):
+    """The broker did not answer a question the daemon must ask before acting (the MQTT 3.1.1
+    retain check): transient, the request stays unacked and is retried."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when the failure is expected to go away by itself: keep the request and retry.
 
-    QRS unreachable (refused, reset, timeout), QRS answering 5xx or 429, the journal failing.
-    Everything else (certificate problems, 4xx, answers that are not QRS's) is permanent: the
-    request is answered with an error and acked.
+    QRS unreachable (refused, reset, timeout), QRS answering 5xx or 429, the journal failing,
+    the broker not answering the retain check. Everything else (certificate problems, 4xx,
+    answers that are not QRS's) is permanent: the request is answered with an error and acked.
     """
-    if isinstance(exc, QrsUnreachable | JournalError):
+    if isinstance(exc, QrsUnreachable | JournalError | BrokerUnavailable):
         return True
     if isinstance(exc, QrsRefused):
         return (exc.status or 0) >= 500 or exc.status == 429

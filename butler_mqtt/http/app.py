@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from butler_mqtt import __version__, keys
@@ -176,10 +177,13 @@ class RestApi:
         if declared.isdigit() and int(declared) > limit:
             raise ApiError(413, "Payload too large", f"{declared} bytes; the limit is {limit} bytes (http.max_body_bytes)")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, "Payload too large", f"more than {limit} bytes (http.max_body_bytes)")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, "Payload too large", f"more than {limit} bytes (http.max_body_bytes)")
+        except ClientDisconnect:  # gone mid-body (or closed by http.request_timeout): not a bug
+            raise ApiError(400, "Incomplete request", "the connection closed before the whole body arrived") from None
         return bytes(body)
 
     async def _run(self, req: StartRequest, request: Request) -> list[dict[str, Any]]:

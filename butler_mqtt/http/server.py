@@ -4,22 +4,36 @@ The daemon owns the process: signals stay with `Daemon.install_signals` (uvicorn
 none here), and `stop()` is called from `Daemon.shutdown`. The listening socket is bound
 before the thread starts, so a port in use fails `startup()` with a clear error and `.port`
 is the real port also when 0 (pick a free one) was configured.
+
+Descriptors: the protocol class (`http/protocol.py`) caps connections and times out requests
+that do not arrive; an accept loop that still runs out of descriptors is logged once per
+minute as "too many open files (raise LimitNOFILE)" instead of thousands of times a second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
 
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.http.app import create_app
+from butler_mqtt.http.protocol import HttpLimits, limited_protocol
+from butler_mqtt.ops.fds import (
+    FD_HINT,
+    describe_os_error,
+    fd_limit,
+    http_connection_cap,
+    is_fd_exhaustion,
+)
+from butler_mqtt.ops.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -36,7 +50,31 @@ GRACEFUL_S = 5
 
 
 class _ThreadServer(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to the daemon."""
+    """A uvicorn server that leaves signal handling to the daemon and names fd exhaustion."""
+
+    _loop_errors = RateLimiter(60.0)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        asyncio.get_running_loop().set_exception_handler(self._loop_error)
+        await super().startup(sockets)
+
+    @classmethod
+    def _loop_error(cls, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # asyncio's accept loop reports EMFILE here for every connection it cannot accept
+        # (Python 3.11: up to `backlog` times per pass); the default handler logs each one.
+        exc = context.get("exception")
+        if is_fd_exhaustion(exc):
+            ok, suppressed = cls._loop_errors.allow("fds")
+            if ok:
+                log.error(
+                    "http_out_of_file_descriptors",
+                    error=FD_HINT,
+                    message=str(context.get("message", "")),
+                    repeated=suppressed or None,
+                    detail="new REST connections wait until descriptors are free; lower http.max_connections or raise LimitNOFILE",
+                )
+            return
+        loop.default_exception_handler(context)  # the asyncio logger, rate-limited in setup_logging
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -55,7 +93,7 @@ def _bind(host: str, port: int, key: str) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as exc:
-        raise ConfigError(key, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ConfigError(key, f"cannot listen on {host}:{port}: {describe_os_error(exc)}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -63,7 +101,7 @@ def _bind(host: str, port: int, key: str) -> socket.socket:
 class HttpServer:
     """One uvicorn server on an already bound socket, served from a daemon thread."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+    def __init__(self, app: FastAPI, sock: socket.socket, limits: HttpLimits, keep_alive_s: int = 5) -> None:
         self.app = app
         self._sock = sock
         address = sock.getsockname()
@@ -76,7 +114,11 @@ class HttpServer:
             lifespan="off",
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_S,
+            http=limited_protocol(limits),
+            ws="none",  # no websocket endpoints: an upgrade request is plain HTTP
+            timeout_keep_alive=keep_alive_s,
         )
+        self.limits = limits
         self._server = _ThreadServer(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, name=f"http:{self.port}", daemon=True
@@ -120,12 +162,30 @@ def start_http(daemon: Daemon) -> HttpServer:
     else:
         assert cfg.metrics.port is not None, "start_http needs http.enabled or metrics.port"
         host, port, key = METRICS_HOST, cfg.metrics.port, "metrics.port"
-    server = HttpServer(create_app(daemon, full), _bind(host, port, key)).start()
+    limit = fd_limit()
+    cap = http_connection_cap(cfg.http.max_connections, limit)
+    if cap < cfg.http.max_connections:
+        log.warning(
+            "http_max_connections_lowered",
+            configured=cfg.http.max_connections,
+            used=cap,
+            fd_limit=limit,
+            detail="the open-file limit leaves room for fewer REST connections; raise LimitNOFILE",
+        )
+    closed = daemon.metrics.http_closed
+    limits = HttpLimits(
+        max_connections=cap, request_timeout=cfg.http.request_timeout, on_closed=lambda why: closed.labels(why).inc()
+    )
+    sock = _bind(host, port, key)
+    server = HttpServer(create_app(daemon, full), sock, limits, cfg.http.keep_alive_timeout).start()
     log.info(
         "http_listening",
         url=server.url,
         api=full,
         token=cfg.http.token is not None if full else None,
+        max_connections=cap,
+        request_timeout_s=cfg.http.request_timeout,
+        keep_alive_timeout_s=cfg.http.keep_alive_timeout,
     )
     if full and cfg.http.token is None and host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("http_without_token", detail=f"the REST API on {host} can start tasks without a token (http.token)")

@@ -48,9 +48,13 @@ class Clear:
     """An empty retained message: ack it, answer nothing."""
 
 
-def screen(job: Job, cfg: MqttConfig, limits: tuple[int, int], now: float) -> Reject | Clear | StartRequest:
-    """The request in `job`, or why it is not one (`now`: time.monotonic())."""
-    if job.retained and not job.payload and not job.oversize:
+def screen(
+    job: Job, cfg: MqttConfig, limits: tuple[int, int], now: float, retained: bool | None = None
+) -> Reject | Clear | StartRequest:
+    """The request in `job`, or why it is not one (`now`: time.monotonic(); `retained`: the
+    retain flag when known better than the delivery's, e.g. from the MQTT 3.1.1 probe)."""
+    retained = job.retained if retained is None else retained
+    if retained and not job.payload and not job.oversize:
         return Clear()
     if job.response_topic is not None:
         problem = response_topic_problem(job.response_topic, cfg)
@@ -60,9 +64,10 @@ def screen(job: Job, cfg: MqttConfig, limits: tuple[int, int], now: float) -> Re
     if job.oversize:
         limit = limits[1 if plain else 0]
         return Reject("request_rejected", "rejected", "Payload too large", f"{job.oversize} bytes; the limit is {limit} bytes")
-    if job.retained:
+    if retained:
         return Reject("retained_request_ignored", "rejected", "Retained request ignored",
-                      "start requests must be published with retain=false; nothing was started")
+                      "start requests must be published with retain=false (a retained copy on the topic"
+                      " counts too: clear it with an empty retained message); nothing was started")
     try:
         req = parse_plain(job.payload) if plain else validate_request(decode_json(job.payload))
     except RequestRejected as rej:

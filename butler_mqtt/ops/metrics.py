@@ -35,6 +35,13 @@ class Metrics:
         self.qrs_refusing = Gauge(
             "butler_mqtt_qrs_refusing", "1 while QRS refuses requests for good (certificate, 401/403)", registry=r
         )
+        self.http_closed = Counter(
+            "butler_mqtt_http_connections_closed",
+            "REST connections the daemon closed: over http.max_connections (refused) or no complete request"
+            " within http.request_timeout (timeout)",
+            ["reason"],
+            registry=r,
+        )
         self.deferred = Counter(
             "butler_mqtt_requests_deferred", "Requests kept unacked for a retry (QRS or journal unavailable)", registry=r
         )

@@ -80,12 +80,20 @@ class NotifySocket:
 class DaemonProcess:
     """`python -m butler_mqtt run` as a subprocess; its JSON log lines collected from stdout."""
 
-    def __init__(self, env: dict[str, str], config: Path | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], config: Path | None = None, preexec_fn: Callable[[], None] | None = None
+    ) -> None:
         args = [sys.executable, "-m", "butler_mqtt", "run"]
         if config is not None:
             args += ["--config", str(config)]
         self.proc = subprocess.Popen(
-            args, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            args,
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=preexec_fn,
         )
         self.lines: list[str] = []
         self.events: list[dict[str, Any]] = []
