@@ -9,7 +9,14 @@ For every request whose summary never arrived it prints when that summary was pu
 to the restarts, the PUBACK reason code the broker sent for it, whether the daemon acked the
 request, and session_present on every reconnect. Figures only: nothing passes or fails.
 
-    .venv/bin/python bench/restart_replies.py --runs 12
+    .venv/bin/python bench/restart_replies.py --runs 12            # persistent subscriber
+    .venv/bin/python bench/restart_replies.py --runs 6 --sub-clean --sub-expiry 0 --sub-delay 4
+        # a requester back after the daemon: its replies get PUBACK 0x10 (resent since issue 11)
+    .venv/bin/python bench/restart_replies.py --runs 3 --sub-expiry 0 --sub-delay 4
+        # a requester without session expiry: Mosquitto 2.0 takes its replies (PUBACK success)
+        # into the session it restored, then discards them when it reconnects (not detectable)
+
+BENCH_LOG=debug shows the daemon's log (reply_resent, reply_unmatched, reply_refused).
 """
 
 from __future__ import annotations
