@@ -48,9 +48,12 @@ class Received:
 
 
 class Inbox:
-    """Every JSON message on `topic_filter` (QoS 1), with its topic and correlation data."""
+    """Every JSON message on `topic_filter` (QoS 1), with its topic and correlation data.
 
-    def __init__(self, port: int, topic_filter: str, client_id: str | None = None) -> None:
+    `persistent`: a session the broker keeps (and persists) across a broker restart, so that
+    nothing published while the inbox reconnects is missed."""
+
+    def __init__(self, port: int, topic_filter: str, client_id: str | None = None, persistent: bool = False) -> None:
         self.items: list[Received] = []
         self.cond = threading.Condition()
         c = mqtt.Client(
@@ -58,11 +61,16 @@ class Inbox:
             client_id=client_id or f"inbox-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv5,
         )
+        c.reconnect_delay_set(0.1, 1)
         ready = threading.Event()
         c.on_connect = lambda cl, *_: cl.subscribe(topic_filter, qos=1)
         c.on_subscribe = lambda *_: ready.set()
         c.on_message = self._on_message
-        c.connect("127.0.0.1", port)
+        props = None
+        if persistent:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 3600
+        c.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
         c.loop_start()
         if not ready.wait(10):
             raise RuntimeError(f"inbox could not subscribe to {topic_filter}")
@@ -71,10 +79,10 @@ class Inbox:
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         try:
             ev = json.loads(msg.payload)
-        except ValueError:
-            return
+        except (ValueError, RecursionError):
+            ev = None
         if not isinstance(ev, dict):
-            return
+            ev = {"event": None, "raw": bytes(msg.payload[:200])}  # not a reply of ours: kept, marked
         corr = getattr(msg.properties, "CorrelationData", None) if msg.properties is not None else None
         with self.cond:
             self.items.append(Received(msg.topic, corr, ev))
@@ -83,6 +91,10 @@ class Inbox:
     def select(self, pred: Callable[[Received], bool]) -> list[Received]:
         with self.cond:
             return [r for r in self.items if pred(r)]
+
+    def count_all(self) -> int:
+        with self.cond:
+            return len(self.items)
 
     def finals(self, pred: Callable[[Received], bool] = lambda _r: True) -> list[Received]:
         return self.select(lambda r: r.event.get("event") in FINAL and pred(r))
@@ -122,8 +134,11 @@ class Sender:
         )
         c.max_inflight_messages_set(1000)
         c.max_queued_messages_set(0)
+        c.reconnect_delay_set(0.1, 1)
         connected = threading.Event()
+        self.disconnects: list[Any] = []  # the broker refusing what we sent shows here
         c.on_connect = lambda *_: connected.set()
+        c.on_disconnect = lambda _c, _u, _f, rc, _p: self.disconnects.append(rc)
         c.connect("127.0.0.1", port)
         c.loop_start()
         if not connected.wait(10):
@@ -174,3 +189,22 @@ class Sender:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def idle(daemon: Any) -> bool:
+    """An in-process Daemon has nothing to do: no delivery unacked, no job queued or running."""
+    return bool(daemon.listener.unacked == 0 and daemon._busy == 0 and daemon._jobs.empty())
+
+
+def record_deliveries(daemon: Any) -> list[tuple[str, int, bool]]:
+    """(topic, packet id, dup) of every delivery the daemon's MQTT client receives from now on."""
+    seen: list[tuple[str, int, bool]] = []
+    client = daemon.listener.client
+    original = client.on_message
+
+    def recording(c: Any, u: Any, msg: Any) -> None:
+        seen.append((msg.topic, msg.mid, bool(msg.dup)))
+        original(c, u, msg)
+
+    client.on_message = recording
+    return seen
