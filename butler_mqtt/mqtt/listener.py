@@ -14,6 +14,10 @@ Facts this relies on (research/peers-and-mqtt-practice.md part B, tested on Mosq
   listener drops the connection so that the broker delivers it again (nothing lost);
 * a packet id stays in use until we ack it: a delivery whose id is still being handled is the
   broker's redelivery of that same message (after a reconnect) and is not handled twice;
+* an ack written just before the connection drops (our own redelivery request, a broker
+  restart) may never reach the broker, which then resends the delivery (dup) though it was
+  answered: the last acked packet ids of the session are remembered with the delivery's
+  fingerprint (payload, topic, packet id), and such a resend is acked again, not handled again;
 * after a reconnect without the session, earlier packet ids mean nothing: jobs of the old
   session are not acked (their messages are gone from the broker or redelivered anew);
 * plain disconnect() does not send the will, so "offline" is published by hand on shutdown;
@@ -48,7 +52,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from butler_mqtt import __version__
+from butler_mqtt import __version__, keys
 from butler_mqtt.config import MqttConfig
 
 log = structlog.get_logger("butler_mqtt.mqtt")
@@ -83,6 +87,18 @@ class Job:
 #: Set by the daemon from the request model's limits.
 DEFAULT_LIMITS = (64 * 1024, 1024)
 
+#: How many acked packet ids of the session are remembered (see the module docstring). Brokers
+#: hand out packet ids in sequence (Mosquitto: 1..65535 per client), so one is not reused
+#: within this window.
+ANSWERED_MEMORY = 4096
+#: A deliberate reconnect (request_redelivery) first waits this long at most for the broker to
+#: confirm our replies and for our acks to be written.
+FLUSH_BEFORE_REDELIVERY_S = 5.0
+
+
+def _fingerprint(payload: bytes, topic: str, mid: int, oversize: int) -> str:
+    return keys.delivery_fingerprint(payload if not oversize else b"oversize:%d" % oversize, topic, mid)
+
 
 class MqttListener:
     def __init__(
@@ -97,6 +113,8 @@ class MqttListener:
         self.limits = limits
         self._inflight_lock = threading.Lock()
         self._inflight: dict[int, Job] = {}  # packet id -> delivery being handled (this epoch)
+        self._answered: OrderedDict[int, str] = OrderedDict()  # packet id -> fingerprint, acked
+        self._publish_lock = threading.Lock()  # replies and acks vs. a deliberate reconnect
         self.epoch = 0
         self.refused = 0  # deliveries not taken (queue full) since the last redelivery
         self.problems: dict[str, str] = {}
@@ -230,6 +248,7 @@ class MqttListener:
             with self._inflight_lock:
                 self.epoch += 1  # packet ids of the old session mean nothing now
                 self._inflight.clear()
+                self._answered.clear()
                 self.refused = 0
         self.connected.set()
         log.info(
@@ -294,15 +313,24 @@ class MqttListener:
                 log.info("mqtt_redelivery_in_progress", mid=msg.mid, topic=msg.topic)
                 return
             epoch = self.epoch
+            answered = self._answered.get(msg.mid) if msg.qos > 0 else None
+            if answered is not None and not msg.dup:
+                del self._answered[msg.mid]  # the id is in use again: the broker had our ack
+        size = len(msg.payload)
+        oversize = size if size > self.limits[1 if plain else 0] else 0
+        kept = b"" if oversize else bytes(msg.payload)  # never keep an oversize payload
+        if answered is not None and msg.dup and answered == _fingerprint(kept, msg.topic, msg.mid, oversize):
+            # Answered and acked already; the ack was lost with the connection.
+            log.info("mqtt_redelivery_already_answered", mid=msg.mid, topic=msg.topic)
+            client.ack(msg.mid, msg.qos)
+            return
         props = msg.properties if self.v5 else None
         expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
         now = time.monotonic()
-        size = len(msg.payload)
-        oversize = size if size > self.limits[1 if plain else 0] else 0
         job = Job(
             ingress="mqtt-plain" if plain else "mqtt",
             topic=msg.topic,
-            payload=b"" if oversize else bytes(msg.payload),  # never keep an oversize payload
+            payload=kept,
             mid=msg.mid,
             qos=msg.qos,
             dup=bool(msg.dup),
@@ -332,12 +360,19 @@ class MqttListener:
     def ack(self, job: Job) -> None:
         """Ack a delivery, once. A job of an earlier broker session is not acked: its packet id
         may by now belong to another message of the new session."""
+        fingerprint = _fingerprint(job.payload, job.topic, job.mid, job.oversize) if job.qos > 0 else ""
         with self._inflight_lock:
             current = job.epoch == self.epoch
             if self._inflight.get(job.mid) is job:
                 del self._inflight[job.mid]
+            if job.qos > 0 and current:
+                self._answered[job.mid] = fingerprint
+                self._answered.move_to_end(job.mid)
+                while len(self._answered) > ANSWERED_MEMORY:
+                    self._answered.popitem(last=False)
         if job.qos > 0 and current:
-            self.client.ack(job.mid, job.qos)
+            with self._publish_lock:
+                self.client.ack(job.mid, job.qos)
 
     def release(self, job: Job) -> None:
         """Give a delivery back to the broker without acking it (it is redelivered later)."""
@@ -353,20 +388,31 @@ class MqttListener:
 
     def request_redelivery(self) -> None:
         """Drop the connection so that the broker sends again what we left unacked (deliveries
-        refused while the queue was full). paho reconnects by itself, with the session, and
-        resends our unconfirmed replies."""
+        refused while the queue was full). paho reconnects by itself, with the session."""
         with self._inflight_lock:
             if not self.refused:
                 return
             self.refused = 0
         self.redeliveries += 1
         log.warning("mqtt_redelivery_requested", detail="reconnecting so the broker resends the deliveries left unacked")
-        sock = self.client.socket()
-        try:
-            if sock is not None:
-                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
-        except OSError:
-            pass
+        # Everything sent so far reaches the broker first, and nothing new is sent meanwhile: a
+        # reply whose PUBACK is lost with the connection is sent again by paho (a second copy
+        # for the subscriber); an ack lost makes the broker resend a delivery already answered.
+        with self._publish_lock:
+            deadline = time.monotonic() + FLUSH_BEFORE_REDELIVERY_S
+            while self.connected.is_set() and self._sending() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            sock = self.client.socket()
+            try:
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+            except OSError:
+                pass
+
+    def _sending(self) -> bool:
+        """paho still has replies the broker has not confirmed, or packets (acks) not yet written."""
+        c = self.client
+        return bool(getattr(c, "_out_messages", None)) or bool(getattr(c, "_out_packet", None))
 
     def confirm(self, replies: list[mqtt.MQTTMessageInfo], timeout: float) -> bool:
         """Wait until the broker has taken every reply: each one, since PUBACK order is not
@@ -421,7 +467,8 @@ class MqttListener:
             body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate (e.g. in a task name from QRS): ASCII escapes
             body = json.dumps(event, separators=(",", ":")).encode("ascii")
-        return self.client.publish(topic, body, qos=1, retain=False, properties=self._reply_properties(correlation))
+        with self._publish_lock:
+            return self.client.publish(topic, body, qos=1, retain=False, properties=self._reply_properties(correlation))
 
 
 def apply_credentials(client: mqtt.Client, cfg: MqttConfig) -> None:
