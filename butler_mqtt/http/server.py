@@ -9,15 +9,18 @@ is the real port also when 0 (pick a free one) was configured.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
 
+from butler_mqtt.config import HttpConfig, HttpTlsConfig
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.http.app import create_app
 
@@ -60,15 +63,54 @@ def _bind(host: str, port: int, key: str) -> socket.socket:
     return sock
 
 
+def _tls_options(tls: HttpTlsConfig | None) -> dict[str, Any]:
+    """uvicorn's TLS settings: HTTPS with cert and key; with client_ca, a client certificate
+    signed by it is required on every connection (the handshake fails without one)."""
+    if tls is None or not tls.enabled:
+        return {}
+    opts: dict[str, Any] = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+    if tls.client_ca is not None:
+        opts |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return opts
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def listener_warnings(http: HttpConfig) -> list[tuple[str, str]]:
+    """What is unsafe about the REST API's listener, as (log event, what to do) pairs.
+
+    Beyond loopback a start call must be authenticated (token or client certificate), and a
+    token must not cross the network in clear text. Used by `run` (log) and `check` (warn).
+    """
+    if is_loopback(http.host):
+        return []
+    out: list[tuple[str, str]] = []
+    if http.token is not None and not http.tls.enabled:
+        out.append(("http_token_in_clear", f"the bearer token travels unencrypted to {http.host}: "
+                    "set http.tls.cert and http.tls.key (HTTPS)"))
+    if http.token is None and http.tls.client_ca is None:
+        out.append(("http_without_token", f"the REST API on {http.host} can start tasks without a token (http.token) "
+                    "or client certificates (http.tls.client_ca)"))
+    return out
+
+
 class HttpServer:
     """One uvicorn server on an already bound socket, served from a daemon thread."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+    def __init__(self, app: FastAPI, sock: socket.socket, tls: HttpTlsConfig | None = None) -> None:
         self.app = app
         self._sock = sock
         address = sock.getsockname()
         self.host: str = address[0]
         self.port: int = int(address[1])
+        self.tls = tls is not None and tls.enabled
         config = uvicorn.Config(
             app,
             log_config=None,  # the daemon's logging setup stays in charge
@@ -76,6 +118,7 @@ class HttpServer:
             lifespan="off",
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_S,
+            **_tls_options(tls),
         )
         self._server = _ThreadServer(config)
         self._thread = threading.Thread(
@@ -85,7 +128,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def start(self) -> HttpServer:
         self._thread.start()
@@ -110,7 +153,7 @@ class HttpServer:
 
 def start_http(daemon: Daemon) -> HttpServer:
     """Serve the full API on http.host:http.port, or only /metrics and /healthz on
-    127.0.0.1:metrics.port when the REST API is off."""
+    127.0.0.1:metrics.port when the REST API is off; over HTTPS on either when http.tls is set."""
     cfg = daemon.cfg
     full = cfg.http.enabled
     if full:
@@ -120,13 +163,17 @@ def start_http(daemon: Daemon) -> HttpServer:
     else:
         assert cfg.metrics.port is not None, "start_http needs http.enabled or metrics.port"
         host, port, key = METRICS_HOST, cfg.metrics.port, "metrics.port"
-    server = HttpServer(create_app(daemon, full), _bind(host, port, key)).start()
+    tls = cfg.http.tls  # its files were loaded once already by Config.check_qrs_files at start
+    server = HttpServer(create_app(daemon, full), _bind(host, port, key), tls).start()
     log.info(
         "http_listening",
         url=server.url,
         api=full,
         token=cfg.http.token is not None if full else None,
+        tls=tls.enabled,
+        client_certificates=tls.client_ca is not None,
     )
-    if full and cfg.http.token is None and host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("http_without_token", detail=f"the REST API on {host} can start tasks without a token (http.token)")
+    if full:
+        for event, detail in listener_warnings(cfg.http):
+            log.warning(event, detail=detail)
     return server

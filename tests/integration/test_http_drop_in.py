@@ -4,12 +4,17 @@ in-process daemon, the QRS simulator over mTLS and a real Mosquitto."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+import trustme
+import yaml
 
 from butler_mqtt.sim import QrsSimulator, SimTask
 from tests.conftest import make_config
@@ -165,3 +170,172 @@ def test_bare_path_in_the_openapi_document(cfg, start_daemon):
         assert bare[method]["security"] == [{"bearerToken": []}]
         assert "/v4/reloadtask/-/start" in bare[method]["description"]
     assert bare["post"]["operationId"] != dash["post"]["operationId"]
+
+
+# ----------------------------------------------------------------------------- HTTPS and mutual TLS
+
+
+class Pki:
+    """A server certificate for 127.0.0.1 from one CA, client certificates from a client CA and
+    from an unrelated CA, all written as PEM files."""
+
+    def __init__(self, d: Path) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        self.dir = d
+        server_ca, client_ca, other_ca = trustme.CA(), trustme.CA(), trustme.CA()
+        server = server_ca.issue_cert("127.0.0.1", "localhost")
+        self.cert, self.key = d / "http_cert.pem", d / "http_key.pem"
+        server.cert_chain_pems[0].write_to_path(str(self.cert))
+        server.private_key_pem.write_to_path(str(self.key))
+        self.server_ca = d / "server_ca.pem"
+        server_ca.cert_pem.write_to_path(str(self.server_ca))
+        self.client_ca = d / "client_ca.pem"
+        client_ca.cert_pem.write_to_path(str(self.client_ca))
+        self.client = self._client(client_ca, "erp-caller", d / "client.pem")
+        self.stranger = self._client(other_ca, "erp-caller", d / "stranger.pem")
+        other = other_ca.issue_cert("127.0.0.1")
+        self.other_key = d / "other_key.pem"
+        other.private_key_pem.write_to_path(str(self.other_key))
+
+    @staticmethod
+    def _client(ca: trustme.CA, name: str, path: Path) -> Path:
+        leaf = ca.issue_cert(name)
+        leaf.private_key_and_cert_chain_pem.write_to_path(str(path))  # key + cert in one file
+        return path
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path / "pki")
+
+
+def https_cfg(cfg: Any, pki: Pki, client_ca: bool = False, token: str | None = None) -> Any:
+    tls = {"cert": pki.cert, "key": pki.key, "client_ca": pki.client_ca if client_ca else None}
+    http = cfg.http.model_dump() | {"tls": tls, "token": token}
+    return cfg.model_copy(update={"http": type(cfg.http).model_validate(http)})
+
+
+def session(pki: Pki, cert: Path | None = None) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False  # else $REQUESTS_CA_BUNDLE would replace the CA given here
+    s.verify = str(pki.server_ca)
+    if cert is not None:
+        s.cert = str(cert)
+    return s
+
+
+REFUSED = (requests.exceptions.SSLError, requests.exceptions.ConnectionError)
+
+
+def test_https_serves_the_api_health_and_metrics(cfg, sim, start_daemon, pki):
+    server = start_daemon(https_cfg(cfg, pki)).daemon.http_server
+    assert server.url.startswith("https://")
+    base = f"https://127.0.0.1:{server.port}"
+    s = session(pki)
+    resp = call(base, BARE, {"tag": "weekly"}, session=s)
+    assert resp.status_code == 200 and resp.json()["totalTasksStarted"] == 1, resp.text
+    resp = call(base, "/v4/reloadtask/-/start", [{"type": "starttaskid", "payload": {"taskId": T1}}], method="PUT", session=s)
+    assert resp.json()["tasksId"]["started"] == [{"taskId": T1, "taskName": "Finance daily"}]
+    assert s.get(base + "/healthz", timeout=10).json()["status"] == "ok"
+    assert "butler_mqtt_mqtt_connected 1.0" in s.get(base + "/metrics", timeout=10).text
+    # The server certificate is checked by the client: another CA's trust store refuses it.
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(base + "/healthz", verify=str(pki.client_ca), timeout=10)
+    # Plain HTTP on the TLS port gets no API answer.
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.post(f"http://127.0.0.1:{server.port}{BARE}", json={"tag": "daily-refresh"}, timeout=10)
+    assert started(sim) == [T1, T4]
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate_of_the_ca(cfg, sim, start_daemon, pki):
+    server = start_daemon(https_cfg(cfg, pki, client_ca=True)).daemon.http_server
+    base = f"https://127.0.0.1:{server.port}"
+    for who in (session(pki), session(pki, pki.stranger)):  # no certificate; one from another CA
+        with pytest.raises(REFUSED):
+            call(base, BARE, {"tag": "weekly"}, session=who)
+        with pytest.raises(REFUSED):
+            who.get(base + "/healthz", timeout=10)
+    assert sim.starts == []
+    # A certificate of client_ca is enough: no token configured, none needed.
+    good = session(pki, pki.client)
+    resp = call(base, BARE, {"tag": "weekly"}, session=good)
+    assert resp.status_code == 200 and resp.json()["totalTasksStarted"] == 1, resp.text
+    assert good.get(base + "/healthz", timeout=10).status_code == 200
+    assert started(sim) == [T4]
+
+
+def test_mutual_tls_beside_a_token_needs_both(cfg, sim, start_daemon, pki):
+    server = start_daemon(https_cfg(cfg, pki, client_ca=True, token="tok-16")).daemon.http_server
+    base = f"https://127.0.0.1:{server.port}"
+    good = session(pki, pki.client)
+    resp = call(base, BARE, {"tag": "weekly"}, session=good)
+    assert resp.status_code == 401 and resp.json()["error"] == "Unauthorized"
+    with pytest.raises(REFUSED):
+        call(base, BARE, {"tag": "weekly"}, headers={"Authorization": "Bearer tok-16"}, session=session(pki))
+    assert sim.starts == []
+    resp = call(base, BARE, {"tag": "weekly"}, headers={"Authorization": "Bearer tok-16"}, session=good)
+    assert resp.status_code == 200 and started(sim) == [T4]
+
+
+def test_bad_tls_files_stop_the_daemon_naming_the_key(cfg, pki, tmp_path):
+    from butler_mqtt.daemon import Daemon
+    from butler_mqtt.errors import ConfigError
+
+    cases = [
+        ({"cert": tmp_path / "nope.pem", "key": pki.key}, "http.tls.cert", "file not found"),
+        ({"cert": pki.cert, "key": pki.other_key}, "http.tls.key", "is not the private key of"),
+        ({"cert": pki.key, "key": pki.key}, "http.tls.cert", "cannot load"),
+        ({"cert": pki.cert, "key": pki.key, "client_ca": pki.key}, "http.tls.client_ca", "no PEM CA certificate"),
+        ({"cert": pki.cert, "key": pki.key, "client_ca": tmp_path / "gone.pem"}, "http.tls.client_ca", "file not found"),
+    ]
+    for tls, key, reason in cases:
+        bad = cfg.model_copy(update={"http": cfg.http.model_copy(update={"tls": type(cfg.http.tls).model_validate(tls)})})
+        with pytest.raises(ConfigError) as err:
+            Daemon(bad).startup()  # fails before the journal, the broker or the port are touched
+        assert err.value.key == key and reason in err.value.reason, (tls, err.value)
+
+
+def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BUTLER_MQTT__", "CREDENTIALS_DIRECTORY"))}
+    return subprocess.run([sys.executable, "-m", "butler_mqtt", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env={**env, "PYTHONPATH": str(REPO)})
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_config(cfg: Any, path: Path, **http: Any) -> Path:
+    data = cfg.model_dump(mode="json")
+    data["http"].update(http)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_check_reports_days_left_for_the_https_certificates(cfg, sim, pki, tmp_path):
+    conf = write_config(cfg, tmp_path / "butler.yaml", host="127.0.0.1",
+                        tls={"cert": str(pki.cert), "key": str(pki.key), "client_ca": str(pki.client_ca)})
+    out = cli("check", "--config", str(conf), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    for key, path in (("http.tls.cert", pki.cert), ("http.tls.client_ca", pki.client_ca)):
+        assert any(ln.startswith(f"[ok  ] {key}: {path} valid, ") and ln.endswith(" days left") for ln in lines), lines
+    assert f"[ok  ] http.tls.key: {pki.key} readable" in lines
+    assert any(ln.startswith("[ok  ] http: https://127.0.0.1:") and "client certificates" in ln for ln in lines), lines
+
+
+def test_check_and_run_name_a_wrong_tls_key(cfg, sim, pki, tmp_path):
+    conf = write_config(cfg, tmp_path / "butler.yaml", tls={"cert": str(pki.cert), "key": str(pki.other_key)})
+    out = cli("check", "--config", str(conf), cwd=tmp_path)
+    assert out.returncode == 1
+    assert f"[FAIL] http.tls.key: {pki.other_key} is not the private key of {pki.cert}" in out.stdout.splitlines()
+    out = cli("run", "--config", str(conf), cwd=tmp_path)
+    assert out.returncode == 2
+    assert "configuration error: http.tls.key:" in out.stderr and "is not the private key" in out.stderr
+
+
+def test_check_warns_about_a_token_in_clear_beyond_loopback(cfg, sim, tmp_path):
+    conf = write_config(cfg, tmp_path / "butler.yaml", host="0.0.0.0", token="t0k")  # only checked, never bound
+    out = cli("check", "--config", str(conf), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("[warn] http: "))
+    assert "http://0.0.0.0:0, bearer token" in line and "unencrypted" in line and "http.tls.cert" in line
