@@ -289,3 +289,27 @@ def test_fill_template_writes_values_that_read_back_exactly(value):
 def test_fill_template_refuses_a_key_the_template_lacks():
     with pytest.raises(RuntimeError, match="no key a.z"):
         fill_template("a:\n  b: 1\n", {"a.z": 2})
+
+
+def test_the_readme_mapping_table_names_real_keys_on_both_sides(tmp_path):
+    """README "Moving from Butler": each Butler key it names is one the import reads, each
+    butler-mqtt key exists in the settings model."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Moving from Butler"):readme.index("What differs from Butler, and why:")]
+    rows = [ln for ln in section.splitlines() if ln.strip().startswith("| `")]
+    assert len(rows) >= 10
+    result = convert(doc(tmp_path))
+    read = " ".join(n.butler_key for n in result.carried + result.changed)
+    dump = load_config(None, environ={}).model_dump()
+    for row in rows:
+        butler, ours = row.strip().strip("|").split("|")[:2]
+        for key in re.findall(r"`(?:[a-zA-Z]+\.)?([a-zA-Z]+)(?:[:` ])", butler):
+            assert key in read or key == "azureEventGrid", (key, row)
+        for key in re.findall(r"`((?:qrs|mqtt|http|start_filter|logging)\.[a-z_.]+)", ours):
+            node: Any = dump
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, (key, row)
+                node = node[part]
+    assert "`POST` or `PUT` `/v4/reloadtask/start`" in readme
