@@ -166,7 +166,8 @@ class _Butler:
         return node
 
     def has(self, path: str) -> bool:
-        return self.raw(path) not in (_MISSING, None)
+        """Whether the key is set; does not count as reading it."""
+        return self.raw(path, mark=False) not in (_MISSING, None)
 
     def text(self, path: str, default: str | None = None, mark: bool = True) -> str | None:
         v = self.raw(path, mark)
@@ -386,6 +387,8 @@ def _mqtt(b: _Butler, out: _Out) -> None:
         out.carry("mqttConfig.brokerPort", "mqtt.port", port)
     start_topic = b.text("mqttConfig.taskStartTopic")
     if not enabled:
+        if start_topic:
+            out.change("mqttConfig.taskStartTopic", None, None, "not carried: Butler's MQTT was off")
         out.change("mqttConfig.enable", "mqtt.topics.start_plain", None,
                    "Butler's MQTT was off, so nobody sends plain task GUIDs: the plain topic is off. butler-mqtt "
                    "itself always needs a broker: check mqtt.host and mqtt.port")
@@ -420,13 +423,20 @@ def _rest(b: _Butler, out: _Out) -> None:
     api_on = b.flag("restServerConfig.enable", False)
     start_on = b.flag("restServerEndpointsEnable.senseStartTask", False)
     if not (api_on and start_on):
-        why = ("Butler's REST API was off" if not api_on else
-               "Butler's start endpoint (restServerEndpointsEnable.senseStartTask) was off")
-        out.change("restServerConfig.enable" if not api_on else "restServerEndpointsEnable.senseStartTask",
-                   "http.enabled", False, f"{why}: the REST API stays off, on its default host and port")
-        for key in ("restServerConfig.serverHost", "restServerConfig.serverPort", "restServerConfig.tls"):
-            if b.raw(key) is not _MISSING:
-                out.change(key, None, None, "not carried: " + why[0].lower() + why[1:])
+        if not api_on:
+            why = "Butler's REST API was off"
+            out.change("restServerConfig.enable", "http.enabled", False, f"{why}: the REST API stays off")
+            if b.has("restServerEndpointsEnable.senseStartTask"):
+                b.raw("restServerEndpointsEnable.senseStartTask")
+                out.same("restServerEndpointsEnable.senseStartTask", f"not used: {why[0].lower()}{why[1:]}")
+        else:
+            why = "Butler's start endpoint (restServerEndpointsEnable.senseStartTask) was off"
+            out.change("restServerEndpointsEnable.senseStartTask", "http.enabled", False, f"{why}: the REST API stays off")
+            out.same("restServerConfig.enable", "on in Butler, but not its start endpoint, the only one here")
+        for key in ("serverHost", "serverPort", "tls.enable", "tls.cert", "tls.key"):
+            if b.raw(f"restServerConfig.{key}") is not _MISSING:
+                out.change(f"restServerConfig.{key}", None, None, f"not carried: {why[0].lower()}{why[1:]}; "
+                           "http.* keep their defaults")
         return
     out.carry("restServerConfig.enable", "http.enabled", True, "with restServerEndpointsEnable.senseStartTask: true")
     out.same("restServerEndpointsEnable.senseStartTask", "the start endpoint, with all three URL forms")

@@ -182,16 +182,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     return run_checks(config_path(args.config))
 
 
+_EXISTS = "exists and is not overwritten: choose another PATH or move the file away"
+
+
 def _write_new(text: str, path: Path) -> None:
     """Create `path` with `text`; an existing file is an error, never overwritten."""
     if path.exists():
-        raise ConfigError(str(path), "exists and is not overwritten: choose another PATH or move the file away")
+        raise ConfigError(str(path), _EXISTS)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with path.open("x", encoding="utf-8") as f:
+        with path.open("x", encoding="utf-8") as f:  # "x": a file that appeared meanwhile is not replaced either
             f.write(text)
     except FileExistsError:
-        raise ConfigError(str(path), "exists and is not overwritten: choose another PATH or move the file away") from None
+        raise ConfigError(str(path), _EXISTS) from None
     except OSError as exc:
         raise ConfigError(str(path), f"cannot write: {exc.strerror or exc}") from None
 
@@ -200,18 +203,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     from butler_mqtt import butler_import
 
     path: Path = args.path
+    if path.exists():  # said before anything else is read: there is nothing to do either way
+        raise ConfigError(str(path), _EXISTS)
     if args.from_butler is None:
         _write_new(butler_import.starter_template(), path)
         print(f"wrote {path}: the documented starter configuration; edit it, then run: butler-mqtt check --config {path}")
         return EXIT_OK
-    if path.exists():  # before reading Butler's file: nothing to do either way
-        _write_new("", path)
     result = butler_import.convert(butler_import.load_butler(args.from_butler), source=str(args.from_butler))
     _write_new(result.yaml_text, path)
     print(f"wrote {path} from Butler's {args.from_butler}\n")
     print(result.report())
-    print(f"Next: butler-mqtt check --config {path}, then point Butler's callers at butler-mqtt and compare a "
-          "selection with: butler-mqtt resolve --config {path} --tag <tag>".replace("{path}", str(path)))
+    print(f"Next: butler-mqtt check --config {path}; then point Butler's callers at butler-mqtt, and compare what "
+          f"starts with: butler-mqtt resolve --config {path} --tag <tag>")
     return EXIT_OK
 
 

@@ -106,10 +106,26 @@ def _leaves(node: Any, prefix: str) -> list[str]:
     return [prefix]
 
 
-def test_every_butler_key_is_accounted_for_exactly_once(tmp_path):
+VARIANTS = {
+    "as is": lambda b: None,
+    "mqtt off": lambda b: b["mqttConfig"].update(enable=False),
+    "rest off": lambda b: b["restServerConfig"].update(enable=False),
+    "start endpoint off": lambda b: b["restServerEndpointsEnable"].update(senseStartTask=False),
+    "tls off": lambda b: b["restServerConfig"]["tls"].update(enable=False),
+    "event grid": lambda b: b["mqttConfig"]["azureEventGrid"].update(enable=True, clientId="c", clientCertFile="/c.pem",
+                                                                      clientKeyFile="/k.pem"),
+    "filter off, empty": lambda b: b.update(startTaskFilter={"enable": False, "allowTask": {"taskId": None, "tag": None,
+                                                                                           "customProperty": None}}),
+    "plain http qrs": lambda b: b["configQRS"].update(useSSL=False, authentication="header"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_butler_key_is_accounted_for_exactly_once(tmp_path, variant):
     """Each leaf of Butler's file is carried, changed or left out: none is silently dropped,
     and no left-out line covers a key that was used."""
     data = doc(tmp_path)
+    VARIANTS[variant](data["Butler"])
     result = convert(data)
     def is_section(key: str) -> bool:  # a general note about a whole section covers no key
         node: Any = data
@@ -313,3 +329,29 @@ def test_the_readme_mapping_table_names_real_keys_on_both_sides(tmp_path):
                 assert isinstance(node, dict) and part in node, (key, row)
                 node = node[part]
     assert "`POST` or `PUT` `/v4/reloadtask/start`" in readme
+
+
+def test_cli_init_writes_the_starter_or_the_import_and_never_overwrites(tmp_path, capsys):
+    from butler_mqtt.cli import main
+
+    plain = tmp_path / "new" / "butler.yaml"
+    assert main(["init", str(plain)]) == 0
+    assert plain.read_text() == starter_template()
+    assert main(["init", str(plain)]) == 2
+    assert "exists and is not overwritten" in capsys.readouterr().err
+    imported = tmp_path / "imported.yaml"
+    assert main(["init", "--from-butler", str(production(tmp_path)), str(imported)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {imported} from Butler's ") and "Left out, and why:" in out
+    assert load_config(imported, environ={}).mqtt.topics.start_plain == "qliksense/start_task"
+    before = imported.read_text()
+    # an existing PATH is refused before Butler's file is even read
+    assert main(["init", "--from-butler", str(tmp_path / "nope.yaml"), str(imported)]) == 2
+    assert f"{imported}: exists" in capsys.readouterr().err and imported.read_text() == before
+    assert main(["init", "--from-butler", str(tmp_path / "nope.yaml"), str(tmp_path / "x.yaml")]) == 2
+    assert "--from-butler: file not found" in capsys.readouterr().err and not (tmp_path / "x.yaml").exists()
+    bad = tmp_path / "bad-butler.yaml"
+    bad.write_text("Butler:\n    configQRS:\n        port: qrs\n")
+    assert main(["init", "--from-butler", str(bad), str(tmp_path / "y.yaml")]) == 2
+    assert "Butler.configQRS.port: expected a port number" in capsys.readouterr().err
+    assert not (tmp_path / "y.yaml").exists()
