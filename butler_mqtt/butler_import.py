@@ -24,7 +24,7 @@ import yaml
 from pydantic import ValidationError
 
 from butler_mqtt.config import Config
-from butler_mqtt.errors import ConfigError
+from butler_mqtt.errors import ButlerError, ConfigError
 from butler_mqtt.model import is_guid
 
 ROOT = "Butler"
@@ -547,7 +547,12 @@ def starter_template() -> str:
     try:
         starter = importlib.import_module("butler_mqtt.starter")
     except ModuleNotFoundError:
-        return (Path(__file__).resolve().parents[1] / "etc" / "butler.yaml").read_text(encoding="utf-8")
+        path = Path(__file__).resolve().parents[1] / "etc" / "butler.yaml"
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ButlerError(f"the starter configuration is not installed with this package ({path}: "
+                              f"{exc.strerror or exc})") from None
     return str(starter.starter_text())
 
 

@@ -310,3 +310,15 @@ def test_check_warns_about_a_token_in_clear_beyond_loopback(cfg, sim, tmp_path):
     assert out.returncode == 0, out.stdout
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("[warn] http: "))
     assert "http://0.0.0.0:0, bearer token" in line and "unencrypted" in line and "http.tls.cert" in line
+
+
+def test_metrics_only_listener_is_https_too(qrs_certs, sim, broker, tmp_path, start_daemon, pki):
+    cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state", metrics={"port": 0},
+                      http={"tls": {"cert": str(pki.cert), "key": str(pki.key), "client_ca": str(pki.client_ca)}})
+    assert not cfg.http.enabled
+    server = start_daemon(cfg).daemon.http_server
+    base = f"https://127.0.0.1:{server.port}"
+    assert server.url == base
+    with pytest.raises(REFUSED):
+        session(pki).get(base + "/metrics", timeout=10)
+    assert "butler_mqtt_mqtt_connected 1.0" in session(pki, pki.client).get(base + "/metrics", timeout=10).text
