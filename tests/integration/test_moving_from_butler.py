@@ -203,6 +203,7 @@ def test_import_butler_config_check_and_run_it(tmp_path, qrs_certs, sim, own_bro
         resp = https.post(f"https://127.0.0.1:{rest_port}/v4/reloadtask/start", timeout=30,
                           json={"customProperty": [{"name": "taskGroup", "value": "tasks1"}]})
         assert resp.status_code == 200 and resp.json()["totalTasksStarted"] == 1, resp.text
+        https.close()  # an idle keep-alive connection would only hold the graceful shutdown
         sub.disconnect()
         sub.loop_stop()
     finally:
