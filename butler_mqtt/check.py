@@ -17,8 +17,9 @@ from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from butler_mqtt.config import Config, MqttConfig, http_ssl_context, load_config
+from butler_mqtt.config import Config, MqttConfig, load_config
 from butler_mqtt.errors import ConfigError, QrsError
+from butler_mqtt.http.tls import http_ssl_context, listener_warnings
 from butler_mqtt.mqtt.listener import apply_credentials
 
 OK, FAIL, WARN = "ok  ", "FAIL", "warn"
@@ -78,8 +79,6 @@ def check_http(cfg: Config) -> bool:
     """How the REST API listens, and what is unsafe about it; warns, never fails."""
     if not cfg.http.enabled:
         return True
-    from butler_mqtt.http.server import listener_warnings
-
     http = cfg.http
     auth = [a for a, on in (("bearer token", http.token is not None), ("client certificates", http.tls.client_ca is not None)) if on]
     detail = f"{'https' if http.tls.enabled else 'http'}://{http.host}:{http.port}, {' and '.join(auth) or 'no authentication'}"

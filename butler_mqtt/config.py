@@ -13,8 +13,7 @@ docs and `systemd/butler-mqtt.service`).
 from __future__ import annotations
 
 import os
-import socket
-import ssl
+import platform
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +69,8 @@ class MqttConfig(_Section):
     topics: TopicsConfig = TopicsConfig()
     receive_maximum: int = Field(default=32, ge=1, le=65535)
     workers: int = Field(default=16, ge=1, le=256)
+    queue_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    response_topic_prefixes: list[str] | None = None
 
     def effective_client_id(self) -> str:
         """The client id this instance connects with (also its owner name in the journal).
@@ -79,7 +80,7 @@ class MqttConfig(_Section):
         """
         if not self.shared_group:
             return self.client_id
-        return f"{self.client_id}-{self.instance_id or socket.gethostname()}"
+        return f"{self.client_id}-{self.instance_id or platform.node()}"
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -101,6 +102,7 @@ class QrsConfig(_Section):
     start_concurrency: int = Field(default=8, ge=1, le=64)
     retries: int = Field(default=3, ge=0, le=10)
     max_filter_length: int = Field(default=6000, ge=200)
+    max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
 
     @property
     def base_url(self) -> str:
@@ -221,8 +223,8 @@ class Config(_Section):
         return {k: p for k, p in files.items() if p is not None}
 
     def check_qrs_files(self) -> None:
-        """Certificate files must exist and be readable before anything talks to QRS (and the
-        HTTPS listener's must load) before anything starts."""
+        """Certificate files (QRS, broker TLS, the HTTPS listener's) must exist and be readable
+        before anything starts; the daemon then loads the HTTPS pair (`http.tls`)."""
         files = {"qrs.cert": self.qrs.cert, "qrs.key": self.qrs.key}
         if self.qrs.verify and self.qrs.ca is not None:
             files["qrs.ca"] = self.qrs.ca
@@ -237,41 +239,10 @@ class Config(_Section):
                 raise ConfigError(key, f"file not found: {path}")
             if not os.access(path, os.R_OK):
                 raise ConfigError(key, f"file not readable: {path}")
-        if self.serves_http and self.http.tls.enabled:
-            http_ssl_context(self.http.tls)
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings with secrets replaced, for logs and `check`."""
         return self.model_dump(mode="json")  # SecretStr dumps as '**********'
-
-
-def http_ssl_context(tls: HttpTlsConfig) -> ssl.SSLContext:
-    """The server-side TLS context of the HTTP listener, loaded as uvicorn will load it.
-
-    Raises ConfigError naming the key whose file is wrong, so a bad certificate stops the
-    daemon at start (exit 2) instead of failing inside the server thread.
-    """
-    assert tls.cert is not None and tls.key is not None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no system CAs: only client_ca vouches for clients
-    try:
-        # An encrypted key must fail here, not make OpenSSL prompt for a pass phrase on a tty.
-        ctx.load_cert_chain(tls.cert, tls.key, password=lambda: b"")
-    except ssl.SSLError as exc:
-        reason = exc.reason or str(exc)
-        if "KEY_VALUES_MISMATCH" in reason.upper():
-            raise ConfigError("http.tls.key", f"{tls.key} is not the private key of {tls.cert}") from None
-        raise ConfigError(
-            "http.tls.cert", f"cannot load {tls.cert} with {tls.key} ({reason}): both must be PEM, the key unencrypted"
-        ) from None
-    except OSError as exc:
-        raise ConfigError("http.tls.cert", f"cannot read {tls.cert} or {tls.key}: {exc.strerror or exc}") from None
-    if tls.client_ca is not None:
-        try:
-            ctx.load_verify_locations(cafile=tls.client_ca)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError("http.tls.client_ca", f"{tls.client_ca} holds no PEM CA certificate ({exc})") from None
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

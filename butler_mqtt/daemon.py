@@ -11,7 +11,6 @@ dropped and never answered with a guess.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import signal
@@ -24,41 +23,34 @@ from typing import Any
 
 import structlog
 
+from butler_mqtt import keys, replies
 from butler_mqtt.config import Config, load_config
 from butler_mqtt.errors import (
     ConfigError,
     JournalError,
     QrsError,
-    QrsRefused,
-    QrsUnreachable,
-    RequestRejected,
+    QrsTlsRejected,
+    is_transient,
 )
 from butler_mqtt.journal import Journal
-from butler_mqtt.model import StartRequest, decode_json, parse_plain, validate_request
+from butler_mqtt.model import (
+    MAX_PAYLOAD_BYTES,
+    MAX_PLAIN_PAYLOAD_BYTES,
+)
+from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener, wait_published
-from butler_mqtt.ops import systemd
+from butler_mqtt.ops import retry, systemd
 from butler_mqtt.ops.logging import setup_logging
+from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.selection import error_event
 from butler_mqtt.service import StageResult, StartService, handle_request
 from butler_mqtt.tracking import Route, Tracker
 
 log = structlog.get_logger("butler_mqtt.daemon")
 
-#: How long a redelivered request without requestId is matched to an earlier one by payload.
+#: How long a redelivery (dup) of a delivery without requestId is matched to its first copy.
 ANON_DUP_WINDOW_S = 24 * 3600
 PUBLISH_TIMEOUT_S = 30.0
-RETRY_MAX_S = 30.0
-
-
-def _request_id_of(payload: bytes) -> str | None:
-    """Best effort: the requestId of a payload that failed validation, for the error reply."""
-    try:
-        data = decode_json(payload)
-    except RequestRejected:
-        return None
-    rid = data.get("requestId") if isinstance(data, dict) else None
-    return rid if isinstance(rid, str) and len(rid) <= 128 else None
 
 
 class Daemon:
@@ -74,6 +66,10 @@ class Daemon:
         self._workers: list[threading.Thread] = []
         self._busy = 0
         self._busy_lock = threading.Lock()
+        self._queued_bytes = 0
+        self._waiting: dict[int, float] = {}  # deliveries kept for a retry -> since (monotonic)
+        self._limiter = RateLimiter(60.0)
+        self.qrs_problem: str | None = None  # the last permanent QRS failure, until a success
         self.handled = 0
         self.http_server: Any = None
 
@@ -82,6 +78,10 @@ class Daemon:
     def startup(self) -> None:
         cfg = self.cfg
         cfg.check_qrs_files()
+        if cfg.serves_http and cfg.http.tls.enabled:
+            from butler_mqtt.http.tls import http_ssl_context
+
+            http_ssl_context(cfg.http.tls)  # a bad certificate or key: exit 2 naming it, before the broker
         if not cfg.qrs.verify:
             log.warning("qrs_tls_verification_disabled", detail="qrs.verify is false: the QRS server is not authenticated")
         if cfg.mqtt.tls.enabled and not cfg.mqtt.tls.verify:
@@ -100,7 +100,9 @@ class Daemon:
         self.metrics = metrics.Metrics()
         self.qrs = QrsClient(cfg.qrs, observer=self.metrics.observe_qrs)
         self.service = StartService(cfg, self.qrs, self.journal)
-        self.listener = MqttListener(cfg.mqtt, self._enqueue, client_id=client_id)
+        self.listener = MqttListener(
+            cfg.mqtt, self._enqueue, client_id=client_id, limits=(MAX_PAYLOAD_BYTES, MAX_PLAIN_PAYLOAD_BYTES)
+        )
         self.tracker = Tracker(cfg.tracking, self.qrs, self.service, self.journal, self.publish_route)
         self.listener.on_subscribed = self._ready
         for i in range(cfg.mqtt.workers):
@@ -226,8 +228,15 @@ class Daemon:
 
     # ------------------------------------------------------------------ workers
 
-    def _enqueue(self, job: Job) -> None:
-        self._jobs.put(job)  # never blocks the network thread
+    def _enqueue(self, job: Job) -> bool:
+        """Called in paho's network thread: never blocks. False: not taken (queue full)."""
+        size = len(job.payload)
+        with self._busy_lock:
+            if self._queued_bytes + size > self.cfg.mqtt.queue_bytes and self._queued_bytes > 0:
+                return False
+            self._queued_bytes += size
+        self._jobs.put(job)
+        return True
 
     def _worker(self) -> None:
         while True:
@@ -236,114 +245,203 @@ class Daemon:
                 return
             with self._busy_lock:
                 self._busy += 1
+                self._queued_bytes -= len(job.payload)
             try:
-                self._process_with_retry(job)
-            except Exception:
+                self._deliver(job)
+            except BaseException:  # pragma: no cover - _deliver answers everything; last resort
                 log.exception("worker_error", topic=job.topic)
+                self.listener.release(job)
             finally:
                 with self._busy_lock:
                     self._busy -= 1
+                    drained = self._queued_bytes < self.cfg.mqtt.queue_bytes // 2
                 structlog.contextvars.clear_contextvars()
+            if drained and self.listener.refused:
+                self.listener.request_redelivery()
 
-    def _process_with_retry(self, job: Job) -> None:
-        delay = 0.5
-        while True:
-            try:
-                self._process(job)
-                return
-            except (QrsUnreachable, QrsRefused, JournalError) as exc:
-                retry = isinstance(exc, QrsUnreachable | JournalError) or (getattr(exc, "status", 0) or 0) >= 500
-                if not retry:
-                    raise
-                log.warning(
-                    "request_deferred",
-                    error=str(exc),
-                    retry_in_s=delay,
-                    detail="kept unacked and retried; the journal prevents a second start of anything already started",
-                )
-                self.metrics.deferred.inc()
-                if self.should_exit.wait(delay):
-                    return  # left unacked: the broker redelivers it to the next run
-                delay = min(delay * 2, RETRY_MAX_S)
+    def _deliver(self, job: Job) -> None:
+        """Every delivery ends in exactly one outcome: answered and acked, or, while QRS or the
+        journal is unavailable for now, kept unacked and retried (visible in /healthz and the
+        metrics once it waits long). Any other failure is answered with "Internal error" and
+        a reference that the log line carries, recorded in the journal, and acked."""
+        delivery = Delivery(job)
+        attempt = 0
+        try:
+            while True:
+                delivery.replies.clear()
+                try:
+                    self._process(job, delivery)
+                    return
+                except Exception as exc:
+                    if not is_transient(exc):
+                        self._internal_error(job, delivery, exc)
+                        return
+                    delay = retry.DELIVERY.delay(attempt)
+                    attempt += 1
+                    self._deferred(job, exc, delay)
+                    if self.should_exit.wait(delay):
+                        self.listener.release(job)  # left unacked: redelivered to the next run
+                        return
+        finally:
+            with self._busy_lock:
+                self._waiting.pop(id(job), None)
 
-    def _process(self, job: Job) -> None:
+    def _deferred(self, job: Job, exc: Exception, delay: float) -> None:
+        with self._busy_lock:
+            self._waiting.setdefault(id(job), time.monotonic())
+        ok, repeated = self._limiter.allow(("deferred", type(exc).__name__, str(exc)[:120]))
+        if ok:
+            log.warning(
+                "request_deferred",
+                error=str(exc),
+                retry_in_s=delay,
+                repeated=repeated,
+                detail="kept unacked and retried; the journal prevents a second start of anything already started",
+            )
+        self.metrics.deferred.inc()
+
+    def waiting(self) -> tuple[int, float | None]:
+        """Deliveries kept unacked for a retry, and how long the oldest has waited (s)."""
+        with self._busy_lock:
+            if not self._waiting:
+                return 0, None
+            return len(self._waiting), time.monotonic() - min(self._waiting.values())
+
+    def _internal_error(self, job: Job, delivery: Delivery, exc: Exception) -> None:
+        reference = uuid.uuid4().hex[:12]
+        ok, repeated = self._limiter.allow(("internal", type(exc).__name__, str(exc)[:120]))
+        log.error(
+            "internal_error",
+            reference=reference,
+            topic=job.topic,
+            error=f"{type(exc).__name__}: {str(exc)[:300]}",
+            repeated=repeated,
+            exc_info=exc if ok else None,  # the traceback once per interval
+        )
+        self.metrics.request(job.ingress, "error")
+        ev = replies.error(
+            delivery.request_id,
+            "Internal error",
+            f"the request could not be handled (reference {reference} in the daemon's log); what was"
+            " already started is reported above and is not started again",
+        )
+        if delivery.key is not None:
+            try:  # a redelivery replays this outcome instead of starting anything again
+                prior = self.journal.load(delivery.key)
+                if prior is not None and not prior.done:
+                    self.journal.finish(delivery.key, [*delivery.events, ev])
+            except Exception as jexc:  # noqa: BLE001 - the answer and the ack still follow
+                log.error("journal_write_failed", reference=reference, error=str(jexc))
+        try:
+            delivery.replies.append(self.listener.publish_event(delivery.topic(self.cfg), job.correlation_data, ev))
+        except Exception as pexc:  # noqa: BLE001 - nothing more can be said; ack anyway
+            log.error("error_reply_failed", reference=reference, error=str(pexc))
+        self._finish(job, delivery.replies, force=True)
+
+    def _process(self, job: Job, d: Delivery) -> None:
         structlog.contextvars.clear_contextvars()
         ingress = job.ingress
-        replies: list[Any] = []
 
         def emit(ev: dict[str, Any]) -> None:
-            replies.append(self.listener.reply(job, ev))
+            d.events.append(ev)
+            d.replies.append(self.listener.publish_event(d.topic(self.cfg), job.correlation_data, ev))
 
-        corr = job.correlation_data.hex() if job.correlation_data else None
-        if job.retained and not job.payload:
+        def reject(r: ingress_rules.Reject) -> None:
+            d.route_ok = not r.default_route
+            log.warning(r.log_event, ingress=ingress, topic=job.topic, error=r.error, details=r.details)
+            self.metrics.request(ingress, r.outcome)
+            emit(replies.error(d.request_id, r.error, r.details))
+            self._finish(job, d.replies)
+
+        d.request_id = ingress_rules.request_id_of(job)
+        structlog.contextvars.bind_contextvars(requestId=d.request_id)
+        verdict = ingress_rules.screen(job, self.cfg.mqtt, self.listener.limits, time.monotonic())
+        if isinstance(verdict, ingress_rules.Clear):
             self.listener.ack(job)  # someone clearing a retained message: nothing to answer
             return
-        if job.retained:
-            rid = None if ingress == "mqtt-plain" else _request_id_of(job.payload)
-            structlog.contextvars.bind_contextvars(requestId=rid)
-            log.warning("retained_request_ignored", topic=job.topic)
-            self.metrics.request(ingress, "rejected")
-            emit(error_event(rid, "Retained request ignored", "start requests must be published with retain=false; nothing was started"))
-            self._finish(job, replies)
-            return
-        try:
-            req: StartRequest = parse_plain(job.payload) if ingress == "mqtt-plain" else validate_request(decode_json(job.payload))
-        except RequestRejected as rej:
-            rid = None if ingress == "mqtt-plain" else _request_id_of(job.payload)
-            structlog.contextvars.bind_contextvars(requestId=rid)
-            log.warning("request_rejected", ingress=ingress, topic=job.topic, error=rej.error, details=rej.details)
-            self.metrics.request(ingress, "rejected")
-            emit(error_event(rid, rej.error, rej.details))
-            self._finish(job, replies)
-            return
+        if isinstance(verdict, ingress_rules.Reject):
+            return reject(verdict)
+        req, d.request_id = verdict, verdict.requestId
         structlog.contextvars.bind_contextvars(requestId=req.requestId)
-        if job.expires_at is not None and time.monotonic() > job.expires_at:
-            log.warning("request_expired", ingress=ingress)
-            self.metrics.request(ingress, "expired")
-            emit(error_event(req.requestId, "Request expired", "the message expiry interval passed before it could be handled"))
-            self._finish(job, replies)
-            return
-
-        key = f"id:{req.requestId}" if req.requestId else (f"cd:{corr}" if corr else None)
-        digest: str | None = None
-        if key is None:
-            # No idempotency key: a redelivery (dup flag) is matched to its first delivery by
-            # payload; a fresh identical message is a new request.
-            digest = hashlib.sha256(job.payload).hexdigest()
-            earlier = self.journal.recent_hash(digest, ANON_DUP_WINDOW_S) if job.dup else None
-            key = earlier or f"anon:{uuid.uuid4()}:{digest}"
-        route = Route(job.response_topic or self.cfg.mqtt.topics.reply, corr)
+        route = Route(d.topic(self.cfg), job.correlation_data.hex() if job.correlation_data else None)
+        key, fingerprint = ingress_rules.idempotency_key(req, job, route.topic)
+        if key is None and fingerprint is not None:
+            earlier = self.journal.recent_hash(fingerprint, ANON_DUP_WINDOW_S) if job.dup else None
+            key = earlier or keys.anonymous(ingress)
+        d.key = key
 
         def follow(result: StageResult) -> None:
-            if req.waits:
+            if req.waits and key is not None:
                 self.tracker.follow(key, req, result, route)
 
         try:
             handled = handle_request(
-                self.service, req, emit, ingress=ingress, key=key, source=job.topic, payload_hash=digest, on_started=follow
+                self.service, req, emit, ingress=ingress, key=key, source=job.topic, payload_hash=fingerprint,
+                on_started=follow,
             )
         except QrsError as exc:
-            if isinstance(exc, QrsUnreachable) or (exc.status or 0) >= 500:
+            if is_transient(exc):
                 raise
-            self.metrics.request(ingress, "error")
-            emit(error_event(req.requestId, "QRS refused the request", str(exc)))
-            self._finish(job, replies)
-            return
+            self._qrs_refused(exc)
+            return reject(ingress_rules.Reject("request_refused_by_qrs", "error", qrs_error_title(exc), str(exc)))
+        if self.qrs_problem is not None:
+            self.qrs_problem = None
+            self.listener.set_problem("qrs", None)
         self.metrics.request(ingress, "duplicate" if handled.replayed else "ok")
         self.metrics.tasks(handled.events)
-        self._finish(job, replies)
+        self._finish(job, d.replies)
+
+    def _qrs_refused(self, exc: QrsError) -> None:
+        """A permanent QRS failure: logged at error level once per interval, shown in /healthz."""
+        self.qrs_problem = str(exc)
+        self.listener.set_problem("qrs", str(exc))
+        ok, repeated = self._limiter.allow(("qrs_refused", str(exc)[:200]))
+        if ok:
+            log.error("qrs_refused", error=str(exc), repeated=repeated,
+                      detail="requests are answered with an error until this is fixed; nothing is started")
 
     def publish_route(self, route: Route, event: dict[str, Any]) -> None:
         """Publish a later event (taskFinished, chain stages) to where the request wanted it."""
         self.listener.publish_event(route.topic, route.correlation_bytes, event)
 
-    def _finish(self, job: Job, replies: list[Any]) -> None:
-        """Ack only once the broker has every reply (QoS 1 keeps them in order)."""
-        if replies and not wait_published(replies[-1], PUBLISH_TIMEOUT_S):
+    def _finish(self, job: Job, replies: list[Any], force: bool = False) -> None:
+        """Ack once the broker has every reply (QoS 1 keeps them in order).
+
+        A reply the broker has not confirmed in time is left to the broker: the delivery stays
+        unacked, the connection is renewed, and the redelivery replays the journal's outcome.
+        `force` (an internal error) acks regardless, after a bounded wait: such a delivery would
+        fail again and must not hold a broker slot."""
+        if replies and not wait_published(replies[-1], PUBLISH_TIMEOUT_S) and not force:
             log.warning("reply_not_confirmed", detail="request left unacked; a redelivery replays the journal")
+            self.listener.release(job)
+            self.listener.refused += 1
+            self.listener.request_redelivery()
             return
         self.listener.ack(job)
         self.handled += 1
+
+
+class Delivery:
+    """What one delivery's handling has done so far (for the error path)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.request_id: str | None = None
+        self.key: str | None = None
+        self.route_ok = True
+        self.events: list[dict[str, Any]] = []
+        self.replies: list[Any] = []
+
+    def topic(self, cfg: Config) -> str:
+        """Where replies go: the request's response topic when it may be used, else topics.reply."""
+        rt = self.job.response_topic
+        return rt if rt is not None and self.route_ok else cfg.mqtt.topics.reply
+
+
+def qrs_error_title(exc: QrsError) -> str:
+    if isinstance(exc, QrsTlsRejected):
+        return "QRS TLS handshake refused"
+    return "QRS refused the request"
 
 
 def run(config_file: Path | None) -> int:

@@ -4,12 +4,18 @@
     ├── ConfigError            bad configuration or usage (exit code 2); names the key
     ├── RequestRejected        a start request that is invalid; nothing is started
     └── QrsError               talking to the Qlik Sense Repository Service failed
-        ├── QrsUnreachable     no answer: connection refused, TLS failure, timeout
-        ├── QrsRefused         QRS answered with an error status (4xx/5xx other than 404)
+        ├── QrsUnreachable     no answer: connection refused or reset, timeout   (transient)
+        ├── QrsTlsRejected     the TLS handshake failed for good: the server's certificate is
+        │                      not trusted, or QRS refused our client certificate (permanent)
+        ├── QrsRefused         QRS answered with an error status, or an answer that is not
+        │                      what the API returns (transient only for 5xx, 429)
         └── QrsNotFound        QRS answered 404 for the entity asked for
-    JournalError               the durable journal cannot be read or written
+    JournalError               the durable journal cannot be read or written (transient)
 
-Callers catch the narrowest class they can handle; anything else is a bug.
+`is_transient(exc)` is the one place that decides whether a failure is worth waiting for
+(the request stays unacked and is retried) or permanent (the request is answered with an
+error naming the cause). Callers catch the narrowest class they can handle; anything else is
+a bug, which the daemon still answers ("Internal error") and acks.
 """
 
 from __future__ import annotations
@@ -50,7 +56,28 @@ class QrsError(ButlerError):
 
 
 class QrsUnreachable(QrsError):
-    """QRS did not answer (connection refused or reset, TLS handshake failure, timeout)."""
+    """QRS did not answer (connection refused or reset, timeout).
+
+    `never_sent`: the connection itself was never opened, so the request cannot have reached
+    QRS (a start may then be sent again without risking a double run).
+    """
+
+    def __init__(self, message: str, *, never_sent: bool = False) -> None:
+        super().__init__(message)
+        self.never_sent = never_sent
+
+
+class QrsTlsRejected(QrsError):
+    """The TLS handshake failed in a way waiting does not fix: the server certificate is not
+    signed by `qrs.ca` (or names another host), or QRS refused our client certificate.
+
+    `ambiguous`: QRS closed the connection right after the handshake without an alert; that is
+    how a refused client certificate looks under TLS 1.3, so it is retried a few times first.
+    """
+
+    def __init__(self, message: str, *, ambiguous: bool = False) -> None:
+        super().__init__(message)
+        self.ambiguous = ambiguous
 
 
 class QrsRefused(QrsError):
@@ -63,3 +90,17 @@ class QrsNotFound(QrsError):
 
 class JournalError(ButlerError):
     """The request journal could not be read or written (the request is then not acked)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when the failure is expected to go away by itself: keep the request and retry.
+
+    QRS unreachable (refused, reset, timeout), QRS answering 5xx or 429, the journal failing.
+    Everything else (certificate problems, 4xx, answers that are not QRS's) is permanent: the
+    request is answered with an error and acked.
+    """
+    if isinstance(exc, QrsUnreachable | JournalError):
+        return True
+    if isinstance(exc, QrsRefused):
+        return (exc.status or 0) >= 500 or exc.status == 429
+    return False

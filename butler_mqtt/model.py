@@ -21,6 +21,7 @@ EMPTY_GUID = "00000000-0000-0000-0000-000000000000"
 #: Largest accepted request payload. A start request is a few hundred bytes; anything near
 #: this size is a mistake or an attack, and parsing it would only cost memory.
 MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_PLAIN_PAYLOAD_BYTES = 1024  # Butler's plain topic: one GUID
 MAX_NAME_LENGTH = 255
 MAX_CRITERIA = 200  # per list (taskId, tag, customProperty)
 MAX_CHAIN_DEPTH = 10
@@ -163,13 +164,41 @@ def decode_json(payload: bytes, limit: int = MAX_PAYLOAD_BYTES) -> Any:
     except UnicodeDecodeError as exc:
         raise RequestRejected("Invalid payload", f"not valid UTF-8 (byte {exc.start})") from None
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RequestRejected("Invalid JSON", f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except ValueError as exc:  # a number beyond Python's int-parsing limit (4300 digits)
         raise RequestRejected("Invalid JSON", str(exc).split(":", 1)[0]) from None
     except RecursionError:
         raise RequestRejected("Invalid JSON", "nested too deeply") from None
+    if "\\u" in text:  # only an escape can smuggle in a lone surrogate
+        _reject_lone_surrogates(data)
+    return data
+
+
+def encodable(text: str) -> bool:
+    """False for a string that is not valid Unicode (a lone UTF-16 surrogate such as \\ud800)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _reject_lone_surrogates(value: Any) -> None:
+    """JSON may write a lone surrogate (`"\\ud800"`), which is no character at all: it cannot be
+    put in a QRS filter, a reply or a log line, so it is refused like any other bad input."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            if not encodable(v):
+                raise RequestRejected("Invalid JSON", "a string contains a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode")
+        elif isinstance(v, dict):
+            todo.extend(v.keys())
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
 
 
 def parse_request(payload: bytes) -> StartRequest:
@@ -179,7 +208,7 @@ def parse_request(payload: bytes) -> StartRequest:
 
 def parse_plain(payload: bytes) -> StartRequest:
     """Butler's plain topic: the payload is one task GUID (whitespace trimmed)."""
-    if len(payload) > 1024:
+    if len(payload) > MAX_PLAIN_PAYLOAD_BYTES:
         raise RequestRejected("Payload too large", f"{len(payload)} bytes; a task ID is 36 characters")
     try:
         text = payload.decode("utf-8").strip()
@@ -205,19 +234,31 @@ class QrsTask:
 
     @classmethod
     def from_qrs(cls, obj: dict[str, Any]) -> QrsTask:
-        """Build from a QRS full object, tolerating null collections (QRS sends `tags: null`)."""
-        tags = tuple(str(t.get("name", "")) for t in (obj.get("tags") or []))
-        cps = tuple(
-            (str((cp.get("definition") or {}).get("name", "")), str(cp.get("value", "")))
-            for cp in (obj.get("customProperties") or [])
+        """Build from a QRS full object, tolerating null collections (QRS sends `tags: null`)
+        and skipping entries of any other shape: a malformed answer selects less, never more."""
+        tags = tuple(
+            t["name"] for t in _dicts(obj.get("tags")) if isinstance(t.get("name"), str)
         )
+        cps = tuple(
+            (cp["definition"]["name"], cp["value"])
+            for cp in _dicts(obj.get("customProperties"))
+            if isinstance(cp.get("definition"), dict)
+            and isinstance(cp["definition"].get("name"), str)
+            and isinstance(cp.get("value"), str)
+        )
+        name = obj.get("name")
+        enabled = obj.get("enabled", True)
         return cls(
             id=str(obj["id"]).lower(),
-            name=str(obj.get("name", "")),
-            enabled=bool(obj.get("enabled", True)),
+            name=name if isinstance(name, str) else "",
+            enabled=enabled if isinstance(enabled, bool) else True,
             tags=tags,
             custom_properties=cps,
         )
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 @dataclass
@@ -230,26 +271,3 @@ class TaskOutcome:
     matched_by: list[str] = field(default_factory=list)
     execution_id: str | None = None
     reason: str | None = None
-
-    def event(self, request_id: str | None, stage: int | None = None) -> dict[str, Any]:
-        ev: dict[str, Any] = {
-            "event": "task",
-            "requestId": request_id,
-            "taskId": self.task_id,
-            "taskName": self.task_name,
-            "status": self.status,
-        }
-        if self.execution_id is not None:
-            ev["executionId"] = self.execution_id
-        ev["matchedBy"] = list(self.matched_by)
-        if self.reason is not None:
-            ev["reason"] = self.reason
-        if stage is not None:
-            ev["stage"] = stage
-        return ev
-
-    def brief(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"taskId": self.task_id, "taskName": self.task_name, "status": self.status}
-        if self.reason is not None:
-            d["reason"] = self.reason
-        return d

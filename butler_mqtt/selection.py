@@ -106,24 +106,3 @@ def plan(selection: Selection, req: StartRequest, allow: AllowList | None) -> li
             o.status = "wouldStart"
         out.append(o)
     return out
-
-
-def summary(request_id: str | None, outcomes: list[TaskOutcome], not_found: list[dict[str, Any]]) -> dict[str, Any]:
-    """The contract's `summary` event.
-
-    `tasksStarted` lists every task QRS was asked to start (status started or notStarted) or
-    would start (dryRun); `totalTasksStarted` counts those QRS really started.
-    """
-    return {
-        "event": "summary",
-        "requestId": request_id,
-        "tasksStarted": [o.brief() for o in outcomes if o.status in ("started", "notStarted", "wouldStart")],
-        "tasksNotFound": list(not_found),
-        "tasksDenied": [o.brief() for o in outcomes if o.status == "denied"],
-        "tasksFailed": [o.brief() for o in outcomes if o.status == "failed"],
-        "totalTasksStarted": sum(1 for o in outcomes if o.status == "started"),
-    }
-
-
-def error_event(request_id: str | None, error: str, details: str) -> dict[str, Any]:
-    return {"event": "error", "requestId": request_id, "error": error, "details": details}

@@ -16,13 +16,15 @@ from typing import Any
 
 import structlog
 
+from butler_mqtt import replies
 from butler_mqtt.config import Config
 from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable
 from butler_mqtt.journal import Journal, Prior
 from butler_mqtt.model import EMPTY_GUID, QrsTask, StartRequest, TaskOutcome
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.qrs.filters import chunk_or, criteria_clauses
-from butler_mqtt.selection import Selection, plan, select, summary
+from butler_mqtt.resume import intent_key, plan_resume
+from butler_mqtt.selection import Selection, plan, select
 
 log = structlog.get_logger("butler_mqtt.service")
 
@@ -35,11 +37,6 @@ class StageResult:
     not_found: list[dict[str, Any]]
     summary: dict[str, Any]
     events: list[dict[str, Any]] = field(default_factory=list)
-
-
-def intent_key(task_id: str, stage: int | None) -> str:
-    """Start intents are per stage: a chain may start the same task in two stages."""
-    return task_id if stage is None else f"{stage}/{task_id}"
 
 
 class StartService:
@@ -145,36 +142,9 @@ class StartService:
             events.append(ev)
             emit(ev)
 
-        to_start: list[TaskOutcome] = []
-        for o in outcomes:
-            if o.status != "started":
-                send(o.event(request_id, stage_index))
-            elif prior is not None and (earlier := prior.task_event(o.task_id, stage_index)) is not None:
-                # Started before the daemon stopped: report what was recorded, start nothing.
-                o.status, o.execution_id, o.reason = earlier["status"], earlier.get("executionId"), earlier.get("reason")
-                send(earlier)
-            elif prior is not None and intent_key(o.task_id, stage_index) in prior.intents:
-                # The daemon stopped after sending this start but before recording QRS's
-                # answer: ask QRS whether the start arrived rather than risk a double run.
-                self._recover(o, prior.intents[intent_key(o.task_id, stage_index)])
-                if o.status == "started" and o.execution_id is None:
-                    to_start.append(o)  # it never reached QRS: start it now
-                else:
-                    send(o.event(request_id, stage_index))
-            else:
-                to_start.append(o)
-
-        if to_start and key is not None and self.journal is not None:
-            self.journal.intents(key, [intent_key(o.task_id, stage_index) for o in to_start])
-        if len(to_start) == 1:
-            send(self._start_one(to_start[0]).event(request_id, stage_index))
-        elif to_start:
-            futures = [self._pool.submit(self._start_one, o) for o in to_start]
-            for fut in as_completed(futures):
-                send(fut.result().event(request_id, stage_index))
-        summ = summary(request_id, outcomes, selection.not_found)
-        if stage_index is not None:
-            summ["stage"] = stage_index
+        to_start = self._resume(outcomes, prior, stage_index, request_id, send)
+        self._start_all(to_start, key, stage_index, request_id, send)
+        summ = replies.summary(request_id, outcomes, selection.not_found, stage_index)
         send(summ)
         log.info(
             "stage_done",
@@ -187,6 +157,51 @@ class StartService:
             ms=round((time.perf_counter() - t0) * 1000, 1),
         )
         return StageResult(outcomes, selection.not_found, summ, events)
+
+    def _resume(
+        self, outcomes: list[TaskOutcome], prior: Prior | None, stage: int | None, request_id: str | None, send: Emit
+    ) -> list[TaskOutcome]:
+        """Report what needs no start; return the tasks to start (resume.plan_resume decides)."""
+        steps = plan_resume(
+            [o for o in outcomes if o.status == "started"],
+            prior.task_event if prior is not None else None,
+            prior.intents if prior is not None else {},
+            stage,
+        )
+        by_task = {step.outcome.task_id: step for step in steps}
+        to_start: list[TaskOutcome] = []
+        for o in outcomes:
+            step = by_task.get(o.task_id) if o.status == "started" else None
+            if step is None:
+                send(replies.task(o, request_id, stage))
+            elif step.action == "report" and step.recorded is not None:
+                # Started before the daemon stopped: report what was recorded, start nothing.
+                o.status, o.execution_id, o.reason = step.recorded["status"], step.recorded.get("executionId"), step.recorded.get("reason")
+                send(step.recorded)
+            elif step.action == "recover" and step.since is not None:
+                # The daemon stopped after sending this start but before recording QRS's
+                # answer: ask QRS whether the start arrived rather than risk a double run.
+                self._recover(o, step.since)
+                if o.status == "started" and o.execution_id is None:
+                    to_start.append(o)  # it never reached QRS: start it now
+                else:
+                    send(replies.task(o, request_id, stage))
+            else:
+                to_start.append(o)
+        return to_start
+
+    def _start_all(
+        self, to_start: list[TaskOutcome], key: str | None, stage: int | None, request_id: str | None, send: Emit
+    ) -> None:
+        """Record the intents (one transaction), then start with bounded concurrency."""
+        if to_start and key is not None and self.journal is not None:
+            self.journal.intents(key, [intent_key(o.task_id, stage) for o in to_start])
+        if len(to_start) == 1:
+            send(replies.task(self._start_one(to_start[0]), request_id, stage))
+        elif to_start:
+            futures = [self._pool.submit(self._start_one, o) for o in to_start]
+            for fut in as_completed(futures):
+                send(replies.task(fut.result(), request_id, stage))
 
 
 class KeyLocks:
@@ -260,26 +275,34 @@ def handle_request(
     so a crash in between resumes the request instead of forgetting to follow it).
     """
     with service.keys.hold(key):
-        return _handle(service, req, emit, ingress, key, source, payload_hash, on_started)
+        return _handle(service, req, emit, Claim(ingress, key, source, payload_hash), on_started)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who asks (ingress, source) and under which idempotency key (None: no suppression)."""
+
+    ingress: str
+    key: str | None
+    source: str = ""
+    payload_hash: str | None = None
 
 
 def _handle(
     service: StartService,
     req: StartRequest,
     emit: Emit,
-    ingress: str,
-    key: str | None,
-    source: str,
-    payload_hash: str | None,
+    claim: Claim,
     on_started: Callable[[StageResult], None] | None,
 ) -> Handled:
     t0 = time.perf_counter()
+    ingress, source, key = claim.ingress, claim.source, claim.key
     journal = service.journal if key is not None else None
-    prior = journal.begin(key, ingress, payload_hash) if journal is not None and key is not None else None
+    prior = journal.begin(key, ingress, claim.payload_hash) if journal is not None and key is not None else None
     if prior is not None and prior.done:
         for ev in prior.replies:
             emit(ev)
-        log.info("audit", ingress=ingress, source=source, duplicate=True, **_audit_fields(req),
+        log.info("audit", ingress=ingress, source=source, requestId=req.requestId, duplicate=True, **_audit_fields(req),
                  outcome="earlier outcome re-published; nothing started")
         return Handled(prior.replies, replayed=True)
 
@@ -300,6 +323,7 @@ def _handle(
         "audit",
         ingress=ingress,
         source=source,
+        requestId=req.requestId,
         duplicate=False,
         resumed=prior is not None,
         **_audit_fields(req),

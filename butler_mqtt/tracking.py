@@ -23,17 +23,18 @@ from typing import Any
 
 import structlog
 
+from butler_mqtt import replies
+from butler_mqtt.chains import NextStage, after_stage, finish_failure, start_failures
 from butler_mqtt.config import TrackingConfig
-from butler_mqtt.errors import ButlerError, QrsError
+from butler_mqtt.errors import ButlerError, QrsError, is_transient
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import FINAL_STATES, StartRequest
+from butler_mqtt.ops import retry
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StageResult, StartService
 
 log = structlog.get_logger("butler_mqtt.tracking")
 
-NEVER = "1753-01-01T00:00:00.000Z"
-SUCCESS = "FinishedSuccess"
 
 
 @dataclass
@@ -54,8 +55,24 @@ class Pending:
     task_id: str
     task_name: str
     stage: int | None
-    started: float  # wall clock
-    deadline: float  # wall clock
+    started: float  # wall clock (stored: survives a restart)
+    deadline: float  # wall clock (stored)
+    # This process's view, on the monotonic clock: a wall-clock step (NTP, an admin) must not
+    # end a wait early. Derived from the stored wall-clock values once, when loaded.
+    mono_started: float = field(default=-1.0, compare=False)
+    mono_deadline: float = field(default=-1.0, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mono_started < 0:
+            now_wall, now_mono = time.time(), time.monotonic()
+            self.mono_started = now_mono - max(0.0, now_wall - self.started)
+            self.mono_deadline = now_mono + max(0.0, self.deadline - now_wall)
+
+    def stored(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("mono_started")
+        d.pop("mono_deadline")
+        return d
 
 
 @dataclass
@@ -81,30 +98,22 @@ class Waited:
         return req
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        d = asdict(self)
+        d["pending"] = {k: p.stored() for k, p in self.pending.items()}
+        return json.dumps(d, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> Waited:
         d = json.loads(text)
         d["route"] = Route(**d["route"])
-        d["pending"] = {k: Pending(**v) for k, v in d["pending"].items()}
+        d["pending"] = {
+            k: Pending(**{f: v[f] for f in ("execution_id", "task_id", "task_name", "stage", "started", "deadline")})
+            for k, v in d["pending"].items()
+        }
         return cls(**d)
 
 
 Publish = Callable[[Route, dict[str, Any]], None]
-
-
-def _ms(start: str | None, stop: str | None, fallback: Any) -> int | None:
-    if isinstance(fallback, int) and fallback > 0:
-        return fallback
-    try:
-        from datetime import datetime
-
-        a = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
-        b = datetime.fromisoformat(str(stop).replace("Z", "+00:00"))
-        return max(0, int((b - a).total_seconds() * 1000))
-    except ValueError:
-        return None
 
 
 def latest_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -137,9 +146,11 @@ class Tracker:
         self._waited: dict[str, Waited] = {}
         self._next_poll: float | None = None
         self._stop = False
-        self._stages = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chain")
+        self._stages = ThreadPoolExecutor(max_workers=4, thread_name_prefix="chain")
+        self._timers: set[threading.Timer] = set()
         self._thread = threading.Thread(target=self._run, name="tracker", daemon=True)
         self.polls = 0
+        self._refused_since: float | None = None
         self.grace_s = max(30.0, 3 * cfg.poll_interval)
 
     # ------------------------------------------------------------------ lifecycle
@@ -182,6 +193,9 @@ class Tracker:
         with self._lock:
             self._stop = True
             self._wake.notify_all()
+            timers, self._timers = self._timers, set()
+        for t in timers:
+            t.cancel()  # the stage is resumed after the restart (the record says `starting`)
         self._thread.join(10)
         self._stages.shutdown(wait=True, cancel_futures=True)
 
@@ -214,16 +228,12 @@ class Tracker:
     def _absorb(self, w: Waited, result: StageResult) -> None:
         """Record a stage's started executions and its tasks that cannot succeed."""
         now = time.time()
-        w.stage_failures = []
-        if not result.outcomes:
-            w.stage_failures.append("the stage selected no task")
+        w.stage_failures = start_failures(result.outcomes)
         for o in result.outcomes:
             if o.status == "started" and o.execution_id:
                 w.pending[o.execution_id] = Pending(
                     o.execution_id, o.task_id, o.task_name, w.stage if w.chained else None, now, now + self.cfg.max_wait
                 )
-            else:
-                w.stage_failures.append(f"{o.task_name} ({o.task_id}): {o.status}")
 
     def _save(self, w: Waited) -> None:
         try:
@@ -269,20 +279,28 @@ class Tracker:
 
     def _poll(self, pending: dict[str, Pending]) -> None:
         self.polls += 1
+        refused: str | None = None
         try:
             rows = latest_rows(self.qrs.execution_results(list(pending)))
+            self._refused_since = None
         except QrsError as exc:
             log.warning("tracking_poll_failed", error=str(exc), executions=len(pending))
             rows = None
-        now = time.time()
+            if not is_transient(exc):  # QRS refuses to tell: give up after the grace period
+                self._refused_since = self._refused_since or time.monotonic()
+                if time.monotonic() - self._refused_since > self.grace_s:
+                    refused = f"QRS refuses to report executions: {exc}"
+        now = time.monotonic()
         for eid, p in pending.items():
             row = rows.get(eid) if rows is not None else None
             status = row.get("status") if row is not None else None
             if isinstance(status, int) and status in FINAL_STATES:
                 self._finish(eid, FINAL_STATES[status], row)
-            elif now > p.deadline:
+            elif refused is not None:
+                self._finish(eid, "Unknown", None, refused)
+            elif now > p.mono_deadline:
                 self._finish(eid, "Unknown", row, f"still not finished after tracking.max_wait ({self.cfg.max_wait:.0f} s)")
-            elif rows is not None and row is None and now - p.started > self.grace_s:
+            elif rows is not None and row is None and now - p.mono_started > self.grace_s:
                 # No result row yet: if the session is gone too, nobody can tell the outcome.
                 try:
                     gone = not self.qrs.execution_session_exists(eid)
@@ -297,27 +315,12 @@ class Tracker:
             if w is None:
                 return
             p = w.pending.pop(eid)
-        start = row.get("startTime") if row else None
-        stop = row.get("stopTime") if row else None
-        ev: dict[str, Any] = {
-            "event": "taskFinished",
-            "requestId": w.request_id,
-            "taskId": p.task_id,
-            "taskName": p.task_name,
-            "executionId": eid,
-            "status": status,
-            "startTime": None if start in (None, NEVER) else start,
-            "stopTime": None if stop in (None, NEVER) else stop,
-            "durationMs": _ms(start, stop, row.get("duration") if row else None) if row else None,
-        }
-        if reason is not None:
-            ev["reason"] = reason
-        if p.stage is not None:
-            ev["stage"] = p.stage
+        ev = replies.task_finished(w.request_id, p.task_id, p.task_name, eid, status, row, reason, p.stage)
         with self._lock:
             w.finished[status] = w.finished.get(status, 0) + 1
-            if status != SUCCESS:
-                w.stage_failures.append(f"{p.task_name} ({p.task_id}): {status}")
+            failure = finish_failure(p.task_name, p.task_id, status)
+            if failure is not None:
+                w.stage_failures.append(failure)
             self._save(w)
             stage_done = not w.pending and not w.starting
         self._emit(w, ev)
@@ -339,45 +342,42 @@ class Tracker:
             w = self._waited.get(key)
             if w is None or w.pending or w.starting:
                 return
-            stage_req = w.stage_request(w.stage)
-            next_req = stage_req.then if stage_req is not None else None
-            failures = list(w.stage_failures)
-        if next_req is not None and stage_req is not None:
-            if stage_req.dryRun:
-                return self._request_finished(w, w.stage, "dryRun: the chain is not run")
-            if failures and stage_req.onFailure != "continue":
-                return self._request_finished(w, w.stage, "; ".join(failures[:10]))
-            with self._lock:
-                w.stage += 1
+            decision = after_stage(w.stage_request(w.stage), w.stage, list(w.stage_failures))
+            if isinstance(decision, NextStage):
+                w.stage = decision.index
                 w.starting = True
                 self._save(w)
-            self._run_stage(key, w.stage, False)
-            return
-        self._request_finished(w, None, None)
+        if isinstance(decision, NextStage):
+            self._run_stage(key, decision.index, False)
+        else:
+            self._request_finished(w, decision.stopped_at, decision.reason)
 
-    def _run_stage(self, key: str, index: int, resumed: bool) -> None:
+    def _run_stage(self, key: str, index: int, resumed: bool, attempt: int = 0) -> None:
+        """Start stage `index` of a chain. A transient QRS or journal failure (before anything of
+        the stage started) is retried later, on a timer, never by sleeping in the small chain
+        pool; it gives up after tracking.max_wait. A permanent one ends the chain."""
         with self._lock:
             w = self._waited.get(key)
-        if w is None:
-            return
+            if w is None or self._stop:
+                return
         stage_req = w.stage_request(index)
         if stage_req is None:
             return self._request_finished(w, None, None)
-        prior = self.journal.load(key) if resumed else None
-        delay = 1.0
-        while True:
-            try:
-                result = self.service.run_stage(
-                    stage_req, w.request_id, lambda ev: self._emit(w, ev), index, key, prior
+        try:
+            prior = self.journal.load(key) if resumed else None
+            result = self.service.run_stage(stage_req, w.request_id, lambda ev: self._emit(w, ev), index, key, prior)
+        except Exception as exc:  # noqa: BLE001 - every failure ends in a retry or requestFinished
+            if not is_transient(exc):
+                log.error("chain_stage_refused", requestId=w.request_id, stage=index, error=str(exc))
+                return self._request_finished(w, index, f"stage {index} could not be started: {exc}")
+            delay = retry.CHAIN_STAGE.delay(attempt)
+            if time.time() + delay - w.started > self.cfg.max_wait:
+                return self._request_finished(
+                    w, index, f"stage {index} could not be started within tracking.max_wait ({self.cfg.max_wait:.0f} s): {exc}"
                 )
-                break
-            except QrsError as exc:  # QRS down before anything of this stage started: retry
-                log.warning("chain_stage_deferred", requestId=w.request_id, stage=index, error=str(exc), retry_in_s=delay)
-                with self._lock:
-                    if self._stop:
-                        return  # resumed after the restart (the record says `starting`)
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+            log.warning("chain_stage_deferred", requestId=w.request_id, stage=index, error=str(exc), retry_in_s=delay)
+            self._later(delay, self._run_stage, key, index, resumed, attempt + 1)
+            return
         with self._lock:
             self._absorb(w, result)
             w.starting = False
@@ -388,16 +388,24 @@ class Tracker:
         else:
             self._schedule(self.cfg.first_poll)
 
+    def _later(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn` in the chain pool after `delay` seconds (unless stopping meanwhile)."""
+
+        def fire() -> None:
+            with self._lock:
+                self._timers.discard(timer)
+                if self._stop:
+                    return
+            self._stages.submit(fn, *args)
+
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
+        timer.start()
+
     def _request_finished(self, w: Waited, stopped_at: int | None, reason: str | None) -> None:
-        ev: dict[str, Any] = {
-            "event": "requestFinished",
-            "requestId": w.request_id,
-            "finished": dict(w.finished),
-            "stoppedAtStage": stopped_at,
-            "durationMs": int((time.time() - w.started) * 1000),
-        }
-        if reason is not None:
-            ev["reason"] = reason
+        ev = replies.request_finished(w.request_id, w.finished, stopped_at, int((time.time() - w.started) * 1000), reason)
         self._emit(w, ev)
         with self._lock:
             self._waited.pop(w.key, None)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -26,8 +25,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
-from butler_mqtt import __version__
-from butler_mqtt.errors import JournalError, QrsError, QrsUnreachable, RequestRejected
+from butler_mqtt import __version__, keys
+from butler_mqtt.errors import JournalError, QrsError, RequestRejected, is_transient
 from butler_mqtt.http import schemas
 from butler_mqtt.http.bodies import (
     ALL_IN_BODY,
@@ -196,9 +195,9 @@ class RestApi:
         requestId gets an anonymous one.
         """
         if req.requestId:
-            key: str | None = f"id:{req.requestId}"
+            key: str | None = keys.for_request_id(req.requestId)
         elif req.waits:
-            key = f"anon:rest:{uuid.uuid4()}"
+            key = keys.anonymous("rest")
         else:
             key = None
         route = ReplyRoute(self.cfg.mqtt.topics.reply)
@@ -223,7 +222,7 @@ class RestApi:
         except QrsError as exc:
             self._last_qrs_failure = time.monotonic()
             # Raised only while resolving, i.e. before anything was started: safe to retry.
-            if isinstance(exc, QrsUnreachable) or (exc.status or 0) >= 500:
+            if is_transient(exc):
                 raise ApiError(503, "QRS unreachable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
             raise ApiError(502, "QRS refused the request", str(exc), "error") from None
         except JournalError as exc:
@@ -243,15 +242,25 @@ class RestApi:
 
     def _health(self) -> dict[str, Any]:
         mqtt_ok = self.daemon.listener.connected.is_set()
-        qrs = self._qrs_state()
+        problem = self.daemon.qrs_problem
+        qrs = "refused" if problem is not None else self._qrs_state()
         last = self.daemon.qrs.last_success
-        return {
-            "status": "ok" if mqtt_ok and qrs == "ok" else "unavailable",
+        waiting, oldest = self.daemon.waiting()
+        stuck = oldest is not None and oldest > WAITING_ALERT_S
+        journal_ok = self.daemon.journal.healthy()
+        body: dict[str, Any] = {
+            "status": "ok" if mqtt_ok and qrs == "ok" and not stuck and journal_ok else "unavailable",
             "mqtt": "connected" if mqtt_ok else "disconnected",
             "qrs": qrs,
             "qrsLastAnswerSecondsAgo": round(time.monotonic() - last, 3) if last else None,
+            "journal": "ok" if journal_ok else "unavailable",
+            "requestsWaiting": waiting,
+            "oldestWaitingSeconds": round(oldest, 1) if oldest is not None else None,
             "version": __version__,
         }
+        if problem is not None:
+            body["qrsProblem"] = problem
+        return body
 
     def _qrs_fresh(self) -> bool:
         last = self.daemon.qrs.last_success
@@ -270,7 +279,7 @@ class RestApi:
                 self.daemon.qrs.about()  # bounded by qrs.timeout (and qrs.retries)
                 state = "ok"
             except QrsError as exc:
-                state = "unreachable" if isinstance(exc, QrsUnreachable) or (exc.status or 0) >= 500 else "refused"
+                state = "unreachable" if is_transient(exc) else "refused"
                 log.warning("health_qrs_probe_failed", error=str(exc))
             self._last_probe = (time.monotonic(), state)
             if state == "ok":
@@ -280,7 +289,16 @@ class RestApi:
     def metrics(self) -> Response:
         m = self.daemon.metrics
         m.mqtt_connected.set(1 if self.daemon.listener.connected.is_set() else 0)
+        waiting, oldest = self.daemon.waiting()
+        m.waiting.set(waiting)
+        m.oldest_waiting.set(oldest or 0)
+        m.unacked.set(self.daemon.listener.unacked)
+        m.qrs_refusing.set(1 if self.daemon.qrs_problem is not None else 0)
         return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+#: A delivery kept for a retry longer than this turns /healthz unavailable.
+WAITING_ALERT_S = 60.0
 
 
 def _client(request: Request) -> str:

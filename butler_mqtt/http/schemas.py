@@ -94,6 +94,14 @@ class Health(BaseModel):
     mqtt: Literal["connected", "disconnected"]
     qrs: Literal["ok", "unreachable", "refused"]
     qrsLastAnswerSecondsAgo: float | None = Field(description="Since QRS last answered any call; null: never.")
+    journal: Literal["ok", "unavailable"] = Field(description="unavailable: the journal file was deleted or replaced.")
+    requestsWaiting: int = Field(description="Deliveries kept unacked for a retry (QRS or journal unavailable).")
+    oldestWaitingSeconds: float | None = Field(
+        description="How long the oldest of them has waited; over 60 s makes the status unavailable."
+    )
+    qrsProblem: str | None = Field(
+        default=None, description="Present while QRS refuses requests for good (certificate, 401/403): the cause and fix."
+    )
     version: str
 
 

@@ -9,20 +9,19 @@ is the real port also when 0 (pick a free one) was configured.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 import uvicorn
 
-from butler_mqtt.config import HttpConfig, HttpTlsConfig
+from butler_mqtt.config import HttpTlsConfig
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.http.app import create_app
+from butler_mqtt.http.tls import listener_warnings, uvicorn_tls_options
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -63,44 +62,6 @@ def _bind(host: str, port: int, key: str) -> socket.socket:
     return sock
 
 
-def _tls_options(tls: HttpTlsConfig | None) -> dict[str, Any]:
-    """uvicorn's TLS settings: HTTPS with cert and key; with client_ca, a client certificate
-    signed by it is required on every connection (the handshake fails without one)."""
-    if tls is None or not tls.enabled:
-        return {}
-    opts: dict[str, Any] = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
-    if tls.client_ca is not None:
-        opts |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    return opts
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def listener_warnings(http: HttpConfig) -> list[tuple[str, str]]:
-    """What is unsafe about the REST API's listener, as (log event, what to do) pairs.
-
-    Beyond loopback a start call must be authenticated (token or client certificate), and a
-    token must not cross the network in clear text. Used by `run` (log) and `check` (warn).
-    """
-    if is_loopback(http.host):
-        return []
-    out: list[tuple[str, str]] = []
-    if http.token is not None and not http.tls.enabled:
-        out.append(("http_token_in_clear", f"the bearer token travels unencrypted to {http.host}: "
-                    "set http.tls.cert and http.tls.key (HTTPS)"))
-    if http.token is None and http.tls.client_ca is None:
-        out.append(("http_without_token", f"the REST API on {http.host} can start tasks without a token (http.token) "
-                    "or client certificates (http.tls.client_ca)"))
-    return out
-
-
 class HttpServer:
     """One uvicorn server on an already bound socket, served from a daemon thread."""
 
@@ -118,7 +79,7 @@ class HttpServer:
             lifespan="off",
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_S,
-            **_tls_options(tls),
+            **uvicorn_tls_options(tls),
         )
         self._server = _ThreadServer(config)
         self._thread = threading.Thread(
@@ -163,7 +124,7 @@ def start_http(daemon: Daemon) -> HttpServer:
     else:
         assert cfg.metrics.port is not None, "start_http needs http.enabled or metrics.port"
         host, port, key = METRICS_HOST, cfg.metrics.port, "metrics.port"
-    tls = cfg.http.tls  # its files were loaded once already by Config.check_qrs_files at start
+    tls = cfg.http.tls  # loaded once already by Daemon.startup (http_ssl_context): errors named the key
     server = HttpServer(create_app(daemon, full), _bind(host, port, key), tls).start()
     log.info(
         "http_listening",

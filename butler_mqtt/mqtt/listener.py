@@ -6,8 +6,16 @@ Facts this relies on (research/peers-and-mqtt-practice.md part B, tested on Mosq
 * with manual_ack, a request that is never acked is redelivered (dup=True) on reconnect;
 * an exception escaping a callback silently kills paho's network thread, so every callback
   is guarded;
-* Receive Maximum makes the broker stop sending once that many requests are unacked, which is
-  the back-pressure: the hand-off queue can never grow beyond it;
+* Receive Maximum should make the broker stop sending once that many requests are unacked,
+  but Mosquitto 2.0.11 keeps sending once the client acks: so the network thread itself
+  bounds memory. A payload over the size limit is dropped at once (the job keeps its size
+  only, and is answered "Payload too large"); a delivery that would push the hand-off queue
+  over `mqtt.queue_bytes` is not taken: it stays unacked, and once the queue has drained the
+  listener drops the connection so that the broker delivers it again (nothing lost);
+* a packet id stays in use until we ack it: a delivery whose id is still being handled is the
+  broker's redelivery of that same message (after a reconnect) and is not handled twice;
+* after a reconnect without the session, earlier packet ids mean nothing: jobs of the old
+  session are not acked (their messages are gone from the broker or redelivered anew);
 * plain disconnect() does not send the will, so "offline" is published by hand on shutdown.
 
 The network thread only parses and enqueues; all work happens in the daemon's workers.
@@ -53,12 +61,32 @@ class Job:
     correlation_data: bytes | None
     expires_at: float | None  # time.monotonic() deadline from MQTT 5 Message Expiry
     retained: bool = False
+    oversize: int = 0  # > 0: the payload had this many bytes and was dropped unread
+    epoch: int = 0  # the broker session this delivery belongs to (see MqttListener.ack)
+
+
+#: Size limits applied in the network thread, before a payload is kept: (JSON topic, plain topic).
+#: Set by the daemon from the request model's limits.
+DEFAULT_LIMITS = (64 * 1024, 1024)
 
 
 class MqttListener:
-    def __init__(self, cfg: MqttConfig, on_job: Callable[[Job], None], client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        on_job: Callable[[Job], bool | None],
+        client_id: str | None = None,
+        limits: tuple[int, int] = DEFAULT_LIMITS,
+    ) -> None:
         self.cfg = cfg
         self._on_job = on_job
+        self.limits = limits
+        self._inflight_lock = threading.Lock()
+        self._inflight: dict[int, Job] = {}  # packet id -> delivery being handled (this epoch)
+        self.epoch = 0
+        self.refused = 0  # deliveries not taken (queue full) since the last redelivery
+        self.problems: dict[str, str] = {}
+        self.redeliveries = 0
         self.v5 = cfg.protocol == "5"
         self.client_id = client_id or cfg.client_id
         self.connected = threading.Event()
@@ -131,9 +159,23 @@ class MqttListener:
             t.append(self.cfg.topics.start_plain)
         return t
 
+    def set_problem(self, name: str, text: str | None) -> None:
+        """Show (or clear) a standing problem, e.g. QRS refusing for good, on the status topic."""
+        with self._inflight_lock:
+            if self.problems.get(name) == text:
+                return
+            if text is None:
+                self.problems.pop(name, None)
+            else:
+                self.problems[name] = text
+        if self.connected.is_set():
+            self.client.publish(self.cfg.topics.status, self.status_payload("online"), qos=1, retain=True)
+
     def status_payload(self, state: str) -> str:
+        extra: dict[str, Any] = {"problems": dict(self.problems)} if self.problems and state == "online" else {}
         return json.dumps(
             {
+                **extra,
                 "status": state,
                 "version": __version__,
                 "clientId": self.client_id,
@@ -163,12 +205,18 @@ class MqttListener:
             return
         self.connects += 1
         nodelay(client)
+        session_present = bool(getattr(flags, "session_present", False))
+        if not session_present:
+            with self._inflight_lock:
+                self.epoch += 1  # packet ids of the old session mean nothing now
+                self._inflight.clear()
+                self.refused = 0
         self.connected.set()
         log.info(
             "mqtt_connected",
             host=self.cfg.host,
             port=self.cfg.port,
-            session_present=bool(getattr(flags, "session_present", False)),
+            session_present=session_present,
             client_id=self.client_id,
         )
         # Subscribe on every connect: shared subscriptions are not restored by Mosquitto 2.0.
@@ -204,13 +252,23 @@ class MqttListener:
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if self.paused:
             return  # shutting down: left unacked, redelivered to the next run
+        plain = self._is_plain(msg.topic)
+        with self._inflight_lock:
+            if msg.qos > 0 and msg.mid in self._inflight:
+                # The broker resent a message we are still handling (after a reconnect, with the
+                # session): the packet id is the same, so the first copy's ack covers both.
+                log.info("mqtt_redelivery_in_progress", mid=msg.mid, topic=msg.topic)
+                return
+            epoch = self.epoch
         props = msg.properties if self.v5 else None
         expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
         now = time.monotonic()
+        size = len(msg.payload)
+        oversize = size if size > self.limits[1 if plain else 0] else 0
         job = Job(
-            ingress="mqtt-plain" if self._is_plain(msg.topic) else "mqtt",
+            ingress="mqtt-plain" if plain else "mqtt",
             topic=msg.topic,
-            payload=bytes(msg.payload),
+            payload=b"" if oversize else bytes(msg.payload),  # never keep an oversize payload
             mid=msg.mid,
             qos=msg.qos,
             dup=bool(msg.dup),
@@ -220,8 +278,17 @@ class MqttListener:
             # A retained "start" would re-fire on every (re)subscribe: never acted on. With
             # MQTT 5, retain-as-published shows live retained publishes too.
             retained=bool(msg.retain),
+            oversize=oversize,
+            epoch=epoch,
         )
-        self._on_job(job)
+        if msg.qos > 0:
+            with self._inflight_lock:
+                self._inflight[msg.mid] = job
+        if self._on_job(job) is False:  # the hand-off queue is full: leave it to the broker
+            with self._inflight_lock:
+                if self._inflight.get(msg.mid) is job:
+                    del self._inflight[msg.mid]
+                self.refused += 1
 
     def _is_plain(self, topic: str) -> bool:
         return self.cfg.topics.start_plain is not None and topic == self.cfg.topics.start_plain
@@ -229,8 +296,43 @@ class MqttListener:
     # ------------------------------------------------------------------ worker side
 
     def ack(self, job: Job) -> None:
-        if job.qos > 0:
+        """Ack a delivery, once. A job of an earlier broker session is not acked: its packet id
+        may by now belong to another message of the new session."""
+        with self._inflight_lock:
+            current = job.epoch == self.epoch
+            if self._inflight.get(job.mid) is job:
+                del self._inflight[job.mid]
+        if job.qos > 0 and current:
             self.client.ack(job.mid, job.qos)
+
+    def release(self, job: Job) -> None:
+        """Give a delivery back to the broker without acking it (it is redelivered later)."""
+        with self._inflight_lock:
+            if self._inflight.get(job.mid) is job:
+                del self._inflight[job.mid]
+
+    @property
+    def unacked(self) -> int:
+        """Deliveries taken and not yet acked (each holds one of the broker's in-flight slots)."""
+        with self._inflight_lock:
+            return len(self._inflight)
+
+    def request_redelivery(self) -> None:
+        """Drop the connection so that the broker sends again what we left unacked (deliveries
+        refused while the queue was full). paho reconnects by itself, with the session, and
+        resends our unconfirmed replies."""
+        with self._inflight_lock:
+            if not self.refused:
+                return
+            self.refused = 0
+        self.redeliveries += 1
+        log.warning("mqtt_redelivery_requested", detail="reconnecting so the broker resends the deliveries left unacked")
+        sock = self.client.socket()
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+        except OSError:
+            pass
 
     def reply(self, job: Job, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
         return self.publish_event(job.response_topic or self.cfg.topics.reply, job.correlation_data, event)
@@ -249,7 +351,10 @@ class MqttListener:
 
     def publish_event(self, topic: str, correlation: bytes | None, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
         """A reply event as JSON, QoS 1, with the request's correlation data (MQTT 5)."""
-        body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        try:
+            body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (e.g. in a task name from QRS): ASCII escapes
+            body = json.dumps(event, separators=(",", ":")).encode("ascii")
         return self.client.publish(topic, body, qos=1, retain=False, properties=self._reply_properties(correlation))
 
 

@@ -28,6 +28,11 @@ def setup_logging(level: str = "info", fmt: str = "json", stream: Any = None) ->
     """Configure structlog (and route stdlib logging, e.g. paho/uvicorn, through it)."""
     lvl = getattr(logging, level.upper(), logging.INFO)
     out = stream or sys.stdout
+    reconfigure = getattr(out, "reconfigure", None)
+    if reconfigure is not None:
+        # A string that is not valid Unicode (from a hostile payload or QRS) must never make a
+        # log call raise: it is written with backslash escapes instead.
+        reconfigure(errors="backslashreplace")
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=out.isatty()) if fmt == "console" else structlog.processors.JSONRenderer()
     )

@@ -22,6 +22,19 @@ class Metrics:
             registry=r,
         )
         self.mqtt_connected = Gauge("butler_mqtt_mqtt_connected", "1 when connected to the broker", registry=r)
+        self.waiting = Gauge(
+            "butler_mqtt_requests_waiting", "Deliveries kept unacked for a retry right now (QRS or journal unavailable)",
+            registry=r,
+        )
+        self.oldest_waiting = Gauge(
+            "butler_mqtt_oldest_waiting_seconds", "How long the oldest delivery kept for a retry has waited", registry=r
+        )
+        self.unacked = Gauge(
+            "butler_mqtt_unacked_deliveries", "Deliveries taken from the broker and not yet acked", registry=r
+        )
+        self.qrs_refusing = Gauge(
+            "butler_mqtt_qrs_refusing", "1 while QRS refuses requests for good (certificate, 401/403)", registry=r
+        )
         self.deferred = Counter(
             "butler_mqtt_requests_deferred", "Requests kept unacked for a retry (QRS or journal unavailable)", registry=r
         )

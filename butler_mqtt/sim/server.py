@@ -15,8 +15,15 @@ Knobs for tests, all changeable while the simulator runs:
   the request, do nothing with it and close the connection without an answer. A client then
   sees a connection error with no response, which is what a QRS (or its host) going down
   looks like mid-conversation; refused connections are what :meth:`QrsSimulator.stop` gives.
-* ``fault_paths``: a regular expression (``re.search`` on the decoded path) limiting the
-  fault to matching requests, e.g. ``r"/start"`` to break only starts.
+  ``"error403"``: answer 403 ``Forbidden`` (a proxy or a revoked user); ``"notjson"``: answer
+  200 with an HTML page (a login page of a proxy in front of QRS); ``"badid"``: the reload
+  tasks listed carry an ``id`` that is not a GUID; ``"huge"``: a 200 answer of
+  ``huge_bytes`` bytes (a runaway answer).
+* ``clock_skew``: seconds added to the simulator's clock (its timestamps and ``Date`` header),
+  to test a daemon whose clock differs from QRS's.
+* ``fault_paths``: a regular expression (``re.search`` on the decoded path, then on the path
+  plus ``?`` plus the decoded query) limiting the fault to matching requests, e.g.
+  ``r"/start"`` to break only starts, or a tag name to break only lookups of that tag.
 * ``fail_starts_for``: task ids whose start answers 500 without starting anything.
 * ``already_running``: what starting a task that is still running answers. ``"same"``
   (default): 204 / 201 with the running execution's session id, and no second execution;
@@ -41,7 +48,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, unquote_plus
 
 from .certs import CertPaths, ensure_certs
 from .filter import CompiledFilter, FilterError, compile_filter
@@ -140,6 +147,8 @@ class QrsSimulator:
         self.latency_ms = latency_ms
         self.fault: str | None = None
         self.fault_paths: str | None = None
+        self.huge_bytes = 100 * 1024 * 1024
+        self._clock_skew = 0.0
         self.fail_starts_for: set[str] = set()
         self.already_running = already_running
         self._requested_port = port
@@ -229,9 +238,20 @@ class QrsSimulator:
 
     # --- request handling ---------------------------------------------------------------------
 
-    def _fault_for(self, path: str) -> str | None:
+    @property
+    def clock_skew(self) -> float:
+        return self._clock_skew
+
+    @clock_skew.setter
+    def clock_skew(self, seconds: float) -> None:
+        self._clock_skew = seconds
+        self.store.clock = (lambda: time.time() + seconds) if seconds else time.time
+
+    def _fault_for(self, path: str, query: str = "") -> str | None:
         fault, pattern = self.fault, self.fault_paths
-        if fault is None or (pattern is not None and not re.search(pattern, path)):
+        if fault is None:
+            return None
+        if pattern is not None and not (re.search(pattern, path) or re.search(pattern, f"{path}?{query}")):
             return None
         return fault
 
@@ -423,6 +443,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as clients pool connections to QRS
     server: _Server
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The `Date` header in the simulator's clock (``clock_skew``)."""
+        return super().date_time_string(self.server.sim.store.clock() if timestamp is None else timestamp)
+
     def log_message(self, format: str, *args: Any) -> None:
         """Silence the stdlib's stderr access log; ``request_log`` is the record."""
 
@@ -441,15 +465,23 @@ class _Handler(BaseHTTPRequestHandler):
         if sim.latency_ms > 0:
             sim._stopping.wait(sim.latency_ms / 1000)
         # A simulator stopped during the latency wait must not act on the request either.
-        fault = "outage" if sim._stopping.is_set() else sim._fault_for(path)
+        fault = "outage" if sim._stopping.is_set() else sim._fault_for(path, unquote_plus(raw_query))
         if fault == "outage":
             sim._record(LoggedRequest(self.command, path, query, 0, at))
             self.close_connection = True
             return
         if fault == "error500":
             reply = _Reply.text(500, "Internal Server Error")
+        elif fault == "error403":
+            reply = _Reply.text(403, "Forbidden")
+        elif fault == "notjson":
+            reply = _Reply(200, b"<html><body>Please log in</body></html>", "text/html")
+        elif fault == "huge":
+            reply = _Reply(200, b"[" + b" " * max(0, sim.huge_bytes - 2) + b"]", "application/json; charset=utf-8")
         else:
             reply = sim._answer(self.command, path, query, self.headers, body, malformed)
+            if fault == "badid" and reply.status == 200 and "reloadtask" in path.lower():
+                reply = _Reply(reply.status, _bad_ids(reply.body), reply.content_type)
         # Logged before the answer is written, so a client that has its answer finds it logged.
         sim._record(LoggedRequest(self.command, path, query, reply.status, at))
         self.send_response(reply.status)
@@ -474,3 +506,15 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return None
         return self.rfile.read(length) if length > 0 else b""
+
+
+def _bad_ids(body: bytes) -> bytes:
+    """Every task `id` of a reloadtask answer replaced by one that is not a GUID."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    for i, obj in enumerate(data if isinstance(data, list) else [data]):
+        if isinstance(obj, dict) and "id" in obj:
+            obj["id"] = f"not-a-guid-{i}"
+    return json.dumps(data).encode()

@@ -423,7 +423,8 @@ def test_healthz_503_when_qrs_was_never_reached(cfg, sim, start_daemon):
     resp = api.get("/healthz")
     assert resp.status_code == 503
     assert resp.json() | {"version": None} == {
-        "status": "unavailable", "mqtt": "connected", "qrs": "unreachable", "qrsLastAnswerSecondsAgo": None, "version": None
+        "status": "unavailable", "mqtt": "connected", "qrs": "unreachable", "qrsLastAnswerSecondsAgo": None, "version": None,
+        "journal": "ok", "requestsWaiting": 0, "oldestWaitingSeconds": None,
     }
 
 

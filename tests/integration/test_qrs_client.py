@@ -9,7 +9,7 @@ import requests
 import trustme
 
 from butler_mqtt.config import QrsConfig
-from butler_mqtt.errors import QrsRefused, QrsUnreachable
+from butler_mqtt.errors import QrsRefused, QrsTlsRejected, QrsUnreachable, is_transient
 from butler_mqtt.model import EMPTY_GUID, StartRequest
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StartService
@@ -81,8 +81,9 @@ def test_server_certificate_from_another_ca_is_refused(qrs_certs, sim, tmp_path)
     other = trustme.CA()
     other.cert_pem.write_to_path(str(tmp_path / "other-root.pem"))
     qrs = QrsClient(qrs_cfg(qrs_certs, sim.port, ca=tmp_path / "other-root.pem", retries=0))
-    with pytest.raises(QrsUnreachable, match="TLS"):
+    with pytest.raises(QrsTlsRejected, match="not trusted.*qrs.ca") as caught:
         qrs.about()
+    assert not is_transient(caught.value)  # waiting does not fix a certificate
     qrs.close()
 
 
@@ -92,8 +93,9 @@ def test_client_certificate_from_another_ca_is_refused(qrs_certs, sim, tmp_path)
     leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
     leaf.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
     qrs = QrsClient(qrs_cfg(qrs_certs, sim.port, cert=tmp_path / "c.pem", key=tmp_path / "k.pem", retries=0))
-    with pytest.raises(QrsUnreachable):
+    with pytest.raises(QrsTlsRejected, match="client certificate.*qrs.cert") as caught:
         qrs.about()
+    assert not is_transient(caught.value)
     qrs.close()
     with pytest.raises(requests.exceptions.RequestException):  # and with no certificate at all
         requests.get(f"{sim.base_url}/qrs/about", verify=str(qrs_certs / "root.pem"), timeout=5)
@@ -124,3 +126,21 @@ def test_a_get_is_retried_after_a_5xx_but_a_start_is_not(qrs_certs, sim):
         qrs.start_synchronous(IDS[0])
     assert len(sim.request_log) == 1
     qrs.close()
+
+
+def test_a_plain_http_server_on_the_qrs_port_is_a_clear_permanent_error(qrs_certs, tmp_path):
+    import http.server
+    import threading
+
+    from butler_mqtt.errors import QrsTlsRejected as Rejected
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        qrs = QrsClient(qrs_cfg(qrs_certs, srv.server_address[1], retries=0))
+        with pytest.raises(Rejected, match="does not speak TLS.*qrs.port") as caught:
+            qrs.about()
+        assert not is_transient(caught.value)
+        qrs.close()
+    finally:
+        srv.shutdown()

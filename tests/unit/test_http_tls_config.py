@@ -9,7 +9,7 @@ import pytest
 
 from butler_mqtt.config import HttpConfig, load_config
 from butler_mqtt.errors import ConfigError
-from butler_mqtt.http.server import is_loopback, listener_warnings
+from butler_mqtt.http.tls import is_loopback, listener_warnings
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -99,3 +99,37 @@ def test_plain_topic_payload():
         parse_plain(b"nope")
     with pytest.raises(RequestRejected):
         parse_plain(b"\xff")
+
+
+def test_malformed_qrs_collections_select_less_never_crash():
+    from butler_mqtt.model import QrsTask
+
+    t = QrsTask.from_qrs({
+        "id": "11111111-1111-4111-8111-111111111111", "name": 7, "enabled": "yes",
+        "tags": "finance", "customProperties": [None, {"definition": None, "value": "x"},
+                                                 {"definition": {"name": "group"}, "value": 3},
+                                                 {"definition": {"name": "group"}, "value": "ok"}],
+    })
+    assert t.tags == () and t.custom_properties == (("group", "ok"),) and t.name == "" and t.enabled is True
+    assert QrsTask.from_qrs({"id": "11111111-1111-4111-8111-111111111111", "tags": [None, {"name": "a"}]}).tags == ("a",)
+
+
+def test_correlation_key_includes_the_response_topic_and_bounds_its_length():
+    from butler_mqtt import keys
+
+    assert keys.for_correlation(b"job-1", "a/replies") != keys.for_correlation(b"job-1", "b/replies")
+    assert len(keys.for_correlation(b"x" * 65000, "a")) < 100
+
+
+def test_every_reply_envelope_starts_with_event_and_request_id():
+    from butler_mqtt import replies
+    from butler_mqtt.model import TaskOutcome
+
+    o = TaskOutcome("t", "T", "started", ["tag:a"], execution_id="e")
+    built = [
+        replies.task(o, "r", 1), replies.summary("r", [o], [], 0), replies.error("r", "E", "D"),
+        replies.task_finished("r", "t", "T", "e", "FinishedSuccess", {"startTime": replies.QRS_NEVER, "duration": 5}),
+        replies.request_finished("r", {"FinishedSuccess": 1}, None, 10, None),
+    ]
+    assert [list(ev)[:2] for ev in built] == [["event", "requestId"]] * 5
+    assert built[0]["stage"] == 1 and built[1]["stage"] == 0 and built[3]["startTime"] is None and built[3]["durationMs"] == 5

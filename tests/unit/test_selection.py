@@ -5,7 +5,8 @@ from hypothesis import strategies as st
 
 from butler_mqtt.config import AllowList
 from butler_mqtt.model import QrsTask, StartRequest
-from butler_mqtt.selection import allowed, plan, select, summary
+from butler_mqtt.replies import summary
+from butler_mqtt.selection import allowed, plan, select
 
 A = "aaaaaaaa-0000-0000-0000-000000000001"
 B = "aaaaaaaa-0000-0000-0000-000000000002"

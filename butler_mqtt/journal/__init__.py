@@ -24,65 +24,19 @@ A write that fails raises JournalError; the caller then does not ack, so nothing
 from __future__ import annotations
 
 import json
-import queue
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from butler_mqtt import replies
 from butler_mqtt.errors import JournalError
+from butler_mqtt.journal.backends import Postgres, Sqlite, db_errors
+from butler_mqtt.journal.migrations import MIGRATIONS, SCHEMA_VERSION
 
-#: Each version: statements per dialect ("sqlite", "postgresql"); "*" for both.
-_MIGRATIONS: dict[int, dict[str, list[str]]] = {
-    1: {
-        "*": [
-            """CREATE TABLE IF NOT EXISTS requests (
-                key TEXT PRIMARY KEY,
-                state TEXT NOT NULL,                 -- open | done
-                ingress TEXT NOT NULL,
-                payload_hash TEXT,
-                created DOUBLE PRECISION NOT NULL,
-                updated DOUBLE PRECISION NOT NULL,
-                owner TEXT NOT NULL DEFAULT '',
-                lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
-            )""",
-            "CREATE INDEX IF NOT EXISTS requests_created ON requests(created)",
-            "CREATE INDEX IF NOT EXISTS requests_hash ON requests(payload_hash, created)",
-            """CREATE TABLE IF NOT EXISTS waits (
-                key TEXT PRIMARY KEY,
-                body TEXT NOT NULL,                  -- tracking.Waited as JSON
-                updated DOUBLE PRECISION NOT NULL,
-                owner TEXT NOT NULL DEFAULT '',
-                lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
-            )""",
-        ],
-        "sqlite": [
-            """CREATE TABLE IF NOT EXISTS events (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                key TEXT NOT NULL,
-                kind TEXT NOT NULL,                  -- reply | intent
-                task_id TEXT,
-                body TEXT NOT NULL
-            )""",
-            "CREATE INDEX IF NOT EXISTS events_key ON events(key, id)",
-        ],
-        "postgresql": [
-            """CREATE TABLE IF NOT EXISTS events (
-                id BIGSERIAL PRIMARY KEY,
-                key TEXT NOT NULL,
-                kind TEXT NOT NULL,
-                task_id TEXT,
-                body TEXT NOT NULL
-            )""",
-            "CREATE INDEX IF NOT EXISTS events_key ON events(key, id)",
-        ],
-    },
-}
-SCHEMA_VERSION = max(_MIGRATIONS)
+__all__ = ["SCHEMA_VERSION", "Journal", "JournalError", "Prior"]
 
 
 @dataclass
@@ -98,129 +52,10 @@ class Prior:
         return self.state == "done"
 
     def task_event(self, task_id: str, stage: int | None) -> dict[str, Any] | None:
-        for ev in self.replies:
-            if ev.get("event") == "task" and ev.get("taskId") == task_id and ev.get("stage") == stage:
+        for ev in replies.task_events(self.replies):
+            if ev.get("taskId") == task_id and ev.get("stage") == stage:
                 return ev
         return None
-
-
-class _Cursor(Protocol):
-    def run(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
-
-
-class _Sqlite:
-    dialect = "sqlite"
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
-        self._lock = threading.RLock()
-
-    def run(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return list(self._db.execute(sql, tuple(args)).fetchall())
-
-    @contextmanager
-    def tx(self) -> Iterator[_Cursor]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def advisory_lock(self) -> None:
-        pass  # BEGIN IMMEDIATE already serialises writers
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-
-class _Postgres:
-    """A small pool of autocommit connections: worker threads do not queue behind one socket."""
-
-    dialect = "postgresql"
-    POOL = 8
-
-    def __init__(self, url: str) -> None:
-        try:
-            import psycopg
-        except ImportError:  # pragma: no cover - installed with the package
-            raise JournalError("journal.url is PostgreSQL but psycopg is not installed: pip install 'psycopg[binary]'") from None
-        self._psycopg = psycopg
-        self._url = url
-        self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
-        self._slots = threading.BoundedSemaphore(self.POOL)
-        self._tx = threading.local()  # the connection of this thread's open transaction
-        self._release(self._connect())  # fail fast on a bad URL
-
-    def _connect(self) -> Any:
-        return self._psycopg.connect(self._url, autocommit=True, connect_timeout=10)
-
-    def _release(self, conn: Any) -> None:
-        self._idle.put(conn)
-
-    @contextmanager
-    def _conn(self) -> Iterator[Any]:
-        current = getattr(self._tx, "conn", None)
-        if current is not None:  # inside tx(): the same connection
-            yield current
-            return
-        with self._slots:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = self._connect()
-            if conn.closed or conn.broken:
-                conn = self._connect()
-            try:
-                yield conn
-            finally:
-                if conn.broken or conn.closed:
-                    conn.close()
-                else:
-                    self._release(conn)
-
-    def run(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._conn() as conn:
-            cur = conn.execute(sql.replace("?", "%s"), tuple(args))
-            return list(cur.fetchall()) if cur.description is not None else []
-
-    @contextmanager
-    def tx(self) -> Iterator[_Cursor]:
-        with self._conn() as conn, conn.transaction():
-            self._tx.conn = conn
-            try:
-                yield self
-            finally:
-                self._tx.conn = None
-
-    def advisory_lock(self) -> None:
-        self.run("SELECT pg_advisory_xact_lock(4242424242)")  # one migrator at a time
-
-    def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
-
-
-_DbError: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
-
-
-def _db_errors() -> tuple[type[BaseException], ...]:
-    try:
-        import psycopg
-
-        return (*_DbError, psycopg.Error)
-    except ImportError:  # pragma: no cover
-        return _DbError
 
 
 class Journal:
@@ -238,10 +73,10 @@ class Journal:
         self.retention = retention_hours * 3600
         self.owner = owner
         self.lease_s = lease_s
-        self._errors = _db_errors()
+        self._errors = db_errors()
         where = url.split("@")[-1] if url else str(path)  # never log a password from the URL
         try:
-            self._db: _Sqlite | _Postgres = _Postgres(url) if url else _Sqlite(path or Path("journal.sqlite3"))
+            self._db: Sqlite | Postgres = Postgres(url) if url else Sqlite(path or Path("journal.sqlite3"))
             self._migrate()
         except JournalError:
             raise
@@ -273,8 +108,8 @@ class Journal:
                     f"the journal has schema version {current}, newer than this butler-mqtt knows ({SCHEMA_VERSION}):"
                     " run the newer version, or restore the journal backup taken before the upgrade"
                 )
-            for version in sorted(v for v in _MIGRATIONS if v > current):
-                steps = _MIGRATIONS[version]
+            for version in sorted(v for v in MIGRATIONS if v > current):
+                steps = MIGRATIONS[version]
                 for stmt in steps.get("*", []) + steps.get(self._db.dialect, []):
                     db.run(stmt)
                 db.run("INSERT INTO schema_version(version) VALUES (?)", (version,))
@@ -285,9 +120,20 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
+    def healthy(self) -> bool:
+        """False while the journal cannot be used (its file deleted or replaced)."""
+        if isinstance(self._db, Sqlite):
+            try:
+                self._db.check_file()
+            except JournalError:
+                return False
+        return True
+
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:
         """Database errors become JournalError (the caller then does not ack)."""
+        if isinstance(self._db, Sqlite):
+            self._db.check_file()
         try:
             yield
         except self._errors as exc:

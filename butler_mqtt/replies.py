@@ -1,0 +1,138 @@
+"""Every reply event of the contract (section 4), built here and nowhere else.
+
+One function per event kind turns plain data into its wire form (a JSON-ready dict with
+`event` and `requestId` first). The MQTT edge publishes these dicts, the journal stores them,
+the REST answers are derived from them: change a reply's shape here, and only here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from butler_mqtt.model import TaskOutcome
+
+#: QRS's "never" timestamp (1753 sentinel): reported as null.
+QRS_NEVER = "1753-01-01T00:00:00.000Z"
+
+Event = dict[str, Any]
+
+#: Task statuses listed under `tasksStarted` in a summary.
+_LISTED_AS_STARTED = ("started", "notStarted", "wouldStart")
+
+
+def _staged(ev: Event, stage: int | None) -> Event:
+    if stage is not None:
+        ev["stage"] = stage
+    return ev
+
+
+def task(o: TaskOutcome, request_id: str | None, stage: int | None = None) -> Event:
+    """`task`: what happened to one selected task."""
+    ev: Event = {"event": "task", "requestId": request_id, "taskId": o.task_id, "taskName": o.task_name, "status": o.status}
+    if o.execution_id is not None:
+        ev["executionId"] = o.execution_id
+    ev["matchedBy"] = list(o.matched_by)
+    if o.reason is not None:
+        ev["reason"] = o.reason
+    return _staged(ev, stage)
+
+
+def brief(o: TaskOutcome) -> Event:
+    """A task as listed inside a summary."""
+    d: Event = {"taskId": o.task_id, "taskName": o.task_name, "status": o.status}
+    if o.reason is not None:
+        d["reason"] = o.reason
+    return d
+
+
+def summary(
+    request_id: str | None, outcomes: list[TaskOutcome], not_found: list[dict[str, Any]], stage: int | None = None
+) -> Event:
+    """`summary`: the stage at a glance.
+
+    `tasksStarted` lists every task QRS was asked to start (status started or notStarted) or
+    would start (dryRun); `totalTasksStarted` counts those QRS really started.
+    """
+    ev: Event = {
+        "event": "summary",
+        "requestId": request_id,
+        "tasksStarted": [brief(o) for o in outcomes if o.status in _LISTED_AS_STARTED],
+        "tasksNotFound": list(not_found),
+        "tasksDenied": [brief(o) for o in outcomes if o.status == "denied"],
+        "tasksFailed": [brief(o) for o in outcomes if o.status == "failed"],
+        "totalTasksStarted": sum(1 for o in outcomes if o.status == "started"),
+    }
+    return _staged(ev, stage)
+
+
+def error(request_id: str | None, error: str, details: str) -> Event:
+    """`error`: the request was not handled (nothing more was started)."""
+    return {"event": "error", "requestId": request_id, "error": error, "details": details}
+
+
+def _qrs_time(value: Any) -> Any:
+    return None if value in (None, QRS_NEVER) else value
+
+
+def duration_ms(start: Any, stop: Any, reported: Any) -> int | None:
+    """QRS's `duration` when it has one, else stop - start; None when neither is known."""
+    if isinstance(reported, int) and not isinstance(reported, bool) and reported > 0:
+        return reported
+    try:
+        a = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+        b = datetime.fromisoformat(str(stop).replace("Z", "+00:00"))
+        return max(0, int((b - a).total_seconds() * 1000))
+    except ValueError:
+        return None
+
+
+def task_finished(
+    request_id: str | None,
+    task_id: str,
+    task_name: str,
+    execution_id: str,
+    status: str,
+    row: Mapping[str, Any] | None,
+    reason: str | None = None,
+    stage: int | None = None,
+) -> Event:
+    """`taskFinished`: a followed execution ended (`row`: QRS's ExecutionResult, if any)."""
+    start = row.get("startTime") if row else None
+    stop = row.get("stopTime") if row else None
+    ev: Event = {
+        "event": "taskFinished",
+        "requestId": request_id,
+        "taskId": task_id,
+        "taskName": task_name,
+        "executionId": execution_id,
+        "status": status,
+        "startTime": _qrs_time(start),
+        "stopTime": _qrs_time(stop),
+        "durationMs": duration_ms(start, stop, row.get("duration")) if row else None,
+    }
+    if reason is not None:
+        ev["reason"] = reason
+    return _staged(ev, stage)
+
+
+def request_finished(
+    request_id: str | None, finished: Mapping[str, int], stopped_at: int | None, duration_ms: int, reason: str | None
+) -> Event:
+    """`requestFinished`: the last event of a waited request."""
+    ev: Event = {
+        "event": "requestFinished",
+        "requestId": request_id,
+        "finished": dict(finished),
+        "stoppedAtStage": stopped_at,
+        "durationMs": duration_ms,
+    }
+    if reason is not None:
+        ev["reason"] = reason
+    return ev
+
+
+def task_events(events: Iterable[Event]) -> list[Event]:
+    """The `task` events among `events` (for readers: metrics, REST answers, the journal)."""
+    return [ev for ev in events if ev.get("event") == "task"]
