@@ -19,6 +19,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from butler_mqtt.config import Config, MqttConfig, load_config
 from butler_mqtt.errors import ConfigError, QrsError
+from butler_mqtt.http.tls import http_ssl_context, listener_warnings
 from butler_mqtt.mqtt.listener import apply_credentials
 
 OK, FAIL, WARN = "ok  ", "FAIL", "warn"
@@ -38,6 +39,8 @@ def check_cert_files(cfg: Config) -> bool:
     files: list[tuple[str, Path | None]] = [("qrs.cert", cfg.qrs.cert), ("qrs.key", cfg.qrs.key), ("qrs.ca", cfg.qrs.ca)]
     if cfg.mqtt.tls.enabled:
         files += [("mqtt.tls.ca", cfg.mqtt.tls.ca), ("mqtt.tls.cert", cfg.mqtt.tls.cert), ("mqtt.tls.key", cfg.mqtt.tls.key)]
+    http_files = cfg.http_tls_files()
+    files += list(http_files.items())
     for key, path in files:
         if path is None:
             continue
@@ -63,7 +66,25 @@ def check_cert_files(cfg: Config) -> bool:
             good = False
         else:
             _line(OK if days >= 30 else WARN, key, f"{path} valid, {days} days left")
+    if good and "http.tls.cert" in http_files:
+        try:
+            http_ssl_context(cfg.http.tls)
+        except ConfigError as exc:
+            _line(FAIL, exc.key, exc.reason)
+            good = False
     return good
+
+
+def check_http(cfg: Config) -> bool:
+    """How the REST API listens, and what is unsafe about it; warns, never fails."""
+    if not cfg.http.enabled:
+        return True
+    http = cfg.http
+    auth = [a for a, on in (("bearer token", http.token is not None), ("client certificates", http.tls.client_ca is not None)) if on]
+    detail = f"{'https' if http.tls.enabled else 'http'}://{http.host}:{http.port}, {' and '.join(auth) or 'no authentication'}"
+    warnings = listener_warnings(http)
+    _line(WARN if warnings else OK, "http", "; ".join([detail, *(w for _, w in warnings)]))
+    return True
 
 
 def check_broker(cfg: MqttConfig, timeout: float = 10.0) -> bool:
@@ -159,6 +180,11 @@ def run_checks(config_file: Path) -> int:
         _line(FAIL, "config", f"{exc}")
         return 2
     _line(OK, "config", f"{config_file} valid")
-    steps: list[Callable[[], bool]] = [lambda: check_cert_files(cfg), lambda: check_broker(cfg.mqtt), lambda: check_qrs(cfg)]
+    steps: list[Callable[[], bool]] = [
+        lambda: check_cert_files(cfg),
+        lambda: check_http(cfg),
+        lambda: check_broker(cfg.mqtt),
+        lambda: check_qrs(cfg),
+    ]
     results = [step() for step in steps]
     return 0 if all(results) else 1

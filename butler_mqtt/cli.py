@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--demo", action="store_true", help="serve the demo data set")
 
+    p = sub.add_parser(
+        "init",
+        help="write the starter configuration (or one imported from Butler's) to PATH; never overwrites",
+        description="Write the documented starter configuration to PATH. With --from-butler, fill it in from a "
+        "Butler config file (QRS, certificates, broker, start topic, REST port and TLS, start-task allow-list) and "
+        "print, key by key, what was carried, what was set differently and why, and what was left out.",
+    )
+    p.add_argument("path", nargs="?", type=Path, default=Path("etc/butler.yaml"), metavar="PATH",
+                   help="where to write (default etc/butler.yaml); an existing file is never overwritten")
+    p.add_argument("--from-butler", type=Path, metavar="BUTLER.yaml", help="Butler's YAML config file to import")
+
     p = sub.add_parser("demo", help="simulator + broker + daemon + a sample request, all local")
     p.add_argument("--once", action="store_true", help="stop right after the sample requests")
     return parser
@@ -171,6 +182,42 @@ def cmd_check(args: argparse.Namespace) -> int:
     return run_checks(config_path(args.config))
 
 
+_EXISTS = "exists and is not overwritten: choose another PATH or move the file away"
+
+
+def _write_new(text: str, path: Path) -> None:
+    """Create `path` with `text`; an existing file is an error, never overwritten."""
+    if path.exists():
+        raise ConfigError(str(path), _EXISTS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with path.open("x", encoding="utf-8") as f:  # "x": a file that appeared meanwhile is not replaced either
+            f.write(text)
+    except FileExistsError:
+        raise ConfigError(str(path), _EXISTS) from None
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot write: {exc.strerror or exc}") from None
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from butler_mqtt import butler_import
+
+    path: Path = args.path
+    if path.exists():  # said before anything else is read: there is nothing to do either way
+        raise ConfigError(str(path), _EXISTS)
+    if args.from_butler is None:
+        _write_new(butler_import.starter_template(), path)
+        print(f"wrote {path}: the documented starter configuration; edit it, then run: butler-mqtt check --config {path}")
+        return EXIT_OK
+    result = butler_import.convert(butler_import.load_butler(args.from_butler), source=str(args.from_butler))
+    _write_new(result.yaml_text, path)
+    print(f"wrote {path} from Butler's {args.from_butler}\n")
+    print(result.report())
+    print(f"Next: butler-mqtt check --config {path}; then point Butler's callers at butler-mqtt, and compare what "
+          f"starts with: butler-mqtt resolve --config {path} --tag <tag>")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from butler_mqtt.demo import run_demo
 
@@ -187,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "request": cmd_request,
         "sim": cmd_sim,
         "demo": cmd_demo,
+        "init": cmd_init,
     }
     try:
         return handlers[args.command](args)

@@ -5,8 +5,9 @@ into exit code 2. Relative paths are taken relative to the working directory, li
 command-line tools; under systemd set `WorkingDirectory=` or use absolute paths.
 
 Secrets can also come from systemd credentials: when `$CREDENTIALS_DIRECTORY` holds
-`qrs_client.pem`, `qrs_client_key.pem`, `qrs_root.pem` or `mqtt_password`, they replace the
-matching keys (see docs and `systemd/butler-mqtt.service`).
+`qrs_client.pem`, `qrs_client_key.pem`, `qrs_root.pem`, `mqtt_password`, `http_token`,
+`http_cert.pem`, `http_key.pem` or `http_client_ca.pem`, they replace the matching keys (see
+docs and `systemd/butler-mqtt.service`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.model import is_guid
@@ -124,6 +133,36 @@ class StartFilterConfig(_Section):
     allow: AllowList = AllowList()
 
 
+class HttpTlsConfig(_Section):
+    """HTTPS for the REST API (and /metrics, /healthz). `client_ca`: mutual TLS, every client
+    must present a certificate signed by it."""
+
+    cert: Path | None = None
+    key: Path | None = Field(default=None, validate_default=True)
+    client_ca: Path | None = Field(default=None, validate_default=True)
+
+    @field_validator("key")
+    @classmethod
+    def _pair(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        cert = info.data.get("cert")
+        if v is None and cert is not None:
+            raise ValueError("http.tls.cert is set, so http.tls.key (its private key) is needed too")
+        if v is not None and cert is None and "cert" in info.data:
+            raise ValueError("http.tls.key is set but http.tls.cert is not: set both (HTTPS) or neither")
+        return v
+
+    @field_validator("client_ca")
+    @classmethod
+    def _needs_cert(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is not None and info.data.get("cert") is None and "cert" in info.data:
+            raise ValueError("client certificates need HTTPS: set http.tls.cert and http.tls.key as well")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
 class HttpConfig(_Section):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -135,6 +174,7 @@ class HttpConfig(_Section):
     max_connections: int = Field(default=512, ge=1)
     request_timeout: float = Field(default=10, gt=0)  # head and body of a request (slowloris)
     keep_alive_timeout: int = Field(default=5, ge=1)  # idle between two requests on a connection
+    tls: HttpTlsConfig = HttpTlsConfig()
 
 
 class MetricsConfig(_Section):
@@ -174,8 +214,22 @@ class Config(_Section):
     state_dir: Path = Path("state")
     journal: JournalConfig = JournalConfig()
 
+    @property
+    def serves_http(self) -> bool:
+        """The daemon opens an HTTP listener: the REST API, or /metrics alone."""
+        return self.http.enabled or self.metrics.port is not None
+
+    def http_tls_files(self) -> dict[str, Path]:
+        """`http.tls.*` key -> file, for the listener the daemon will open (none without one)."""
+        if not self.serves_http:
+            return {}
+        tls = self.http.tls
+        files = {"http.tls.cert": tls.cert, "http.tls.key": tls.key, "http.tls.client_ca": tls.client_ca}
+        return {k: p for k, p in files.items() if p is not None}
+
     def check_qrs_files(self) -> None:
-        """Certificate files must exist and be readable before anything talks to QRS."""
+        """Certificate files (QRS, broker TLS, the HTTPS listener's) must exist and be readable
+        before anything starts; the daemon then loads the HTTPS pair (`http.tls`)."""
         files = {"qrs.cert": self.qrs.cert, "qrs.key": self.qrs.key}
         if self.qrs.verify and self.qrs.ca is not None:
             files["qrs.ca"] = self.qrs.ca
@@ -184,6 +238,7 @@ class Config(_Section):
                 p = getattr(self.mqtt.tls, name)
                 if p is not None:
                     files[f"mqtt.tls.{name}"] = p
+        files.update(self.http_tls_files())
         for key, path in files.items():
             if not path.is_file():
                 raise ConfigError(key, f"file not found: {path}")
@@ -243,6 +298,13 @@ def _credentials(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any
     }.items():
         if (d / fname).is_file():
             extra.setdefault(section, {})[key] = str(d / fname)
+    for fname, key in {
+        "http_cert.pem": "cert",
+        "http_key.pem": "key",
+        "http_client_ca.pem": "client_ca",
+    }.items():
+        if (d / fname).is_file():
+            extra.setdefault("http", {}).setdefault("tls", {})[key] = str(d / fname)
     if (d / "mqtt_password").is_file():
         extra.setdefault("mqtt", {})["password"] = (d / "mqtt_password").read_text().strip()
     if (d / "http_token").is_file():

@@ -80,6 +80,10 @@ class Daemon:
     def startup(self) -> None:
         cfg = self.cfg
         cfg.check_qrs_files()
+        if cfg.serves_http and cfg.http.tls.enabled:
+            from butler_mqtt.http.tls import http_ssl_context
+
+            http_ssl_context(cfg.http.tls)  # a bad certificate or key: exit 2 naming it, before the broker
         if not cfg.qrs.verify:
             log.warning("qrs_tls_verification_disabled", detail="qrs.verify is false: the QRS server is not authenticated")
         if cfg.mqtt.tls.enabled and not cfg.mqtt.tls.verify:

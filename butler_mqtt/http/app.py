@@ -30,6 +30,7 @@ from butler_mqtt import __version__, keys
 from butler_mqtt.errors import JournalError, QrsError, RequestRejected, is_transient
 from butler_mqtt.http import schemas
 from butler_mqtt.http.bodies import (
+    ALL_IN_BODY,
     butler_plan,
     butler_response,
     parse_flag,
@@ -48,6 +49,8 @@ log = structlog.get_logger("butler_mqtt.http")
 
 INGRESS = "rest"
 START_PATH = "/v4/reloadtask/{taskId}/start"
+#: The seed's third form (its webhook example): the same as `/v4/reloadtask/-/start`.
+START_PATH_BODY_ONLY = "/v4/reloadtask/start"
 #: QRS counts as up when it answered any call this recently (no probe needed).
 QRS_FRESH_S = 60.0
 #: A failed health probe is reused this long, so a burst of health checks during an outage
@@ -136,7 +139,7 @@ class RestApi:
         _check_content_type(request)
         try:
             flag = parse_flag(request.query_params.getlist("allTaskIdsMustExist"))
-            task_id = path_task_id(request.path_params["taskId"])
+            task_id = path_task_id(request.path_params.get("taskId", ALL_IN_BODY))
             raw = await self._read_body(request)
             data: Any = decode_json(raw, self.cfg.http.max_body_bytes) if raw.strip() else {}
             if isinstance(data, list):
@@ -373,18 +376,19 @@ def create_app(daemon: Daemon, full: bool) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(MethodOverride)
     if full:
-        for method in ("POST", "PUT"):
-            app.add_api_route(
-                START_PATH,
-                api.start,
-                methods=[method],
-                name=f"start_tasks_{method.lower()}",
-                operation_id=f"startTasks{method.title()}",
-                summary="Start reload tasks",
-                tags=["tasks"],
-                response_model=None,
-                openapi_extra=schemas.start_operation(token_required),
-            )
+        for path, suffix, with_id in ((START_PATH, "", True), (START_PATH_BODY_ONLY, "_body_only", False)):
+            for method in ("POST", "PUT"):
+                app.add_api_route(
+                    path,
+                    api.start,
+                    methods=[method],
+                    name=f"start_tasks{suffix}_{method.lower()}",
+                    operation_id=f"startTasks{'BodyOnly' if suffix else ''}{method.title()}",
+                    summary="Start reload tasks" + ("" if with_id else " (every criterion in the body)"),
+                    tags=["tasks"],
+                    response_model=None,
+                    openapi_extra=schemas.start_operation(token_required, path_task_id=with_id),
+                )
     app.add_api_route(
         "/healthz", api.healthz, methods=["GET"], operation_id="health", summary="Broker and QRS health",
         tags=["operations"], response_model=None, openapi_extra=schemas.health_operation(),

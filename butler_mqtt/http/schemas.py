@@ -163,7 +163,8 @@ START_DESCRIPTION = """\
 Start reload tasks. `POST` and `PUT` are the same; a `POST` may carry
 `X-HTTP-Method-Override: PUT` (Qlik's REST connector can only send GET and POST).
 
-The path holds one task GUID, or `-` when every criterion is in the body. The body is either
+The path holds one task GUID, or `-` when every criterion is in the body (`/v4/reloadtask/start`,
+without the segment, is the same as `-`). The body is either
 
 * **this API's shape**: the MQTT start request object (`taskId`, `tag`, `customProperty`,
   `allTaskIdsMustExist`, `dryRun`, `requestId`, ...); `{}` or no body with a GUID in the path.
@@ -173,18 +174,30 @@ The path holds one task GUID, or `-` when every criterion is in the body. The bo
 """
 
 
-def start_operation(token_required: bool) -> dict[str, Any]:
-    """The `openapi_extra` of the start operation: parameters, body and responses."""
+BODY_ONLY_DESCRIPTION = """\
+The same as `/v4/reloadtask/-/start`: every criterion is in the body (the seed's webhook form,
+`POST /v4/reloadtask/start` with `{"tag": [...], "customProperty": [...]}`). Both body shapes,
+`X-HTTP-Method-Override` and every status code work exactly as there.
+"""
+
+
+def start_operation(token_required: bool, path_task_id: bool = True) -> dict[str, Any]:
+    """The `openapi_extra` of a start operation: parameters, body and responses.
+
+    `path_task_id`: the path has the `{taskId}` segment; without it (`/v4/reloadtask/start`)
+    everything is in the body, as with `-`.
+    """
+    path_param = {
+        "name": "taskId",
+        "in": "path",
+        "required": True,
+        "description": "A task GUID, or `-` when the body holds every criterion.",
+        "schema": {"anyOf": [{"type": "string", "pattern": GUID_RE.pattern}, {"type": "string", "enum": ["-"]}]},
+    }
     op: dict[str, Any] = {
-        "description": START_DESCRIPTION,
+        "description": START_DESCRIPTION if path_task_id else BODY_ONLY_DESCRIPTION + "\n" + START_DESCRIPTION,
         "parameters": [
-            {
-                "name": "taskId",
-                "in": "path",
-                "required": True,
-                "description": "A task GUID, or `-` when the body holds every criterion.",
-                "schema": {"anyOf": [{"type": "string", "pattern": GUID_RE.pattern}, {"type": "string", "enum": ["-"]}]},
-            },
+            *([path_param] if path_task_id else []),
             {
                 "name": "allTaskIdsMustExist",
                 "in": "query",

@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import uvicorn
 
+from butler_mqtt.config import HttpTlsConfig
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.http.app import create_app
 from butler_mqtt.http.protocol import HttpLimits, limited_protocol
+from butler_mqtt.http.tls import listener_warnings, uvicorn_tls_options
 from butler_mqtt.ops.fds import (
     FD_HINT,
     describe_os_error,
@@ -101,12 +103,15 @@ def _bind(host: str, port: int, key: str) -> socket.socket:
 class HttpServer:
     """One uvicorn server on an already bound socket, served from a daemon thread."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket, limits: HttpLimits, keep_alive_s: int = 5) -> None:
+    def __init__(
+        self, app: FastAPI, sock: socket.socket, limits: HttpLimits, keep_alive_s: int = 5, tls: HttpTlsConfig | None = None
+    ) -> None:
         self.app = app
         self._sock = sock
         address = sock.getsockname()
         self.host: str = address[0]
         self.port: int = int(address[1])
+        self.tls = tls is not None and tls.enabled
         config = uvicorn.Config(
             app,
             log_config=None,  # the daemon's logging setup stays in charge
@@ -117,6 +122,7 @@ class HttpServer:
             http=limited_protocol(limits),
             ws="none",  # no websocket endpoints: an upgrade request is plain HTTP
             timeout_keep_alive=keep_alive_s,
+            **uvicorn_tls_options(tls),
         )
         self.limits = limits
         self._server = _ThreadServer(config)
@@ -127,7 +133,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def start(self) -> HttpServer:
         self._thread.start()
@@ -152,7 +158,7 @@ class HttpServer:
 
 def start_http(daemon: Daemon) -> HttpServer:
     """Serve the full API on http.host:http.port, or only /metrics and /healthz on
-    127.0.0.1:metrics.port when the REST API is off."""
+    127.0.0.1:metrics.port when the REST API is off; over HTTPS on either when http.tls is set."""
     cfg = daemon.cfg
     full = cfg.http.enabled
     if full:
@@ -177,7 +183,8 @@ def start_http(daemon: Daemon) -> HttpServer:
         max_connections=cap, request_timeout=cfg.http.request_timeout, on_closed=lambda why: closed.labels(why).inc()
     )
     sock = _bind(host, port, key)
-    server = HttpServer(create_app(daemon, full), sock, limits, cfg.http.keep_alive_timeout).start()
+    tls = cfg.http.tls  # loaded once already by Daemon.startup (http_ssl_context): errors named the key
+    server = HttpServer(create_app(daemon, full), sock, limits, cfg.http.keep_alive_timeout, tls).start()
     log.info(
         "http_listening",
         url=server.url,
@@ -186,7 +193,10 @@ def start_http(daemon: Daemon) -> HttpServer:
         max_connections=cap,
         request_timeout_s=cfg.http.request_timeout,
         keep_alive_timeout_s=cfg.http.keep_alive_timeout,
+        tls=tls.enabled,
+        client_certificates=tls.client_ca is not None,
     )
-    if full and cfg.http.token is None and host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("http_without_token", detail=f"the REST API on {host} can start tasks without a token (http.token)")
+    if full:
+        for event, detail in listener_warnings(cfg.http):
+            log.warning(event, detail=detail)
     return server
