@@ -1,0 +1,44 @@
+"""The starter configuration `butler-mqtt init` writes: `etc/butler.yaml`, shipped in the package.
+
+`butler_mqtt/butler.yaml` is a symlink to `etc/butler.yaml` in the source tree (one source);
+a built wheel holds the file itself. `write_config` never overwrites: an operator's edited
+config is worth more than any default.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from butler_mqtt.errors import ConfigError
+
+STARTER = "butler.yaml"
+
+
+def starter_text() -> str:
+    """The documented default configuration, every key with its default."""
+    return resources.files("butler_mqtt").joinpath(STARTER).read_text(encoding="utf-8")
+
+
+def write_config(text: str, path: Path) -> None:
+    """Write `text` to `path`, creating parent folders; refuse when `path` exists.
+
+    Raises ConfigError (exit code 2) naming the path when it exists or cannot be written.
+    """
+    if path.exists() or path.is_symlink():
+        raise ConfigError(str(path), "already exists; not overwritten (remove it first, or give another PATH)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # "x": fails instead of overwriting a file created since the check above.
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        raise ConfigError(str(path), "already exists; not overwritten (remove it first, or give another PATH)") from None
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot write: {exc.strerror or exc}") from None
+    # The file will hold a broker password or a token: readable by its owner (and group) only.
+    try:
+        os.chmod(path, 0o640)
+    except OSError:
+        pass
