@@ -125,7 +125,8 @@ def start_http(daemon: Daemon) -> HttpServer:
         "http_listening",
         url=server.url,
         api=full,
-        token=cfg.http.token is not None if full else None,
+        # Not "token=...": the log redactor masks every key that looks like a secret.
+        auth=("bearer token" if cfg.http.token is not None else "none") if full else "none (metrics only)",
     )
     if full and cfg.http.token is None and host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("http_without_token", detail=f"the REST API on {host} can start tasks without a token (http.token)")

@@ -126,12 +126,20 @@ class QrsClient:
             return Answer(status, resp.data)
         except urllib3.exceptions.SSLError as exc:
             raise QrsUnreachable(f"TLS handshake with QRS failed: {_short(exc)}") from None
+        # NewConnectionError (refused, no route, DNS) subclasses ConnectTimeoutError in urllib3 2:
+        # it must be caught first, or a refused port reads "cannot connect within 30 s".
+        except urllib3.exceptions.NameResolutionError:
+            raise QrsUnreachable(f"cannot reach QRS at {self.base_url}: Failed to establish a connection: "
+                                 f"the host name {self.cfg.host!r} does not resolve (qrs.host)") from None
+        except urllib3.exceptions.NewConnectionError as exc:
+            raise QrsUnreachable(f"cannot reach QRS at {self.base_url}: {_connect_reason(exc)}") from None
         except urllib3.exceptions.ConnectTimeoutError:
-            raise QrsUnreachable(f"cannot connect to QRS at {self.base_url} within {self.cfg.timeout} s") from None
+            raise QrsUnreachable(
+                f"cannot connect to QRS at {self.base_url} within {min(self.cfg.timeout, 10.0):g} s "
+                "(a firewall dropping the connection, or a wrong qrs.host?)"
+            ) from None
         except urllib3.exceptions.TimeoutError:
             raise QrsUnreachable(f"QRS did not answer within {self.cfg.timeout} s ({method} {_route(path)})") from None
-        except urllib3.exceptions.NewConnectionError as exc:
-            raise QrsUnreachable(f"cannot reach QRS at {self.base_url}: Connection refused ({_short(exc)})") from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise QrsUnreachable(f"QRS connection failed at {self.base_url}: {_short(exc)}") from None
         finally:
@@ -243,6 +251,15 @@ class QrsClient:
 def _short(exc: BaseException) -> str:
     text = str(exc)
     return text if len(text) < 200 else text[:200] + "..."
+
+
+def _connect_reason(exc: urllib3.exceptions.NewConnectionError) -> str:
+    """"Connection refused; is QRS running ...": the OS's reason, in words an admin can act on."""
+    text = str(exc)
+    if "refused" in text.lower():
+        return "Connection refused (Failed to establish a connection): is QRS running there, and are qrs.host and qrs.port right?"
+    reason = text.split(": ", 1)[-1]
+    return f"Failed to establish a connection: {reason[:200]}"
 
 
 def _never_sent(exc: QrsError) -> bool:
