@@ -123,6 +123,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "requestFinished" in kinds and "summary" in kinds and "error" in kinds
     finished = next(e for e in events if e["event"] == "requestFinished")
     assert finished["finished"] == {"FinishedSuccess": 3, "FinishedFail": 1}
+    work = Path(next(x for x in out.stdout.splitlines() if x.startswith("work folder")).split()[2])
+    assert not work.exists(), f"the demo left {work} behind"
 
 
 def test_unreadable_journal_exits_1_with_a_message(sim_process, tmp_path):

@@ -3,6 +3,7 @@ backing off when the session is taken over, a QRS warning at start, the http_lis
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -159,3 +160,34 @@ def test_refused_qrs_port_says_connection_refused(qrs_certs):
     finally:
         c.close()
     assert "Connection refused" in str(info.value) and "within" not in str(info.value)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_removes_its_work_folder_when_stopped(sig):
+    """The folder holds generated private keys, the journal and broker data: nothing stays."""
+    import os
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "butler_mqtt", "demo"], cwd=REPO, env=dict(os.environ),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    work: Path | None = None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("work folder"):
+                work = Path(line.split()[2])
+            if line.startswith("Try it yourself"):
+                break
+        assert work is not None and (work / "certs" / "client_key.pem").is_file(), "".join(lines)
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert not work.exists(), f"{work} left behind"
+    assert "Traceback" not in rest
