@@ -46,7 +46,7 @@ class _ThreadServer(uvicorn.Server):
         return None
 
 
-def _bind(host: str, port: int, key: str) -> socket.socket:
+def _bind(host: str, port: int, key: str, source: str | None = None) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -55,7 +55,7 @@ def _bind(host: str, port: int, key: str) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as exc:
-        raise ConfigError(key, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ConfigError(key, f"cannot listen on {host}:{port}: {exc.strerror or exc}", source) from None
     sock.set_inheritable(True)
     return sock
 
@@ -120,7 +120,7 @@ def start_http(daemon: Daemon) -> HttpServer:
     else:
         assert cfg.metrics.port is not None, "start_http needs http.enabled or metrics.port"
         host, port, key = METRICS_HOST, cfg.metrics.port, "metrics.port"
-    server = HttpServer(create_app(daemon, full), _bind(host, port, key)).start()
+    server = HttpServer(create_app(daemon, full), _bind(host, port, key, cfg.source(key))).start()
     log.info(
         "http_listening",
         url=server.url,
