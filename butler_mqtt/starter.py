@@ -7,7 +7,6 @@ config is worth more than any default.
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 
@@ -25,6 +24,8 @@ def write_config(text: str, path: Path) -> None:
     """Write `text` to `path`, creating parent folders; refuse when `path` exists.
 
     Raises ConfigError (exit code 2) naming the path when it exists or cannot be written.
+    The mode follows the umask: under systemd (DynamicUser) the service must be able to read
+    it, and secrets belong in credentials or the environment, not in this file.
     """
     if path.exists() or path.is_symlink():
         raise ConfigError(str(path), "already exists; not overwritten (remove it first, or give another PATH)")
@@ -37,8 +38,3 @@ def write_config(text: str, path: Path) -> None:
         raise ConfigError(str(path), "already exists; not overwritten (remove it first, or give another PATH)") from None
     except OSError as exc:
         raise ConfigError(str(path), f"cannot write: {exc.strerror or exc}") from None
-    # The file will hold a broker password or a token: readable by its owner (and group) only.
-    try:
-        os.chmod(path, 0o640)
-    except OSError:
-        pass
