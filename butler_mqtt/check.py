@@ -144,7 +144,9 @@ def check_qrs(cfg: Config) -> bool:
         hint = "is QRS running and qrs.host/qrs.port right? is the client certificate the one exported from this site?"
         if exc.status == 403:
             hint = "the certificate or X-Qlik-User was refused; export client.pem/client_key.pem again"
-        _line(FAIL, "qrs", f"{cfg.qrs.base_url}/qrs/about failed: {exc}; {hint}")
+        elif "qrs.port" in str(exc) or "qrs.host" in str(exc):
+            hint = ""  # the message already says what to check
+        _line(FAIL, "qrs", f"{cfg.qrs.base_url}/qrs/about failed: {exc}" + (f"; {hint}" if hint else ""))
         return False
     finally:
         client.close()

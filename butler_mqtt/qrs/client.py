@@ -257,7 +257,7 @@ def _connect_reason(exc: urllib3.exceptions.NewConnectionError) -> str:
     """"Connection refused; is QRS running ...": the OS's reason, in words an admin can act on."""
     text = str(exc)
     if "refused" in text.lower():
-        return "Connection refused (Failed to establish a connection): is QRS running there, and are qrs.host and qrs.port right?"
+        return "Connection refused (Failed to establish a connection): is QRS running, and are qrs.host and qrs.port right?"
     reason = text.split(": ", 1)[-1]
     return f"Failed to establish a connection: {reason[:200]}"
 

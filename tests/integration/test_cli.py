@@ -79,7 +79,7 @@ def test_check_passes_then_names_the_broken_part(sim_process, broker):
     assert out.returncode == 0, out.stdout
     assert "[ok  ] qrs:" in out.stdout and "[ok  ] broker:" in out.stdout and "days left" in out.stdout
     out = cli("check", env={**env, "BUTLER_MQTT__QRS__PORT": str(free_port())})
-    assert out.returncode == 1 and "[FAIL] qrs:" in out.stdout
+    assert out.returncode == 1 and "[FAIL] qrs:" in out.stdout and "Connection refused" in out.stdout
 
 
 def test_request_command_prints_replies_and_exit_codes(sim_process, broker, tmp_path, listen):
