@@ -44,7 +44,7 @@ def check_cert_files(cfg: Config) -> bool:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            _line(FAIL, key, f"cannot read {path} ({exc.strerror}); export it from the QMC or fix the path")
+            _line(FAIL, f"{key} ({cfg.source(key)})", f"cannot read {path} ({exc.strerror}); export it from the QMC or fix the path")
             good = False
             continue
         if key.endswith("key"):
