@@ -95,7 +95,7 @@ class Stack:
             if d.get("clientId") == self.client_id and d.get("status") == "online":
                 online.set()
 
-        c.on_connect = lambda cl, *_: cl.subscribe("butler-mqtt/status", qos=1)
+        c.on_connect = lambda cl, *_: cl.subscribe([("butler-mqtt/status", 1), ("butler-mqtt/status/+", 1)])
         c.on_message = on_message
         c.connect("127.0.0.1", self.broker.port)
         c.loop_start()
@@ -152,7 +152,7 @@ class Replies:
         self.cond = threading.Condition()
         ready = threading.Event()
         c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        c.on_connect = lambda cl, *_: (nodelay(cl), cl.subscribe([(reply_topic, 1), ("butler-mqtt/status", 1)]))
+        c.on_connect = lambda cl, *_: (nodelay(cl), cl.subscribe([(reply_topic, 1), ("butler-mqtt/status", 1), ("butler-mqtt/status/+", 1)]))
         c.on_subscribe = lambda *_: ready.set()
         c.on_message = self._on_message
         c.connect("127.0.0.1", port)
@@ -163,7 +163,7 @@ class Replies:
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         ev = json.loads(msg.payload)
         with self.cond:
-            if msg.topic == "butler-mqtt/status":
+            if msg.topic.startswith("butler-mqtt/status"):  # /<client id> with a shared group
                 if ev.get("status") == "online":
                     self.online.add(ev["clientId"])
             elif ev.get("event") == "summary":

@@ -13,7 +13,6 @@ Every problem with Butler's file is a `ConfigError` naming the Butler key
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 from butler_mqtt.config import Config
-from butler_mqtt.errors import ButlerError, ConfigError
+from butler_mqtt.errors import ConfigError
 from butler_mqtt.model import is_guid
 
 ROOT = "Butler"
@@ -539,21 +538,10 @@ def _left_out(b: _Butler) -> list[Note]:
 
 
 def starter_template() -> str:
-    """The documented starter configuration, `etc/butler.yaml`.
+    """The documented starter configuration, `etc/butler.yaml` (shipped in the package)."""
+    from butler_mqtt.starter import starter_text
 
-    Issue 12 ships it as package data behind `butler_mqtt.starter.starter_text()`; until that
-    is merged it is read from the checkout.
-    """
-    try:
-        starter = importlib.import_module("butler_mqtt.starter")
-    except ModuleNotFoundError:
-        path = Path(__file__).resolve().parents[1] / "etc" / "butler.yaml"
-        try:
-            return path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ButlerError(f"the starter configuration is not installed with this package ({path}: "
-                              f"{exc.strerror or exc})") from None
-    return str(starter.starter_text())
+    return starter_text()
 
 
 _PLAIN_UNSAFE = set(":#{}[],&*!|>'\"%@`")

@@ -47,7 +47,7 @@ def check_cert_files(cfg: Config) -> bool:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            _line(FAIL, key, f"cannot read {path} ({exc.strerror}); export it from the QMC or fix the path")
+            _line(FAIL, f"{key} ({cfg.source(key)})", f"cannot read {path} ({exc.strerror}); export it from the QMC or fix the path")
             good = False
             continue
         if key.endswith("key"):
@@ -165,7 +165,9 @@ def check_qrs(cfg: Config) -> bool:
         hint = "is QRS running and qrs.host/qrs.port right? is the client certificate the one exported from this site?"
         if exc.status == 403:
             hint = "the certificate or X-Qlik-User was refused; export client.pem/client_key.pem again"
-        _line(FAIL, "qrs", f"{cfg.qrs.base_url}/qrs/about failed: {exc}; {hint}")
+        elif "qrs.port" in str(exc) or "qrs.host" in str(exc):
+            hint = ""  # the message already says what to check
+        _line(FAIL, "qrs", f"{cfg.qrs.base_url}/qrs/about failed: {exc}" + (f"; {hint}" if hint else ""))
         return False
     finally:
         client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import uuid
 from collections.abc import Sequence
@@ -11,74 +12,199 @@ from pathlib import Path
 from typing import Any
 
 from butler_mqtt import __version__
-from butler_mqtt.config import Config, config_path, load_config
+from butler_mqtt.config import DEFAULT_CONFIG, Config, config_path, load_config
 from butler_mqtt.errors import ButlerError, ConfigError, QrsError, RequestRejected
 from butler_mqtt.model import CustomPropertyCriterion, StartRequest, validate_request
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+#: `request` only: what was asked for did not (all) happen, though nothing failed.
+EXIT_NOT_FOUND, EXIT_DENIED = 3, 4
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="config file (default: $BUTLER_MQTT_CONFIG, else etc/butler.yaml)")
+    p.add_argument(
+        "--config", metavar="PATH", help="config file (default: $BUTLER_MQTT_CONFIG, else etc/butler.yaml)"
+    )
 
 
 def _add_selectors(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task-id", action="append", default=[], metavar="ID", help="task GUID (repeatable)")
-    p.add_argument("--tag", action="append", default=[], metavar="NAME", help="tag name (repeatable)")
-    p.add_argument(
-        "--custom-property", action="append", default=[], metavar="NAME=VALUE", help="custom property pair (repeatable)"
+    g = p.add_argument_group("task selection (the union of all criteria; at least one)")
+    g.add_argument("--task-id", action="append", default=[], metavar="ID", help="a task GUID (repeatable)")
+    g.add_argument("--tag", action="append", default=[], metavar="NAME", help="every task with this tag (repeatable)")
+    g.add_argument(
+        "--custom-property",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="every task whose custom property NAME has VALUE (repeatable)",
     )
-    p.add_argument("--all-task-ids-must-exist", action="store_true")
+    g.add_argument(
+        "--all-task-ids-must-exist",
+        action="store_true",
+        help="if any --task-id does not exist, start none of the tasks selected by ID (tags and "
+        "custom properties are unaffected); the others are reported denied",
+    )
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds greater than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds greater than 0, got {text!r}")
+    return value
+
+
+def non_negative_ms(text: str) -> float:
+    """argparse type: milliseconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more milliseconds, got {text!r}")
+    return value
+
+
+EXIT_CODES = "Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage (naming the key and where its value came from)."
+
+REQUEST_EXIT_CODES = f"""\
+exit codes:
+  {EXIT_OK}  every selected task was started (with --dry-run: would start; with --wait: and
+     every reload finished with FinishedSuccess). A task QRS accepted but did not start
+     (disabled: "notStarted") does not change the exit code.
+  {EXIT_FAIL}  no final reply within --timeout, the broker unreachable or refusing the connection,
+     an error reply, a task QRS failed to start, or (--wait) a reload that did not succeed
+  {EXIT_USAGE}  bad usage or configuration (e.g. a task ID that is not a GUID, --timeout <= 0)
+  {EXIT_NOT_FOUND}  a criterion matched no task (listed in the summary's tasksNotFound)
+  {EXIT_DENIED}  a task was denied (start_filter, or --all-task-ids-must-exist)
+When several apply, the first in the order 1, 4, 3 wins. The replies are printed on stdout
+as JSON lines; what was sent where, and hints when no answer came, go to stderr."""
+
+DEMO_HELP = """\
+Starts, all on this machine and in a temporary folder removed at the end: the QRS simulator
+with the demo data set and generated certificates, a private mosquitto on a free port (or the
+broker of the config when mosquitto is not installed), and the daemon. Then sends three sample
+requests and prints every reply:
+  1. every task tagged 'Butler 5.0 demo', followed to the end (wait): three succeed, one fails;
+  2. a custom property (taskGroup=financial-reports), a tag that matches nothing, as a dry run;
+  3. an invalid task ID: rejected with an error reply, nothing started.
+Then it keeps running, printing ready-made mosquitto_pub/mosquitto_rr lines to try, until
+Ctrl-C (or stops right away with --once)."""
+
+SIM_HELP = """\
+A stand-in for the Qlik Sense Repository Service (QRS) over HTTPS with client certificates,
+for tests, demos and upstream developers without a Sense server. Certificates with Qlik's
+file names (root.pem, client.pem, client_key.pem, server.pem, server_key.pem) are generated
+into --certs when missing. Tasks: the demo data set (tags 'Butler 5.0 demo', startTask1,
+hourly-reload, financial-reports, daily-refresh; custom property taskGroup) unless --tasks
+is given; --tasks together with --demo serves both."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="butler-mqtt",
         description="Start Qlik Sense reload tasks from MQTT messages (and Butler's REST endpoint).",
-        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage.",
+        epilog=EXIT_CODES + " Start with `butler-mqtt init`, then `butler-mqtt check`.",
     )
     parser.add_argument("--version", action="version", version=f"butler-mqtt {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="the daemon: MQTT listener (+ REST API when enabled)")
-    _add_config(p)
+    def command(name: str, summary: str, description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=description or summary,
+            epilog=epilog or EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
-    p = sub.add_parser("check", help="validate config, reach the broker and QRS")
-    _add_config(p)
-
-    p = sub.add_parser("resolve", help="dry run: print the tasks that would start, as JSON")
-    _add_config(p)
-    _add_selectors(p)
-
-    p = sub.add_parser("request", help="publish a start request over MQTT and print the replies")
-    _add_config(p)
-    _add_selectors(p)
-    p.add_argument("--request-id", help="idempotency key (default: a new UUID)")
-    p.add_argument("--wait", action="store_true", help="follow every reload to its end")
-    p.add_argument("--dry-run", action="store_true", help="report what would start; start nothing")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the replies (default 30)")
-
-    p = sub.add_parser("sim", help="the QRS simulator")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=4242)
-    p.add_argument("--certs", type=Path, default=Path("certs"), help="certificate dir (generated when empty)")
-    p.add_argument("--tasks", type=Path, help="JSON file of tasks (default: the demo data set)")
-    p.add_argument("--latency-ms", type=float, default=0.0)
-    p.add_argument("--demo", action="store_true", help="serve the demo data set")
-
-    p = sub.add_parser(
-        "init",
-        help="write the starter configuration (or one imported from Butler's) to PATH; never overwrites",
-        description="Write the documented starter configuration to PATH. With --from-butler, fill it in from a "
-        "Butler config file (QRS, certificates, broker, start topic, REST port and TLS, start-task allow-list) and "
-        "print, key by key, what was carried, what was set differently and why, and what was left out.",
+    p = command(
+        "run",
+        "the daemon: MQTT listener (+ REST API when enabled) until SIGTERM/SIGINT",
+        "The daemon: listens for start requests on MQTT (and the REST API when http.enabled), "
+        "until SIGTERM or SIGINT; SIGHUP reloads start_filter and logging.level. One daemon per "
+        "state_dir: a second one with the same state_dir exits 2 before it connects to the broker.",
     )
-    p.add_argument("path", nargs="?", type=Path, default=Path("etc/butler.yaml"), metavar="PATH",
-                   help="where to write (default etc/butler.yaml); an existing file is never overwritten")
-    p.add_argument("--from-butler", type=Path, metavar="BUTLER.yaml", help="Butler's YAML config file to import")
+    _add_config(p)
 
-    p = sub.add_parser("demo", help="simulator + broker + daemon + a sample request, all local")
+    p = command(
+        "check",
+        "validate the config, reach the broker and QRS; one line per check",
+        "Validates the config, reads the certificate files (days left), connects to the broker with "
+        "the configured credentials and subscribes to the start topic, and calls QRS (GET /qrs/about). "
+        "One line per check, saying what to fix; exit 0 only if all pass.",
+    )
+    _add_config(p)
+
+    p = command(
+        "resolve",
+        "dry run against QRS: print (JSON) the tasks that would start, and why; starts nothing",
+    )
+    _add_config(p)
+    _add_selectors(p)
+
+    p = command(
+        "request",
+        "publish a start request over MQTT and print the replies as they arrive",
+        "A client for upstream users: publishes one start request on mqtt.topics.start of the "
+        "configured broker (the config file is optional here: defaults and BUTLER_MQTT__ variables "
+        "apply) and prints the replies as JSON lines until the summary (with --wait: until "
+        "requestFinished).",
+        REQUEST_EXIT_CODES,
+    )
+    _add_config(p)
+    _add_selectors(p)
+    p.add_argument("--request-id", metavar="ID", help="idempotency key, echoed in every reply (default: a new UUID)")
+    p.add_argument("--wait", action="store_true", help="follow every reload to its end (taskFinished, requestFinished)")
+    p.add_argument("--dry-run", action="store_true", help="report what would start (wouldStart); start nothing")
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for the final reply, > 0 (default 30; with --wait allow for the reloads)",
+    )
+
+    p = command("sim", "the QRS simulator (HTTPS with client certificates)", SIM_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4242, help="port to listen on (default 4242, like QRS)")
+    p.add_argument(
+        "--certs", type=Path, default=Path("certs"), metavar="DIR",
+        help="certificate folder; missing files are generated (default ./certs, where etc/butler.yaml looks)",
+    )
+    p.add_argument(
+        "--tasks", type=Path, metavar="FILE",
+        help="JSON file of tasks to serve instead of the demo set (format: butler_mqtt/sim/data.py)",
+    )
+    p.add_argument(
+        "--latency-ms", type=non_negative_ms, default=0.0, metavar="N",
+        help="extra delay added to every answer, in milliseconds (default 0)",
+    )
+    p.add_argument(
+        "--demo", action="store_true",
+        help="serve the demo data set (the default without --tasks; with --tasks: both)",
+    )
+
+    p = command("demo", "simulator + broker + daemon + three sample requests, all local", DEMO_HELP)
     p.add_argument("--once", action="store_true", help="stop right after the sample requests")
+
+    p = command(
+        "init",
+        "write the documented starter configuration, or one imported from Butler's (refuses to overwrite)",
+        "Writes the documented starter configuration (every key with its default and a comment; "
+        "the content of etc/butler.yaml shipped in the package) to PATH, creating its folder. "
+        "With --from-butler, fills it in from a Butler config file (QRS, certificates, broker, start "
+        "topic, REST port and TLS, start-task allow-list) and prints, key by key, what was carried, "
+        "what was set differently and why, and what was left out. Refuses to overwrite an existing file.",
+    )
+    p.add_argument(
+        "path", nargs="?", type=Path, default=None, metavar="PATH",
+        help=f"where to write it (default: $BUTLER_MQTT_CONFIG, else {DEFAULT_CONFIG})",
+    )
+    p.add_argument("--from-butler", type=Path, metavar="BUTLER.yaml", help="Butler's YAML config file to import")
     return parser
 
 
@@ -143,8 +269,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(config_path(args.config))
 
 
+class RequestOutcome:
+    """What the replies of one `request` say, turned into its exit code (see REQUEST_EXIT_CODES)."""
+
+    def __init__(self) -> None:
+        self.failed = self.denied = self.not_found = False
+
+    def add(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        if kind == "error" or (kind == "summary" and ev.get("tasksFailed")):
+            self.failed = True
+        if kind == "taskFinished" and ev.get("status") != "FinishedSuccess":
+            self.failed = True
+        if kind == "summary":
+            self.denied |= bool(ev.get("tasksDenied"))
+            self.not_found |= bool(ev.get("tasksNotFound"))
+
+    def exit_code(self) -> int:
+        if self.failed:
+            return EXIT_FAIL
+        if self.denied:
+            return EXIT_DENIED
+        return EXIT_NOT_FOUND if self.not_found else EXIT_OK
+
+
 def cmd_request(args: argparse.Namespace) -> int:
-    from butler_mqtt.mqtt.requester import Requester
+    from butler_mqtt.mqtt.requester import Requester, no_answer_hint
 
     cfg = load_config(config_path(args.config), missing_ok=True)
     extra: dict[str, Any] = {"requestId": args.request_id or str(uuid.uuid4())}
@@ -154,26 +304,40 @@ def cmd_request(args: argparse.Namespace) -> int:
         extra["dryRun"] = True
     req = selectors_request(args, **extra)
     body = req.model_dump(exclude_defaults=True)
-    failed = False
+    m = cfg.mqtt
+    where = f"{m.host}:{m.port}"
+    outcome = RequestOutcome()
 
     def show(ev: dict[str, Any]) -> None:
-        nonlocal failed
         print(json.dumps(ev, ensure_ascii=False), flush=True)
-        if ev.get("event") == "error" or (ev.get("event") == "summary" and ev.get("tasksFailed")):
-            failed = True
-        if ev.get("event") == "taskFinished" and ev.get("status") != "FinishedSuccess":
-            failed = True
+        outcome.add(ev)
 
+    requester = Requester(m)
     try:
-        with Requester(cfg.mqtt) as r:
-            r.request(body, timeout=args.timeout, on_event=show)
+        requester.connect(timeout=min(10.0, args.timeout))
+    except (OSError, TimeoutError) as exc:
+        print(
+            f"butler-mqtt: cannot use the broker at {where} ({exc}); check mqtt.host, mqtt.port, "
+            "mqtt.username/password and mqtt.tls, and that the broker runs",
+            file=sys.stderr,
+        )
+        return EXIT_FAIL
+    replies = "a private response topic (MQTT 5)" if requester.v5 else f"{m.topics.reply} (MQTT 3.1.1)"
+    print(
+        f"butler-mqtt: request {body['requestId']} sent to topic {m.topics.start} on broker {where}; "
+        f"replies on {replies}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        requester.request(body, timeout=args.timeout, on_event=show)
     except TimeoutError as exc:
         print(f"butler-mqtt: {exc}", file=sys.stderr)
+        print(f"butler-mqtt: {no_answer_hint(requester, m, args.timeout)}", file=sys.stderr)
         return EXIT_FAIL
-    except OSError as exc:
-        print(f"butler-mqtt: cannot reach the broker at {cfg.mqtt.host}:{cfg.mqtt.port}: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    return EXIT_FAIL if failed else EXIT_OK
+    finally:
+        requester.close()
+    return outcome.exit_code()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -182,39 +346,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     return run_checks(config_path(args.config))
 
 
-_EXISTS = "exists and is not overwritten: choose another PATH or move the file away"
-
-
-def _write_new(text: str, path: Path) -> None:
-    """Create `path` with `text`; an existing file is an error, never overwritten."""
-    if path.exists():
-        raise ConfigError(str(path), _EXISTS)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with path.open("x", encoding="utf-8") as f:  # "x": a file that appeared meanwhile is not replaced either
-            f.write(text)
-    except FileExistsError:
-        raise ConfigError(str(path), _EXISTS) from None
-    except OSError as exc:
-        raise ConfigError(str(path), f"cannot write: {exc.strerror or exc}") from None
-
-
 def cmd_init(args: argparse.Namespace) -> int:
+    """Write the starter configuration (or Butler's, imported) to PATH (default: the config
+    path `run` reads); never overwrites."""
     from butler_mqtt import butler_import
+    from butler_mqtt.starter import refuse_existing, starter_text, write_config
 
-    path: Path = args.path
-    if path.exists():  # said before anything else is read: there is nothing to do either way
-        raise ConfigError(str(path), _EXISTS)
+    path: Path = args.path if args.path is not None else config_path(None)
+    refuse_existing(path)  # said before anything else is read: there is nothing to do either way
+    flag = "" if path == DEFAULT_CONFIG else f" --config {path}"
     if args.from_butler is None:
-        _write_new(butler_import.starter_template(), path)
-        print(f"wrote {path}: the documented starter configuration; edit it, then run: butler-mqtt check --config {path}")
+        write_config(starter_text(), path)
+        print(f"butler-mqtt: wrote the starter configuration to {path}")
+        print(
+            "Next: set mqtt.host and qrs.host, put the QMC-exported certificates where qrs.cert, qrs.key "
+            f"and qrs.ca say, then run `butler-mqtt check{flag}`."
+        )
         return EXIT_OK
     result = butler_import.convert(butler_import.load_butler(args.from_butler), source=str(args.from_butler))
-    _write_new(result.yaml_text, path)
+    write_config(result.yaml_text, path)
     print(f"wrote {path} from Butler's {args.from_butler}\n")
     print(result.report())
-    print(f"Next: butler-mqtt check --config {path}; then point Butler's callers at butler-mqtt, and compare what "
-          f"starts with: butler-mqtt resolve --config {path} --tag <tag>")
+    print(f"Next: butler-mqtt check{flag}; then point Butler's callers at butler-mqtt, and compare what "
+          f"starts with: butler-mqtt resolve{flag} --tag <tag>")
     return EXIT_OK
 
 

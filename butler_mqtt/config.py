@@ -12,6 +12,7 @@ docs and `systemd/butler-mqtt.service`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -33,6 +35,10 @@ from butler_mqtt.model import is_guid
 
 ENV_PREFIX = "BUTLER_MQTT__"
 DEFAULT_CONFIG = Path("etc/butler.yaml")
+POSTGRES_HINT = 'the PostgreSQL journal needs its driver: pip install "butler-mqtt[postgres]"'
+
+#: Where each value came from: dotted key -> "etc/butler.yaml, line 3" / "environment variable ...".
+Sources = dict[str, str]
 
 
 class _Section(BaseModel):
@@ -202,6 +208,19 @@ class JournalConfig(_Section):
     retention_hours: float = Field(default=24, gt=0)
     lease_seconds: float = Field(default=30, ge=2)
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return v
+        url = v.get_secret_value()
+        if url.startswith(("postgresql://", "postgres://")):
+            if importlib.util.find_spec("psycopg") is None:
+                raise ValueError(POSTGRES_HINT)
+        elif not url.startswith("sqlite:///"):
+            raise ValueError("expected sqlite:///path or postgresql://user@host/db")
+        return v
+
 
 class Config(_Section):
     mqtt: MqttConfig = MqttConfig()
@@ -213,6 +232,12 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     state_dir: Path = Path("state")
     journal: JournalConfig = JournalConfig()
+    _sources: Sources = PrivateAttr(default_factory=dict)
+
+    def source(self, key: str) -> str:
+        """Where the value of `key` (dotted) came from: file and line, environment variable,
+        systemd credential, or "default"."""
+        return _lookup(self._sources, key.split("."))
 
     @property
     def serves_http(self) -> bool:
@@ -241,16 +266,47 @@ class Config(_Section):
         files.update(self.http_tls_files())
         for key, path in files.items():
             if not path.is_file():
-                raise ConfigError(key, f"file not found: {path}")
+                raise ConfigError(key, f"file not found: {path}", self.source(key))
             if not os.access(path, os.R_OK):
-                raise ConfigError(key, f"file not readable: {path}")
+                raise ConfigError(key, f"file not readable: {path}", self.source(key))
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings with secrets replaced, for logs and `check`."""
         return self.model_dump(mode="json")  # SecretStr dumps as '**********'
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+def _lookup(sources: Sources, loc: list[str]) -> str:
+    """The source of a key, or of the nearest enclosing key that has one."""
+    for n in range(len(loc), 0, -1):
+        found = sources.get(".".join(loc[:n]))
+        if found:
+            return found
+    return "default"
+
+
+def _file_sources(text: str, path: Path) -> Sources:
+    """Dotted key (list items by index) -> "FILE, line N", from the YAML node tree."""
+    out: Sources = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}{key_node.value}"
+                out[key] = f"{path}, line {key_node.start_mark.line + 1}"
+                walk(value_node, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                key = f"{prefix}{i}"
+                out[key] = f"{path}, line {item.start_mark.line + 1}"
+                walk(item, key + ".")
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, "")
+    return out
+
+
+def _env_overrides(environ: dict[str, str], sources: Sources | None = None) -> dict[str, Any]:
     """`BUTLER_MQTT__MQTT__TLS__ENABLED=true` -> {"mqtt": {"tls": {"enabled": True}}}."""
     out: dict[str, Any] = {}
     for name, raw in environ.items():
@@ -269,8 +325,10 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(".".join(path), "conflicting environment overrides")
+                raise ConfigError(".".join(path), "conflicting environment overrides", f"environment variable {name}")
         node[path[-1]] = value
+        if sources is not None:
+            sources[".".join(path)] = f"environment variable {name}"
     return out
 
 
@@ -284,7 +342,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _credentials(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+def _credentials(data: dict[str, Any], environ: dict[str, str], sources: Sources | None = None) -> dict[str, Any]:
     """systemd `LoadCredential=` files override the matching keys."""
     cred_dir = environ.get("CREDENTIALS_DIRECTORY")
     if not cred_dir:
@@ -309,6 +367,15 @@ def _credentials(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any
         extra.setdefault("mqtt", {})["password"] = (d / "mqtt_password").read_text().strip()
     if (d / "http_token").is_file():
         extra.setdefault("http", {})["token"] = (d / "http_token").read_text().strip()
+    if sources is not None:
+        names = {"qrs.cert": "qrs_client.pem", "qrs.key": "qrs_client_key.pem", "qrs.ca": "qrs_root.pem",
+                 "mqtt.password": "mqtt_password", "http.token": "http_token", "http.tls.cert": "http_cert.pem",
+                 "http.tls.key": "http_key.pem", "http.tls.client_ca": "http_client_ca.pem"}
+        for section, values in extra.items():
+            for key, value in values.items():
+                leaves = [f"{key}.{k}" for k in value] if isinstance(value, dict) else [key]
+                for leaf in leaves:
+                    sources[f"{section}.{leaf}"] = f"systemd credential {d / names[f'{section}.{leaf}']}"
     return _merge(data, extra)
 
 
@@ -318,28 +385,52 @@ def config_path(arg: str | None, environ: dict[str, str] | None = None) -> Path:
 
 
 def load_config(path: Path | None, environ: dict[str, str] | None = None, *, missing_ok: bool = False) -> Config:
-    """Read, merge and validate the configuration. Raises ConfigError naming the key."""
+    """Read, merge and validate the configuration.
+
+    Raises ConfigError naming the key, where its value came from and the reason.
+    """
     env = dict(os.environ if environ is None else environ)
     data: dict[str, Any] = {}
+    sources: Sources = {}
     if path is not None:
         if path.is_file():
-            try:
-                loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except yaml.YAMLError as exc:
-                raise ConfigError(str(path), f"not valid YAML: {exc}") from None
-            if loaded is not None and not isinstance(loaded, dict):
-                raise ConfigError(str(path), "the top level must be a mapping")
-            data = loaded or {}
+            data = _read_yaml(path, sources)
         elif not missing_ok:
-            raise ConfigError("--config", f"file not found: {path}")
-    data = _merge(data, _env_overrides(env))
-    data = _credentials(data, env)
+            init = "butler-mqtt init" if path == DEFAULT_CONFIG else f"butler-mqtt init {path}"
+            raise ConfigError(
+                "--config", f"file not found: {path}; run `{init}` to write the documented starter configuration"
+            )
+    data = _merge(data, _env_overrides(env, sources))
+    data = _credentials(data, env, sources)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
+        loc = [str(p) for p in first["loc"]]
         reason = first["msg"]
         if first["type"] == "extra_forbidden":
             reason = "unknown key"
-        raise ConfigError(key, reason) from None
+        elif first["type"] == "value_error":
+            reason = reason.removeprefix("Value error, ")
+        raise ConfigError(".".join(loc), reason, _lookup(sources, loc)) from None
+    cfg._sources = sources
+    return cfg
+
+
+def _read_yaml(path: Path, sources: Sources) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"cannot read the config file: {exc}") from None
+    try:
+        loaded = yaml.safe_load(text)
+        sources.update(_file_sources(text, path))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(str(path), f"not valid YAML{where}: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(str(path), "the top level must be a mapping (section: keys)")
+    return loaded or {}

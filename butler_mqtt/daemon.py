@@ -41,6 +41,7 @@ from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
 from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.ops import fds, retry, systemd
+from butler_mqtt.ops.lock import StateDirLock
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.qrs.client import QrsClient
@@ -454,6 +455,38 @@ def qrs_error_title(exc: QrsError) -> str:
     return "QRS refused the request"
 
 
+def probe_qrs(cfg: Config) -> threading.Thread:
+    """Warn at start when QRS cannot be reached (in the background: startup does not wait).
+
+    The daemon still starts: requests wait unacked until QRS answers. The warning says so,
+    so an operator reading the first lines of the log sees the problem at once.
+    """
+    from butler_mqtt.errors import ButlerError
+
+    def probe() -> None:
+        try:
+            client = QrsClient(cfg.qrs.model_copy(update={"retries": 0}))
+        except ButlerError:
+            return  # a certificate problem: startup reports it itself
+        try:
+            about = client.about()
+            log.info("qrs_reachable", qrs=cfg.qrs.base_url, build=about.get("buildVersion"))
+        except QrsError as exc:
+            log.warning(
+                "qrs_unreachable_at_start",
+                qrs=cfg.qrs.base_url,
+                error=str(exc),
+                detail="requests wait (unacked) until QRS answers; check qrs.host/qrs.port and the "
+                "certificates, or run `butler-mqtt check`",
+            )
+        finally:
+            client.close()
+
+    t = threading.Thread(target=probe, name="qrs-probe", daemon=True)
+    t.start()
+    return t
+
+
 def run(config_file: Path | None) -> int:
     # Threads waiting on QRS wake up to a GIL held by busy ones; CPython's default 5 ms switch
     # interval then adds up to 5 ms per QRS call. 1 ms measured lower latency, same throughput.
@@ -461,6 +494,9 @@ def run(config_file: Path | None) -> int:
     cfg = load_config(config_file, missing_ok=False)
     setup_logging(cfg.logging.level, cfg.logging.format)
     fds.raise_fd_limit()  # systemd's default soft limit is 1024; the unit's LimitNOFILE is the hard one
+    # Before anything touches the broker: a second daemon must not take over the session.
+    lock = StateDirLock(cfg.state_dir, cfg.mqtt.effective_client_id()).acquire()  # noqa: F841 - held until exit
+    probe_qrs(cfg)
     profile = os.environ.get("BUTLER_MQTT_PROFILE")
     if not profile:
         return Daemon(cfg, config_file).run()

@@ -8,6 +8,7 @@ replies are printed. Everything stops on Ctrl-C (or right after the sample with 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import tempfile
 import threading
@@ -42,21 +43,46 @@ def _print_event(ev: dict[str, Any]) -> None:
 
 
 def run_demo(once: bool = False, workdir: Path | None = None) -> int:
+    """Run the demo. Its temporary folder (certificates with private keys, journal, broker
+    data) is removed at the end, also after Ctrl-C or SIGTERM; a given `workdir` is kept."""
+    work = Path(workdir or tempfile.mkdtemp(prefix="butler-mqtt-demo-"))
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt  # unwinds through every cleanup, whatever is running
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sim: Any = None
+    broker: Mosquitto | None = None
+    try:
+        from butler_mqtt.sim import QrsSimulator, demo_tasks, ensure_certs
+
+        certs = ensure_certs(work / "certs")
+        sim = QrsSimulator(demo_tasks(), certs_dir=work / "certs").start()
+        if find_mosquitto() is not None:
+            broker = Mosquitto(work / "broker").start()
+        return _run(work, once, sim, certs, broker)
+    finally:
+        if sim is not None:
+            sim.stop()
+        if broker is not None:
+            broker.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(work: Path, once: bool, sim: Any, certs: Any, broker: Mosquitto | None) -> int:
     from butler_mqtt.daemon import Daemon
     from butler_mqtt.mqtt.requester import Requester
-    from butler_mqtt.sim import QrsSimulator, demo_tasks, ensure_certs
+    from butler_mqtt.sim import demo_tasks
 
-    work = Path(workdir or tempfile.mkdtemp(prefix="butler-mqtt-demo-"))
-    certs = ensure_certs(work / "certs")
-    sim = QrsSimulator(demo_tasks(), certs_dir=work / "certs").start()
-    broker: Mosquitto | None = None
     try:
         base = load_config(config_path(None), missing_ok=True)
     except ConfigError:
         base = Config()
     mqtt_host, mqtt_port = base.mqtt.host, base.mqtt.port
-    if find_mosquitto() is not None:
-        broker = Mosquitto(work / "broker").start()
+    if broker is not None:
         mqtt_host, mqtt_port = "127.0.0.1", broker.port
     cfg = Config.model_validate(
         {
@@ -75,11 +101,11 @@ def run_demo(once: bool = False, workdir: Path | None = None) -> int:
     )
     setup_logging(cfg.logging.level, cfg.logging.format)
     print(f"QRS simulator   {sim.base_url}/qrs  ({len(demo_tasks())} demo tasks, certificates in {work / 'certs'})")
+    print(f"work folder     {work}  (removed when the demo ends)")
     print(f"MQTT broker     {mqtt_host}:{mqtt_port}" + ("  (private mosquitto)" if broker else "  (from the config)"))
     daemon = Daemon(cfg)
     daemon.startup()
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if not daemon.listener.subscribed.wait(15):
             print(f"cannot connect to the broker at {mqtt_host}:{mqtt_port}")
@@ -102,12 +128,10 @@ def run_demo(once: bool = False, workdir: Path | None = None) -> int:
             f"  mosquitto_pub -h {mqtt_host} -p {mqtt_port} -q 1 -t {cfg.mqtt.topics.start} "
             "-m '{\"requestId\": \"r42\", \"tag\": [\"hourly-reload\"]}'"
         )
-        stop.wait()
+        try:
+            stop.wait()
+        except KeyboardInterrupt:  # Ctrl-C: the normal way to end the demo
+            pass
         return 0
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         daemon.shutdown(drain_timeout=5)
-        sim.stop()
-        if broker is not None:
-            broker.stop()

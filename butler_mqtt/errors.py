@@ -27,12 +27,16 @@ class ButlerError(Exception):
 
 
 class ConfigError(ButlerError):
-    """The configuration (or command line) is invalid. `key` is the dotted path at fault."""
+    """The configuration (or command line) is invalid. `key` is the dotted path at fault;
+    `source` says where its value came from ("etc/butler.yaml, line 3", "environment variable
+    BUTLER_MQTT__MQTT__PORT", "default")."""
 
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"{key}: {reason}" if key else reason)
+    def __init__(self, key: str, reason: str, source: str | None = None) -> None:
+        where = f"{key} ({source})" if key and source else key
+        super().__init__(f"{where}: {reason}" if where else reason)
         self.key = key
         self.reason = reason
+        self.source = source
 
 
 class RequestRejected(ButlerError):

@@ -249,3 +249,49 @@ def requester(cfg: Config) -> Iterator[Any]:
 
     with Requester(cfg.mqtt) as r:
         yield r
+
+
+class _LogStream:
+    """Where in-process log lines go: the running test's captured stdout (shown when it fails),
+    or, for a line a lingering thread writes between tests, a file instead of the terminal."""
+
+    def __init__(self, late: Path) -> None:
+        self.late = late
+        self.current: Any = None
+
+    def write(self, text: str) -> int:
+        if self.current is not None:
+            try:
+                return int(self.current.write(text))
+            except ValueError:  # that test's capture is already closed
+                pass
+        with self.late.open("a", encoding="utf-8") as f:
+            return f.write(text)
+
+    def flush(self) -> None:
+        if self.current is not None:
+            try:
+                self.current.flush()
+            except ValueError:
+                pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.fixture(scope="session")
+def _log_stream(tmp_path_factory: pytest.TempPathFactory) -> _LogStream:
+    from butler_mqtt.ops.logging import setup_logging
+
+    stream = _LogStream(tmp_path_factory.getbasetemp() / "late-log-lines.txt")
+    setup_logging("info", "console", stream=stream)
+    return stream
+
+
+@pytest.fixture(autouse=True)
+def _route_logs(_log_stream: _LogStream) -> Iterator[None]:
+    import sys
+
+    _log_stream.current = sys.stdout
+    yield
+    _log_stream.current = None

@@ -368,7 +368,7 @@ def create_app(daemon: Daemon, full: bool) -> FastAPI:
         title="butler-mqtt REST API",
         version=__version__,
         description="Start Qlik Sense reload tasks: Butler's endpoint, on the same pipeline as MQTT.",
-        docs_url="/docs" if full else None,
+        docs_url=None,  # served by _add_docs from the installed package, never from a CDN
         redoc_url=None,
         openapi_url="/openapi.json" if full else None,
         redirect_slashes=False,  # a redirect would not be JSON; a trailing slash is a 404
@@ -405,5 +405,35 @@ def create_app(daemon: Daemon, full: bool) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    if full:
+        _add_docs(app)
     app.state.api = api
     return app
+
+
+DOCS_PATH = "/docs"
+DOCS_ASSETS = "/docs/assets"
+
+
+def _add_docs(app: FastAPI) -> None:
+    """The interactive docs (Swagger UI) with its assets from the installed package
+    (swagger-ui-bundle-v2): a Sense server often has no internet access, so nothing on the
+    page may come from another host."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
+
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - docs",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+            # No online validator badge: it would call a public server.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    app.add_api_route(DOCS_PATH, docs, methods=["GET"], include_in_schema=False, response_model=None)
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")

@@ -86,7 +86,7 @@ class _ThreadServer(uvicorn.Server):
         return None
 
 
-def _bind(host: str, port: int, key: str) -> socket.socket:
+def _bind(host: str, port: int, key: str, source: str | None = None) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -95,7 +95,7 @@ def _bind(host: str, port: int, key: str) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as exc:
-        raise ConfigError(key, f"cannot listen on {host}:{port}: {describe_os_error(exc)}") from None
+        raise ConfigError(key, f"cannot listen on {host}:{port}: {describe_os_error(exc)}", source) from None
     sock.set_inheritable(True)
     return sock
 
@@ -182,14 +182,15 @@ def start_http(daemon: Daemon) -> HttpServer:
     limits = HttpLimits(
         max_connections=cap, request_timeout=cfg.http.request_timeout, on_closed=lambda why: closed.labels(why).inc()
     )
-    sock = _bind(host, port, key)
+    sock = _bind(host, port, key, cfg.source(key))
     tls = cfg.http.tls  # loaded once already by Daemon.startup (http_ssl_context): errors named the key
     server = HttpServer(create_app(daemon, full), sock, limits, cfg.http.keep_alive_timeout, tls).start()
     log.info(
         "http_listening",
         url=server.url,
         api=full,
-        token=cfg.http.token is not None if full else None,
+        # Not "token=...": the log redactor masks every key that looks like a secret.
+        auth=("bearer token" if cfg.http.token is not None else "none") if full else "none (metrics only)",
         max_connections=cap,
         request_timeout_s=cfg.http.request_timeout,
         keep_alive_timeout_s=cfg.http.keep_alive_timeout,

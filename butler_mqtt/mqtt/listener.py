@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import socket
 import ssl
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +65,13 @@ NO_MATCHING_SUBSCRIBERS = 0x10
 #: subscription re-subscribes only once it is back too, possibly after the daemon.
 REPLY_RESEND_WINDOW_S = 20.0
 _PUBACKS_KEPT = 1024  # non-success PUBACKs remembered for the workers (bounded)
+
+#: MQTT 5 DISCONNECT reason 0x8E: another connection with our client id took the session.
+SESSION_TAKEN_OVER = 0x8E
+#: Reconnect delay after a takeover: doubles per takeover in a row, capped.
+TAKEOVER_BACKOFF_S, TAKEOVER_BACKOFF_MAX_S = 30, 600
+#: A connection that lasted this long ends a series of takeovers.
+TAKEOVER_RESET_S = 600.0
 
 
 @dataclass
@@ -132,6 +141,11 @@ class MqttListener:
         self._pubacks_lock = threading.Lock()
         self._sub_mids: set[int] = set()
         self.on_subscribed: Callable[[], None] | None = None
+        self.takeovers = 0  # session takeovers in a row (see _on_disconnect)
+        # With a shared group every instance has its own retained status (contract section 2),
+        # so one instance's "offline" never hides a healthy one.
+        self.status_topic = f"{cfg.topics.status}/{self.client_id}" if cfg.shared_group else cfg.topics.status
+        self.instance = uuid.uuid4().hex[:12]  # tells this process's status from another's with our id
 
         kwargs: dict[str, Any] = {
             "callback_api_version": CallbackAPIVersion.VERSION2,
@@ -144,7 +158,7 @@ class MqttListener:
         c = mqtt.Client(**kwargs)
         c.suppress_exceptions = True  # belt and braces: callbacks are guarded anyway
         apply_credentials(c, cfg)
-        c.will_set(cfg.topics.status, self.status_payload("offline"), qos=1, retain=True)
+        c.will_set(self.status_topic, self.status_payload("offline"), qos=1, retain=True)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
         c.on_connect = self._guard(self._on_connect)
         c.on_disconnect = self._guard(self._on_disconnect)
@@ -172,7 +186,7 @@ class MqttListener:
         """Publish the retained offline status, disconnect cleanly, stop the network thread."""
         self.paused = True
         if self.connected.is_set():
-            info = self.client.publish(self.cfg.topics.status, self.status_payload("offline"), qos=1, retain=True)
+            info = self.client.publish(self.status_topic, self.status_payload("offline"), qos=1, retain=True)
             wait_published(info, timeout)
         self.client.disconnect()
         self.client.loop_stop()
@@ -206,7 +220,7 @@ class MqttListener:
             else:
                 self.problems[name] = text
         if self.connected.is_set():
-            self.client.publish(self.cfg.topics.status, self.status_payload("online"), qos=1, retain=True)
+            self.client.publish(self.status_topic, self.status_payload("online"), qos=1, retain=True)
 
     def status_payload(self, state: str) -> str:
         extra: dict[str, Any] = {"problems": dict(self.problems)} if self.problems and state == "online" else {}
@@ -216,6 +230,9 @@ class MqttListener:
                 "status": state,
                 "version": __version__,
                 "clientId": self.client_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "instance": self.instance,
                 "startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
                 "topics": {
                     "start": self.cfg.topics.start,
@@ -242,6 +259,8 @@ class MqttListener:
             return
         self.connects += 1
         self.connected_at = time.monotonic()
+        if self.takeovers:
+            client.reconnect_delay_set(min_delay=1, max_delay=30)
         nodelay(client)
         session_present = bool(getattr(flags, "session_present", False))
         if not session_present:
@@ -268,7 +287,7 @@ class MqttListener:
         _rc, mid = client.subscribe(subs)
         if mid is not None:
             self._sub_mids.add(mid)
-        client.publish(self.cfg.topics.status, self.status_payload("online"), qos=1, retain=True)
+        client.publish(self.status_topic, self.status_payload("online"), qos=1, retain=True)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, rcs: list[ReasonCode], _p: Any) -> None:
         bad = [str(r) for r in rcs if r.is_failure]
@@ -282,11 +301,86 @@ class MqttListener:
             if self.on_subscribed is not None:
                 self.on_subscribed()
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+    def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         self.connected.clear()
         self.subscribed.clear()
-        if not self.paused:
-            log.warning("mqtt_disconnected", reason=str(rc), reconnecting=True)
+        if self.paused:
+            return
+        # MQTT 5 brokers may say so (reason 0x8E); Mosquitto 2.0 just closes the socket, so the
+        # other holder is looked for in our retained status topic.
+        holder = {"reason": "broker: Session taken over"} if rc.value == SESSION_TAKEN_OVER else self._other_holder()
+        if holder is not None:
+            self._taken_over(client, holder)
+            return
+        log.warning("mqtt_disconnected", reason=str(rc), reconnecting=True)
+
+    def _other_holder(self, wait: float = 2.0) -> dict[str, Any] | None:
+        """After losing the connection: is our client id now online from another process?
+
+        Read from our retained status with a throwaway client (another id, same credentials):
+        an "online" with our client id but another `instance` is the connection that took our
+        session. None when there is none, or the broker cannot be asked.
+        """
+        found: dict[str, Any] = {}
+        done = threading.Event()
+        probe = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"{self.client_id}-probe-{uuid.uuid4().hex[:6]}"[:128],
+            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+        )
+        apply_credentials(probe, self.cfg)
+
+        def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+            if rc.is_failure:
+                done.set()
+            else:
+                c.subscribe(self.status_topic, qos=1)
+
+        def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            try:
+                data = json.loads(msg.payload)
+            except ValueError:
+                data = None
+            if msg.retain and isinstance(data, dict):
+                found.update(data)
+            done.set()
+
+        probe.on_connect = on_connect
+        probe.on_message = on_message
+        # A retained message comes right after the SUBACK: give it a moment, then give up.
+        probe.on_subscribe = lambda *_a: threading.Timer(0.5, done.set).start()
+        try:
+            probe.connect(self.cfg.host, self.cfg.port, keepalive=10)
+        except (OSError, ValueError):
+            return None
+        probe.loop_start()
+        try:
+            done.wait(wait)
+        finally:
+            probe.disconnect()
+            probe.loop_stop()
+        mine = found.get("clientId") == self.client_id and found.get("instance") != self.instance
+        return found if found.get("status") == "online" and mine else None
+
+    def _taken_over(self, client: mqtt.Client, holder: dict[str, Any]) -> None:
+        """Another client connected with our id. Reconnecting at once would take the session
+        back, and the two would kick each other off forever: back off, loudly."""
+        if time.monotonic() - self.connected_at > TAKEOVER_RESET_S:
+            self.takeovers = 0
+        self.takeovers += 1
+        delay = min(TAKEOVER_BACKOFF_S * 2 ** (self.takeovers - 1), TAKEOVER_BACKOFF_MAX_S)
+        # paho waits min_delay before the first reconnect attempt, then doubles to max_delay.
+        client.reconnect_delay_set(min_delay=delay, max_delay=max(delay, TAKEOVER_BACKOFF_MAX_S))
+        log.error(
+            "mqtt_session_taken_over",
+            client_id=self.client_id,
+            other={k: holder.get(k) for k in ("reason", "host", "pid", "startedAt") if holder.get(k) is not None},
+            takeovers=self.takeovers,
+            retry_in_s=delay,
+            detail=f"another client connected to {self.cfg.host}:{self.cfg.port} with client id "
+            f"{self.client_id}: a second butler-mqtt with the same mqtt.client_id (and no shared_group)? "
+            "Give each daemon its own client id; this one backs off instead of taking the session back",
+        )
 
     def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
         """Remember a PUBACK that is not plain success, for `confirm`. Runs before paho marks

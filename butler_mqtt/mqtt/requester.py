@@ -43,6 +43,8 @@ class Requester:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
+        #: Retained daemon status messages seen (topic -> JSON), see `daemon_statuses`.
+        self.statuses: dict[str, dict[str, Any]] = {}
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id or f"butler-mqtt-request-{uuid.uuid4().hex[:12]}",
@@ -87,6 +89,11 @@ class Requester:
             return
         if not isinstance(event, dict):
             return
+        status = self.cfg.topics.status
+        if msg.retain and (msg.topic == status or msg.topic.startswith(status + "/")):
+            with self._lock:
+                self.statuses[msg.topic] = event
+            return
         if self.v5:
             corr = getattr(msg.properties, "CorrelationData", None)
             token = corr.decode(errors="replace") if isinstance(corr, bytes) else None
@@ -118,6 +125,18 @@ class Requester:
         self.client.publish(topic or self.cfg.topics.start, payload, qos=1, properties=props)
         return token, box
 
+    def daemon_statuses(self, wait: float = 1.5) -> dict[str, dict[str, Any]]:
+        """The retained status of every daemon on this broker (`topics.status`, and
+        `topics.status/<client id>` of instances in a shared group)."""
+        status = self.cfg.topics.status
+        done = threading.Event()
+        self.client.on_subscribe = lambda *_a: done.set()
+        self.client.subscribe([(status, 1), (f"{status}/+", 1)])
+        done.wait(wait)
+        time.sleep(min(wait, 0.5))  # retained messages follow the SUBACK
+        with self._lock:
+            return dict(self.statuses)
+
     def request(
         self,
         request: dict[str, Any],
@@ -146,3 +165,35 @@ class Requester:
         finally:
             with self._lock:
                 self._inbox.pop(token, None)
+
+
+def no_answer_hint(requester: Requester, cfg: MqttConfig, timeout: float) -> str:
+    """What to check when no final reply came: judged from the daemons' retained status."""
+    statuses = requester.daemon_statuses()
+    where = f"{cfg.host}:{cfg.port}"
+    if not statuses:
+        return (
+            f"no butler-mqtt daemon has announced itself at {where} (no retained status on "
+            f"{cfg.topics.status}): is the daemon running (`butler-mqtt run`, systemctl status butler-mqtt), "
+            "and does its config name this broker (mqtt.host, mqtt.port) and this status topic?"
+        )
+    online = {t: s for t, s in statuses.items() if s.get("status") == "online"}
+    if not online:
+        ids = ", ".join(str(s.get("clientId")) for s in statuses.values())
+        return (
+            f"the butler-mqtt daemon at {where} is offline (client id {ids}, retained status on "
+            f"{cfg.topics.status}): start it (`butler-mqtt run`, systemctl start butler-mqtt); "
+            "the broker keeps the request for it if the daemon's session has not expired"
+        )
+    listening = {str((s.get("topics") or {}).get("start")) for s in online.values()}
+    if cfg.topics.start not in listening:
+        return (
+            f"a daemon is online at {where} but listens on {', '.join(sorted(listening))}, not on "
+            f"{cfg.topics.start}: set mqtt.topics.start (BUTLER_MQTT__MQTT__TOPICS__START) to its topic"
+        )
+    ids = ", ".join(str(s.get("clientId")) for s in online.values())
+    return (
+        f"the daemon ({ids}) is online at {where} and listens on {cfg.topics.start}, but sent no final "
+        f"reply within {timeout:g} s: QRS may be slow or unreachable (see the daemon's log), the broker's "
+        "ACL may not let it publish the replies, or the reloads take longer (raise --timeout)"
+    )

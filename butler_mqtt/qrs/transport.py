@@ -208,7 +208,7 @@ def map_transport_error(exc: BaseException, base_url: str, timeout: float, what:
         return QrsUnreachable(f"cannot resolve the QRS host name in {base_url} (qrs.host)", never_sent=True)
     if oserr is not None and oserr.errno == errno.ECONNREFUSED:
         return QrsUnreachable(
-            f"cannot reach QRS at {base_url}: connection refused (is the Qlik Sense Repository Service"
+            f"cannot reach QRS at {base_url}: Connection refused (is the Qlik Sense Repository Service"
             " running, and is qrs.port right?)",
             never_sent=True,
         )

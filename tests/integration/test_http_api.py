@@ -466,3 +466,21 @@ def test_openapi_document_and_docs(api):
     assert "security" not in op["post"]
     docs = api.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_docs_work_offline_every_asset_from_this_server(api):
+    """A Sense server often has no internet: /docs must reference no other host, and every
+    asset it names must be served by the daemon itself."""
+    import re
+
+    docs = api.get("/docs")
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    assert not re.search(r"(?i)\b(?:https?:)?//[a-z0-9.-]+", docs.text), docs.text
+    refs = re.findall(r"""(?:src|href)=["']([^"']+)["']""", docs.text)
+    assert {r.rsplit("/", 1)[-1] for r in refs} >= {"swagger-ui-bundle.js", "swagger-ui.css"}
+    for ref in refs:
+        assert ref.startswith("/"), ref
+        asset = api.get(ref)
+        assert asset.status_code == 200 and len(asset.content) > 100, ref
+    assert "'/openapi.json'" in docs.text or '"/openapi.json"' in docs.text
+    assert "validatorUrl" in docs.text and "null" in docs.text.split("validatorUrl", 1)[1][:10]

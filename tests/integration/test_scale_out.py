@@ -86,7 +86,7 @@ class Cluster:
 @pytest.fixture
 def cluster(sim, own_broker, qrs_certs, fresh_pg, tmp_path, listen):
     c = Cluster(sim, own_broker, qrs_certs, fresh_pg, tmp_path)
-    status = listen("butler-mqtt/status", on=own_broker)
+    status = listen("butler-mqtt/status/+", on=own_broker)  # one status topic per instance
     for name in ("n1", "n2", "n3"):
         c.start(name)
     for name in ("n1", "n2", "n3"):
