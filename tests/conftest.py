@@ -295,3 +295,11 @@ def _route_logs(_log_stream: _LogStream) -> Iterator[None]:
     _log_stream.current = sys.stdout
     yield
     _log_stream.current = None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration/ carries the `integration` marker (real broker, real
+    TLS simulator): `pytest -m "not integration"` runs the fast pure tests alone."""
+    for item in items:
+        if "/tests/integration/" in str(item.path).replace("\\", "/"):
+            item.add_marker(pytest.mark.integration)
