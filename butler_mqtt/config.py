@@ -332,11 +332,12 @@ def _env_overrides(environ: dict[str, str], sources: Sources | None = None) -> d
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, section by section (nested dicts merged, other values replaced)."""
     merged = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(merged.get(k), dict):
-            merged[k] = _merge(merged[k], v)
+            merged[k] = deep_merge(merged[k], v)
         else:
             merged[k] = v
     return merged
@@ -376,7 +377,7 @@ def _credentials(data: dict[str, Any], environ: dict[str, str], sources: Sources
                 leaves = [f"{key}.{k}" for k in value] if isinstance(value, dict) else [key]
                 for leaf in leaves:
                     sources[f"{section}.{leaf}"] = f"systemd credential {d / names[f'{section}.{leaf}']}"
-    return _merge(data, extra)
+    return deep_merge(data, extra)
 
 
 def config_path(arg: str | None, environ: dict[str, str] | None = None) -> Path:
@@ -400,7 +401,7 @@ def load_config(path: Path | None, environ: dict[str, str] | None = None, *, mis
             raise ConfigError(
                 "--config", f"file not found: {path}; run `{init}` to write the documented starter configuration"
             )
-    data = _merge(data, _env_overrides(env, sources))
+    data = deep_merge(data, _env_overrides(env, sources))
     data = _credentials(data, env, sources)
     try:
         cfg = Config.model_validate(data)

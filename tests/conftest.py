@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trustme
 
-from butler_mqtt.config import Config, load_config
+from butler_mqtt.config import Config, deep_merge
 from butler_mqtt.ops.mosquitto import INSTALL_HINT, Mosquitto, find_mosquitto
 
 
@@ -70,17 +70,7 @@ def make_config(qrs_certs: Path, qrs_port: int, broker: Mosquitto, state_dir: Pa
         "state_dir": str(state_dir),
         "tracking": {"poll_interval": 0.2, "first_poll": 0.1},
     }
-    for section, values in sections.items():
-        if isinstance(values, dict) and isinstance(base.get(section), dict):
-            for k, v in values.items():
-                if isinstance(v, dict) and isinstance(base[section].get(k), dict):
-                    base[section][k] = {**base[section][k], **v}
-                else:
-                    base[section][k] = v
-        else:
-            base[section] = values
-    cfg = load_config(None, environ={})
-    return Config.model_validate({**cfg.model_dump(), **base})
+    return Config.model_validate(deep_merge(base, sections))  # the config loader's own merge
 
 
 class RunningDaemon:
