@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import QrsSimulator, SimTask
 from tests.conftest import make_config
-from tests.integration.test_faults import persistent_client
+from tests.support.streams import deferred, persistent_client
 
 REPO = Path(__file__).resolve().parents[2]
 N_TASKS = 120
@@ -144,10 +144,6 @@ def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return pred()
-
-
-def deferred(running: Any) -> float:
-    return running.daemon.metrics.registry.get_sample_value("butler_mqtt_requests_deferred_total") or 0.0
 
 
 def topics() -> dict[str, Any]:

@@ -20,8 +20,8 @@ from typing import Any
 
 from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
-from tests.integration.test_faults_qrs import deferred
 from tests.support.mqtt import Inbox, Received, Sender, idle, record_deliveries, wait_until
+from tests.support.streams import deferred
 
 X = "d0000005-0000-4000-8000-000000000001"
 Y = "d0000005-0000-4000-8000-000000000002"

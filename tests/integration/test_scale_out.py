@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import QrsSimulator, SimTask
-from tests.integration.test_faults import Summaries
+from tests.support.streams import Summaries
 
 REPO = Path(__file__).resolve().parents[2]
 N = 600
