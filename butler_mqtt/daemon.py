@@ -45,6 +45,7 @@ from butler_mqtt.ops.lock import StateDirLock
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.qrs.client import QrsClient
+from butler_mqtt.runtime import Runtime
 from butler_mqtt.service import StageResult, StartService, handle_request
 from butler_mqtt.tracking import Route, Tracker
 
@@ -119,7 +120,9 @@ class Daemon:
         if cfg.http.enabled or cfg.metrics.port is not None:
             from butler_mqtt.http.server import start_http
 
-            self.http_server = start_http(self)
+            self.http_server = start_http(
+                Runtime(cfg, self.service, self.tracker, self.journal, self.qrs, self.metrics, health=self)
+            )
         log.info(
             "started",
             broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}",
@@ -308,6 +311,14 @@ class Daemon:
                 detail="kept unacked and retried; the journal prevents a second start of anything already started",
             )
         self.metrics.deferred.inc()
+
+    @property
+    def mqtt_connected(self) -> bool:
+        return self.listener.connected.is_set()
+
+    @property
+    def unacked(self) -> int:
+        return self.listener.unacked
 
     def waiting(self) -> tuple[int, float | None]:
         """Deliveries kept unacked for a retry, and how long the oldest has waited (s)."""

@@ -43,7 +43,7 @@ from butler_mqtt.service import Handled, StageResult, handle_request
 from butler_mqtt.tracking import Route as ReplyRoute
 
 if TYPE_CHECKING:
-    from butler_mqtt.daemon import Daemon
+    from butler_mqtt.runtime import Runtime
 
 log = structlog.get_logger("butler_mqtt.http")
 
@@ -105,11 +105,11 @@ class MethodOverride:
 
 
 class RestApi:
-    """The handlers, bound to one daemon (its config, service, metrics, listener, QRS client)."""
+    """The handlers, bound to one Runtime (config, service, tracker, journal, QRS, metrics, health)."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.cfg = daemon.cfg
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.cfg = runtime.cfg
         self._probe_lock = threading.Lock()
         self._last_probe: tuple[float, str] | None = None
         self._last_qrs_failure = 0.0
@@ -208,11 +208,11 @@ class RestApi:
 
         def follow(result: StageResult) -> None:
             if key is not None:
-                self.daemon.tracker.follow(key, req, result, route)
+                self.rt.tracker.follow(key, req, result, route)
 
         def work() -> Handled:
             return handle_request(
-                self.daemon.service,
+                self.rt.service,
                 req,
                 lambda _ev: None,  # the events come back in Handled; nothing to stream
                 ingress=INGRESS,
@@ -232,11 +232,11 @@ class RestApi:
         except JournalError as exc:
             raise ApiError(503, "Journal unavailable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
         self._count("duplicate" if handled.replayed else "ok")
-        self.daemon.metrics.tasks(handled.events)
+        self.rt.metrics.tasks(handled.events)
         return handled.events
 
     def _count(self, outcome: str) -> None:
-        self.daemon.metrics.request(INGRESS, outcome)
+        self.rt.metrics.request(INGRESS, outcome)
 
     # ------------------------------------------------------------------ health and metrics
 
@@ -245,13 +245,13 @@ class RestApi:
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     def _health(self) -> dict[str, Any]:
-        mqtt_ok = self.daemon.listener.connected.is_set()
-        problem = self.daemon.qrs_problem
+        mqtt_ok = self.rt.health.mqtt_connected
+        problem = self.rt.health.qrs_problem
         qrs = "refused" if problem is not None else self._qrs_state()
-        last = self.daemon.qrs.last_success
-        waiting, oldest = self.daemon.waiting()
+        last = self.rt.qrs.last_success
+        waiting, oldest = self.rt.health.waiting()
         stuck = oldest is not None and oldest > WAITING_ALERT_S
-        journal_ok = self.daemon.journal.healthy()
+        journal_ok = self.rt.journal.healthy()
         body: dict[str, Any] = {
             "status": "ok" if mqtt_ok and qrs == "ok" and not stuck and journal_ok else "unavailable",
             "mqtt": "connected" if mqtt_ok else "disconnected",
@@ -267,7 +267,7 @@ class RestApi:
         return body
 
     def _qrs_fresh(self) -> bool:
-        last = self.daemon.qrs.last_success
+        last = self.rt.qrs.last_success
         return last > 0 and time.monotonic() - last <= QRS_FRESH_S and last > self._last_qrs_failure
 
     def _qrs_state(self) -> str:
@@ -280,7 +280,7 @@ class RestApi:
             if self._last_probe is not None and time.monotonic() - self._last_probe[0] < PROBE_REUSE_S:
                 return self._last_probe[1]
             try:
-                self.daemon.qrs.about()  # bounded by qrs.timeout (and qrs.retries)
+                self.rt.qrs.about()  # bounded by qrs.timeout (and qrs.retries)
                 state = "ok"
             except QrsError as exc:
                 state = "unreachable" if is_transient(exc) else "refused"
@@ -291,13 +291,13 @@ class RestApi:
             return state
 
     def metrics(self) -> Response:
-        m = self.daemon.metrics
-        m.mqtt_connected.set(1 if self.daemon.listener.connected.is_set() else 0)
-        waiting, oldest = self.daemon.waiting()
+        m = self.rt.metrics
+        m.mqtt_connected.set(1 if self.rt.health.mqtt_connected else 0)
+        waiting, oldest = self.rt.health.waiting()
         m.waiting.set(waiting)
         m.oldest_waiting.set(oldest or 0)
-        m.unacked.set(self.daemon.listener.unacked)
-        m.qrs_refusing.set(1 if self.daemon.qrs_problem is not None else 0)
+        m.unacked.set(self.rt.health.unacked)
+        m.qrs_refusing.set(1 if self.rt.health.qrs_problem is not None else 0)
         return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -360,10 +360,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal_error)
 
 
-def create_app(daemon: Daemon, full: bool) -> FastAPI:
+def create_app(runtime: Runtime, full: bool) -> FastAPI:
     """The application. `full`: the whole API; else only /metrics and /healthz (metrics.port)."""
-    api = RestApi(daemon)
-    token_required = daemon.cfg.http.token is not None
+    api = RestApi(runtime)
+    token_required = runtime.cfg.http.token is not None
     app = FastAPI(
         title="butler-mqtt REST API",
         version=__version__,

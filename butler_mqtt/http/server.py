@@ -40,7 +40,7 @@ from butler_mqtt.ops.ratelimit import RateLimiter
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from butler_mqtt.daemon import Daemon
+    from butler_mqtt.runtime import Runtime
 
 log = structlog.get_logger("butler_mqtt.http")
 
@@ -156,10 +156,10 @@ class HttpServer:
         self._sock.close()
 
 
-def start_http(daemon: Daemon) -> HttpServer:
+def start_http(runtime: Runtime) -> HttpServer:
     """Serve the full API on http.host:http.port, or only /metrics and /healthz on
     127.0.0.1:metrics.port when the REST API is off; over HTTPS on either when http.tls is set."""
-    cfg = daemon.cfg
+    cfg = runtime.cfg
     full = cfg.http.enabled
     if full:
         host, port, key = cfg.http.host, cfg.http.port, "http.port"
@@ -178,13 +178,13 @@ def start_http(daemon: Daemon) -> HttpServer:
             fd_limit=limit,
             detail="the open-file limit leaves room for fewer REST connections; raise LimitNOFILE",
         )
-    closed = daemon.metrics.http_closed
+    closed = runtime.metrics.http_closed
     limits = HttpLimits(
         max_connections=cap, request_timeout=cfg.http.request_timeout, on_closed=lambda why: closed.labels(why).inc()
     )
     sock = _bind(host, port, key, cfg.source(key))
     tls = cfg.http.tls  # loaded once already by Daemon.startup (http_ssl_context): errors named the key
-    server = HttpServer(create_app(daemon, full), sock, limits, cfg.http.keep_alive_timeout, tls).start()
+    server = HttpServer(create_app(runtime, full), sock, limits, cfg.http.keep_alive_timeout, tls).start()
     log.info(
         "http_listening",
         url=server.url,
