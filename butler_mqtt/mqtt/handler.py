@@ -1,0 +1,250 @@
+"""The MQTT request path: one delivery (a Job from the listener) -> the use case -> replies
+-> ack. The daemon's workers call `RequestHandler.deliver` for each job; nothing else here
+knows about threads or the process.
+
+Every delivery ends in exactly one outcome: answered and acked, or, while QRS or the journal is
+unavailable for now, kept unacked and retried with backoff (visible in /healthz and the metrics
+once it waits long). Any other failure is answered with "Internal error" and a reference that
+the log line carries, recorded in the journal, and acked.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import structlog
+
+from butler_mqtt import keys, replies
+from butler_mqtt.config import Config
+from butler_mqtt.errors import QrsError, QrsTlsRejected, is_transient
+from butler_mqtt.journal import Journal
+from butler_mqtt.mqtt import ingress as ingress_rules
+from butler_mqtt.mqtt.listener import Job, MqttListener
+from butler_mqtt.mqtt.retain_probe import RetainProbe
+from butler_mqtt.ops import retry
+from butler_mqtt.ops.metrics import Metrics
+from butler_mqtt.ops.ratelimit import RateLimiter
+from butler_mqtt.service import StageResult, StartService, handle_request
+from butler_mqtt.tracking import Route, Tracker
+
+log = structlog.get_logger("butler_mqtt.mqtt.handler")
+
+#: How long a redelivery (dup) of a delivery without requestId is matched to its first copy.
+ANON_DUP_WINDOW_S = 24 * 3600
+PUBLISH_TIMEOUT_S = 30.0
+
+
+class RequestHandler:
+    """Thread-safe: every worker shares one."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        listener: MqttListener,
+        service: StartService,
+        tracker: Tracker,
+        journal: Journal,
+        metrics: Metrics,
+        should_exit: threading.Event,
+        retain_probe: RetainProbe | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.listener = listener
+        self.service = service
+        self.tracker = tracker
+        self.journal = journal
+        self.metrics = metrics
+        self.should_exit = should_exit
+        self.retain_probe = retain_probe
+        self._lock = threading.Lock()
+        self._waiting: dict[int, float] = {}  # deliveries kept for a retry -> since (monotonic)
+        self._limiter = RateLimiter(60.0)
+        self.qrs_problem: str | None = None  # the last permanent QRS failure, until a success
+        self.handled = 0
+
+    def deliver(self, job: Job) -> None:
+        """Every delivery ends in exactly one outcome: answered and acked, or, while QRS or the
+        journal is unavailable for now, kept unacked and retried (visible in /healthz and the
+        metrics once it waits long). Any other failure is answered with "Internal error" and
+        a reference that the log line carries, recorded in the journal, and acked."""
+        delivery = Delivery(job)
+        attempt = 0
+        try:
+            while True:
+                delivery.replies.clear()
+                try:
+                    self._process(job, delivery)
+                    return
+                except Exception as exc:
+                    if not is_transient(exc):
+                        self._internal_error(job, delivery, exc)
+                        return
+                    delay = retry.DELIVERY.delay(attempt)
+                    attempt += 1
+                    self._deferred(job, exc, delay)
+                    if self.should_exit.wait(delay):
+                        self.listener.release(job)  # left unacked: redelivered to the next run
+                        return
+        finally:
+            with self._lock:
+                self._waiting.pop(id(job), None)
+
+    def _deferred(self, job: Job, exc: Exception, delay: float) -> None:
+        with self._lock:
+            self._waiting.setdefault(id(job), time.monotonic())
+        ok, repeated = self._limiter.allow(("deferred", type(exc).__name__, str(exc)[:120]))
+        if ok:
+            log.warning(
+                "request_deferred",
+                error=str(exc),
+                retry_in_s=delay,
+                repeated=repeated,
+                detail="kept unacked and retried; the journal prevents a second start of anything already started",
+            )
+        self.metrics.deferred.inc()
+
+    def waiting(self) -> tuple[int, float | None]:
+        """Deliveries kept unacked for a retry, and how long the oldest has waited (s)."""
+        with self._lock:
+            if not self._waiting:
+                return 0, None
+            return len(self._waiting), time.monotonic() - min(self._waiting.values())
+
+    def _internal_error(self, job: Job, delivery: Delivery, exc: Exception) -> None:
+        reference = uuid.uuid4().hex[:12]
+        ok, repeated = self._limiter.allow(("internal", type(exc).__name__, str(exc)[:120]))
+        log.error(
+            "internal_error",
+            reference=reference,
+            topic=job.topic,
+            error=f"{type(exc).__name__}: {str(exc)[:300]}",
+            repeated=repeated,
+            exc_info=exc if ok else None,  # the traceback once per interval
+        )
+        self.metrics.request(job.ingress, "error")
+        ev = replies.error(
+            delivery.request_id,
+            "Internal error",
+            f"the request could not be handled (reference {reference} in the daemon's log); what was"
+            " already started is reported above and is not started again",
+        )
+        if delivery.key is not None:
+            try:  # a redelivery replays this outcome instead of starting anything again
+                prior = self.journal.load(delivery.key)
+                if prior is not None and not prior.done:
+                    self.journal.finish(delivery.key, [*delivery.events, ev])
+            except Exception as jexc:  # noqa: BLE001 - the answer and the ack still follow
+                log.error("journal_write_failed", reference=reference, error=str(jexc))
+        try:
+            delivery.replies.append(self.listener.publish_event(delivery.topic(self.cfg), job.correlation_data, ev))
+        except Exception as pexc:  # noqa: BLE001 - nothing more can be said; ack anyway
+            log.error("error_reply_failed", reference=reference, error=str(pexc))
+        self._finish(job, delivery.replies, force=True)
+
+    def _process(self, job: Job, d: Delivery) -> None:
+        structlog.contextvars.clear_contextvars()
+        ingress = job.ingress
+
+        def emit(ev: dict[str, Any]) -> None:
+            d.events.append(ev)
+            d.replies.append(self.listener.publish_event(d.topic(self.cfg), job.correlation_data, ev))
+
+        def reject(r: ingress_rules.Reject) -> None:
+            d.route_ok = not r.default_route
+            log.warning(r.log_event, ingress=ingress, topic=job.topic, error=r.error, details=r.details)
+            self.metrics.request(ingress, r.outcome)
+            emit(replies.error(d.request_id, r.error, r.details))
+            self._finish(job, d.replies)
+
+        d.request_id = ingress_rules.request_id_of(job)
+        structlog.contextvars.bind_contextvars(requestId=d.request_id)
+        # MQTT 3.1.1 clears the retain flag on live delivery: the probe asks the broker instead.
+        retained = job.retained or (self.retain_probe is not None and self.retain_probe.retained(job))
+        verdict = ingress_rules.screen(job, self.cfg.mqtt, self.listener.limits, time.monotonic(), retained)
+        if isinstance(verdict, ingress_rules.Clear):
+            self.listener.ack(job)  # someone clearing a retained message: nothing to answer
+            return
+        if isinstance(verdict, ingress_rules.Reject):
+            return reject(verdict)
+        req, d.request_id = verdict, verdict.requestId
+        structlog.contextvars.bind_contextvars(requestId=req.requestId)
+        route = Route(d.topic(self.cfg), job.correlation_data.hex() if job.correlation_data else None)
+        key, fingerprint = ingress_rules.idempotency_key(req, job, route.topic)
+        if key is None and fingerprint is not None:
+            earlier = self.journal.recent_hash(fingerprint, ANON_DUP_WINDOW_S) if job.dup else None
+            key = earlier or keys.anonymous(ingress)
+        d.key = key
+
+        def follow(result: StageResult) -> None:
+            if req.waits and key is not None:
+                self.tracker.follow(key, req, result, route)
+
+        try:
+            handled = handle_request(
+                self.service, req, emit, ingress=ingress, key=key, source=job.topic, payload_hash=fingerprint,
+                on_started=follow,
+            )
+        except QrsError as exc:
+            if is_transient(exc):
+                raise
+            self._qrs_refused(exc)
+            return reject(ingress_rules.Reject("request_refused_by_qrs", "error", qrs_error_title(exc), str(exc)))
+        if self.qrs_problem is not None:
+            self.qrs_problem = None
+            self.listener.set_problem("qrs", None)
+        self.metrics.request(ingress, "duplicate" if handled.replayed else "ok")
+        self.metrics.tasks(handled.events)
+        self._finish(job, d.replies)
+
+    def _qrs_refused(self, exc: QrsError) -> None:
+        """A permanent QRS failure: logged at error level once per interval, shown in /healthz."""
+        self.qrs_problem = str(exc)
+        self.listener.set_problem("qrs", str(exc))
+        ok, repeated = self._limiter.allow(("qrs_refused", str(exc)[:200]))
+        if ok:
+            log.error("qrs_refused", error=str(exc), repeated=repeated,
+                      detail="requests are answered with an error until this is fixed; nothing is started")
+
+    def _finish(self, job: Job, replies: list[Any], force: bool = False) -> None:
+        """Ack only once the broker has taken every reply (see MqttListener.confirm).
+
+        A reply the broker has not confirmed in time is left to the broker: the delivery stays
+        unacked, the connection is renewed, and the redelivery replays the journal's outcome.
+        `force` (an internal error) acks regardless, after a bounded wait: such a delivery would
+        fail again and must not hold a broker slot."""
+        if replies and not self.listener.confirm(replies, PUBLISH_TIMEOUT_S) and not force:
+            log.warning("reply_not_confirmed", detail="request left unacked; a redelivery replays the journal")
+            self.listener.release(job)
+            self.listener.refused += 1
+            self.listener.request_redelivery()
+            return
+        self.listener.ack(job)
+        self.handled += 1
+
+
+class Delivery:
+    """What one delivery's handling has done so far (for the error path)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.request_id: str | None = None
+        self.key: str | None = None
+        self.route_ok = True
+        self.events: list[dict[str, Any]] = []
+        self.replies: list[Any] = []
+
+    def topic(self, cfg: Config) -> str:
+        """Where replies go: the request's response topic when it may be used, else topics.reply."""
+        rt = self.job.response_topic
+        return rt if rt is not None and self.route_ok else cfg.mqtt.topics.reply
+
+
+def qrs_error_title(exc: QrsError) -> str:
+    if isinstance(exc, QrsTlsRejected):
+        return "QRS TLS handshake refused"
+    return "QRS refused the request"
+
+
