@@ -158,7 +158,11 @@ def check_qrs(cfg: Config) -> bool:
 
     if not cfg.qrs.verify:
         _line(WARN, "qrs.verify", "server certificate verification is OFF; set qrs.ca to root.pem and qrs.verify: true")
-    client = QrsClient(cfg.qrs.model_copy(update={"retries": 0}))
+    try:
+        client = QrsClient(cfg.qrs.model_copy(update={"retries": 0}))
+    except ConfigError as exc:
+        _line(FAIL, "qrs", f"not tried: {exc}; fix the certificate files first")
+        return False
     try:
         about = client.about()
     except QrsError as exc:

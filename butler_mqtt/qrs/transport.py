@@ -62,7 +62,10 @@ class PoolTransport:
     def __init__(self, cfg: QrsConfig) -> None:
         self.cfg = cfg
         if cfg.verify:
-            ctx = ssl.create_default_context(cafile=str(cfg.ca) if cfg.ca is not None else None)
+            try:
+                ctx = ssl.create_default_context(cafile=str(cfg.ca) if cfg.ca is not None else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError("qrs.ca", f"cannot load the CA file {cfg.ca}: {exc}") from None
         else:
             ctx = ssl.create_default_context()
             ctx.check_hostname = False

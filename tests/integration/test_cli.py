@@ -263,3 +263,14 @@ def wait_online(port: int, topic: str) -> None:
     from tests.support.ops import wait_retained
 
     wait_retained(port, topic, lambda m: m is not None and m.get("status") == "online", timeout=30)
+
+
+def test_check_with_missing_certificate_files_fails_cleanly(tmp_path, broker):
+    good = tmp_path / "c.yaml"
+    good.write_text("{}\n")
+    env = {"BUTLER_MQTT__QRS__CA": str(tmp_path / "no-root.pem"), "BUTLER_MQTT__MQTT__HOST": "127.0.0.1",
+           "BUTLER_MQTT__MQTT__PORT": str(broker.port)}
+    out = cli("check", "--config", str(good), env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "[FAIL] qrs.ca (environment variable BUTLER_MQTT__QRS__CA)" in out.stdout, out.stdout
+    assert "[FAIL] qrs: not tried" in out.stdout
