@@ -59,7 +59,9 @@ class Sqlite:
         self._identity = (st.st_dev, st.st_ino)
 
     def check_file(self) -> None:
-        """Raise JournalError while the journal file is not the one we opened."""
+        """Raise JournalError while the journal file is not the one we opened (one stat, about
+        2 microseconds, before every operation: a request must never be journaled into a file
+        that is already gone)."""
         try:
             st = os.stat(self.path)
             identity: tuple[int, int] | None = (st.st_dev, st.st_ino)

@@ -126,7 +126,7 @@ class RequestHandler:
         )
         self.metrics.request(job.ingress, "error")
         ev = replies.error(
-            delivery.request_id,
+            delivery.request_id or ingress_rules.request_id_of(job),
             "Internal error",
             f"the request could not be handled (reference {reference} in the daemon's log); what was"
             " already started is reported above and is not started again",
@@ -153,14 +153,15 @@ class RequestHandler:
             d.replies.append(self.listener.publish_event(d.topic(self.cfg), job.correlation_data, ev))
 
         def reject(r: ingress_rules.Reject) -> None:
+            if d.request_id is None:  # a payload that is not a request: echo its requestId if safe
+                d.request_id = ingress_rules.request_id_of(job)
+                structlog.contextvars.bind_contextvars(requestId=d.request_id)
             d.route_ok = not r.default_route
             log.warning(r.log_event, ingress=ingress, topic=job.topic, error=r.error, details=r.details)
             self.metrics.request(ingress, r.outcome)
             emit(replies.error(d.request_id, r.error, r.details))
             self._finish(job, d.replies)
 
-        d.request_id = ingress_rules.request_id_of(job)
-        structlog.contextvars.bind_contextvars(requestId=d.request_id)
         # MQTT 3.1.1 clears the retain flag on live delivery: the probe asks the broker instead.
         retained = job.retained or (self.retain_probe is not None and self.retain_probe.retained(job))
         verdict = ingress_rules.screen(job, self.cfg.mqtt, self.listener.limits, time.monotonic(), retained)

@@ -77,6 +77,7 @@ class QrsClient:
         self._clock_lock = threading.Lock()
         self._offset = 0.0
         self._offset_known = False
+        self._last_date: str | None = None
         self._transport: Transport = transport if transport is not None else PoolTransport(cfg)
         self._headers = {
             "X-Qlik-User": f"UserDirectory={cfg.user_directory}; UserId={cfg.user_id}",
@@ -114,8 +115,10 @@ class QrsClient:
                 self._observer(method, route_name(path), status, time.perf_counter() - t0)
 
     def _learn_clock(self, date_header: str | None, t0: float) -> None:
-        if not date_header:
+        # One parse per new header value: under load many answers share the same second.
+        if not date_header or date_header == self._last_date:
             return
+        self._last_date = date_header
         try:
             qrs_now = parsedate_to_datetime(date_header).timestamp()
         except (TypeError, ValueError, IndexError, OverflowError):
