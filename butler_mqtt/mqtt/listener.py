@@ -127,6 +127,7 @@ class MqttListener:
         self.epoch = 0
         self.refused = 0  # deliveries not taken (queue full) since the last redelivery
         self.problems: dict[str, str] = {}
+        self._own_drop = False  # the next disconnect is our own (request_redelivery)
         self.redeliveries = 0
         self.v5 = cfg.protocol == "5"
         self.client_id = client_id or cfg.client_id
@@ -308,13 +309,17 @@ class MqttListener:
             return
         # MQTT 5 brokers may say so (reason 0x8E); Mosquitto 2.0 just closes the socket, so the
         # other holder is looked for in our retained status topic.
+        if self._own_drop:  # we dropped the connection ourselves (request_redelivery)
+            self._own_drop = False
+            log.info("mqtt_reconnecting_for_redelivery")
+            return
         holder = {"reason": "broker: Session taken over"} if rc.value == SESSION_TAKEN_OVER else self._other_holder()
         if holder is not None:
             self._taken_over(client, holder)
             return
         log.warning("mqtt_disconnected", reason=str(rc), reconnecting=True)
 
-    def _other_holder(self, wait: float = 2.0) -> dict[str, Any] | None:
+    def _other_holder(self, wait: float = 1.5) -> dict[str, Any] | None:
         """After losing the connection: is our client id now online from another process?
 
         Read from our retained status with a throwaway client (another id, same credentials):
@@ -336,19 +341,27 @@ class MqttListener:
             else:
                 c.subscribe(self.status_topic, qos=1)
 
+        own = threading.Event()
+
         def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
             try:
                 data = json.loads(msg.payload)
             except ValueError:
                 data = None
-            if msg.retain and isinstance(data, dict):
+            if isinstance(data, dict) and data.get("instance") == self.instance:
+                # Still our own status: the newcomer's "online" may be a moment behind its
+                # connect (it publishes after its CONNACK). Keep listening until `wait` ends.
+                own.set()
+                return
+            if isinstance(data, dict):
+                found.clear()
                 found.update(data)
             done.set()
 
         probe.on_connect = on_connect
         probe.on_message = on_message
-        # A retained message comes right after the SUBACK: give it a moment, then give up.
-        probe.on_subscribe = lambda *_a: threading.Timer(0.5, done.set).start()
+        # A retained message comes right after the SUBACK: with none at all, give up soon.
+        probe.on_subscribe = lambda *_a: threading.Timer(0.5, lambda: None if own.is_set() else done.set()).start()
         try:
             probe.connect(self.cfg.host, self.cfg.port, keepalive=10)
         except (OSError, ValueError):
@@ -499,9 +512,10 @@ class MqttListener:
             sock = self.client.socket()
             try:
                 if sock is not None:
+                    self._own_drop = True
                     sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
             except OSError:
-                pass
+                self._own_drop = False
 
     def _sending(self) -> bool:
         """paho still has replies the broker has not confirmed, or packets (acks) not yet written."""
