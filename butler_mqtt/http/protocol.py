@@ -82,16 +82,10 @@ class LimitedH11Protocol(H11Protocol):
             self.transport = transport
             transport.write(_BUSY)
             transport.close()  # nothing is read: the descriptor is released on the next loop pass
-            if self.limits.on_closed is not None:
-                self.limits.on_closed("refused")
-            ok, suppressed = self.limits.limiter.allow("refused")
-            if ok:
-                log.warning(
-                    "http_connection_refused",
-                    max_connections=self.limits.max_connections,
-                    repeated=suppressed or None,
-                    detail="answered 503 and closed: the REST API is at http.max_connections",
-                )
+            self._closed(
+                "refused", log.warning, "http_connection_refused", max_connections=self.limits.max_connections,
+                detail="answered 503 and closed: the REST API is at http.max_connections",
+            )
             return
         super().connection_made(transport)
         self._arm()
@@ -137,14 +131,15 @@ class LimitedH11Protocol(H11Protocol):
         if partial and not answered and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             self.transport.write(_TIMEOUT)
         self.transport.close()
+        self._closed(
+            "timeout", log.info, "http_request_timeout", timeout_s=self.limits.request_timeout, partial=partial,
+            detail="connection closed: no complete request within http.request_timeout",
+        )
+
+    def _closed(self, reason: str, emit: Callable[..., Any], event: str, **fields: Any) -> None:
+        """Count a connection we closed (metrics) and log it once per interval with a count."""
         if self.limits.on_closed is not None:
-            self.limits.on_closed("timeout")
-        ok, suppressed = self.limits.limiter.allow("timeout")
+            self.limits.on_closed(reason)
+        ok, suppressed = self.limits.limiter.allow(reason)
         if ok:
-            log.info(
-                "http_request_timeout",
-                timeout_s=self.limits.request_timeout,
-                partial=partial,
-                repeated=suppressed or None,
-                detail="connection closed: no complete request within http.request_timeout",
-            )
+            emit(event, repeated=suppressed or None, **fields)

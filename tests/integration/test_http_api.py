@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,13 +31,6 @@ TASKS = [
     SimTask(T5, "Instant", tags=["instant"]),
 ]
 MAX_BODY = 4096
-
-
-@pytest.fixture
-def sim(qrs_certs: Path) -> Iterator[QrsSimulator]:
-    s = QrsSimulator(tasks=[SimTask(**vars(t)) for t in TASKS], certs_dir=qrs_certs).start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture

@@ -35,13 +35,6 @@ BARE = "/v4/reloadtask/start"
 
 
 @pytest.fixture
-def sim(qrs_certs: Path) -> Iterator[QrsSimulator]:
-    s = QrsSimulator(tasks=[SimTask(**vars(t)) for t in TASKS], certs_dir=qrs_certs).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
 def cfg(qrs_certs, sim, broker, tmp_path):
     return make_config(
         qrs_certs, sim.port, broker, tmp_path / "state", http={"enabled": True, "port": 0, "max_body_bytes": MAX_BODY}
