@@ -46,9 +46,6 @@ from butler_mqtt.tracking import Route, Tracker
 
 log = structlog.get_logger("butler_mqtt.daemon")
 
-#: How long a redelivery (dup) of a delivery without requestId is matched to its first copy.
-ANON_DUP_WINDOW_S = 24 * 3600
-PUBLISH_TIMEOUT_S = 30.0
 
 
 class Daemon:
@@ -254,9 +251,11 @@ class Daemon:
                 self._queued_bytes -= len(job.payload)
             try:
                 self.handler.deliver(job)
-            except BaseException:  # pragma: no cover - _deliver answers everything; last resort
-                log.exception("worker_error", topic=job.topic)
-                self.listener.release(job)
+            except Exception as exc:  # deliver answers everything; this is the last resort
+                try:
+                    self.handler.last_resort(job, exc)
+                except Exception:  # noqa: BLE001 - the worker must live on
+                    log.exception("worker_error_unanswered", topic=job.topic)
             finally:
                 with self._busy_lock:
                     self._busy -= 1

@@ -144,6 +144,16 @@ class RequestHandler:
             log.error("error_reply_failed", reference=reference, error=str(pexc))
         self._finish(job, delivery.replies, force=True)
 
+    def last_resort(self, job: Job, exc: Exception) -> None:
+        """The error path itself failed: say what can still be said on topics.reply and ack,
+        so that the delivery cannot hold a broker slot (and fail again on every redelivery)."""
+        log.error("worker_error", topic=job.topic, error=f"{type(exc).__name__}: {str(exc)[:300]}", exc_info=exc)
+        try:
+            ev = replies.error(None, "Internal error", "the request could not be handled; see the daemon's log")
+            self.listener.publish_event(self.cfg.mqtt.topics.reply, job.correlation_data, ev)
+        finally:
+            self.listener.ack(job)
+
     def _process(self, job: Job, d: Delivery) -> None:
         structlog.contextvars.clear_contextvars()
         ingress = job.ingress

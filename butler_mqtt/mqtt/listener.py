@@ -128,7 +128,6 @@ class MqttListener:
         self.refused = 0  # deliveries not taken (queue full) since the last redelivery
         self.problems: dict[str, str] = {}
         self._own_drop = False  # the next disconnect is our own (request_redelivery)
-        self.redeliveries = 0
         self.v5 = cfg.protocol == "5"
         self.client_id = client_id or cfg.client_id
         self.connected = threading.Event()
@@ -500,7 +499,6 @@ class MqttListener:
             if not self.refused:
                 return
             self.refused = 0
-        self.redeliveries += 1
         log.warning("mqtt_redelivery_requested", detail="reconnecting so the broker resends the deliveries left unacked")
         # Everything sent so far reaches the broker first, and nothing new is sent meanwhile: a
         # reply whose PUBACK is lost with the connection is sent again by paho (a second copy
@@ -553,9 +551,6 @@ class MqttListener:
                 delay = min(delay * 2, 2.0)
                 info = self.client.publish(msg.topic, msg.payload, qos=1, retain=msg.retain, properties=msg.properties)
         return True
-
-    def reply(self, job: Job, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
-        return self.publish_event(job.response_topic or self.cfg.topics.reply, job.correlation_data, event)
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - one listener per daemon; bounded
     def _reply_properties(self, correlation: bytes | None) -> Properties | None:

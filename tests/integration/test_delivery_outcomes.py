@@ -307,3 +307,17 @@ def test_executions_qrs_refuses_to_report_end_as_unknown_with_the_reason(daemon,
     [fin] = [e for e in events if e["event"] == "taskFinished"]
     assert fin["status"] == "Unknown" and "refuses to report executions" in fin["reason"]
     assert events[-1]["event"] == "requestFinished"
+
+
+def test_a_failure_of_the_error_path_itself_is_still_answered_and_acked(daemon, pub, listen, sim, cfg, monkeypatch):
+    def broken(*_a: Any) -> None:
+        raise RuntimeError("the error path broke")
+
+    monkeypatch.setattr(daemon.handler, "_process", broken)
+    monkeypatch.setattr(daemon.handler, "_internal_error", broken)
+    replies = listen(cfg.mqtt.topics.reply)
+    publish(pub, cfg.mqtt.topics.start, json.dumps({"requestId": "lr", "taskId": T1}), correlation=b"lr")
+    err = replies.wait_for(lambda m: m.get("event") == "error")
+    assert err["error"] == "Internal error"
+    settle(daemon)
+    assert started(sim) == [] and all(t.is_alive() for t in daemon._workers)
