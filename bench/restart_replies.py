@@ -109,7 +109,7 @@ class Probe:
         self.rc_counts: collections.Counter[str] = collections.Counter()
         lst = d.listener
         client = lst.client
-        orig_publish, orig_finish, orig_connect = lst.publish_event, d._finish, client.on_connect
+        orig_publish, orig_finish, orig_connect = lst.publish_event, d.handler._finish, client.on_connect
         orig_on_publish = client.on_publish  # the daemon's own (reason codes): chained, not replaced
 
         def publish_event(topic: str, corr: bytes | None, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
@@ -147,7 +147,7 @@ class Probe:
                 orig_connect(c, u, flags, rc, p)
 
         lst.publish_event = publish_event  # type: ignore[method-assign]
-        d._finish = finish  # type: ignore[method-assign]
+        d.handler._finish = finish  # type: ignore[method-assign]
         client.on_publish = on_publish
         client.on_connect = on_connect
 

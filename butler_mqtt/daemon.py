@@ -1,5 +1,10 @@
 """The daemon's life: startup(), main_loop(), shutdown(), with one `should_exit` flag.
 
+Like uvicorn's Config/Server split, the wiring is elsewhere: `runtime.build` makes the journal,
+the QRS client, the use case, the tracker and the metrics once; `Daemon.__init__` adds the MQTT
+edge (listener, request handler, retain probe) and owns nothing else. Nothing runs before
+startup(). The edges are handed that Runtime and narrow views (`MqttHealth`), never the daemon.
+
 Signals are handled in one place (`install_signals`): SIGTERM/SIGINT ask for a clean exit,
 SIGHUP reloads the start_filter and the log level from the config file.
 
@@ -18,37 +23,35 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from butler_mqtt import runtime
 from butler_mqtt.config import Config, load_config
-from butler_mqtt.errors import (
-    ConfigError,
-    JournalError,
-    QrsError,
-)
-from butler_mqtt.journal import Journal
-from butler_mqtt.model import (
-    MAX_PAYLOAD_BYTES,
-    MAX_PLAIN_PAYLOAD_BYTES,
-)
-from butler_mqtt.mqtt.handler import RequestHandler
+from butler_mqtt.errors import ConfigError, JournalError
+from butler_mqtt.mqtt.handler import MqttHealth, RequestHandler, route_publisher
 from butler_mqtt.mqtt.listener import Job, MqttListener
 from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.ops import fds, systemd
 from butler_mqtt.ops.lock import StateDirLock
 from butler_mqtt.ops.logging import setup_logging
-from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.runtime import Runtime
-from butler_mqtt.service import StartService
-from butler_mqtt.tracking import Route, Tracker
+from butler_mqtt.qrs.client import probe_at_start
+
+if TYPE_CHECKING:
+    from butler_mqtt.http.server import HttpServer
+    from butler_mqtt.journal import Journal
+    from butler_mqtt.ops.metrics import Metrics
+    from butler_mqtt.service import StartService
+    from butler_mqtt.tracking import Tracker
 
 log = structlog.get_logger("butler_mqtt.daemon")
 
 
-
 class Daemon:
+    """One daemon: everything it owns is made here (checked and wired, nothing started);
+    startup() starts it, main_loop() keeps it, shutdown() drains and stops it."""
+
     def __init__(self, cfg: Config, config_file: Path | None = None) -> None:
         self.cfg = cfg
         self.config_file = config_file
@@ -62,58 +65,37 @@ class Daemon:
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._queued_bytes = 0
-        self.http_server: Any = None
-        self.retain_probe: RetainProbe | None = None  # MQTT 3.1.1 only: see mqtt/retain_probe.py
+        runtime.preflight(cfg)  # before the journal, the broker or a port is touched
+        client_id = cfg.mqtt.effective_client_id()
+        self.listener = MqttListener(cfg.mqtt, self._enqueue, client_id=client_id)
+        self.listener.on_subscribed = self._ready
+        self.health = MqttHealth(self.listener)
+        self.runtime = runtime.build(cfg, route_publisher(self.listener), self.health)
+        # MQTT 3.1.1 clears the retain flag on live delivery: ask the broker (mqtt/retain_probe.py).
+        self.retain_probe = None if self.listener.v5 else RetainProbe(cfg.mqtt, client_id)
+        self.handler = RequestHandler(self.runtime, self.listener, self.health, self.should_exit, self.retain_probe)
+        self.http_server: HttpServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def startup(self) -> None:
         cfg = self.cfg
-        cfg.check_qrs_files()
-        if cfg.serves_http and cfg.http.tls.enabled:
-            from butler_mqtt.http.tls import http_ssl_context
-
-            http_ssl_context(cfg.http.tls)  # a bad certificate or key: exit 2 naming it, before the broker
-        if not cfg.qrs.verify:
-            log.warning("qrs_tls_verification_disabled", detail="qrs.verify is false: the QRS server is not authenticated")
-        if cfg.mqtt.tls.enabled and not cfg.mqtt.tls.verify:
-            log.warning("mqtt_tls_verification_disabled", detail="mqtt.tls.verify is false")
-        client_id = cfg.mqtt.effective_client_id()
-        url = cfg.journal.url.get_secret_value() if cfg.journal.url else None
-        self.journal = Journal.from_config(
-            cfg.state_dir, url, cfg.journal.retention_hours, owner=client_id, lease_s=cfg.journal.lease_seconds
-        )
         try:
             self.journal.purge()
         except JournalError as exc:  # not essential: requests are still claimed and recorded
             log.warning("journal_purge_failed", error=str(exc))
-        from butler_mqtt.ops import metrics
-
-        self.metrics = metrics.Metrics()
-        self.qrs = QrsClient(cfg.qrs, observer=self.metrics.observe_qrs)
-        self.service = StartService(cfg, self.qrs, self.journal)
-        self.listener = MqttListener(
-            cfg.mqtt, self._enqueue, client_id=client_id, limits=(MAX_PAYLOAD_BYTES, MAX_PLAIN_PAYLOAD_BYTES)
-        )
-        self.tracker = Tracker(cfg.tracking, self.qrs, self.service, self.journal, self.publish_route)
-        self.listener.on_subscribed = self._ready
-        if not self.listener.v5:  # 3.1.1 clears the retain flag on live delivery: ask the broker
-            self.retain_probe = RetainProbe(cfg.mqtt, client_id).start()
-        self.handler = RequestHandler(
-            cfg, self.listener, self.service, self.tracker, self.journal, self.metrics, self.should_exit, self.retain_probe
-        )
+        if self.retain_probe is not None:
+            self.retain_probe.start()
         for i in range(cfg.mqtt.workers):
             t = threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True)
             t.start()
             self._workers.append(t)
         self.listener.start()
         self.tracker.start()
-        if cfg.http.enabled or cfg.metrics.port is not None:
+        if cfg.serves_http:
             from butler_mqtt.http.server import start_http
 
-            self.http_server = start_http(
-                Runtime(cfg, self.service, self.tracker, self.journal, self.qrs, self.metrics, health=self)
-            )
+            self.http_server = start_http(self.runtime)
         log.info(
             "started",
             broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}",
@@ -160,9 +142,7 @@ class Daemon:
         self.listener.stop()
         if self.retain_probe is not None:
             self.retain_probe.stop()
-        self.service.close()
-        self.qrs.close()
-        self.journal.close()
+        self.runtime.close()
         log.info("stopped", handled=self.handled)
 
     def _drop_queued(self) -> None:
@@ -264,17 +244,27 @@ class Daemon:
             if drained and self.listener.refused:
                 self.listener.request_redelivery()
 
-    @property
-    def mqtt_connected(self) -> bool:
-        return self.listener.connected.is_set()
+    # ------------------------------------------------------------------ for operators and tests
 
     @property
-    def unacked(self) -> int:
-        return self.listener.unacked
+    def journal(self) -> Journal:
+        return self.runtime.journal
+
+    @property
+    def service(self) -> StartService:
+        return self.runtime.service
+
+    @property
+    def tracker(self) -> Tracker:
+        return self.runtime.tracker
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.runtime.metrics
 
     @property
     def qrs_problem(self) -> str | None:
-        return self.handler.qrs_problem
+        return self.health.qrs_problem
 
     @property
     def handled(self) -> int:
@@ -282,43 +272,7 @@ class Daemon:
 
     def waiting(self) -> tuple[int, float | None]:
         """Deliveries kept unacked for a retry, and how long the oldest has waited (s)."""
-        return self.handler.waiting()
-
-    def publish_route(self, route: Route, event: dict[str, Any]) -> None:
-        """Publish a later event (taskFinished, chain stages) to where the request wanted it."""
-        self.listener.publish_event(route.topic, route.correlation_bytes, event)
-
-
-def probe_qrs(cfg: Config) -> threading.Thread:
-    """Warn at start when QRS cannot be reached (in the background: startup does not wait).
-
-    The daemon still starts: requests wait unacked until QRS answers. The warning says so,
-    so an operator reading the first lines of the log sees the problem at once.
-    """
-    from butler_mqtt.errors import ButlerError
-
-    def probe() -> None:
-        try:
-            client = QrsClient(cfg.qrs.model_copy(update={"retries": 0}))
-        except ButlerError:
-            return  # a certificate problem: startup reports it itself
-        try:
-            about = client.about()
-            log.info("qrs_reachable", qrs=cfg.qrs.base_url, build=about.get("buildVersion"))
-        except QrsError as exc:
-            log.warning(
-                "qrs_unreachable_at_start",
-                qrs=cfg.qrs.base_url,
-                error=str(exc),
-                detail="requests wait (unacked) until QRS answers; check qrs.host/qrs.port and the "
-                "certificates, or run `butler-mqtt check`",
-            )
-        finally:
-            client.close()
-
-    t = threading.Thread(target=probe, name="qrs-probe", daemon=True)
-    t.start()
-    return t
+        return self.health.waiting()
 
 
 def run(config_file: Path | None) -> int:
@@ -330,7 +284,7 @@ def run(config_file: Path | None) -> int:
     fds.raise_fd_limit()  # systemd's default soft limit is 1024; the unit's LimitNOFILE is the hard one
     # Before anything touches the broker: a second daemon must not take over the session.
     lock = StateDirLock(cfg.state_dir, cfg.mqtt.effective_client_id()).acquire()  # noqa: F841 - held until exit
-    probe_qrs(cfg)
+    probe_at_start(cfg.qrs)
     profile = os.environ.get("BUTLER_MQTT_PROFILE")
     if not profile:
         return Daemon(cfg, config_file).run()

@@ -1,8 +1,11 @@
 """What the edges are handed: the parts of a running daemon, wired once, never the daemon.
 
-The REST API (http/) gets a `Runtime`: the config, the one `StartService`, the tracker, the
-journal, the QRS client, the metrics, and a narrow `Health` view of the MQTT side. It can be
-served (and tested) on any such Runtime, and it cannot reach into the daemon's lifecycle.
+`build(cfg, publish, health)` makes them: the journal, the metrics, the QRS client, the one
+`StartService` and the tracker (which publishes later events through `publish`). The daemon
+calls it once and keeps only the lifecycle (daemon.py); the MQTT handler and the REST API
+(http/) are handed the resulting `Runtime`. The REST API sees the MQTT side only through a
+narrow `Health` view, so it can be served (and tested) on any Runtime and cannot reach into
+the daemon's lifecycle.
 """
 
 from __future__ import annotations
@@ -10,13 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import structlog
+
+from butler_mqtt.journal import Journal
+from butler_mqtt.ops.metrics import Metrics
+from butler_mqtt.qrs.client import QrsClient
+from butler_mqtt.service import StartService
+from butler_mqtt.tracking import Tracker
+
 if TYPE_CHECKING:
     from butler_mqtt.config import Config
-    from butler_mqtt.journal import Journal
-    from butler_mqtt.ops.metrics import Metrics
-    from butler_mqtt.qrs.client import QrsClient
-    from butler_mqtt.service import StartService
-    from butler_mqtt.tracking import Tracker
+    from butler_mqtt.tracking import Publish
+
+log = structlog.get_logger("butler_mqtt.runtime")
 
 
 class Health(Protocol):
@@ -43,3 +52,43 @@ class Runtime:
     qrs: QrsClient
     metrics: Metrics
     health: Health
+
+    def close(self) -> None:
+        """Release what `build` opened (the tracker is stopped by its owner first)."""
+        self.service.close()
+        self.qrs.close()
+        self.journal.close()
+
+
+def preflight(cfg: Config) -> None:
+    """What must hold before anything is opened or connected: every certificate file readable
+    and the HTTPS listener's pair loadable (else a ConfigError naming the key: exit 2), and a
+    warning for each TLS verification that is turned off."""
+    cfg.check_qrs_files()
+    if cfg.serves_http and cfg.http.tls.enabled:
+        from butler_mqtt.http.tls import http_ssl_context
+
+        http_ssl_context(cfg.http.tls)  # a bad certificate or key: exit 2 naming it, before the broker
+    if not cfg.qrs.verify:
+        log.warning("qrs_tls_verification_disabled", detail="qrs.verify is false: the QRS server is not authenticated")
+    if cfg.mqtt.tls.enabled and not cfg.mqtt.tls.verify:
+        log.warning("mqtt_tls_verification_disabled", detail="mqtt.tls.verify is false")
+
+
+def build(cfg: Config, publish: Publish, health: Health) -> Runtime:
+    """The parts, wired once: the journal (owned under this instance's client id), the metrics,
+    the QRS client reporting to them, the use case and the tracker. Nothing is started here:
+    the daemon's startup() starts the threads. Call `preflight(cfg)` first."""
+    url = cfg.journal.url.get_secret_value() if cfg.journal.url else None
+    journal = Journal.from_config(
+        cfg.state_dir,
+        url,
+        cfg.journal.retention_hours,
+        owner=cfg.mqtt.effective_client_id(),
+        lease_s=cfg.journal.lease_seconds,
+    )
+    metrics = Metrics()
+    qrs = QrsClient(cfg.qrs, observer=metrics.observe_qrs)
+    service = StartService(cfg, qrs, journal)
+    tracker = Tracker(cfg.tracking, qrs, service, journal, publish)
+    return Runtime(cfg, service, tracker, journal, qrs, metrics, health)

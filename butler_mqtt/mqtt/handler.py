@@ -20,15 +20,14 @@ import structlog
 from butler_mqtt import keys, replies
 from butler_mqtt.config import Config
 from butler_mqtt.errors import QrsError, QrsTlsRejected, is_transient
-from butler_mqtt.journal import Journal
 from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
 from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.ops import retry
-from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.ops.ratelimit import RateLimiter
-from butler_mqtt.service import StageResult, StartService, handle_request
-from butler_mqtt.tracking import Route, Tracker
+from butler_mqtt.runtime import Runtime
+from butler_mqtt.service import StageResult, handle_request
+from butler_mqtt.tracking import Publish, Route
 
 log = structlog.get_logger("butler_mqtt.mqtt.handler")
 
@@ -37,32 +36,77 @@ ANON_DUP_WINDOW_S = 24 * 3600
 PUBLISH_TIMEOUT_S = 30.0
 
 
+class MqttHealth:
+    """What the MQTT side tells /healthz and /metrics (the Runtime's `Health`): the broker
+    connection, deliveries taken and not yet acked, those kept unacked for a retry, and a
+    standing QRS refusal. The handler keeps it up to date; the REST edge only reads it."""
+
+    def __init__(self, listener: MqttListener) -> None:
+        self.listener = listener
+        self._lock = threading.Lock()
+        self._waiting: dict[int, float] = {}  # deliveries kept for a retry -> since (monotonic)
+        self.qrs_problem: str | None = None  # the last permanent QRS failure, until a success
+
+    @property
+    def mqtt_connected(self) -> bool:
+        return self.listener.connected.is_set()
+
+    @property
+    def unacked(self) -> int:
+        return self.listener.unacked
+
+    def waiting(self) -> tuple[int, float | None]:
+        """Deliveries kept unacked for a retry, and how long the oldest has waited (s)."""
+        with self._lock:
+            if not self._waiting:
+                return 0, None
+            return len(self._waiting), time.monotonic() - min(self._waiting.values())
+
+    def deferred(self, job: Job) -> None:
+        with self._lock:
+            self._waiting.setdefault(id(job), time.monotonic())
+
+    def settled(self, job: Job) -> None:
+        with self._lock:
+            self._waiting.pop(id(job), None)
+
+    def set_qrs_problem(self, problem: str | None) -> None:
+        """Show (or clear) a permanent QRS failure in /healthz and on the status topic."""
+        self.qrs_problem = problem
+        self.listener.set_problem("qrs", problem)
+
+
+def route_publisher(listener: MqttListener) -> Publish:
+    """The tracker's way out: a later event (taskFinished, chain stages) goes to where its
+    request wanted the replies."""
+
+    def publish(route: Route, event: dict[str, Any]) -> None:
+        listener.publish_event(route.topic, route.correlation_bytes, event)
+
+    return publish
+
+
 class RequestHandler:
     """Thread-safe: every worker shares one."""
 
     def __init__(
         self,
-        cfg: Config,
+        rt: Runtime,
         listener: MqttListener,
-        service: StartService,
-        tracker: Tracker,
-        journal: Journal,
-        metrics: Metrics,
+        health: MqttHealth,
         should_exit: threading.Event,
         retain_probe: RetainProbe | None = None,
     ) -> None:
-        self.cfg = cfg
+        self.cfg = rt.cfg
+        self.service = rt.service
+        self.tracker = rt.tracker
+        self.journal = rt.journal
+        self.metrics = rt.metrics
         self.listener = listener
-        self.service = service
-        self.tracker = tracker
-        self.journal = journal
-        self.metrics = metrics
+        self.health = health
         self.should_exit = should_exit
         self.retain_probe = retain_probe
-        self._lock = threading.Lock()
-        self._waiting: dict[int, float] = {}  # deliveries kept for a retry -> since (monotonic)
         self._limiter = RateLimiter(60.0)
-        self.qrs_problem: str | None = None  # the last permanent QRS failure, until a success
         self.handled = 0
 
     def deliver(self, job: Job) -> None:
@@ -89,12 +133,10 @@ class RequestHandler:
                         self.listener.release(job)  # left unacked: redelivered to the next run
                         return
         finally:
-            with self._lock:
-                self._waiting.pop(id(job), None)
+            self.health.settled(job)
 
     def _deferred(self, job: Job, exc: Exception, delay: float) -> None:
-        with self._lock:
-            self._waiting.setdefault(id(job), time.monotonic())
+        self.health.deferred(job)
         ok, repeated = self._limiter.allow(("deferred", type(exc).__name__, str(exc)[:120]))
         if ok:
             log.warning(
@@ -105,13 +147,6 @@ class RequestHandler:
                 detail="kept unacked and retried; the journal prevents a second start of anything already started",
             )
         self.metrics.deferred.inc()
-
-    def waiting(self) -> tuple[int, float | None]:
-        """Deliveries kept unacked for a retry, and how long the oldest has waited (s)."""
-        with self._lock:
-            if not self._waiting:
-                return 0, None
-            return len(self._waiting), time.monotonic() - min(self._waiting.values())
 
     def _internal_error(self, job: Job, delivery: Delivery, exc: Exception) -> None:
         reference = uuid.uuid4().hex[:12]
@@ -203,17 +238,15 @@ class RequestHandler:
                 raise
             self._qrs_refused(exc)
             return reject(ingress_rules.Reject("request_refused_by_qrs", "error", qrs_error_title(exc), str(exc)))
-        if self.qrs_problem is not None:
-            self.qrs_problem = None
-            self.listener.set_problem("qrs", None)
+        if self.health.qrs_problem is not None:
+            self.health.set_qrs_problem(None)
         self.metrics.request(ingress, "duplicate" if handled.replayed else "ok")
         self.metrics.tasks(handled.events)
         self._finish(job, d.replies)
 
     def _qrs_refused(self, exc: QrsError) -> None:
         """A permanent QRS failure: logged at error level once per interval, shown in /healthz."""
-        self.qrs_problem = str(exc)
-        self.listener.set_problem("qrs", str(exc))
+        self.health.set_qrs_problem(str(exc))
         ok, repeated = self._limiter.allow(("qrs_refused", str(exc)[:200]))
         if ok:
             log.error("qrs_refused", error=str(exc), repeated=repeated,

@@ -56,6 +56,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from butler_mqtt import __version__, keys
 from butler_mqtt.config import MqttConfig
+from butler_mqtt.model import MAX_PAYLOAD_BYTES, MAX_PLAIN_PAYLOAD_BYTES
 
 log = structlog.get_logger("butler_mqtt.mqtt")
 
@@ -92,9 +93,9 @@ class Job:
     epoch: int = 0  # the broker session this delivery belongs to (see MqttListener.ack)
 
 
-#: Size limits applied in the network thread, before a payload is kept: (JSON topic, plain topic).
-#: Set by the daemon from the request model's limits.
-DEFAULT_LIMITS = (64 * 1024, 1024)
+#: Size limits applied in the network thread, before a payload is kept: (JSON topic, plain topic),
+#: the request model's own.
+DEFAULT_LIMITS = (MAX_PAYLOAD_BYTES, MAX_PLAIN_PAYLOAD_BYTES)
 
 #: How many acked packet ids of the session are remembered (see the module docstring). Brokers
 #: hand out packet ids in sequence (Mosquitto: 1..65535 per client), so one is not reused

@@ -30,6 +30,8 @@ import structlog
 
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import (
+    ButlerError,
+    QrsError,
     QrsNotFound,
     QrsRefused,
     QrsTlsRejected,
@@ -264,3 +266,34 @@ class QrsClient:
 
 
 __all__ = ["EMPTY_GUID", "QrsClient", "new_xrfkey"]
+
+
+def probe_at_start(cfg: QrsConfig) -> threading.Thread:
+    """Warn at start when QRS cannot be reached (in the background: startup does not wait).
+
+    The daemon still starts: requests wait unacked until QRS answers. The warning says so,
+    so an operator reading the first lines of the log sees the problem at once.
+    """
+
+    def probe() -> None:
+        try:
+            client = QrsClient(cfg.model_copy(update={"retries": 0}))
+        except ButlerError:
+            return  # a certificate problem: startup reports it itself
+        try:
+            about = client.about()
+            log.info("qrs_reachable", qrs=cfg.base_url, build=about.get("buildVersion"))
+        except QrsError as exc:
+            log.warning(
+                "qrs_unreachable_at_start",
+                qrs=cfg.base_url,
+                error=str(exc),
+                detail="requests wait (unacked) until QRS answers; check qrs.host/qrs.port and the "
+                "certificates, or run `butler-mqtt check`",
+            )
+        finally:
+            client.close()
+
+    t = threading.Thread(target=probe, name="qrs-probe", daemon=True)
+    t.start()
+    return t
