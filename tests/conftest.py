@@ -219,11 +219,18 @@ def fresh_pg(pg_url: str) -> str:
 
 @pytest.fixture
 def sim(qrs_certs: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """The simulator over mTLS, serving the requesting module's `TASKS` (fresh copies)."""
+    """The simulator over mTLS, serving the requesting module's `TASKS` (fresh copies).
+
+    Two more knobs, as module attributes beside `TASKS`: `SIM_OPTIONS`, further keyword
+    arguments of QrsSimulator (e.g. `{"latency_ms": 3}`), and `SIM_CERTS`, the name of a
+    fixture giving the certificate folder to use instead of `qrs_certs` (e.g. an empty one the
+    simulator generates its own certificates into)."""
     from butler_mqtt.sim import QrsSimulator, SimTask
 
-    tasks = [SimTask(**vars(t)) for t in request.module.TASKS]
-    s = QrsSimulator(tasks=tasks, certs_dir=qrs_certs).start()
+    module = request.module
+    certs = request.getfixturevalue(module.SIM_CERTS) if hasattr(module, "SIM_CERTS") else qrs_certs
+    tasks = [SimTask(**vars(t)) for t in module.TASKS]
+    s = QrsSimulator(tasks=tasks, certs_dir=certs, **getattr(module, "SIM_OPTIONS", {})).start()
     yield s
     s.stop()
 

@@ -26,21 +26,14 @@ import pytest
 
 from butler_mqtt import keys
 from butler_mqtt.journal import Journal
+from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
 from tests.support.mqtt import Inbox, Sender, idle, wait_until
 
 X = "c10c0006-0000-4000-8000-000000000001"
+TASKS = [SimTask(X, "Clock task", run_seconds=0.2)]
 
 SKEWS = pytest.mark.parametrize("skew", [-300.0, 300.0, -5.0], ids=["daemon-ahead-300s", "daemon-behind-300s", "daemon-ahead-5s"])
-
-
-@pytest.fixture
-def sim(qrs_certs: Path):
-    from butler_mqtt.sim import QrsSimulator, SimTask
-
-    s = QrsSimulator(tasks=[SimTask(X, "Clock task", run_seconds=0.2)], certs_dir=qrs_certs).start()
-    yield s
-    s.stop()
 
 
 def _config(qrs_certs: Path, sim: Any, broker: Any, tmp_path: Path, **sections: Any) -> Any:

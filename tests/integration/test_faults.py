@@ -19,13 +19,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from butler_mqtt.mqtt.listener import wait_published
-from butler_mqtt.sim import QrsSimulator, SimTask
+from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
 from tests.support.streams import Summaries, persistent_client
 
 REPO = Path(__file__).resolve().parents[2]
 N = 200
 TASK_IDS = [f"fa017000-0000-4000-8000-{i:012d}" for i in range(N)]
+TASKS = [SimTask(t, f"Task {i}") for i, t in enumerate(TASK_IDS)]
+SIM_OPTIONS = {"latency_ms": 3}
 
 
 def publish_all(port: int, topic: str, prefix: str) -> list[mqtt.MQTTMessageInfo]:
@@ -36,13 +38,6 @@ def publish_all(port: int, topic: str, prefix: str) -> list[mqtt.MQTTMessageInfo
         for i in range(N)
     ]
     return infos, pub
-
-
-@pytest.fixture
-def sim(qrs_certs: Path):
-    s = QrsSimulator(tasks=[SimTask(t, f"Task {i}") for i, t in enumerate(TASK_IDS)], certs_dir=qrs_certs, latency_ms=3).start()
-    yield s
-    s.stop()
 
 
 def assert_each_started_once(sim) -> None:

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 N_TASKS = 120
 TASK_IDS = [f"fa0c5000-0000-4000-8000-{i:012d}" for i in range(N_TASKS)]
 FINAL = ("summary", "error")
+TASKS = [SimTask(t, f"Task {i}", run_seconds=0.05) for i, t in enumerate(TASK_IDS)]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -167,15 +168,6 @@ def assert_replies_started(replies: Replies, pairs: Iterable[tuple[str, str]]) -
         assert all(f["totalTasksStarted"] == 1 for f in finals), (rid, finals)
         task_events = replies.tasks(rid)
         assert task_events and all(e["taskId"] == tid and e["status"] == "started" for e in task_events), task_events
-
-
-@pytest.fixture
-def sim(qrs_certs: Path):
-    s = QrsSimulator(
-        tasks=[SimTask(t, f"Task {i}", run_seconds=0.05) for i, t in enumerate(TASK_IDS)], certs_dir=qrs_certs
-    ).start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.publish as mqtt_publish
-import pytest
 import requests
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from butler_mqtt.ops.mosquitto import free_port
-from butler_mqtt.sim import QrsSimulator, SimTask
+from butler_mqtt.sim import SimTask
 from tests.support.pki import Pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,13 +96,6 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         return self.proc.wait(5)
-
-
-@pytest.fixture
-def sim(qrs_certs: Path):
-    s = QrsSimulator(tasks=[SimTask(**vars(t)) for t in TASKS], certs_dir=qrs_certs).start()
-    yield s
-    s.stop()
 
 
 def wait_for(pred: Any, timeout: float = 20.0, what: str = "") -> None:

@@ -25,13 +25,14 @@ import yaml
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.mqtt.requester import Requester
 from butler_mqtt.ops.mosquitto import Mosquitto, find_mosquitto, free_port
-from butler_mqtt.sim import QrsSimulator, SimTask
+from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
 from tests.support.ops import REPO, client, retained
 
 EXAMPLE = REPO / "docs" / "examples" / "mosquitto"
 NIGHTLY = "0e710000-0000-4000-8000-000000000001"  # tag "nightly": the listed publisher's request
 SECRET = "0e710000-0000-4000-8000-000000000002"  # what the unlisted publisher tries to start
+TASKS = [SimTask(NIGHTLY, "Nightly", tags=["nightly"]), SimTask(SECRET, "Secret", tags=["secret"])]
 
 
 class ExampleBroker(Mosquitto):
@@ -86,14 +87,6 @@ def acl_broker():
     yield broker
     broker.stop()
     shutil.rmtree(wd, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def sim(qrs_certs: Path):
-    tasks = [SimTask(NIGHTLY, "Nightly", tags=["nightly"]), SimTask(SECRET, "Secret", tags=["secret"])]
-    s = QrsSimulator(tasks=tasks, certs_dir=qrs_certs).start()
-    yield s
-    s.stop()
 
 
 def mqtt_cfg(broker: Any, user: str | None, password: str | None = None) -> dict[str, Any]:

@@ -8,24 +8,16 @@ import signal
 import uuid
 from pathlib import Path
 
-import pytest
 import yaml
 
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.mqtt.requester import Requester
-from butler_mqtt.sim import QrsSimulator, SimTask
+from butler_mqtt.sim import SimTask
 from tests.support.ops import DaemonProcess
 
 ALPHA = "a1fa0000-0000-4000-8000-000000000001"
 BETA = "be7a0000-0000-4000-8000-000000000002"
-
-
-@pytest.fixture
-def sim(qrs_certs: Path):
-    tasks = [SimTask(ALPHA, "Alpha task", tags=["alpha"]), SimTask(BETA, "Beta task", tags=["beta"])]
-    s = QrsSimulator(tasks=tasks, certs_dir=qrs_certs).start()
-    yield s
-    s.stop()
+TASKS = [SimTask(ALPHA, "Alpha task", tags=["alpha"]), SimTask(BETA, "Beta task", tags=["beta"])]
 
 
 def write_config(path: Path, base: dict, tags: list[str], task_ids: list[str] | None = None, **extra) -> None:

@@ -8,22 +8,14 @@ from __future__ import annotations
 import datetime as dt
 import signal
 import uuid
-from pathlib import Path
-
-import pytest
 
 from butler_mqtt import __version__
 from butler_mqtt.mqtt.listener import wait_published
-from butler_mqtt.sim import QrsSimulator
+from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
 from tests.support.ops import DaemonProcess, client, daemon_env, retained, wait_retained
 
-
-@pytest.fixture
-def sim(qrs_certs: Path):
-    s = QrsSimulator(tasks=[], certs_dir=qrs_certs).start()
-    yield s
-    s.stop()
+TASKS: list[SimTask] = []  # the shared `sim` fixture serves no tasks
 
 
 def status_topic() -> str:

@@ -18,7 +18,7 @@ import pytest
 
 from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.ops.mosquitto import free_port
-from butler_mqtt.sim import QrsSimulator, SimTask
+from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
 from tests.support.ops import REPO, DaemonProcess, NotifySocket, client, daemon_env
 
@@ -26,13 +26,7 @@ UNIT = REPO / "systemd" / "butler-mqtt.service"
 REAL_EXEC = "/opt/butler-mqtt/venv/bin/butler-mqtt"
 TASK = "5e7a0000-0000-4000-8000-000000000001"
 INSTALL = "systemd-analyze not found: install it (Debian/Ubuntu: apt-get install systemd)"
-
-
-@pytest.fixture
-def sim(qrs_certs: Path):
-    s = QrsSimulator(tasks=[SimTask(TASK, "Notify task", tags=["notify"])], certs_dir=qrs_certs).start()
-    yield s
-    s.stop()
+TASKS = [SimTask(TASK, "Notify task", tags=["notify"])]
 
 
 def unit_settings() -> dict[str, list[str]]:

@@ -13,7 +13,7 @@ from butler_mqtt.errors import QrsRefused, QrsTlsRejected, QrsUnreachable, is_tr
 from butler_mqtt.model import EMPTY_GUID, StartRequest
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StartService
-from butler_mqtt.sim import QrsSimulator, SimTask
+from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
 
 IDS = [f"c0ffee00-0000-4000-8000-{i:012d}" for i in range(8)]
@@ -26,13 +26,6 @@ TASKS = [
     SimTask(IDS[5], "f"),
     SimTask(IDS[6], "disabled", enabled=False),
 ]
-
-
-@pytest.fixture
-def sim(qrs_certs: Path):
-    s = QrsSimulator(tasks=TASKS, certs_dir=qrs_certs).start()
-    yield s
-    s.stop()
 
 
 def qrs_cfg(qrs_certs: Path, port: int, **kw) -> QrsConfig:

@@ -16,7 +16,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from butler_mqtt.mqtt.listener import wait_published
-from butler_mqtt.sim import QrsSimulator, SimTask
+from butler_mqtt.sim import SimTask
 from tests.support.streams import Summaries
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,15 +24,9 @@ N = 600
 IDS = [f"5ca1e000-0000-4000-8000-{i:012d}" for i in range(N)]
 CHAIN_A = "5ca1e000-aaaa-4000-8000-000000000001"
 CHAIN_B = "5ca1e000-aaaa-4000-8000-000000000002"
-
-
-@pytest.fixture
-def sim(qrs_certs: Path):
-    tasks = [SimTask(t, f"Task {i}", run_seconds=0.05) for i, t in enumerate(IDS)]
-    tasks += [SimTask(CHAIN_A, "Chain stage 0", tags=["stage0"], run_seconds=4), SimTask(CHAIN_B, "Chain stage 1", tags=["stage1"], run_seconds=0.2)]
-    s = QrsSimulator(tasks=tasks, certs_dir=qrs_certs, latency_ms=2).start()
-    yield s
-    s.stop()
+TASKS = [SimTask(t, f"Task {i}", run_seconds=0.05) for i, t in enumerate(IDS)]
+TASKS += [SimTask(CHAIN_A, "Chain stage 0", tags=["stage0"], run_seconds=4), SimTask(CHAIN_B, "Chain stage 1", tags=["stage1"], run_seconds=0.2)]
+SIM_OPTIONS = {"latency_ms": 2}
 
 
 class Cluster:

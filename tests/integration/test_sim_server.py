@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +40,14 @@ TASKS = [
 ]
 
 
+#: The shared `sim` fixture (tests/conftest.py) serves TASKS with the certificates the
+#: simulator generates itself into this module's empty folder.
+SIM_CERTS = "certs_dir"
+
+
 @pytest.fixture(scope="module")
 def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sim-certs")
-
-
-@pytest.fixture
-def sim(certs_dir: Path) -> Iterator[QrsSimulator]:
-    with QrsSimulator(TASKS, certs_dir=certs_dir) as running:
-        yield running
 
 
 class Client:
