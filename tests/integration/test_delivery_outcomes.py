@@ -15,7 +15,6 @@ import paho.mqtt.client as mqtt
 import pytest
 import requests
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -24,6 +23,8 @@ from butler_mqtt.journal import Journal
 from butler_mqtt.sim import QrsSimulator, SimTask
 from butler_mqtt.tracking import Pending
 from tests.conftest import make_config
+from tests.support.mqtt import publisher
+from tests.support.sim import started_ids as started
 
 T1 = "11111111-1111-4111-8111-111111111111"
 T2 = "22222222-2222-4222-8222-222222222222"
@@ -35,18 +36,6 @@ TASKS = [
     SimTask(T3, "Stuck B", tags=["stuck-b"]),
     SimTask(T4, "Free", tags=["free"]),
 ]
-
-
-def started(sim: Any) -> list[str]:
-    return sorted(s.task_id for s in sim.starts)
-
-
-def publisher(port: int) -> mqtt.Client:
-    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}",
-                    protocol=mqtt.MQTTv5)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    return c
 
 
 def publish(c: mqtt.Client, topic: str, payload: bytes | str, response_topic: str | None = None,

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
-from tests.support.streams import Summaries, persistent_client
+from tests.support.mqtt import publisher
+from tests.support.streams import Replies, persistent_client
 
 REPO = Path(__file__).resolve().parents[2]
 N = 200
@@ -49,7 +49,7 @@ def assert_each_started_once(sim) -> None:
 def test_broker_restart_while_requests_stream_in(qrs_certs, sim, own_broker, tmp_path, start_daemon):
     cfg = make_config(qrs_certs, sim.port, own_broker, tmp_path / "state")
     start_daemon(cfg)
-    summaries = Summaries(own_broker.port, cfg.mqtt.topics.reply)
+    summaries = Replies(own_broker.port, cfg.mqtt.topics.reply)
     infos, pub = publish_all(own_broker.port, cfg.mqtt.topics.start, "br")
     summaries.wait_count(N // 4, 60)
     own_broker.restart()  # clean restart: sessions and queued messages are persisted
@@ -83,7 +83,7 @@ def test_daemon_sigkill_and_restart_mid_stream(qrs_certs, sim, own_broker, tmp_p
 
     first = start()
     status.wait_for(lambda m: m.get("clientId") == "sigkill-daemon" and m.get("status") == "online")
-    summaries = Summaries(own_broker.port, "qliksense/task/start/reply")
+    summaries = Replies(own_broker.port, "qliksense/task/start/reply")
     infos, pub = publish_all(own_broker.port, "qliksense/task/start", "kill")
     summaries.wait_count(N // 4, 60)
     first.send_signal(signal.SIGKILL)
@@ -120,7 +120,7 @@ def test_five_broker_restarts_under_cpu_load_every_request_answered(
     once. Each wave's restart happens while that wave is still being answered."""
     cfg = make_config(qrs_certs, sim.port, own_broker, tmp_path / "state")
     d = start_daemon(cfg)
-    summaries = Summaries(own_broker.port, cfg.mqtt.topics.reply)
+    summaries = Replies(own_broker.port, cfg.mqtt.topics.reply)
     pub = persistent_client(own_broker.port, f"pub-{uuid.uuid4().hex[:8]}")
     pub.loop_start()
     waves, per_wave = 5, N // 5
@@ -163,9 +163,7 @@ def test_reply_dropped_for_want_of_subscriber_after_reconnect_is_resent(
         assert time.monotonic() < deadline, "the daemon did not reconnect within 30 s"
         time.sleep(0.05)
     reply_topic = f"late/{uuid.uuid4().hex[:8]}"
-    pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    pub.connect("127.0.0.1", own_broker.port)
-    pub.loop_start()
+    pub = publisher(own_broker.port)
     props = Properties(PacketTypes.PUBLISH)
     props.ResponseTopic = reply_topic
     body = json.dumps({"requestId": "late-1", "taskId": TASK_IDS[0]})

@@ -15,99 +15,32 @@ import sys
 import threading
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import QrsSimulator, SimTask
 from tests.conftest import make_config
-from tests.support.streams import deferred, persistent_client
+from tests.support.mqtt import publisher
+from tests.support.streams import Replies, deferred
 
 REPO = Path(__file__).resolve().parents[2]
 N_TASKS = 120
 TASK_IDS = [f"fa0c5000-0000-4000-8000-{i:012d}" for i in range(N_TASKS)]
-FINAL = ("summary", "error")
 TASKS = [SimTask(t, f"Task {i}", run_seconds=0.05) for i, t in enumerate(TASK_IDS)]
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-class Replies:
-    """Every reply event on a topic, by requestId (persistent session, QoS 1)."""
-
-    def __init__(self, port: int, topic: str) -> None:
-        self.by_id: dict[str | None, list[dict[str, Any]]] = defaultdict(list)
-        self.cond = threading.Condition()
-        self.client = persistent_client(port, f"replies-{uuid.uuid4().hex[:8]}")
-        ready = threading.Event()
-        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
-        self.client.on_subscribe = lambda *_: ready.set()
-        self.client.on_message = self._on_message
-        self.client.loop_start()
-        assert ready.wait(10), "reply listener could not subscribe"
-
-    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
-        ev = json.loads(msg.payload)
-        with self.cond:
-            self.by_id[ev.get("requestId")].append(ev)
-            self.cond.notify_all()
-
-    def finals(self, rid: str | None) -> list[dict[str, Any]]:
-        with self.cond:
-            return [e for e in self.by_id.get(rid, []) if e.get("event") in FINAL]
-
-    def tasks(self, rid: str) -> list[dict[str, Any]]:
-        with self.cond:
-            return [e for e in self.by_id.get(rid, []) if e.get("event") == "task"]
-
-    def unanswered(self, rids: Iterable[str]) -> set[str]:
-        with self.cond:
-            return {r for r in rids if not any(e.get("event") in FINAL for e in self.by_id.get(r, []))}
-
-    def wait_answered(self, rids: Iterable[str], timeout: float) -> set[str]:
-        """The requestIds still without a summary or error reply after at most `timeout` s."""
-        rids = list(rids)
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                missing = {r for r in rids if not any(e.get("event") in FINAL for e in self.by_id.get(r, []))}
-                left = deadline - time.monotonic()
-                if not missing or left <= 0:
-                    return missing
-                self.cond.wait(min(left, 1.0))
-
-    def count(self, pred: Callable[[dict[str, Any]], bool]) -> int:
-        with self.cond:
-            return sum(1 for evs in self.by_id.values() for e in evs if pred(e))
-
-    def wait_count(self, pred: Callable[[dict[str, Any]], bool], n: int, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.count(pred)
-            if got >= n or time.monotonic() > deadline:
-                return got
-            time.sleep(0.2)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 class Publisher:
     def __init__(self, port: int, topic: str) -> None:
         self.topic = topic
-        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
-        c.max_inflight_messages_set(500)
-        c.connect("127.0.0.1", port)
-        c.loop_start()
-        self.client = c
+        self.client = publisher(port, inflight=500)
         self.infos: list[mqtt.MQTTMessageInfo] = []
 
     def raw(self, payload: bytes, topic: str | None = None) -> None:
@@ -518,7 +451,7 @@ def test_flood_of_malformed_messages_mixed_with_valid_ones(qrs_certs, sim, broke
         pub.confirm(120)
         assert replies.wait_answered([r for r, _ in valid], 240) == set()
         is_error = lambda e: e.get("event") == "error"  # noqa: E731
-        got_errors = replies.wait_count(is_error, n_garbage, 240)
+        got_errors = replies.wait_events(is_error, n_garbage, 240)
         rss_after = _rss_mb(daemon.pid)
         assert daemon.poll() is None, "the daemon died"
         assert got_errors == n_garbage, f"{n_garbage - got_errors} malformed messages got no error reply"

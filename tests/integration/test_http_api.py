@@ -12,8 +12,9 @@ import pytest
 import requests
 
 from butler_mqtt.mqtt.requester import Requester
-from butler_mqtt.sim import QrsSimulator, SimTask
+from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
+from tests.support.sim import started_ids
 
 T1 = "11111111-1111-4111-8111-111111111111"
 T2 = "22222222-2222-4222-8222-222222222222"
@@ -90,10 +91,6 @@ def error(resp: requests.Response, status: int) -> dict[str, Any]:
     body = resp.json()
     assert set(body) == {"error", "details"} and body["error"] and body["details"]
     return body
-
-
-def started_ids(sim: QrsSimulator) -> list[str]:
-    return sorted(s.task_id for s in sim.starts)
 
 
 def ids(items: list[dict[str, Any]]) -> list[str]:

@@ -16,9 +16,10 @@ import pytest
 import requests
 import yaml
 
-from butler_mqtt.sim import QrsSimulator, SimTask
+from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
 from tests.support.pki import Pki
+from tests.support.sim import started_ids as started
 
 T1 = "11111111-1111-4111-8111-111111111111"
 T2 = "22222222-2222-4222-8222-222222222222"
@@ -51,10 +52,6 @@ def call(base: str, path: str, body: Any = None, *, method: str = "POST", raw: b
     if body is None:
         return session.request(method, base + path, headers=h, params=params, timeout=30)
     return session.request(method, base + path, json=body, headers=h, params=params, timeout=30)
-
-
-def started(sim: QrsSimulator) -> list[str]:
-    return sorted(s.task_id for s in sim.starts)
 
 
 def answer(resp: requests.Response) -> tuple[int, str, Any, dict[str, str]]:

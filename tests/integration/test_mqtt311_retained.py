@@ -14,25 +14,19 @@ import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.errors import BrokerUnavailable
 from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.sim import SimTask
+from tests.support.mqtt import publisher
+from tests.support.sim import started_ids as started
 
 T1 = "11111111-1111-4111-8111-111111111111"
 T2 = "22222222-2222-4222-8222-222222222222"
 T3 = "33333333-3333-4333-8333-333333333333"
 TASKS = [SimTask(T1, "Finance daily"), SimTask(T2, "Sales daily"), SimTask(T3, "HR daily")]
 RETAINED = "Retained request ignored"
-
-
-def _publisher(port: int, protocol: int = mqtt.MQTTv311) -> mqtt.Client:
-    pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=protocol)
-    pub.connect("127.0.0.1", port)
-    pub.loop_start()
-    return pub
 
 
 def _unique_topics(cfg, protocol: str) -> None:
@@ -43,15 +37,11 @@ def _unique_topics(cfg, protocol: str) -> None:
     cfg.mqtt.topics.reply = f"{base}/reply"
 
 
-def started(sim) -> list[str]:
-    return sorted(s.task_id for s in sim.starts)
-
-
 def test_mqtt311_retained_json_and_plain_requests_are_answered_and_not_started(cfg, sim, broker, start_daemon, listen):
     _unique_topics(cfg, "3.1.1")
     t = cfg.mqtt.topics
     replies = listen(t.reply)
-    pub = _publisher(broker.port)
+    pub = publisher(broker.port, mqtt.MQTTv311)
     try:
         # Retained before the daemon subscribes: 3.1.1 delivers it with retain=1 on subscribe.
         pub.publish(t.start, json.dumps({"requestId": "ret-before", "taskId": T3}), qos=1, retain=True).wait_for_publish(5)
@@ -100,7 +90,7 @@ def test_mqtt5_needs_no_probe_and_still_refuses_retained(cfg, sim, broker, start
     replies = listen(cfg.mqtt.topics.reply)
     running = start_daemon(cfg)
     assert running.daemon.retain_probe is None  # retain-as-published shows the flag
-    pub = _publisher(broker.port, mqtt.MQTTv5)
+    pub = publisher(broker.port)
     try:
         pub.publish(cfg.mqtt.topics.start, json.dumps({"requestId": "r5", "taskId": T1}), qos=1, retain=True).wait_for_publish(5)
         assert replies.wait_for(lambda m: m.get("requestId") == "r5")["error"] == RETAINED
@@ -115,7 +105,7 @@ def test_mqtt5_needs_no_probe_and_still_refuses_retained(cfg, sim, broker, start
 
 def test_probe_matches_topic_and_exact_payload(broker):
     topic = f"test/probe/{uuid.uuid4().hex}"
-    pub = _publisher(broker.port)
+    pub = publisher(broker.port, mqtt.MQTTv311)
     probe = RetainProbe(MqttConfig(host="127.0.0.1", port=broker.port, protocol="3.1.1"), f"probe-{uuid.uuid4().hex[:8]}").start()
     try:
         assert probe.retained_now(topic, b"x") is False  # nothing retained yet
@@ -158,7 +148,7 @@ def test_mqtt311_request_waits_unacked_while_the_probe_cannot_answer(cfg, sim, b
     assert probe is not None
     probe.timeout = 0.5
     probe.stop()  # the probe's broker connection is gone: it cannot tell whether a request is retained
-    pub = _publisher(broker.port)
+    pub = publisher(broker.port, mqtt.MQTTv311)
     try:
         pub.publish(cfg.mqtt.topics.start, json.dumps({"requestId": "w1", "taskId": T1}), qos=1).wait_for_publish(5)
         deadline = time.monotonic() + 20
@@ -182,7 +172,7 @@ def test_mqtt311_retained_request_cleared_while_queued_is_still_refused(cfg, sim
     cfg.mqtt.workers = 1
     replies = listen(cfg.mqtt.topics.reply)
     start_daemon(cfg)
-    pub = _publisher(broker.port)
+    pub = publisher(broker.port, mqtt.MQTTv311)
     try:
         sim.latency_ms = 1000  # the only worker is busy with the first request for a few seconds
         pub.publish(cfg.mqtt.topics.start, json.dumps({"requestId": "busy", "taskId": T3}), qos=1).wait_for_publish(5)
@@ -206,7 +196,7 @@ def test_probe_answers_pipelined_questions_from_many_threads_correctly(broker):
     base = f"test/probe/{uuid.uuid4().hex}"
     topics = [f"{base}/{i}" for i in range(4)]
     retained = {topics[0]: b"r0", topics[2]: b"r2"}
-    pub = _publisher(broker.port)
+    pub = publisher(broker.port, mqtt.MQTTv311)
     for topic, payload in retained.items():
         pub.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
     probe = RetainProbe(MqttConfig(host="127.0.0.1", port=broker.port, protocol="3.1.1"), f"probe-{uuid.uuid4().hex[:8]}").start()

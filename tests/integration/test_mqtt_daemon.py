@@ -9,11 +9,12 @@ import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.mqtt.requester import Requester
 from butler_mqtt.sim import SimTask
+from tests.support.mqtt import publisher
+from tests.support.sim import started_ids
 
 T1 = "11111111-1111-4111-8111-111111111111"
 T2 = "22222222-2222-4222-8222-222222222222"
@@ -37,10 +38,6 @@ TASKS = [
 @pytest.fixture
 def daemon(cfg, start_daemon):
     return start_daemon(cfg)
-
-
-def started_ids(sim) -> list[str]:
-    return sorted(s.task_id for s in sim.starts)
 
 
 def by_event(events, kind):
@@ -128,9 +125,7 @@ def test_duplicate_request_id_not_started_again(daemon, requester, sim):
 
 def test_correlation_data_without_request_id_is_the_idempotency_key(daemon, cfg, sim, listen):
     replies = listen("test/corr/#")
-    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    c.connect("127.0.0.1", cfg.mqtt.port)
-    c.loop_start()
+    c = publisher(cfg.mqtt.port)
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
@@ -188,9 +183,7 @@ def test_bad_input_gets_an_error_and_the_daemon_keeps_serving(daemon, requester,
 def test_retained_request_is_never_acted_on(cfg, sim, broker, start_daemon, listen):
     topic = f"test/retained/{uuid.uuid4().hex}"
     cfg.mqtt.topics.start = topic
-    pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    pub.connect("127.0.0.1", broker.port)
-    pub.loop_start()
+    pub = publisher(broker.port)
     # Retained before the daemon subscribes: never delivered.
     pub.publish(topic, json.dumps({"requestId": "ret-1", "taskId": T1}), qos=1, retain=True).wait_for_publish(5)
     replies = listen(cfg.mqtt.topics.reply)
@@ -227,9 +220,7 @@ def test_mqtt311_daemon(cfg, sim, start_daemon):
 
 def test_plain_guid_topic(daemon, cfg, sim, listen):
     replies = listen(cfg.mqtt.topics.reply)
-    pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    pub.connect("127.0.0.1", cfg.mqtt.port)
-    pub.loop_start()
+    pub = publisher(cfg.mqtt.port, mqtt.MQTTv311)
     pub.publish(cfg.mqtt.topics.start_plain, f"  {T2}\n", qos=1).wait_for_publish(5)
     summary = replies.wait_for(lambda m: m["event"] == "summary" and m["requestId"] is None)
     assert summary["tasksStarted"][0]["taskId"] == T2

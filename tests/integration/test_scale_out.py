@@ -11,13 +11,12 @@ import time
 import uuid
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import SimTask
-from tests.support.streams import Summaries
+from tests.support.mqtt import publisher
+from tests.support.streams import Replies
 
 REPO = Path(__file__).resolve().parents[2]
 N = 600
@@ -90,17 +89,9 @@ def cluster(sim, own_broker, qrs_certs, fresh_pg, tmp_path, listen):
     c.stop_all()
 
 
-def publisher(port: int) -> mqtt.Client:
-    pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    pub.max_inflight_messages_set(100)
-    pub.connect("127.0.0.1", port)
-    pub.loop_start()
-    return pub
-
-
 def test_three_instances_share_600_requests_each_started_once(cluster, sim, own_broker):
-    summaries = Summaries(own_broker.port, "qliksense/task/start/reply")
-    pub = publisher(own_broker.port)
+    summaries = Replies(own_broker.port, "qliksense/task/start/reply")
+    pub = publisher(own_broker.port, inflight=100)
     run = uuid.uuid4().hex[:6]
     infos = [pub.publish("qliksense/task/start", json.dumps({"requestId": f"{run}-{i}", "taskId": t}), qos=1) for i, t in enumerate(IDS)]
     assert all(wait_published(i, 60) for i in infos)
@@ -119,8 +110,8 @@ def test_three_instances_share_600_requests_each_started_once(cluster, sim, own_
 
 
 def test_sigkill_one_instance_mid_stream_nothing_lost_nothing_doubled(cluster, sim, own_broker):
-    summaries = Summaries(own_broker.port, "qliksense/task/start/reply")
-    pub = publisher(own_broker.port)
+    summaries = Replies(own_broker.port, "qliksense/task/start/reply")
+    pub = publisher(own_broker.port, inflight=100)
     run = uuid.uuid4().hex[:6]
     infos = [pub.publish("qliksense/task/start", json.dumps({"requestId": f"{run}-{i}", "taskId": t}), qos=1) for i, t in enumerate(IDS)]
     summaries.wait_count(N // 5, 60)
@@ -139,7 +130,7 @@ def test_sigkill_one_instance_mid_stream_nothing_lost_nothing_doubled(cluster, s
 
 def test_chain_of_a_killed_instance_is_finished_by_another(cluster, sim, own_broker, listen):
     replies = listen("qliksense/task/start/reply", on=own_broker)
-    pub = publisher(own_broker.port)
+    pub = publisher(own_broker.port, inflight=100)
     pub.publish("qliksense/task/start", json.dumps({"requestId": "chain-x", "tag": "stage0", "then": {"tag": "stage1"}}), qos=1)
     replies.wait_for(lambda m: m.get("requestId") == "chain-x" and m["event"] == "summary")
     owner = None

@@ -1,6 +1,7 @@
 """MQTT probes for the hostile-delivery tests (tests/integration/test_hostile_*.py,
 test_clock_skew.py, test_fuzz_mqtt.py): a publisher that can set every MQTT 5 property a
-hostile client might, and an inbox that records replies with their topic and correlation data."""
+hostile client might, and an inbox that records replies with their topic and correlation data;
+and the plain connected publisher every other test uses."""
 
 from __future__ import annotations
 
@@ -189,6 +190,18 @@ class Sender:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def publisher(port: int, protocol: int = mqtt.MQTTv5, inflight: int | None = None) -> mqtt.Client:
+    """A plain test publisher (clean session), connected and looping."""
+    c = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}", protocol=protocol
+    )
+    if inflight is not None:
+        c.max_inflight_messages_set(inflight)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    return c
 
 
 def idle(daemon: Any) -> bool:
