@@ -21,6 +21,7 @@ from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
 from tests.support.mqtt import publisher
+from tests.support.ops import daemon_env
 from tests.support.streams import Replies, persistent_client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,15 +65,8 @@ def test_broker_restart_while_requests_stream_in(qrs_certs, sim, own_broker, tmp
 def test_daemon_sigkill_and_restart_mid_stream(qrs_certs, sim, own_broker, tmp_path, listen):
     env = {
         **os.environ,
-        "BUTLER_MQTT__MQTT__HOST": "127.0.0.1",
-        "BUTLER_MQTT__MQTT__PORT": str(own_broker.port),
-        "BUTLER_MQTT__MQTT__CLIENT_ID": "sigkill-daemon",
-        "BUTLER_MQTT__QRS__PORT": str(sim.port),
-        "BUTLER_MQTT__QRS__CERT": str(qrs_certs / "client.pem"),
-        "BUTLER_MQTT__QRS__KEY": str(qrs_certs / "client_key.pem"),
-        "BUTLER_MQTT__QRS__CA": str(qrs_certs / "root.pem"),
-        "BUTLER_MQTT__STATE_DIR": str(tmp_path / "state"),
-        "BUTLER_MQTT__LOGGING__LEVEL": "warning",
+        **daemon_env(qrs_certs, sim.port, own_broker.port, tmp_path / "state", "sigkill-daemon",
+                     BUTLER_MQTT__LOGGING__LEVEL="warning"),
     }
     status = listen("butler-mqtt/status", on=own_broker)
 

@@ -15,17 +15,16 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 
-from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import QrsSimulator, SimTask
 from tests.conftest import make_config
-from tests.support.mqtt import publisher
+from tests.support.mqtt import Sender, wait_until
+from tests.support.ops import daemon_env
 from tests.support.streams import Replies, deferred
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,14 +36,14 @@ TASKS = [SimTask(t, f"Task {i}", run_seconds=0.05) for i, t in enumerate(TASK_ID
 # --------------------------------------------------------------------------- helpers
 
 
-class Publisher:
+class Publisher(Sender):
+    """A Sender (tests/support/mqtt.py) speaking in the requests of these tests."""
+
     def __init__(self, port: int, topic: str) -> None:
-        self.topic = topic
-        self.client = publisher(port, inflight=500)
-        self.infos: list[mqtt.MQTTMessageInfo] = []
+        super().__init__(port, topic, inflight=500)
 
     def raw(self, payload: bytes, topic: str | None = None) -> None:
-        self.infos.append(self.client.publish(topic or self.topic, payload, qos=1))
+        self.send(payload, topic=topic)
 
     def request(self, rid: str, task_id: str, **extra: Any) -> str:
         self.raw(json.dumps({"requestId": rid, "taskId": task_id, **extra}).encode())
@@ -63,21 +62,7 @@ class Publisher:
         return t
 
     def confirm(self, timeout: float = 60) -> None:
-        for info in self.infos:
-            assert wait_published(info, timeout), "the broker did not accept a request"
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
+        self.confirm_all(timeout)
 
 
 def topics() -> dict[str, Any]:
@@ -415,18 +400,13 @@ def test_flood_of_malformed_messages_mixed_with_valid_ones(qrs_certs, sim, broke
     t = topics()["topics"]
     env = {
         **os.environ,
-        "BUTLER_MQTT__MQTT__HOST": "127.0.0.1",
-        "BUTLER_MQTT__MQTT__PORT": str(broker.port),
-        "BUTLER_MQTT__MQTT__CLIENT_ID": f"flood-{uuid.uuid4().hex[:8]}",
-        "BUTLER_MQTT__MQTT__TOPICS__START": t["start"],
-        "BUTLER_MQTT__MQTT__TOPICS__REPLY": t["reply"],
-        "BUTLER_MQTT__MQTT__TOPICS__STATUS": t["status"],
-        "BUTLER_MQTT__QRS__PORT": str(sim.port),
-        "BUTLER_MQTT__QRS__CERT": str(qrs_certs / "client.pem"),
-        "BUTLER_MQTT__QRS__KEY": str(qrs_certs / "client_key.pem"),
-        "BUTLER_MQTT__QRS__CA": str(qrs_certs / "root.pem"),
-        "BUTLER_MQTT__STATE_DIR": str(tmp_path / "state"),
-        "BUTLER_MQTT__LOGGING__LEVEL": "error",
+        **daemon_env(
+            qrs_certs, sim.port, broker.port, tmp_path / "state", f"flood-{uuid.uuid4().hex[:8]}",
+            BUTLER_MQTT__MQTT__TOPICS__START=t["start"],
+            BUTLER_MQTT__MQTT__TOPICS__REPLY=t["reply"],
+            BUTLER_MQTT__MQTT__TOPICS__STATUS=t["status"],
+            BUTLER_MQTT__LOGGING__LEVEL="error",
+        ),
     }
     status = listen(t["status"])
     daemon = subprocess.Popen(

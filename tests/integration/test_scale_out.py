@@ -16,6 +16,7 @@ import pytest
 from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import SimTask
 from tests.support.mqtt import publisher
+from tests.support.ops import daemon_env
 from tests.support.streams import Replies
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,19 +33,14 @@ class Cluster:
     def __init__(self, sim, broker, certs: Path, pg: str, tmp: Path) -> None:
         self.env = {
             **os.environ,
-            "BUTLER_MQTT__MQTT__HOST": "127.0.0.1",
-            "BUTLER_MQTT__MQTT__PORT": str(broker.port),
-            "BUTLER_MQTT__MQTT__CLIENT_ID": "butler",
-            "BUTLER_MQTT__MQTT__SHARED_GROUP": "butlers",
-            "BUTLER_MQTT__QRS__PORT": str(sim.port),
-            "BUTLER_MQTT__QRS__CERT": str(certs / "client.pem"),
-            "BUTLER_MQTT__QRS__KEY": str(certs / "client_key.pem"),
-            "BUTLER_MQTT__QRS__CA": str(certs / "root.pem"),
-            "BUTLER_MQTT__JOURNAL__URL": pg,
-            "BUTLER_MQTT__JOURNAL__LEASE_SECONDS": "3",
-            "BUTLER_MQTT__TRACKING__POLL_INTERVAL": "0.3",
-            "BUTLER_MQTT__TRACKING__FIRST_POLL": "0.2",
-            "BUTLER_MQTT__LOGGING__LEVEL": "info",
+            **daemon_env(  # each instance gets its own state_dir (start)
+                certs, sim.port, broker.port, tmp, "butler",
+                BUTLER_MQTT__MQTT__SHARED_GROUP="butlers",
+                BUTLER_MQTT__JOURNAL__URL=pg,
+                BUTLER_MQTT__JOURNAL__LEASE_SECONDS="3",
+                BUTLER_MQTT__TRACKING__POLL_INTERVAL="0.3",
+                BUTLER_MQTT__TRACKING__FIRST_POLL="0.2",
+            ),
         }
         self.tmp = tmp
         self.procs: dict[str, subprocess.Popen] = {}

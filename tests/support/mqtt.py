@@ -126,14 +126,14 @@ class Inbox:
 class Sender:
     """An MQTT 5 publisher that sets whatever a (hostile) client may set."""
 
-    def __init__(self, port: int, topic: str, client_id: str | None = None) -> None:
+    def __init__(self, port: int, topic: str, client_id: str | None = None, inflight: int = 1000) -> None:
         self.topic = topic
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id or f"sender-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv5,
         )
-        c.max_inflight_messages_set(1000)
+        c.max_inflight_messages_set(inflight)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(0.1, 1)
         connected = threading.Event()
