@@ -23,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from butler_mqtt.ops.mosquitto import free_port
 from butler_mqtt.sim import SimTask
+from tests.support.ops import DaemonProcess
 from tests.support.pki import Pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,55 +48,6 @@ def clean_env() -> dict[str, str]:
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "butler_mqtt", *args], capture_output=True, text=True,
                           timeout=90, cwd=cwd, env=clean_env())
-
-
-class Daemon:
-    """`butler-mqtt run` in the admin's directory, its JSON log collected."""
-
-    def __init__(self, config: Path, cwd: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "butler_mqtt", "run", "--config", str(config)], cwd=cwd,
-                                     env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.lines:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(ev, dict):
-                out.append(ev)
-        return out
-
-    def wait_log(self, event: str, timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = [e for e in self.events() if e.get("event") == event]
-                if found:
-                    return found[0]
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise AssertionError(f"no {event!r} log line; log:\n" + "\n".join(self.lines[-30:]))
-                self._cond.wait(0.5)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                return self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait(5)
 
 
 def wait_for(pred: Any, timeout: float = 20.0, what: str = "") -> None:
@@ -152,12 +104,12 @@ def test_import_butler_config_check_and_run_it(tmp_path, qrs_certs, sim, own_bro
     assert any(ln.startswith("[ok  ] qrs: ") for ln in lines)
 
     # --- step 3: run it, and start tasks the Butler way
-    daemon = Daemon(Path("etc/butler.yaml"), work)
+    daemon = DaemonProcess({}, Path("etc/butler.yaml"), cwd=work, base_env=clean_env())
     try:
-        daemon.wait_log("mqtt_subscribed")
-        listening = daemon.wait_log("http_listening")
+        daemon.wait_log("mqtt_subscribed", timeout=30)
+        listening = daemon.wait_log("http_listening", timeout=30)
         assert listening["url"] == f"https://127.0.0.1:{rest_port}" and listening["tls"] is True
-        warned = [e for e in daemon.events() if e.get("event") == "qrs_tls_verification_disabled"]
+        warned = [e for e in daemon.events if e.get("event") == "qrs_tls_verification_disabled"]
         assert warned and warned[0]["level"] == "warning"
 
         replies: list[dict[str, Any]] = []

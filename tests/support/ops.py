@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +81,22 @@ class DaemonProcess:
     """`python -m butler_mqtt run` as a subprocess; its JSON log lines collected from stdout."""
 
     def __init__(
-        self, env: dict[str, str], config: Path | None = None, preexec_fn: Callable[[], None] | None = None
+        self,
+        env: dict[str, str],
+        config: Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+        *,
+        cwd: Path = REPO,
+        base_env: Mapping[str, str] = os.environ,
     ) -> None:
+        """`env` on top of `base_env` (default: this process's environment), run in `cwd`."""
         args = [sys.executable, "-m", "butler_mqtt", "run"]
         if config is not None:
             args += ["--config", str(config)]
         self.proc = subprocess.Popen(
             args,
-            cwd=REPO,
-            env={**os.environ, **env},
+            cwd=cwd,
+            env={**base_env, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -139,15 +146,15 @@ class DaemonProcess:
         self._thread.join(5)
         return rc
 
-    def stop(self) -> None:
-        """Cleanup: SIGTERM, then SIGKILL if it hangs."""
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL if it hangs; the exit code."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(20)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(5)
+        return self.proc.wait(5)
 
 
 def daemon_env(qrs_certs: Path, qrs_port: int, broker_port: int, state_dir: Path, client_id: str, **extra: str) -> dict[str, str]:
