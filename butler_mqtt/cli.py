@@ -9,9 +9,9 @@ import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from butler_mqtt import __version__
+from butler_mqtt import __version__, replies
 from butler_mqtt.config import DEFAULT_CONFIG, Config, config_path, load_config
 from butler_mqtt.errors import ButlerError, ConfigError, QrsError, RequestRejected
 from butler_mqtt.model import CustomPropertyCriterion, StartRequest, validate_request
@@ -276,14 +276,14 @@ class RequestOutcome:
         self.failed = self.denied = self.not_found = False
 
     def add(self, ev: dict[str, Any]) -> None:
-        kind = ev.get("event")
-        if kind == "error" or (kind == "summary" and ev.get("tasksFailed")):
+        kind = replies.kind(ev)
+        if kind == replies.ERROR or replies.reload_failed(ev):
             self.failed = True
-        if kind == "taskFinished" and ev.get("status") != "FinishedSuccess":
-            self.failed = True
-        if kind == "summary":
-            self.denied |= bool(ev.get("tasksDenied"))
-            self.not_found |= bool(ev.get("tasksNotFound"))
+        if kind == replies.SUMMARY:
+            summary = cast(replies.SummaryEvent, ev)
+            self.failed |= bool(summary.get("tasksFailed"))
+            self.denied |= bool(summary.get("tasksDenied"))
+            self.not_found |= bool(summary.get("tasksNotFound"))
 
     def exit_code(self) -> int:
         if self.failed:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NotRequired, cast, get_args
 
-from butler_mqtt.model import TaskOutcome
+from typing_extensions import TypedDict  # pydantic (http/schemas.py) wants this one on 3.11
+
+from butler_mqtt.model import TaskOutcome, TaskStatus
 
 #: QRS's "never" timestamp (1753 sentinel): reported as null.
 QRS_NEVER = "1753-01-01T00:00:00.000Z"
@@ -136,3 +138,111 @@ def request_finished(
 def task_events(events: Iterable[Event]) -> list[Event]:
     """The `task` events among `events` (for readers: metrics, REST answers, the journal)."""
     return [ev for ev in events if ev.get("event") == "task"]
+
+
+# --------------------------------------------------------------------------- readers
+#
+# Replies are read back as well as built: the REST answers (http/bodies.py), the OpenAPI
+# document (http/schemas.py), the `request` command's exit code (cli.py), the requester
+# (mqtt/requester.py) and the metrics. They read through the names below, so that the wire
+# names live in this module only. (The builders above spell the same names; they are left as
+# they are while contract section 7's statuses and events are added to them.)
+
+#: The `event` of each reply.
+TASK, SUMMARY, TASK_FINISHED, TASK_OVERDUE, REQUEST_FINISHED, ERROR = (
+    "task",
+    "summary",
+    "taskFinished",
+    "taskOverdue",
+    "requestFinished",
+    "error",
+)
+#: Every `task` status, as the request model defines them.
+TASK_STATUSES: tuple[str, ...] = get_args(TaskStatus)
+STARTED, DENIED = "started", "denied"
+#: Task statuses listed under `tasksStarted` in a summary.
+LISTED_AS_STARTED = _LISTED_AS_STARTED
+#: The QRS final state of a reload that succeeded (`taskFinished` status).
+FINISHED_SUCCESS = "FinishedSuccess"
+
+
+class TaskBrief(TypedDict):
+    """A task as listed inside a summary."""
+
+    taskId: str
+    taskName: str
+    status: TaskStatus
+    reason: NotRequired[str]
+
+
+class TaskEvent(TypedDict):
+    """`task` on the wire (see `task`)."""
+
+    event: str
+    requestId: str | None
+    taskId: str
+    taskName: str
+    status: TaskStatus
+    executionId: NotRequired[str]
+    matchedBy: list[str]
+    reason: NotRequired[str]
+    stage: NotRequired[int]
+
+
+class SummaryBody(TypedDict):
+    """`summary` on the wire without its `event` key: the REST answer to a seed-shaped body."""
+
+    requestId: str | None
+    tasksStarted: list[TaskBrief]
+    tasksNotFound: list[dict[str, Any]]
+    tasksDenied: list[TaskBrief]
+    tasksFailed: list[TaskBrief]
+    totalTasksStarted: int
+    stage: NotRequired[int]
+
+
+class SummaryEvent(SummaryBody):
+    """`summary` on the wire (see `summary`)."""
+
+    event: str
+
+
+def kind(ev: Mapping[str, Any]) -> str | None:
+    """The reply's `event` (None for anything that is not a reply of ours)."""
+    value = ev.get("event")
+    return value if isinstance(value, str) else None
+
+
+def in_first_stage(ev: Mapping[str, Any]) -> bool:
+    """The event belongs to the request itself, not to a later `then` stage."""
+    return ev.get("stage") in (None, 0)
+
+
+def first_stage_tasks(events: Iterable[Event]) -> list[TaskEvent]:
+    """The `task` events of the request's first stage."""
+    return [cast(TaskEvent, ev) for ev in task_events(events) if in_first_stage(ev)]
+
+
+def summary_of(events: Iterable[Event]) -> SummaryEvent | None:
+    """The first stage's `summary` among `events`, if there is one."""
+    for ev in events:
+        if kind(ev) == SUMMARY and in_first_stage(ev):
+            return cast(SummaryEvent, ev)
+    return None
+
+
+def summary_body(ev: SummaryEvent) -> SummaryBody:
+    """A summary without its `event` key (the REST answer)."""
+    return cast(SummaryBody, {k: v for k, v in ev.items() if k != "event"})
+
+
+def ends_request(ev: Mapping[str, Any], waits: bool) -> bool:
+    """The reply after which no more come for the request: an error, else its summary, or
+    requestFinished when the request waits (`wait` or `then`)."""
+    k = kind(ev)
+    return k == ERROR or k == (REQUEST_FINISHED if waits else SUMMARY)
+
+
+def reload_failed(ev: Mapping[str, Any]) -> bool:
+    """A `taskFinished` for a reload that did not end with FinishedSuccess."""
+    return kind(ev) == TASK_FINISHED and ev.get("status") != FINISHED_SUCCESS

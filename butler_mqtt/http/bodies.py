@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
+from butler_mqtt import replies
 from butler_mqtt.errors import RequestRejected
 from butler_mqtt.model import (
     EMPTY_GUID,
@@ -95,12 +96,12 @@ def seed_request(data: dict[str, Any], task_id: str | None, all_must_exist: bool
     return validate_request(merged)
 
 
-def summary_response(events: list[dict[str, Any]]) -> dict[str, Any]:
+def summary_response(events: list[dict[str, Any]]) -> replies.SummaryBody:
     """The seed shape's 200 body: the first stage's `summary` event without its `event` key."""
-    for ev in events:
-        if ev.get("event") == "summary" and ev.get("stage") in (None, 0):
-            return {k: v for k, v in ev.items() if k != "event"}
-    raise LookupError("the pipeline produced no summary")  # a bug, never client input
+    summary = replies.summary_of(events)
+    if summary is None:
+        raise LookupError("the pipeline produced no summary")  # a bug, never client input
+    return replies.summary_body(summary)
 
 
 # --------------------------------------------------------------------------- Butler shape
@@ -248,25 +249,23 @@ def butler_response(plan: ButlerPlan, events: list[dict[str, Any]]) -> dict[str,
     req = plan.request
     tags = list(dict.fromkeys(req.tag)) if req else []
     cps = list(dict.fromkeys(req.customProperty)) if req else []
-    for ev in events:
-        kind = ev.get("event")
-        if kind == "summary" and ev.get("stage") in (None, 0):
-            not_found = [nf for nf in ev.get("tasksNotFound", []) if nf.get("taskId", "") != plan.sentinel]
-        if kind != "task" or ev.get("stage") not in (None, 0):
-            continue
+    summary = replies.summary_of(events)
+    if summary is not None:
+        not_found = [nf for nf in summary.get("tasksNotFound", []) if nf.get("taskId", "") != plan.sentinel]
+    for ev in replies.first_stage_tasks(events):
         matched = set(ev.get("matchedBy") or [])
         ref = {"taskId": ev["taskId"], "taskName": ev["taskName"]}
         by_id = any(m.startswith("taskId:") for m in matched)
         its_tags = [t for t in tags if f"tag:{t}" in matched]
         its_cps = [c for c in cps if f"customProperty:{c.name}={c.value}" in matched]
-        if ev["status"] == "started":
+        if ev["status"] == replies.STARTED:
             if by_id:
                 started.append(ref)
             if its_tags:
                 by_tag.append(ref)
             if its_cps:
                 by_cp.append(ref)
-        elif ev["status"] == "denied":
+        elif ev["status"] == replies.DENIED:
             if by_id:
                 denied.append(ref)
             tag_denied += [{"tag": t, **ref} for t in its_tags]

@@ -2,8 +2,9 @@
 
 The start endpoint reads its body itself (two shapes, a size limit, Butler's lenient invalid
 IDs), so FastAPI cannot infer the request schema; it is assembled here from the same pydantic
-models that validate requests (`StartRequest`, `ButlerBody`). The response models below are
-documentation only: the handlers build plain dicts (from the pipeline's events) that match them,
+models that validate requests (`StartRequest`, `ButlerBody`). The summary's schema is derived
+from replies.py's typed view of it (`SummaryBody`), so it follows the reply builder; the other
+response models below are documentation only: the handlers build plain dicts that match them,
 and the tests check that through the document (schemathesis' response conformance).
 """
 
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
+from butler_mqtt import replies
 from butler_mqtt.http.bodies import ButlerBody
 from butler_mqtt.model import GUID_RE, MAX_CRITERIA, StartRequest
 
@@ -27,25 +29,30 @@ class ErrorBody(BaseModel):
     details: str = Field(examples=["Task ID must be a valid GUID"])
 
 
-class TaskBrief(BaseModel):
-    taskId: str
-    taskName: str
-    status: Literal["started", "notStarted", "denied", "failed", "wouldStart"]
-    reason: str | None = Field(default=None, description="Present for notStarted, denied and failed.")
+#: What the summary's fields mean, for readers of /docs. The shape itself (fields, types, the
+#: task statuses) is replies.SummaryBody's, the one the pipeline's summary has.
+SUMMARY_DOCS = {
+    "Summary": {
+        "": "The contract's `summary` event without `event` (answer to a seed-shaped body).",
+        "tasksStarted": "Started, notStarted (QRS did not start it) or wouldStart (dryRun).",
+        "tasksNotFound": "Every criterion that matched no task: {taskId}, {tag} or {customProperty: {name, value}}.",
+        "totalTasksStarted": "Tasks QRS really started.",
+        "stage": "0 when the request has `then` (the first stage).",
+    },
+    "TaskBrief": {"reason": "Present for notStarted, denied and failed."},
+}
 
 
-class Summary(BaseModel):
-    """The contract's `summary` event without `event` (answer to a seed-shaped body)."""
-
-    requestId: str | None
-    tasksStarted: list[TaskBrief] = Field(description="Started, notStarted (QRS did not start it) or wouldStart (dryRun).")
-    tasksNotFound: list[dict[str, Any]] = Field(
-        description="Every criterion that matched no task: {taskId}, {tag} or {customProperty: {name, value}}."
-    )
-    tasksDenied: list[TaskBrief]
-    tasksFailed: list[TaskBrief]
-    totalTasksStarted: int = Field(description="Tasks QRS really started.")
-    stage: int | None = Field(default=None, description="0 when the request has `then` (the first stage).")
+def summary_schemas() -> dict[str, Any]:
+    """`Summary` (the REST answer to a seed-shaped body) and the `TaskBrief` it lists, derived
+    from replies.py's typed views of the wire form, with SUMMARY_DOCS added."""
+    summary = TypeAdapter(replies.SummaryBody).json_schema(ref_template=REF)
+    defs: dict[str, Any] = summary.pop("$defs")
+    defs["Summary"] = summary | {"title": "Summary"}
+    for model, docs in SUMMARY_DOCS.items():
+        for key, text in docs.items():
+            (defs[model]["properties"][key] if key else defs[model])["description"] = text
+    return defs
 
 
 class ButlerTaskRef(BaseModel):
@@ -141,14 +148,13 @@ def component_schemas() -> dict[str, Any]:
         (StartRequest, "validation"),
         (ButlerBody, "validation"),
         (ErrorBody, "serialization"),
-        (Summary, "serialization"),
         (ButlerResponse, "serialization"),
         (Health, "serialization"),
     ]
     _, top = models_json_schema(models, ref_template=REF)
     defs: dict[str, Any] = top["$defs"]
     _patch_start_request(defs)
-    return defs
+    return defs | summary_schemas()
 
 
 def _ref(model: str) -> dict[str, str]:

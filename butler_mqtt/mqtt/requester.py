@@ -20,16 +20,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from butler_mqtt import replies
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.mqtt.listener import apply_credentials, nodelay
-
-
-def is_last(event: dict[str, Any], waits: bool) -> bool:
-    """The reply that ends a request: its summary (or requestFinished when waiting), or an error."""
-    kind = event.get("event")
-    if kind == "error":
-        return True
-    return kind == ("requestFinished" if waits else "summary")
 
 
 class Requester:
@@ -160,7 +153,7 @@ class Requester:
                 events.append(ev)
                 if on_event is not None:
                     on_event(ev)
-                if is_last(ev, waits):
+                if replies.ends_request(ev, waits):
                     return events
         finally:
             with self._lock:

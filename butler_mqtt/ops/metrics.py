@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from butler_mqtt import replies
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -50,9 +52,8 @@ class Metrics:
         self.requests.labels(ingress, outcome).inc()
 
     def tasks(self, events: list[dict[str, Any]]) -> None:
-        for ev in events:
-            if ev.get("event") == "task":
-                self.task_outcomes.labels(str(ev.get("status"))).inc()
+        for ev in replies.task_events(events):
+            self.task_outcomes.labels(str(ev.get("status"))).inc()
 
     def observe_qrs(self, method: str, route: str, status: int | None, seconds: float) -> None:
         self.qrs_latency.labels(method, route, str(status) if status is not None else "error").observe(seconds)
