@@ -89,6 +89,13 @@ def check_http(cfg: Config) -> bool:
 
 def check_broker(cfg: MqttConfig, timeout: float = 10.0) -> bool:
     """Connect with the configured credentials and subscribe to the start topic."""
+    answers = _ask_broker(cfg, timeout)
+    return answers is not None and _judge_broker(cfg, answers, timeout)
+
+
+def _ask_broker(cfg: MqttConfig, timeout: float) -> dict[str, str] | None:
+    """What the broker answered to CONNECT and SUBSCRIBE (keys connect, subscribe,
+    subscribe_ok); None, with the FAIL line printed, when it could not be reached at all."""
     result: dict[str, str] = {}
     done = threading.Event()
     c = mqtt.Client(
@@ -123,14 +130,20 @@ def check_broker(cfg: MqttConfig, timeout: float = 10.0) -> bool:
             FAIL, "broker", f"TLS with {where} failed ({exc.reason or exc}); mqtt.tls.ca must be the CA that signed "
             "the broker certificate, mqtt.host a name in it, and mqtt.port the broker's TLS port",
         )
-        return False
+        return None
     except OSError as exc:
         _line(FAIL, "broker", f"cannot reach {where} ({exc}); check mqtt.host/mqtt.port and that the broker runs")
-        return False
+        return None
     c.loop_start()
     done.wait(timeout)
     c.disconnect()
     c.loop_stop()
+    return result
+
+
+def _judge_broker(cfg: MqttConfig, result: dict[str, str], timeout: float) -> bool:
+    """The broker's answers as check lines, each saying what to fix."""
+    where = f"{cfg.host}:{cfg.port}"
     if "connect" not in result:
         _line(FAIL, "broker", f"no answer from {where} within {timeout:.0f} s; TLS on a plain port, or a firewall?")
         return False

@@ -9,7 +9,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from butler_mqtt import __version__, replies
 from butler_mqtt.config import DEFAULT_CONFIG, Config, config_path, load_config
@@ -111,17 +111,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"butler-mqtt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_operator_commands, _add_request_command, _add_sim_command, _add_local_commands):
+        add(sub)
+    return parser
 
-    def command(name: str, summary: str, description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
-        return sub.add_parser(
-            name,
-            help=summary,
-            description=description or summary,
-            epilog=epilog or EXIT_CODES,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
 
-    p = command(
+if TYPE_CHECKING:  # what add_subparsers returns (argparse has no public name for it)
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _command(
+    sub: Subcommands, name: str, summary: str, description: str | None = None, epilog: str | None = None
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=summary,
+        description=description or summary,
+        epilog=epilog or EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def _add_operator_commands(sub: Subcommands) -> None:
+    """run, check and resolve."""
+    p = _command(
+        sub,
         "run",
         "the daemon: MQTT listener (+ REST API when enabled) until SIGTERM/SIGINT",
         "The daemon: listens for start requests on MQTT (and the REST API when http.enabled), "
@@ -130,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(p)
 
-    p = command(
+    p = _command(
+        sub,
         "check",
         "validate the config, reach the broker and QRS; one line per check",
         "Validates the config, reads the certificate files (days left), connects to the broker with "
@@ -139,14 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(p)
 
-    p = command(
+    p = _command(
+        sub,
         "resolve",
         "dry run against QRS: print (JSON) the tasks that would start, and why; starts nothing",
     )
     _add_config(p)
     _add_selectors(p)
 
-    p = command(
+
+def _add_request_command(sub: Subcommands) -> None:
+    """request: the client for upstream users."""
+    p = _command(
+        sub,
         "request",
         "publish a start request over MQTT and print the replies as they arrive",
         "A client for upstream users: publishes one start request on mqtt.topics.start of the "
@@ -168,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the final reply, > 0 (default 30; with --wait allow for the reloads)",
     )
 
-    p = command("sim", "the QRS simulator (HTTPS with client certificates)", SIM_HELP)
+
+def _add_sim_command(sub: Subcommands) -> None:
+    """sim: the QRS simulator."""
+    p = _command(sub, "sim", "the QRS simulator (HTTPS with client certificates)", SIM_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=4242, help="port to listen on (default 4242, like QRS)")
     p.add_argument(
@@ -188,10 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the demo data set (the default without --tasks; with --tasks: both)",
     )
 
-    p = command("demo", "simulator + broker + daemon + three sample requests, all local", DEMO_HELP)
+
+def _add_local_commands(sub: Subcommands) -> None:
+    """demo and init."""
+    p = _command(sub, "demo", "simulator + broker + daemon + three sample requests, all local", DEMO_HELP)
     p.add_argument("--once", action="store_true", help="stop right after the sample requests")
 
-    p = command(
+    p = _command(
+        sub,
         "init",
         "write the documented starter configuration, or one imported from Butler's (refuses to overwrite)",
         "Writes the documented starter configuration (every key with its default and a comment; "
@@ -205,7 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where to write it (default: $BUTLER_MQTT_CONFIG, else {DEFAULT_CONFIG})",
     )
     p.add_argument("--from-butler", type=Path, metavar="BUTLER.yaml", help="Butler's YAML config file to import")
-    return parser
 
 
 def selectors_request(args: argparse.Namespace, **extra: Any) -> StartRequest:
