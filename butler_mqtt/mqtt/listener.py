@@ -12,12 +12,9 @@ Facts this relies on (research/peers-and-mqtt-practice.md part B, tested on Mosq
   only, and is answered "Payload too large"); a delivery that would push the hand-off queue
   over `mqtt.queue_bytes` is not taken: it stays unacked, and once the queue has drained the
   listener drops the connection so that the broker delivers it again (nothing lost);
-* a packet id stays in use until we ack it: a delivery whose id is still being handled is the
-  broker's redelivery of that same message (after a reconnect) and is not handled twice;
-* an ack written just before the connection drops (our own redelivery request, a broker
-  restart) may never reach the broker, which then resends the delivery (dup) though it was
-  answered: the last acked packet ids of the session are remembered with the delivery's
-  fingerprint (payload, topic, packet id), and such a resend is acked again, not handled again;
+* a packet id stays in use until we ack it, and an ack written just before the connection
+  drops may never reach the broker, which then resends the delivery (dup): see "Three guards
+  against a second handling" below;
 * after a reconnect without the session, earlier packet ids mean nothing: jobs of the old
   session are not acked (their messages are gone from the broker or redelivered anew);
 * plain disconnect() does not send the will, so "offline" is published by hand on shutdown;
@@ -29,6 +26,31 @@ Facts this relies on (research/peers-and-mqtt-practice.md part B, tested on Mosq
   of publish order, so the last reply being confirmed says nothing about the earlier ones.
 
 The network thread only parses and enqueues; all work happens in the daemon's workers.
+
+Three guards against a second handling of one delivery. They look alike, but each covers a
+window the others cannot see, so they stay three (unifying them would change what is answered):
+
+* The in-flight registry (`_inflight`, packet id -> the Job being handled, this session): a
+  redelivery that arrives while the first copy is still queued or in a worker (a reconnect
+  with the session, e.g. a broker restart while QRS is down) is dropped unanswered, because
+  the first copy's ack (the same packet id) acknowledges both. Only it can: the copy is not
+  acked yet (so `_answered` does not know it) and may not be in the journal yet (so the
+  journal would let a second worker answer it, or for an anonymous request start it again).
+  It also holds what `ack` needs and what /healthz counts as unacked.
+* The answered memory (`_answered`, the last ANSWERED_MEMORY acked packet ids with the
+  delivery's fingerprint: payload, topic, packet id): a dup resend of a delivery we answered
+  and acked, whose ack was lost with the connection, is acked again and nothing is
+  published. It covers every delivery, also those the journal never records (invalid JSON,
+  oversize, retained, expired, a bad response topic: without it, each resend would get a
+  second error reply), and it spares keyed requests a replay of their replies. It is memory:
+  gone with a restart, and cleared with a new broker session, whose packet ids mean nothing.
+* The journal fingerprint (mqtt/handler.py: `journal.recent_hash`, for a dup request without
+  requestId or correlation data): the same fingerprint, stored with the request's outcome.
+  It is durable, so it holds across a daemon restart (the broker resends what the dead
+  process never acked) and across instances sharing a journal; there the earlier outcome is
+  replayed instead of starting anything again. Requests with a key need no fingerprint: the
+  key itself finds them. It cannot replace the other two: it knows only valid requests that
+  reached the journal, and it answers (replays) rather than staying silent.
 """
 
 from __future__ import annotations
