@@ -14,6 +14,7 @@ import trustme
 
 from butler_mqtt.config import Config, deep_merge
 from butler_mqtt.ops.mosquitto import INSTALL_HINT, Mosquitto, find_mosquitto
+from tests.support.mqtt import Inbox
 
 
 @pytest.fixture(scope="session")
@@ -116,71 +117,20 @@ def start_daemon() -> Iterator[Callable[[Config], RunningDaemon]]:
             pass
 
 
-class TopicListener:
-    """Collects JSON messages from a topic (e.g. the default reply topic)."""
-
-    def __init__(self, broker: Mosquitto, topic: str, protocol: int = 5) -> None:
-        import json
-        import time
-
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self._json = json
-        self._time = time
-        self.messages: list[dict[str, Any]] = []
-        self.raw: list[Any] = []
-        self._cond = threading.Condition()
-        ready = threading.Event()
-        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"listen-{uuid.uuid4().hex[:8]}", protocol=protocol)
-        c.on_connect = lambda cl, *_: cl.subscribe(topic, qos=1)
-        c.on_subscribe = lambda *_: ready.set()
-        c.on_message = self._on_message
-        c.connect("127.0.0.1", broker.port)
-        c.loop_start()
-        if not ready.wait(10):
-            raise RuntimeError("listener could not subscribe")
-        self.client = c
-
-    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
-        try:
-            ev = self._json.loads(msg.payload)
-        except ValueError:
-            return
-        with self._cond:
-            self.raw.append(msg)
-            self.messages.append(ev)
-            self._cond.notify_all()
-
-    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:
-        deadline = self._time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for m in self.messages:
-                    if pred(m):
-                        return m
-                left = deadline - self._time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no matching message within {timeout} s; got {self.messages[-5:]}")
-                self._cond.wait(left)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
-def listen(broker: Mosquitto) -> Iterator[Callable[..., TopicListener]]:
-    made: list[TopicListener] = []
+def listen(broker: Mosquitto) -> Iterator[Callable[..., Inbox]]:
+    """`listen(topic, on=broker)`: an Inbox (tests/support/mqtt.py) collecting the JSON
+    messages on a topic filter, e.g. the default reply topic or the status topic."""
+    made: list[Inbox] = []
 
-    def make(topic: str, on: Mosquitto | None = None, protocol: int = 5) -> TopicListener:
-        lst = TopicListener(on or broker, topic, protocol)
-        made.append(lst)
-        return lst
+    def make(topic: str, on: Mosquitto | None = None) -> Inbox:
+        inbox = Inbox((on or broker).port, topic)
+        made.append(inbox)
+        return inbox
 
     yield make
-    for lst in made:
-        lst.close()
+    for inbox in made:
+        inbox.close()
 
 
 PG_ADMIN_URL = os.environ.get("BUTLER_MQTT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")

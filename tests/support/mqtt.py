@@ -46,10 +46,13 @@ class Received:
     topic: str
     correlation: bytes | None
     event: dict[str, Any]
+    message: Any = None  # paho's MQTTMessage
+    parsed: bool = True  # the payload was a JSON object (else `event` only marks it)
 
 
 class Inbox:
-    """Every JSON message on `topic_filter` (QoS 1), with its topic and correlation data.
+    """Every JSON message on `topic_filter` (QoS 1), with its topic and correlation data; also
+    the `listen` fixture's collector (tests/conftest.py): `messages`, `raw`, `wait_for`.
 
     `persistent`: a session the broker keeps (and persists) across a broker restart, so that
     nothing published while the inbox reconnects is missed."""
@@ -82,12 +85,38 @@ class Inbox:
             ev = json.loads(msg.payload)
         except (ValueError, RecursionError):
             ev = None
-        if not isinstance(ev, dict):
+        parsed = isinstance(ev, dict)
+        if not parsed:
             ev = {"event": None, "raw": bytes(msg.payload[:200])}  # not a reply of ours: kept, marked
         corr = getattr(msg.properties, "CorrelationData", None) if msg.properties is not None else None
         with self.cond:
-            self.items.append(Received(msg.topic, corr, ev))
+            self.items.append(Received(msg.topic, corr, ev, msg, parsed))
             self.cond.notify_all()
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The JSON objects received so far, in arrival order."""
+        with self.cond:
+            return [r.event for r in self.items if r.parsed]
+
+    @property
+    def raw(self) -> list[Any]:
+        """paho's messages behind `messages`, in the same order."""
+        with self.cond:
+            return [r.message for r in self.items if r.parsed]
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:
+        """The first JSON object that satisfies `pred` (waits for it)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for m in self.messages:
+                    if pred(m):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no matching message within {timeout} s; got {self.messages[-5:]}")
+                self.cond.wait(left)
 
     def select(self, pred: Callable[[Received], bool]) -> list[Received]:
         with self.cond:
