@@ -205,7 +205,64 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where to write it (default: $BUTLER_MQTT_CONFIG, else {DEFAULT_CONFIG})",
     )
     p.add_argument("--from-butler", type=Path, metavar="BUTLER.yaml", help="Butler's YAML config file to import")
+    _add_history(command)
     return parser
+
+
+HISTORY_HELP = """\
+The request history from the journal of the configured daemon (state_dir, or journal.url), read
+directly: it works while the daemon runs, and writes nothing. One row per request, oldest first:
+when it came (UTC), its ingress and source (MQTT topic or REST client), the requestId, the
+criteria, what happened to the tasks (started, denied, failed, not found, ...), the final states
+(FinishedSuccess 2, FinishedFail 1; "running" while followed), the state (handling, answered,
+following, finished) and how often it came again as a duplicate. With --request-id, one line per
+task follows. The journal keeps journal.retention_hours (24 h by default); GET /v4/requests on
+the REST API answers the same records."""
+
+
+def since_arg(text: str) -> float:
+    """argparse type: --since (30m, 2h, 1d, 1w, 45s, or an ISO 8601 date / date-time, UTC)."""
+    from butler_mqtt.journal.history import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("since: ")) from None
+
+
+def task_guid(text: str) -> str:
+    """argparse type: a task GUID (any case)."""
+    from butler_mqtt.model import is_guid
+
+    if not is_guid(text.strip()):
+        raise argparse.ArgumentTypeError(f"not a task GUID: {text!r}")
+    return text.strip().lower()
+
+
+def history_limit(text: str) -> int:
+    """argparse type: 1..1000."""
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 1000, got {text!r}")
+    return int(text)
+
+
+def _add_history(command: Any) -> None:
+    p = command("history", "the request history from the journal (a table, or JSON lines with --json)", HISTORY_HELP)
+    _add_config(p)
+    p.add_argument("--since", type=since_arg, metavar="WHEN",
+                   help="only requests received since: 30m, 2h, 1d, 1w, or an ISO date / date-time (UTC unless it has an offset)")
+    p.add_argument("--request-id", metavar="ID", help="only this requestId (and show its tasks)")
+    p.add_argument("--task", type=task_guid, metavar="ID", help="only requests that selected or named this task GUID")
+    p.add_argument("--limit", type=history_limit, default=100, metavar="N", help="the newest N requests (default 100, at most 1000)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line (the records of GET /v4/requests)")
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from butler_mqtt.history import run_history
+    from butler_mqtt.journal.history import HistoryQuery
+
+    query = HistoryQuery(since=args.since, request_id=args.request_id, task_id=args.task, limit=args.limit)
+    return run_history(_load(args), query, args.json)
 
 
 def selectors_request(args: argparse.Namespace, **extra: Any) -> StartRequest:
@@ -389,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sim": cmd_sim,
         "demo": cmd_demo,
         "init": cmd_init,
+        "history": cmd_history,
     }
     try:
         return handlers[args.command](args)

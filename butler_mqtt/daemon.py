@@ -36,7 +36,8 @@ from butler_mqtt.model import (
 from butler_mqtt.mqtt.handler import RequestHandler
 from butler_mqtt.mqtt.listener import Job, MqttListener
 from butler_mqtt.mqtt.retain_probe import RetainProbe
-from butler_mqtt.ops import fds, systemd
+from butler_mqtt.ops import alerts, fds, systemd
+from butler_mqtt.ops.alerts import Alerter
 from butler_mqtt.ops.lock import StateDirLock
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.qrs.client import QrsClient
@@ -90,8 +91,11 @@ class Daemon:
         from butler_mqtt.ops import metrics
 
         self.metrics = metrics.Metrics()
-        self.qrs = QrsClient(cfg.qrs, observer=self.metrics.observe_qrs)
+        # Alerts (ops/alerts.py) watch the QRS calls and every new reply event, like the metrics.
+        self.alerter = Alerter(cfg.alerts, self.metrics, instance=client_id, qrs=cfg.qrs.base_url, publish=self._publish_alert)
+        self.qrs = QrsClient(cfg.qrs, observer=alerts.observers(self.metrics.observe_qrs, self.alerter.observe_qrs))
         self.service = StartService(cfg, self.qrs, self.journal)
+        self.service.observers += [self.metrics.observe_event, self.alerter.observe]
         self.listener = MqttListener(
             cfg.mqtt, self._enqueue, client_id=client_id, limits=(MAX_PAYLOAD_BYTES, MAX_PLAIN_PAYLOAD_BYTES)
         )
@@ -107,6 +111,7 @@ class Daemon:
             t.start()
             self._workers.append(t)
         self.listener.start()
+        self.alerter.start()
         self.tracker.start()
         if cfg.http.enabled or cfg.metrics.port is not None:
             from butler_mqtt.http.server import start_http
@@ -157,6 +162,7 @@ class Daemon:
         if self.http_server is not None:
             self.http_server.stop()
         self.tracker.stop()  # its records stay in the journal: picked up again next run
+        self.alerter.stop()  # what is waiting goes out while the broker connection still is up
         self.listener.stop()
         if self.retain_probe is not None:
             self.retain_probe.stop()
@@ -283,6 +289,9 @@ class Daemon:
     def waiting(self) -> tuple[int, float | None]:
         """Deliveries kept unacked for a retry, and how long the oldest has waited (s)."""
         return self.handler.waiting()
+
+    def _publish_alert(self, topic: str, message: dict[str, Any]) -> None:
+        self.listener.publish_event(topic, None, message)
 
     def publish_route(self, route: Route, event: dict[str, Any]) -> None:
         """Publish a later event (taskFinished, chain stages) to where the request wanted it."""

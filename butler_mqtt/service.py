@@ -53,9 +53,30 @@ class StartService:
         self._allow_lock = threading.Lock()
         self._allow = cfg.start_filter
         self.keys = KeyLocks()
+        #: Called with every reply event as it is produced (never with a replayed one): the
+        #: alerter and the metrics watch the requests here, whatever the ingress (`notify`).
+        self.observers: list[Emit] = []
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def notify(self, ev: dict[str, Any]) -> None:
+        """Hand a new reply event to every observer. An observer must be quick (it runs on
+        the request's thread) and its failure never reaches the request."""
+        for observe in self.observers:
+            try:
+                observe(ev)
+            except Exception:  # noqa: BLE001 - watching a request must never break it
+                log.exception("event_observer_failed", observer=getattr(observe, "__qualname__", repr(observe)))
+
+    def observed(self, emit: Emit) -> Emit:
+        """`emit`, then `notify`: how a fresh request's events leave the use case."""
+
+        def both(ev: dict[str, Any]) -> None:
+            emit(ev)
+            self.notify(ev)
+
+        return both
 
     def set_start_filter(self, start_filter: Any) -> None:
         """Swap the allow-list (SIGHUP reload) without disturbing requests in flight."""
@@ -240,6 +261,9 @@ class Handled:
 
     events: list[dict[str, Any]]
     replayed: bool = False
+    #: Fresh requests that sent starts: seconds from the claim until every start of the first
+    #: stage was answered (the start latency metric).
+    start_seconds: float | None = None
 
 
 def _audit_fields(req: StartRequest) -> dict[str, Any]:
@@ -298,7 +322,11 @@ def _handle(
     t0 = time.perf_counter()
     ingress, source, key = claim.ingress, claim.source, claim.key
     journal = service.journal if key is not None else None
-    prior = journal.begin(key, ingress, claim.payload_hash) if journal is not None and key is not None else None
+    prior = (
+        journal.begin(key, ingress, claim.payload_hash, source=source, request=req.model_dump(mode="json", exclude_defaults=True))
+        if journal is not None and key is not None
+        else None
+    )
     if prior is not None and prior.done:
         for ev in prior.replies:
             emit(ev)
@@ -309,11 +337,12 @@ def _handle(
     # Replies are published as they happen and recorded together when the stage is done (one
     # transaction): a crash in between is resumed from the start intents, checked with QRS.
     try:
-        result = service.run_stage(req, req.requestId, emit, 0 if req.then is not None else None, key, prior)
+        result = service.run_stage(req, req.requestId, service.observed(emit), 0 if req.then is not None else None, key, prior)
     except QrsError:
         if journal is not None and key is not None and prior is None:
             journal.forget(key)
         raise
+    answered = time.perf_counter()
     if on_started is not None:
         on_started(result)
     if journal is not None and key is not None:
@@ -335,4 +364,5 @@ def _handle(
         notFound=s["tasksNotFound"],
         ms=round((time.perf_counter() - t0) * 1000, 1),
     )
-    return Handled(result.events)
+    sent = s["tasksStarted"] or s["tasksFailed"]
+    return Handled(result.events, start_seconds=answered - t0 if sent and not req.dryRun else None)

@@ -203,6 +203,11 @@ class Tracker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def following(self) -> int:
+        """Executions being followed to their end right now (the metric)."""
+        with self._lock:
+            return sum(len(w.pending) for w in self._waited.values())
+
 
     # ------------------------------------------------------------------ entry point
 
@@ -336,6 +341,7 @@ class Tracker:
         except ButlerError as exc:
             log.error("journal_write_failed", error=str(exc))
         self.publish(w.route, ev)
+        self.service.notify(ev)  # every event the tracker sends (its own and chain stages')
 
     def _stage_ended(self, key: str) -> None:
         with self._lock:

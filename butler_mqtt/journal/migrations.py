@@ -51,5 +51,17 @@ MIGRATIONS: dict[int, dict[str, list[str]]] = {
             "CREATE INDEX IF NOT EXISTS events_key ON events(key, id)",
         ],
     },
+    # 2 is the run queue's (policies). 3: what the request history (journal/history.py) shows
+    # beside the replies: where a request came from, the request itself (criteria, options;
+    # JSON), and how often it was seen again as a duplicate.
+    3: {
+        "*": [
+            "ALTER TABLE requests ADD COLUMN source TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE requests ADD COLUMN request TEXT",
+            "ALTER TABLE requests ADD COLUMN duplicates INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE requests ADD COLUMN last_duplicate DOUBLE PRECISION",
+            "CREATE INDEX IF NOT EXISTS events_task ON events(task_id)",
+        ],
+    },
 }
 SCHEMA_VERSION = max(MIGRATIONS)

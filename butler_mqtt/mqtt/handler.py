@@ -207,7 +207,7 @@ class RequestHandler:
             self.qrs_problem = None
             self.listener.set_problem("qrs", None)
         self.metrics.request(ingress, "duplicate" if handled.replayed else "ok")
-        self.metrics.tasks(handled.events)
+        self.metrics.started(ingress, handled.start_seconds)  # tasks are counted as events (Metrics.observe_event)
         self._finish(job, d.replies)
 
     def _qrs_refused(self, exc: QrsError) -> None:
