@@ -45,18 +45,25 @@ def _cut(text: str, width: int = MAX_CELL) -> str:
 
 
 def criteria_text(rec: dict[str, Any]) -> str:
+    """`taskId:1a2b3c4d… tag:daily customProperty:group=finance then …` (GUIDs shortened)."""
     crit = rec.get("criteria")
     if crit is None:
         return "?"
-    parts = [f"taskId:{t}" for t in crit.get("taskId", [])] + [f"tag:{t}" for t in crit.get("tag", [])]
+    parts = [f"taskId:{t[:8]}…" for t in crit.get("taskId", [])] + [f"tag:{t}" for t in crit.get("tag", [])]
     parts += [f"customProperty:{c['name']}={c['value']}" for c in crit.get("customProperty", [])]
     if (rec.get("request") or {}).get("then") is not None:
         parts.append("then …")
     return " ".join(parts) or "-"
 
 
+#: The order of task statuses in the TASKS column (others follow as they come).
+STATUS_ORDER = ("started", "notStarted", "wouldStart", "alreadyRunning", "queued", "skipped", "denied", "failed", "expired")
+
+
 def tasks_text(rec: dict[str, Any]) -> str:
-    parts = [f"{n} {status}" for status, n in rec["counts"].items()]
+    counts: dict[str, int] = rec["counts"]
+    order = [s for s in STATUS_ORDER if s in counts] + [s for s in counts if s not in STATUS_ORDER]
+    parts = [f"{counts[status]} {status}" for status in order]
     if rec["notFound"]:
         parts.append(f"{len(rec['notFound'])} not found")
     if rec.get("error"):
