@@ -94,7 +94,7 @@ def _row(rec: dict[str, Any]) -> list[str]:
         str(rec["ingress"]),
         _cut(rec["source"] or "-", 28),
         _cut(rec["requestId"] or "-", 36),
-        _cut(criteria_text(rec)),
+        _cut(criteria_text(rec), 60),
         _cut(tasks_text(rec)),
         _cut(final_text(rec)),
         str(rec["state"]),

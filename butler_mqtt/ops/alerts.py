@@ -122,7 +122,7 @@ def from_event(alert: str, ev: dict[str, Any], instance: str, qrs: str) -> dict[
 
 def _minutes(ms: Any) -> str:
     seconds = int(ms or 0) // 1000
-    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{int(ms or 0) / 1000:.1f} s"
 
 
 def _text(m: dict[str, Any]) -> str:
