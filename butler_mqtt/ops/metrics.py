@@ -12,6 +12,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+#: `task` statuses (contract section 4).
+TASK_STATUSES = (
+    "started", "notStarted", "denied", "failed", "wouldStart", "alreadyRunning", "skipped", "queued", "expired",
+)
 #: Final states of a followed execution (QRS's, and Unknown when it could not be followed).
 FINAL_STATUSES = ("FinishedSuccess", "FinishedFail", "Aborted", "Skipped", "Error", "Reset", "Unknown")
 
@@ -23,6 +27,8 @@ class Metrics:
             "butler_mqtt_requests", "Start requests by ingress and outcome", ["ingress", "outcome"], registry=r
         )
         self.task_outcomes = Counter("butler_mqtt_tasks", "Tasks by outcome status", ["status"], registry=r)
+        for status in TASK_STATUSES:  # present from the start: increase() then sees the first one
+            self.task_outcomes.labels(status)
         self.qrs_latency = Histogram(
             "butler_mqtt_qrs_call_seconds",
             "QRS call latency",
