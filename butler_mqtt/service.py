@@ -322,11 +322,10 @@ def _handle(
     t0 = time.perf_counter()
     ingress, source, key = claim.ingress, claim.source, claim.key
     journal = service.journal if key is not None else None
-    prior = (
-        journal.begin(key, ingress, claim.payload_hash, source=source, request=req.model_dump(mode="json", exclude_defaults=True))
-        if journal is not None and key is not None
-        else None
-    )
+    prior = None
+    if journal is not None and key is not None:  # the request itself is kept for the history
+        asked = req.model_dump(mode="json", exclude_defaults=True)
+        prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked)
     if prior is not None and prior.done:
         for ev in prior.replies:
             emit(ev)

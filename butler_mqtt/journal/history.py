@@ -72,7 +72,10 @@ def parse_since(text: str, now: float | None = None) -> float:
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return when.timestamp()
+    try:
+        return when.timestamp()
+    except (OverflowError, ValueError):  # e.g. year 1 with a positive offset
+        raise ValueError(f"since: {text!r} is out of range") from None
 
 
 def check_query(q: HistoryQuery) -> HistoryQuery:

@@ -80,3 +80,38 @@ def test_webhook_failures_never_show_the_url_or_header_secrets():
     scrubbed = hook._scrub("failed https://user:pw@hooks.example:8443/services/T0K3N?sig=abc with k3y and user:pw")
     assert "T0K3N" not in scrubbed and "k3y" not in scrubbed and "pw" not in scrubbed and "sig=abc" not in scrubbed
     hook.close()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key", "reason"),
+    [
+        ("alerts:\n  topic: qliksense/task/#\n", "alerts.topic", "no wildcards"),
+        ("alerts:\n  topic: $SYS/alerts\n", "alerts.topic", "not a $-topic"),
+        ("alerts:\n  webhook:\n    url: ftp://example.com/hook\n", "alerts.webhook.url", "http:// or https://"),
+        ("alerts:\n  webhook:\n    attempts: 0\n", "alerts.webhook.attempts", "greater than or equal to 1"),
+        ("alerts:\n  webhook:\n    retries: 3\n", "alerts.webhook.retries", "unknown key"),
+        ("alerts:\n  email: ops@example.com\n", "alerts.email", "unknown key"),
+    ],
+)
+def test_bad_alerts_config_names_the_key(tmp_path, yaml_text, key, reason):
+    from butler_mqtt.config import load_config
+    from butler_mqtt.errors import ConfigError
+
+    path = tmp_path / "butler.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert key in str(err.value) and reason in str(err.value) and f"{path}, line" in str(err.value)
+
+
+def test_webhook_secrets_are_redacted_and_a_missing_ca_file_names_its_key(tmp_path):
+    from butler_mqtt.config import Config
+    from butler_mqtt.errors import ConfigError
+
+    certs = {k: str(tmp_path / "x.pem") for k in ("cert", "key", "ca")}
+    (tmp_path / "x.pem").write_text("x")
+    cfg = Config.model_validate({"qrs": certs, "alerts": {"webhook": {
+        "url": "https://hooks.example/T0K3N", "headers": {"Authorization": "Bearer s3cr3t"}, "ca": str(tmp_path / "missing.pem")}}})
+    assert "T0K3N" not in str(cfg.redacted()) and "s3cr3t" not in str(cfg.redacted())
+    with pytest.raises(ConfigError, match=r"alerts\.webhook\.ca.*file not found"):
+        cfg.check_qrs_files()
