@@ -50,6 +50,9 @@ class Tee:
 
 @pytest.fixture
 def logs(_log_stream: Any) -> Iterator[io.StringIO]:
+    from butler_mqtt.ops.logging import setup_logging
+
+    setup_logging("info", "console", stream=_log_stream)  # as conftest does (a test may have reset structlog)
     tee = Tee(_log_stream.current)
     _log_stream.current = tee
     yield tee.buf
@@ -105,9 +108,10 @@ def test_failed_start_and_failed_reload_alert_on_the_topic_and_the_webhook(
     assert headers["Content-Type"] == "application/json"
     assert sorted(b["alert"] for b in hook.bodies()) == ["failedStart", "reloadFailed"]  # the success raised nothing
     assert sorted(m["alert"] for m in on_topic.messages) == ["failedStart", "reloadFailed"]
+    sent = 'butler_mqtt_alert_deliveries_total{result="sent",sink="webhook"} 2.0'  # counted once answered
+    assert wait_until(lambda: sent in d.daemon.metrics.render().decode(), 10)
     text = d.daemon.metrics.render().decode()
     assert 'butler_mqtt_alerts_total{alert="failedStart"} 1.0' in text and 'butler_mqtt_alerts_total{alert="overdue"} 0.0' in text
-    assert 'butler_mqtt_alert_deliveries_total{result="sent",sink="webhook"} 2.0' in text
 
 
 def test_a_webhook_that_is_down_is_retried_and_never_holds_up_a_request(
