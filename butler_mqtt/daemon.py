@@ -42,7 +42,8 @@ from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.runtime import Runtime
 from butler_mqtt.service import StartService
-from butler_mqtt.tracking import Route, Tracker
+from butler_mqtt.model import Route
+from butler_mqtt.tracking import Tracker
 
 log = structlog.get_logger("butler_mqtt.daemon")
 

@@ -320,3 +320,15 @@ class TaskOutcome:
     reason: str | None = None
     position: int | None = None  # queued: 1 = next
     attempt: int | None = None  # with retry: 1 = the first start
+
+
+@dataclass
+class Route:
+    """Where a request's replies go: an MQTT topic plus the request's correlation data."""
+
+    topic: str
+    correlation: str | None = None  # hex
+
+    @property
+    def correlation_bytes(self) -> bytes | None:
+        return bytes.fromhex(self.correlation) if self.correlation is not None else None

@@ -28,25 +28,13 @@ from butler_mqtt.chains import NextStage, after_stage, finish_failure, start_fai
 from butler_mqtt.config import TrackingConfig
 from butler_mqtt.errors import ButlerError, QrsError, is_transient
 from butler_mqtt.journal import Journal
-from butler_mqtt.model import FINAL_STATES, StartRequest
+from butler_mqtt.model import FINAL_STATES, Route, StartRequest
 from butler_mqtt.ops import retry
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StageResult, StartService
 
 log = structlog.get_logger("butler_mqtt.tracking")
 
-
-
-@dataclass
-class Route:
-    """Where a request's replies go: an MQTT topic plus the request's correlation data."""
-
-    topic: str
-    correlation: str | None = None  # hex
-
-    @property
-    def correlation_bytes(self) -> bytes | None:
-        return bytes.fromhex(self.correlation) if self.correlation is not None else None
 
 
 @dataclass

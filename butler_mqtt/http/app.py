@@ -40,7 +40,7 @@ from butler_mqtt.http.bodies import (
 )
 from butler_mqtt.model import StartRequest, decode_json
 from butler_mqtt.service import Handled, StageResult, handle_request
-from butler_mqtt.tracking import Route as ReplyRoute
+from butler_mqtt.model import Route as ReplyRoute
 
 if TYPE_CHECKING:
     from butler_mqtt.runtime import Runtime

@@ -35,6 +35,7 @@ from butler_mqtt import replies
 from butler_mqtt.errors import JournalError
 from butler_mqtt.journal.backends import Postgres, Sqlite, db_errors
 from butler_mqtt.journal.migrations import MIGRATIONS, SCHEMA_VERSION
+from butler_mqtt.journal.runq import RunQueue
 
 __all__ = ["SCHEMA_VERSION", "Journal", "JournalError", "Prior"]
 
@@ -83,6 +84,7 @@ class Journal:
         except self._errors as exc:
             raise JournalError(f"cannot open the journal at {where}: {exc}") from None
         self.dialect = self._db.dialect
+        self.runq = RunQueue(self)
 
     @classmethod
     def from_config(
@@ -267,7 +269,8 @@ class Journal:
             gone = db.run(
                 "DELETE FROM requests WHERE created < ? AND key NOT IN (SELECT key FROM waits) RETURNING key", (cutoff,)
             )
-            return len(gone)
+        self.runq.purge(cutoff)
+        return len(gone)
 
     # ------------------------------------------------------------------ waits (tracking)
 

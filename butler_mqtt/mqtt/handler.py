@@ -28,7 +28,8 @@ from butler_mqtt.ops import retry
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.service import StageResult, StartService, handle_request
-from butler_mqtt.tracking import Route, Tracker
+from butler_mqtt.model import Route
+from butler_mqtt.tracking import Tracker
 
 log = structlog.get_logger("butler_mqtt.mqtt.handler")
 
