@@ -38,9 +38,9 @@ from butler_mqtt.http.bodies import (
     seed_request,
     summary_response,
 )
+from butler_mqtt.model import Route as ReplyRoute
 from butler_mqtt.model import StartRequest, decode_json
 from butler_mqtt.service import Handled, StageResult, handle_request
-from butler_mqtt.model import Route as ReplyRoute
 
 if TYPE_CHECKING:
     from butler_mqtt.runtime import Runtime
@@ -198,16 +198,17 @@ class RestApi:
         go to MQTT `topics.reply`. Tracking needs a journal key, so a waited request without
         requestId gets an anonymous one.
         """
+        follows = req.waits or self.rt.service.policy(req, req).follows
         if req.requestId:
             key: str | None = keys.for_request_id(req.requestId)
-        elif req.waits:
+        elif follows:
             key = keys.anonymous("rest")
         else:
             key = None
         route = ReplyRoute(self.cfg.mqtt.topics.reply)
 
         def follow(result: StageResult) -> None:
-            if key is not None:
+            if key is not None and (req.waits or result.follow):
                 self.rt.tracker.follow(key, req, result, route)
 
         def work() -> Handled:
@@ -218,7 +219,8 @@ class RestApi:
                 ingress=INGRESS,
                 key=key,
                 source=_client(request),
-                on_started=follow if req.waits else None,
+                on_started=follow if follows else None,
+                route=route,
             )
 
         try:

@@ -131,8 +131,10 @@ class RunQueue:
             return {}
         marks = ",".join("?" * len(ids))
         with self.j._guard("read"):
-            rows = self.j._db.run(f"SELECT id, outcome FROM runq WHERE state = 'done' AND id IN ({marks})", tuple(ids))
-        return {int(i): json.loads(o) for i, o in rows}
+            rows = self.j._db.run(
+                f"SELECT id, outcome, task_name FROM runq WHERE state = 'done' AND id IN ({marks})", tuple(ids)
+            )
+        return {int(i): {**json.loads(o), "taskName": str(n)} for i, o, n in rows}
 
     def pending_work(self) -> bool:
         with self.j._guard("read"):
@@ -215,17 +217,21 @@ class RunQueue:
                 )
         return due
 
-    def started(self, entry: Entry, outcome: dict[str, Any], count_run: bool) -> None:
-        """Record a claimed entry's start outcome; a started reload takes a running slot."""
+    def started(self, done: Sequence[tuple[Entry, dict[str, Any], str | None]], count_run: bool) -> None:
+        """Record claimed entries' start outcomes (one transaction); a started reload takes a
+        running slot. The waiter named with each (the request that started it inline) is told."""
         now = time.time()
         with self.j._guard("write"), self.j._db.tx() as db:
-            db.run(
-                "UPDATE runq SET state = 'done', outcome = ?, updated = ? WHERE id = ?",
-                (json.dumps(outcome, separators=(",", ":")), now, entry.id),
-            )
-            eid = outcome.get("executionId")
-            if count_run and outcome.get("status") == "started" and eid:
-                self._add_run(db, str(eid), entry.task_id, now)
+            for entry, outcome, told in done:
+                db.run(
+                    "UPDATE runq SET state = 'done', outcome = ?, updated = ? WHERE id = ?",
+                    (json.dumps(outcome, separators=(",", ":")), now, entry.id),
+                )
+                eid = outcome.get("executionId")
+                if count_run and outcome.get("status") == "started" and eid:
+                    self._add_run(db, str(eid), entry.task_id, now)
+                if told is not None:
+                    db.run("UPDATE runq_waiters SET notified = 1 WHERE entry_id = ? AND key = ?", (entry.id, told))
 
     def count_run(self, execution_id: str, task_id: str) -> None:
         with self.j._guard("write"), self.j._db.tx() as db:

@@ -46,6 +46,24 @@ class Metrics:
             "butler_mqtt_requests_deferred", "Requests kept unacked for a retry (QRS or journal unavailable)", registry=r
         )
 
+        # Run policies (contract section 7).
+        self.queue_length = Gauge("butler_mqtt_queue_length", "Tasks waiting in butler-mqtt's queue", registry=r)
+        self.queue_waiters = Gauge(
+            "butler_mqtt_queue_waiters", "Requests' tasks waiting on those queue entries (joined reruns count each)",
+            registry=r,
+        )
+        self.running_started = Gauge(
+            "butler_mqtt_running_started", "Reloads started by butler-mqtt counted against policies.max_running",
+            registry=r,
+        )
+        self.overdue = Counter(
+            "butler_mqtt_executions_overdue", "Followed executions still running at their deadline", registry=r
+        )
+        self.retries = Counter("butler_mqtt_retries", "Extra starts after a failed reload (retry)", registry=r)
+        self.queue_expired = Counter(
+            "butler_mqtt_queue_expired", "Tasks given up after policies.queue_timeout in butler-mqtt's queue", registry=r
+        )
+
     def request(self, ingress: str, outcome: str) -> None:
         self.requests.labels(ingress, outcome).inc()
 
