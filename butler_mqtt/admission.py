@@ -147,13 +147,15 @@ class Admission:
                                                          policy.max_running > 0)
         fresh = {q.entry_id for (_, w), q in zip(wanted, placed, strict=True) if not q.joined and w.after_execution is None}
         claimed = {e.id: e for e in self.journal.runq.claim(policy.max_running, only=fresh)} if fresh else {}
+        rest = {q.entry_id for q in placed if q.entry_id not in claimed}
+        positions = self.journal.runq.positions(rest) if claimed and rest else {q.entry_id: q.position for q in placed}
         for (o, w), q in zip(wanted, placed, strict=True):
             entry = claimed.get(q.entry_id)
             if entry is not None:
                 out.to_start.append(o)
                 out.claimed[o.task_id] = (entry, w.waiter.key)
                 continue
-            o.status, o.position = "queued", q.position
+            o.status, o.position = "queued", positions[q.entry_id]
             out.decided.append(o)
             out.queued[q.entry_id] = o
         if out.queued and self.on_queued is not None:

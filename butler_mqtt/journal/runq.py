@@ -188,9 +188,10 @@ class RunQueue:
         )
         return int(rows[0][0]) + 1
 
-    def position(self, entry_id: int) -> int:
+    def positions(self, entry_ids: Iterable[int]) -> dict[int, int]:
+        """Where these entries stand now (1 = next), e.g. after some were claimed."""
         with self.j._guard("read"):
-            return self._position(self.j._db, entry_id)
+            return {i: self._position(self.j._db, i) for i in entry_ids}
 
     # ------------------------------------------------------------------ dispatching
 
