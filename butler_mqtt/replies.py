@@ -137,7 +137,7 @@ def task_finished(
     if attempt is not None:
         ev["attempt"] = attempt
         if retry_in is not None:
-            ev["retryIn"] = round(retry_in)
+            ev["retryIn"] = int(retry_in) if float(retry_in).is_integer() else round(retry_in, 3)
     return _staged(ev, stage)
 
 

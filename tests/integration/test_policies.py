@@ -18,8 +18,11 @@ LONG = "71111111-1111-4111-8111-111111111111"
 SHORT = "72222222-2222-4222-8222-222222222222"
 BURST = [f"7333aaaa-0000-4000-8000-{i:012d}" for i in range(6)]
 
+FAILING = "75555555-5555-4555-8555-555555555555"
+
 TASKS = [
     SimTask(LONG, "ERP load (long)", tags=["erp-long"], run_seconds=2.0),
+    SimTask(FAILING, "Always failing", tags=["failing"], run_seconds=0.2, outcome="fail"),
     SimTask(SHORT, "ERP load (short)", tags=["erp-short"], run_seconds=0.6),
 ] + [SimTask(t, f"Burst {i}", tags=["burst"], run_seconds=0.8) for i, t in enumerate(BURST)]
 
@@ -220,3 +223,26 @@ def test_rest_answers_the_first_summary_then_mqtt(qrs_certs, sim, broker, tmp_pa
         assert answer["tasksNotStarted"][0]["status"] == "queued" and answer["tasksNotStarted"][0]["position"] == 1
     assert wait_until(lambda: any(m.get("status") == "started" for m in replies.messages), 15), replies.messages
     assert len(starts_of(sim, SHORT)) == 2
+
+
+def test_retry_until_the_attempts_are_used(cfg, start_daemon, requester, sim):
+    running = start_daemon(cfg)
+    req = {"requestId": "rt-1", "taskId": FAILING, "retry": {"attempts": 2, "delay": 0.3}, "wait": True}
+    events = requester.request(req, timeout=30)
+    finished = kinds(events, "taskFinished")
+    assert [(e["attempt"], e.get("retryIn")) for e in finished] == [(1, 0.3), (2, 0.6), (3, None)]
+    assert all(e["status"] == "FinishedFail" for e in finished)
+    assert [e["attempt"] for e in task_events(events, FAILING)] == [1, 2, 3]
+    assert len({e["executionId"] for e in finished}) == 3 and len(starts_of(sim, FAILING)) == 3
+    starts = starts_of(sim, FAILING)
+    assert starts[2].at - starts[1].at >= 0.6 > 0  # the delay doubles: 0.3 s, then 0.6 s
+    assert events[-1]["event"] == "requestFinished" and events[-1]["finished"] == {"FinishedFail": 1}
+    assert b"butler_mqtt_retries_total 2.0" in running.daemon.metrics.render()
+
+
+def test_retry_without_wait_reports_each_new_start(cfg, start_daemon, requester, sim):
+    start_daemon(cfg)
+    _, box = requester.send({"requestId": "rt-2", "taskId": FAILING, "retry": {"attempts": 1, "delay": 0.1}})
+    events = collect(box, lambda evs: len(task_events(evs, FAILING)) >= 2)
+    assert [(e["status"], e["attempt"]) for e in task_events(events, FAILING)] == [("started", 1), ("started", 2)]
+    assert kinds(events, "taskFinished") == []  # only with wait
