@@ -193,6 +193,21 @@ class TrackingConfig(_Section):
     max_wait: float = Field(default=21600, gt=0)
 
 
+class RetryConfig(_Section):
+    attempts: int = Field(default=0, ge=0, le=10)
+    delay: float = Field(default=60, ge=0, le=3600)
+
+
+class PoliciesConfig(_Section):
+    """Run policies (contract section 7): what a trigger does when it meets a busy Qlik Sense."""
+
+    if_running: Literal["start", "attach", "skip", "queue"] = "start"
+    max_running: int = Field(default=0, ge=0, le=10000)
+    queue_timeout: float = Field(default=3600, gt=0)
+    retry: RetryConfig = RetryConfig()
+    deadline: float | None = Field(default=None, gt=0)
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -266,6 +281,7 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     state_dir: Path = Path("state")
     journal: JournalConfig = JournalConfig()
+    policies: PoliciesConfig = PoliciesConfig()
     alerts: AlertsConfig = AlertsConfig()
     _sources: Sources = PrivateAttr(default_factory=dict)
 

@@ -32,6 +32,7 @@ from butler_mqtt.journal import Journal
 from butler_mqtt.model import (
     MAX_PAYLOAD_BYTES,
     MAX_PLAIN_PAYLOAD_BYTES,
+    Route,
 )
 from butler_mqtt.mqtt.handler import RequestHandler
 from butler_mqtt.mqtt.listener import Job, MqttListener
@@ -43,7 +44,7 @@ from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.runtime import Runtime
 from butler_mqtt.service import StartService
-from butler_mqtt.tracking import Route, Tracker
+from butler_mqtt.tracking import Tracker
 
 log = structlog.get_logger("butler_mqtt.daemon")
 
@@ -99,7 +100,7 @@ class Daemon:
         self.listener = MqttListener(
             cfg.mqtt, self._enqueue, client_id=client_id, limits=(MAX_PAYLOAD_BYTES, MAX_PLAIN_PAYLOAD_BYTES)
         )
-        self.tracker = Tracker(cfg.tracking, self.qrs, self.service, self.journal, self.publish_route)
+        self.tracker = Tracker(cfg.tracking, self.qrs, self.service, self.journal, self.publish_route, self.metrics)
         self.listener.on_subscribed = self._ready
         if not self.listener.v5:  # 3.1.1 clears the retain flag on live delivery: ask the broker
             self.retain_probe = RetainProbe(cfg.mqtt, client_id).start()

@@ -20,6 +20,8 @@ Event = dict[str, Any]
 
 #: Task statuses listed under `tasksStarted` in a summary.
 _LISTED_AS_STARTED = ("started", "notStarted", "wouldStart")
+#: ... under `tasksRunning` (found running: run policies, contract section 7).
+_LISTED_AS_RUNNING = ("alreadyRunning", "skipped")
 
 
 def _staged(ev: Event, stage: int | None) -> Event:
@@ -36,14 +38,25 @@ def task(o: TaskOutcome, request_id: str | None, stage: int | None = None) -> Ev
     ev["matchedBy"] = list(o.matched_by)
     if o.reason is not None:
         ev["reason"] = o.reason
+    _policy_fields(ev, o)
     return _staged(ev, stage)
+
+
+def _policy_fields(d: Event, o: TaskOutcome) -> None:
+    if o.position is not None:
+        d["position"] = o.position
+    if o.attempt is not None:
+        d["attempt"] = o.attempt
 
 
 def brief(o: TaskOutcome) -> Event:
     """A task as listed inside a summary."""
     d: Event = {"taskId": o.task_id, "taskName": o.task_name, "status": o.status}
+    if o.status in _LISTED_AS_RUNNING and o.execution_id is not None:
+        d["executionId"] = o.execution_id
     if o.reason is not None:
         d["reason"] = o.reason
+    _policy_fields(d, o)
     return d
 
 
@@ -62,6 +75,8 @@ def summary(
         "tasksNotFound": list(not_found),
         "tasksDenied": [brief(o) for o in outcomes if o.status == "denied"],
         "tasksFailed": [brief(o) for o in outcomes if o.status == "failed"],
+        "tasksRunning": [brief(o) for o in outcomes if o.status in _LISTED_AS_RUNNING],
+        "tasksQueued": [brief(o) for o in outcomes if o.status == "queued"],
         "totalTasksStarted": sum(1 for o in outcomes if o.status == "started"),
     }
     return _staged(ev, stage)
@@ -97,8 +112,13 @@ def task_finished(
     row: Mapping[str, Any] | None,
     reason: str | None = None,
     stage: int | None = None,
+    attempt: int | None = None,
+    retry_in: float | None = None,
 ) -> Event:
-    """`taskFinished`: a followed execution ended (`row`: QRS's ExecutionResult, if any)."""
+    """`taskFinished`: a followed execution ended (`row`: QRS's ExecutionResult, if any).
+
+    With `retry`: `attempt` (1 = the first start), and `retryIn` (seconds) when another start
+    follows; the last attempt's event has no `retryIn`."""
     start = row.get("startTime") if row else None
     stop = row.get("stopTime") if row else None
     ev: Event = {
@@ -114,6 +134,25 @@ def task_finished(
     }
     if reason is not None:
         ev["reason"] = reason
+    if attempt is not None:
+        ev["attempt"] = attempt
+        if retry_in is not None:
+            ev["retryIn"] = int(retry_in) if float(retry_in).is_integer() else round(retry_in, 3)
+    return _staged(ev, stage)
+
+
+def task_overdue(
+    request_id: str | None, task_id: str, task_name: str, execution_id: str, running_for_ms: int, stage: int | None = None
+) -> Event:
+    """`taskOverdue`: a followed execution still runs `deadline` seconds after its start (once)."""
+    ev: Event = {
+        "event": "taskOverdue",
+        "requestId": request_id,
+        "taskId": task_id,
+        "taskName": task_name,
+        "executionId": execution_id,
+        "runningForMs": running_for_ms,
+    }
     return _staged(ev, stage)
 
 

@@ -212,7 +212,7 @@ def fresh_pg(pg_url: str) -> str:
     import psycopg
 
     with psycopg.connect(pg_url, autocommit=True) as c:
-        for table in ("requests", "events", "waits", "schema_version"):
+        for table in ("requests", "events", "waits", "runq", "runq_waiters", "runs", "schema_version"):
             c.execute(f"DROP TABLE IF EXISTS {table}")
     return pg_url
 

@@ -39,9 +39,9 @@ from butler_mqtt.http.bodies import (
     summary_response,
 )
 from butler_mqtt.journal import history
+from butler_mqtt.model import Route as ReplyRoute
 from butler_mqtt.model import StartRequest, decode_json
 from butler_mqtt.service import Handled, StageResult, handle_request
-from butler_mqtt.tracking import Route as ReplyRoute
 
 if TYPE_CHECKING:
     from butler_mqtt.runtime import Runtime
@@ -201,11 +201,13 @@ class RestApi:
         go to MQTT `topics.reply`. A request without requestId is journaled under an anonymous
         key, as on MQTT: tracking needs a key, and the request history shows every request.
         """
+        follows = req.waits or self.rt.service.policy(req, req).follows
         key = keys.for_request_id(req.requestId) if req.requestId else keys.anonymous("rest")
         route = ReplyRoute(self.cfg.mqtt.topics.reply)
 
         def follow(result: StageResult) -> None:
-            self.rt.tracker.follow(key, req, result, route)
+            if req.waits or result.follow:
+                self.rt.tracker.follow(key, req, result, route)
 
         def work() -> Handled:
             return handle_request(
@@ -215,7 +217,8 @@ class RestApi:
                 ingress=INGRESS,
                 key=key,
                 source=_client(request),
-                on_started=follow if req.waits else None,
+                on_started=follow if follows else None,
+                route=route,
             )
 
         try:

@@ -235,7 +235,10 @@ def butler_response(plan: ButlerPlan, events: list[dict[str, Any]]) -> dict[str,
 
     A task is listed under every section whose criterion selected it (it is started once).
     `started` means QRS really started it; tasks QRS did not start go to `tasksNotStarted`
-    (an addition: Butler never learns this), criteria that matched nothing to `tasksNotFound`.
+    (an addition: Butler never learns this), and so do tasks the run policies did not start now
+    (`alreadyRunning` with the running `executionId`, `skipped`, `queued` with its `position`:
+    its later `started` goes to MQTT `topics.reply`); criteria that matched nothing go to
+    `tasksNotFound`.
     """
     started: list[dict[str, Any]] = []
     denied: list[dict[str, Any]] = []
@@ -271,10 +274,10 @@ def butler_response(plan: ButlerPlan, events: list[dict[str, Any]]) -> dict[str,
                 denied.append(ref)
             tag_denied += [{"tag": t, **ref} for t in its_tags]
             cp_denied += [{"name": c.name, "value": c.value, **ref} for c in its_cps]
-        else:  # notStarted, failed (wouldStart cannot occur: Butler's shape has no dryRun)
+        else:  # notStarted, failed, and the run policies' alreadyRunning, skipped, queued
+            # (wouldStart cannot occur: Butler's shape has no dryRun)
             entry = {**ref, "status": ev["status"]}
-            if ev.get("reason"):
-                entry["reason"] = ev["reason"]
+            entry.update((k, ev[k]) for k in ("executionId", "position", "reason") if ev.get(k) is not None)
             not_started.append(entry)
     invalid = [{"taskId": t} for t in plan.invalid]
     invalid += [{"taskId": nf["taskId"]} for nf in not_found if "taskId" in nf]

@@ -36,6 +36,7 @@ from butler_mqtt.errors import JournalError
 from butler_mqtt.journal.backends import Postgres, Sqlite, db_errors
 from butler_mqtt.journal.history import HistoryQuery, read_history
 from butler_mqtt.journal.migrations import MIGRATIONS, SCHEMA_VERSION
+from butler_mqtt.journal.runq import RunQueue
 
 __all__ = ["SCHEMA_VERSION", "HistoryQuery", "Journal", "JournalError", "Prior"]
 
@@ -84,6 +85,7 @@ class Journal:
         except self._errors as exc:
             raise JournalError(f"cannot open the journal at {where}: {exc}") from None
         self.dialect = self._db.dialect
+        self.runq = RunQueue(self)
 
     @classmethod
     def from_config(
@@ -285,7 +287,8 @@ class Journal:
             gone = db.run(
                 "DELETE FROM requests WHERE created < ? AND key NOT IN (SELECT key FROM waits) RETURNING key", (cutoff,)
             )
-            return len(gone)
+        self.runq.purge(cutoff)
+        return len(gone)
 
     def history(self, query: HistoryQuery) -> list[dict[str, Any]]:
         """The requests of the last `retention` hours matching `query` (journal/history.py)."""

@@ -21,6 +21,7 @@ from butler_mqtt import keys, replies
 from butler_mqtt.config import Config
 from butler_mqtt.errors import QrsError, QrsTlsRejected, is_transient
 from butler_mqtt.journal import Journal
+from butler_mqtt.model import Route
 from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
 from butler_mqtt.mqtt.retain_probe import RetainProbe
@@ -28,7 +29,7 @@ from butler_mqtt.ops import retry
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.service import StageResult, StartService, handle_request
-from butler_mqtt.tracking import Route, Tracker
+from butler_mqtt.tracking import Tracker
 
 log = structlog.get_logger("butler_mqtt.mqtt.handler")
 
@@ -190,13 +191,13 @@ class RequestHandler:
         d.key = key
 
         def follow(result: StageResult) -> None:
-            if req.waits and key is not None:
+            if (req.waits or result.follow) and key is not None:
                 self.tracker.follow(key, req, result, route)
 
         try:
             handled = handle_request(
                 self.service, req, emit, ingress=ingress, key=key, source=job.topic, payload_hash=fingerprint,
-                on_started=follow,
+                on_started=follow, route=route,
             )
         except QrsError as exc:
             if is_transient(exc):

@@ -32,6 +32,20 @@ def is_last(event: dict[str, Any], waits: bool) -> bool:
     return kind == ("requestFinished" if waits else "summary")
 
 
+def _still_queued(events: list[dict[str, Any]]) -> bool:
+    """A task answered `queued` (run policies) gets a second `task` event when it is started or
+    given up: without `wait`, the request is over once each queued task had it."""
+    waiting: set[tuple[Any, Any]] = set()
+    for ev in events:
+        if ev.get("event") == "task":
+            ident = (ev.get("taskId"), ev.get("stage"))
+            if ev.get("status") == "queued":
+                waiting.add(ident)
+            else:
+                waiting.discard(ident)
+    return bool(waiting)
+
+
 class Requester:
     """A connected MQTT client for sending requests; reusable for many requests."""
 
@@ -160,7 +174,7 @@ class Requester:
                 events.append(ev)
                 if on_event is not None:
                     on_event(ev)
-                if is_last(ev, waits):
+                if is_last(ev, waits) and not (ev.get("event") == "summary" and _still_queued(events)):
                     return events
         finally:
             with self._lock:

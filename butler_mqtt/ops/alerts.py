@@ -9,7 +9,10 @@ Where they come from. The `Alerter` watches two streams, and nothing else:
   `task` with status `failed` -> `failedStart`; `task` with status `expired` -> `queueExpired`;
   `taskFinished` with status FinishedFail, Aborted, Error or Reset and no `retryIn` (the last
   attempt; an attempt that will be retried carries `retryIn`) -> `reloadFailed`;
-  `taskOverdue` -> `overdue`.
+  `taskOverdue` -> `overdue`. A reload is only seen to end when it is followed (`wait`,
+  `then`, `retry` or `deadline`). One execution followed for several requests (ifRunning
+  attach) raises one `reloadFailed` and one `overdue`; a queue entry several requests wait on
+  (a joined rerun) raises one `queueExpired` or `failedStart`, naming the first of them.
 * every QRS call (the QrsClient's call observer). A call without an answer (refused, timeout,
   TLS failure) or answered 5xx is a failure, any other answer a success. A failure at least
   `alerts.qrs_outage_after` seconds after the first one, with no success in between, raises
@@ -63,7 +66,7 @@ import urllib3
 from butler_mqtt import __version__
 from butler_mqtt.config import AlertsConfig, WebhookConfig
 from butler_mqtt.ops import retry
-from butler_mqtt.ops.metrics import Metrics
+from butler_mqtt.ops.metrics import Metrics, Recent
 from butler_mqtt.ops.ratelimit import RateLimiter
 
 log = structlog.get_logger("butler_mqtt.alerts")
@@ -78,6 +81,8 @@ SEVERITY = {
     "qrsRecovered": "info",
 }
 FAILED_FINAL = ("FinishedFail", "Aborted", "Error", "Reset")
+#: Alerts about one execution: raised once per execution, however many requests follow it.
+PER_EXECUTION = ("reloadFailed", "overdue")
 #: The message keys besides alert/severity/time/instance/text, in order.
 FIELDS = (
     "requestId", "taskId", "taskName", "executionId", "status", "reason", "stage", "attempt",
@@ -324,6 +329,7 @@ class Alerter:
         self.instance = instance
         self.qrs = qrs
         self.outage = QrsOutage(cfg.qrs_outage_after)
+        self._seen = Recent()
         self.outboxes: list[Outbox] = []
         self.webhook: Webhook | None = None
         for kind in KINDS:
@@ -359,8 +365,11 @@ class Alerter:
     def observe(self, ev: dict[str, Any]) -> None:
         """A StartService observer: one new reply event."""
         kind = alert_kind(ev)
-        if kind is not None:
-            self.raise_alert(from_event(kind, ev, self.instance, self.qrs))
+        if kind is None:
+            return
+        if kind in PER_EXECUTION and ev.get("executionId") and not self._seen.first((kind, ev["executionId"])):
+            return  # the same execution, followed for another request too (ifRunning attach)
+        self.raise_alert(from_event(kind, ev, self.instance, self.qrs))
 
     def observe_qrs(self, method: str, route: str, status: int | None, seconds: float) -> None:
         """A QrsClient call observer (same signature as Metrics.observe_qrs)."""

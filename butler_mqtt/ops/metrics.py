@@ -8,6 +8,9 @@ of the StartService): every ingress and chain stage is counted, a replayed dupli
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -18,6 +21,26 @@ TASK_STATUSES = (
 )
 #: Final states of a followed execution (QRS's, and Unknown when it could not be followed).
 FINAL_STATUSES = ("FinishedSuccess", "FinishedFail", "Aborted", "Skipped", "Error", "Reset", "Unknown")
+
+
+class Recent:
+    """The last `size` keys seen, thread-safe. An execution several requests follow (ifRunning
+    attach) ends once: it is counted, and alerted, once."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._keys: OrderedDict[Hashable, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first(self, key: Hashable) -> bool:
+        """True the first time `key` is seen (among the last `size`)."""
+        with self._lock:
+            if key in self._keys:
+                return False
+            self._keys[key] = None
+            if len(self._keys) > self._size:
+                self._keys.popitem(last=False)
+            return True
 
 
 class Metrics:
@@ -83,6 +106,7 @@ class Metrics:
         )
         for status in FINAL_STATUSES:
             self.executions_finished.labels(status)
+        self._finished = Recent()
 
     def _alert_metrics(self, r: CollectorRegistry) -> None:
         self.qrs_outage = Gauge(
@@ -98,19 +122,21 @@ class Metrics:
 
     def _policy_metrics(self, r: CollectorRegistry) -> None:
         """Run policies (contract section 7): fed by the run queue and the tracker."""
-        self.queue_length = Gauge("butler_mqtt_queue_length", "Tasks waiting in butler-mqtt's run queue", registry=r)
+        self.queue_length = Gauge("butler_mqtt_queue_length", "Tasks waiting in butler-mqtt's queue", registry=r)
         self.queue_waiters = Gauge(
-            "butler_mqtt_queue_waiters", "Requests waiting for a queued task (several may share one rerun)", registry=r
+            "butler_mqtt_queue_waiters", "Requests' tasks waiting on those queue entries (joined reruns count each)",
+            registry=r,
         )
         self.running_started = Gauge(
-            "butler_mqtt_running_started", "Reloads started by butler-mqtt still running (policies.max_running)", registry=r
+            "butler_mqtt_running_started", "Reloads started by butler-mqtt counted against policies.max_running",
+            registry=r,
         )
-        self.executions_overdue = Counter(
+        self.overdue = Counter(
             "butler_mqtt_executions_overdue", "Followed executions still running at their deadline", registry=r
         )
-        self.retries = Counter("butler_mqtt_retries", "Reloads started again after a failed attempt (retry)", registry=r)
+        self.retries = Counter("butler_mqtt_retries", "Extra starts after a failed reload (retry)", registry=r)
         self.queue_expired = Counter(
-            "butler_mqtt_queue_expired", "Queued tasks given up after policies.queue_timeout", registry=r
+            "butler_mqtt_queue_expired", "Tasks given up after policies.queue_timeout in butler-mqtt's queue", registry=r
         )
 
     def request(self, ingress: str, outcome: str) -> None:
@@ -125,7 +151,7 @@ class Metrics:
         kind = ev.get("event")
         if kind == "task":
             self.task_outcomes.labels(str(ev.get("status"))).inc()
-        elif kind == "taskFinished" and "retryIn" not in ev:
+        elif kind == "taskFinished" and "retryIn" not in ev and self._finished.first(ev.get("executionId")):
             self.executions_finished.labels(str(ev.get("status"))).inc()
 
     def started(self, ingress: str, seconds: float | None) -> None:
