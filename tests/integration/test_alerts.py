@@ -20,10 +20,14 @@ from tests.support.webhook import WebhookServer, free_port
 OK = "a1e00000-0000-4000-8000-000000000001"
 FAILS = "a1e00000-0000-4000-8000-000000000002"
 BROKEN = "a1e00000-0000-4000-8000-000000000003"
+LONG = "a1e00000-0000-4000-8000-000000000004"
+SHORT = "a1e00000-0000-4000-8000-000000000005"
 TASKS = [
     SimTask(OK, "Loads fine", tags=["fine"], run_seconds=0.1),
     SimTask(FAILS, "Fails to load", tags=["failing"], run_seconds=0.1, outcome="fail"),
     SimTask(BROKEN, "Cannot start", tags=["broken"]),
+    SimTask(LONG, "Long load", run_seconds=2.5, outcome="fail"),
+    SimTask(SHORT, "Short load", run_seconds=0.1),
 ]
 SECRET_PATH = "/hooks/s3cr3t-path-token"
 SECRET_HEADER = "Bearer hdr-s3cr3t"
@@ -73,6 +77,14 @@ def alerts_config(topic: str, port: int, **webhook: Any) -> dict[str, Any]:
         "webhook": {"url": f"http://127.0.0.1:{port}{SECRET_PATH}?key=q-s3cr3t", "headers": {"Authorization": SECRET_HEADER},
                     "retry_delay": 0.1, "attempts": 30, "timeout": 5, **webhook},
     }
+
+
+def until(box: Any, kind: str) -> list[dict[str, Any]]:
+    """The replies from a Requester.send box up to the first `kind` event."""
+    events = [box.get(timeout=30)]
+    while events[-1]["event"] != kind:
+        events.append(box.get(timeout=30))
+    return events
 
 
 def alert_topic() -> str:
@@ -167,3 +179,38 @@ def test_qrs_outage_and_recovery_are_alerted_once_each(qrs_certs, sim, broker, t
     assert [m["alert"] for m in on_topic.messages] == ["qrsOutage", "qrsRecovered"]  # once each
     assert hook.wait_for(lambda b: b["alert"] == "qrsRecovered") == recovered
     assert "butler_mqtt_qrs_outage 0.0" in d.daemon.metrics.render().decode()
+
+
+def test_run_policies_alert_overdue_expired_and_only_the_last_retry(
+    qrs_certs, sim, broker, tmp_path, start_daemon, requester, listen, hook
+):
+    topic = alert_topic()
+    cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state", alerts=alerts_config(topic, hook.port),
+                      policies={"max_running": 1, "queue_timeout": 1})
+    on_topic = listen(topic)
+    start_daemon(cfg)
+    _, first = requester.send({"requestId": "long", "taskId": LONG, "deadline": 0.5, "wait": True})  # holds the slot
+    assert until(first, "summary")[0]["status"] == "started"
+    _, attached = requester.send({"requestId": "attached", "taskId": LONG, "ifRunning": "attach", "wait": True})
+    assert until(attached, "summary")[0]["status"] == "alreadyRunning"
+    expired = requester.request({"requestId": "queued", "taskId": SHORT, "wait": True}, timeout=30)
+    assert [e["status"] for e in expired if e["event"] == "task"] == ["queued", "expired"]
+
+    gone = on_topic.wait_for(lambda m: m["alert"] == "queueExpired")
+    assert gone["requestId"] == "queued" and gone["taskId"] == SHORT and "queue_timeout" in gone["reason"]
+    late = on_topic.wait_for(lambda m: m["alert"] == "overdue")
+    assert late["requestId"] == "long" and late["taskName"] == "Long load" and late["runningForMs"] >= 500
+    failed = on_topic.wait_for(lambda m: m["alert"] == "reloadFailed", timeout=30)
+    assert failed["executionId"] == late["executionId"]
+    for box in (first, attached):  # both requests heard the end of the one execution
+        assert until(box, "requestFinished")[-1]["finished"] == {"FinishedFail": 1}
+    retried = requester.request({"requestId": "retried", "taskId": FAILS, "retry": {"attempts": 1, "delay": 0.1}, "wait": True},
+                                timeout=30)
+    finished = [e for e in retried if e["event"] == "taskFinished"]
+    assert [(e["attempt"], "retryIn" in e) for e in finished] == [(1, True), (2, False)]
+    last = on_topic.wait_for(lambda m: m["alert"] == "reloadFailed" and m["requestId"] == "retried")
+    assert last["attempt"] == 2 and last["executionId"] == finished[1]["executionId"]
+    assert last["text"] == "Reload of 'Fails to load' ended FinishedFail after 2 attempts (request retried)"
+    assert hook.wait_for(lambda b: b["requestId"] == "retried") == last
+    alerts = sorted((m["alert"], m["requestId"]) for m in on_topic.messages)
+    assert alerts == [("overdue", "long"), ("queueExpired", "queued"), ("reloadFailed", "long"), ("reloadFailed", "retried")]
