@@ -185,3 +185,24 @@ def test_history_window_follows_retention_and_since(journal_url, tmp_path):
         assert len(one) == 1 and one[0]["notFound"] == [{"tag": "x"}] and one[0]["state"] == "answered"
     finally:
         j.close()
+
+
+def test_history_follows_queued_tasks_and_retries(qrs_certs, sim, broker, tmp_path, start_daemon, requester, journal_url):
+    cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state", journal={"url": journal_url},
+                      policies={"max_running": 1})
+    d = start_daemon(cfg)
+    _token, box = requester.send({"requestId": "slot", "taskId": T1, "wait": True})  # holds the only slot
+    while box.get(timeout=30)["event"] != "summary":
+        pass
+    queued = requester.request({"requestId": "later", "taskId": T3, "wait": True}, timeout=60)
+    assert [e["status"] for e in queued if e["event"] == "task"] == ["queued", "started"]
+    requester.request({"requestId": "again", "taskId": T2, "retry": {"attempts": 1, "delay": 0.1}, "wait": True}, timeout=60)
+
+    (later,) = d.daemon.journal.history(HistoryQuery(request_id="later"))
+    (task,) = later["tasks"]
+    assert task["status"] == "started" and task["position"] == 1 and task["finalStatus"] == "FinishedSuccess"
+    assert later["request"]["taskId"] == [T3] and later["state"] == "finished"
+    (again,) = d.daemon.journal.history(HistoryQuery(request_id="again"))
+    (failing,) = again["tasks"]
+    assert failing["finalStatus"] == "FinishedFail" and failing["attempt"] == 2 and "retryIn" not in failing
+    assert again["finished"] == {"FinishedFail": 1} and again["request"]["retry"] == {"attempts": 1, "delay": 0.1}
