@@ -1,8 +1,10 @@
 """The simulated Qlik Sense scheduler: capacity, queue timeout, scripted outcomes, retries.
 
-Pure functions without clock or thread: the store calls them when an execution is triggered
-(and when a scheduler setting changes) and keeps the times they compute; every state, detail
-line and result row is then read off those times whenever a client asks (see :mod:`.store`).
+No clock and no thread: the store places an execution in the :class:`Fifo` when it is
+triggered and keeps the times it gets; every state, detail line and result row is then read
+off those times (:func:`timeline`) whenever a client asks (see :mod:`.store`). When a scheduler
+setting changes, the store builds a new queue from the slots busy at that moment and places
+the executions still waiting (Triggered or Queued) again, in trigger order.
 
 Model (qrs-api.md 6.6; choices where the research is silent are marked *chosen*):
 
@@ -18,7 +20,7 @@ Model (qrs-api.md 6.6; choices where the research is silent are marked *chosen*)
 * Attempts: an attempt fails when the task's ``outcome`` is ``"fail"`` or while the task's
   run number (counted per task over every attempt that ran, retries included) is at most its
   ``fail_first``. A failed attempt is retried up to the task's ``maxRetries`` times: the
-  execution shows Retry (10) for ``retry_pause`` seconds, then the next attempt runs within the
+  execution shows Retry (10) for the store's ``retry_delay``, then the next attempt runs within the
   same execution session, with its own execution result row. The session ends with the last
   attempt's state.
 * Result rows: the row of attempt ``i`` appears when that attempt starts, so the newest row by
@@ -29,7 +31,7 @@ Model (qrs-api.md 6.6; choices where the research is silent are marked *chosen*)
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: TaskExecutionStatus (qrs-api.md 6.4), index = wire value.
@@ -52,7 +54,6 @@ STATUS_NAMES = (
 )
 TRIGGERED, STARTED, QUEUED, ABORTED = 1, 2, 3, 6
 FINISHED_SUCCESS, FINISHED_FAIL, RETRY = 7, 8, 10
-FINAL_STATES = frozenset({ABORTED, FINISHED_SUCCESS, FINISHED_FAIL, 9, 11, 12})
 
 #: Detail lines of one phase are this far apart, so sorting by detailCreatedDate gives their order.
 LINE_STEP = 0.001
@@ -74,38 +75,37 @@ class Decision:
     cancelled_at: float | None = None
 
 
-def schedule(
-    waiting: Sequence[Waiting],
-    busy_until: Iterable[float],
-    now: float,
-    capacity: int,
-    queue_timeout: float | None,
-) -> list[Decision]:
-    """Start or cancel times for ``waiting`` (in trigger order), FIFO over ``capacity`` slots.
+class Fifo:
+    """The scheduler's queue: ``capacity`` slots (0 = unlimited), first in, first out.
 
     ``busy_until`` holds the end times of the executions holding a slot at ``now`` (there may
-    be more of them than ``capacity`` after the capacity was lowered). Nothing starts before
-    ``now``: an execution whose ``ready_at`` has passed has been Queued until now.
+    be more of them than ``capacity`` after the capacity was lowered). :meth:`place` then gives
+    each execution, in trigger order, its start or cancel time; the state it keeps (the slots'
+    end times and the latest start, which no later trigger overtakes) is all the next one needs.
     """
-    busy = sorted(t for t in busy_until if t > now)
-    decisions = []
-    previous = now  # first in, first out: nothing starts before an earlier trigger did
-    for item in waiting:
-        ready = max(item.ready_at, previous)
-        if capacity <= 0:
-            decisions.append(Decision(ready))
-            continue
+
+    def __init__(
+        self, capacity: int, queue_timeout: float | None, busy_until: Iterable[float] = (), now: float = 0.0
+    ) -> None:
+        self.capacity = capacity
+        self.queue_timeout = queue_timeout
+        self._busy = sorted(t for t in busy_until if t > now)
+        self._previous = now
+
+    def place(self, item: Waiting, now: float) -> Decision:
+        """Start (or cancel) ``item``, triggered after everything placed before; not before ``now``."""
+        if self.capacity <= 0:
+            return Decision(max(item.ready_at, now))
+        busy = self._busy
+        ready = max(item.ready_at, now, self._previous)
         del busy[: bisect.bisect_right(busy, ready)]
-        start = ready if len(busy) < capacity else busy[len(busy) - capacity]
-        deadline = item.ready_at + queue_timeout if queue_timeout else None
-        if deadline is not None and start > deadline:
-            decisions.append(Decision(None, max(deadline, now)))
-            continue
+        start = ready if len(busy) < self.capacity else busy[len(busy) - self.capacity]
+        if self.queue_timeout and start > item.ready_at + self.queue_timeout:
+            return Decision(None, max(item.ready_at + self.queue_timeout, now))
         del busy[: bisect.bisect_right(busy, start)]
         bisect.insort(busy, start + item.occupancy)
-        decisions.append(Decision(start))
-        previous = start
-    return decisions
+        self._previous = start
+        return Decision(start)
 
 
 def attempt_outcomes(*, always_fails: bool, fail_first: int, max_retries: int, runs_before: int) -> tuple[int, ...]:

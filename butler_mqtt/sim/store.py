@@ -51,13 +51,13 @@ from typing import Any
 from .filter import CompiledFilter, FilterSubject, compile_orderby
 from .scheduler import (
     Decision,
+    Fifo,
     Line,
     RunPlan,
     Timeline,
     Waiting,
     attempt_outcomes,
     occupancy,
-    schedule,
     timeline,
 )
 
@@ -295,7 +295,7 @@ class Execution:
     @property
     def runs(self) -> int:
         """Attempts that run (0 when the queue timeout cancels the execution)."""
-        return 0 if self.decision is None or self.decision.started_at is None else len(self.rows)
+        return 0 if self.started_at is None else len(self.rows)
 
     def waiting(self, now: float) -> bool:
         """Not yet started nor cancelled at ``now``: the scheduler may still move it."""
@@ -304,8 +304,13 @@ class Execution:
         settled = decision.started_at if decision.started_at is not None else decision.cancelled_at
         return settled is None or now < settled
 
+    @property
+    def started_at(self) -> float | None:
+        """When the first attempt starts (past or future); None if cancelled in the queue."""
+        return self.decision.started_at if self.decision else None
+
     def holds_slot(self, now: float) -> bool:
-        start = self.decision.started_at if self.decision else None
+        start = self.started_at
         return start is not None and start <= now < self.timeline.end
 
     def running(self, now: float) -> bool:
@@ -623,10 +628,10 @@ class Store:
         self._results: dict[str, _ResultRow] = {}  # by result id, in trigger order
         self._by_session: dict[str, Execution] = {}
         self._active: dict[str, Execution] = {}  # sessions that may still be running
-        self._waiting: list[Execution] = []  # not yet started nor cancelled, in trigger order
         self._starts: list[StartRecord] = []
         self._max_concurrent = _checked_capacity(max_concurrent)
         self._queue_timeout = _checked_timeout(queue_timeout)
+        self._fifo = Fifo(self._max_concurrent, self._queue_timeout)
         for task in tasks:
             self.add_task(task)
 
@@ -755,7 +760,7 @@ class Store:
                 row.seq = self._next_seq()
                 self._results[row.result_id] = row
             execution.seq = execution.rows[0].seq
-            self._reschedule(now, execution)
+            self._place(execution, now)  # last in the queue: nothing placed earlier moves
             self._by_session[execution.session_id] = execution
             self._active[execution.session_id] = execution
             self._starts.append(StartRecord(entry.task.id, execution.session_id, now))
@@ -767,18 +772,18 @@ class Store:
         with self._lock:
             return list(self._starts)
 
-    def _reschedule(self, now: float, new: Execution | None = None) -> None:
-        """(Re)compute the start or cancel times of the executions still waiting at ``now``,
-        then of ``new``, an execution just triggered."""
-        self._waiting = [e for e in self._waiting if e.waiting(now)] + ([new] if new else [])
-        if not self._waiting:
-            return
-        capacity = self._max_concurrent
-        busy = [e.timeline.end for e in self._running_sessions(now) if e.holds_slot(now)] if capacity else []
-        waiting = [Waiting(e.ready_at, e.occupancy) for e in self._waiting]
-        decisions = schedule(waiting, busy, now, capacity, self._queue_timeout)
-        for execution, decision in zip(self._waiting, decisions, strict=True):
-            execution.decide(decision, self._queue_timeout)
+    def _reschedule(self, now: float) -> None:
+        """After a settings change: schedule again what still waits at ``now``, in trigger order."""
+        running = self._running_sessions(now)
+        waiting = sorted((e for e in running if e.waiting(now)), key=lambda e: e.seq)
+        busy = [e.timeline.end for e in running if e.holds_slot(now)]
+        self._fifo = Fifo(self._max_concurrent, self._queue_timeout, busy, now)
+        for execution in waiting:
+            self._place(execution, now)
+
+    def _place(self, execution: Execution, now: float) -> None:
+        decision = self._fifo.place(Waiting(execution.ready_at, execution.occupancy), now)
+        execution.decide(decision, self._queue_timeout)
 
     def _running_sessions(self, now: float) -> list[Execution]:
         # Finished sessions are dropped here, lazily: that is QRS deleting the session row.

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from butler_mqtt.sim.scheduler import Decision, Waiting, attempt_outcomes, schedule
+from collections.abc import Iterable
+
+from butler_mqtt.sim.scheduler import Decision, Fifo, Waiting, attempt_outcomes
+
+
+def schedule(
+    waiting: list[Waiting], busy: Iterable[float], now: float, capacity: int, timeout: float | None
+) -> list[Decision]:
+    """Place ``waiting`` in trigger order on a fresh queue whose slots are busy until ``busy``."""
+    fifo = Fifo(capacity, timeout, busy, now)
+    return [fifo.place(item, now) for item in waiting]
 
 
 def starts(decisions: list[Decision]) -> list[float | None]:
@@ -30,6 +40,13 @@ def test_nothing_starts_before_now_and_the_timeout_counts_from_ready() -> None:
     assert schedule([Waiting(1, 1)], [3], 2, 1, None) == [Decision(3)]
     # A timeout shortened below what an execution has waited cancels it now.
     assert schedule([Waiting(1, 1)], [10], 9, 1, 5) == [Decision(None, 9)]
+
+
+def test_the_queue_state_carries_over_to_later_triggers() -> None:
+    fifo = Fifo(1, None)
+    assert fifo.place(Waiting(1, 10), 0) == Decision(1)
+    assert fifo.place(Waiting(2, 3), 2) == Decision(11)
+    assert fifo.place(Waiting(3, 1), 3) == Decision(14)  # behind the queued one, in order
 
 
 def test_attempt_outcomes() -> None:
