@@ -603,7 +603,8 @@ class Store:
     Queued) are then scheduled again under the new settings, in trigger order, from that
     moment on; executions already started or cancelled keep their times. An execution's run
     plan (attempts, their run time and outcomes) is fixed when it is triggered, so changing a
-    task (:meth:`replace_task`) affects its later executions only.
+    task (:meth:`replace_task`) affects its later executions only; disabling a task does not
+    cancel an execution of it that is already queued.
     """
 
     def __init__(
