@@ -219,11 +219,21 @@ def fresh_pg(pg_url: str) -> str:
 
 @pytest.fixture
 def sim(qrs_certs: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """The simulator over mTLS, serving the requesting module's `TASKS` (fresh copies)."""
+    """The simulator over mTLS, serving the requesting module's `TASKS` (fresh copies).
+
+    Keyword arguments of QrsSimulator (max_concurrent, queue_timeout, already_running,
+    latency_ms, ...) come from the module's `SIM_OPTIONS` dict, overridden per test by
+    `@pytest.mark.sim_options(...)`. All of them can also be set on the running simulator
+    (`sim.max_concurrent = 2`); per-task knobs (run_seconds, outcome, fail_first,
+    max_retries) are SimTask fields, changed later with `sim.store.replace_task`.
+    """
     from butler_mqtt.sim import QrsSimulator, SimTask
 
     tasks = [SimTask(**vars(t)) for t in request.module.TASKS]
-    s = QrsSimulator(tasks=tasks, certs_dir=qrs_certs).start()
+    options = dict(getattr(request.module, "SIM_OPTIONS", {}))
+    for marker in reversed(list(request.node.iter_markers("sim_options"))):
+        options.update(marker.kwargs)
+    s = QrsSimulator(tasks=tasks, certs_dir=qrs_certs, **options).start()
     yield s
     s.stop()
 
@@ -285,6 +295,12 @@ def _route_logs(_log_stream: _LogStream) -> Iterator[None]:
     _log_stream.current = sys.stdout
     yield
     _log_stream.current = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sim_options(**kwargs): QrsSimulator keyword arguments for the `sim` fixture"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
