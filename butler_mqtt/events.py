@@ -42,6 +42,13 @@ FinalStatus = Literal["Aborted", "FinishedSuccess", "FinishedFail", "Skipped", "
 QrsTime = Annotated[str | None, Field(description="QRS's timestamp (ISO 8601, UTC); null when QRS has none.")]
 
 
+_TASK_STATUS_DOC = (
+    "started; notStarted (QRS accepted the start but did not start it, e.g. the task is disabled); denied "
+    "(start_filter, allTaskIdsMustExist); failed (QRS error, see reason); wouldStart (dryRun); alreadyRunning "
+    "(ifRunning attach: executionId is the running one); skipped (ifRunning skip); queued (waiting in "
+    "butler-mqtt's queue, see position); expired (waited longer than policies.queue_timeout)."
+)
+
 #: What the contract adds to `task` events: a started task has its execution, a queued one
 #: its place in the queue (JSON Schema `if`/`then`).
 _TASK_EVENT_RULES: dict[str, Any] = {
@@ -61,7 +68,7 @@ class TaskEvent(TypedDict):
     requestId: RequestId
     taskId: TaskId
     taskName: TaskName
-    status: Annotated[TaskStatus, Field(description="What happened to the task (contract sections 4 and 7).")]
+    status: Annotated[TaskStatus, Field(description=_TASK_STATUS_DOC)]
     executionId: NotRequired[ExecutionId]
     matchedBy: Annotated[
         list[Annotated[str, Field(pattern=r"^(taskId|tag|customProperty):")]],
