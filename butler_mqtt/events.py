@@ -200,7 +200,9 @@ class TaskFinishedEvent(TypedDict):
     durationMs: Annotated[Millis | None, Field(description="How long the reload ran; null when unknown.")]
     reason: NotRequired[Reason]
     attempt: NotRequired[Attempt]
-    retryIn: NotRequired[Annotated[int, Field(ge=0, description="Seconds until the next attempt (absent on the last one).")]]
+    retryIn: NotRequired[
+        Annotated[float, Field(ge=0, description="Seconds until the next attempt, may be fractional (absent on the last one).")]
+    ]
     stage: NotRequired[Stage]
 
 
