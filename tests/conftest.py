@@ -14,6 +14,7 @@ import trustme
 
 from butler_mqtt.config import Config, deep_merge
 from butler_mqtt.ops.mosquitto import INSTALL_HINT, Mosquitto, find_mosquitto
+from tests.support import asyncapi_check
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +148,7 @@ class TopicListener:
             ev = self._json.loads(msg.payload)
         except ValueError:
             return
+        asyncapi_check.observe(ev)
         with self._cond:
             self.raw.append(msg)
             self.messages.append(ev)
@@ -286,6 +288,12 @@ def _log_stream(tmp_path_factory: pytest.TempPathFactory) -> _LogStream:
     stream = _LogStream(tmp_path_factory.getbasetemp() / "late-log-lines.txt")
     setup_logging("info", "console", stream=stream)
     return stream
+
+
+@pytest.fixture(autouse=True)
+def _replies_match_the_asyncapi_document(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every reply and status message a test receives is validated against the AsyncAPI document."""
+    yield from asyncapi_check.guard(monkeypatch)
 
 
 @pytest.fixture(autouse=True)
