@@ -7,14 +7,16 @@ import json
 import math
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from butler_mqtt import __version__
 from butler_mqtt.config import DEFAULT_CONFIG, Config, config_path, load_config
 from butler_mqtt.errors import ButlerError, ConfigError, QrsError, RequestRejected
 from butler_mqtt.model import CustomPropertyCriterion, StartRequest, validate_request
+
+_T = TypeVar("_T")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 #: `request` only: what was asked for did not (all) happen, though nothing failed.
@@ -103,6 +105,96 @@ hourly-reload, financial-reports, daily-refresh; custom property taskGroup) unle
 is given; --tasks together with --demo serves both."""
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    """argparse type: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
+
+
+def _task_setting(kind: Callable[[str], _T]) -> Callable[[str], tuple[str, _T]]:
+    """argparse type for NAME=VALUE (split at the last '='): (NAME, kind(VALUE))."""
+
+    def parse(text: str) -> tuple[str, _T]:
+        name, sep, value = text.rpartition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE (a task name or id), got {text!r}")
+        return name, kind(value)
+
+    return parse
+
+
+def _add_sim(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4242, help="port to listen on (default 4242, like QRS)")
+    p.add_argument(
+        "--certs", type=Path, default=Path("certs"), metavar="DIR",
+        help="certificate folder; missing files are generated (default ./certs, where etc/butler.yaml looks)",
+    )
+    p.add_argument(
+        "--tasks", type=Path, metavar="FILE",
+        help="JSON file of tasks to serve instead of the demo set (format: butler_mqtt/sim/data.py)",
+    )
+    p.add_argument(
+        "--latency-ms", type=non_negative_ms, default=0.0, metavar="N",
+        help="extra delay added to every answer, in milliseconds (default 0)",
+    )
+    p.add_argument(
+        "--demo", action="store_true",
+        help="serve the demo data set (the default without --tasks; with --tasks: both)",
+    )
+    g = p.add_argument_group("scheduler (what QMC sets under Schedulers, Advanced)")
+    g.add_argument(
+        "--max-concurrent", type=non_negative_int, default=0, metavar="N",
+        help="reloads running at once; more wait Queued (status 3) and start in trigger order "
+        "(default 0 = unlimited; QRS's own default is 4)",
+    )
+    g.add_argument(
+        "--queue-timeout", type=non_negative_seconds, default=0.0, metavar="SECONDS",
+        help="a reload Queued longer than this is cancelled and ends Aborted (status 6) without "
+        "running (default 0 = never; QRS's own default is 1800, 30 minutes)",
+    )
+    g.add_argument(
+        "--already-running", choices=("same", "409"), default="same",
+        help="answer to starting a task still running or queued: 'same' = 204/201 with the running "
+        "execution's id, '409' = 409 Conflict; never a second run (default same)",
+    )
+    t = p.add_argument_group("task runs (NAME: a task name, case-insensitive, or id; NAME= options are repeatable)")
+    t.add_argument(
+        "--run-seconds", type=non_negative_seconds, metavar="SECONDS",
+        help="run time of every demo task, and of --tasks tasks without runSeconds "
+        "(default: the demo tasks' own 1-2 s; 0.2 for a tasks-file task)",
+    )
+    t.add_argument(
+        "--task-run-seconds", type=_task_setting(non_negative_seconds), action="append", default=[],
+        metavar="NAME=SECONDS", help="run time of one task (default: as above)",
+    )
+    t.add_argument(
+        "--fail-first", type=_task_setting(non_negative_int), action="append", default=[],
+        metavar="NAME=K", help="the first K runs of the task end FinishedFail (8), later ones as usual (default 0)",
+    )
+    t.add_argument(
+        "--max-retries", type=_task_setting(non_negative_int), action="append", default=[],
+        metavar="NAME=N", help="QRS's maxRetries: a failed run shows Retry (10) and runs again, up to N "
+        "times, in the same execution (default 0)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="butler-mqtt",
@@ -168,25 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the final reply, > 0 (default 30; with --wait allow for the reloads)",
     )
 
-    p = command("sim", "the QRS simulator (HTTPS with client certificates)", SIM_HELP)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=4242, help="port to listen on (default 4242, like QRS)")
-    p.add_argument(
-        "--certs", type=Path, default=Path("certs"), metavar="DIR",
-        help="certificate folder; missing files are generated (default ./certs, where etc/butler.yaml looks)",
-    )
-    p.add_argument(
-        "--tasks", type=Path, metavar="FILE",
-        help="JSON file of tasks to serve instead of the demo set (format: butler_mqtt/sim/data.py)",
-    )
-    p.add_argument(
-        "--latency-ms", type=non_negative_ms, default=0.0, metavar="N",
-        help="extra delay added to every answer, in milliseconds (default 0)",
-    )
-    p.add_argument(
-        "--demo", action="store_true",
-        help="serve the demo data set (the default without --tasks; with --tasks: both)",
-    )
+    _add_sim(command("sim", "the QRS simulator (HTTPS with client certificates)", SIM_HELP))
 
     p = command("demo", "simulator + broker + daemon + three sample requests, all local", DEMO_HELP)
     p.add_argument("--once", action="store_true", help="stop right after the sample requests")
@@ -317,7 +391,21 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     from butler_mqtt.sim import serve
 
-    return serve(args.host, args.port, args.certs, args.tasks, args.latency_ms, args.demo)
+    return serve(
+        args.host,
+        args.port,
+        args.certs,
+        args.tasks,
+        args.latency_ms,
+        args.demo,
+        max_concurrent=args.max_concurrent,
+        queue_timeout=args.queue_timeout or None,
+        already_running=args.already_running,
+        run_seconds=args.run_seconds,
+        task_run_seconds=args.task_run_seconds,
+        fail_first=args.fail_first,
+        max_retries=args.max_retries,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import trustme
 
 from butler_mqtt.config import Config, deep_merge
 from butler_mqtt.ops.mosquitto import INSTALL_HINT, Mosquitto, find_mosquitto
+from tests.support import asyncapi_check
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +148,7 @@ class TopicListener:
             ev = self._json.loads(msg.payload)
         except ValueError:
             return
+        asyncapi_check.observe(ev)
         with self._cond:
             self.raw.append(msg)
             self.messages.append(ev)
@@ -219,11 +221,21 @@ def fresh_pg(pg_url: str) -> str:
 
 @pytest.fixture
 def sim(qrs_certs: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """The simulator over mTLS, serving the requesting module's `TASKS` (fresh copies)."""
+    """The simulator over mTLS, serving the requesting module's `TASKS` (fresh copies).
+
+    Keyword arguments of QrsSimulator (max_concurrent, queue_timeout, already_running,
+    latency_ms, ...) come from the module's `SIM_OPTIONS` dict, overridden per test by
+    `@pytest.mark.sim_options(...)`. All of them can also be set on the running simulator
+    (`sim.max_concurrent = 2`); per-task knobs (run_seconds, outcome, fail_first,
+    max_retries) are SimTask fields, changed later with `sim.store.replace_task`.
+    """
     from butler_mqtt.sim import QrsSimulator, SimTask
 
     tasks = [SimTask(**vars(t)) for t in request.module.TASKS]
-    s = QrsSimulator(tasks=tasks, certs_dir=qrs_certs).start()
+    options = dict(getattr(request.module, "SIM_OPTIONS", {}))
+    for marker in reversed(list(request.node.iter_markers("sim_options"))):
+        options.update(marker.kwargs)
+    s = QrsSimulator(tasks=tasks, certs_dir=qrs_certs, **options).start()
     yield s
     s.stop()
 
@@ -279,12 +291,24 @@ def _log_stream(tmp_path_factory: pytest.TempPathFactory) -> _LogStream:
 
 
 @pytest.fixture(autouse=True)
+def _replies_match_the_asyncapi_document(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every reply and status message a test receives is validated against the AsyncAPI document."""
+    yield from asyncapi_check.guard(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
 def _route_logs(_log_stream: _LogStream) -> Iterator[None]:
     import sys
 
     _log_stream.current = sys.stdout
     yield
     _log_stream.current = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sim_options(**kwargs): QrsSimulator keyword arguments for the `sim` fixture"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

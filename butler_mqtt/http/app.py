@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from butler_mqtt import __version__, keys
+from butler_mqtt.asyncapi import build_document
 from butler_mqtt.errors import JournalError, QrsError, RequestRejected, is_transient
 from butler_mqtt.http import schemas
 from butler_mqtt.http.bodies import (
@@ -116,6 +117,7 @@ class RestApi:
         self._probe_lock = threading.Lock()
         self._last_probe: tuple[float, str] | None = None
         self._last_qrs_failure = 0.0
+        self._asyncapi: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ start endpoint
 
@@ -320,6 +322,14 @@ class RestApi:
         m.followed.set(self.rt.tracker.following())
         return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def asyncapi(self) -> JSONResponse:
+        """The AsyncAPI 3.0 document of this daemon's MQTT interface: its topics, broker and
+        protocol (docs/asyncapi.yaml is the same for the default configuration). Open like
+        /openapi.json: it names topics and the broker address, never a credential."""
+        if self._asyncapi is None:
+            self._asyncapi = build_document(self.cfg.mqtt)
+        return JSONResponse(self._asyncapi)
+
 
 #: A delivery kept for a retry longer than this turns /healthz unavailable.
 WAITING_ALERT_S = 60.0
@@ -446,6 +456,12 @@ def create_app(runtime: Runtime, full: bool) -> FastAPI:
         tags=["operations"], response_model=None, response_class=PlainTextResponse,
     )
 
+    if full:
+        app.add_api_route(
+            ASYNCAPI_PATH, api.asyncapi, methods=["GET"], operation_id="asyncapi",
+            summary="The AsyncAPI 3.0 document of the MQTT interface", tags=["operations"], response_model=None,
+        )
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -460,6 +476,7 @@ def create_app(runtime: Runtime, full: bool) -> FastAPI:
 
 
 DOCS_PATH = "/docs"
+ASYNCAPI_PATH = "/asyncapi.json"
 DOCS_ASSETS = "/docs/assets"
 
 

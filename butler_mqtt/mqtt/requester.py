@@ -174,7 +174,7 @@ class Requester:
                 events.append(ev)
                 if on_event is not None:
                     on_event(ev)
-                if is_last(ev, waits) and not (ev.get("event") == "summary" and _still_queued(events)):
+                if ev.get("event") == "error" or (any(is_last(e, waits) for e in events) and not _still_queued(events)):
                     return events
         finally:
             with self._lock:

@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import QrsSimulator, SimTask
 from tests.conftest import make_config
+from tests.support.asyncapi_check import observe
 from tests.support.streams import deferred, persistent_client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +55,7 @@ class Replies:
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         ev = json.loads(msg.payload)
+        observe(ev)
         with self.cond:
             self.by_id[ev.get("requestId")].append(ev)
             self.cond.notify_all()

@@ -19,10 +19,14 @@ SHORT = "72222222-2222-4222-8222-222222222222"
 BURST = [f"7333aaaa-0000-4000-8000-{i:012d}" for i in range(6)]
 
 FAILING = "75555555-5555-4555-8555-555555555555"
+FLAKY = "76666666-6666-4666-8666-666666666666"
+QRS_RETRIES = "77777777-7777-4777-8777-777777777777"
 
 TASKS = [
     SimTask(LONG, "ERP load (long)", tags=["erp-long"], run_seconds=2.0),
     SimTask(FAILING, "Always failing", tags=["failing"], run_seconds=0.2, outcome="fail"),
+    SimTask(FLAKY, "Locked source file", tags=["flaky"], run_seconds=0.2, fail_first=2),
+    SimTask(QRS_RETRIES, "Retried by QRS", run_seconds=0.3, fail_first=1, max_retries=2),
     SimTask(SHORT, "ERP load (short)", tags=["erp-short"], run_seconds=0.6),
 ] + [SimTask(t, f"Burst {i}", tags=["burst"], run_seconds=0.8) for i, t in enumerate(BURST)]
 
@@ -246,3 +250,41 @@ def test_retry_without_wait_reports_each_new_start(cfg, start_daemon, requester,
     events = collect(box, lambda evs: len(task_events(evs, FAILING)) >= 2)
     assert [(e["status"], e["attempt"]) for e in task_events(events, FAILING)] == [("started", 1), ("started", 2)]
     assert kinds(events, "taskFinished") == []  # only with wait
+
+
+def test_retry_fail_twice_then_succeed(cfg, start_daemon, requester, sim):
+    req = {"requestId": "rt-3", "tag": "flaky", "retry": {"attempts": 3, "delay": 0.2}, "wait": True}
+    start_daemon(cfg)
+    events = requester.request(req, timeout=30)
+    finished = kinds(events, "taskFinished")
+    assert [(e["attempt"], e["status"], "retryIn" in e) for e in finished] == [
+        (1, "FinishedFail", True), (2, "FinishedFail", True), (3, "FinishedSuccess", False)]
+    assert len(starts_of(sim, FLAKY)) == 3
+    assert events[-1]["finished"] == {"FinishedSuccess": 1}  # final outcomes only
+
+
+def test_retry_then_waits_for_the_last_attempt(cfg, start_daemon, requester, sim):
+    start_daemon(cfg)
+    req = {"requestId": "rt-4", "tag": "flaky", "retry": {"attempts": 2, "delay": 0.2}, "then": {"taskId": SHORT}}
+    events = requester.request(req, timeout=30)
+    assert events[-1]["stoppedAtStage"] is None and events[-1]["finished"] == {"FinishedSuccess": 2}
+    flaky_last = max(s.at for s in starts_of(sim, FLAKY))
+    assert starts_of(sim, SHORT)[0].at > flaky_last + 0.2  # stage 1 only after the successful third attempt
+
+
+def test_qrs_own_retries_are_followed_to_the_real_end(cfg, start_daemon, requester, sim):
+    start_daemon(cfg)
+    events = requester.request({"requestId": "qr-1", "taskId": QRS_RETRIES, "wait": True}, timeout=30)
+    finished = kinds(events, "taskFinished")
+    assert len(finished) == 1 and finished[0]["status"] == "FinishedSuccess"  # not the first attempt's failure
+    assert len(starts_of(sim, QRS_RETRIES)) == 1  # QRS retried inside one execution; we started once
+
+
+def test_a_task_queued_by_the_qlik_scheduler_counts_as_running(cfg, start_daemon, requester, sim):
+    sim.max_concurrent = 1
+    start_daemon(cfg)
+    requester.request({"requestId": "qs-0", "taskId": LONG})
+    first = requester.request({"requestId": "qs-1", "taskId": SHORT})  # sits in Queued (3) at QRS
+    events = requester.request({"requestId": "qs-2", "taskId": SHORT, "ifRunning": "attach"})
+    ev = task_events(events, SHORT)[0]
+    assert ev["status"] == "alreadyRunning" and ev["executionId"] == task_events(first, SHORT)[0]["executionId"]

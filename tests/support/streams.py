@@ -14,6 +14,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.support.asyncapi_check import observe
+
 
 def persistent_client(port: int, name: str) -> mqtt.Client:
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
@@ -40,6 +42,7 @@ class Summaries:
 
     def _on_message(self, _c, _u, msg) -> None:
         ev = json.loads(msg.payload)
+        observe(ev)
         if ev.get("event") in ("summary", "error"):
             with self.cond:
                 self.seen[ev["requestId"]] = self.seen.get(ev["requestId"], 0) + 1
