@@ -98,7 +98,8 @@ class RunQueue:
         with self.j._guard("read"):
             runs = self.j._db.run(f"SELECT task_id, execution_id FROM runs WHERE task_id IN ({marks})", tuple(task_ids))
             entries = self.j._db.run(
-                f"SELECT task_id, id FROM runq WHERE state = 'waiting' AND task_id IN ({marks})", tuple(task_ids)
+                f"SELECT task_id, id FROM runq WHERE state IN ('waiting', 'starting') AND task_id IN ({marks})",
+                tuple(task_ids),
             )
         return {str(t): str(e) for t, e in runs}, {str(t): int(i) for t, i in entries}
 
@@ -149,10 +150,15 @@ class RunQueue:
         with self.j._guard("write"), self.j._db.tx() as db:
             self._lock()
             for w in wanted:
-                rows = db.run("SELECT id, priority FROM runq WHERE state = 'waiting' AND task_id = ?", (w.task_id,))
+                # An entry whose start is being sent right now is joined too: its execution
+                # starts after this request arrived, so it serves this request as well.
+                rows = db.run(
+                    "SELECT id, priority, state FROM runq WHERE state IN ('waiting', 'starting') AND task_id = ?"
+                    " ORDER BY id", (w.task_id,),
+                )
                 if rows:
                     entry_id, joined = int(rows[0][0]), True
-                    if w.priority > int(rows[0][1]):
+                    if w.priority > int(rows[0][1]) and rows[0][2] == "waiting":
                         db.run("UPDATE runq SET priority = ? WHERE id = ?", (w.priority, entry_id))
                 else:
                     entry_id, joined = self._insert(db, w, now, queue_timeout, needs_slot), False
@@ -181,8 +187,9 @@ class RunQueue:
 
     @staticmethod
     def _position(db: Any, entry_id: int) -> int:
+        """1 = next: entries waiting ahead (priority, then arrival) + 1; 1 for one being started."""
         rows = db.run(
-            "SELECT count(*) FROM runq a, runq b WHERE b.id = ? AND a.state = 'waiting'"
+            "SELECT count(*) FROM runq a, runq b WHERE b.id = ? AND a.state = 'waiting' AND b.state = 'waiting'"
             " AND (a.priority > b.priority OR (a.priority = b.priority AND a.id < b.id))",
             (entry_id,),
         )

@@ -104,20 +104,20 @@ def test_skip_names_the_running_execution(cfg, start_daemon, requester, sim):
 
 def test_queue_five_requests_one_rerun(cfg, start_daemon, requester, sim):
     start_daemon(cfg)
-    first = requester.request({"requestId": "q-0", "taskId": SHORT})
-    assert task_events(first, SHORT)[0]["status"] == "started"
-    boxes = [requester.send({"requestId": f"q-{i}", "taskId": SHORT, "ifRunning": "queue"})[1] for i in range(1, 6)]
-    streams = [collect(box, lambda evs: len(task_events(evs, SHORT)) >= 2) for box in boxes]
-    reruns = {task_events(evs, SHORT)[1]["executionId"] for evs in streams}
+    first = requester.request({"requestId": "q-0", "taskId": LONG})
+    assert task_events(first, LONG)[0]["status"] == "started"
+    boxes = [requester.send({"requestId": f"q-{i}", "taskId": LONG, "ifRunning": "queue"})[1] for i in range(1, 6)]
+    streams = [collect(box, lambda evs: len(task_events(evs, LONG)) >= 2) for box in boxes]
+    reruns = {task_events(evs, LONG)[1]["executionId"] for evs in streams}
     for evs in streams:
-        queued, started = task_events(evs, SHORT)[:2]
+        queued, started = task_events(evs, LONG)[:2]
         assert queued["status"] == "queued" and queued["position"] >= 1
-        assert kinds(evs, "summary")[0]["tasksQueued"][0]["taskId"] == SHORT
+        assert kinds(evs, "summary")[0]["tasksQueued"][0]["taskId"] == LONG
         assert started["status"] == "started"
     assert len(reruns) == 1  # every request got the one rerun
-    starts = starts_of(sim, SHORT)
+    starts = starts_of(sim, LONG)
     assert len(starts) == 2 and starts[1].execution_id in reruns
-    assert starts[1].at >= starts[0].at + 0.6  # only after the running execution ended
+    assert starts[1].at >= starts[0].at + 2.0  # only after the running execution ended
 
 
 def test_queue_with_wait_gets_the_rerun_finished(cfg, start_daemon, requester, sim):
