@@ -18,8 +18,14 @@ SUCCESS = "FinishedSuccess"
 def start_failures(outcomes: list[TaskOutcome]) -> list[str]:
     """Why a stage cannot succeed, judged on its starts (before anything finished)."""
     failures = [] if outcomes else ["the stage selected no task"]
-    failures += [f"{o.task_name} ({o.task_id}): {o.status}" for o in outcomes if not (o.status == "started" and o.execution_id)]
+    failures += [f"{o.task_name} ({o.task_id}): {o.status}" for o in outcomes if not _may_succeed(o)]
     return failures
+
+
+def _may_succeed(o: TaskOutcome) -> bool:
+    """Started (or attached to a running execution: run policies), or waiting in butler-mqtt's
+    queue: its end decides. Anything else (skipped, denied, failed...) already failed the stage."""
+    return (o.status in ("started", "alreadyRunning") and o.execution_id is not None) or o.status == "queued"
 
 
 def finish_failure(task_name: str, task_id: str, status: str) -> str | None:

@@ -7,14 +7,16 @@ import json
 import math
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from butler_mqtt import __version__, replies
 from butler_mqtt.config import DEFAULT_CONFIG, Config, config_path, load_config
 from butler_mqtt.errors import ButlerError, ConfigError, QrsError, RequestRejected
 from butler_mqtt.model import CustomPropertyCriterion, StartRequest, validate_request
+
+_T = TypeVar("_T")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 #: `request` only: what was asked for did not (all) happen, though nothing failed.
@@ -103,6 +105,96 @@ hourly-reload, financial-reports, daily-refresh; custom property taskGroup) unle
 is given; --tasks together with --demo serves both."""
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    """argparse type: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
+
+
+def _task_setting(kind: Callable[[str], _T]) -> Callable[[str], tuple[str, _T]]:
+    """argparse type for NAME=VALUE (split at the last '='): (NAME, kind(VALUE))."""
+
+    def parse(text: str) -> tuple[str, _T]:
+        name, sep, value = text.rpartition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE (a task name or id), got {text!r}")
+        return name, kind(value)
+
+    return parse
+
+
+def _add_sim(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4242, help="port to listen on (default 4242, like QRS)")
+    p.add_argument(
+        "--certs", type=Path, default=Path("certs"), metavar="DIR",
+        help="certificate folder; missing files are generated (default ./certs, where etc/butler.yaml looks)",
+    )
+    p.add_argument(
+        "--tasks", type=Path, metavar="FILE",
+        help="JSON file of tasks to serve instead of the demo set (format: butler_mqtt/sim/data.py)",
+    )
+    p.add_argument(
+        "--latency-ms", type=non_negative_ms, default=0.0, metavar="N",
+        help="extra delay added to every answer, in milliseconds (default 0)",
+    )
+    p.add_argument(
+        "--demo", action="store_true",
+        help="serve the demo data set (the default without --tasks; with --tasks: both)",
+    )
+    g = p.add_argument_group("scheduler (what QMC sets under Schedulers, Advanced)")
+    g.add_argument(
+        "--max-concurrent", type=non_negative_int, default=0, metavar="N",
+        help="reloads running at once; more wait Queued (status 3) and start in trigger order "
+        "(default 0 = unlimited; QRS's own default is 4)",
+    )
+    g.add_argument(
+        "--queue-timeout", type=non_negative_seconds, default=0.0, metavar="SECONDS",
+        help="a reload Queued longer than this is cancelled and ends Aborted (status 6) without "
+        "running (default 0 = never; QRS's own default is 1800, 30 minutes)",
+    )
+    g.add_argument(
+        "--already-running", choices=("same", "409"), default="same",
+        help="answer to starting a task still running or queued: 'same' = 204/201 with the running "
+        "execution's id, '409' = 409 Conflict; never a second run (default same)",
+    )
+    t = p.add_argument_group("task runs (NAME: a task name, case-insensitive, or id; NAME= options are repeatable)")
+    t.add_argument(
+        "--run-seconds", type=non_negative_seconds, metavar="SECONDS",
+        help="run time of every demo task, and of --tasks tasks without runSeconds "
+        "(default: the demo tasks' own 1-2 s; 0.2 for a tasks-file task)",
+    )
+    t.add_argument(
+        "--task-run-seconds", type=_task_setting(non_negative_seconds), action="append", default=[],
+        metavar="NAME=SECONDS", help="run time of one task (default: as above)",
+    )
+    t.add_argument(
+        "--fail-first", type=_task_setting(non_negative_int), action="append", default=[],
+        metavar="NAME=K", help="the first K runs of the task end FinishedFail (8), later ones as usual (default 0)",
+    )
+    t.add_argument(
+        "--max-retries", type=_task_setting(non_negative_int), action="append", default=[],
+        metavar="NAME=N", help="QRS's maxRetries: a failed run shows Retry (10) and runs again, up to N "
+        "times, in the same execution (default 0)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="butler-mqtt",
@@ -111,12 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"butler-mqtt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_operator_commands, _add_request_command, _add_sim_command, _add_local_commands):
+    for add in (_add_operator_commands, _add_request_command, _add_sim_command, _add_local_commands, _add_history):
         add(sub)
     return parser
 
 
 if TYPE_CHECKING:  # what add_subparsers returns (argparse has no public name for it)
+    from butler_mqtt.events import SummaryEvent
+
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
@@ -192,25 +286,7 @@ def _add_request_command(sub: Subcommands) -> None:
 
 def _add_sim_command(sub: Subcommands) -> None:
     """sim: the QRS simulator."""
-    p = _command(sub, "sim", "the QRS simulator (HTTPS with client certificates)", SIM_HELP)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=4242, help="port to listen on (default 4242, like QRS)")
-    p.add_argument(
-        "--certs", type=Path, default=Path("certs"), metavar="DIR",
-        help="certificate folder; missing files are generated (default ./certs, where etc/butler.yaml looks)",
-    )
-    p.add_argument(
-        "--tasks", type=Path, metavar="FILE",
-        help="JSON file of tasks to serve instead of the demo set (format: butler_mqtt/sim/data.py)",
-    )
-    p.add_argument(
-        "--latency-ms", type=non_negative_ms, default=0.0, metavar="N",
-        help="extra delay added to every answer, in milliseconds (default 0)",
-    )
-    p.add_argument(
-        "--demo", action="store_true",
-        help="serve the demo data set (the default without --tasks; with --tasks: both)",
-    )
+    _add_sim(_command(sub, "sim", "the QRS simulator (HTTPS with client certificates)", SIM_HELP))
 
 
 def _add_local_commands(sub: Subcommands) -> None:
@@ -233,6 +309,63 @@ def _add_local_commands(sub: Subcommands) -> None:
         help=f"where to write it (default: $BUTLER_MQTT_CONFIG, else {DEFAULT_CONFIG})",
     )
     p.add_argument("--from-butler", type=Path, metavar="BUTLER.yaml", help="Butler's YAML config file to import")
+
+
+HISTORY_HELP = """\
+The request history from the journal of the configured daemon (state_dir, or journal.url), read
+directly: it works while the daemon runs, and writes nothing. One row per request, oldest first:
+when it came (UTC), its ingress and source (MQTT topic or REST client), the requestId, the
+criteria, what happened to the tasks (started, denied, failed, not found, ...), the final states
+(FinishedSuccess 2, FinishedFail 1; "running" while followed), the state (handling, answered,
+following, finished) and how often it came again as a duplicate. With --request-id, one line per
+task follows. The journal keeps journal.retention_hours (24 h by default); GET /v4/requests on
+the REST API answers the same records."""
+
+
+def since_arg(text: str) -> float:
+    """argparse type: --since (30m, 2h, 1d, 1w, 45s, or an ISO 8601 date / date-time, UTC)."""
+    from butler_mqtt.journal.history import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("since: ")) from None
+
+
+def task_guid(text: str) -> str:
+    """argparse type: a task GUID (any case)."""
+    from butler_mqtt.model import is_guid
+
+    if not is_guid(text.strip()):
+        raise argparse.ArgumentTypeError(f"not a task GUID: {text!r}")
+    return text.strip().lower()
+
+
+def history_limit(text: str) -> int:
+    """argparse type: 1..1000."""
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 1000, got {text!r}")
+    return int(text)
+
+
+def _add_history(sub: Subcommands) -> None:
+    """history: the request history from the journal."""
+    p = _command(sub, "history", "the request history from the journal (a table, or JSON lines with --json)", HISTORY_HELP)
+    _add_config(p)
+    p.add_argument("--since", type=since_arg, metavar="WHEN",
+                   help="only requests received since: 30m, 2h, 1d, 1w, or an ISO date / date-time (UTC unless it has an offset)")
+    p.add_argument("--request-id", metavar="ID", help="only this requestId (and show its tasks)")
+    p.add_argument("--task", type=task_guid, metavar="ID", help="only requests that selected or named this task GUID")
+    p.add_argument("--limit", type=history_limit, default=100, metavar="N", help="the newest N requests (default 100, at most 1000)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line (the records of GET /v4/requests)")
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from butler_mqtt.history import run_history
+    from butler_mqtt.journal.history import HistoryQuery
+
+    query = HistoryQuery(since=args.since, request_id=args.request_id, task_id=args.task, limit=args.limit)
+    return run_history(_load(args), query, args.json)
 
 
 def selectors_request(args: argparse.Namespace, **extra: Any) -> StartRequest:
@@ -287,7 +420,21 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     from butler_mqtt.sim import serve
 
-    return serve(args.host, args.port, args.certs, args.tasks, args.latency_ms, args.demo)
+    return serve(
+        args.host,
+        args.port,
+        args.certs,
+        args.tasks,
+        args.latency_ms,
+        args.demo,
+        max_concurrent=args.max_concurrent,
+        queue_timeout=args.queue_timeout or None,
+        already_running=args.already_running,
+        run_seconds=args.run_seconds,
+        task_run_seconds=args.task_run_seconds,
+        fail_first=args.fail_first,
+        max_retries=args.max_retries,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -307,7 +454,7 @@ class RequestOutcome:
         if kind == replies.ERROR or replies.reload_failed(ev):
             self.failed = True
         if kind == replies.SUMMARY:
-            summary = cast(replies.SummaryEvent, ev)
+            summary = cast("SummaryEvent", ev)
             self.failed |= bool(summary.get("tasksFailed"))
             self.denied |= bool(summary.get("tasksDenied"))
             self.not_found |= bool(summary.get("tasksNotFound"))
@@ -416,6 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sim": cmd_sim,
         "demo": cmd_demo,
         "init": cmd_init,
+        "history": cmd_history,
     }
     try:
         return handlers[args.command](args)

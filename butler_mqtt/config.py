@@ -193,6 +193,21 @@ class TrackingConfig(_Section):
     max_wait: float = Field(default=21600, gt=0)
 
 
+class RetryConfig(_Section):
+    attempts: int = Field(default=0, ge=0, le=10)
+    delay: float = Field(default=60, ge=0, le=3600)
+
+
+class PoliciesConfig(_Section):
+    """Run policies (contract section 7): what a trigger does when it meets a busy Qlik Sense."""
+
+    if_running: Literal["start", "attach", "skip", "queue"] = "start"
+    max_running: int = Field(default=0, ge=0, le=10000)
+    queue_timeout: float = Field(default=3600, gt=0)
+    retry: RetryConfig = RetryConfig()
+    deadline: float | None = Field(default=None, gt=0)
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -222,6 +237,40 @@ class JournalConfig(_Section):
         return v
 
 
+class WebhookConfig(_Section):
+    """Where alerts are POSTed as JSON (ops/alerts.py). The URL and the header values may hold
+    credentials: they are secrets, never logged (a failure names the URL's host only)."""
+
+    url: SecretStr | None = None
+    headers: dict[str, SecretStr] = {}
+    timeout: float = Field(default=10, gt=0)
+    attempts: int = Field(default=6, ge=1, le=100)
+    retry_delay: float = Field(default=1, gt=0)
+    queue: int = Field(default=1000, ge=1)
+    ca: Path | None = None
+    verify: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().lower().startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return v
+
+
+class AlertsConfig(_Section):
+    topic: str | None = None
+    webhook: WebhookConfig = WebhookConfig()
+    qrs_outage_after: float = Field(default=30, ge=0)
+
+    @field_validator("topic")
+    @classmethod
+    def _plain_topic(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "+" in v or "#" in v or v.startswith("$")):
+            raise ValueError("an MQTT topic to publish on: not empty, no wildcards (+ #), not a $-topic")
+        return v
+
+
 class Config(_Section):
     mqtt: MqttConfig = MqttConfig()
     qrs: QrsConfig = QrsConfig()
@@ -232,6 +281,8 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     state_dir: Path = Path("state")
     journal: JournalConfig = JournalConfig()
+    policies: PoliciesConfig = PoliciesConfig()
+    alerts: AlertsConfig = AlertsConfig()
     _sources: Sources = PrivateAttr(default_factory=dict)
 
     def source(self, key: str) -> str:
@@ -264,6 +315,8 @@ class Config(_Section):
                 if p is not None:
                     files[f"mqtt.tls.{name}"] = p
         files.update(self.http_tls_files())
+        if self.alerts.webhook.url is not None and self.alerts.webhook.ca is not None:
+            files["alerts.webhook.ca"] = self.alerts.webhook.ca
         for key, path in files.items():
             if not path.is_file():
                 raise ConfigError(key, f"file not found: {path}", self.source(key))

@@ -30,7 +30,7 @@ import structlog
 from butler_mqtt import runtime
 from butler_mqtt.config import Config, load_config
 from butler_mqtt.errors import ConfigError, JournalError
-from butler_mqtt.mqtt.handler import MqttHealth, RequestHandler, route_publisher
+from butler_mqtt.mqtt.handler import MqttHealth, RequestHandler, alert_publisher, route_publisher
 from butler_mqtt.mqtt.listener import Job, MqttListener
 from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.ops import fds, systemd
@@ -70,7 +70,7 @@ class Daemon:
         self.listener = MqttListener(cfg.mqtt, self._enqueue, client_id=client_id)
         self.listener.on_subscribed = self._ready
         self.health = MqttHealth(self.listener)
-        self.runtime = runtime.build(cfg, route_publisher(self.listener), self.health)
+        self.runtime = runtime.build(cfg, route_publisher(self.listener), self.health, alert=alert_publisher(self.listener))
         # MQTT 3.1.1 clears the retain flag on live delivery: ask the broker (mqtt/retain_probe.py).
         self.retain_probe = None if self.listener.v5 else RetainProbe(cfg.mqtt, client_id)
         self.handler = RequestHandler(self.runtime, self.listener, self.health, self.should_exit, self.retain_probe)
@@ -91,6 +91,8 @@ class Daemon:
             t.start()
             self._workers.append(t)
         self.listener.start()
+        if self.runtime.alerter is not None:
+            self.runtime.alerter.start()
         self.tracker.start()
         if cfg.serves_http:
             from butler_mqtt.http.server import start_http
@@ -139,6 +141,8 @@ class Daemon:
         if self.http_server is not None:
             self.http_server.stop()
         self.tracker.stop()  # its records stay in the journal: picked up again next run
+        if self.runtime.alerter is not None:
+            self.runtime.alerter.stop()  # what is waiting goes out while the broker connection still is up
         self.listener.stop()
         if self.retain_probe is not None:
             self.retain_probe.stop()

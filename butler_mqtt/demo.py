@@ -35,6 +35,16 @@ SAMPLES: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("an invalid task ID: rejected, nothing started", {"requestId": "demo-3", "taskId": ["not-a-guid"]}),
+    (
+        "the ERP's hourly load is done: start the hourly apps (policies.max_running is 2 in this demo:"
+        " two start, the others wait in butler-mqtt's queue and start as slots free)",
+        {"requestId": "demo-4", "tag": ["hourly-reload"]},
+    ),
+    (
+        "the ERP notifies again while those still run: ifRunning 'queue' queues one rerun per running"
+        " task, started when the running reload ends (the disabled one waits for a slot, then QRS does not start it)",
+        {"requestId": "demo-5", "tag": ["startTask1"], "ifRunning": "queue"},
+    ),
 ]
 
 
@@ -77,31 +87,11 @@ def _run(work: Path, once: bool, sim: Any, certs: Any, broker: Mosquitto | None)
     from butler_mqtt.mqtt.requester import Requester
     from butler_mqtt.sim import demo_tasks
 
-    try:
-        base = load_config(config_path(None), missing_ok=True)
-    except ConfigError:
-        base = Config()
-    mqtt_host, mqtt_port = base.mqtt.host, base.mqtt.port
-    if broker is not None:
-        mqtt_host, mqtt_port = "127.0.0.1", broker.port
-    cfg = Config.model_validate(
-        {
-            "mqtt": {"host": mqtt_host, "port": mqtt_port, "client_id": "butler-mqtt-demo"},
-            "qrs": {
-                "host": "localhost",
-                "port": sim.port,
-                "cert": str(certs.client),
-                "key": str(certs.client_key),
-                "ca": str(certs.root),
-            },
-            "tracking": {"poll_interval": 0.5, "first_poll": 0.3},
-            "logging": {"level": "error", "format": "console"},
-            "state_dir": str(work / "state"),
-        }
-    )
+    cfg = _demo_config(work, sim, certs, broker)
     setup_logging(cfg.logging.level, cfg.logging.format)
     print(f"QRS simulator   {sim.base_url}/qrs  ({len(demo_tasks())} demo tasks, certificates in {work / 'certs'})")
     print(f"work folder     {work}  (removed when the demo ends)")
+    mqtt_host, mqtt_port = cfg.mqtt.host, cfg.mqtt.port
     print(f"MQTT broker     {mqtt_host}:{mqtt_port}" + ("  (private mosquitto)" if broker else "  (from the config)"))
     daemon = Daemon(cfg)
     daemon.startup()
@@ -135,3 +125,31 @@ def _run(work: Path, once: bool, sim: Any, certs: Any, broker: Mosquitto | None)
         return 0
     finally:
         daemon.shutdown(drain_timeout=5)
+
+
+def _demo_config(work: Path, sim: Any, certs: Any, broker: Mosquitto | None) -> Config:
+    """The demo's daemon: the simulator, the private broker (else the config's), quick polls,
+    and `policies.max_running: 2` so the queue shows at work."""
+    try:
+        base = load_config(config_path(None), missing_ok=True)
+    except ConfigError:
+        base = Config()
+    mqtt_host, mqtt_port = base.mqtt.host, base.mqtt.port
+    if broker is not None:
+        mqtt_host, mqtt_port = "127.0.0.1", broker.port
+    return Config.model_validate(
+        {
+            "mqtt": {"host": mqtt_host, "port": mqtt_port, "client_id": "butler-mqtt-demo"},
+            "qrs": {
+                "host": "localhost",
+                "port": sim.port,
+                "cert": str(certs.client),
+                "key": str(certs.client_key),
+                "ca": str(certs.root),
+            },
+            "tracking": {"poll_interval": 0.5, "first_poll": 0.3},
+            "logging": {"level": "error", "format": "console"},
+            "state_dir": str(work / "state"),
+            "policies": {"max_running": 2},
+        }
+    )

@@ -35,8 +35,18 @@ INVALID_GUID_DETAILS = "Task ID must be a valid GUID"
 # legitimate and are escaped instead (see qrs.filters).
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
-TaskStatus = Literal["started", "notStarted", "denied", "failed", "wouldStart"]
+TaskStatus = Literal[
+    "started", "notStarted", "denied", "failed", "wouldStart", "alreadyRunning", "skipped", "queued", "expired"
+]
+IfRunning = Literal["start", "attach", "skip", "queue"]
 FINAL_STATES = {6: "Aborted", 7: "FinishedSuccess", 8: "FinishedFail", 9: "Skipped", 11: "Error", 12: "Reset"}
+#: TaskExecutionStatus values of an execution that has not ended (qrs-api.md 6.4, 6.6): Triggered,
+#: Started, Queued, AbortInitiated, Aborting, Retry, DistributionQueue, DistributionRunning.
+RUNNING_STATES = {1: "Triggered", 2: "Started", 3: "Queued", 4: "AbortInitiated", 5: "Aborting", 10: "Retry",
+                  13: "DistributionQueue", 14: "DistributionRunning"}
+_RUNNING_NAMES = {name.casefold() for name in RUNNING_STATES.values()}
+MAX_PRIORITY = 9
+DEFAULT_PRIORITY = 5
 
 
 def is_guid(value: str) -> bool:
@@ -73,6 +83,15 @@ class CustomPropertyCriterion(BaseModel):
         return _check_name(v, "custom property value")
 
 
+class RetryRequest(BaseModel):
+    """`retry` of a request: extra starts after a failed reload (contract section 7)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    attempts: int = Field(ge=0, le=10)
+    delay: float = Field(default=60, ge=0, le=3600)
+
+
 class StartRequest(BaseModel):
     """A start request (contract section 3). Field names are the wire names."""
 
@@ -87,6 +106,10 @@ class StartRequest(BaseModel):
     dryRun: bool = False
     then: StartRequest | None = None
     onFailure: Literal["stop", "continue"] = "stop"
+    ifRunning: IfRunning | None = None
+    retry: RetryRequest | None = None
+    deadline: float | None = Field(default=None, gt=0, le=7 * 86400)
+    priority: int | None = Field(default=None, ge=0, le=MAX_PRIORITY)
 
     @field_validator("taskId", "tag", mode="before")
     @classmethod
@@ -231,6 +254,9 @@ class QrsTask:
     enabled: bool = True
     tags: tuple[str, ...] = ()
     custom_properties: tuple[tuple[str, str], ...] = ()  # (definition name, value)
+    #: `operational.lastExecutionResult` in a non-final state: the task is running in QRS.
+    running: bool = False
+    last_result_id: str | None = None  # that ExecutionResult's id (not the execution session id)
 
     @classmethod
     def from_qrs(cls, obj: dict[str, Any]) -> QrsTask:
@@ -248,13 +274,34 @@ class QrsTask:
         )
         name = obj.get("name")
         enabled = obj.get("enabled", True)
+        running, result_id = _last_execution(obj.get("operational"))
         return cls(
             id=str(obj["id"]).lower(),
             name=name if isinstance(name, str) else "",
             enabled=enabled if isinstance(enabled, bool) else True,
             tags=tags,
             custom_properties=cps,
+            running=running,
+            last_result_id=result_id,
         )
+
+
+def is_running_status(status: Any) -> bool:
+    """A QRS TaskExecutionStatus (an integer; some tools print the name) that has not ended."""
+    if isinstance(status, bool):
+        return False
+    if isinstance(status, int):
+        return status in RUNNING_STATES
+    return isinstance(status, str) and status.strip().casefold() in _RUNNING_NAMES
+
+
+def _last_execution(operational: Any) -> tuple[bool, str | None]:
+    """(running?, ExecutionResult id) from `operational.lastExecutionResult`; odd shapes: not running."""
+    last = operational.get("lastExecutionResult") if isinstance(operational, dict) else None
+    if not isinstance(last, dict) or not is_running_status(last.get("status")):
+        return False, None
+    rid = last.get("id")
+    return True, (rid.lower() if isinstance(rid, str) and is_guid(rid) else None)
 
 
 def _dicts(value: Any) -> list[dict[str, Any]]:
@@ -271,3 +318,17 @@ class TaskOutcome:
     matched_by: list[str] = field(default_factory=list)
     execution_id: str | None = None
     reason: str | None = None
+    position: int | None = None  # queued: 1 = next
+    attempt: int | None = None  # with retry: 1 = the first start
+
+
+@dataclass
+class Route:
+    """Where a request's replies go: an MQTT topic plus the request's correlation data."""
+
+    topic: str
+    correlation: str | None = None  # hex
+
+    @property
+    def correlation_bytes(self) -> bytes | None:
+        return bytes.fromhex(self.correlation) if self.correlation is not None else None

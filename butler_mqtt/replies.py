@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any, NotRequired, cast, get_args
-
-from typing_extensions import TypedDict  # pydantic (http/schemas.py) wants this one on 3.11
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 from butler_mqtt.model import TaskOutcome, TaskStatus
+
+if TYPE_CHECKING:  # the wire shapes (events.py imports this module: typing only)
+    from butler_mqtt.events import SummaryEvent, TaskEvent
 
 #: QRS's "never" timestamp (1753 sentinel): reported as null.
 QRS_NEVER = "1753-01-01T00:00:00.000Z"
@@ -22,6 +23,8 @@ Event = dict[str, Any]
 
 #: Task statuses listed under `tasksStarted` in a summary.
 _LISTED_AS_STARTED = ("started", "notStarted", "wouldStart")
+#: ... under `tasksRunning` (found running: run policies, contract section 7).
+_LISTED_AS_RUNNING = ("alreadyRunning", "skipped")
 
 
 def _staged(ev: Event, stage: int | None) -> Event:
@@ -38,14 +41,25 @@ def task(o: TaskOutcome, request_id: str | None, stage: int | None = None) -> Ev
     ev["matchedBy"] = list(o.matched_by)
     if o.reason is not None:
         ev["reason"] = o.reason
+    _policy_fields(ev, o)
     return _staged(ev, stage)
+
+
+def _policy_fields(d: Event, o: TaskOutcome) -> None:
+    if o.position is not None:
+        d["position"] = o.position
+    if o.attempt is not None:
+        d["attempt"] = o.attempt
 
 
 def brief(o: TaskOutcome) -> Event:
     """A task as listed inside a summary."""
     d: Event = {"taskId": o.task_id, "taskName": o.task_name, "status": o.status}
+    if o.status in _LISTED_AS_RUNNING and o.execution_id is not None:
+        d["executionId"] = o.execution_id
     if o.reason is not None:
         d["reason"] = o.reason
+    _policy_fields(d, o)
     return d
 
 
@@ -64,6 +78,8 @@ def summary(
         "tasksNotFound": list(not_found),
         "tasksDenied": [brief(o) for o in outcomes if o.status == "denied"],
         "tasksFailed": [brief(o) for o in outcomes if o.status == "failed"],
+        "tasksRunning": [brief(o) for o in outcomes if o.status in _LISTED_AS_RUNNING],
+        "tasksQueued": [brief(o) for o in outcomes if o.status == "queued"],
         "totalTasksStarted": sum(1 for o in outcomes if o.status == "started"),
     }
     return _staged(ev, stage)
@@ -99,8 +115,13 @@ def task_finished(
     row: Mapping[str, Any] | None,
     reason: str | None = None,
     stage: int | None = None,
+    attempt: int | None = None,
+    retry_in: float | None = None,
 ) -> Event:
-    """`taskFinished`: a followed execution ended (`row`: QRS's ExecutionResult, if any)."""
+    """`taskFinished`: a followed execution ended (`row`: QRS's ExecutionResult, if any).
+
+    With `retry`: `attempt` (1 = the first start), and `retryIn` (seconds) when another start
+    follows; the last attempt's event has no `retryIn`."""
     start = row.get("startTime") if row else None
     stop = row.get("stopTime") if row else None
     ev: Event = {
@@ -116,6 +137,25 @@ def task_finished(
     }
     if reason is not None:
         ev["reason"] = reason
+    if attempt is not None:
+        ev["attempt"] = attempt
+        if retry_in is not None:
+            ev["retryIn"] = int(retry_in) if float(retry_in).is_integer() else round(retry_in, 3)
+    return _staged(ev, stage)
+
+
+def task_overdue(
+    request_id: str | None, task_id: str, task_name: str, execution_id: str, running_for_ms: int, stage: int | None = None
+) -> Event:
+    """`taskOverdue`: a followed execution still runs `deadline` seconds after its start (once)."""
+    ev: Event = {
+        "event": "taskOverdue",
+        "requestId": request_id,
+        "taskId": task_id,
+        "taskName": task_name,
+        "executionId": execution_id,
+        "runningForMs": running_for_ms,
+    }
     return _staged(ev, stage)
 
 
@@ -142,11 +182,11 @@ def task_events(events: Iterable[Event]) -> list[Event]:
 
 # --------------------------------------------------------------------------- readers
 #
-# Replies are read back as well as built: the REST answers (http/bodies.py), the OpenAPI
-# document (http/schemas.py), the `request` command's exit code (cli.py), the requester
-# (mqtt/requester.py) and the metrics. They read through the names below, so that the wire
-# names live in this module only. (The builders above spell the same names; they are left as
-# they are while contract section 7's statuses and events are added to them.)
+# Replies are read back as well as built: the REST answers (http/bodies.py), the `request`
+# command's exit code (cli.py), the requester (mqtt/requester.py) and the metrics. They read
+# through the names below, so that the wire names live in this module only; the typed views
+# they return are events.py's, the schemas of the AsyncAPI document. (The builders above spell
+# the same names; they can use these constants in a later change.)
 
 #: The `event` of each reply.
 TASK, SUMMARY, TASK_FINISHED, TASK_OVERDUE, REQUEST_FINISHED, ERROR = (
@@ -159,52 +199,9 @@ TASK, SUMMARY, TASK_FINISHED, TASK_OVERDUE, REQUEST_FINISHED, ERROR = (
 )
 #: Every `task` status, as the request model defines them.
 TASK_STATUSES: tuple[str, ...] = get_args(TaskStatus)
-STARTED, DENIED = "started", "denied"
-#: Task statuses listed under `tasksStarted` in a summary.
-LISTED_AS_STARTED = _LISTED_AS_STARTED
+STARTED, DENIED, QUEUED = "started", "denied", "queued"
 #: The QRS final state of a reload that succeeded (`taskFinished` status).
 FINISHED_SUCCESS = "FinishedSuccess"
-
-
-class TaskBrief(TypedDict):
-    """A task as listed inside a summary."""
-
-    taskId: str
-    taskName: str
-    status: TaskStatus
-    reason: NotRequired[str]
-
-
-class TaskEvent(TypedDict):
-    """`task` on the wire (see `task`)."""
-
-    event: str
-    requestId: str | None
-    taskId: str
-    taskName: str
-    status: TaskStatus
-    executionId: NotRequired[str]
-    matchedBy: list[str]
-    reason: NotRequired[str]
-    stage: NotRequired[int]
-
-
-class SummaryBody(TypedDict):
-    """`summary` on the wire without its `event` key: the REST answer to a seed-shaped body."""
-
-    requestId: str | None
-    tasksStarted: list[TaskBrief]
-    tasksNotFound: list[dict[str, Any]]
-    tasksDenied: list[TaskBrief]
-    tasksFailed: list[TaskBrief]
-    totalTasksStarted: int
-    stage: NotRequired[int]
-
-
-class SummaryEvent(SummaryBody):
-    """`summary` on the wire (see `summary`)."""
-
-    event: str
 
 
 def kind(ev: Mapping[str, Any]) -> str | None:
@@ -220,27 +217,41 @@ def in_first_stage(ev: Mapping[str, Any]) -> bool:
 
 def first_stage_tasks(events: Iterable[Event]) -> list[TaskEvent]:
     """The `task` events of the request's first stage."""
-    return [cast(TaskEvent, ev) for ev in task_events(events) if in_first_stage(ev)]
+    return [cast("TaskEvent", ev) for ev in task_events(events) if in_first_stage(ev)]
 
 
 def summary_of(events: Iterable[Event]) -> SummaryEvent | None:
     """The first stage's `summary` among `events`, if there is one."""
     for ev in events:
         if kind(ev) == SUMMARY and in_first_stage(ev):
-            return cast(SummaryEvent, ev)
+            return cast("SummaryEvent", ev)
     return None
 
 
-def summary_body(ev: SummaryEvent) -> SummaryBody:
-    """A summary without its `event` key (the REST answer)."""
-    return cast(SummaryBody, {k: v for k, v in ev.items() if k != "event"})
+def without_event(ev: Mapping[str, Any]) -> Event:
+    """A reply without its `event` key (the REST answer is the summary so)."""
+    return {k: v for k, v in ev.items() if k != "event"}
 
 
 def ends_request(ev: Mapping[str, Any], waits: bool) -> bool:
     """The reply after which no more come for the request: an error, else its summary, or
-    requestFinished when the request waits (`wait` or `then`)."""
+    requestFinished when the request waits (`wait` or `then`); see also `still_queued`."""
     k = kind(ev)
     return k == ERROR or k == (REQUEST_FINISHED if waits else SUMMARY)
+
+
+def still_queued(events: Iterable[Mapping[str, Any]]) -> bool:
+    """A task answered `queued` (run policies) gets a second `task` event when it is started or
+    given up: without `wait`, the request is over once each queued task had it."""
+    waiting: set[tuple[Any, Any]] = set()
+    for ev in events:
+        if kind(ev) == TASK:
+            ident = (ev.get("taskId"), ev.get("stage"))
+            if ev.get("status") == QUEUED:
+                waiting.add(ident)
+            else:
+                waiting.discard(ident)
+    return bool(waiting)
 
 
 def reload_failed(ev: Mapping[str, Any]) -> bool:

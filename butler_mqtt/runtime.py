@@ -1,7 +1,7 @@
 """What the edges are handed: the parts of a running daemon, wired once, never the daemon.
 
-`build(cfg, publish, health)` makes them: the journal, the metrics, the QRS client, the one
-`StartService` and the tracker (which publishes later events through `publish`). The daemon
+`build(cfg, publish, health)` makes them: the journal, the metrics, the alerter, the QRS
+client, the one `StartService` and the tracker (which publishes later events through `publish`). The daemon
 calls it once and keeps only the lifecycle (daemon.py); the MQTT handler and the REST API
 (http/) are handed the resulting `Runtime`. The REST API sees the MQTT side only through a
 narrow `Health` view, so it can be served (and tested) on any Runtime and cannot reach into
@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 
 from butler_mqtt.journal import Journal
+from butler_mqtt.ops import alerts
+from butler_mqtt.ops.alerts import Alerter
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StartService
@@ -23,6 +25,7 @@ from butler_mqtt.tracking import Tracker
 
 if TYPE_CHECKING:
     from butler_mqtt.config import Config
+    from butler_mqtt.ops.alerts import PublishMqtt
     from butler_mqtt.tracking import Publish
 
 log = structlog.get_logger("butler_mqtt.runtime")
@@ -52,6 +55,7 @@ class Runtime:
     qrs: QrsClient
     metrics: Metrics
     health: Health
+    alerter: Alerter | None = None  # None: a Runtime made by hand (tests), without alerts
 
     def close(self) -> None:
         """Release what `build` opened (the tracker is stopped by its owner first)."""
@@ -75,10 +79,11 @@ def preflight(cfg: Config) -> None:
         log.warning("mqtt_tls_verification_disabled", detail="mqtt.tls.verify is false")
 
 
-def build(cfg: Config, publish: Publish, health: Health) -> Runtime:
+def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | None = None) -> Runtime:
     """The parts, wired once: the journal (owned under this instance's client id), the metrics,
-    the QRS client reporting to them, the use case and the tracker. Nothing is started here:
-    the daemon's startup() starts the threads. Call `preflight(cfg)` first."""
+    the alerter (publishing on MQTT through `alert`), the QRS client and the use case reporting
+    to both, and the tracker. Nothing is started here: the daemon's startup() starts the
+    threads. Call `preflight(cfg)` first."""
     url = cfg.journal.url.get_secret_value() if cfg.journal.url else None
     journal = Journal.from_config(
         cfg.state_dir,
@@ -88,7 +93,10 @@ def build(cfg: Config, publish: Publish, health: Health) -> Runtime:
         lease_s=cfg.journal.lease_seconds,
     )
     metrics = Metrics()
-    qrs = QrsClient(cfg.qrs, observer=metrics.observe_qrs)
+    # Alerts (ops/alerts.py) watch the QRS calls and every new reply event, like the metrics.
+    alerter = Alerter(cfg.alerts, metrics, instance=cfg.mqtt.effective_client_id(), qrs=cfg.qrs.base_url, publish=alert)
+    qrs = QrsClient(cfg.qrs, observer=alerts.observers(metrics.observe_qrs, alerter.observe_qrs))
     service = StartService(cfg, qrs, journal)
-    tracker = Tracker(cfg.tracking, qrs, service, journal, publish)
-    return Runtime(cfg, service, tracker, journal, qrs, metrics, health)
+    service.observers += [metrics.observe_event, alerter.observe]
+    tracker = Tracker(cfg.tracking, qrs, service, journal, publish, metrics)
+    return Runtime(cfg, service, tracker, journal, qrs, metrics, health, alerter)

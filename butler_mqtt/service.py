@@ -17,10 +17,12 @@ from typing import Any
 import structlog
 
 from butler_mqtt import replies
+from butler_mqtt.admission import Admission, Admitted, Ticket
 from butler_mqtt.config import Config
 from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable
 from butler_mqtt.journal import Journal, Prior
-from butler_mqtt.model import EMPTY_GUID, QrsTask, StartRequest, TaskOutcome
+from butler_mqtt.model import EMPTY_GUID, QrsTask, Route, StartRequest, TaskOutcome
+from butler_mqtt.policies import Policy, effective
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.qrs.filters import chunk_or, criteria_clauses
 from butler_mqtt.resume import intent_key, plan_resume
@@ -37,6 +39,14 @@ class StageResult:
     not_found: list[dict[str, Any]]
     summary: dict[str, Any]
     events: list[dict[str, Any]] = field(default_factory=list)
+    policy: Policy = field(default_factory=Policy)
+    queued: dict[int, TaskOutcome] = field(default_factory=dict)  # queue entry id -> the task waiting on it
+
+    @property
+    def follow(self) -> bool:
+        """Does the tracker need this request: retries or deadlines to watch, or a waited request
+        (the caller knows `wait`/`then`)."""
+        return self.policy.follows
 
 
 class StartService:
@@ -53,9 +63,31 @@ class StartService:
         self._allow_lock = threading.Lock()
         self._allow = cfg.start_filter
         self.keys = KeyLocks()
+        self.admission = Admission(qrs, journal)
+        #: Called with every reply event as it is produced (never with a replayed one): the
+        #: alerter and the metrics watch the requests here, whatever the ingress (`notify`).
+        self.observers: list[Emit] = []
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def notify(self, ev: dict[str, Any]) -> None:
+        """Hand a new reply event to every observer. An observer must be quick (it runs on
+        the request's thread) and its failure never reaches the request."""
+        for observe in self.observers:
+            try:
+                observe(ev)
+            except Exception:  # noqa: BLE001 - watching a request must never break it
+                log.exception("event_observer_failed", observer=getattr(observe, "__qualname__", repr(observe)))
+
+    def observed(self, emit: Emit) -> Emit:
+        """`emit`, then `notify`: how a fresh request's events leave the use case."""
+
+        def both(ev: dict[str, Any]) -> None:
+            emit(ev)
+            self.notify(ev)
+
+        return both
 
     def set_start_filter(self, start_filter: Any) -> None:
         """Swap the allow-list (SIGHUP reload) without disturbing requests in flight."""
@@ -64,12 +96,45 @@ class StartService:
 
     def resolve(self, stage: StartRequest) -> Selection:
         """All criteria of the stage in one `GET /qrs/reloadtask/full` (chunked if long)."""
+        return self.resolve_tasks(stage)[0]
+
+    def resolve_tasks(self, stage: StartRequest) -> tuple[Selection, dict[str, QrsTask]]:
+        """`resolve`, with the tasks QRS returned by id (their running state: run policies)."""
         tasks: list[QrsTask] = []
         for expr in chunk_or(criteria_clauses(stage), self.cfg.qrs.max_filter_length):
             tasks.extend(QrsTask.from_qrs(obj) for obj in self.qrs.reload_tasks(expr))
-        return select(stage, tasks)
+        return select(stage, tasks), {t.id: t for t in tasks}
 
-    def _start_one(self, o: TaskOutcome) -> TaskOutcome:
+    def policy(self, root: StartRequest | None, stage: StartRequest | None) -> Policy:
+        return effective(self.cfg.policies, root, stage)
+
+    def start_tasks(
+        self, candidates: list[TaskOutcome], tasks: dict[str, QrsTask], policy: Policy, ticket: Ticket, send: Emit
+    ) -> Admitted:
+        """The run policies, then the starts: one `task` event per candidate (`send`)."""
+        admitted = self.admission.admit(candidates, tasks, policy, ticket)
+        for o in admitted.decided:
+            send(replies.task(o, ticket.request_id, ticket.stage))
+        self._start_all(admitted.to_start, ticket.key, ticket.stage, ticket.request_id, send)
+        self.admission.record(admitted)
+        return admitted
+
+    def start_task_again(
+        self, task_id: str, matched_by: list[str], policy: Policy, ticket: Ticket, send: Emit
+    ) -> tuple[TaskOutcome | None, dict[int, TaskOutcome]]:
+        """A retry (contract section 7): the task is looked up again (its running state too) and
+        started under the same policies. (None, {}) when it no longer exists; else its outcome
+        and, when it waits in the queue, {entry id: outcome}."""
+        selection, tasks = self.resolve_tasks(StartRequest(taskId=[task_id]))
+        if not selection.selected:
+            return None, {}
+        task = selection.selected[0].task
+        o = TaskOutcome(task.id, task.name, "started", list(matched_by), attempt=ticket.attempt)
+        admitted = self.start_tasks([o], tasks, policy, ticket, send)
+        return o, admitted.queued
+
+    def start_one(self, o: TaskOutcome) -> TaskOutcome:
+        """Start one task; `o` gets QRS's answer (started, notStarted or failed, with the reason)."""
         sent = time.time()
         try:
             with self._start_slots:
@@ -125,6 +190,9 @@ class StartService:
         stage_index: int | None = None,
         key: str | None = None,
         prior: Prior | None = None,
+        *,
+        root: StartRequest | None = None,
+        route: Route | None = None,
     ) -> StageResult:
         """Resolve and start one stage, emitting one `task` event per task then the summary.
 
@@ -132,7 +200,7 @@ class StartService:
         was started, so the caller may safely retry the whole request later.
         """
         t0 = time.perf_counter()
-        selection = self.resolve(stage)
+        selection, tasks = self.resolve_tasks(stage)
         with self._allow_lock:
             allow = self._allow.allow if self._allow.enabled else None
         outcomes = plan(selection, stage, allow)
@@ -142,8 +210,12 @@ class StartService:
             events.append(ev)
             emit(ev)
 
+        policy = self.policy(root, stage)
         to_start = self._resume(outcomes, prior, stage_index, request_id, send)
-        self._start_all(to_start, key, stage_index, request_id, send)
+        if policy.retry_attempts > 0:
+            for o in to_start:
+                o.attempt = 1
+        admitted = self.start_tasks(to_start, tasks, policy, Ticket(key, request_id, stage_index, route), send)
         summ = replies.summary(request_id, outcomes, selection.not_found, stage_index)
         send(summ)
         log.info(
@@ -156,7 +228,7 @@ class StartService:
             not_found=len(selection.not_found),
             ms=round((time.perf_counter() - t0) * 1000, 1),
         )
-        return StageResult(outcomes, selection.not_found, summ, events)
+        return StageResult(outcomes, selection.not_found, summ, events, policy, admitted.queued)
 
     def _resume(
         self, outcomes: list[TaskOutcome], prior: Prior | None, stage: int | None, request_id: str | None, send: Emit
@@ -197,9 +269,9 @@ class StartService:
         if to_start and key is not None and self.journal is not None:
             self.journal.intents(key, [intent_key(o.task_id, stage) for o in to_start])
         if len(to_start) == 1:
-            send(replies.task(self._start_one(to_start[0]), request_id, stage))
+            send(replies.task(self.start_one(to_start[0]), request_id, stage))
         elif to_start:
-            futures = [self._pool.submit(self._start_one, o) for o in to_start]
+            futures = [self._pool.submit(self.start_one, o) for o in to_start]
             for fut in as_completed(futures):
                 send(replies.task(fut.result(), request_id, stage))
 
@@ -240,6 +312,9 @@ class Handled:
 
     events: list[dict[str, Any]]
     replayed: bool = False
+    #: Fresh requests that sent starts: seconds from the claim until every start of the first
+    #: stage was answered (the start latency metric).
+    start_seconds: float | None = None
 
 
 def _audit_fields(req: StartRequest) -> dict[str, Any]:
@@ -264,6 +339,7 @@ def handle_request(
     source: str = "",
     payload_hash: str | None = None,
     on_started: Callable[[StageResult], None] | None = None,
+    route: Route | None = None,
 ) -> Handled:
     """One request end to end: journal check, the stage(s), journal record, one audit line.
 
@@ -272,10 +348,11 @@ def handle_request(
     started; the journal claim is dropped so a retry is handled anew) and JournalError when
     the journal cannot record it (the caller must not ack). `on_started` runs after the
     starts and before the journal marks the request done (tracking registers itself there,
-    so a crash in between resumes the request instead of forgetting to follow it).
+    so a crash in between resumes the request instead of forgetting to follow it). `route`:
+    where later events go (a task started from butler-mqtt's queue).
     """
     with service.keys.hold(key):
-        return _handle(service, req, emit, Claim(ingress, key, source, payload_hash), on_started)
+        return _handle(service, req, emit, Claim(ingress, key, source, payload_hash, route), on_started)
 
 
 @dataclass(frozen=True)
@@ -286,6 +363,7 @@ class Claim:
     key: str | None
     source: str = ""
     payload_hash: str | None = None
+    route: Route | None = None
 
 
 def _handle(
@@ -298,7 +376,10 @@ def _handle(
     t0 = time.perf_counter()
     ingress, source, key = claim.ingress, claim.source, claim.key
     journal = service.journal if key is not None else None
-    prior = journal.begin(key, ingress, claim.payload_hash) if journal is not None and key is not None else None
+    prior = None
+    if journal is not None and key is not None:  # the request itself is kept for the history
+        asked = req.model_dump(mode="json", exclude_defaults=True)
+        prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked)
     if prior is not None and prior.done:
         for ev in prior.replies:
             emit(ev)
@@ -309,11 +390,15 @@ def _handle(
     # Replies are published as they happen and recorded together when the stage is done (one
     # transaction): a crash in between is resumed from the start intents, checked with QRS.
     try:
-        result = service.run_stage(req, req.requestId, emit, 0 if req.then is not None else None, key, prior)
+        result = service.run_stage(
+            req, req.requestId, service.observed(emit), 0 if req.then is not None else None, key, prior, root=req,
+            route=claim.route,
+        )
     except QrsError:
         if journal is not None and key is not None and prior is None:
             journal.forget(key)
         raise
+    answered = time.perf_counter()
     if on_started is not None:
         on_started(result)
     if journal is not None and key is not None:
@@ -335,4 +420,5 @@ def _handle(
         notFound=s["tasksNotFound"],
         ms=round((time.perf_counter() - t0) * 1000, 1),
     )
-    return Handled(result.events)
+    sent = s["tasksStarted"] or s["tasksFailed"]
+    return Handled(result.events, start_seconds=answered - t0 if sent and not req.dryRun else None)

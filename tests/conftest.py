@@ -14,6 +14,7 @@ import trustme
 
 from butler_mqtt.config import Config, deep_merge
 from butler_mqtt.ops.mosquitto import INSTALL_HINT, Mosquitto, find_mosquitto
+from tests.support import asyncapi_check
 from tests.support.mqtt import Inbox
 
 
@@ -162,7 +163,7 @@ def fresh_pg(pg_url: str) -> str:
     import psycopg
 
     with psycopg.connect(pg_url, autocommit=True) as c:
-        for table in ("requests", "events", "waits", "schema_version"):
+        for table in ("requests", "events", "waits", "runq", "runq_waiters", "runs", "schema_version"):
             c.execute(f"DROP TABLE IF EXISTS {table}")
     return pg_url
 
@@ -171,16 +172,23 @@ def fresh_pg(pg_url: str) -> str:
 def sim(qrs_certs: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     """The simulator over mTLS, serving the requesting module's `TASKS` (fresh copies).
 
-    Two more knobs, as module attributes beside `TASKS`: `SIM_OPTIONS`, further keyword
-    arguments of QrsSimulator (e.g. `{"latency_ms": 3}`), and `SIM_CERTS`, the name of a
-    fixture giving the certificate folder to use instead of `qrs_certs` (e.g. an empty one the
-    simulator generates its own certificates into)."""
+    Keyword arguments of QrsSimulator (max_concurrent, queue_timeout, already_running,
+    latency_ms, ...) come from the module's `SIM_OPTIONS` dict, overridden per test by
+    `@pytest.mark.sim_options(...)`. All of them can also be set on the running simulator
+    (`sim.max_concurrent = 2`); per-task knobs (run_seconds, outcome, fail_first,
+    max_retries) are SimTask fields, changed later with `sim.store.replace_task`.
+    `SIM_CERTS`, beside `TASKS`, names a fixture giving the certificate folder to use instead
+    of `qrs_certs` (e.g. an empty one the simulator generates its own certificates into).
+    """
     from butler_mqtt.sim import QrsSimulator, SimTask
 
     module = request.module
     certs = request.getfixturevalue(module.SIM_CERTS) if hasattr(module, "SIM_CERTS") else qrs_certs
     tasks = [SimTask(**vars(t)) for t in module.TASKS]
-    s = QrsSimulator(tasks=tasks, certs_dir=certs, **getattr(module, "SIM_OPTIONS", {})).start()
+    options = dict(getattr(module, "SIM_OPTIONS", {}))
+    for marker in reversed(list(request.node.iter_markers("sim_options"))):
+        options.update(marker.kwargs)
+    s = QrsSimulator(tasks=tasks, certs_dir=certs, **options).start()
     yield s
     s.stop()
 
@@ -236,12 +244,24 @@ def _log_stream(tmp_path_factory: pytest.TempPathFactory) -> _LogStream:
 
 
 @pytest.fixture(autouse=True)
+def _replies_match_the_asyncapi_document(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every reply and status message a test receives is validated against the AsyncAPI document."""
+    yield from asyncapi_check.guard(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
 def _route_logs(_log_stream: _LogStream) -> Iterator[None]:
     import sys
 
     _log_stream.current = sys.stdout
     yield
     _log_stream.current = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sim_options(**kwargs): QrsSimulator keyword arguments for the `sim` fixture"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

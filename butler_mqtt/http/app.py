@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from butler_mqtt import __version__, keys
+from butler_mqtt.asyncapi import build_document
 from butler_mqtt.errors import JournalError, QrsError, RequestRejected, is_transient
 from butler_mqtt.http import schemas
 from butler_mqtt.http.bodies import (
@@ -38,9 +39,10 @@ from butler_mqtt.http.bodies import (
     seed_request,
     summary_response,
 )
+from butler_mqtt.journal import history
+from butler_mqtt.model import Route as ReplyRoute
 from butler_mqtt.model import StartRequest, decode_json
 from butler_mqtt.service import Handled, StageResult, handle_request
-from butler_mqtt.tracking import Route as ReplyRoute
 
 if TYPE_CHECKING:
     from butler_mqtt.runtime import Runtime
@@ -51,6 +53,8 @@ INGRESS = "rest"
 START_PATH = "/v4/reloadtask/{taskId}/start"
 #: The seed's third form (its webhook example): the same as `/v4/reloadtask/-/start`.
 START_PATH_BODY_ONLY = "/v4/reloadtask/start"
+#: The request history (journal/history.py).
+HISTORY_PATH = "/v4/requests"
 #: QRS counts as up when it answered any call this recently (no probe needed).
 QRS_FRESH_S = 60.0
 #: A failed health probe is reused this long, so a burst of health checks during an outage
@@ -113,6 +117,7 @@ class RestApi:
         self._probe_lock = threading.Lock()
         self._last_probe: tuple[float, str] | None = None
         self._last_qrs_failure = 0.0
+        self._asyncapi: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ start endpoint
 
@@ -195,19 +200,15 @@ class RestApi:
         `requestId` is the idempotency key exactly as on MQTT (same journal, same key). A
         waited request (`wait`, `then`) is handed to the daemon's tracker once its first stage
         started, as MQTT requests are; the answer is that stage's summary, and the later events
-        go to MQTT `topics.reply`. Tracking needs a journal key, so a waited request without
-        requestId gets an anonymous one.
+        go to MQTT `topics.reply`. A request without requestId is journaled under an anonymous
+        key, as on MQTT: tracking needs a key, and the request history shows every request.
         """
-        if req.requestId:
-            key: str | None = keys.for_request_id(req.requestId)
-        elif req.waits:
-            key = keys.anonymous("rest")
-        else:
-            key = None
+        follows = req.waits or self.rt.service.policy(req, req).follows
+        key = keys.for_request_id(req.requestId) if req.requestId else keys.anonymous("rest")
         route = ReplyRoute(self.cfg.mqtt.topics.reply)
 
         def follow(result: StageResult) -> None:
-            if key is not None:
+            if req.waits or result.follow:
                 self.rt.tracker.follow(key, req, result, route)
 
         def work() -> Handled:
@@ -218,7 +219,8 @@ class RestApi:
                 ingress=INGRESS,
                 key=key,
                 source=_client(request),
-                on_started=follow if req.waits else None,
+                on_started=follow if follows else None,
+                route=route,
             )
 
         try:
@@ -232,11 +234,30 @@ class RestApi:
         except JournalError as exc:
             raise ApiError(503, "Journal unavailable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
         self._count("duplicate" if handled.replayed else "ok")
-        self.rt.metrics.tasks(handled.events)
+        self.rt.metrics.started(INGRESS, handled.start_seconds)  # tasks are counted as events (Metrics.observe_event)
         return handled.events
 
     def _count(self, outcome: str) -> None:
         self.rt.metrics.request(INGRESS, outcome)
+
+    # ------------------------------------------------------------------ request history
+
+    async def requests(self, request: Request) -> Response:
+        """`GET /v4/requests`: the journal's request history (journal/history.py)."""
+        try:
+            self._authorize(request)
+            query = history_query(request.query_params.get)
+            records = await run_in_threadpool(self.rt.journal.history, query)
+        except ApiError as exc:
+            log.warning("rest_history_refused", status=exc.status, error=exc.error, details=exc.details, client=_client(request))
+            return exc.response()
+        except JournalError as exc:
+            return error_response(503, "Journal unavailable", str(exc), {"Retry-After": RETRY_AFTER_S})
+        return JSONResponse({
+            "requests": records,
+            "since": history.iso(query.since),
+            "retentionHours": self.cfg.journal.retention_hours,
+        })
 
     # ------------------------------------------------------------------ health and metrics
 
@@ -298,11 +319,43 @@ class RestApi:
         m.oldest_waiting.set(oldest or 0)
         m.unacked.set(self.rt.health.unacked)
         m.qrs_refusing.set(1 if self.rt.health.qrs_problem is not None else 0)
+        m.followed.set(self.rt.tracker.following())
         return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def asyncapi(self) -> JSONResponse:
+        """The AsyncAPI 3.0 document of this daemon's MQTT interface: its topics, broker and
+        protocol (docs/asyncapi.yaml is the same for the default configuration). Open like
+        /openapi.json: it names topics and the broker address, never a credential."""
+        if self._asyncapi is None:
+            self._asyncapi = build_document(self.cfg.mqtt)
+        return JSONResponse(self._asyncapi)
 
 
 #: A delivery kept for a retry longer than this turns /healthz unavailable.
 WAITING_ALERT_S = 60.0
+
+
+def history_query(param: Callable[[str], str | None]) -> history.HistoryQuery:
+    """The `GET /v4/requests` query parameters -> a HistoryQuery; ApiError 400 naming a bad one."""
+    try:
+        since, limit = param("since"), param("limit")
+        q = history.HistoryQuery(
+            since=history.parse_since(since) if since else None,
+            request_id=param("requestId"),
+            task_id=param("taskId"),
+            limit=_limit(limit),
+        )
+        return history.check_query(q)
+    except ValueError as exc:
+        raise ApiError(400, "Invalid query", str(exc)) from None
+
+
+def _limit(text: str | None) -> int:
+    if text is None:
+        return history.DEFAULT_LIMIT
+    if not (text.strip().isascii() and text.strip().isdigit()):
+        raise ValueError(f"limit: not a whole number: {text!r}")
+    return int(text)
 
 
 def _client(request: Request) -> str:
@@ -389,6 +442,11 @@ def create_app(runtime: Runtime, full: bool) -> FastAPI:
                     response_model=None,
                     openapi_extra=schemas.start_operation(token_required, path_task_id=with_id),
                 )
+    if full:
+        app.add_api_route(
+            HISTORY_PATH, api.requests, methods=["GET"], operation_id="requestHistory", summary="Request history",
+            tags=["requests"], response_model=None, openapi_extra=schemas.history_operation(token_required),
+        )
     app.add_api_route(
         "/healthz", api.healthz, methods=["GET"], operation_id="health", summary="Broker and QRS health",
         tags=["operations"], response_model=None, openapi_extra=schemas.health_operation(),
@@ -397,6 +455,12 @@ def create_app(runtime: Runtime, full: bool) -> FastAPI:
         "/metrics", api.metrics, methods=["GET"], operation_id="metrics", summary="Prometheus metrics (text format)",
         tags=["operations"], response_model=None, response_class=PlainTextResponse,
     )
+
+    if full:
+        app.add_api_route(
+            ASYNCAPI_PATH, api.asyncapi, methods=["GET"], operation_id="asyncapi",
+            summary="The AsyncAPI 3.0 document of the MQTT interface", tags=["operations"], response_model=None,
+        )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -412,6 +476,7 @@ def create_app(runtime: Runtime, full: bool) -> FastAPI:
 
 
 DOCS_PATH = "/docs"
+ASYNCAPI_PATH = "/asyncapi.json"
 DOCS_ASSETS = "/docs/assets"
 
 

@@ -96,12 +96,12 @@ def seed_request(data: dict[str, Any], task_id: str | None, all_must_exist: bool
     return validate_request(merged)
 
 
-def summary_response(events: list[dict[str, Any]]) -> replies.SummaryBody:
+def summary_response(events: list[dict[str, Any]]) -> dict[str, Any]:
     """The seed shape's 200 body: the first stage's `summary` event without its `event` key."""
     summary = replies.summary_of(events)
     if summary is None:
         raise LookupError("the pipeline produced no summary")  # a bug, never client input
-    return replies.summary_body(summary)
+    return replies.without_event(summary)
 
 
 # --------------------------------------------------------------------------- Butler shape
@@ -236,7 +236,10 @@ def butler_response(plan: ButlerPlan, events: list[dict[str, Any]]) -> dict[str,
 
     A task is listed under every section whose criterion selected it (it is started once).
     `started` means QRS really started it; tasks QRS did not start go to `tasksNotStarted`
-    (an addition: Butler never learns this), criteria that matched nothing to `tasksNotFound`.
+    (an addition: Butler never learns this), and so do tasks the run policies did not start now
+    (`alreadyRunning` with the running `executionId`, `skipped`, `queued` with its `position`:
+    its later `started` goes to MQTT `topics.reply`); criteria that matched nothing go to
+    `tasksNotFound`.
     """
     started: list[dict[str, Any]] = []
     denied: list[dict[str, Any]] = []
@@ -245,7 +248,7 @@ def butler_response(plan: ButlerPlan, events: list[dict[str, Any]]) -> dict[str,
     by_cp: list[dict[str, Any]] = []
     cp_denied: list[dict[str, Any]] = []
     not_started: list[dict[str, Any]] = []
-    not_found: list[dict[str, Any]] = []
+    not_found: list[Any] = []  # criteria (events.SummaryEvent tasksNotFound)
     req = plan.request
     tags = list(dict.fromkeys(req.tag)) if req else []
     cps = list(dict.fromkeys(req.customProperty)) if req else []
@@ -270,10 +273,10 @@ def butler_response(plan: ButlerPlan, events: list[dict[str, Any]]) -> dict[str,
                 denied.append(ref)
             tag_denied += [{"tag": t, **ref} for t in its_tags]
             cp_denied += [{"name": c.name, "value": c.value, **ref} for c in its_cps]
-        else:  # notStarted, failed (wouldStart cannot occur: Butler's shape has no dryRun)
-            entry = {**ref, "status": ev["status"]}
-            if ev.get("reason"):
-                entry["reason"] = ev["reason"]
+        else:  # notStarted, failed, and the run policies' alreadyRunning, skipped, queued
+            # (wouldStart cannot occur: Butler's shape has no dryRun)
+            entry: dict[str, Any] = {**ref, "status": ev["status"]}
+            entry.update((k, ev[k]) for k in ("executionId", "position", "reason") if ev.get(k) is not None)
             not_started.append(entry)
     invalid = [{"taskId": t} for t in plan.invalid]
     invalid += [{"taskId": nf["taskId"]} for nf in not_found if "taskId" in nf]

@@ -2,8 +2,8 @@
 
 The start endpoint reads its body itself (two shapes, a size limit, Butler's lenient invalid
 IDs), so FastAPI cannot infer the request schema; it is assembled here from the same pydantic
-models that validate requests (`StartRequest`, `ButlerBody`). The summary's schema is derived
-from replies.py's typed view of it (`SummaryBody`), so it follows the reply builder; the other
+models that validate requests (`StartRequest`, `ButlerBody`). The summary's schema is the
+`summary` reply's own (events.py, which the tests hold to the reply builder); the other
 response models below are documentation only: the handlers build plain dicts that match them,
 and the tests check that through the document (schemathesis' response conformance).
 """
@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from butler_mqtt import replies
+from butler_mqtt.events import SummaryEvent
 from butler_mqtt.http.bodies import ButlerBody
 from butler_mqtt.model import GUID_RE, MAX_CRITERIA, StartRequest
 
@@ -29,29 +29,17 @@ class ErrorBody(BaseModel):
     details: str = Field(examples=["Task ID must be a valid GUID"])
 
 
-#: What the summary's fields mean, for readers of /docs. The shape itself (fields, types, the
-#: task statuses) is replies.SummaryBody's, the one the pipeline's summary has.
-SUMMARY_DOCS = {
-    "Summary": {
-        "": "The contract's `summary` event without `event` (answer to a seed-shaped body).",
-        "tasksStarted": "Started, notStarted (QRS did not start it) or wouldStart (dryRun).",
-        "tasksNotFound": "Every criterion that matched no task: {taskId}, {tag} or {customProperty: {name, value}}.",
-        "totalTasksStarted": "Tasks QRS really started.",
-        "stage": "0 when the request has `then` (the first stage).",
-    },
-    "TaskBrief": {"reason": "Present for notStarted, denied and failed."},
-}
-
-
 def summary_schemas() -> dict[str, Any]:
-    """`Summary` (the REST answer to a seed-shaped body) and the `TaskBrief` it lists, derived
-    from replies.py's typed views of the wire form, with SUMMARY_DOCS added."""
-    summary = TypeAdapter(replies.SummaryBody).json_schema(ref_template=REF)
+    """`Summary`, the REST answer to a seed-shaped body: the wire schema of the `summary` reply
+    (events.SummaryEvent, the AsyncAPI document's) without its `event` key, and the schemas it
+    refers to (StartedTask, DeniedTask, ...)."""
+    summary = TypeAdapter(SummaryEvent).json_schema(ref_template=REF)
     defs: dict[str, Any] = summary.pop("$defs")
-    defs["Summary"] = summary | {"title": "Summary"}
-    for model, docs in SUMMARY_DOCS.items():
-        for key, text in docs.items():
-            (defs[model]["properties"][key] if key else defs[model])["description"] = text
+    del summary["properties"]["event"]
+    summary["required"].remove("event")
+    summary["title"] = "Summary"
+    summary["description"] = "The contract's `summary` event without `event` (answer to a seed-shaped body)."
+    defs["Summary"] = summary
     return defs
 
 
@@ -112,6 +100,56 @@ class Health(BaseModel):
     version: str
 
 
+class HistoryTask(BaseModel):
+    """One task of a request in the history: its last `task` status and its final state."""
+
+    taskId: str
+    taskName: str | None = None
+    status: str = Field(description="The last `task` status: started, notStarted, denied, failed, wouldStart, queued, ...")
+    stage: int | None = Field(default=None, description="The chain stage (requests with `then`).")
+    executionId: str | None = None
+    reason: str | None = None
+    matchedBy: list[str] | None = None
+    position: int | None = None
+    finalStatus: str | None = Field(default=None, description="From `taskFinished`: FinishedSuccess, FinishedFail, ... Unknown.")
+    startTime: str | None = None
+    stopTime: str | None = None
+    durationMs: int | None = None
+    attempt: int | None = None
+    retryIn: float | None = None
+    finalReason: str | None = None
+    overdue: bool | None = Field(default=None, description="True once a `taskOverdue` event was sent.")
+
+
+class HistoryRecord(BaseModel):
+    """One request as the journal knows it."""
+
+    requestId: str | None
+    key: str = Field(description="The journal key: id:<requestId>, cd:... (MQTT 5 correlation data) or anon:...")
+    received: str = Field(description="UTC, ISO 8601.")
+    updated: str
+    ingress: str = Field(description="mqtt, mqtt-plain or rest.")
+    source: str | None = Field(description="The MQTT topic, or the REST client's address.")
+    state: Literal["handling", "answered", "following", "finished"]
+    criteria: dict[str, Any] | None = Field(description="taskId, tag, customProperty as requested (null: not recorded).")
+    request: dict[str, Any] | None = Field(description="The request as received, defaults left out.")
+    tasks: list[HistoryTask]
+    counts: dict[str, int] = Field(description="Tasks by their last status.")
+    notFound: list[dict[str, Any]]
+    finished: dict[str, int] | None = Field(description="From requestFinished: final states and how many.")
+    stoppedAtStage: int | None
+    durationMs: int | None
+    error: dict[str, Any] | None
+    duplicates: int = Field(description="How often the request was seen again and answered from the journal.")
+    lastDuplicate: str | None
+
+
+class HistoryPage(BaseModel):
+    requests: list[HistoryRecord] = Field(description="Oldest first; the newest `limit` of the window.")
+    since: str | None = Field(description="The `since` asked for (UTC); null: the whole retention window.")
+    retentionHours: float = Field(description="journal.retention_hours: the history reaches no further back.")
+
+
 #: What each request field does (contract section 3), for readers of /docs.
 FIELD_DOCS = {
     "requestId": "Echoed in the answer; the idempotency key: the same requestId within 24 h is not started again "
@@ -150,6 +188,7 @@ def component_schemas() -> dict[str, Any]:
         (ErrorBody, "serialization"),
         (ButlerResponse, "serialization"),
         (Health, "serialization"),
+        (HistoryPage, "serialization"),
     ]
     _, top = models_json_schema(models, ref_template=REF)
     defs: dict[str, Any] = top["$defs"]
@@ -257,6 +296,41 @@ def health_operation() -> dict[str, Any]:
             "503": {"description": "The broker or QRS is down (see which).", "content": body},
         }
     }
+
+
+HISTORY_DESCRIPTION = """\
+The request history from the journal (also `butler-mqtt history`): one record per request of the
+last `journal.retention_hours`, oldest first: when and how it came (ingress, source), the criteria,
+what happened to each task's start, the final states, duplicates. Needs the bearer token when
+`http.token` is set.
+"""
+
+
+def history_operation(token_required: bool) -> dict[str, Any]:
+    """The `openapi_extra` of `GET /v4/requests`."""
+
+    def param(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+    op: dict[str, Any] = {
+        "description": HISTORY_DESCRIPTION,
+        "parameters": [
+            param("since", "A duration back from now (30m, 2h, 1d, 1w, 45s) or an ISO 8601 date or date-time"
+                  " (UTC without an offset). Default: the whole retention window.", {"type": "string"}),
+            param("requestId", "Only this requestId.", {"type": "string", "minLength": 1}),
+            param("taskId", "Only requests that selected or named this task.", {"type": "string", "pattern": GUID_RE.pattern}),
+            param("limit", "The newest this many (default 100).", {"type": "integer", "minimum": 1, "maximum": 1000}),
+        ],
+        "responses": {
+            "200": {"description": "The matching requests.", "content": {"application/json": {"schema": _ref("HistoryPage")}}},
+            "400": _error("A bad query parameter (named in details)."),
+            "503": _error("The journal cannot be read right now."),
+        },
+    }
+    if token_required:
+        op["security"] = [{"bearerToken": []}]
+        op["responses"]["401"] = _error("Missing or wrong bearer token.")
+    return op
 
 
 def finish_document(doc: dict[str, Any], token_required: bool) -> dict[str, Any]:

@@ -34,9 +34,11 @@ from typing import Any
 from butler_mqtt import replies
 from butler_mqtt.errors import JournalError
 from butler_mqtt.journal.backends import Postgres, Sqlite, db_errors
+from butler_mqtt.journal.history import HistoryQuery, read_history
 from butler_mqtt.journal.migrations import MIGRATIONS, SCHEMA_VERSION
+from butler_mqtt.journal.runq import RunQueue
 
-__all__ = ["SCHEMA_VERSION", "Journal", "JournalError", "Prior"]
+__all__ = ["SCHEMA_VERSION", "HistoryQuery", "Journal", "JournalError", "Prior"]
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Journal:
         except self._errors as exc:
             raise JournalError(f"cannot open the journal at {where}: {exc}") from None
         self.dialect = self._db.dialect
+        self.runq = RunQueue(self)
 
     @classmethod
     def from_config(
@@ -151,29 +154,43 @@ class Journal:
 
     # ------------------------------------------------------------------ requests
 
-    def begin(self, key: str, ingress: str, payload_hash: str | None = None, wait_s: float = 120.0) -> Prior | None:
+    def begin(
+        self,
+        key: str,
+        ingress: str,
+        payload_hash: str | None = None,
+        wait_s: float = 120.0,
+        *,
+        source: str = "",
+        request: dict[str, Any] | None = None,
+    ) -> Prior | None:
         """Claim `key`. None: a new request, now ours. Else what was recorded before.
 
         When another live instance holds the key (its lease runs), wait for it to finish (up
         to `wait_s`), then return its outcome; a lease that expires meanwhile is taken over.
+        `source` and `request` (the request as JSON) are kept for the history; a done key seen
+        again counts as a duplicate there.
         """
         deadline = time.monotonic() + wait_s
+        about = (source, json.dumps(request, separators=(",", ":")) if request is not None else None)
         while True:
             with self._guard("claim"):
-                outcome = self._try_claim(key, ingress, payload_hash)
+                outcome = self._try_claim(key, ingress, payload_hash, about)
             if outcome != "busy":
                 return outcome  # type: ignore[return-value]
             if time.monotonic() > deadline:
                 raise JournalError(f"request {key!r} is still being handled by another instance")
             time.sleep(0.05)
 
-    def _try_claim(self, key: str, ingress: str, payload_hash: str | None) -> Prior | None | str:
+    def _try_claim(
+        self, key: str, ingress: str, payload_hash: str | None, about: tuple[str, str | None] = ("", None)
+    ) -> Prior | None | str:
         now = time.time()
         with self._db.tx() as db:
             won = db.run(
-                "INSERT INTO requests(key, state, ingress, payload_hash, created, updated, owner, lease_until)"
-                " VALUES (?, 'open', ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING key",
-                (key, ingress, payload_hash, now, now, self.owner, now + self.lease_s),
+                "INSERT INTO requests(key, state, ingress, payload_hash, created, updated, owner, lease_until,"
+                " source, request) VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING key",
+                (key, ingress, payload_hash, now, now, self.owner, now + self.lease_s, *about),
             )
             if won:
                 db.run("DELETE FROM events WHERE key = ?", (key,))
@@ -186,8 +203,9 @@ class Journal:
             if now - created > self.retention:  # expired: a new request under an old key
                 db.run(
                     "UPDATE requests SET state = 'open', ingress = ?, payload_hash = ?, created = ?, updated = ?,"
-                    " owner = ?, lease_until = ? WHERE key = ?",
-                    (ingress, payload_hash, now, now, self.owner, now + self.lease_s, key),
+                    " owner = ?, lease_until = ?, source = ?, request = ?, duplicates = 0, last_duplicate = NULL"
+                    " WHERE key = ?",
+                    (ingress, payload_hash, now, now, self.owner, now + self.lease_s, *about, key),
                 )
                 db.run("DELETE FROM events WHERE key = ?", (key,))
                 return None
@@ -195,6 +213,8 @@ class Journal:
                 return "busy"  # another live instance is handling it right now
             events = db.run("SELECT kind, task_id, body FROM events WHERE key = ? ORDER BY id", (key,))
             prior = self._prior(state, events)
+            if state == "done":  # a duplicate: its earlier outcome is replayed (counted for the history)
+                db.run("UPDATE requests SET duplicates = duplicates + 1, last_duplicate = ? WHERE key = ?", (now, key))
             if state == "open":
                 # Ours from a previous run, or a dead instance's: take it over and resume. The
                 # replies are sent again (and re-recorded) by the resumed run; intents stay.
@@ -267,7 +287,13 @@ class Journal:
             gone = db.run(
                 "DELETE FROM requests WHERE created < ? AND key NOT IN (SELECT key FROM waits) RETURNING key", (cutoff,)
             )
-            return len(gone)
+        self.runq.purge(cutoff)
+        return len(gone)
+
+    def history(self, query: HistoryQuery) -> list[dict[str, Any]]:
+        """The requests of the last `retention` hours matching `query` (journal/history.py)."""
+        with self._guard("read"):
+            return read_history(self._db, query, self.retention)
 
     # ------------------------------------------------------------------ waits (tracking)
 

@@ -20,14 +20,16 @@ import structlog
 from butler_mqtt import keys, replies
 from butler_mqtt.config import Config
 from butler_mqtt.errors import QrsError, QrsTlsRejected, is_transient
+from butler_mqtt.model import Route
 from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
 from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.ops import retry
+from butler_mqtt.ops.alerts import PublishMqtt
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.runtime import Runtime
 from butler_mqtt.service import StageResult, handle_request
-from butler_mqtt.tracking import Publish, Route
+from butler_mqtt.tracking import Publish
 
 log = structlog.get_logger("butler_mqtt.mqtt.handler")
 
@@ -82,6 +84,15 @@ def route_publisher(listener: MqttListener) -> Publish:
 
     def publish(route: Route, event: dict[str, Any]) -> None:
         listener.publish_event(route.topic, route.correlation_bytes, event)
+
+    return publish
+
+
+def alert_publisher(listener: MqttListener) -> PublishMqtt:
+    """The alerts' way out (ops/alerts.py): a message on a topic, no correlation data."""
+
+    def publish(topic: str, message: dict[str, Any]) -> None:
+        listener.publish_event(topic, None, message)
 
     return publish
 
@@ -225,13 +236,13 @@ class RequestHandler:
         d.key = key
 
         def follow(result: StageResult) -> None:
-            if req.waits and key is not None:
+            if (req.waits or result.follow) and key is not None:
                 self.tracker.follow(key, req, result, route)
 
         try:
             handled = handle_request(
                 self.service, req, emit, ingress=ingress, key=key, source=job.topic, payload_hash=fingerprint,
-                on_started=follow,
+                on_started=follow, route=route,
             )
         except QrsError as exc:
             if is_transient(exc):
@@ -241,7 +252,7 @@ class RequestHandler:
         if self.health.qrs_problem is not None:
             self.health.set_qrs_problem(None)
         self.metrics.request(ingress, "duplicate" if handled.replayed else "ok")
-        self.metrics.tasks(handled.events)
+        self.metrics.started(ingress, handled.start_seconds)  # tasks are counted as events (Metrics.observe_event)
         self._finish(job, d.replies)
 
     def _qrs_refused(self, exc: QrsError) -> None:

@@ -153,7 +153,9 @@ class Requester:
                 events.append(ev)
                 if on_event is not None:
                     on_event(ev)
-                if replies.ends_request(ev, waits):
+                if replies.kind(ev) == replies.ERROR or (
+                    any(replies.ends_request(e, waits) for e in events) and not replies.still_queued(events)
+                ):
                     return events
         finally:
             with self._lock:

@@ -22,3 +22,5 @@ DELIVERY = Backoff(0.5, 30.0)
 QRS_CALL = Backoff(0.2, 2.0)
 #: A chain stage that could not be started yet.
 CHAIN_STAGE = Backoff(1.0, 30.0)
+#: An alert POST to the webhook that failed (alerts.webhook.retry_delay replaces `first`).
+WEBHOOK = Backoff(1.0, 60.0)

@@ -236,6 +236,18 @@ class QrsClient:
                 out.extend(d for d in data if isinstance(d, dict))
         return out
 
+    def executions_of_results(self, result_ids: Iterable[str]) -> dict[str, str]:
+        """ExecutionResult id -> its execution (session) id. `operational.lastExecutionResult` of a
+        task names only the result; following the execution (run policies: attach, queue) needs
+        the session id. One call for every result id asked (chunked only when long)."""
+        out: dict[str, str] = {}
+        for expr in execution_filters(result_ids, self.cfg.max_filter_length, field="id"):
+            data = self.get_json("/qrs/executionresult/full", {"filter": expr})
+            for d in data if isinstance(data, list) else []:
+                if isinstance(d, dict) and is_guid(str(d.get("id", ""))) and is_guid(str(d.get("executionID", ""))):
+                    out[str(d["id"]).lower()] = str(d["executionID"]).lower()
+        return out
+
     def execution_since(self, task_id: str, since: float) -> str | None:
         """The execution id of a run of `task_id` created at or after `since` (epoch seconds).
 

@@ -71,6 +71,7 @@ def chunk_or(clauses: Sequence[str], max_encoded: int) -> Iterator[str]:
         yield " or ".join(current)
 
 
-def execution_filters(execution_ids: Iterable[str], max_encoded: int) -> Iterator[str]:
-    """`executionID eq A or executionID eq B ...`, chunked, for following executions."""
-    return chunk_or([f"executionID eq {e}" for e in execution_ids if is_guid(e)], max_encoded)
+def execution_filters(execution_ids: Iterable[str], max_encoded: int, field: str = "executionID") -> Iterator[str]:
+    """`executionID eq A or executionID eq B ...`, chunked, for following executions (`field`:
+    `id` to look up ExecutionResults by their own id). Only GUIDs ever reach the filter."""
+    return chunk_or([f"{field} eq {e}" for e in execution_ids if is_guid(e)], max_encoded)

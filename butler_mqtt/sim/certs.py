@@ -88,88 +88,85 @@ def ensure_certs(directory: Path, hostnames: Iterable[str] | None = None) -> Cer
 
 def _generate(paths: CertPaths, hostnames: tuple[str, ...]) -> None:
     now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Sim QRS CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + _VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
+    ca = _Authority(now)
+    server_cert, server_key = ca.leaf(
+        hostnames[0] if hostnames else "localhost",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [_san(name) for name in hostnames],
+    )
+    client_cert, client_key = ca.leaf("QlikClient", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+
+    _write(paths.root, ca.cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(paths.server, server_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(paths.client, client_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(paths.server_key, _key_pem(server_key), 0o600)
+    _write(paths.client_key, _key_pem(client_key), 0o600)
+
+
+def _key_usage(*, signs_certs: bool) -> x509.KeyUsage:
+    """A CA signs certificates and CRLs; a leaf signs and agrees keys (ECDHE)."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not signs_certs,
+        key_cert_sign=signs_certs,
+        crl_sign=signs_certs,
+        encipher_only=False,
+        decipher_only=False,
     )
 
+
+class _Authority:
+    """A fresh self-signed CA ("Sim QRS CA") valid from a day before ``now``."""
+
+    def __init__(self, now: dt.datetime) -> None:
+        self.now = now
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Sim QRS CA")])
+        self.ski = x509.SubjectKeyIdentifier.from_public_key(self.key.public_key())
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + _VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(signs_certs=True), critical=True)
+            .add_extension(self.ski, critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+
     def leaf(
-        common_name: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]
+        self, common_name: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]
     ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        """A certificate for ``common_name`` signed by this CA, with its new key."""
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(ca_name)
+            .issuer_name(self.name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + _VALIDITY)
+            .not_valid_before(self.now - dt.timedelta(days=1))
+            .not_valid_after(self.now + _VALIDITY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=True,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(signs_certs=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
             )
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(self.ski),
                 critical=False,
             )
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return builder.sign(ca_key, hashes.SHA256()), key
-
-    server_cert, server_key = leaf(
-        hostnames[0] if hostnames else "localhost",
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [_san(name) for name in hostnames],
-    )
-    client_cert, client_key = leaf("QlikClient", ExtendedKeyUsageOID.CLIENT_AUTH, [])
-
-    _write(paths.root, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(paths.server, server_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(paths.client, client_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(paths.server_key, _key_pem(server_key), 0o600)
-    _write(paths.client_key, _key_pem(client_key), 0o600)
+        return builder.sign(self.key, hashes.SHA256()), key
 
 
 def _san(name: str) -> x509.GeneralName:

@@ -14,6 +14,8 @@ Tasks file format (``butler-mqtt sim --tasks FILE``): a JSON array of objects::
         "taskType": 0,                                   // optional: 0 reload, 1 external program
         "runSeconds": 2.5,                               // optional, default 0.2
         "outcome": "success",                            // optional: "success" or "fail"
+        "failFirst": 0,                                  // optional: the first N runs fail
+        "maxRetries": 0,                                 // optional: QRS's maxRetries
         "appName": "Sales dashboard"                     // optional, default: the task name
       }
     ]
@@ -43,8 +45,44 @@ DEMO_PITFALL_ID = "609ee145-0ef3-4b20-a211-f368bccffaa2"
 DEMO_SPECIAL_TAG = "R&D 'Q1' #1 +50%"
 
 
+_TG, _PR, _NG = "taskGroup", "priority", "notifyGroup"
+_FIN, _OPS, _REG = "financial-reports", "operational-dashboards", "regulatory-compliance"
+
+# (id, name, tags, custom properties, app name, run seconds, other SimTask fields)
+_DEMO_ROWS: tuple[tuple[str, str, list[str], list[tuple[str, str]], str, float, dict[str, Any]], ...] = (
+    ("52bc35f3-2826-4691-890f-6d540124f7fb", "Reload Sales dashboard",
+     [DEMO, "startTask1", "hourly-reload"], [(_TG, _OPS), (_PR, "high")], "Sales dashboard", 1.0, {}),
+    ("c753bc11-1dc6-4592-b4bc-a535f0861837", "Reload Finance P&L",
+     [DEMO, "financial-reports", "daily-refresh"], [(_TG, _FIN), (_PR, "high")], "Finance P&L", 2.0, {}),
+    ("dc012120-0c75-40e2-9afc-14f05e326b35", "Reload Inventory",
+     [DEMO, "startTask1", "hourly-reload"], [(_TG, _OPS), (_PR, "low")], "Inventory", 1.0, {}),
+    (DEMO_FAILING_ID, "Reload Data quality check",
+     [DEMO], [(_TG, _REG)], "Data quality", 1.0, {"outcome": "fail"}),
+    (DEMO_DISABLED_ID, "Reload Legacy warehouse",
+     ["startTask1"], [(_TG, _OPS)], "Legacy warehouse", 0.2, {"enabled": False}),
+    ("e44bb164-187b-467a-91aa-f8bd9720925a", "Reload Web traffic",
+     ["hourly-reload"], [(_TG, _OPS)], "Web traffic", 1.0, {}),
+    (DEMO_PITFALL_ID, "Reload Ops KPIs",
+     ["hourly-reload"], [(_TG, _OPS), (_NG, _FIN)], "Ops KPIs", 1.0, {}),
+    ("1a2c2614-05cf-4417-9cb6-d9f6915d04c4", "Reload Call center",
+     ["hourly-reload"], [(_TG, _OPS), (_PR, "low")], "Call center", 1.0, {}),
+    ("99e30cbf-b48f-47d9-9a58-9624ca35ff00", "Reload Logistics",
+     ["hourly-reload"], [], "Logistics", 1.0, {}),
+    ("aec0db07-53b1-4612-9bd1-475ac912b6a4", "Reload Budget vs actual",
+     ["financial-reports", "daily-refresh"], [(_TG, _FIN), (_PR, "low")], "Budget vs actual", 1.5, {}),
+    ("f70df488-57c7-418e-b549-cf82637a1629", "Reload Regulatory filings",
+     ["financial-reports"], [(_TG, _REG), (_TG, _FIN)], "Regulatory filings", 1.5, {}),
+    ("2f6c5da9-833f-4ab1-a8e4-0f476a7208ee", "Reload HR headcount",
+     ["daily-refresh"], [(_TG, _REG)], "HR headcount", 1.0, {}),
+    ("11bd2005-40f2-4b40-82da-34d6b3a2d140", "Reload R&D metrics",
+     [DEMO_SPECIAL_TAG], [], "R&D metrics", 1.0, {}),
+    (DEMO_EXTERNAL_ID, "Export nightly files",
+     ["daily-refresh"], [(_TG, _OPS)], "", 1.0, {"task_type": 1}),
+)
+
+
 def demo_tasks() -> list[SimTask]:
-    """The demo data set: 14 tasks with hard-coded GUIDs.
+    """The demo data set: 14 tasks with hard-coded GUIDs (fresh objects on every call).
 
     Exact tag counts: "Butler 5.0 demo" 4 tasks, "startTask1" 3, "hourly-reload" 6,
     "financial-reports" 3, "daily-refresh" 4. Custom property ``taskGroup`` takes the values
@@ -53,135 +91,36 @@ def demo_tasks() -> list[SimTask]:
     ``taskGroup=operational-dashboards`` plus ``notifyGroup=financial-reports``, so the naive
     filter for taskGroup=financial-reports wrongly returns it.
     """
-    tg, pr, ng = "taskGroup", "priority", "notifyGroup"
-    fin, ops, reg = "financial-reports", "operational-dashboards", "regulatory-compliance"
     return [
         SimTask(
-            "52bc35f3-2826-4691-890f-6d540124f7fb",
-            "Reload Sales dashboard",
-            tags=[DEMO, "startTask1", "hourly-reload"],
-            custom_properties=[(tg, ops), (pr, "high")],
-            app_name="Sales dashboard",
-            run_seconds=1.0,
-        ),
-        SimTask(
-            "c753bc11-1dc6-4592-b4bc-a535f0861837",
-            "Reload Finance P&L",
-            tags=[DEMO, "financial-reports", "daily-refresh"],
-            custom_properties=[(tg, fin), (pr, "high")],
-            app_name="Finance P&L",
-            run_seconds=2.0,
-        ),
-        SimTask(
-            "dc012120-0c75-40e2-9afc-14f05e326b35",
-            "Reload Inventory",
-            tags=[DEMO, "startTask1", "hourly-reload"],
-            custom_properties=[(tg, ops), (pr, "low")],
-            app_name="Inventory",
-            run_seconds=1.0,
-        ),
-        SimTask(
-            DEMO_FAILING_ID,
-            "Reload Data quality check",
-            tags=[DEMO],
-            custom_properties=[(tg, reg)],
-            app_name="Data quality",
-            run_seconds=1.0,
-            outcome="fail",
-        ),
-        SimTask(
-            DEMO_DISABLED_ID,
-            "Reload Legacy warehouse",
-            tags=["startTask1"],
-            custom_properties=[(tg, ops)],
-            app_name="Legacy warehouse",
-            enabled=False,
-        ),
-        SimTask(
-            "e44bb164-187b-467a-91aa-f8bd9720925a",
-            "Reload Web traffic",
-            tags=["hourly-reload"],
-            custom_properties=[(tg, ops)],
-            app_name="Web traffic",
-            run_seconds=1.0,
-        ),
-        SimTask(
-            DEMO_PITFALL_ID,
-            "Reload Ops KPIs",
-            tags=["hourly-reload"],
-            custom_properties=[(tg, ops), (ng, fin)],
-            app_name="Ops KPIs",
-            run_seconds=1.0,
-        ),
-        SimTask(
-            "1a2c2614-05cf-4417-9cb6-d9f6915d04c4",
-            "Reload Call center",
-            tags=["hourly-reload"],
-            custom_properties=[(tg, ops), (pr, "low")],
-            app_name="Call center",
-            run_seconds=1.0,
-        ),
-        SimTask(
-            "99e30cbf-b48f-47d9-9a58-9624ca35ff00",
-            "Reload Logistics",
-            tags=["hourly-reload"],
-            app_name="Logistics",
-            run_seconds=1.0,
-        ),
-        SimTask(
-            "aec0db07-53b1-4612-9bd1-475ac912b6a4",
-            "Reload Budget vs actual",
-            tags=["financial-reports", "daily-refresh"],
-            custom_properties=[(tg, fin), (pr, "low")],
-            app_name="Budget vs actual",
-            run_seconds=1.5,
-        ),
-        SimTask(
-            "f70df488-57c7-418e-b549-cf82637a1629",
-            "Reload Regulatory filings",
-            tags=["financial-reports"],
-            custom_properties=[(tg, reg), (tg, fin)],
-            app_name="Regulatory filings",
-            run_seconds=1.5,
-        ),
-        SimTask(
-            "2f6c5da9-833f-4ab1-a8e4-0f476a7208ee",
-            "Reload HR headcount",
-            tags=["daily-refresh"],
-            custom_properties=[(tg, reg)],
-            app_name="HR headcount",
-            run_seconds=1.0,
-        ),
-        SimTask(
-            "11bd2005-40f2-4b40-82da-34d6b3a2d140",
-            "Reload R&D metrics",
-            tags=[DEMO_SPECIAL_TAG],
-            app_name="R&D metrics",
-            run_seconds=1.0,
-        ),
-        SimTask(
-            DEMO_EXTERNAL_ID,
-            "Export nightly files",
-            tags=["daily-refresh"],
-            custom_properties=[(tg, ops)],
-            task_type=1,
-            run_seconds=1.0,
-        ),
+            task_id,
+            name,
+            tags=list(tags),
+            custom_properties=list(properties),
+            app_name=app_name,
+            run_seconds=run_seconds,
+            **extra,
+        )
+        for task_id, name, tags, properties, app_name, run_seconds, extra in _DEMO_ROWS
     ]
 
 
-def load_tasks_file(path: Path) -> list[SimTask]:
-    """Read a tasks file (format in the module docstring); ValueError names the bad item."""
+def load_tasks_file(path: Path, run_seconds: float | None = None) -> list[SimTask]:
+    """Read a tasks file (format in the module docstring); ValueError names the bad item.
+
+    ``run_seconds`` replaces the default run time (0.2 s) of tasks without ``runSeconds``.
+    """
     try:
         items = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON array of task objects")
-    return [_task_from_json(item, index, path) for index, item in enumerate(items)]
+    default = 0.2 if run_seconds is None else run_seconds
+    return [_task_from_json(item, index, path, default) for index, item in enumerate(items)]
 
 
-def _task_from_json(item: Any, index: int, path: Path) -> SimTask:
+def _task_from_json(item: Any, index: int, path: Path, run_seconds: float) -> SimTask:
     where = f"{path}: task #{index}"
 
     def get(key: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -214,8 +153,10 @@ def _task_from_json(item: Any, index: int, path: Path) -> SimTask:
         enabled=get("enabled", bool, True),
         task_type=get("taskType", int, 0),
         app_name=get("appName", str, ""),
-        run_seconds=float(get("runSeconds", (int, float), 0.2)),
+        run_seconds=float(get("runSeconds", (int, float), run_seconds)),
         outcome=get("outcome", str, "success"),
+        fail_first=get("failFirst", int, 0),
+        max_retries=get("maxRetries", int, 0),
     )
     try:
         uuid.UUID(task.id)
@@ -223,6 +164,8 @@ def _task_from_json(item: Any, index: int, path: Path) -> SimTask:
         raise ValueError(f"{where}: 'id' is not a GUID") from None
     if task.task_type not in (0, 1) or task.outcome not in ("success", "fail"):
         raise ValueError(f"{where}: taskType must be 0 or 1, outcome 'success' or 'fail'")
+    if task.fail_first < 0 or task.max_retries < 0 or task.run_seconds < 0:
+        raise ValueError(f"{where}: runSeconds, failFirst and maxRetries must be 0 or more")
     return task
 
 

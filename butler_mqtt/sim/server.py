@@ -25,9 +25,22 @@ Knobs for tests, all changeable while the simulator runs:
   plus ``?`` plus the decoded query) limiting the fault to matching requests, e.g.
   ``r"/start"`` to break only starts, or a tag name to break only lookups of that tag.
 * ``fail_starts_for``: task ids whose start answers 500 without starting anything.
-* ``already_running``: what starting a task that is still running answers. ``"same"``
-  (default): 204 / 201 with the running execution's session id, and no second execution;
-  ``"409"``: 409 ``Conflict``. Either way the task never runs twice in parallel.
+* ``already_running``: what starting a task that is still running (Triggered, Queued,
+  Started or Retry) answers. ``"same"`` (default): 204 / 201 with the running execution's
+  session id, and no second execution; ``"409"``: 409 ``Conflict``. Either way the task never
+  runs twice in parallel.
+* ``max_concurrent``: the scheduler's "Max concurrent reloads"; 0 (default) = unlimited.
+  QRS's own default is 4. Executions triggered beyond it are Queued (3) and start in trigger
+  order as slots free (:mod:`.scheduler`).
+* ``queue_timeout``: seconds an execution may stay Queued before the scheduler cancels it
+  (it ends Aborted, 6, and never runs); None or 0 (default) = off. QRS's own default is 30
+  minutes (1800).
+* Per task (:class:`SimTask`, changeable with ``store.replace_task``): ``run_seconds``,
+  ``outcome``, ``fail_first`` (the first k runs end FinishedFail) and ``max_retries`` (QRS's
+  ``maxRetries``: a failed run shows Retry, 10, and runs again in the same session, one
+  execution result row per attempt).
+* ``store.start_delay`` / ``store.retry_delay``: how long an execution stays Triggered, and
+  shows Retry between attempts (0.05 s each by default); ``store.clock`` is the clock.
 
 Choices where the research is silent: a malformed id answers 400 with an empty body; an
 unknown route or a wrong method answers 404; ``/qrs/task/start/many`` ignores unknown ids and
@@ -52,7 +65,8 @@ from urllib.parse import parse_qsl, unquote, unquote_plus
 
 from .certs import CertPaths, ensure_certs
 from .filter import CompiledFilter, FilterError, compile_filter
-from .store import COLLECTIONS, EMPTY_GUID, STATUS_NAMES, SimTask, StartRecord, Store
+from .scheduler import STATUS_NAMES
+from .store import COLLECTIONS, EMPTY_GUID, SimTask, StartRecord, Store
 
 XSRF_TEXT = "XSRF prevention check failed. Possible XSRF discovered."
 USER_TEXT = (
@@ -138,10 +152,10 @@ class QrsSimulator:
         latency_ms: float = 0,
         require_client_cert: bool = True,
         already_running: str = "same",
+        max_concurrent: int = 0,
+        queue_timeout: float | None = None,
     ) -> None:
-        if already_running not in ("same", "409"):
-            raise ValueError("already_running must be 'same' or '409'")
-        self.store = Store(tasks or [])
+        self.store = Store(tasks or [], max_concurrent=max_concurrent, queue_timeout=queue_timeout)
         self.certs: CertPaths = ensure_certs(Path(certs_dir))
         self.host = host
         self.latency_ms = latency_ms
@@ -150,7 +164,7 @@ class QrsSimulator:
         self.huge_bytes = 100 * 1024 * 1024
         self._clock_skew = 0.0
         self.fail_starts_for: set[str] = set()
-        self.already_running = already_running
+        self._already_running = _checked_already_running(already_running)
         self._requested_port = port
         self._log: list[LoggedRequest] = []
         self._log_lock = threading.Lock()
@@ -246,6 +260,33 @@ class QrsSimulator:
     def clock_skew(self, seconds: float) -> None:
         self._clock_skew = seconds
         self.store.clock = (lambda: time.time() + seconds) if seconds else time.time
+
+    @property
+    def already_running(self) -> str:
+        """``"same"`` or ``"409"``: the answer to a start of a task that is running."""
+        return self._already_running
+
+    @already_running.setter
+    def already_running(self, value: str) -> None:
+        self._already_running = _checked_already_running(value)
+
+    @property
+    def max_concurrent(self) -> int:
+        """The scheduler's capacity (:attr:`Store.max_concurrent`); 0 = unlimited."""
+        return self.store.max_concurrent
+
+    @max_concurrent.setter
+    def max_concurrent(self, value: int) -> None:
+        self.store.max_concurrent = value
+
+    @property
+    def queue_timeout(self) -> float | None:
+        """The scheduler's queue timeout in seconds (:attr:`Store.queue_timeout`); None = off."""
+        return self.store.queue_timeout
+
+    @queue_timeout.setter
+    def queue_timeout(self, value: float | None) -> None:
+        self.store.queue_timeout = value
 
     def _fault_for(self, path: str, query: str = "") -> str | None:
         fault, pattern = self.fault, self.fault_paths
@@ -358,6 +399,12 @@ class QrsSimulator:
             if _GUID.fullmatch(task_id) and self.store.task(task_id) is not None:
                 self.store.start(task_id)
         return _Reply(204)
+
+
+def _checked_already_running(value: str) -> str:
+    if value not in ("same", "409"):
+        raise ValueError(f"already_running must be 'same' or '409', got {value!r}")
+    return value
 
 
 def _valid_user(header: str | None) -> bool:

@@ -4,10 +4,13 @@ Objects are rendered in QRS's own JSON shapes (qrs-api.md sections 2, 3 and 6): 
 dates with milliseconds, the ``1753-01-01T00:00:00.000Z`` "never" sentinel, the empty GUID for
 "none", integer enums, ``privileges: null`` and a ``schemaPath`` on every full object.
 
-Executions cost nothing while they run: an execution only records when it was triggered, and
-its state (Triggered 1 -> Started 2 -> FinishedSuccess 7 / FinishedFail 8), detail lines, times
-and the existence of its execution session are computed from the clock whenever asked. There
-is no timer or thread per execution.
+Executions cost nothing while they run: an execution only records when it was triggered and
+the times the scheduler (:mod:`.scheduler`) gave it then: when it starts, or is cancelled by
+the queue timeout, and when each attempt ends. Its state (Triggered 1 -> [Queued 3 ->] Started
+2 [-> Retry 10 -> Started 2 ...] -> FinishedSuccess 7 / FinishedFail 8, or Queued 3 -> Aborted
+6), detail lines, result rows and the existence of its execution session are computed from the
+clock whenever asked. There is no timer or thread per execution; the times of executions still
+waiting are recomputed only when one is triggered or a scheduler setting changes.
 
 Rendered objects are cached per entity and re-rendered only when something they show changed
 (a new execution state, a task added or replaced), and filters keep what they found along
@@ -17,7 +20,11 @@ Choices where the research is silent (qrs-api.md section 11 and elsewhere):
 
 * ``/qrs/task/full`` items use the ``Task`` model (no ``app``, no type-specific fields) with
   ``schemaPath: "Task"``; ``taskType`` tells the kinds apart.
-* A task that is still running is never started a second time; see :meth:`Store.start`.
+* A task that is still running (also while Queued) is never started a second time; see
+  :meth:`Store.start`.
+* Scheduler capacity, queue timeout, retries and scripted failures: see :mod:`.scheduler`
+  (queue-timeout cancellations end Aborted; a retry keeps its slot; one result row per
+  attempt, appearing when the attempt starts).
 * Detail lines are listed in a stable but not chronological order (ordered by their ids), so
   a client that forgets to sort by ``detailCreatedDate`` (Butler sorts) shows it in tests.
 * Every detail line is ``detailsType`` 2 (Information), also for a failed run.
@@ -32,6 +39,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import math
 import threading
 import time
 import uuid
@@ -41,6 +49,17 @@ from functools import cached_property
 from typing import Any
 
 from .filter import CompiledFilter, FilterSubject, compile_orderby
+from .scheduler import (
+    Decision,
+    Fifo,
+    Line,
+    RunPlan,
+    Timeline,
+    Waiting,
+    attempt_outcomes,
+    occupancy,
+    timeline,
+)
 
 EMPTY_GUID = "00000000-0000-0000-0000-000000000000"
 NEVER = "1753-01-01T00:00:00.000Z"
@@ -48,25 +67,8 @@ MODIFIED_BY = "INTERNAL\\sa_repository"
 NODE_NAME = "sim-node1"
 TASK_SESSION_TIMEOUT_MIN = 1440
 
-#: TaskExecutionStatus (qrs-api.md 6.4), index = wire value.
-STATUS_NAMES = (
-    "NeverStarted",
-    "Triggered",
-    "Started",
-    "Queued",
-    "AbortInitiated",
-    "Aborting",
-    "Aborted",
-    "FinishedSuccess",
-    "FinishedFail",
-    "Skipped",
-    "Retry",
-    "Error",
-    "Reset",
-    "DistributionQueue",
-    "DistributionRunning",
-)
-TRIGGERED, STARTED, FINISHED_SUCCESS, FINISHED_FAIL = 1, 2, 7, 8
+#: Shortest Retry (10) pause between two attempts: the rows' startTimes then always differ.
+MIN_RETRY_DELAY = 0.002
 
 # Namespace for ids derived from names, so tags, definitions and apps keep their ids across
 # restarts of the simulator (docs and scripts can cite them).
@@ -101,9 +103,15 @@ class SimTask:
 
     ``custom_properties`` holds ``(definition name, value)`` pairs; a definition may appear
     several times (QRS allows several values per property). ``task_type`` is 0 for a reload
-    task and 1 for an external program task. ``run_seconds`` is how long an execution runs
-    once started; ``outcome`` is ``"success"`` (ends FinishedSuccess, 7) or ``"fail"``
-    (FinishedFail, 8). ``app_name``/``app_id`` default to values derived from the task.
+    task and 1 for an external program task. ``app_name``/``app_id`` default to values
+    derived from the task.
+
+    Runs (see :mod:`.scheduler`): ``run_seconds`` is how long one attempt runs once started;
+    ``outcome`` is ``"success"`` (ends FinishedSuccess, 7) or ``"fail"`` (every attempt ends
+    FinishedFail, 8); ``fail_first`` makes the first that many runs of the task fail whatever
+    the ``outcome`` (runs are counted over every attempt that ran, retries included);
+    ``max_retries`` is QRS's ``maxRetries``: how many times the scheduler itself runs a failed
+    attempt again within the same execution (shown in the task JSON).
     """
 
     id: str
@@ -116,11 +124,16 @@ class SimTask:
     app_id: str = ""
     run_seconds: float = 0.2
     outcome: str = "success"
+    fail_first: int = 0
+    max_retries: int = 0
 
 
 @dataclass(frozen=True)
 class StartRecord:
-    """One execution actually started (``at`` is the store clock, ``time.time()`` by default)."""
+    """One execution actually triggered (``at`` is the store clock, ``time.time()`` by default).
+
+    A triggered execution may still wait in the scheduler queue, or be cancelled there.
+    """
 
     task_id: str
     execution_id: str
@@ -227,124 +240,101 @@ class _PropertyDefinition:
 
 
 class Execution:
-    """One run of a task: an execution session while running, an execution result forever."""
+    """One run of a task: an execution session while it runs, one result row per attempt.
 
-    def __init__(self, entry: _TaskEntry, triggered_at: float, start_delay: float) -> None:
+    Its times come from :mod:`.scheduler` (:meth:`decide`); everything shown is read off them.
+    """
+
+    def __init__(
+        self,
+        entry: _TaskEntry,
+        triggered_at: float,
+        *,
+        start_delay: float,
+        retry_delay: float,
+        runs_before: int,
+    ) -> None:
+        task = entry.task
         self.entry = entry
-        self.task_id = entry.task.id
+        self.task_id = task.id
         self.session_id = str(uuid.uuid4())
-        self.result_id = str(uuid.uuid4())
         self.triggered_at = triggered_at
-        self.started_at = triggered_at + start_delay
-        self.finished_at = self.started_at + max(0.0, entry.task.run_seconds)
-        self.final_status = FINISHED_FAIL if entry.task.outcome == "fail" else FINISHED_SUCCESS
-        self.is_reload = entry.task.task_type == 0
-        self.seq = 0
-        final = STATUS_NAMES[self.final_status]
-        # (status from which the line shows, its timestamp, text). Lines of one phase are 1 ms
-        # apart so that sorting by detailCreatedDate gives the real order; visibility goes by
-        # phase, not time, so a render cached per status is never stale.
-        ms = 0.001
-        lines = [
-            (TRIGGERED, triggered_at, "Changing task state to Triggered"),
-            (
-                TRIGGERED,
-                triggered_at + ms,
-                f"Trying to start task. Sending task to slave-node {NODE_NAME}",
-            ),
-            (STARTED, self.started_at, "Changing task state from Triggered to Started"),
-        ]
-        if self.is_reload:
-            lines.append((FINISHED_SUCCESS, self.finished_at, "Reference to scriptlog added"))
-        lines.append(
-            (
-                FINISHED_SUCCESS,
-                self.finished_at + ms,
-                f"Changing task state from Started to {final}",
-            )
+        self.ready_at = triggered_at + max(0.0, start_delay)
+        self.is_reload = task.task_type == 0
+        outcomes = attempt_outcomes(
+            always_fails=task.outcome == "fail",
+            fail_first=task.fail_first,
+            max_retries=task.max_retries,
+            runs_before=runs_before,
         )
-        # Stable but non-chronological order (by detail id): QRS gives no ordering guarantee.
-        self._details = sorted((str(uuid.uuid4()), *line) for line in lines)
+        self.plan = RunPlan(
+            outcomes=outcomes,
+            run_seconds=max(0.0, task.run_seconds),
+            retry_pause=max(MIN_RETRY_DELAY, retry_delay),
+            max_retries=task.max_retries,
+            is_reload=self.is_reload,
+            node=NODE_NAME,
+        )
+        self.occupancy = occupancy(len(outcomes), self.plan.run_seconds, self.plan.retry_pause)
+        self.rows = [_ResultRow(self, i) for i in range(len(outcomes))]
+        self.seq = 0
+        self.version = 0  # bumped whenever the timeline changes: render caches key on it
+        self.decision: Decision | None = None
+        self.timeline: Timeline
         self._cache: dict[str, _Rendered] = {}
+        self.decide(Decision(self.ready_at), None)
 
-    def status(self, now: float) -> int:
-        if now < self.started_at:
-            return TRIGGERED
-        if now < self.finished_at:
-            return STARTED
-        return self.final_status
+    def decide(self, decision: Decision, queue_timeout: float | None) -> None:
+        """Take the scheduler's start (or cancel) time; recompute the timeline if it changed."""
+        if decision == self.decision:
+            return
+        self.decision = decision
+        self.timeline = timeline(self.triggered_at, self.ready_at, decision, self.plan, queue_timeout)
+        self.version += 1
+
+    @property
+    def runs(self) -> int:
+        """Attempts that run (0 when the queue timeout cancels the execution)."""
+        return 0 if self.started_at is None else len(self.rows)
+
+    def waiting(self, now: float) -> bool:
+        """Not yet started nor cancelled at ``now``: the scheduler may still move it."""
+        decision = self.decision
+        assert decision is not None
+        settled = decision.started_at if decision.started_at is not None else decision.cancelled_at
+        return settled is None or now < settled
+
+    @property
+    def started_at(self) -> float | None:
+        """When the first attempt starts (past or future); None if cancelled in the queue."""
+        return self.decision.started_at if self.decision else None
+
+    def holds_slot(self, now: float) -> bool:
+        start = self.started_at
+        return start is not None and start <= now < self.timeline.end
 
     def running(self, now: float) -> bool:
-        return now < self.finished_at
+        """Triggered, Queued, Started or Retry: the execution session exists."""
+        return now < self.timeline.end
 
-    def _result_fields(self, now: float) -> tuple[dict[str, Any], float]:
-        """The ExecutionResultCondensed fields, and when they last changed."""
-        status = self.status(now)
-        done = status >= FINISHED_SUCCESS
-        visible = [d for d in self._details if status >= d[1]]
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.started_at))
-        millis = int(self.started_at * 1000) % 1000
-        log = (
-            f"{NODE_NAME}\\Script\\{self.entry.app_id}.{stamp}.{millis:03d}+0000."
-            f"{self.result_id.replace('-', '').upper()[:20]}.log"
-        )
-        has_log = done and self.is_reload
-        fields = {
-            "id": self.result_id,
-            "executingNodeName": NODE_NAME if status >= STARTED else "",
-            "status": status,
-            "startTime": iso(self.started_at) if status >= STARTED else NEVER,
-            "stopTime": iso(self.finished_at) if done else NEVER,
-            "duration": round((self.finished_at - self.started_at) * 1000) if done else 0,
-            "fileReferenceID": EMPTY_GUID,
-            "scriptLogAvailable": has_log,
-            "details": [
-                {
-                    "id": detail_id,
-                    "detailsType": 2,  # Information
-                    "message": message,
-                    "detailCreatedDate": iso(at),
-                    "privileges": None,
-                }
-                for detail_id, _, at, message in visible
-            ],
-            "scriptLogLocation": log if has_log else "",
-            "scriptLogSize": 4096 + int(self.result_id[:3], 16) if has_log else 0,
-            "privileges": None,
-        }
-        return fields, max(detail[2] for detail in visible)
+    def phase(self, now: float) -> int:
+        return self.timeline.phase_at(now)
 
-    def condensed_result(self, now: float) -> dict[str, Any]:
-        return self._result_fields(now)[0]
+    def status(self, now: float) -> int:
+        return self.timeline.phases[self.phase(now)].status
 
-    def render_result(self, now: float) -> _Rendered:
-        status = self.status(now)
-        cached = self._cache.get("result")
-        if cached is not None and cached.key == status:
-            return cached
-        fields, changed = self._result_fields(now)
-        doc: dict[str, Any] = {
-            "id": self.result_id,
-            "createdDate": iso(self.triggered_at),
-            "modifiedDate": iso(changed),
-            "modifiedByUserName": MODIFIED_BY,
-            "taskID": self.task_id,
-            "executionID": self.session_id,
-            "appID": self.entry.app_id if self.is_reload else EMPTY_GUID,
-            "executingNodeID": _NODE_ID,
-        }
-        doc.update((k, v) for k, v in fields.items() if k != "id")
-        doc["schemaPath"] = "ExecutionResult"
-        rendered = _Rendered(status, doc, tuple(fields))
-        self._cache["result"] = rendered
-        return rendered
+    def current_row(self, now: float) -> _ResultRow:
+        """The newest result row (the attempt running or last run)."""
+        return self.rows[self.timeline.phases[self.phase(now)].row]
 
     def render_session(self, now: float) -> _Rendered:
-        status = self.status(now)
+        phase = self.phase(now)
+        key = (self.version, phase)
         cached = self._cache.get("session")
-        if cached is not None and cached.key == status:
+        if cached is not None and cached.key == key:
             return cached
-        fields, changed = self._result_fields(now)
+        row = self.rows[self.timeline.phases[phase].row]
+        fields, changed = row.fields(now)
         task_doc = self.entry.condensed(now)
         doc: dict[str, Any] = {
             "id": self.session_id,
@@ -354,7 +344,7 @@ class Execution:
             "executingNode": {"id": _NODE_ID, "privileges": None},
             "executionResult": fields,
             "abortAt": iso(self.triggered_at + TASK_SESSION_TIMEOUT_MIN * 60),
-            "retries": 0,
+            "retries": row.index,
             "abortReason": 0,
             "app": self.entry.app_condensed() if self.is_reload else None,
             "user": None,
@@ -364,8 +354,107 @@ class Execution:
             "privileges": None,
             "schemaPath": "ExecutionSession",
         }
-        rendered = _Rendered(status, doc, ("id", "privileges"))
+        rendered = _Rendered(key, doc, ("id", "privileges"))
         self._cache["session"] = rendered
+        return rendered
+
+
+class _ResultRow:
+    """The execution result of one attempt of an execution."""
+
+    def __init__(self, execution: Execution, index: int) -> None:
+        self.execution = execution
+        self.index = index
+        self.result_id = str(uuid.uuid4())
+        self.seq = 0
+        self._cache: _Rendered | None = None
+        self._details: tuple[int, list[tuple[str, Line]]] | None = None
+
+    def visible(self, now: float) -> bool:
+        """Row 0 exists from the trigger on, a retry's row from the start of its attempt."""
+        if self.index == 0:
+            return True
+        started = self.execution.timeline.rows[self.index].started_phase
+        return started is not None and self.execution.phase(now) >= started
+
+    def _lines(self) -> list[tuple[str, Line]]:
+        """This row's detail lines with stable ids, in a stable but non-chronological order."""
+        execution = self.execution
+        if self._details is None or self._details[0] != execution.version:
+            lines = [line for line in execution.timeline.lines if line.row == self.index]
+            with_ids = sorted((stable_id("detail", self.result_id, line.message), line) for line in lines)
+            self._details = (execution.version, with_ids)
+        return self._details[1]
+
+    def fields(self, now: float) -> tuple[dict[str, Any], float]:
+        """The ExecutionResultCondensed fields at ``now``, and when they last changed."""
+        execution = self.execution
+        phase_index = execution.phase(now)
+        phase = execution.timeline.phases[phase_index]
+        row = execution.timeline.rows[self.index]
+        status = phase.status if phase.row == self.index else row.final_status
+        started = row.started_phase is not None and phase_index >= row.started_phase
+        final = phase_index >= row.final_phase
+        visible = [(i, line) for i, line in self._lines() if line.phase <= phase_index]
+        start = row.start if row.start is not None else execution.triggered_at
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(start))
+        log = (
+            f"{NODE_NAME}\\Script\\{execution.entry.app_id}.{stamp}.{int(start * 1000) % 1000:03d}"
+            f"+0000.{self.result_id.replace('-', '').upper()[:20]}.log"
+        )
+        has_log = final and started and execution.is_reload
+        fields = {
+            "id": self.result_id,
+            "executingNodeName": NODE_NAME if started else "",
+            "status": status,
+            "startTime": iso(start) if started else NEVER,
+            "stopTime": iso(row.stop) if final else NEVER,
+            "duration": round((row.stop - start) * 1000) if final and started else 0,
+            "fileReferenceID": EMPTY_GUID,
+            "scriptLogAvailable": has_log,
+            "details": [
+                {
+                    "id": detail_id,
+                    "detailsType": 2,  # Information
+                    "message": line.message,
+                    "detailCreatedDate": iso(line.at),
+                    "privileges": None,
+                }
+                for detail_id, line in visible
+            ],
+            "scriptLogLocation": log if has_log else "",
+            "scriptLogSize": 4096 + int(self.result_id[:3], 16) if has_log else 0,
+            "privileges": None,
+        }
+        return fields, max(line.at for _, line in visible)
+
+    def condensed(self, now: float) -> dict[str, Any]:
+        return self.fields(now)[0]
+
+    def _created(self) -> float:
+        start = self.execution.timeline.rows[self.index].start
+        return start if self.index > 0 and start is not None else self.execution.triggered_at
+
+    def render(self, now: float) -> _Rendered:
+        execution = self.execution
+        key = (execution.version, execution.phase(now))
+        cached = self._cache
+        if cached is not None and cached.key == key:
+            return cached
+        fields, changed = self.fields(now)
+        doc: dict[str, Any] = {
+            "id": self.result_id,
+            "createdDate": iso(self._created()),
+            "modifiedDate": iso(changed),
+            "modifiedByUserName": MODIFIED_BY,
+            "taskID": execution.task_id,
+            "executionID": execution.session_id,
+            "appID": execution.entry.app_id if execution.is_reload else EMPTY_GUID,
+            "executingNodeID": _NODE_ID,
+        }
+        doc.update((k, v) for k, v in fields.items() if k != "id")
+        doc["schemaPath"] = "ExecutionResult"
+        self._cache = rendered = _Rendered(key, doc, tuple(fields))
         return rendered
 
 
@@ -382,6 +471,7 @@ class _TaskEntry:
         self.app_id = task.app_id or stable_id("app", task.id)
         self.app_name = task.app_name or task.name
         self.latest: Execution | None = None
+        self.runs_before_latest = 0  # attempts run by the task's executions before `latest`
         self._cache: dict[str, _Rendered] = {}
 
     @property
@@ -404,7 +494,7 @@ class _TaskEntry:
 
     def _operational(self, now: float) -> dict[str, Any]:
         if self.latest is not None:
-            last = self.latest.condensed_result(now)
+            last = self.latest.current_row(now).condensed(now)
         else:
             last = {
                 "id": self.never_result_id,
@@ -438,7 +528,8 @@ class _TaskEntry:
     def render(self, model: str, now: float) -> _Rendered:
         """Render as ``model``: "ReloadTask", "ExternalProgramTask" or "Task"."""
         latest = self.latest
-        key = (self.store.generation, latest.status(now) if latest else 0, id(latest))
+        state = (id(latest), latest.version, latest.phase(now)) if latest else None
+        key = (self.store.generation, state)
         cached = self._cache.get(model)
         if cached is not None and cached.key == key:
             return cached
@@ -463,7 +554,7 @@ class _TaskEntry:
             taskType=task.task_type,
             enabled=task.enabled,
             taskSessionTimeout=TASK_SESSION_TIMEOUT_MIN,
-            maxRetries=0,
+            maxRetries=task.max_retries,
             tags=[self.store.tag(name).condensed() for name in task.tags],
         )
         if model == "ReloadTask":
@@ -502,7 +593,18 @@ class Store:
     """Thread-safe in-memory repository behind the simulated QRS endpoints.
 
     ``clock`` gives wall-clock seconds (``time.time`` by default; tests may inject a fake
-    one). ``start_delay`` is how long an execution stays Triggered before it is Started.
+    one). ``start_delay`` is how long an execution stays Triggered before it needs a slot;
+    ``retry_delay`` how long it shows Retry (10) between two attempts (at least
+    ``MIN_RETRY_DELAY``). Both apply to executions triggered after a change.
+
+    The scheduler (:mod:`.scheduler`): ``max_concurrent`` slots (0 = unlimited, the default;
+    QRS's own default is 4) and ``queue_timeout`` seconds (None or 0 = off, the default; QRS's
+    is 30 minutes). Both may be changed at any time: executions still waiting (Triggered or
+    Queued) are then scheduled again under the new settings, in trigger order, from that
+    moment on; executions already started or cancelled keep their times. An execution's run
+    plan (attempts, their run time and outcomes) is fixed when it is triggered, so changing a
+    task (:meth:`replace_task`) affects its later executions only; disabling a task does not
+    cancel an execution of it that is already queued.
     """
 
     def __init__(
@@ -511,21 +613,54 @@ class Store:
         *,
         clock: Callable[[], float] = time.time,
         start_delay: float = 0.05,
+        retry_delay: float = 0.05,
+        max_concurrent: int = 0,
+        queue_timeout: float | None = None,
     ) -> None:
         self.clock = clock
         self.start_delay = start_delay
+        self.retry_delay = retry_delay
         self.generation = 0  # bumped whenever rendered tasks/definitions may have changed
         self._lock = threading.RLock()
         self._seq = 0
         self._tasks: dict[str, _TaskEntry] = {}
         self._tags: dict[str, _Tag] = {}
         self._definitions: dict[str, _PropertyDefinition] = {}
-        self._results: dict[str, Execution] = {}  # by result id, in start order
+        self._results: dict[str, _ResultRow] = {}  # by result id, in trigger order
         self._by_session: dict[str, Execution] = {}
         self._active: dict[str, Execution] = {}  # sessions that may still be running
         self._starts: list[StartRecord] = []
+        self._max_concurrent = _checked_capacity(max_concurrent)
+        self._queue_timeout = _checked_timeout(queue_timeout)
+        self._fifo = Fifo(self._max_concurrent, self._queue_timeout)
         for task in tasks:
             self.add_task(task)
+
+    # --- scheduler settings -------------------------------------------------------------------
+
+    @property
+    def max_concurrent(self) -> int:
+        """Executions that may hold a slot at once; 0 = unlimited."""
+        return self._max_concurrent
+
+    @max_concurrent.setter
+    def max_concurrent(self, value: int) -> None:
+        value = _checked_capacity(value)
+        with self._lock:
+            self._max_concurrent = value
+            self._reschedule(self.clock())
+
+    @property
+    def queue_timeout(self) -> float | None:
+        """Seconds an execution may stay Queued before it is cancelled; None = never."""
+        return self._queue_timeout
+
+    @queue_timeout.setter
+    def queue_timeout(self, value: float | None) -> None:
+        value = _checked_timeout(value)
+        with self._lock:
+            self._queue_timeout = value
+            self._reschedule(self.clock())
 
     # --- tasks ------------------------------------------------------------------------------
 
@@ -597,23 +732,36 @@ class Store:
     # --- executions ---------------------------------------------------------------------------
 
     def start(self, task_id: str) -> StartOutcome:
-        """Start a task; raises KeyError for an unknown id.
+        """Trigger a task; raises KeyError for an unknown id.
 
         A disabled task does not run (``execution_id`` None). A task whose previous execution
-        is still running is not started again: that execution is returned with
-        ``created=False``, like the QMC scheduler that refuses parallel runs of one task.
+        is still running (Triggered, Queued, Started or Retry) is not triggered again: that
+        execution is returned with ``created=False``, like the QMC scheduler that refuses
+        parallel runs of one task.
         """
         with self._lock:
             entry = self._tasks[task_id.lower()]
             if not entry.task.enabled:
                 return StartOutcome(None, False)
             now = self.clock()
-            if entry.latest is not None and entry.latest.running(now):
-                return StartOutcome(entry.latest.session_id, False)
-            execution = Execution(entry, now, self.start_delay)
-            execution.seq = self._next_seq()
+            previous = entry.latest
+            if previous is not None and previous.running(now):
+                return StartOutcome(previous.session_id, False)
+            if previous is not None:
+                entry.runs_before_latest += previous.runs
+            execution = Execution(
+                entry,
+                now,
+                start_delay=self.start_delay,
+                retry_delay=self.retry_delay,
+                runs_before=entry.runs_before_latest,
+            )
             entry.latest = execution
-            self._results[execution.result_id] = execution
+            for row in execution.rows:
+                row.seq = self._next_seq()
+                self._results[row.result_id] = row
+            execution.seq = execution.rows[0].seq
+            self._place(execution, now)  # last in the queue: nothing placed earlier moves
             self._by_session[execution.session_id] = execution
             self._active[execution.session_id] = execution
             self._starts.append(StartRecord(entry.task.id, execution.session_id, now))
@@ -621,9 +769,22 @@ class Store:
 
     @property
     def starts(self) -> list[StartRecord]:
-        """Every execution actually started, oldest first (a copy)."""
+        """Every execution actually triggered, oldest first (a copy)."""
         with self._lock:
             return list(self._starts)
+
+    def _reschedule(self, now: float) -> None:
+        """After a settings change: schedule again what still waits at ``now``, in trigger order."""
+        running = self._running_sessions(now)
+        waiting = sorted((e for e in running if e.waiting(now)), key=lambda e: e.seq)
+        busy = [e.timeline.end for e in running if e.holds_slot(now)]
+        self._fifo = Fifo(self._max_concurrent, self._queue_timeout, busy, now)
+        for execution in waiting:
+            self._place(execution, now)
+
+    def _place(self, execution: Execution, now: float) -> None:
+        decision = self._fifo.place(Waiting(execution.ready_at, execution.occupancy), now)
+        execution.decide(decision, self._queue_timeout)
 
     def _running_sessions(self, now: float) -> list[Execution]:
         # Finished sessions are dropped here, lazily: that is QRS deleting the session row.
@@ -693,7 +854,7 @@ class Store:
         if collection == "custompropertydefinition":
             return list(self._definitions.values())
         if collection == "executionresult":
-            return list(self._results.values())
+            return [row for row in self._results.values() if row.visible(now)]
         if collection == "executionsession":
             return self._running_sessions(now)
         raise KeyError(collection)
@@ -704,10 +865,12 @@ class Store:
         """Candidate rows for ``path eq <guid> or ...`` from an index, or None if none fits."""
         index: dict[str, Any]
         if path == "executionid" and collection == "executionresult":
-            index = self._by_session
-        elif path != "id":
+            executions = [self._by_session[v] for v in values if v in self._by_session]
+            found = [row for e in executions for row in e.rows if row.visible(now)]
+            return sorted(found, key=lambda row: row.seq)
+        if path != "id":
             return None
-        elif collection in ("reloadtask", "externalprogramtask", "task"):
+        if collection in ("reloadtask", "externalprogramtask", "task"):
             index = self._tasks
         elif collection == "tag":
             index = {t.id: t for t in self._tags.values()}
@@ -718,7 +881,9 @@ class Store:
         else:
             index = {s.session_id: s for s in self._running_sessions(now)}
         rows: list[Any] = [index[v] for v in values if v in index]
-        if collection == "reloadtask":
+        if collection == "executionresult":
+            rows = [row for row in rows if row.visible(now)]
+        elif collection == "reloadtask":
             rows = [e for e in rows if e.task.task_type == 0]
         elif collection == "externalprogramtask":
             rows = [e for e in rows if e.task.task_type == 1]
@@ -732,8 +897,22 @@ class Store:
         if collection in ("tag", "custompropertydefinition"):
             return row.render()  # type: ignore[no-any-return]  # few rows: not cached
         if collection == "executionresult":
-            return row.render_result(now)  # type: ignore[no-any-return]
+            return row.render(now)  # type: ignore[no-any-return]
         return row.render_session(now)  # type: ignore[no-any-return]
+
+
+def _checked_capacity(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"max_concurrent must be an integer of 0 (unlimited) or more, got {value!r}")
+    return value
+
+
+def _checked_timeout(value: float | None) -> float | None:
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool) and value == 0):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"queue_timeout must be a number of seconds, 0 or None (off), got {value!r}")
+    return float(value)
 
 
 def _checked_copy(task: SimTask) -> SimTask:
@@ -749,6 +928,12 @@ def _checked_copy(task: SimTask) -> SimTask:
         raise ValueError(f"task {task.name!r}: taskType must be 0 (reload) or 1 (external)")
     if task.outcome not in ("success", "fail"):
         raise ValueError(f"task {task.name!r}: outcome must be 'success' or 'fail'")
+    for name in ("fail_first", "max_retries"):
+        value = getattr(task, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"task {task.name!r}: {name} must be an integer of 0 or more")
+    if not isinstance(task.run_seconds, int | float) or not 0 <= task.run_seconds < math.inf:
+        raise ValueError(f"task {task.name!r}: run_seconds must be 0 or more")
     return dataclasses.replace(
         task,
         id=canonical,

@@ -150,7 +150,7 @@ def test_an_unexpected_error_is_answered_acked_and_not_started_again(daemon, req
 
 
 def test_many_internal_errors_never_wedge_the_daemon(daemon, requester, sim, monkeypatch):
-    monkeypatch.setattr(daemon.service, "resolve", lambda *_: (_ for _ in ()).throw(ValueError("bad")))
+    monkeypatch.setattr(daemon.service, "resolve_tasks", lambda *_: (_ for _ in ()).throw(ValueError("bad")))
     boxes = [requester.send({"requestId": f"w{i}", "taskId": T1})[1] for i in range(40)]  # > the in-flight window
     assert all(box.get(timeout=60)["error"] == "Internal error" for box in boxes)
     settle(daemon, 60)

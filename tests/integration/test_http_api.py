@@ -440,6 +440,7 @@ def test_metrics_only_mode(qrs_certs, sim, broker, tmp_path, start_daemon):
     assert ok(api.get("/healthz"))["status"] == "ok"
     error(api.call(T1, {}), 404)
     error(api.get("/openapi.json"), 404)
+    error(api.get("/asyncapi.json"), 404)
     assert sim.starts == []
 
 
@@ -455,6 +456,27 @@ def test_openapi_document_and_docs(api):
     assert "security" not in op["post"]
     docs = api.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_asyncapi_document_of_this_daemon_is_served_like_the_openapi_one(cfg, broker, start_daemon):
+    """GET /asyncapi.json: the MQTT interface of the running configuration (issue 15), open
+    like /openapi.json even with a token, and listed in the OpenAPI document."""
+    import json
+
+    from butler_mqtt.asyncapi import build_document
+
+    cfg.http.token = "s3cret-token"  # type: ignore[assignment]
+    anon = Api(start_daemon(cfg).daemon.http_server.port)
+    resp = anon.get("/asyncapi.json")
+    doc = ok(resp)
+    assert resp.headers["content-type"].startswith("application/json")
+    assert doc == json.loads(json.dumps(build_document(cfg.mqtt)))
+    assert doc["asyncapi"] == "3.0.0"
+    assert doc["channels"]["start"]["address"] == cfg.mqtt.topics.start
+    assert doc["servers"]["broker"]["host"] == f"127.0.0.1:{broker.port}"
+    assert doc["servers"]["broker"]["bindings"]["mqtt"]["clientId"] == cfg.mqtt.client_id
+    assert "s3cret-token" not in resp.text
+    assert "get" in ok(anon.get("/openapi.json"))["paths"]["/asyncapi.json"]
 
 
 def test_docs_work_offline_every_asset_from_this_server(api):

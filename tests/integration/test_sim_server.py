@@ -12,6 +12,7 @@ import requests
 import trustme
 
 from butler_mqtt.sim import QrsSimulator, SimTask
+from tests.support.simclock import FakeClock
 
 KEY = "Ab3dEf6hIj9lMn0p"
 USER = "UserDirectory=INTERNAL; UserId=sa_api"
@@ -360,6 +361,115 @@ def test_already_running_task_is_not_started_again(client: Client) -> None:
     response = client.post(f"/qrs/task/{OK}/start/synchronous")
     assert (response.status_code, response.text) == (409, "Conflict")
     assert len(client.sim.starts) == 1
+
+
+# --- the scheduler (on the simulator's clock, moved by the test) -----------------------------------
+
+QUEUE = [f"a1000000-0000-4000-8000-0000000001{i:02d}" for i in range(4)]
+
+
+@pytest.fixture
+def clock(sim: QrsSimulator) -> FakeClock:
+    """The simulator's clock, frozen until the test moves it; four tasks of 10, 4, 2 and 5 s."""
+    fake = FakeClock()
+    sim.store.clock = fake
+    sim.store.start_delay = 1.0
+    sim.store.retry_delay = 0.5
+    for i, (task_id, run) in enumerate(zip(QUEUE, (10, 4, 2, 5), strict=True)):
+        sim.store.add_task(SimTask(task_id, f"Queue {i}", tags=["queue"], run_seconds=run))
+    return fake
+
+
+def start(client: Client, task_id: str) -> str:
+    response = client.post(f"/qrs/task/{task_id}/start/synchronous")
+    assert response.status_code == 201, response.text
+    session: str = response.json()["value"]
+    return session
+
+
+def queue_statuses(client: Client) -> list[int]:
+    tasks = client.json("/qrs/reloadtask/full", {"filter": "tags.name eq 'queue'", "orderby": "name"})
+    return [t["operational"]["lastExecutionResult"]["status"] for t in tasks]
+
+
+def rows(client: Client, session: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = client.json("/qrs/executionresult/full", {"filter": f"executionID eq {session}"})
+    return found
+
+
+def test_max_concurrent_queues_and_starts_in_trigger_order(client: Client, clock: FakeClock) -> None:
+    client.sim.max_concurrent = 2
+    sessions = [start(client, t) for t in QUEUE]
+    assert len(set(sessions)) == 4 and len(client.sim.starts) == 4
+    clock.at(1.5)
+    assert queue_statuses(client) == [2, 2, 3, 3]
+    (queued,) = rows(client, sessions[2])
+    assert queued["status"] == 3 and queued["startTime"] == "1753-01-01T00:00:00.000Z"
+    assert "Changing task state from Triggered to Queued" in [d["message"] for d in queued["details"]]
+    session = client.json(f"/qrs/executionsession/{sessions[3]}")
+    assert session["executionResult"]["status"] == 3
+    clock.at(5.5)  # the 4 s task ended at 5: the first queued one took its slot
+    assert queue_statuses(client) == [2, 7, 2, 3]
+    clock.at(7.5)  # the 2 s task ended at 7, before the 10 s one: the last one started then
+    assert queue_statuses(client) == [2, 7, 7, 2]
+    third, fourth = rows(client, sessions[2])[0], rows(client, sessions[3])[0]
+    assert third["startTime"] < fourth["startTime"]
+    clock.at(13)
+    assert queue_statuses(client) == [7, 7, 7, 7]
+    assert client.json("/qrs/executionsession") == []
+
+
+def test_queue_timeout_aborts_a_queued_execution(client: Client, clock: FakeClock) -> None:
+    client.sim.max_concurrent = 1
+    client.sim.queue_timeout = 2
+    start(client, QUEUE[0])
+    waiting = start(client, QUEUE[1])
+    clock.at(2.5)
+    assert queue_statuses(client)[:2] == [2, 3]
+    clock.at(3.5)  # Queued since 1, cancelled at 3
+    assert client.get(f"/qrs/executionsession/{waiting}").status_code == 404
+    (row,) = rows(client, waiting)
+    assert row["status"] == 6 and row["startTime"] == "1753-01-01T00:00:00.000Z"
+    assert any("queue timeout" in d["message"] for d in row["details"])
+    assert queue_statuses(client)[:2] == [2, 6]
+
+
+@pytest.mark.parametrize("mode", ["same", "409"])
+def test_a_queued_task_is_not_started_twice(client: Client, clock: FakeClock, mode: str) -> None:
+    client.sim.max_concurrent = 1
+    client.sim.already_running = mode
+    start(client, QUEUE[0])
+    queued = start(client, QUEUE[1])
+    clock.at(2)
+    assert queue_statuses(client)[:2] == [2, 3]
+    again = client.post(f"/qrs/task/{QUEUE[1]}/start/synchronous")
+    if mode == "same":
+        assert again.status_code == 201 and again.json()["value"] == queued
+        assert client.post(f"/qrs/task/{QUEUE[1]}/start").status_code == 204
+    else:
+        assert (again.status_code, again.text) == (409, "Conflict")
+    assert client.post("/qrs/task/start/many", json=[QUEUE[1]]).status_code == 204
+    assert [s.execution_id for s in client.sim.starts][1:] == [queued]
+    assert len(rows(client, queued)) == 1
+
+
+def test_fail_first_and_max_retries_over_https(client: Client, clock: FakeClock) -> None:
+    flaky = client.sim.store.task(QUEUE[3])
+    assert flaky is not None
+    flaky.fail_first, flaky.max_retries, flaky.run_seconds = 2, 1, 2
+    client.sim.store.replace_task(flaky)
+    assert client.json(f"/qrs/reloadtask/{QUEUE[3]}")["maxRetries"] == 1
+    session = start(client, QUEUE[3])  # attempt 1 runs 1-3, Retry until 3.5, attempt 2 3.5-5.5
+    clock.at(3.2)
+    assert client.json(f"/qrs/executionsession/{session}")["executionResult"]["status"] == 10
+    clock.at(4)
+    assert [r["status"] for r in rows(client, session)] == [8, 2]
+    clock.at(6)
+    assert [r["status"] for r in rows(client, session)] == [8, 8]  # both runs within fail_first
+    assert client.get(f"/qrs/executionsession/{session}").status_code == 404
+    session = start(client, QUEUE[3])  # run 3: succeeds at the first attempt
+    clock.at(10)
+    assert [r["status"] for r in rows(client, session)] == [7]
 
 
 # --- observation and knobs -------------------------------------------------------------------------

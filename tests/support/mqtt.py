@@ -20,6 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from butler_mqtt.mqtt.listener import wait_published
+from tests.support.asyncapi_check import observe
 
 FINAL = ("summary", "error")
 
@@ -88,6 +89,8 @@ class Inbox:
         parsed = isinstance(ev, dict)
         if not parsed:
             ev = {"event": None, "raw": bytes(msg.payload[:200])}  # not a reply of ours: kept, marked
+        else:
+            observe(ev)
         corr = getattr(msg.properties, "CorrelationData", None) if msg.properties is not None else None
         with self.cond:
             self.items.append(Received(msg.topic, corr, ev, msg, parsed))

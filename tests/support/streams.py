@@ -17,6 +17,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.support.asyncapi_check import observe
+
 
 def persistent_client(port: int, name: str) -> mqtt.Client:
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
@@ -48,6 +50,7 @@ class Replies:
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         ev = json.loads(msg.payload)
+        observe(ev)
         rid = ev.get("requestId")
         with self.cond:
             self.by_id[rid].append(ev)

@@ -73,6 +73,8 @@ def test_load_tasks_file(tmp_path: Path) -> None:
                     "taskType": 1,
                     "runSeconds": 3,
                     "outcome": "fail",
+                    "failFirst": 2,
+                    "maxRetries": 1,
                     "appName": "App one",
                 },
                 {"name": "Two"},
@@ -85,8 +87,12 @@ def test_load_tasks_file(tmp_path: Path) -> None:
     assert one.tags == ["a", "b"] and one.custom_properties == [("taskGroup", "x")]
     assert (one.enabled, one.task_type, one.run_seconds, one.outcome) == (False, 1, 3.0, "fail")
     assert one.app_name == "App one"
+    assert (one.fail_first, one.max_retries) == (2, 1)
     assert (two.tags, two.enabled, two.task_type, two.outcome) == ([], True, 0, "success")
+    assert (two.run_seconds, two.fail_first, two.max_retries) == (0.2, 0, 0)
     assert load_tasks_file(path)[1].id == two.id  # generated ids are stable
+    one, two = load_tasks_file(path, run_seconds=7)  # the default of tasks without runSeconds
+    assert (one.run_seconds, two.run_seconds) == (3.0, 7.0)
     Store([one, two])  # and usable
 
 
@@ -105,6 +111,9 @@ def test_load_tasks_file(tmp_path: Path) -> None:
         ('[{"name": "x", "id": "42"}]', "GUID"),
         ('[{"name": "x", "customProperties": [{"name": "a"}]}]', "customProperties"),
         ('[{"name": "x", "outcome": "maybe"}]', "outcome"),
+        ('[{"name": "x", "failFirst": 1.5}]', "'failFirst'"),
+        ('[{"name": "x", "maxRetries": -1}]', "maxRetries"),
+        ('[{"name": "x", "runSeconds": -1}]', "runSeconds"),
     ],
 )
 def test_bad_tasks_files_name_the_problem(tmp_path: Path, content: str, message: str) -> None:

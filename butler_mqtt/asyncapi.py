@@ -1,0 +1,418 @@
+"""The AsyncAPI 3.0 document of the MQTT interface, built from the code that makes the messages.
+
+The payload schemas come from `butler_mqtt.events` (every reply event, the status message) and
+from `model.StartRequest` (the request); each reply's summary is its builder's docstring in
+`butler_mqtt.replies`, and the examples are made by those builders. So the document describes
+what the daemon sends, not what someone remembered to write down.
+
+`docs/asyncapi.yaml` is the document for the default configuration (regenerate it with
+`scripts/asyncapi`; a test fails when it is stale). The REST API serves the document of the
+running configuration (its topics, broker and protocol) at `/asyncapi.json`.
+
+Pure: builds dicts and text, no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import TypeAdapter
+
+from butler_mqtt import __version__, replies
+from butler_mqtt.config import MqttConfig
+from butler_mqtt.events import REPLY_EVENTS, EventSpec, StatusMessage
+from butler_mqtt.model import (
+    GUID_RE,
+    INVALID_GUID_DETAILS,
+    INVALID_GUID_ERROR,
+    MAX_NAME_LENGTH,
+    StartRequest,
+    TaskOutcome,
+)
+
+ASYNCAPI_VERSION = "3.0.0"
+MQTT_BINDING_VERSION = "0.2.0"
+SCHEMA_REF = "#/components/schemas/{model}"
+QOS = 1  # every subscription and publication of the daemon
+
+#: What each request field means (`model.StartRequest` holds the names, types and limits;
+#: a unit test fails when a field has no entry here).
+REQUEST_FIELDS = {
+    "requestId": "Echoed in every reply; the idempotency key (the same requestId within 24 h is not started again: the earlier outcome is re-published).",
+    "taskId": "Task IDs (GUIDs): a string or a list. A value that is not a GUID rejects the whole request.",
+    "tag": "Tag names: a string or a list.",
+    "customProperty": "Custom property name/value pairs; a task matches when it carries the pair.",
+    "allTaskIdsMustExist": "When a listed task ID does not exist, no task selected by ID starts (tags and custom properties are unaffected).",
+    "wait": "Follow every execution to its end: `taskFinished` per task, then `requestFinished`.",
+    "dryRun": "Reply with what would start (status `wouldStart`); start nothing.",
+    "then": "A follow-up request, started when every task of this stage finished with FinishedSuccess (implies `wait`).",
+    "onFailure": "`continue`: start `then` even when this stage did not fully succeed.",
+    "ifRunning": "For a task that is already running: `start` (anyway), `attach` (follow that execution), `skip`, `queue` (start once more when it ends). Default: policies.if_running.",
+    "retry": "Extra starts after a failed reload: `attempts`, `delay` seconds (doubling, at most 3600). Default: policies.retry.",
+    "deadline": "Seconds: a followed execution still running then gets one `taskOverdue` event. Default: policies.deadline.",
+    "priority": "0-9 (default 5): higher starts first out of butler-mqtt's queue.",
+}
+
+
+def _ref(path: str) -> dict[str, str]:
+    return {"$ref": path}
+
+
+def _untitled(schema: Any) -> Any:
+    """Drop pydantic's generated property titles ("Taskid"), noise in a document for people, and
+    the line breaks of docstring descriptions."""
+    if isinstance(schema, dict):
+        out: dict[str, Any] = {}
+        for key, value in schema.items():
+            out[key] = " ".join(value.split()) if key == "description" and isinstance(value, str) else _untitled(value)
+        props = out.get("properties")
+        for prop in props.values() if isinstance(props, dict) else ():
+            if isinstance(prop, dict):
+                prop.pop("title", None)
+        return out
+    if isinstance(schema, list):
+        return [_untitled(v) for v in schema]
+    return schema
+
+
+def _collect(into: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Add a generated schema and its definitions to the component schemas."""
+    for name, sub in schema.pop("$defs", {}).items():
+        into[name] = _untitled(sub)
+    if "$ref" not in schema:
+        into[schema["title"]] = _untitled(schema)
+
+
+def _one_or_many(array: dict[str, Any], item_extra: dict[str, Any]) -> dict[str, Any]:
+    """`taskId`/`tag` take a string or a list (model.StartRequest's `before` validator)."""
+    array = dict(array)
+    item = {**array["items"], **item_extra}
+    array["items"] = item
+    return {"anyOf": [item, array]}
+
+
+def request_schemas() -> dict[str, Any]:
+    """StartRequest and its parts, as pydantic generates them, plus what its validators check."""
+    out: dict[str, Any] = {}
+    _collect(out, StartRequest.model_json_schema(ref_template=SCHEMA_REF))
+    req = out["StartRequest"]
+    props = req["properties"]
+    names = {"minLength": 1, "maxLength": MAX_NAME_LENGTH}
+    props["taskId"] = _one_or_many(props["taskId"], {"pattern": GUID_RE.pattern})
+    props["tag"] = _one_or_many(props["tag"], names)
+    for key in ("name", "value"):
+        out["CustomPropertyCriterion"]["properties"][key].update(names)
+    for name, text in REQUEST_FIELDS.items():
+        if name in props:
+            props[name]["description"] = text
+    req["description"] = "A start request. At least one of taskId, tag, customProperty; every other field is optional."
+    req["anyOf"] = [{"required": [k]} for k in ("taskId", "tag", "customProperty")]
+    out["RetryRequest"]["description"] = "Extra starts after a reload that ended FinishedFail, Aborted, Error or Reset."
+    return out
+
+
+def component_schemas() -> dict[str, Any]:
+    """Every payload schema of the document, by name (referenced as #/components/schemas/<name>)."""
+    out: dict[str, Any] = {}
+    for spec in REPLY_EVENTS:
+        _collect(out, TypeAdapter(spec.schema).json_schema(ref_template=SCHEMA_REF))
+    _collect(out, TypeAdapter(StatusMessage).json_schema(ref_template=SCHEMA_REF))
+    out.update(request_schemas())
+    out["TaskIdText"] = {
+        "type": "string",
+        "pattern": r"^\s*" + GUID_RE.pattern.removeprefix("^").removesuffix("$") + r"\s*$",
+        "description": "One task ID (GUID), surrounding whitespace ignored (Butler's plain topic).",
+    }
+    return dict(sorted(out.items()))
+
+
+# ------------------------------------------------------------------------------ examples
+
+_T = "a8b4c123-def4-4678-9abc-def012345678"
+_E = "5c6a1f4e-2b3d-4e5f-8a9b-0c1d2e3f4a5b"
+_NAME = "Finance daily"
+
+
+def reply_examples() -> dict[str, replies.Event]:
+    """One example per reply event, made by replies.py's builders."""
+    started = TaskOutcome(_T, _NAME, "started", ["tag:daily-refresh"], execution_id=_E)
+    row = {"startTime": "2025-01-06T06:00:00.000Z", "stopTime": "2025-01-06T06:01:21.234Z", "duration": 81234}
+    return {
+        "task": replies.task(started, "r1"),
+        "summary": replies.summary("r1", [started], [{"tag": "weekly-refresh"}]),
+        "taskFinished": replies.task_finished("r1", _T, _NAME, _E, "FinishedSuccess", row),
+        "taskOverdue": replies.task_overdue("r1", _T, _NAME, _E, 1_800_000),
+        "requestFinished": replies.request_finished("r1", {"FinishedSuccess": 1}, None, 81_850, None),
+        "error": replies.error("r1", INVALID_GUID_ERROR, INVALID_GUID_DETAILS),
+    }
+
+
+def status_example(cfg: MqttConfig) -> dict[str, Any]:
+    return {
+        "status": "online",
+        "version": __version__,
+        "clientId": cfg.client_id,
+        "host": "sense-gw-01",
+        "pid": 4242,
+        "instance": "3f2a9c1b7d4e",
+        "startedAt": "2025-01-06T05:59:00Z",
+        "topics": {"start": cfg.topics.start, "startPlain": cfg.topics.start_plain, "reply": cfg.topics.reply},
+    }
+
+
+REQUEST_EXAMPLE = {"requestId": "r1", "tag": ["daily-refresh"], "wait": True}
+
+
+# ------------------------------------------------------------------------------ messages
+
+
+def _summary(spec: EventSpec) -> str:
+    """The first line of the builder's docstring, without its "`name`: " lead."""
+    first = (spec.builder.__doc__ or spec.name).strip().splitlines()[0]
+    text = first.removeprefix(f"`{spec.name}`:").strip()
+    return text[:1].upper() + text[1:]
+
+
+def _reply_message(spec: EventSpec, example: replies.Event, v5: bool) -> dict[str, Any]:
+    msg: dict[str, Any] = {
+        "name": spec.name,
+        "title": f"{spec.name} event",
+        "summary": _summary(spec),
+        "contentType": "application/json",
+        "payload": _ref(f"#/components/schemas/{spec.schema.__name__}"),
+        "examples": [{"name": spec.name, "payload": example}],
+    }
+    if v5:
+        msg["bindings"] = {"mqtt": {
+            "contentType": "application/json",
+            "correlationData": {"type": "string", "format": "binary",
+                                "description": "The request's Correlation Data, copied unchanged (when it had one)."},
+            "bindingVersion": MQTT_BINDING_VERSION,
+        }}
+    return msg
+
+
+def _request_message(v5: bool) -> dict[str, Any]:
+    msg: dict[str, Any] = {
+        "name": "startRequest",
+        "title": "Start request",
+        "summary": "Start the reload tasks the criteria select (their union, each task once).",
+        "description": "Invalid JSON, unknown fields, wrong types, a bad task ID, oversize or retained messages are "
+                       "answered with an `error` event; nothing is started.",
+        "contentType": "application/json",
+        "payload": _ref("#/components/schemas/StartRequest"),
+        "examples": [{"name": "waitForTag", "payload": REQUEST_EXAMPLE}],
+    }
+    if v5:
+        msg["bindings"] = {"mqtt": {
+            "responseTopic": {"type": "string", "description": "Optional: where the replies go (else the reply topic). "
+                              "Wildcards, `$` topics and the daemon's own topics are refused."},
+            "correlationData": {"type": "string", "format": "binary", "description": "Optional: copied onto every "
+                                "reply; without a requestId it is the idempotency key."},
+            "bindingVersion": MQTT_BINDING_VERSION,
+        }}
+    return msg
+
+
+def _messages(cfg: MqttConfig) -> dict[str, Any]:
+    v5 = cfg.protocol == "5"
+    examples = reply_examples()
+    msgs: dict[str, Any] = {"startRequest": _request_message(v5)}
+    if cfg.topics.start_plain:
+        msgs["startTaskPlain"] = {
+            "name": "startTaskPlain",
+            "title": "Start one task (Butler's plain topic)",
+            "summary": "The payload is one task ID; answered like a JSON request with that taskId.",
+            "contentType": "text/plain",
+            "payload": _ref("#/components/schemas/TaskIdText"),
+            "examples": [{"name": "taskId", "payload": _T}],
+        }
+    for spec in REPLY_EVENTS:
+        msgs[spec.name] = _reply_message(spec, examples[spec.name], v5)
+    msgs["status"] = {
+        "name": "status",
+        "title": "Daemon status",
+        "summary": "Retained: is the daemon online, which topics it serves, standing problems.",
+        "contentType": "application/json",
+        "payload": _ref("#/components/schemas/StatusMessage"),
+        "examples": [{"name": "online", "payload": status_example(cfg)}],
+    }
+    return msgs
+
+
+# ------------------------------------------------------------------------------ channels, operations
+
+
+def _status_channel(cfg: MqttConfig) -> dict[str, Any]:
+    ch: dict[str, Any] = {
+        "address": cfg.topics.status,
+        "title": "Daemon status",
+        "description": "Retained, QoS 1: `online` when connected, `offline` on shutdown and as the last will.",
+        "messages": {"status": _ref("#/components/messages/status")},
+    }
+    if cfg.shared_group:
+        ch["address"] = cfg.topics.status + "/{clientId}"
+        ch["description"] += " With a shared group every instance publishes its own status."
+        ch["parameters"] = {"clientId": {"description": "The instance's MQTT client id."}}
+    return ch
+
+
+def _channels(cfg: MqttConfig) -> dict[str, Any]:
+    t = cfg.topics
+    reply_msgs = {spec.name: _ref(f"#/components/messages/{spec.name}") for spec in REPLY_EVENTS}
+    group = f" Several instances share it as `$share/{cfg.shared_group}/<topic>`." if cfg.shared_group else ""
+    chans: dict[str, Any] = {
+        "start": {
+            "address": t.start,
+            "title": "Start requests",
+            "description": "JSON start requests (QoS 1, not retained)." + group,
+            "messages": {"startRequest": _ref("#/components/messages/startRequest")},
+        },
+    }
+    if t.start_plain:
+        chans["startPlain"] = {
+            "address": t.start_plain,
+            "title": "Start one task (Butler-compatible)",
+            "description": "The payload is one task ID, as with Butler." + group,
+            "messages": {"startTaskPlain": _ref("#/components/messages/startTaskPlain")},
+        }
+    chans["replies"] = {
+        "address": t.reply,
+        "title": "Replies",
+        "description": "Where replies go when the request named no MQTT 5 Response Topic (and always with MQTT 3.1.1, "
+                       "where the requestId tells the requests apart).",
+        "messages": reply_msgs,
+    }
+    if cfg.protocol == "5":
+        chans["responseTopic"] = {
+            "address": None,
+            "title": "The request's Response Topic",
+            "description": "Replies to a request that set the MQTT 5 Response Topic go there, with its Correlation Data.",
+            "messages": reply_msgs,
+        }
+    chans["status"] = _status_channel(cfg)
+    return chans
+
+
+def _op_bindings(retain: bool, expiry: dict[str, Any] | None = None) -> dict[str, Any]:
+    mqtt: dict[str, Any] = {"qos": QOS, "retain": retain}
+    if expiry is not None:
+        mqtt["messageExpiryInterval"] = expiry
+    mqtt["bindingVersion"] = MQTT_BINDING_VERSION
+    return {"mqtt": mqtt}
+
+
+_REQUEST_EXPIRY = {
+    "type": "integer",
+    "minimum": 0,
+    "description": "Optional (MQTT 5, set by the publisher): a request whose expiry passes before the daemon "
+                   "handles it is answered with the `error` event `Request expired` and not started.",
+}
+
+
+def _start_operation(cfg: MqttConfig, channel: str, message: str, summary: str) -> dict[str, Any]:
+    reply_channel = "responseTopic" if cfg.protocol == "5" else "replies"
+    names = [spec.name for spec in REPLY_EVENTS]
+    return {
+        "action": "receive",
+        "channel": _ref(f"#/channels/{channel}"),
+        "summary": summary,
+        "description": "Every request is answered, in order: one `task` event per selected task, the `summary`; with "
+                       "`wait` or `then` also `taskFinished` (and `taskOverdue`) per execution and `requestFinished` "
+                       "last. A request that cannot be handled gets one `error` event.",
+        "messages": [_ref(f"#/channels/{channel}/messages/{message}")],
+        "bindings": _op_bindings(False, _REQUEST_EXPIRY if cfg.protocol == "5" else None),
+        "reply": {
+            "channel": _ref(f"#/channels/{reply_channel}"),
+            "messages": [_ref(f"#/channels/{reply_channel}/messages/{n}") for n in names],
+        },
+    }
+
+
+def _operations(cfg: MqttConfig) -> dict[str, Any]:
+    ops: dict[str, Any] = {
+        "startTasks": _start_operation(cfg, "start", "startRequest", "Start reload tasks selected by ID, tag or custom property."),
+    }
+    if cfg.topics.start_plain:
+        ops["startTaskPlain"] = _start_operation(cfg, "startPlain", "startTaskPlain", "Start one reload task by its ID.")
+    ops["sendReplies"] = {
+        "action": "send",
+        "channel": _ref("#/channels/replies"),
+        "summary": "Replies of requests without a Response Topic.",
+        "messages": [_ref(f"#/channels/replies/messages/{spec.name}") for spec in REPLY_EVENTS],
+        "bindings": _op_bindings(False),
+    }
+    ops["publishStatus"] = {
+        "action": "send",
+        "channel": _ref("#/channels/status"),
+        "summary": "The daemon's retained status.",
+        "messages": [_ref("#/channels/status/messages/status")],
+        "bindings": _op_bindings(True),
+    }
+    return ops
+
+
+def _server(cfg: MqttConfig) -> dict[str, Any]:
+    v5 = cfg.protocol == "5"
+    status_topic = cfg.topics.status + ("/{clientId}" if cfg.shared_group else "")
+    binding: dict[str, Any] = {
+        "clientId": cfg.client_id,
+        "cleanSession": False,
+        "keepAlive": cfg.keepalive,
+        "lastWill": {"topic": status_topic, "qos": QOS, "retain": True,
+                     "message": "the status message with \"status\": \"offline\""},
+    }
+    if v5:
+        binding["sessionExpiryInterval"] = cfg.session_expiry
+    binding["bindingVersion"] = MQTT_BINDING_VERSION
+    server: dict[str, Any] = {
+        "host": f"{cfg.host}:{cfg.port}",
+        "protocol": "secure-mqtt" if cfg.tls.enabled else "mqtt",
+        "protocolVersion": "5.0" if v5 else "3.1.1",
+        "title": "The MQTT broker",
+        "description": "The broker the daemon connects to (mqtt.host, mqtt.port), with a persistent session: "
+                       "requests published while the daemon is away are delivered when it is back.",
+        "bindings": {"mqtt": binding},
+    }
+    if cfg.username:
+        server["security"] = [_ref("#/components/securitySchemes/userPassword")]
+    return server
+
+
+def build_document(cfg: MqttConfig | None = None) -> dict[str, Any]:
+    """The AsyncAPI document for `cfg` (default: the default configuration's topics and broker)."""
+    cfg = cfg if cfg is not None else MqttConfig()
+    components: dict[str, Any] = {"schemas": component_schemas(), "messages": _messages(cfg)}
+    if cfg.username:
+        components["securitySchemes"] = {"userPassword": {"type": "userPassword", "description": "mqtt.username, mqtt.password"}}
+    doc: dict[str, Any] = {
+        "asyncapi": ASYNCAPI_VERSION,
+        "info": {
+            "title": "butler-mqtt",
+            "version": __version__,
+            "description": "Start Qlik Sense reload tasks from MQTT messages: every request is answered on a reply topic.",
+            "license": {"name": "MIT"},
+        },
+        "defaultContentType": "application/json",
+        "servers": {"broker": _server(cfg)},
+        "channels": _channels(cfg),
+        "operations": _operations(cfg),
+        "components": components,
+    }
+    return doc
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """YAML without anchors and aliases (&id001): every part of the document reads on its own."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def document_yaml(doc: dict[str, Any] | None = None) -> str:
+    """The document as YAML text (the form shipped as docs/asyncapi.yaml)."""
+    body = yaml.dump(
+        doc if doc is not None else build_document(), Dumper=_PlainDumper, sort_keys=False, allow_unicode=True, width=110
+    )
+    return "# Generated from the code by scripts/asyncapi (butler_mqtt/asyncapi.py): do not edit by hand.\n" + body

@@ -1,0 +1,289 @@
+"""The wire shape of every reply event and of the status message (schema only, no logic).
+
+`butler_mqtt.replies` builds the replies; the TypedDicts here say what each one holds. Pydantic
+turns them into the JSON Schemas of the AsyncAPI document (`butler_mqtt.asyncapi`), and the
+tests hold the two together: the unit tests build every kind of event with the builders of
+replies.py and validate it against these schemas, and the integration tests validate every
+reply they receive. Change a reply in replies.py, and a test names the schema to change here.
+
+Strict where the contract is closed (required keys, `additionalProperties: false`, enums),
+so a new or renamed field cannot slip out unnoticed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, NotRequired
+
+from pydantic import ConfigDict, Field, with_config
+from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
+
+from butler_mqtt import replies
+from butler_mqtt.model import GUID_RE, MAX_REQUEST_ID_LENGTH, TaskStatus
+
+_CLOSED = ConfigDict(extra="forbid")
+
+Guid = Annotated[str, Field(pattern=GUID_RE.pattern)]
+RequestId = Annotated[
+    Annotated[str, Field(max_length=MAX_REQUEST_ID_LENGTH)] | None,
+    Field(description="The request's `requestId`; null when it had none."),
+]
+TaskId = Annotated[Guid, Field(description="The reload task's ID in QRS.")]
+TaskName = Annotated[str, Field(description="The reload task's name in QRS.")]
+ExecutionId = Annotated[Guid, Field(description="The QRS execution session of the reload.")]
+Stage = Annotated[int, Field(ge=0, description="The stage of a `then` chain (0: the request itself).")]
+Reason = Annotated[str, Field(description="Why (a sentence for people, not a code).")]
+Position = Annotated[int, Field(ge=1, description="Place in butler-mqtt's queue (1 = next).")]
+Attempt = Annotated[int, Field(ge=1, description="With `retry`: which start this is (1 = the first).")]
+Millis = Annotated[int, Field(ge=0)]
+#: The final states of a followed execution: QRS's own (model.FINAL_STATES) and `Unknown`.
+FinalStatus = Literal["Aborted", "FinishedSuccess", "FinishedFail", "Skipped", "Error", "Reset", "Unknown"]
+QrsTime = Annotated[str | None, Field(description="QRS's timestamp (ISO 8601, UTC); null when QRS has none.")]
+
+
+_TASK_STATUS_DOC = (
+    "started; notStarted (QRS accepted the start but did not start it, e.g. the task is disabled); denied "
+    "(start_filter, allTaskIdsMustExist); failed (QRS error, see reason); wouldStart (dryRun); alreadyRunning "
+    "(ifRunning attach: executionId is the running one); skipped (ifRunning skip); queued (waiting in "
+    "butler-mqtt's queue, see position); expired (waited longer than policies.queue_timeout)."
+)
+
+#: What the contract adds to `task` events: a started task has its execution, a queued one
+#: its place in the queue (JSON Schema `if`/`then`).
+_TASK_EVENT_RULES: dict[str, Any] = {
+    "allOf": [
+        {"if": {"properties": {"status": {"const": "started"}}}, "then": {"required": ["executionId"]}},
+        {"if": {"properties": {"status": {"const": "queued"}}}, "then": {"required": ["position"]}},
+    ]
+}
+
+
+@with_config(ConfigDict(extra="forbid", json_schema_extra=_TASK_EVENT_RULES))
+class TaskEvent(TypedDict):
+    """What happened to one selected task; one per task and stage, before the stage's summary.
+    A task that was `queued` gets a second `task` event when it is started (or `expired`)."""
+
+    event: Literal["task"]
+    requestId: RequestId
+    taskId: TaskId
+    taskName: TaskName
+    status: Annotated[TaskStatus, Field(description=_TASK_STATUS_DOC)]
+    executionId: NotRequired[ExecutionId]
+    matchedBy: Annotated[
+        list[Annotated[str, Field(pattern=r"^(taskId|tag|customProperty):")]],
+        Field(description="The criteria the task matched: `taskId:<id>`, `tag:<name>`, `customProperty:<name>=<value>`."),
+    ]
+    reason: NotRequired[Reason]
+    position: NotRequired[Position]
+    attempt: NotRequired[Attempt]
+    stage: NotRequired[Stage]
+
+
+@with_config(_CLOSED)
+class StartedTask(TypedDict):
+    """A task listed under `tasksStarted`."""
+
+    taskId: TaskId
+    taskName: TaskName
+    status: Literal["started", "notStarted", "wouldStart"]
+    reason: NotRequired[Reason]
+    attempt: NotRequired[Attempt]
+
+
+@with_config(_CLOSED)
+class DeniedTask(TypedDict):
+    """A task listed under `tasksDenied`."""
+
+    taskId: TaskId
+    taskName: TaskName
+    status: Literal["denied"]
+    reason: NotRequired[Reason]
+
+
+@with_config(_CLOSED)
+class FailedTask(TypedDict):
+    """A task listed under `tasksFailed` (`reason` says which error)."""
+
+    taskId: TaskId
+    taskName: TaskName
+    status: Literal["failed"]
+    reason: NotRequired[Reason]
+    attempt: NotRequired[Attempt]
+
+
+@with_config(_CLOSED)
+class RunningTask(TypedDict):
+    """A task listed under `tasksRunning`: found running (`alreadyRunning` or `skipped`)."""
+
+    taskId: TaskId
+    taskName: TaskName
+    status: Literal["alreadyRunning", "skipped"]
+    executionId: NotRequired[Annotated[Guid, Field(description="The execution found running.")]]
+    reason: NotRequired[Reason]
+    attempt: NotRequired[Attempt]
+
+
+@with_config(_CLOSED)
+class QueuedTask(TypedDict):
+    """A task listed under `tasksQueued`: waiting in butler-mqtt's queue."""
+
+    taskId: TaskId
+    taskName: TaskName
+    status: Literal["queued"]
+    position: NotRequired[Position]
+    reason: NotRequired[Reason]
+    attempt: NotRequired[Attempt]
+
+
+@with_config(_CLOSED)
+class NotFoundTaskId(TypedDict):
+    """A task ID that matched no task."""
+
+    taskId: Guid
+
+
+@with_config(_CLOSED)
+class NotFoundTag(TypedDict):
+    """A tag that matched no task."""
+
+    tag: str
+
+
+@with_config(_CLOSED)
+class CustomPropertyPair(TypedDict):
+    """A custom property name/value pair."""
+
+    name: str
+    value: str
+
+
+@with_config(_CLOSED)
+class NotFoundCustomProperty(TypedDict):
+    """A custom property pair that matched no task."""
+
+    customProperty: CustomPropertyPair
+
+
+@with_config(_CLOSED)
+class SummaryEvent(TypedDict):
+    """The stage at a glance, after its `task` events. Without `wait` (and `then`) the last reply."""
+
+    event: Literal["summary"]
+    requestId: RequestId
+    tasksStarted: Annotated[list[StartedTask], Field(description="Every task QRS was asked to start, or would be (dryRun).")]
+    tasksNotFound: Annotated[
+        list[NotFoundTaskId | NotFoundTag | NotFoundCustomProperty],
+        Field(description="Every criterion that matched no task."),
+    ]
+    tasksDenied: Annotated[list[DeniedTask], Field(description="Tasks the start_filter (or allTaskIdsMustExist) refused.")]
+    tasksFailed: Annotated[list[FailedTask], Field(description="Tasks QRS did not start because of an error.")]
+    tasksRunning: Annotated[list[RunningTask], Field(description="Tasks found running (ifRunning attach or skip).")]
+    tasksQueued: Annotated[list[QueuedTask], Field(description="Tasks waiting in butler-mqtt's queue when the summary was sent.")]
+    totalTasksStarted: Annotated[int, Field(ge=0, description="How many tasks QRS really started.")]
+    stage: NotRequired[Stage]
+
+
+@with_config(ConfigDict(extra="forbid", json_schema_extra={"dependencies": {"retryIn": ["attempt"]}}))
+class TaskFinishedEvent(TypedDict):
+    """A followed execution ended (only with `wait` or `then`). QRS's own retries are followed to
+    the real end; with `retry`, a failed attempt's event carries `attempt` and `retryIn`."""
+
+    event: Literal["taskFinished"]
+    requestId: RequestId
+    taskId: TaskId
+    taskName: TaskName
+    executionId: ExecutionId
+    status: Annotated[FinalStatus, Field(description="QRS's final state, or Unknown when the execution could not be followed.")]
+    startTime: QrsTime
+    stopTime: QrsTime
+    durationMs: Annotated[Millis | None, Field(description="How long the reload ran; null when unknown.")]
+    reason: NotRequired[Reason]
+    attempt: NotRequired[Attempt]
+    retryIn: NotRequired[
+        Annotated[float, Field(ge=0, description="Seconds until the next attempt, may be fractional (absent on the last one).")]
+    ]
+    stage: NotRequired[Stage]
+
+
+@with_config(_CLOSED)
+class TaskOverdueEvent(TypedDict):
+    """Once per followed execution still running `deadline` seconds after its start; following goes on."""
+
+    event: Literal["taskOverdue"]
+    requestId: RequestId
+    taskId: TaskId
+    taskName: TaskName
+    executionId: ExecutionId
+    runningForMs: Annotated[Millis, Field(description="How long the execution has been running.")]
+    stage: NotRequired[Stage]
+
+
+@with_config(_CLOSED)
+class RequestFinishedEvent(TypedDict):
+    """The last reply of a request with `wait` or `then`: every task of every stage ended."""
+
+    event: Literal["requestFinished"]
+    requestId: RequestId
+    finished: Annotated[dict[FinalStatus, Annotated[int, Field(ge=0)]], Field(description="Final outcomes, counted by state.")]
+    stoppedAtStage: Annotated[
+        Annotated[int, Field(ge=0)] | None, Field(description="The stage the chain stopped at; null when it ran to its end.")
+    ]
+    durationMs: Annotated[Millis, Field(description="From the request to its last task's end.")]
+    reason: NotRequired[Reason]
+
+
+@with_config(_CLOSED)
+class ErrorEvent(TypedDict):
+    """The request was not handled and nothing (more) was started: invalid payload, unknown
+    field, bad task ID, oversize, expired, retained, QRS unreachable for good, ..."""
+
+    event: Literal["error"]
+    requestId: RequestId
+    error: Annotated[str, Field(description="What went wrong, in a few words (e.g. `Invalid task ID format`).")]
+    details: Annotated[str, Field(description="The specifics: which field, which limit, what to do.")]
+
+
+@with_config(_CLOSED)
+class StatusTopics(TypedDict):
+    """The daemon's topics (from its configuration)."""
+
+    start: str
+    startPlain: str | None
+    reply: str
+
+
+@with_config(_CLOSED)
+class StatusMessage(TypedDict):
+    """The daemon's retained status: `online` once connected (again after each change of
+    `problems`), `offline` on shutdown and as the last will."""
+
+    status: Annotated[Literal["online", "offline"], Field(description="`offline` also comes as the last will.")]
+    problems: NotRequired[Annotated[dict[str, str], Field(description="Standing problems (e.g. QRS refusing), by name; only when online.")]]
+    version: Annotated[str, Field(description="butler-mqtt's version.")]
+    clientId: Annotated[str, Field(description="The daemon's MQTT client id.")]
+    host: Annotated[str, Field(description="The host name the daemon runs on.")]
+    pid: Annotated[int, Field(ge=1, description="The daemon's process id.")]
+    instance: Annotated[str, Field(description="Tells this process's status from another's with the same client id.")]
+    startedAt: Annotated[str, Field(description="When the daemon started (ISO 8601, UTC).")]
+    topics: Annotated[StatusTopics, Field(description="The topics the daemon listens and replies on.")]
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """One reply event: its `event` name, its wire schema and the function that builds it."""
+
+    name: str
+    schema: type
+    builder: Callable[..., replies.Event]
+
+
+#: Every reply event, in the contract's order (section 4).
+REPLY_EVENTS: tuple[EventSpec, ...] = (
+    EventSpec("task", TaskEvent, replies.task),
+    EventSpec("summary", SummaryEvent, replies.summary),
+    EventSpec("taskFinished", TaskFinishedEvent, replies.task_finished),
+    EventSpec("taskOverdue", TaskOverdueEvent, replies.task_overdue),
+    EventSpec("requestFinished", RequestFinishedEvent, replies.request_finished),
+    EventSpec("error", ErrorEvent, replies.error),
+)

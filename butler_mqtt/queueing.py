@@ -1,0 +1,146 @@
+"""The queue runner: starts what waits in butler-mqtt's durable queue once it may start.
+
+Run by the tracker (one tick at a time, in its small pool): about once a second while the
+queue holds anything, and at once when a request queued something or a followed execution
+ended (a slot freed, a rerun became due). One tick:
+
+1. entries waiting longer than `policies.queue_timeout` are given up: `task` event `expired`;
+2. the entries that may start (free slots under `max_running`, priority then arrival; reruns
+   once the execution they wait for ended) are claimed and started;
+3. every request waiting on an entry that is done gets its `task` event (`started`,
+   `notStarted`, `failed` or `expired`), published on its route and written to its journal
+   entry -- also those an instance that stopped in between did not tell.
+
+Any instance sharing the journal may run a tick: claims are serialised in the journal, so one
+entry is started once, and the slot count holds across instances.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from butler_mqtt import replies
+from butler_mqtt.config import PoliciesConfig
+from butler_mqtt.errors import ButlerError, QrsError
+from butler_mqtt.journal import Journal
+from butler_mqtt.journal.runq import Entry
+from butler_mqtt.model import Route, TaskOutcome
+from butler_mqtt.ops.metrics import Metrics
+from butler_mqtt.service import StartService
+
+log = structlog.get_logger("butler_mqtt.queue")
+
+Publish = Callable[[Route, dict[str, Any]], None]
+
+
+class QueueRunner:
+    def __init__(
+        self, cfg: PoliciesConfig, service: StartService, journal: Journal, publish: Publish, metrics: Metrics | None
+    ) -> None:
+        self.cfg = cfg
+        self.service = service
+        self.journal = journal
+        self.publish = publish
+        self.metrics = metrics
+        self._busy = threading.Lock()
+        self.active = cfg.max_running > 0 or cfg.if_running != "start"
+
+    def recover(self) -> None:
+        """At start (and when taking over a dead instance's work): entries whose start was being
+        sent. QRS is asked whether the start arrived; never started twice."""
+        for entry in self.journal.runq.take_over(include_own=True):
+            self._recover(entry)
+
+    def maintain(self) -> None:
+        """Renew our leases; take over the runs and entries of instances that died."""
+        self.journal.runq.renew()
+        for entry in self.journal.runq.take_over():
+            self._recover(entry)
+
+    def _recover(self, entry: Entry) -> None:
+        try:
+            eid = self.service.qrs.execution_since(entry.task_id, entry.created)
+        except QrsError as exc:
+            log.warning("queue_recovery_deferred", taskId=entry.task_id, error=str(exc))
+            return  # stays `starting` with our lease: tried again at the next maintenance
+        if eid is None:  # the start never reached QRS: start it now
+            self._start([entry])
+        else:
+            self.journal.runq.started([(entry, {"status": "started", "executionId": eid}, None)], entry.needs_slot)
+            log.warning("queue_start_recovered", taskId=entry.task_id, executionId=eid)
+        self.active = True
+
+    def tick(self) -> None:
+        """One pass (skipped when one is running already). Never raises."""
+        if not self._busy.acquire(blocking=False):
+            return
+        try:
+            self._tick()
+        except ButlerError as exc:
+            log.warning("queue_tick_failed", error=str(exc))
+        except Exception:  # a bug must not stop the queue for good
+            log.exception("queue_tick_failed")
+        finally:
+            self._busy.release()
+
+    def _tick(self) -> None:
+        runq = self.journal.runq
+        for entry in runq.expire():
+            log.warning("queue_expired", taskId=entry.task_id, queue_timeout_s=self.cfg.queue_timeout)
+            if self.metrics is not None:
+                self.metrics.queue_expired.inc()
+        entries = runq.claim(self.cfg.max_running)
+        if entries:
+            self._start(entries)
+        for entry_id in runq.unnotified():
+            self._tell(entry_id)
+        waiting, waiters, running = runq.counts()
+        self.active = waiting > 0 or running > 0 or self.cfg.max_running > 0 or self.cfg.if_running != "start"
+        if self.metrics is not None:
+            self.metrics.queue_length.set(waiting)
+            self.metrics.queue_waiters.set(waiters)
+            self.metrics.running_started.set(running)
+
+    def _start(self, entries: list[Entry]) -> None:
+        done = []
+        for entry in entries:
+            o = self.service.start_one(TaskOutcome(entry.task_id, entry.task_name, "started"))
+            log.info("queue_started", taskId=entry.task_id, status=o.status, executionId=o.execution_id)
+            outcome: dict[str, Any] = {"status": o.status}
+            if o.execution_id:
+                outcome["executionId"] = o.execution_id
+            if o.reason:
+                outcome["reason"] = o.reason
+            done.append((entry, outcome, None))
+        self.journal.runq.started(done, count_run=self.cfg.max_running > 0)
+
+    def _tell(self, entry_id: int) -> None:
+        """Publish the `task` event of a done entry to each request still waiting on it."""
+        runq = self.journal.runq
+        outcome = runq.outcomes([entry_id]).get(entry_id)
+        if outcome is None:
+            return
+        told = []
+        first: dict[str, Any] | None = None
+        for w in runq.waiters(entry_id):
+            o = TaskOutcome(w.task_id, outcome.get("taskName", ""), outcome["status"], list(w.matched_by),
+                            outcome.get("executionId"), outcome.get("reason"), attempt=w.attempt)
+            if o.status == "expired" and o.reason is None:
+                o.reason = f"waited longer than policies.queue_timeout ({self.cfg.queue_timeout:.0f} s) in butler-mqtt's queue"
+            ev = replies.task(o, w.request_id, w.stage)
+            if w.journaled:
+                try:
+                    self.journal.reply(w.key, ev)
+                except ButlerError as exc:
+                    log.error("journal_write_failed", error=str(exc))
+            if w.route.topic:
+                self.publish(w.route, ev)
+            told.append(w.key)
+            first = first or ev
+        runq.notified(entry_id, told)
+        if first is not None:  # observers (alerts, metrics) hear of the entry once, however many wait on it
+            self.service.notify(first)

@@ -1,0 +1,77 @@
+"""A real local HTTP server standing in for an alert webhook (tests/integration/test_alerts.py):
+it records every POST (headers and JSON body) and can answer the next ones with an error."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+def free_port() -> int:
+    """A port nothing listens on (for a webhook that is down: connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class WebhookServer:
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict[str, str], dict[str, Any]]] = []  # (path, headers, body)
+        self.errors: list[int] = []  # statuses for the next POSTs (then 200)
+        self.answered: list[int] = []  # every status answered, in order
+        self.cond = threading.Condition()
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self, port: int = 0) -> WebhookServer:
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with hook.cond:
+                    status = hook.errors.pop(0) if hook.errors else 200
+                    hook.answered.append(status)
+                    if status == 200:
+                        hook.received.append((self.path, dict(self.headers.items()), json.loads(body)))
+                    hook.cond.notify_all()
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def bodies(self) -> list[dict[str, Any]]:
+        with self.cond:
+            return [body for _path, _headers, body in self.received]
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for _path, _headers, body in self.received:
+                    if pred(body):
+                        return body
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no matching POST within {timeout} s; got {[b for _p, _h, b in self.received]}")
+                self.cond.wait(left)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
