@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
+from butler_mqtt.ops.mosquitto import free_port
 from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
 from tests.support.mqtt import wait_until
-from tests.support.webhook import WebhookServer, free_port
+from tests.support.webhook import WebhookServer
 
 OK = "a1e00000-0000-4000-8000-000000000001"
 FAILS = "a1e00000-0000-4000-8000-000000000002"

@@ -21,6 +21,7 @@ from paho.mqtt.properties import Properties
 
 from butler_mqtt.mqtt.listener import wait_published
 from tests.support.asyncapi_check import observe
+from tests.support.waiting import first_match
 
 FINAL = ("summary", "error")
 
@@ -110,16 +111,7 @@ class Inbox:
 
     def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:
         """The first JSON object that satisfies `pred` (waits for it)."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for m in self.messages:
-                    if pred(m):
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no matching message within {timeout} s; got {self.messages[-5:]}")
-                self.cond.wait(left)
+        return first_match(self.cond, lambda: self.messages, pred, timeout, "message")
 
     def select(self, pred: Callable[[Received], bool]) -> list[Received]:
         with self.cond:

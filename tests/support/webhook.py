@@ -4,19 +4,12 @@ it records every POST (headers and JSON body) and can answer the next ones with 
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-
-def free_port() -> int:
-    """A port nothing listens on (for a webhook that is down: connection refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.waiting import first_match
 
 
 class WebhookServer:
@@ -60,16 +53,7 @@ class WebhookServer:
             return [body for _path, _headers, body in self.received]
 
     def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for _path, _headers, body in self.received:
-                    if pred(body):
-                        return body
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no matching POST within {timeout} s; got {[b for _p, _h, b in self.received]}")
-                self.cond.wait(left)
+        return first_match(self.cond, self.bodies, pred, timeout, "POST")
 
     def stop(self) -> None:
         if self._server is not None:
