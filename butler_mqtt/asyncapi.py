@@ -1,9 +1,9 @@
 """The AsyncAPI 3.0 document of the MQTT interface, built from the code that makes the messages.
 
 The payload schemas come from `butler_mqtt.events` (every reply event, the status message, the
-alert message) and
-from `model.StartRequest` (the request); each reply's summary is its builder's docstring in
-`butler_mqtt.replies`, and the examples are made by those builders. So the document describes
+alert message) and from `model.StartRequest` (the request); each reply's summary is its
+builder's docstring in `butler_mqtt.replies`, and the examples are made by those builders (the
+alert example is checked against `ops/alerts.message` by a unit test). So the document describes
 what the daemon sends, not what someone remembered to write down.
 
 The alerts channel is optional (only when `alerts.topic` is set): its address is the configured
@@ -170,8 +170,8 @@ def status_example(cfg: MqttConfig) -> dict[str, Any]:
 
 REQUEST_EXAMPLE = {"requestId": "r1", "tag": ["daily-refresh"], "wait": True}
 
-#: The fields of the example alert: ops/alerts.message() makes ALERT_EXAMPLE from them (a unit
-#: test holds the two together; this module is pure and cannot import ops/alerts).
+#: The fields of the example alert: ops/alerts.message() makes alert_example()'s message from
+#: them (a unit test holds the two together; this module is pure and cannot import ops/alerts).
 ALERT_EXAMPLE_FIELDS: dict[str, Any] = {
     "requestId": "r1", "taskId": _T, "taskName": _NAME, "executionId": _E, "status": "FinishedFail",
     "durationMs": 81234, "qrs": "https://qlik.example.com:4242",
