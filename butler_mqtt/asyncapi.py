@@ -1,13 +1,17 @@
 """The AsyncAPI 3.0 document of the MQTT interface, built from the code that makes the messages.
 
-The payload schemas come from `butler_mqtt.events` (every reply event, the status message) and
-from `model.StartRequest` (the request); each reply's summary is its builder's docstring in
-`butler_mqtt.replies`, and the examples are made by those builders. So the document describes
+The payload schemas come from `butler_mqtt.events` (every reply event, the status message, the
+alert message) and from `model.StartRequest` (the request); each reply's summary is its
+builder's docstring in `butler_mqtt.replies`, and the examples are made by those builders (the
+alert example is checked against `ops/alerts.message` by a unit test). So the document describes
 what the daemon sends, not what someone remembered to write down.
+
+The alerts channel is optional (only when `alerts.topic` is set): its address is the configured
+topic, or the documented example `qliksense/task/alert` when there is none.
 
 `docs/asyncapi.yaml` is the document for the default configuration (regenerate it with
 `scripts/asyncapi`; a test fails when it is stale). The REST API serves the document of the
-running configuration (its topics, broker and protocol) at `/asyncapi.json`.
+running configuration (its topics, alerts topic, broker and protocol) at `/asyncapi.json`.
 
 Pure: builds dicts and text, no I/O.
 """
@@ -21,7 +25,7 @@ from pydantic import TypeAdapter
 
 from butler_mqtt import __version__, replies
 from butler_mqtt.config import MqttConfig
-from butler_mqtt.events import REPLY_EVENTS, EventSpec, StatusMessage
+from butler_mqtt.events import ALERT_SEVERITY, REPLY_EVENTS, AlertMessage, EventSpec, StatusMessage
 from butler_mqtt.model import (
     GUID_RE,
     INVALID_GUID_DETAILS,
@@ -35,6 +39,8 @@ ASYNCAPI_VERSION = "3.0.0"
 MQTT_BINDING_VERSION = "0.2.0"
 SCHEMA_REF = "#/components/schemas/{model}"
 QOS = 1  # every subscription and publication of the daemon
+#: The alerts channel's address when `alerts.topic` is not set (the example of the docs).
+ALERT_TOPIC_EXAMPLE = "qliksense/task/alert"
 
 #: What each request field means (`model.StartRequest` holds the names, types and limits;
 #: a unit test fails when a field has no entry here).
@@ -118,6 +124,7 @@ def component_schemas() -> dict[str, Any]:
     for spec in REPLY_EVENTS:
         _collect(out, TypeAdapter(spec.schema).json_schema(ref_template=SCHEMA_REF))
     _collect(out, TypeAdapter(StatusMessage).json_schema(ref_template=SCHEMA_REF))
+    _collect(out, TypeAdapter(AlertMessage).json_schema(ref_template=SCHEMA_REF))
     out.update(request_schemas())
     out["TaskIdText"] = {
         "type": "string",
@@ -162,6 +169,25 @@ def status_example(cfg: MqttConfig) -> dict[str, Any]:
 
 
 REQUEST_EXAMPLE = {"requestId": "r1", "tag": ["daily-refresh"], "wait": True}
+
+#: The fields of the example alert: ops/alerts.message() makes alert_example()'s message from
+#: them (a unit test holds the two together; this module is pure and cannot import ops/alerts).
+ALERT_EXAMPLE_FIELDS: dict[str, Any] = {
+    "requestId": "r1", "taskId": _T, "taskName": _NAME, "executionId": _E, "status": "FinishedFail",
+    "durationMs": 81234, "qrs": "https://qlik.example.com:4242",
+}
+ALERT_EXAMPLE_TIME = (1736143281.25, "2025-01-06T06:01:21.250Z")  # (time.time(), as the message has it)
+
+
+def alert_example(cfg: MqttConfig) -> dict[str, Any]:
+    """A `reloadFailed` alert of the daemon with `cfg` (the shape of ops/alerts.message)."""
+    msg: dict[str, Any] = dict.fromkeys(AlertMessage.__annotations__)  # every key, in order; null
+    msg.update(ALERT_EXAMPLE_FIELDS)
+    msg.update({
+        "alert": "reloadFailed", "severity": ALERT_SEVERITY["reloadFailed"], "time": ALERT_EXAMPLE_TIME[1],
+        "instance": cfg.client_id, "text": f"Reload of '{_NAME}' ended FinishedFail (request r1)",
+    })
+    return msg
 
 
 # ------------------------------------------------------------------------------ messages
@@ -215,6 +241,22 @@ def _request_message(v5: bool) -> dict[str, Any]:
     return msg
 
 
+def _alert_message(cfg: MqttConfig, v5: bool) -> dict[str, Any]:
+    msg: dict[str, Any] = {
+        "name": "alert",
+        "title": "Alert",
+        "summary": "A failed start or reload, an overdue execution, an expired queue entry, a QRS outage or its end.",
+        "description": "The same JSON is POSTed to `alerts.webhook.url` when one is set. Every key is always "
+                       "present, null where it does not apply; `text` is one line for people.",
+        "contentType": "application/json",
+        "payload": _ref("#/components/schemas/AlertMessage"),
+        "examples": [{"name": "reloadFailed", "payload": alert_example(cfg)}],
+    }
+    if v5:
+        msg["bindings"] = {"mqtt": {"contentType": "application/json", "bindingVersion": MQTT_BINDING_VERSION}}
+    return msg
+
+
 def _messages(cfg: MqttConfig) -> dict[str, Any]:
     v5 = cfg.protocol == "5"
     examples = reply_examples()
@@ -230,6 +272,7 @@ def _messages(cfg: MqttConfig) -> dict[str, Any]:
         }
     for spec in REPLY_EVENTS:
         msgs[spec.name] = _reply_message(spec, examples[spec.name], v5)
+    msgs["alert"] = _alert_message(cfg, v5)
     msgs["status"] = {
         "name": "status",
         "title": "Daemon status",
@@ -258,7 +301,19 @@ def _status_channel(cfg: MqttConfig) -> dict[str, Any]:
     return ch
 
 
-def _channels(cfg: MqttConfig) -> dict[str, Any]:
+def _alerts_channel(topic: str | None) -> dict[str, Any]:
+    where = "`alerts.topic`" if topic is not None else f"`alerts.topic` (`{ALERT_TOPIC_EXAMPLE}` is an example)"
+    return {
+        "address": topic if topic is not None else ALERT_TOPIC_EXAMPLE,
+        "title": "Alerts (optional)",
+        "description": f"Only when alerts.topic is set: one alert per failed start, failed reload (after its last "
+                       f"retry), overdue execution, expired queue entry, QRS outage and recovery, on {where}. "
+                       "QoS 1, not retained, over the daemon's own broker connection.",
+        "messages": {"alert": _ref("#/components/messages/alert")},
+    }
+
+
+def _channels(cfg: MqttConfig, alerts_topic: str | None) -> dict[str, Any]:
     t = cfg.topics
     reply_msgs = {spec.name: _ref(f"#/components/messages/{spec.name}") for spec in REPLY_EVENTS}
     group = f" Several instances share it as `$share/{cfg.shared_group}/<topic>`." if cfg.shared_group else ""
@@ -292,6 +347,7 @@ def _channels(cfg: MqttConfig) -> dict[str, Any]:
             "messages": reply_msgs,
         }
     chans["status"] = _status_channel(cfg)
+    chans["alerts"] = _alerts_channel(alerts_topic)
     return chans
 
 
@@ -350,6 +406,13 @@ def _operations(cfg: MqttConfig) -> dict[str, Any]:
         "messages": [_ref("#/channels/status/messages/status")],
         "bindings": _op_bindings(True),
     }
+    ops["sendAlerts"] = {
+        "action": "send",
+        "channel": _ref("#/channels/alerts"),
+        "summary": "Alerts, only when alerts.topic is set (the same messages go to alerts.webhook.url when set).",
+        "messages": [_ref("#/channels/alerts/messages/alert")],
+        "bindings": _op_bindings(False),
+    }
     return ops
 
 
@@ -380,8 +443,9 @@ def _server(cfg: MqttConfig) -> dict[str, Any]:
     return server
 
 
-def build_document(cfg: MqttConfig | None = None) -> dict[str, Any]:
-    """The AsyncAPI document for `cfg` (default: the default configuration's topics and broker)."""
+def build_document(cfg: MqttConfig | None = None, alerts_topic: str | None = None) -> dict[str, Any]:
+    """The AsyncAPI document for `cfg` (default: the default configuration's topics and broker)
+    and `alerts_topic` (config `alerts.topic`; None: the channel shows the example topic)."""
     cfg = cfg if cfg is not None else MqttConfig()
     components: dict[str, Any] = {"schemas": component_schemas(), "messages": _messages(cfg)}
     if cfg.username:
@@ -391,12 +455,13 @@ def build_document(cfg: MqttConfig | None = None) -> dict[str, Any]:
         "info": {
             "title": "butler-mqtt",
             "version": __version__,
-            "description": "Start Qlik Sense reload tasks from MQTT messages: every request is answered on a reply topic.",
+            "description": "Start Qlik Sense reload tasks from MQTT messages: every request is answered on a reply topic. "
+                           "Optionally, alerts on an alerts topic.",
             "license": {"name": "MIT"},
         },
         "defaultContentType": "application/json",
         "servers": {"broker": _server(cfg)},
-        "channels": _channels(cfg),
+        "channels": _channels(cfg, alerts_topic),
         "operations": _operations(cfg),
         "components": components,
     }

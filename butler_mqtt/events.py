@@ -1,10 +1,14 @@
-"""The wire shape of every reply event and of the status message (schema only, no logic).
+"""The wire shape of every reply event, of the status message and of the alert message
+(schema only, no logic).
 
 `butler_mqtt.replies` builds the replies; the TypedDicts here say what each one holds. Pydantic
 turns them into the JSON Schemas of the AsyncAPI document (`butler_mqtt.asyncapi`), and the
 tests hold the two together: the unit tests build every kind of event with the builders of
 replies.py and validate it against these schemas, and the integration tests validate every
 reply they receive. Change a reply in replies.py, and a test names the schema to change here.
+
+The alert message (`AlertMessage`) is built by `butler_mqtt.ops.alerts`, which takes its alert
+kinds, severities and keys from here (this module stays pure: ops/alerts does I/O).
 
 Strict where the contract is closed (required keys, `additionalProperties: false`, enums),
 so a new or renamed field cannot slip out unnoticed.
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, NotRequired
+from typing import Annotated, Any, Literal, NotRequired, get_args
 
 from pydantic import ConfigDict, Field, with_config
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
@@ -267,6 +271,83 @@ class StatusMessage(TypedDict):
     instance: Annotated[str, Field(description="Tells this process's status from another's with the same client id.")]
     startedAt: Annotated[str, Field(description="When the daemon started (ISO 8601, UTC).")]
     topics: Annotated[StatusTopics, Field(description="The topics the daemon listens and replies on.")]
+
+
+# ------------------------------------------------------------------------------ alerts
+
+AlertKind = Literal["failedStart", "reloadFailed", "overdue", "queueExpired", "qrsOutage", "qrsRecovered"]
+Severity = Literal["error", "warning", "info"]
+#: The final states of a failed reload (`taskFinished` status -> `reloadFailed`).
+FailedFinal = Literal["FinishedFail", "Aborted", "Error", "Reset"]
+
+ALERT_KINDS: tuple[AlertKind, ...] = get_args(AlertKind)
+FAILED_FINAL: tuple[FailedFinal, ...] = get_args(FailedFinal)
+#: Every alert kind's severity (ops/alerts.py's `SEVERITY`).
+ALERT_SEVERITY: dict[AlertKind, Severity] = {
+    "failedStart": "error",
+    "reloadFailed": "error",
+    "qrsOutage": "error",
+    "overdue": "warning",
+    "queueExpired": "warning",
+    "qrsRecovered": "info",
+}
+#: The alert keys that are not copied from a reply event or an outage (ops/alerts.message).
+ALERT_OWN_KEYS = ("alert", "severity", "time", "instance", "text")
+
+#: Each kind has its one severity (JSON Schema `if`/`then`, from ALERT_SEVERITY).
+_ALERT_RULES: dict[str, Any] = {
+    "allOf": [
+        {
+            "if": {"properties": {"alert": {"enum": [k for k, v in ALERT_SEVERITY.items() if v == severity]}}},
+            "then": {"properties": {"severity": {"const": severity}}},
+        }
+        for severity in get_args(Severity)
+    ]
+}
+
+IsoMillis = Annotated[str, Field(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")]
+
+
+@with_config(ConfigDict(extra="forbid", json_schema_extra=_ALERT_RULES))
+class AlertMessage(TypedDict):
+    """One alert, on `alerts.topic` (QoS 1, not retained) and as the body POSTed to
+    `alerts.webhook.url`. Every key is always present, null where it does not apply."""
+
+    alert: Annotated[
+        AlertKind,
+        Field(description="failedStart (`task` status failed), reloadFailed (`taskFinished` FinishedFail, Aborted, "
+                          "Error or Reset after the last retry), overdue (`taskOverdue`), queueExpired (`task` "
+                          "status expired), qrsOutage (QRS stopped answering), qrsRecovered (it answers again)."),
+    ]
+    severity: Annotated[Severity, Field(description="error (failedStart, reloadFailed, qrsOutage), warning (overdue, "
+                                                    "queueExpired), info (qrsRecovered).")]
+    time: Annotated[IsoMillis, Field(description="When the alert was raised (ISO 8601, UTC, milliseconds).")]
+    instance: Annotated[str, Field(description="The daemon that raised it (its MQTT client id).")]
+    requestId: Annotated[
+        Annotated[str, Field(max_length=MAX_REQUEST_ID_LENGTH)] | None,
+        Field(description="The request the event belonged to; null when it had none, and for QRS outages."),
+    ]
+    taskId: Annotated[Guid | None, Field(description="The reload task's ID in QRS; null for QRS outages.")]
+    taskName: Annotated[str | None, Field(description="The reload task's name in QRS; null when unknown.")]
+    executionId: Annotated[Guid | None, Field(description="The QRS execution session; null when none.")]
+    status: Annotated[
+        Literal["failed", "expired"] | FailedFinal | None,
+        Field(description="The reply event's status (`task`: failed, expired; `taskFinished`: the final state); "
+                          "null for overdue and QRS outages."),
+    ]
+    reason: Annotated[str | None, Field(description="Why (a sentence for people), when known.")]
+    stage: Annotated[Annotated[int, Field(ge=0)] | None, Field(description="The stage of a `then` chain, when in one.")]
+    attempt: Annotated[Annotated[int, Field(ge=1)] | None, Field(description="With `retry`: which start it was.")]
+    runningForMs: Annotated[Millis | None, Field(description="overdue: how long the execution has been running.")]
+    durationMs: Annotated[Millis | None, Field(description="reloadFailed: how long the reload ran, when known.")]
+    qrs: Annotated[str, Field(description="The QRS the daemon talks to (qrs.base_url).")]
+    since: Annotated[IsoMillis | None, Field(description="QRS outages: the first failed call (ISO 8601, UTC).")]
+    downForMs: Annotated[Millis | None, Field(description="qrsRecovered: how long QRS was not answering.")]
+    text: Annotated[str, Field(description="One line for people (a Slack or Teams incoming webhook shows it).")]
+
+
+#: The alert keys taken from the reply event or outage, in the message's order.
+ALERT_FIELDS: tuple[str, ...] = tuple(k for k in AlertMessage.__annotations__ if k not in ALERT_OWN_KEYS)
 
 
 @dataclass(frozen=True)

@@ -324,10 +324,10 @@ class RestApi:
 
     def asyncapi(self) -> JSONResponse:
         """The AsyncAPI 3.0 document of this daemon's MQTT interface: its topics, broker and
-        protocol (docs/asyncapi.yaml is the same for the default configuration). Open like
+        protocol, and its alerts topic (docs/asyncapi.yaml is the same for the default configuration). Open like
         /openapi.json: it names topics and the broker address, never a credential."""
         if self._asyncapi is None:
-            self._asyncapi = build_document(self.cfg.mqtt)
+            self._asyncapi = build_document(self.cfg.mqtt, alerts_topic=self.cfg.alerts.topic)
         return JSONResponse(self._asyncapi)
 
 

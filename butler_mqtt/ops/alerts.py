@@ -23,7 +23,8 @@ Where they come from. The `Alerter` watches two streams, and nothing else:
 Every alert is counted (`butler_mqtt_alerts_total{alert}`) and logged (`alert` line), also
 when no sink is configured.
 
-The message (JSON; every key present, null when it does not apply):
+The message (JSON; every key present, null when it does not apply; its schema is
+`events.AlertMessage`, the alerts channel of the AsyncAPI document):
 
     {"alert": "reloadFailed", "severity": "error", "time": "2024-05-01T10:30:00.123Z",
      "instance": "butler-mqtt", "requestId": "r1", "taskId": "...", "taskName": "Finance daily",
@@ -65,29 +66,21 @@ import urllib3
 
 from butler_mqtt import __version__
 from butler_mqtt.config import AlertsConfig, WebhookConfig
+from butler_mqtt.events import ALERT_FIELDS, ALERT_KINDS, ALERT_SEVERITY, FAILED_FINAL, AlertKind
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.metrics import Metrics, Recent
 from butler_mqtt.ops.ratelimit import RateLimiter
 
 log = structlog.get_logger("butler_mqtt.alerts")
 
-KINDS = ("failedStart", "reloadFailed", "overdue", "queueExpired", "qrsOutage", "qrsRecovered")
-SEVERITY = {
-    "failedStart": "error",
-    "reloadFailed": "error",
-    "qrsOutage": "error",
-    "overdue": "warning",
-    "queueExpired": "warning",
-    "qrsRecovered": "info",
-}
-FAILED_FINAL = ("FinishedFail", "Aborted", "Error", "Reset")
+#: The alert kinds, their severities and the message keys are those of the schema
+#: (events.AlertMessage, in the AsyncAPI document), so the two cannot drift apart.
+KINDS = ALERT_KINDS
+SEVERITY = ALERT_SEVERITY
 #: Alerts about one execution: raised once per execution, however many requests follow it.
 PER_EXECUTION = ("reloadFailed", "overdue")
 #: The message keys besides alert/severity/time/instance/text, in order.
-FIELDS = (
-    "requestId", "taskId", "taskName", "executionId", "status", "reason", "stage", "attempt",
-    "runningForMs", "durationMs", "qrs", "since", "downForMs",
-)
+FIELDS = ALERT_FIELDS
 RETRYABLE_STATUS = (408, 429)
 STOP_TIMEOUT_S = 5.0
 #: Alerts waiting for the MQTT sink (it only hands them to the broker connection).
@@ -96,11 +89,12 @@ MQTT_QUEUE = 1000
 PublishMqtt = Callable[[str, dict[str, Any]], None]
 
 
-def alert_kind(ev: dict[str, Any]) -> str | None:
+def alert_kind(ev: dict[str, Any]) -> AlertKind | None:
     """Which alert a reply event raises, if any (pure)."""
     kind, status = ev.get("event"), ev.get("status")
     if kind == "task":
-        return {"failed": "failedStart", "expired": "queueExpired"}.get(str(status))
+        task_kinds: dict[str, AlertKind] = {"failed": "failedStart", "expired": "queueExpired"}
+        return task_kinds.get(str(status))
     if kind == "taskFinished" and status in FAILED_FINAL and "retryIn" not in ev:
         return "reloadFailed"
     if kind == "taskOverdue":
@@ -113,7 +107,7 @@ def iso_now(now: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
-def message(alert: str, instance: str, fields: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+def message(alert: AlertKind, instance: str, fields: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     """The alert message (module docstring): every field present, `text` last."""
     msg: dict[str, Any] = {"alert": alert, "severity": SEVERITY[alert], "time": iso_now(now), "instance": instance}
     msg.update({f: fields.get(f) for f in FIELDS})
@@ -121,7 +115,7 @@ def message(alert: str, instance: str, fields: dict[str, Any], now: float | None
     return msg
 
 
-def from_event(alert: str, ev: dict[str, Any], instance: str, qrs: str) -> dict[str, Any]:
+def from_event(alert: AlertKind, ev: dict[str, Any], instance: str, qrs: str) -> dict[str, Any]:
     return message(alert, instance, {**{f: ev.get(f) for f in FIELDS}, "qrs": qrs})
 
 
@@ -162,7 +156,7 @@ class QrsOutage:
     def down(self) -> bool:
         return self._down is not None
 
-    def observe(self, status: int | None, route: str = "") -> tuple[str, dict[str, Any]] | None:
+    def observe(self, status: int | None, route: str = "") -> tuple[AlertKind, dict[str, Any]] | None:
         """One call's outcome -> ("qrsOutage" | "qrsRecovered", fields) on a change, else None."""
         now = time.monotonic()
         with self._lock:

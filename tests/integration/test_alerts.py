@@ -1,7 +1,9 @@
 """Alerts (issue 15, item 3): on an MQTT topic of the real broker and at a real local webhook,
 from real requests against the simulator: failed starts, failed reloads, QRS outage and
 recovery; a webhook that is down is retried and never holds up a request; secrets stay out of
-the log."""
+the log. Every alert received on the topic (conftest's TopicListener) and at the webhook
+(support/webhook.py) is validated against the AsyncAPI document's AlertMessage schema by
+support/asyncapi_check.py; the first test also checks that explicitly."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 from butler_mqtt.ops.mosquitto import free_port
 from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
+from tests.support import asyncapi_check
 from tests.support.mqtt import wait_until
 from tests.support.webhook import WebhookServer
 
@@ -121,6 +124,8 @@ def test_failed_start_and_failed_reload_alert_on_the_topic_and_the_webhook(
     assert headers["Content-Type"] == "application/json"
     assert sorted(b["alert"] for b in hook.bodies()) == ["failedStart", "reloadFailed"]  # the success raised nothing
     assert sorted(m["alert"] for m in on_topic.messages) == ["failedStart", "reloadFailed"]
+    for received in [*on_topic.messages, *hook.bodies()]:  # as the AsyncAPI document says (alerts channel)
+        assert asyncapi_check.problem(received) is None
     sent = 'butler_mqtt_alert_deliveries_total{result="sent",sink="webhook"} 2.0'  # counted once answered
     assert wait_until(lambda: sent in d.daemon.metrics.render().decode(), 10)
     text = d.daemon.metrics.render().decode()

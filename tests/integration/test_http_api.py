@@ -466,11 +466,13 @@ def test_asyncapi_document_of_this_daemon_is_served_like_the_openapi_one(cfg, br
     from butler_mqtt.asyncapi import build_document
 
     cfg.http.token = "s3cret-token"  # type: ignore[assignment]
+    cfg.alerts.topic = "test/asyncapi/alerts"
     anon = Api(start_daemon(cfg).daemon.http_server.port)
     resp = anon.get("/asyncapi.json")
     doc = ok(resp)
     assert resp.headers["content-type"].startswith("application/json")
-    assert doc == json.loads(json.dumps(build_document(cfg.mqtt)))
+    assert doc == json.loads(json.dumps(build_document(cfg.mqtt, alerts_topic="test/asyncapi/alerts")))
+    assert doc["channels"]["alerts"]["address"] == "test/asyncapi/alerts"  # the running config's alerts topic
     assert doc["asyncapi"] == "3.0.0"
     assert doc["channels"]["start"]["address"] == cfg.mqtt.topics.start
     assert doc["servers"]["broker"]["host"] == f"127.0.0.1:{broker.port}"

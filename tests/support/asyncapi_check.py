@@ -1,8 +1,10 @@
-"""Every reply (and status message) the tests receive is checked against the AsyncAPI document.
+"""Every reply (and status and alert message) the tests receive is checked against the AsyncAPI
+document.
 
 The reply collectors (support/mqtt.Inbox, also behind conftest's `listen`, the `requester`,
 support/streams.Replies, ...) hand each received payload to `observe`. It runs in paho's
-network thread, where an exception would only kill the client, so a mismatch is recorded; the
+network thread (or the test webhook's thread, support/webhook.py), where an exception would only
+kill the client, so a mismatch is recorded; the
 autouse fixture `guard` (tests/conftest.py) fails the test with every recorded mismatch. The
 schemas are those of the document the daemon serves (butler_mqtt.asyncapi.build_document),
 the same that is shipped as docs/asyncapi.yaml.
@@ -28,6 +30,7 @@ from butler_mqtt.events import REPLY_EVENTS
 
 DOC_URI = "urn:butler-mqtt:asyncapi"
 STATUS_SCHEMA = "StatusMessage"
+ALERT_SCHEMA = "AlertMessage"
 
 _lock = threading.Lock()
 _problems: list[str] = []
@@ -45,11 +48,12 @@ def registry(doc: dict[str, Any]) -> Registry[Any]:
 
 @functools.cache
 def validators() -> dict[str, Draft7Validator]:
-    """A validator per reply event name (and STATUS_SCHEMA), from the document's components."""
+    """A validator per reply event name (and STATUS_SCHEMA, ALERT_SCHEMA), from the document's components."""
     doc = json.loads(json.dumps(build_document()))
     reg = registry(doc)
     names = {spec.name: spec.schema.__name__ for spec in REPLY_EVENTS}
     names[STATUS_SCHEMA] = STATUS_SCHEMA
+    names[ALERT_SCHEMA] = ALERT_SCHEMA
     return {
         key: Draft7Validator({"$ref": f"{DOC_URI}#/components/schemas/{schema}"}, registry=reg)
         for key, schema in names.items()
@@ -58,13 +62,15 @@ def validators() -> dict[str, Draft7Validator]:
 
 def problem(payload: Any) -> str | None:
     """Why `payload` (a decoded message) is not what the document says; None when it is, or
-    when it is no message of the daemon's at all (not an object, neither reply nor status)."""
+    when it is no message of the daemon's at all (not an object, neither reply, status nor alert)."""
     if not isinstance(payload, dict):
         return None
     if "event" in payload:
         key = payload["event"]
-        if not isinstance(key, str) or key == STATUS_SCHEMA or key not in validators():
+        if not isinstance(key, str) or key in (STATUS_SCHEMA, ALERT_SCHEMA) or key not in validators():
             return f"event {key!r} is not in the AsyncAPI document: {_short(payload)}"
+    elif "alert" in payload:
+        key = ALERT_SCHEMA
     elif "status" in payload and "clientId" in payload:
         key = STATUS_SCHEMA
     else:

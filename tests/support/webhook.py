@@ -1,5 +1,6 @@
 """A real local HTTP server standing in for an alert webhook (tests/integration/test_alerts.py):
-it records every POST (headers and JSON body) and can answer the next ones with an error."""
+it records every POST (headers and JSON body) and can answer the next ones with an error. Every
+body is checked against the AsyncAPI document's alert schema (support/asyncapi_check.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests.support import asyncapi_check
 from tests.support.waiting import first_match
 
 
@@ -26,6 +28,7 @@ class WebhookServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                asyncapi_check.observe(body)
                 with hook.cond:
                     status = hook.errors.pop(0) if hook.errors else 200
                     hook.answered.append(status)

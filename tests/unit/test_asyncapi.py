@@ -19,6 +19,7 @@ from butler_mqtt.config import MqttConfig
 from butler_mqtt.errors import RequestRejected
 from butler_mqtt.model import FINAL_STATES, StartRequest, TaskOutcome, TaskStatus, validate_request
 from butler_mqtt.mqtt.listener import MqttListener
+from butler_mqtt.ops import alerts
 from tests.support import asyncapi_check
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +104,7 @@ def test_document_covers_the_interface() -> None:
     addresses = {name: ch["address"] for name, ch in doc["channels"].items()}
     assert addresses == {
         "start": cfg.topics.start, "startPlain": cfg.topics.start_plain, "replies": cfg.topics.reply,
-        "responseTopic": None, "status": cfg.topics.status,
+        "responseTopic": None, "status": cfg.topics.status, "alerts": asyncapi.ALERT_TOPIC_EXAMPLE,
     }
     names = ["task", "summary", "taskFinished", "taskOverdue", "requestFinished", "error"]
     assert list(doc["channels"]["replies"]["messages"]) == names
@@ -115,6 +116,9 @@ def test_document_covers_the_interface() -> None:
     assert {"responseTopic", "correlationData"} <= set(request)
     assert "correlationData" in doc["components"]["messages"]["task"]["bindings"]["mqtt"]
     assert doc["operations"]["publishStatus"]["bindings"]["mqtt"]["retain"] is True
+    send_alerts = doc["operations"]["sendAlerts"]
+    assert send_alerts["action"] == "send" and send_alerts["bindings"]["mqtt"] == {"qos": 1, "retain": False, "bindingVersion": "0.2.0"}
+    assert "only when alerts.topic is set" in doc["channels"]["alerts"]["description"].lower()
     server = doc["servers"]["broker"]["bindings"]["mqtt"]
     assert server["lastWill"]["topic"] == cfg.topics.status and server["sessionExpiryInterval"] == cfg.session_expiry
     assert doc["components"]["messages"]["summary"]["summary"] == "The stage at a glance."  # replies.summary's docstring
@@ -132,6 +136,16 @@ def test_configured_topics_and_protocol_are_described() -> None:
     assert (server["protocol"], server["protocolVersion"]) == ("secure-mqtt", "3.1.1")
     assert server["security"] == [{"$ref": "#/components/securitySchemes/userPassword"}]
     assert "s3cret-pw" not in json.dumps(doc)  # the scheme is named, never a credential
+
+
+def test_the_alerts_channel_is_the_configured_topic() -> None:
+    doc = json_clean(asyncapi.build_document(CONFIGS["mqtt311-shared-tls-user"], alerts_topic="sense/alerts"))
+    assert doc["channels"]["alerts"]["address"] == "sense/alerts"
+    assert asyncapi.ALERT_TOPIC_EXAMPLE not in json.dumps(doc["channels"]["alerts"])
+    assert "bindings" not in doc["components"]["messages"]["alert"]  # MQTT 3.1.1: no content type property
+    assert doc["components"]["messages"]["alert"]["examples"][0]["payload"]["instance"] == CONFIGS["mqtt311-shared-tls-user"].client_id
+    v5 = json_clean(asyncapi.build_document())["components"]["messages"]["alert"]
+    assert v5["bindings"]["mqtt"]["contentType"] == "application/json"
 
 
 def test_shipped_document_is_current() -> None:
@@ -267,6 +281,70 @@ def test_status_messages_match_the_schema() -> None:
         assert asyncapi_check.problem(json.loads(listener.status_payload(state))) is None
     bad = {**json.loads(listener.status_payload("online")), "status": "starting"}
     assert asyncapi_check.problem(bad) is not None
+
+
+# ----------------------------------------------------------------------------- alerts vs ops/alerts.py
+
+
+def test_the_alert_example_is_what_ops_alerts_builds() -> None:
+    cfg = MqttConfig()
+    now, _ = asyncapi.ALERT_EXAMPLE_TIME
+    built = alerts.message("reloadFailed", cfg.client_id, asyncapi.ALERT_EXAMPLE_FIELDS, now=now)
+    assert asyncapi.alert_example(cfg) == built and list(asyncapi.alert_example(cfg)) == list(built)  # key order too
+    assert asyncapi_check.problem(json_clean(built)) is None
+
+
+def test_alert_schema_enums_and_keys_are_ops_alerts_own() -> None:
+    schema = asyncapi.component_schemas()["AlertMessage"]
+    assert schema["properties"]["alert"]["enum"] == list(alerts.KINDS)
+    assert set(schema["properties"]["severity"]["enum"]) == set(alerts.SEVERITY.values())
+    assert set(schema["required"]) == set(schema["properties"]) == {*alerts.FIELDS, *events.ALERT_OWN_KEYS}
+    assert set(alerts.FAILED_FINAL) < set(get_args(events.FinalStatus))
+    message = alerts.message("overdue", "b1", {"qrs": "https://q:4242"}, now=0)
+    assert list(message) == list(events.AlertMessage.__annotations__)  # every key, in the schema's order
+
+
+def built_alerts() -> list[dict[str, Any]]:
+    """Every alert ops/alerts.py raises: from each built reply event that raises one, and a QRS
+    outage with its recovery."""
+    out = [alerts.from_event(kind, ev, "butler-mqtt", "https://qlik:4242")
+           for ev in built_events() if (kind := alerts.alert_kind(ev)) is not None]
+    outage = alerts.QrsOutage(after_s=0)
+    for status in (None, 200):
+        change = outage.observe(status, "GET /qrs/about")
+        assert change is not None
+        out.append(alerts.message(change[0], "butler-mqtt", {**change[1], "qrs": "https://qlik:4242"}))
+    return out
+
+
+def test_every_alert_kind_is_built_and_matches_the_schema() -> None:
+    built = built_alerts()
+    assert {m["alert"] for m in built} == set(alerts.KINDS)
+    for msg in built:
+        assert asyncapi_check.problem(json_clean(msg)) is None, msg
+
+
+def _alert() -> dict[str, Any]:
+    return json_clean(asyncapi.alert_example(MqttConfig()))
+
+
+#: An alert that is not what the document says -> what the check must name.
+ALERT_DRIFTS = {
+    "unknown key": (lambda: {**_alert(), "priority": 5}, "'priority' was unexpected"),
+    "missing key": (lambda: {k: v for k, v in _alert().items() if k != "stage"}, "'stage' is a required"),
+    "wrong type": (lambda: {**_alert(), "durationMs": "81234"}, "AlertMessage at durationMs: '81234'"),
+    "unknown kind": (lambda: {**_alert(), "alert": "reloadSlow"}, "'reloadSlow' is not one of"),
+    "severity of another kind": (lambda: {**_alert(), "severity": "info"}, "'error' was expected"),
+    "no QRS": (lambda: {**_alert(), "qrs": None}, "AlertMessage at qrs: None"),
+    "time without milliseconds": (lambda: {**_alert(), "time": "2025-01-06T06:01:21Z"}, "AlertMessage at time"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALERT_DRIFTS))
+def test_an_alert_that_drifts_from_the_document_is_caught(name: str) -> None:
+    make, expected = ALERT_DRIFTS[name]
+    found = asyncapi_check.problem(make())
+    assert found is not None and expected in found, found
 
 
 # ----------------------------------------------------------------------------- the request schema
