@@ -68,7 +68,12 @@ class ButlerCpDenied(ButlerTaskRef):
 
 
 class ButlerNotStarted(ButlerTaskRef):
-    status: Literal["notStarted", "failed"]
+    status: Literal["notStarted", "failed", "alreadyRunning", "skipped", "queued"] = Field(
+        description="notStarted/failed: QRS did not start it. alreadyRunning (with the running executionId), skipped,"
+        " queued (with position; its later `started` goes to MQTT topics.reply): the run policies."
+    )
+    executionId: str | None = None
+    position: int | None = None
     reason: str | None = None
 
 
@@ -80,7 +85,10 @@ class ButlerResponse(BaseModel):
     tasksTagDenied: list[ButlerTagDenied]
     tasksCP: list[ButlerTaskRef]
     tasksCPDenied: list[ButlerCpDenied]
-    tasksNotStarted: list[ButlerNotStarted] = Field(description="Selected, but QRS did not start them (disabled task, QRS error).")
+    tasksNotStarted: list[ButlerNotStarted] = Field(
+        description="Selected, but not started now: QRS did not start them (disabled task, QRS error), or the run"
+        " policies did not (running: alreadyRunning, skipped; waiting in butler-mqtt's queue: queued)."
+    )
     tasksNotFound: list[dict[str, Any]] = Field(description="Criteria that matched no task, as in the summary.")
 
 
@@ -164,6 +172,12 @@ FIELD_DOCS = {
     "dryRun": "Answer with what would start (status wouldStart); start nothing.",
     "then": "A follow-up request started when every task of this stage finished successfully; implies wait.",
     "onFailure": "'continue' starts `then` whatever the outcome of this stage.",
+    "ifRunning": "A selected task that is running already: start (send the start anyway), attach (follow the running"
+    " execution), skip, or queue (start it once more after it ended). Default: policies.if_running.",
+    "retry": "Extra starts after a reload ended FinishedFail, Aborted, Error or Reset: attempts (0-10) after delay"
+    " seconds, doubling, at most 3600. Default: policies.retry.",
+    "deadline": "Seconds: a followed reload still running this long after its start gets one taskOverdue event.",
+    "priority": "0-9 (default 5): higher first in butler-mqtt's queue (policies.max_running).",
 }
 
 
