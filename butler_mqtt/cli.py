@@ -48,26 +48,26 @@ def _add_selectors(p: argparse.ArgumentParser) -> None:
     )
 
 
-def positive_seconds(text: str) -> float:
-    """argparse type: a number of seconds greater than 0."""
+def _number(text: str, unit: str, *, positive: bool = False) -> float:
+    """A finite number of `unit` (seconds, milliseconds), 0 or more (or > 0), for argparse."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds greater than 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = f"a number of {unit} greater than 0" if positive else f"0 or more {unit}"
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds greater than 0."""
+    return _number(text, "seconds", positive=True)
 
 
 def non_negative_ms(text: str) -> float:
     """argparse type: milliseconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more milliseconds, got {text!r}")
-    return value
+    return _number(text, "milliseconds")
 
 
 EXIT_CODES = "Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage (naming the key and where its value came from)."
@@ -118,13 +118,7 @@ def non_negative_int(text: str) -> int:
 
 def non_negative_seconds(text: str) -> float:
     """argparse type: a number of seconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
-    return value
+    return _number(text, "seconds")
 
 
 def _task_setting(kind: Callable[[str], _T]) -> Callable[[str], tuple[str, _T]]:

@@ -276,6 +276,10 @@ class Tracker:
             self._waited[key] = w
             self._save(w)
             idle = w.idle
+        self._go_on(key, idle)
+
+    def _go_on(self, key: str, idle: bool) -> None:
+        """After a change to a waited request: end its stage when nothing of it is left, else poll soon."""
         if idle:
             self._stages.submit(self._stage_ended, key)
         else:
@@ -419,10 +423,7 @@ class Tracker:
                 w.stage_failures.append(f"{rec['task_name']} ({rec['task_id']}): {status}")
             self._save(w)
             idle = w.idle
-        if idle:
-            self._stages.submit(self._stage_ended, key)
-        else:
-            self._schedule(self.cfg.first_poll)
+        self._go_on(key, idle)
 
     def _poll(self, pending: dict[str, Pending]) -> None:
         self.polls += 1
@@ -561,10 +562,7 @@ class Tracker:
                 w.stage_failures.append(f"{r['task_name']} ({r['task_id']}): {r['last']}; retry: {why}")
             self._save(w)
             idle = w.idle
-        if idle:
-            self._stages.submit(self._stage_ended, w.key)
-        else:
-            self._schedule(self.cfg.first_poll)
+        self._go_on(w.key, idle)
 
     # ------------------------------------------------------------------ chains
 
