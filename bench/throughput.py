@@ -26,6 +26,7 @@ def run(n: int, profile: str | None) -> list[object]:
     replies = Replies(stack.broker.port)
     pub = publisher(stack.broker.port)
     rss0 = stack.rss_mb()
+    cpu0, here0 = stack.cpu_s(), time.process_time()
     run_id = uuid.uuid4().hex[:6]
     t0 = time.perf_counter()
     infos = [pub.publish("qliksense/task/start", json.dumps({"requestId": f"{run_id}-{i}", "taskId": t}), qos=1) for i, t in enumerate(ids)]
@@ -36,6 +37,7 @@ def run(n: int, profile: str | None) -> list[object]:
     elapsed = time.perf_counter() - t0
     starts = [s.task_id for s in stack.sim.starts]
     rss = stack.rss_mb()
+    cpu, here = (stack.cpu_s() - cpu0) * 1000 / n, (time.process_time() - here0) * 1000 / n
     pub.loop_stop()
     replies.close()
     stack.close()
@@ -46,7 +48,7 @@ def run(n: int, profile: str | None) -> list[object]:
     lost = n - len(replies.seen)
     return [
         n, f"{t_pub:.2f}", f"{elapsed:.2f}", f"{n / elapsed:.0f}", lost if ok else f"{lost} (timeout)",
-        len(starts) - len(set(starts)), len(set(starts)), f"{rss0:.0f} -> {rss:.0f}",
+        len(starts) - len(set(starts)), len(set(starts)), f"{rss0:.0f} -> {rss:.0f}", f"{cpu:.2f}", f"{here:.2f}",
     ]
 
 
@@ -57,7 +59,8 @@ def main() -> None:
     args = ap.parse_args()
     row = run(args.requests, "/tmp/butler-mqtt-daemon.prof" if args.profile else None)
     print(f"# single-task requests, QRS latency 0, one daemon\n# {machine()}\n")
-    print(table(["requests", "published in s", "all answered in s", "requests/s", "lost", "double starts", "tasks started", "daemon RSS MB"], [row]))
+    print(table(["requests", "published in s", "all answered in s", "requests/s", "lost", "double starts", "tasks started", "daemon RSS MB",
+                "daemon CPU ms/request", "simulator+clients CPU ms/request"], [row]))
 
 
 if __name__ == "__main__":
