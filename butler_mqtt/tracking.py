@@ -537,12 +537,14 @@ class Tracker:
         try:
             o, queued = self.service.start_task_again(r["task_id"], list(r["matched_by"]), policy, ticket,
                                                       lambda ev: self._emit(w, ev))
-        except QrsError as exc:
-            if is_transient(exc) and attempt_no < 50:
+        except Exception as exc:  # noqa: BLE001 - every failure ends in a later try or a final outcome
+            if is_transient(exc) and attempt_no < 50:  # QRS or the journal unavailable for now
                 log.warning("retry_deferred", requestId=w.request_id, taskId=r["task_id"], error=str(exc))
                 self._later(retry.CHAIN_STAGE.delay(attempt_no), self._retry, key, tkey, attempt_no + 1)
                 return
-            o, queued = TaskOutcome(r["task_id"], r["task_name"], "failed", reason=str(exc)), {}
+            if not isinstance(exc, ButlerError):
+                log.exception("retry_failed", requestId=w.request_id, taskId=r["task_id"])
+            o, queued = TaskOutcome(r["task_id"], r["task_name"], "failed", reason=f"the retry could not be started: {exc}"), {}
         if self.metrics is not None:
             self.metrics.retries.inc()
         self._retried(w, tkey, r, o, queued)
