@@ -20,6 +20,7 @@ call is added to a request.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -126,7 +127,7 @@ class Admission:
                 found = self.qrs.executions_of_results(list(unknown))
             except QrsError as exc:
                 log.warning("running_execution_lookup_failed", error=str(exc), tasks=len(unknown))
-                if actions and any(actions[t] == "rerun" for t in unknown.values()):
+                if any(actions[t] == "rerun" for t in unknown.values()):
                     raise  # a rerun must know what to wait for: the request is retried later
                 found = {}
             for rid, eid in found.items():
@@ -136,7 +137,7 @@ class Admission:
 
     @staticmethod
     def _wanted(o: TaskOutcome, policy: Policy, t: Ticket, after: str | None) -> Wanted:
-        key = t.key if t.key is not None else f"nokey:{id(o)}:{o.task_id}"
+        key = t.key if t.key is not None else f"nokey:{uuid.uuid4().hex}"  # unique: never merges two requests
         waiter = Waiter(key, t.request_id, o.task_id, t.stage, t.route or Route(""), list(o.matched_by), t.attempt,
                         journaled=t.key is not None)
         return Wanted(o.task_id, o.task_name, policy.priority, waiter, after)
@@ -168,7 +169,6 @@ class Admission:
         by_task = {o.task_id: o for o in admitted.to_start}
         self.journal.runq.started(
             [(entry, _outcome_of(by_task[task_id]), waiter) for task_id, (entry, waiter) in admitted.claimed.items()],
-            count_run=True,
         )
         if self.on_queued is not None:
             self.on_queued()  # other requests may have joined these entries meanwhile

@@ -239,7 +239,10 @@ class Daemon:
                 try:
                     self.handler.last_resort(job, exc)
                 except Exception:  # noqa: BLE001 - the worker must live on
+                    # Not even the ack could be sent (the broker is gone): left for redelivery.
                     log.exception("worker_error_unanswered", topic=job.topic)
+                    self.listener.release(job)
+                    self.listener.request_redelivery()
             finally:
                 with self._busy_lock:
                     self._busy -= 1

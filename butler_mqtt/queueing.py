@@ -24,12 +24,14 @@ from typing import Any
 import structlog
 
 from butler_mqtt import replies
+from butler_mqtt.admission import Admission
 from butler_mqtt.config import PoliciesConfig
 from butler_mqtt.errors import ButlerError, QrsError
 from butler_mqtt.journal import Journal
 from butler_mqtt.journal.runq import Entry
 from butler_mqtt.model import Route, TaskOutcome
 from butler_mqtt.ops.metrics import Metrics
+from butler_mqtt.policies import effective
 from butler_mqtt.service import StartService
 
 log = structlog.get_logger("butler_mqtt.queue")
@@ -47,7 +49,9 @@ class QueueRunner:
         self.publish = publish
         self.metrics = metrics
         self._busy = threading.Lock()
-        self.active = cfg.max_running > 0 or cfg.if_running != "start"
+        # The configured defaults use the queue: keep ticking. Else only while something waits.
+        self._by_config = Admission.needed(effective(cfg))
+        self.active = self._by_config
 
     def recover(self) -> None:
         """At start (and when taking over a dead instance's work): entries whose start was being
@@ -70,7 +74,7 @@ class QueueRunner:
         if eid is None:  # the start never reached QRS: start it now
             self._start([entry])
         else:
-            self.journal.runq.started([(entry, {"status": "started", "executionId": eid}, None)], entry.needs_slot)
+            self.journal.runq.started([(entry, {"status": "started", "executionId": eid}, None)])
             log.warning("queue_start_recovered", taskId=entry.task_id, executionId=eid)
         self.active = True
 
@@ -99,7 +103,7 @@ class QueueRunner:
         for entry_id in runq.unnotified():
             self._tell(entry_id)
         waiting, waiters, running = runq.counts()
-        self.active = waiting > 0 or running > 0 or self.cfg.max_running > 0 or self.cfg.if_running != "start"
+        self.active = waiting > 0 or running > 0 or self._by_config
         if self.metrics is not None:
             self.metrics.queue_length.set(waiting)
             self.metrics.queue_waiters.set(waiters)
@@ -108,7 +112,11 @@ class QueueRunner:
     def _start(self, entries: list[Entry]) -> None:
         done = []
         for entry in entries:
-            o = self.service.start_one(TaskOutcome(entry.task_id, entry.task_name, "started"))
+            try:
+                o = self.service.start_one(TaskOutcome(entry.task_id, entry.task_name, "started"))
+            except Exception as exc:  # noqa: BLE001 - a claimed entry must end done, never stay `starting`
+                log.exception("queue_start_failed", taskId=entry.task_id)
+                o = TaskOutcome(entry.task_id, entry.task_name, "failed", reason=f"the start could not be sent: {exc}")
             log.info("queue_started", taskId=entry.task_id, status=o.status, executionId=o.execution_id)
             outcome: dict[str, Any] = {"status": o.status}
             if o.execution_id:
@@ -116,7 +124,7 @@ class QueueRunner:
             if o.reason:
                 outcome["reason"] = o.reason
             done.append((entry, outcome, None))
-        self.journal.runq.started(done, count_run=self.cfg.max_running > 0)
+        self.journal.runq.started(done)
 
     def _tell(self, entry_id: int) -> None:
         """Publish the `task` event of a done entry to each request still waiting on it."""

@@ -305,7 +305,10 @@ class Tracker:
 
     def _policy(self, w: Waited, stage: int | None) -> Policy:
         root = StartRequest.model_validate(w.request)
-        return self.service.policy(root, w.stage_request(stage or 0))
+        stage_req: StartRequest | None = root
+        for _ in range(stage or 0):
+            stage_req = stage_req.then if stage_req is not None else None
+        return self.service.policy(root, stage_req)
 
     def _save(self, w: Waited) -> None:
         try:

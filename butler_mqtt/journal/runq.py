@@ -225,9 +225,10 @@ class RunQueue:
                 )
         return due
 
-    def started(self, done: Sequence[tuple[Entry, dict[str, Any], str | None]], count_run: bool) -> None:
-        """Record claimed entries' start outcomes (one transaction); a started reload takes a
-        running slot. The waiter named with each (the request that started it inline) is told."""
+    def started(self, done: Sequence[tuple[Entry, dict[str, Any], str | None]]) -> None:
+        """Record claimed entries' start outcomes (one transaction); a started reload of an entry
+        that needed a slot holds it. The waiter named with each (the request that started it
+        inline) is told."""
         now = time.time()
         with self.j._guard("write"), self.j._db.tx() as db:
             for entry, outcome, told in done:
@@ -236,14 +237,10 @@ class RunQueue:
                     (json.dumps(outcome, separators=(",", ":")), now, entry.id),
                 )
                 eid = outcome.get("executionId")
-                if count_run and outcome.get("status") == "started" and eid:
+                if entry.needs_slot and outcome.get("status") == "started" and eid:
                     self._add_run(db, str(eid), entry.task_id, now)
                 if told is not None:
                     db.run("UPDATE runq_waiters SET notified = 1 WHERE entry_id = ? AND key = ?", (entry.id, told))
-
-    def count_run(self, execution_id: str, task_id: str) -> None:
-        with self.j._guard("write"), self.j._db.tx() as db:
-            self._add_run(db, execution_id, task_id, time.time())
 
     def _add_run(self, db: Any, execution_id: str, task_id: str, now: float) -> None:
         db.run(

@@ -39,7 +39,7 @@ def test_join_priority_and_cap(journals) -> None:
     first = a.runq.claim(1)
     assert [e.task_id for e in first] == ["t2"]
     assert b.runq.claim(1) == []  # the one slot is taken while the start is being sent
-    a.runq.started([(first[0], {"status": "started", "executionId": "e-t2"}, "r1")], count_run=True)
+    a.runq.started([(first[0], {"status": "started", "executionId": "e-t2"}, "r1")])
     assert b.runq.claim(1) == [] and a.runq.counts() == (1, 1, 1)
     assert [w.key for w in a.runq.waiters(first[0].id)] == ["r2"]  # r1 was told inline
     assert a.runq.ended(["e-t2"]) and [e.task_id for e in b.runq.claim(1)] == ["t1"]
