@@ -49,6 +49,7 @@ class QueueRunner:
         self.publish = publish
         self.metrics = metrics
         self._busy = threading.Lock()
+        self._deferred: list[Entry] = []  # recoveries QRS could not answer yet
         # The configured defaults use the queue: keep ticking. Else only while something waits.
         self._by_config = Admission.needed(effective(cfg))
         self.active = self._by_config
@@ -60,9 +61,11 @@ class QueueRunner:
             self._recover(entry)
 
     def maintain(self) -> None:
-        """Renew our leases; take over the runs and entries of instances that died."""
+        """Renew our leases; take over the runs and entries of instances that died; try again
+        the recoveries QRS could not answer."""
         self.journal.runq.renew()
-        for entry in self.journal.runq.take_over():
+        deferred, self._deferred = self._deferred, []
+        for entry in deferred + self.journal.runq.take_over():
             self._recover(entry)
 
     def _recover(self, entry: Entry) -> None:
@@ -70,7 +73,8 @@ class QueueRunner:
             eid = self.service.qrs.execution_since(entry.task_id, entry.created)
         except QrsError as exc:
             log.warning("queue_recovery_deferred", taskId=entry.task_id, error=str(exc))
-            return  # stays `starting` with our lease: tried again at the next maintenance
+            self._deferred.append(entry)  # stays `starting` with our lease: tried again at the next maintenance
+            return
         if eid is None:  # the start never reached QRS: start it now
             self._start([entry])
         else:
