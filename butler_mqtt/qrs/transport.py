@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -88,6 +90,19 @@ class PoolTransport:
 
     def close(self) -> None:
         self._pool.close()
+
+    def reload_tls(self) -> None:
+        """Re-read the client certificate, its key and qrs.ca (SIGHUP) into a new pool, swapped in
+        at once: new requests use it, requests in flight finish on the old one, closed later.
+        ConfigError naming the key when a file cannot be loaded; the pool in use is kept."""
+        files = {"qrs.cert": self.cfg.cert, "qrs.key": self.cfg.key, "qrs.ca": self.cfg.ca if self.cfg.verify else None}
+        for key, path in files.items():
+            if path is not None and not os.access(path, os.R_OK):
+                raise ConfigError(key, f"cannot read {path}")
+        old, self._pool = self._pool, PoolTransport(self.cfg)._pool
+        closer = threading.Timer(self.cfg.timeout + 15.0, old.close)  # after the longest call on it
+        closer.daemon = True
+        closer.start()
 
     def send(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> Answer:
         path = target.split("?", 1)[0]
