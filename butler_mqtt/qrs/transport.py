@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import socket
 import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -95,10 +95,7 @@ class PoolTransport:
         """Re-read the client certificate, its key and qrs.ca (SIGHUP) into a new pool, swapped in
         at once: new requests use it, requests in flight finish on the old one, closed later.
         ConfigError naming the key when a file cannot be loaded; the pool in use is kept."""
-        files = {"qrs.cert": self.cfg.cert, "qrs.key": self.cfg.key, "qrs.ca": self.cfg.ca if self.cfg.verify else None}
-        for key, path in files.items():
-            if path is not None and not os.access(path, os.R_OK):
-                raise ConfigError(key, f"cannot read {path}")
+        _check_pem_files(self.cfg)
         old, self._pool = self._pool, PoolTransport(self.cfg)._pool
         closer = threading.Timer(self.cfg.timeout + 15.0, old.close)  # after the longest call on it
         closer.daemon = True
@@ -133,6 +130,21 @@ class PoolTransport:
             )
         resp.release_conn()
         return data
+
+
+def _check_pem_files(cfg: QrsConfig) -> None:
+    """Each certificate file readable and PEM of its kind, else ConfigError naming its key
+    (never quoting the file: a key file's content is a secret)."""
+    files = [("qrs.cert", cfg.cert, b"-----BEGIN CERTIFICATE-----"), ("qrs.key", cfg.key, b"PRIVATE KEY-----")]
+    if cfg.verify and cfg.ca is not None:
+        files.append(("qrs.ca", cfg.ca, b"-----BEGIN CERTIFICATE-----"))
+    for key, path, marker in files:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+        if marker not in data:
+            raise ConfigError(key, f"{path} holds no PEM {'private key' if key == 'qrs.key' else 'certificate'}")
 
 
 #: A stand-in QRS for unit tests: (method, path, query parameters, JSON body or None) -> Answer.

@@ -11,6 +11,7 @@ import urllib.request
 import uuid
 
 import pytest
+import yaml
 
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.daemon import Daemon
@@ -141,3 +142,31 @@ def test_reloads_run_one_at_a_time_and_a_burst_is_coalesced(cfg, start_daemon, m
     assert wait_until(lambda: len(done) == 2, 10)
     assert wait_until(lambda: d.reloader._requests.empty(), 5)
     assert seen == [1, 1] and len(done) == 2
+
+
+def test_a_burst_of_real_sighups_reloads_one_at_a_time(qrs_certs, sim, broker, tmp_path):
+    config = tmp_path / "butler.yaml"
+    config.write_text(yaml.safe_dump({
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "client_id": f"burst-{uuid.uuid4().hex[:8]}"},
+        "qrs": {"host": "localhost", "port": sim.port, "cert": str(qrs_certs / "client.pem"),
+                "key": str(qrs_certs / "client_key.pem"), "ca": str(qrs_certs / "root.pem")},
+        "state_dir": str(tmp_path / "state"),
+        "logging": {"level": "info", "format": "json"},
+        "start_filter": {"enabled": True, "allow": {"tags": ["a", "b"]}},
+    }))
+    d = DaemonProcess({}, config)
+    try:
+        d.wait_log("mqtt_subscribed")
+        for _ in range(30):
+            d.signal(signal.SIGHUP)
+        d.wait_log("config_reloaded")
+        d.signal(signal.SIGTERM)
+        assert d.wait(30) == 0, d.log_text()
+    finally:
+        d.stop()
+    # Each reload ends (config_reloaded, then its certificates) before the next one begins.
+    steps = [e["event"] for e in d.events if e.get("event") in ("reloading", "config_reloaded", "tls_reloaded")]
+    assert steps and len(steps) % 3 == 0, steps
+    assert all(steps[i:i + 3] == ["reloading", "config_reloaded", "tls_reloaded"] for i in range(0, len(steps), 3)), steps
+    assert 1 <= len(steps) // 3 <= 30
+    assert all(e["allow_tags"] == 2 for e in d.events if e.get("event") == "config_reloaded")
