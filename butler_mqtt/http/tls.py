@@ -17,6 +17,7 @@ from typing import Any
 
 from butler_mqtt.config import HttpConfig, HttpTlsConfig
 from butler_mqtt.errors import ConfigError
+from butler_mqtt.ops.pem import check_pem
 
 
 def http_ssl_context(tls: HttpTlsConfig) -> ssl.SSLContext:
@@ -68,6 +69,11 @@ class ServedTls:
 
     def reload(self, tls: HttpTlsConfig) -> None:
         """Load `tls`'s files again; ConfigError naming the key when one is wrong (nothing changes)."""
+        assert tls.cert is not None and tls.key is not None
+        check_pem("http.tls.cert", tls.cert, "certificate")
+        check_pem("http.tls.key", tls.key, "private key")
+        if tls.client_ca is not None:
+            check_pem("http.tls.client_ca", tls.client_ca, "certificate")
         self._current = http_ssl_context(tls)
 
 

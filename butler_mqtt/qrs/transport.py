@@ -26,6 +26,7 @@ import urllib3
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import ConfigError, QrsError, QrsRefused, QrsTlsRejected, QrsUnreachable
 from butler_mqtt.model import is_guid
+from butler_mqtt.ops.pem import check_pem
 
 
 def route_name(path: str) -> str:
@@ -133,18 +134,11 @@ class PoolTransport:
 
 
 def _check_pem_files(cfg: QrsConfig) -> None:
-    """Each certificate file readable and PEM of its kind, else ConfigError naming its key
-    (never quoting the file: a key file's content is a secret)."""
-    files = [("qrs.cert", cfg.cert, b"-----BEGIN CERTIFICATE-----"), ("qrs.key", cfg.key, b"PRIVATE KEY-----")]
+    """Each certificate file fit to load, else ConfigError naming its key (ops/pem.py)."""
+    check_pem("qrs.cert", Path(cfg.cert), "certificate")
+    check_pem("qrs.key", Path(cfg.key), "private key")
     if cfg.verify and cfg.ca is not None:
-        files.append(("qrs.ca", cfg.ca, b"-----BEGIN CERTIFICATE-----"))
-    for key, path, marker in files:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
-        if marker not in data:
-            raise ConfigError(key, f"{path} holds no PEM {'private key' if key == 'qrs.key' else 'certificate'}")
+        check_pem("qrs.ca", Path(cfg.ca), "certificate")
 
 
 #: A stand-in QRS for unit tests: (method, path, query parameters, JSON body or None) -> Answer.
