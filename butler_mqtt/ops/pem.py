@@ -30,3 +30,6 @@ def check_pem(key: str, path: Path, kind: str) -> None:
         raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
     if _MARKERS[kind] not in data:
         raise ConfigError(key, f"{path} holds no PEM {kind}")
+    if kind == "private key" and b"ENCRYPTED" in data:
+        # OpenSSL would ask for a pass phrase on the terminal, and the reload would hang there.
+        raise ConfigError(key, f"{path} is encrypted: the key must be unencrypted PEM")

@@ -67,6 +67,19 @@ def test_a_huge_file_is_refused_unread(tmp_path):
         check_pem("qrs.ca", big, "certificate")
 
 
+def test_an_encrypted_key_is_refused_before_openssl_could_ask_for_a_pass_phrase(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "key.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(b"pass phrase")))
+    with pytest.raises(ConfigError, match="is encrypted") as err:
+        check_pem("qrs.key", path, "private key")
+    assert err.value.key == "qrs.key"
+
+
 def _catch(out: list[BaseException], key: str, path: Path) -> None:
     try:
         check_pem(key, path, "private key")
