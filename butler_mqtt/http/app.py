@@ -203,6 +203,9 @@ class RestApi:
         go to MQTT `topics.reply`. A request without requestId is journaled under an anonymous
         key, as on MQTT: tracking needs a key, and the request history shows every request.
         """
+        # On this request's own task: its lines, and those of the threads it hands to (they run
+        # in a copy of this context), carry the requestId.
+        structlog.contextvars.bind_contextvars(requestId=req.requestId)
         follows = req.waits or self.rt.service.policy(req, req).follows
         key = keys.for_request_id(req.requestId) if req.requestId else keys.anonymous("rest")
         route = ReplyRoute(self.cfg.mqtt.topics.reply)

@@ -91,6 +91,12 @@ class QrsClient:
     def close(self) -> None:
         self._transport.close()
 
+    def reload_tls(self) -> None:
+        """Re-read the certificate files (SIGHUP), when the transport has any (PoolTransport)."""
+        reload: Callable[[], None] | None = getattr(self._transport, "reload_tls", None)
+        if reload is not None:
+            reload()
+
     @property
     def last_success(self) -> float:
         """time.monotonic() of the last call QRS answered (any status below 500)."""

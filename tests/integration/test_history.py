@@ -198,11 +198,11 @@ def test_history_follows_queued_tasks_and_retries(qrs_certs, sim, broker, tmp_pa
     assert [e["status"] for e in queued if e["event"] == "task"] == ["queued", "started"]
     requester.request({"requestId": "again", "taskId": T2, "retry": {"attempts": 1, "delay": 0.1}, "wait": True}, timeout=60)
 
-    (later,) = d.daemon.journal.history(HistoryQuery(request_id="later"))
+    (later,) = d.daemon.runtime.journal.history(HistoryQuery(request_id="later"))
     (task,) = later["tasks"]
     assert task["status"] == "started" and task["position"] == 1 and task["finalStatus"] == "FinishedSuccess"
     assert later["request"]["taskId"] == [T3] and later["state"] == "finished"
-    (again,) = d.daemon.journal.history(HistoryQuery(request_id="again"))
+    (again,) = d.daemon.runtime.journal.history(HistoryQuery(request_id="again"))
     (failing,) = again["tasks"]
     assert failing["finalStatus"] == "FinishedFail" and failing["attempt"] == 2 and "retryIn" not in failing
     assert again["finished"] == {"FinishedFail": 1} and again["request"]["retry"] == {"attempts": 1, "delay": 0.1}

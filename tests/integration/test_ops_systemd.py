@@ -178,7 +178,7 @@ def test_watchdog_stops_when_a_thread_dies(qrs_certs, sim, broker, tmp_path, sta
         notify.wait_for("WATCHDOG=1", n=notify.count("WATCHDOG=1") + 3)
 
         # 2. A worker of the pool dies: same.
-        d._jobs.put(None)  # the shutdown sentinel ends exactly one worker
+        d.workers.jobs.put(None)  # the shutdown sentinel ends exactly one worker
         deadline = time.monotonic() + 10
         while d.healthy_threads() and time.monotonic() < deadline:
             time.sleep(0.02)
