@@ -369,7 +369,7 @@ def check_callers(callers: list[CallerConfig], mqtt: MqttConfig | None, http: Ht
     that is also http.token (it would name two identities). Raises ValueError naming the entry."""
     seen: dict[str, dict[str, int]] = {"name": {}, "topic": {}, "token": {}, "client_cert_cn": {}}
     legacy = hashlib.sha256(http.token.get_secret_value().encode()).hexdigest() if http and http.token else None
-    own = {t for t in (mqtt.topics.reply, mqtt.topics.status, alerts.topic if alerts else None) if t} if mqtt else set()
+    own = set(daemon_topics(mqtt, alerts)) if mqtt else set()
     for i, c in enumerate(callers):
         values = {"name": [c.name], "topic": [c.topic], "token": c.tokens_sha256,
                   "client_cert_cn": [c.client_cert_cn] if c.client_cert_cn else []}
@@ -385,7 +385,13 @@ def check_callers(callers: list[CallerConfig], mqtt: MqttConfig | None, http: Ht
             for base in (mqtt.topics.start, mqtt.topics.stop):
                 if f"{base}/{c.topic}" in own:
                     raise ValueError(f"callers[{i}] ({c.name}): topic {c.topic!r} makes {base}/{c.topic}, one of the "
-                                     "daemon's own topics (topics.reply, topics.status, alerts.topic)")
+                                     "daemon's own topics (mqtt.topics.*, alerts.topic)")
+
+
+def daemon_topics(mqtt: MqttConfig, alerts: AlertsConfig | None) -> list[str]:
+    """The topics the daemon itself listens on or publishes to (without the per-instance status)."""
+    t = mqtt.topics
+    return [x for x in (t.start, t.start_plain, t.stop, t.reply, t.status, alerts.topic if alerts else None) if x]
 
 
 class Config(_Section):

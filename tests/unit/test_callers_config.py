@@ -170,3 +170,8 @@ def test_a_caller_topic_that_is_the_reply_topic_is_refused(tmp_path):
     # Under other topics it is fine.
     cfg = load(tmp_path, {"mqtt": {"topics": {"reply": "replies"}}, "callers": [{"name": "reply"}]})
     assert cfg.callers[0].topic == "reply"
+
+
+def test_a_caller_topic_that_makes_another_daemon_topic_is_refused(tmp_path):
+    err = refused(tmp_path, {"mqtt": {"topics": {"stop": "qliksense/task/start/stop"}}, "callers": [{"name": "stop"}]})
+    assert err.key == "callers" and "qliksense/task/start/stop" in err.reason
