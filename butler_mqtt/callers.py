@@ -195,6 +195,9 @@ class Callers:
         self.callers_only = cfg.callers_only
         self._topics = cfg.mqtt.topics
         self._own = frozenset(daemon_topics(cfg.mqtt, cfg.alerts))
+        self._bare: dict[str, Action] = {self._topics.start: "start", self._topics.stop: "stop"}
+        if self._topics.start_plain:
+            self._bare[self._topics.start_plain] = "start_plain"
         self._by_level = {c.topic: c for c in self.callers}
         self._by_cn = {c.client_cert_cn: c for c in self.callers if c.client_cert_cn is not None}
         self._hashes = [(h, c) for c in self.callers for h in c.tokens_sha256]
@@ -225,9 +228,7 @@ class Callers:
         answer would loop). Raises CallerRejected for an unknown caller level, a bare topic with
         callers_only, or a topic that is none of the daemon's."""
         t = self._topics
-        bare: dict[str, Action] = {t.start: "start", t.stop: "stop"}
-        if t.start_plain:
-            bare[t.start_plain] = "start_plain"
+        bare = self._bare
         if topic in bare:
             if self.callers_only:
                 raise CallerRejected(

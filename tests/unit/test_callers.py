@@ -436,3 +436,24 @@ def test_label():
     assert label(erp) == "erp" and label(None) == ""
     assert Callers(config()).labels() == ("", "erp", "dwh")
     assert Callers(config()).by_name("dwh") is not None and Callers(config()).by_name("nobody") is None
+
+
+def test_a_flood_on_unknown_caller_topics_is_refused_and_leaves_no_state():
+    c = Callers(config())
+    before = (dict(c._by_level), dict(c._by_cn), list(c._hashes), {k: list(v) for k, v in c.limiter._times.items()})
+    for i in range(20_000):
+        with pytest.raises(CallerRejected):
+            c.route_topic(f"qliksense/task/start/unknown-{i}")
+    after = (dict(c._by_level), dict(c._by_cn), list(c._hashes), {k: list(v) for k, v in c.limiter._times.items()})
+    assert after == before
+
+
+def test_request_keys_are_per_caller():
+    from butler_mqtt import keys
+
+    k = keys.for_request_id("r1")
+    assert keys.for_caller(k, None) == k == "id:r1"  # the anonymous caller: as before callers
+    erp, dwh = keys.for_caller(k, "erp"), keys.for_caller(k, "dwh")
+    assert erp != dwh and erp != k and erp == "caller:erp:id:r1"
+    # A requestId cannot forge another caller's key: the caller part comes first.
+    assert keys.for_caller(keys.for_request_id("caller:erp:id:r1"), None) != erp
