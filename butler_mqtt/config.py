@@ -284,6 +284,8 @@ class AlertsConfig(_Section):
 CALLER_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 #: Longest caller topic level, in characters (a topic level is a broker user name in the ACL).
 MAX_TOPIC_LEVEL = 128
+#: Most callers (each is a `caller` label value on /metrics: the label set stays bounded).
+MAX_CALLERS = 1000
 #: Most REST tokens one caller may have (each bearer token is hashed and compared to all).
 MAX_CALLER_TOKENS = 32
 #: Highest `requests_per_minute` (the limiter keeps one timestamp per admitted request).
@@ -407,7 +409,7 @@ class Config(_Section):
     policies: PoliciesConfig = PoliciesConfig()
     alerts: AlertsConfig = AlertsConfig()
     # callers (contract section 10): see CallerConfig and check_callers above
-    callers: list[CallerConfig] = []
+    callers: list[CallerConfig] = Field(default=[], max_length=MAX_CALLERS)
     callers_only: bool = False
     _sources: Sources = PrivateAttr(default_factory=dict)
 

@@ -175,3 +175,11 @@ def test_a_caller_topic_that_is_the_reply_topic_is_refused(tmp_path):
 def test_a_caller_topic_that_makes_another_daemon_topic_is_refused(tmp_path):
     err = refused(tmp_path, {"mqtt": {"topics": {"stop": "qliksense/task/start/stop"}}, "callers": [{"name": "stop"}]})
     assert err.key == "callers" and "qliksense/task/start/stop" in err.reason
+
+
+def test_the_number_of_callers_is_bounded():
+    from butler_mqtt.config import MAX_CALLERS
+
+    with pytest.raises(ValueError, match="at most 1000"):
+        Config.model_validate({"callers": [{"name": f"c{i}"} for i in range(MAX_CALLERS + 1)]})
+    assert len(Config.model_validate({"callers": [{"name": f"c{i}"} for i in range(MAX_CALLERS)]}).callers) == MAX_CALLERS
