@@ -155,7 +155,7 @@ def restrict(outcomes: list[TaskOutcome], selection: Selection, caller: CallerCo
     return outcomes
 
 
-class RateLimiter:
+class CallerRateLimiter:
     """`requests_per_minute` per caller: a sliding window of the last N admitted requests'
     times (exact: at most N in any WINDOW_SECONDS). One per daemon, shared by MQTT and REST, so
     switching ingress does not reset a caller's count. Thread-safe. Memory: at most N floats
@@ -203,7 +203,7 @@ class Callers:
         self._hashes = [(h, c) for c in self.callers for h in c.tokens_sha256]
         # http.token is kept as its hash too: every comparison is of two 64-digit digests.
         self._legacy = token_sha256(cfg.http.token.get_secret_value()) if cfg.http.token is not None else None
-        self.limiter = RateLimiter(
+        self.limiter = CallerRateLimiter(
             {c.name: c.requests_per_minute for c in self.callers if c.requests_per_minute is not None}, clock=clock
         )
 

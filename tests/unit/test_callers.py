@@ -17,9 +17,9 @@ from butler_mqtt import callers as callers_mod
 from butler_mqtt.callers import (
     CHALLENGE,
     MAX_TOKEN_CHARS,
+    CallerRateLimiter,
     CallerRejected,
     Callers,
-    RateLimiter,
     Subscription,
     TopicRoute,
     caller_subscriptions,
@@ -344,7 +344,7 @@ def test_over_the_rate_is_an_error_naming_the_limit_and_a_minute_later_it_is_adm
 
 def test_a_sliding_window_never_admits_more_than_n_in_any_minute():
     clock = Clock()
-    limiter = RateLimiter({"erp": 5}, clock=clock)
+    limiter = CallerRateLimiter({"erp": 5}, clock=clock)
     admitted: list[float] = []
     for _ in range(2000):
         if limiter.take("erp") is None:
@@ -386,7 +386,7 @@ def test_one_limiter_whatever_the_ingress():
 
 
 def test_the_limiter_is_thread_safe():
-    limiter = RateLimiter({"erp": 500})
+    limiter = CallerRateLimiter({"erp": 500})
     admitted: list[int] = []
     lock = threading.Lock()
 
