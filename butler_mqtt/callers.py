@@ -216,9 +216,15 @@ class Callers:
         """Every value the `caller` metrics label can take: "" (anonymous) and the names."""
         return ("", *(c.name for c in self.callers))
 
-    def by_name(self, name: str) -> CallerConfig | None:
-        """A caller by its name (a journal record's caller, when a chain resumes after a restart)."""
-        return next((c for c in self.callers if c.name == name), None)
+    def stored(self, name: str | None) -> CallerConfig | None:
+        """The caller a journal record names (a chain stage, retry or queued start resumed
+        later, maybe after a restart): None for the anonymous caller; a caller no longer
+        configured comes back as a stand-in with its name and an empty allow-list, so its
+        pending work is denied, never run as the anonymous caller."""
+        if name is None:
+            return None
+        found = next((c for c in self.callers if c.name == name), None)
+        return found if found is not None else CallerConfig.model_construct(name=name, topic=name)
 
     # -- MQTT -------------------------------------------------------------------------------
 

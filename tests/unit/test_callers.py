@@ -435,7 +435,20 @@ def test_label():
     erp = config().callers[0]
     assert label(erp) == "erp" and label(None) == ""
     assert Callers(config()).labels() == ("", "erp", "dwh")
-    assert Callers(config()).by_name("dwh") is not None and Callers(config()).by_name("nobody") is None
+
+
+
+def test_a_stored_caller_name_comes_back_and_a_removed_caller_admits_nothing():
+    c = Callers(config())
+    assert c.stored(None) is None
+    assert c.stored("dwh") is c.callers[1]
+    # Removed from the configuration since its chain was journaled: its later stages, retries
+    # and queued starts are denied, not run as the anonymous caller (start_filter only).
+    gone = c.stored("old-erp")
+    assert gone is not None and gone.name == "old-erp"
+    assert all(denial(task, gone) == "not on caller old-erp's allow-list" for task in TASKS)
+    with pytest.raises(CallerRejected):
+        c.route_topic("qliksense/task/start/old-erp")
 
 
 def test_a_flood_on_unknown_caller_topics_is_refused_and_leaves_no_state():
