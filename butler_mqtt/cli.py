@@ -224,7 +224,7 @@ def _add_sim_failure_options(p: argparse.ArgumentParser) -> None:
     )
     f.add_argument(
         "--log-fault", type=_text_setting, action="append", default=[], metavar="ROUTE=FAULT",
-        help="make a script-log route (scriptlogfile, scriptlog, download) answer 404, 500, hang, garbage, "
+        help="make a script-log route (scriptlogfile, scriptlog, download) answer 404, 500, hang, garbage, deepjson, "
         "badticket, bareticket, drip or first404 (repeatable; default: all work)",
     )
     f.add_argument(

@@ -198,7 +198,7 @@ class _Run:
             raise _Failed(f"QRS answered {resp.status}", resp.status)
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
             raise _Failed("the answer is not JSON") from None
         ticket = data.get("value") if isinstance(data, dict) else data
         if not isinstance(ticket, str) or not is_guid(ticket):
@@ -278,7 +278,10 @@ def failure_details(
     if reader is None or lines <= 0:
         return out
     task = task_id if task_id is not None else execution_result.get("taskID")
-    tail = reader.tail(task if isinstance(task, str) else "", execution_result, lines)
+    try:
+        tail = reader.tail(task if isinstance(task, str) else "", execution_result, lines)
+    except Exception as exc:  # a bug or an answer nobody foresaw must not cost the event its failure
+        tail = LogTail(None, f"script log not read: unexpected {type(exc).__name__}", 0)
     if tail.lines is not None:
         out["scriptLogTail"] = tail.lines
     if tail.error is not None:

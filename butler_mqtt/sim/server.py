@@ -53,7 +53,8 @@ Knobs for tests, all changeable while the simulator runs:
   ``log_faults`` maps a route (``"scriptlogfile"``, ``"scriptlog"``, ``"download"``) to a
   fault: ``"404"``, ``"500"``; ``"hang"`` (no answer until the simulator stops, or
   ``log_hang_seconds``, then the connection closes); ``"garbage"`` (200 with bytes that are
-  neither JSON nor a log: binary noise, NULs, invalid UTF-8); ``"badticket"`` (a ticket that
+  neither JSON nor a log: binary noise, NULs, invalid UTF-8); ``"deepjson"`` (200 with 100,000
+  nested ``[``); ``"badticket"`` (a ticket that
   is not a GUID, ``../../about``); ``"bareticket"`` (the ticket as a bare JSON string, as the
   API reference shows it); ``"drip"`` (the download sends ``log_drip_bytes`` bytes every
   ``log_drip_seconds``); ``"first404"`` (the first download of each ticket answers 404,
@@ -138,7 +139,7 @@ class LoggedRequest:
 
 #: Routes of the script-log knobs (``log_faults`` keys) and the faults each may take.
 LOG_ROUTES = ("scriptlogfile", "scriptlog", "download")
-LOG_FAULTS = ("404", "500", "hang", "garbage", "badticket", "bareticket", "drip", "first404")
+LOG_FAULTS = ("404", "500", "hang", "garbage", "deepjson", "badticket", "bareticket", "drip", "first404")
 _DOWNLOAD_TYPE = "application/octet-stream"
 _MAX_TICKETS = 10_000
 
@@ -549,6 +550,8 @@ def _fault_reply(fault: str | None, *, ticket_route: bool) -> _Reply | None:
         return _Reply.text(500, "Internal Server Error")
     if fault == "hang":
         return _Reply(0, mode="hang")
+    if fault == "deepjson":
+        return _Reply(200, b"[" * 100_000, _JSON)
     if fault == "garbage":
         noise = bytes(range(256)) * 8 + b"\x00\xff\xfe<html>\xc3\x28 not a ticket"
         return _Reply(200, noise, _JSON if ticket_route else _DOWNLOAD_TYPE)

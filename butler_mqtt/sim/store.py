@@ -27,7 +27,13 @@ Choices where the research is silent (qrs-api.md section 11 and elsewhere):
   attempt, appearing when the attempt starts).
 * Detail lines are listed in a stable but not chronological order (ordered by their ids), so
   a client that forgets to sort by ``detailCreatedDate`` (Butler sorts) shows it in tests.
-* Every detail line is ``detailsType`` 2 (Information), also for a failed run.
+* Detail lines are ``detailsType`` 2 (Information), except a failed attempt's error (the task's
+  ``failure_message``, 0 Error) and a stop's lines (a Warning when asked, an Error when aborted).
+* A stop (:meth:`Store.stop`) cuts the execution's timeline: AbortInitiated (4), Aborting (5),
+  Aborted (6) (:func:`.scheduler.stopped`); retries still to come never happen.
+* ``fileReferenceID`` is a GUID derived from the result id once the attempt has a log (empty
+  while it has none, or always with ``file_references = False``); ``scriptLogSize`` is the size
+  of the log the download sends (:mod:`.scriptlog`).
 * ``/qrs/executionresult`` (condensed) lacks ``taskID``/``executionID``; filters can still use
   them, as on QRS. ``/qrs/executionresult/full`` has them.
 * ``startTime`` stays at the sentinel while Triggered; ``duration`` is 0 until finished.

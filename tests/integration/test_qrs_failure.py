@@ -142,7 +142,7 @@ def test_a_failing_route_without_fallback_gives_script_log_error(
     assert not any(r.path.endswith("/scriptlog") for r in sim.request_log)
 
 
-@pytest.mark.parametrize("fault", ["garbage", "badticket", "500", "404"])
+@pytest.mark.parametrize("fault", ["garbage", "deepjson", "badticket", "500", "404"])
 def test_both_routes_failing_or_answering_garbage(client: QrsClient, reader: ScriptLogReader, sim: QrsSimulator, fault: str) -> None:
     result = run_to_end(client, FAIL)
     sim.log_faults.update(scriptlogfile=fault, scriptlog=fault)
@@ -283,3 +283,13 @@ def test_stop_many(client: QrsClient, sim: QrsSimulator) -> None:
     client.stop_tasks([LONG, LONG2, MISSING])
     time.sleep(0.5)
     assert [client.execution_results([s])[-1]["status"] for s in sessions] == [6, 6]
+
+
+def test_a_huge_ticket_answer_is_cut_not_read(client: QrsClient, reader: ScriptLogReader, sim: QrsSimulator) -> None:
+    result = run_to_end(client, FAIL)
+    sim.fault, sim.fault_paths, sim.huge_bytes = "huge", r"/scriptlog", 20 * 1024 * 1024
+    got = failure_details(reader, result, lines=40)
+    # The answer is `[` + 20 MB of spaces + `]`: valid JSON when read whole ("holds no download
+    # ticket"), not JSON when cut at the 4 KiB cap, as it must be.
+    assert got is not None and "scriptLogTail" not in got
+    assert got["scriptLogError"].count("the answer is not JSON") == 2, got["scriptLogError"]
