@@ -235,8 +235,10 @@ class _Run:
         seen = 0
         try:
             while True:
-                if self.remaining() <= 0:
+                remaining = self.remaining()
+                if remaining <= 0:
                     raise _Failed(f"the answer did not end within {self.reader.deadline_s:g} s ({seen} bytes read)")
+                _limit_next_read(resp, remaining)
                 chunk = resp.read1(READ_CHUNK)
                 if not chunk:
                     break
@@ -254,6 +256,14 @@ class _Run:
                 raise _Failed(f"the answer did not end within {self.reader.deadline_s:g} s ({seen} bytes read)") from None
             raise _Failed(f"reading the answer failed after {seen} bytes ({type(exc).__name__})") from None
         resp.release_conn()
+
+
+def _limit_next_read(resp: Any, seconds: float) -> None:
+    """Let the next read wait at most ``seconds`` (what is left of the deadline), not the
+    read timeout set when the request was sent."""
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(max(0.001, seconds))
 
 
 def failure_details(

@@ -293,3 +293,18 @@ def test_a_huge_ticket_answer_is_cut_not_read(client: QrsClient, reader: ScriptL
     # ticket"), not JSON when cut at the 4 KiB cap, as it must be.
     assert got is not None and "scriptLogTail" not in got
     assert got["scriptLogError"].count("the answer is not JSON") == 2, got["scriptLogError"]
+
+
+def test_a_read_started_just_before_the_deadline_ends_at_it(client: QrsClient, qrs_certs: Path, sim: QrsSimulator) -> None:
+    """Bytes at 3 s, the next at 6 s, a 4 s deadline: a read timeout counted per read (4 s from
+    each read's start) would wait for the bytes at 6 s; the deadline ends it at 4 s."""
+    result = run_to_end(client, FAIL)
+    sim.log_faults["download"] = "drip"
+    sim.log_drip_seconds, sim.log_drip_bytes = 3.0, 1024
+    reader = ScriptLogReader(qrs_cfg(qrs_certs, sim.port), deadline_s=4.0)
+    t0 = time.monotonic()
+    got = failure_details(reader, result, lines=40)
+    elapsed = time.monotonic() - t0
+    reader.close()
+    assert got is not None and "did not end within 4 s" in got["scriptLogError"], got
+    assert elapsed < 5.5
