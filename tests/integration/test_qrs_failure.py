@@ -308,3 +308,27 @@ def test_a_read_started_just_before_the_deadline_ends_at_it(client: QrsClient, q
     reader.close()
     assert got is not None and "did not end within 4 s" in got["scriptLogError"], got
     assert elapsed < 5.5
+
+
+def test_each_attempt_of_a_retried_execution_has_its_own_tail(
+    client: QrsClient, reader: ScriptLogReader, sim: QrsSimulator
+) -> None:
+    sim.store.retry_delay = 0.05
+    sim.store.replace_task(SimTask(FAIL, "Reload fail", run_seconds=0.05, outcome="fail", max_retries=1))
+    session = client.start_synchronous(FAIL)
+    for _ in range(400):
+        rows = client.execution_results([session])
+        if len(rows) == 2 and all(r["status"] == 8 for r in rows):
+            break
+        time.sleep(0.025)
+    assert len(rows) == 2 and rows[0]["id"] != rows[1]["id"]
+    tails = [failure_details(reader, row, lines=3) for row in rows]
+    for row, got in zip(rows, tails, strict=True):
+        assert got is not None and got["scriptLogTail"] == expected_tail(sim, FAIL, row, 3)
+        assert row["id"] in got["scriptLogTail"][-2]
+
+
+def test_the_stop_route_refuses_a_malformed_id(client: QrsClient, sim: QrsSimulator) -> None:
+    assert client._call("POST", "/qrs/task/not-a-guid/stop").status_code == 400
+    assert client._call("POST", "/qrs/task/stop/many", json_body={"ids": 1}).status_code == 400
+    assert sim.stop_requests == []
