@@ -400,6 +400,7 @@ class _ResultRow:
         #: The (deprecated) ``fileReferenceID`` of this attempt's log.
         self.file_reference_id = stable_id("filereference", self.result_id)
         self.seq = 0
+        self._size: tuple[LogSpec, int] | None = None
         self._cache: _Rendered | None = None
         self._details: tuple[int, list[tuple[str, Line]]] | None = None
 
@@ -461,13 +462,20 @@ class _ResultRow:
                 for detail_id, line in visible
             ],
             "scriptLogLocation": log if has_log else "",
-            "scriptLogSize": log_length(spec) if spec is not None else 0,
+            "scriptLogSize": self._log_size(spec) if spec is not None else 0,
             "privileges": None,
         }
         return fields, max(line.at for _, line in visible)
 
     def condensed(self, now: float) -> dict[str, Any]:
         return self.fields(now)[0]
+
+    def _log_size(self, spec: LogSpec) -> int:
+        """``log_length(spec)``, remembered: it is asked on every render of a finished row."""
+        cached = self._size
+        if cached is None or cached[0] != spec:
+            self._size = cached = (spec, log_length(spec))
+        return cached[1]
 
     def log_spec(self, now: float) -> LogSpec | None:
         """What this attempt's script log is made of; None while it has none (not ended, never
