@@ -26,6 +26,13 @@ Model (qrs-api.md 6.6; choices where the research is silent are marked *chosen*)
 * Result rows: the row of attempt ``i`` appears when that attempt starts, so the newest row by
   ``startTime`` is always the current one; a retried row shows Retry (10) during the pause and
   FinishedFail (8) once the next attempt has started.
+* A failed attempt gets an Error detail (``detailsType`` 0) with the task's failure message
+  just before "Reference to scriptlog added".
+* A stop (:func:`stopped`, qrs-api.md 13.1) cuts a timeline at the moment it arrives: the
+  execution shows AbortInitiated (4), then Aborting (5), and ends Aborted (6) on the row of the
+  attempt current at the stop; attempts still to come never happen (*chosen*: a stop during a
+  Retry pause aborts the retried row; one before the first attempt started leaves a row that
+  never started and holds no slot).
 """
 
 from __future__ import annotations
