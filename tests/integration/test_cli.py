@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -200,6 +201,12 @@ def test_help_describes_every_command_and_option():
     assert out.returncode == 0 and "exit codes:" in out.stdout and "tasksNotFound" in out.stdout
     out = cli("demo", "--help")
     assert "Butler 5.0 demo" in out.stdout and "invalid task ID" in out.stdout
+    # issue 25: the help counts the samples the demo really sends, and lists each one
+    from butler_mqtt.demo import SAMPLES
+
+    words = {3: "three", 4: "four", 5: "five", 6: "six"}
+    assert f"sends {words[len(SAMPLES)]} sample" in " ".join(out.stdout.split())
+    assert [f"{i}." for i in range(1, len(SAMPLES) + 1)] == re.findall(r"^\s+(\d+\.)", out.stdout, flags=re.M)
     out = cli("sim", "--help")
     assert "--latency-ms" in out.stdout and "unless --tasks" in out.stdout and "--demo" in out.stdout
 
