@@ -288,19 +288,20 @@ def run(config_file: Path | None) -> int:
     sys.setswitchinterval(0.001)
     cfg = load_config(config_file, missing_ok=False)
     setup_logging(cfg.logging.level, cfg.logging.format)
-    fds.raise_fd_limit()  # systemd's default soft limit is 1024; the unit's LimitNOFILE is the hard one
     # Before anything touches the broker: a second daemon must not take over the session.
     lock = StateDirLock(cfg.state_dir, cfg.mqtt.effective_client_id()).acquire()  # noqa: F841 - held until exit
     probe_at_start(cfg.qrs)
+    daemon = Daemon(cfg, config_file)  # its preflight: a bad certificate file is the first line a user sees
+    fds.raise_fd_limit()  # systemd's default soft limit is 1024; the unit's LimitNOFILE is the hard one
     profile = os.environ.get("BUTLER_MQTT_PROFILE")
     if not profile:
-        return Daemon(cfg, config_file).run()
+        return daemon.run()
     import yappi  # type: ignore[import-untyped]  # benchmarks only (bench/throughput.py --profile): all threads, CPU time
 
     yappi.set_clock_type("cpu")
     yappi.start()
     try:
-        return Daemon(cfg, config_file).run()
+        return daemon.run()
     finally:
         yappi.stop()
         yappi.get_func_stats().save(profile, type="pstat")

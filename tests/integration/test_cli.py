@@ -164,6 +164,19 @@ def test_a_missing_config_file_says_run_init(tmp_path):
     assert out.returncode == 2 and "butler-mqtt init" in out.stdout
 
 
+def test_a_config_error_at_run_is_the_only_thing_on_the_terminal(tmp_path):
+    """Issue 25: `run` with the starter config and no certificates yet: the error naming the key
+    is all the user sees (no JSON log line such as fd_limit before it)."""
+    config = tmp_path / "etc" / "butler.yaml"
+    assert cli("init", str(config)).returncode == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "butler_mqtt", "run", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert out.returncode == 2 and "qrs.cert" in out.stderr and "file not found" in out.stderr
+    assert out.stdout == "", out.stdout
+
+
 def test_config_errors_name_the_file_and_line_or_the_environment_variable(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("mqtt:\n  host: broker\n  port: not-a-number\n")
