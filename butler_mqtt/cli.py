@@ -504,6 +504,11 @@ def cmd_request(args: argparse.Namespace) -> int:
     except TimeoutError as exc:
         print(f"butler-mqtt: {exc}", file=sys.stderr)
         print(f"butler-mqtt: {no_answer_hint(requester, m, args.timeout)}", file=sys.stderr)
+        print(
+            f"butler-mqtt: to ask again, retry with the same --request-id {body['requestId']}: the broker may "
+            "still deliver this request, and the daemon starts its tasks once and answers the retry from its journal",
+            file=sys.stderr,
+        )
         return EXIT_FAIL
     finally:
         requester.close()

@@ -381,11 +381,12 @@ def _handle(
         asked = req.model_dump(mode="json", exclude_defaults=True)
         prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked)
     if prior is not None and prior.done:
-        for ev in prior.replies:
+        again = [replies.replayed(ev) for ev in prior.replies]
+        for ev in again:
             emit(ev)
         log.info("audit", ingress=ingress, source=source, requestId=req.requestId, duplicate=True, **_audit_fields(req),
                  outcome="earlier outcome re-published; nothing started")
-        return Handled(prior.replies, replayed=True)
+        return Handled(again, replayed=True)
 
     # Replies are published as they happen and recorded together when the stage is done (one
     # transaction): a crash in between is resumed from the start intents, checked with QRS.

@@ -274,6 +274,51 @@ def test_request_exit_codes_and_hints(sim_process, broker, tmp_path):
     assert out.returncode == 1 and "is offline" in out.stderr, out.stderr
 
 
+def test_a_request_that_timed_out_is_retried_with_its_request_id_and_started_once(sim_process, broker, tmp_path):
+    """Issue 25: a timed-out `request` prints its requestId and says to retry with it. The broker
+    keeps the first request for the daemon's session, the daemon starts it when it is back, and
+    the retry is answered from the journal, marked replayed, without a second start."""
+    port, certs = sim_process
+    tag = uuid.uuid4().hex[:8]
+    env = qrs_env(
+        port, certs,
+        BUTLER_MQTT__MQTT__PORT=str(broker.port), BUTLER_MQTT__MQTT__HOST="127.0.0.1",
+        BUTLER_MQTT__MQTT__CLIENT_ID=f"retry-{tag}", BUTLER_MQTT__STATE_DIR=str(tmp_path / "state"),
+        BUTLER_MQTT__MQTT__TOPICS__START=f"retry/{tag}/start", BUTLER_MQTT__MQTT__TOPICS__START_PLAIN="",
+        BUTLER_MQTT__MQTT__TOPICS__REPLY=f"retry/{tag}/reply", BUTLER_MQTT__MQTT__TOPICS__STATUS=f"retry/{tag}/status",
+    )
+
+    def daemon() -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "butler_mqtt", "run"], cwd=REPO, env={**os.environ, **env},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+
+    first = daemon()  # creates its persistent session, then stops cleanly: the broker keeps it
+    try:
+        wait_online(broker.port, f"retry/{tag}/status")
+    finally:
+        first.terminate()
+        first.wait(30)
+    out = cli("request", "--tag", "startTask1", "--timeout", "2", env=env)
+    assert out.returncode == 1
+    rid = re.search(r"retry with the same --request-id (\S+):", out.stderr)
+    assert rid is not None, out.stderr
+    assert f"request {rid.group(1)} sent" in out.stderr
+    second = daemon()  # gets the queued request from its session and handles it
+    try:
+        wait_online(broker.port, f"retry/{tag}/status")
+        again = cli("request", "--tag", "startTask1", "--request-id", rid.group(1), "--timeout", "30", env=env)
+        events = [json.loads(line) for line in again.stdout.splitlines()]
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert events and all(e["replayed"] is True and e["requestId"] == rid.group(1) for e in events)
+        assert events[-1]["event"] == "summary" and events[-1]["totalTasksStarted"] >= 1
+        hist = cli("history", "--request-id", rid.group(1), "--json", env=env)
+        [record] = [json.loads(line) for line in hist.stdout.splitlines()]
+        assert record["duplicates"] == 1, record  # started once, answered twice
+    finally:
+        second.terminate()
+        second.wait(30)
+
+
 def test_request_names_the_broker_it_could_not_reach():
     out = cli("request", "--tag", "x", env={"BUTLER_MQTT__MQTT__HOST": "127.0.0.1", "BUTLER_MQTT__MQTT__PORT": str(free_port())})
     assert out.returncode == 1 and "cannot use the broker at 127.0.0.1:" in out.stderr
