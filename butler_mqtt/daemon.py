@@ -147,7 +147,7 @@ class Daemon:
         if self.retain_probe is not None:
             self.retain_probe.stop()
         self.runtime.close()
-        log.info("stopped", handled=self.handled)
+        log.info("stopped", handled=self.handled, mqtt=self.handler.handled, rest=self.rest_handled)
 
     def _drop_queued(self) -> None:
         # Queued-but-unstarted jobs are dropped unacked: the broker redelivers them next run.
@@ -275,7 +275,12 @@ class Daemon:
 
     @property
     def handled(self) -> int:
-        return self.handler.handled
+        """Requests answered: MQTT deliveries and REST start calls."""
+        return self.handler.handled + self.rest_handled
+
+    @property
+    def rest_handled(self) -> int:
+        return 0 if self.http_server is None else int(self.http_server.app.state.api.handled)
 
     def waiting(self) -> tuple[int, float | None]:
         """Deliveries kept unacked for a retry, and how long the oldest has waited (s)."""

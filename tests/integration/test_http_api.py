@@ -477,7 +477,7 @@ def test_asyncapi_document_of_this_daemon_is_served_like_the_openapi_one(cfg, br
     resp = anon.get("/asyncapi.json")
     doc = ok(resp)
     assert resp.headers["content-type"].startswith("application/json")
-    assert doc == json.loads(json.dumps(build_document(cfg.mqtt, alerts_topic="test/asyncapi/alerts")))
+    assert doc == json.loads(json.dumps(build_document(cfg.mqtt, alerts_topic="test/asyncapi/alerts", of_daemon=True)))
     assert doc["channels"]["alerts"]["address"] == "test/asyncapi/alerts"  # the running config's alerts topic
     assert doc["asyncapi"] == "3.0.0"
     assert doc["channels"]["start"]["address"] == cfg.mqtt.topics.start
@@ -503,3 +503,13 @@ def test_docs_work_offline_every_asset_from_this_server(api):
         assert asset.status_code == 200 and len(asset.content) > 100, ref
     assert "'/openapi.json'" in docs.text or '"/openapi.json"' in docs.text
     assert "validatorUrl" in docs.text and "null" in docs.text.split("validatorUrl", 1)[1][:10]
+
+
+def test_asyncapi_of_a_daemon_without_alerts_lists_no_alerts_channel(cfg, start_daemon):
+    """Issue 25: with alerts.topic unset this daemon publishes no alerts, so its document has no
+    alerts channel or operation (the shipped docs/asyncapi.yaml still shows the example)."""
+    assert cfg.alerts.topic is None
+    doc = ok(Api(start_daemon(cfg).daemon.http_server.port).get("/asyncapi.json"))
+    assert "alerts" not in doc["channels"] and "sendAlerts" not in doc["operations"]
+    assert {"start", "replies", "status"} <= set(doc["channels"])
+    assert "alert" in doc["components"]["messages"]  # what a webhook receives is still described
