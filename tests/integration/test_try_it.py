@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,3 +100,55 @@ def test_try_it_on_one_machine_runs_as_written(tmp_path):
     folder = Path(re.search(r"=== FOLDER (.*)", stdout).group(1))  # type: ignore[union-attr]
     assert folder.parent == tmp_path and (folder / "etc" / "butler.yaml").is_file()
     assert (REPO / "etc" / "butler.yaml").read_text(encoding="utf-8") == clone_config
+
+
+def _session_present(port: int, client_id: str, keep: bool) -> bool:
+    """Connect as `client_id` with clean start off; whether the broker had a session for it.
+    `keep`: leave a session behind (expiry 1 h), as the daemon does."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    got: dict[str, bool] = {}
+    done = threading.Event()
+
+    def on_connect(_c: Any, _u: Any, flags: Any, _rc: Any, _p: Any) -> None:
+        got["present"] = bool(flags.session_present)
+        done.set()
+
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.on_connect = on_connect
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600 if keep else 0
+    c.connect("127.0.0.1", port, clean_start=False, properties=props)
+    c.loop_start()
+    assert done.wait(10)
+    if keep:
+        c.subscribe("butler-mqtt/test", qos=1)
+        c.publish("butler-mqtt/status", '{"status": "offline"}', qos=1, retain=True).wait_for_publish(5)
+    c.disconnect()
+    c.loop_stop()
+    return got["present"]
+
+
+def test_the_documented_cleanup_removes_the_session_and_the_retained_status(broker):
+    """getting-started.md: the two commands that remove what `run` leaves on a broker that stays."""
+    page = PAGE.read_text(encoding="utf-8")
+    part = page[page.index("To remove both:"):]
+    block = part[part.index("```sh\n") + 6:part.index("```", part.index("```sh\n") + 6)]
+    commands = [re.sub(r"\s+#\s.*$", "", ln).strip() for ln in block.splitlines() if ln.strip()]
+    assert [c.split()[0] for c in commands] == ["mosquitto_pub", "mosquitto_sub"]
+    _session_present(broker.port, "butler-mqtt", keep=True)  # what a run leaves: a session, a retained status
+    assert _session_present(broker.port, "butler-mqtt", keep=True)
+    for c in commands:  # the page's commands, pointed at this test's broker
+        out = subprocess.run(["bash", "-c", c.replace("mosquitto_pub ", f"mosquitto_pub -p {broker.port} ", 1)
+                              .replace("mosquitto_sub ", f"mosquitto_sub -p {broker.port} ", 1)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+    assert not _session_present(broker.port, "butler-mqtt", keep=False)
+    retained = subprocess.run(["mosquitto_sub", "-p", str(broker.port), "-t", "butler-mqtt/status", "-C", "1", "-W", "2"],
+                              capture_output=True, text=True, timeout=30)
+    assert retained.stdout == ""  # nothing retained any more (the subscriber timed out empty)

@@ -117,3 +117,34 @@ def test_the_site_builds_strictly_and_loads_nothing_from_elsewhere(tmp_path):
         assert found == [], f"{page.name} loads {found}"
     assert (tmp_path / "site" / "reference" / "configuration.html").is_file()
     assert (tmp_path / "site" / "asyncapi.yaml").is_file() and (tmp_path / "site" / "reference" / "openapi.json").is_file()
+
+
+def test_the_documented_journal_backup_copies_a_journal_in_use(tmp_path):
+    """docs/operating/upgrade.md "Backing up the journal": its command, run as written (only the
+    paths and the venv's python replaced), copies a journal the daemon holds open, WAL included."""
+    import sqlite3
+    import sys
+
+    from butler_mqtt.journal import Journal
+
+    page = (DOCS / "operating" / "upgrade.md").read_text(encoding="utf-8")
+    part = page[page.index("## Backing up the journal"):]
+    block = part[part.index("```sh\n") + 6:part.index("```", part.index("```sh\n") + 6)]
+    command = block.replace("\\\n", " ").strip()
+    assert command.startswith("sudo /opt/butler-mqtt/venv/bin/python -c ")
+    live = tmp_path / "state" / "journal.sqlite3"
+    live.parent.mkdir()
+    journal = Journal(live, 24)
+    try:
+        assert journal.begin("id:backed-up", "mqtt") is None  # claimed: written, still open (WAL)
+        backup = tmp_path / "backup.sqlite3"
+        script = (command.removeprefix("sudo ")
+                  .replace("/opt/butler-mqtt/venv/bin/python", sys.executable)
+                  .replace("/var/lib/private/butler-mqtt/journal.sqlite3", str(live))
+                  .replace("/root/butler-mqtt-journal-$(date +%F).sqlite3", str(backup)))
+        out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    finally:
+        journal.close()
+    rows = sqlite3.connect(backup).execute("SELECT key FROM requests").fetchall()
+    assert rows == [("id:backed-up",)]
