@@ -88,11 +88,13 @@ as JSON lines; what was sent where, and hints when no answer came, go to stderr.
 DEMO_HELP = """\
 Starts, all on this machine and in a temporary folder removed at the end: the QRS simulator
 with the demo data set and generated certificates, a private mosquitto on a free port (or the
-broker of the config when mosquitto is not installed), and the daemon. Then sends three sample
+broker of the config when mosquitto is not installed), and the daemon. Then sends five sample
 requests and prints every reply:
   1. every task tagged 'Butler 5.0 demo', followed to the end (wait): three succeed, one fails;
   2. a custom property (taskGroup=financial-reports), a tag that matches nothing, as a dry run;
-  3. an invalid task ID: rejected with an error reply, nothing started.
+  3. an invalid task ID: rejected with an error reply, nothing started;
+  4. the tag hourly-reload with policies.max_running 2: two start, the others wait in the queue;
+  5. the tag startTask1 with ifRunning 'queue' while those run: one rerun queued per running task.
 Then it keeps running, printing ready-made mosquitto_pub/mosquitto_rr lines to try, until
 Ctrl-C (or stops right away with --once)."""
 
@@ -334,7 +336,7 @@ def _add_sim_command(sub: Subcommands) -> None:
 
 def _add_local_commands(sub: Subcommands) -> None:
     """demo, init and token."""
-    p = _command(sub, "demo", "simulator + broker + daemon + three sample requests, all local", DEMO_HELP)
+    p = _command(sub, "demo", "simulator + broker + daemon + five sample requests, all local", DEMO_HELP)
     p.add_argument("--once", action="store_true", help="stop right after the sample requests")
 
     p = _command(
@@ -562,6 +564,11 @@ def cmd_request(args: argparse.Namespace) -> int:
     except TimeoutError as exc:
         print(f"butler-mqtt: {exc}", file=sys.stderr)
         print(f"butler-mqtt: {no_answer_hint(requester, m, args.timeout)}", file=sys.stderr)
+        print(
+            f"butler-mqtt: to ask again, retry with the same --request-id {body['requestId']}: the broker may "
+            "still deliver this request, and the daemon starts its tasks once and answers the retry from its journal",
+            file=sys.stderr,
+        )
         return EXIT_FAIL
     finally:
         requester.close()

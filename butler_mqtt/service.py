@@ -340,6 +340,7 @@ def handle_request(
     payload_hash: str | None = None,
     on_started: Callable[[StageResult], None] | None = None,
     route: Route | None = None,
+    received: float | None = None,
 ) -> Handled:
     """One request end to end: journal check, the stage(s), journal record, one audit line.
 
@@ -349,10 +350,11 @@ def handle_request(
     the journal cannot record it (the caller must not ack). `on_started` runs after the
     starts and before the journal marks the request done (tracking registers itself there,
     so a crash in between resumes the request instead of forgetting to follow it). `route`:
-    where later events go (a task started from butler-mqtt's queue).
+    where later events go (a task started from butler-mqtt's queue). `received`: when the request
+    arrived (time.time(); the history's received time; default: now).
     """
     with service.keys.hold(key):
-        return _handle(service, req, emit, Claim(ingress, key, source, payload_hash, route), on_started)
+        return _handle(service, req, emit, Claim(ingress, key, source, payload_hash, route, received), on_started)
 
 
 @dataclass(frozen=True)
@@ -364,6 +366,7 @@ class Claim:
     source: str = ""
     payload_hash: str | None = None
     route: Route | None = None
+    received: float | None = None
 
 
 def _handle(
@@ -379,13 +382,14 @@ def _handle(
     prior = None
     if journal is not None and key is not None:  # the request itself is kept for the history
         asked = req.model_dump(mode="json", exclude_defaults=True)
-        prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked)
+        prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked, received=claim.received)
     if prior is not None and prior.done:
-        for ev in prior.replies:
+        again = [replies.replayed(ev) for ev in prior.replies]
+        for ev in again:
             emit(ev)
         log.info("audit", ingress=ingress, source=source, requestId=req.requestId, duplicate=True, **_audit_fields(req),
                  outcome="earlier outcome re-published; nothing started")
-        return Handled(prior.replies, replayed=True)
+        return Handled(again, replayed=True)
 
     # Replies are published as they happen and recorded together when the stage is done (one
     # transaction): a crash in between is resumed from the start intents, checked with QRS.

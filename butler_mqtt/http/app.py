@@ -118,6 +118,7 @@ class RestApi:
         self._last_probe: tuple[float, str] | None = None
         self._last_qrs_failure = 0.0
         self._asyncapi: dict[str, Any] | None = None
+        self.handled = 0  #: start calls answered (any outcome), for the daemon's `stopped` line
 
     # ------------------------------------------------------------------ start endpoint
 
@@ -241,6 +242,7 @@ class RestApi:
         return handled.events
 
     def _count(self, outcome: str) -> None:
+        self.handled += 1
         self.rt.metrics.request(INGRESS, outcome)
 
     # ------------------------------------------------------------------ request history
@@ -330,7 +332,7 @@ class RestApi:
         protocol, and its alerts topic (docs/asyncapi.yaml is the same for the default configuration). Open like
         /openapi.json: it names topics and the broker address, never a credential."""
         if self._asyncapi is None:
-            self._asyncapi = build_document(self.cfg.mqtt, alerts_topic=self.cfg.alerts.topic)
+            self._asyncapi = build_document(self.cfg.mqtt, alerts_topic=self.cfg.alerts.topic, of_daemon=True)
         return JSONResponse(self._asyncapi)
 
 

@@ -242,7 +242,7 @@ class RequestHandler:
         try:
             handled = handle_request(
                 self.service, req, emit, ingress=ingress, key=key, source=job.topic, payload_hash=fingerprint,
-                on_started=follow, route=route,
+                on_started=follow, route=route, received=job.received,
             )
         except QrsError as exc:
             if is_transient(exc):
