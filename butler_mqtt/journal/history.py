@@ -35,7 +35,15 @@ from typing import Any
 
 from butler_mqtt import keys
 from butler_mqtt.errors import JournalError
-from butler_mqtt.journal.backends import Cursor, Postgres, Sqlite, db_errors
+from butler_mqtt.journal.backends import (
+    Cursor,
+    Postgres,
+    Sqlite,
+    data_errors,
+    db_errors,
+    unstorable,
+)
+from butler_mqtt.model import storable_problem
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -86,6 +94,9 @@ def check_query(q: HistoryQuery) -> HistoryQuery:
         raise ValueError(f"limit: must be 1..{MAX_LIMIT}, got {q.limit}")
     if q.request_id is not None and not q.request_id:
         raise ValueError("requestId: must not be empty")
+    problem = storable_problem(q.request_id) if q.request_id is not None else None
+    if problem is not None:  # the journal holds no such value: asking for it is a bad query
+        raise ValueError(f"requestId: {problem}")
     task = q.task_id.strip().lower() if q.task_id is not None else None
     return HistoryQuery(q.since, q.request_id, task, q.limit)
 
@@ -278,6 +289,8 @@ class HistoryReader:
     def history(self, q: HistoryQuery) -> list[dict[str, Any]]:
         try:
             return read_history(self._db, q, self.retention)
+        except data_errors() as exc:
+            raise unstorable(exc) from None
         except self._errors as exc:
             raise JournalError(f"journal read failed: {exc}") from None
 
