@@ -356,9 +356,12 @@ def _add_history(sub: Subcommands) -> None:
 
 def cmd_history(args: argparse.Namespace) -> int:
     from butler_mqtt.history import run_history
-    from butler_mqtt.journal.history import HistoryQuery
+    from butler_mqtt.journal.history import HistoryQuery, check_query
 
-    query = HistoryQuery(since=args.since, request_id=args.request_id, task_id=args.task, limit=args.limit)
+    try:  # checked before the journal is opened, with the words GET /v4/requests answers
+        query = check_query(HistoryQuery(since=args.since, request_id=args.request_id, task_id=args.task, limit=args.limit))
+    except ValueError as exc:
+        raise RequestRejected("Invalid query", str(exc)) from None
     return run_history(_load(args), query, args.json)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -246,7 +246,7 @@ class RestApi:
         """`GET /v4/requests`: the journal's request history (journal/history.py)."""
         try:
             self._authorize(request)
-            query = history_query(request.query_params.get)
+            query = history_query(request.query_params.multi_items())
             records = await run_in_threadpool(self.rt.journal.history, query)
         except ApiError as exc:
             log.warning("rest_history_refused", status=exc.status, error=exc.error, details=exc.details, client=_client(request))
@@ -335,19 +335,38 @@ class RestApi:
 WAITING_ALERT_S = 60.0
 
 
-def history_query(param: Callable[[str], str | None]) -> history.HistoryQuery:
-    """The `GET /v4/requests` query parameters -> a HistoryQuery; ApiError 400 naming a bad one."""
+#: The query parameters of `GET /v4/requests`; any other is a 400 (a misspelt filter must not
+#: silently return every record).
+HISTORY_PARAMS = ("since", "requestId", "taskId", "limit")
+
+
+def history_query(params: Sequence[tuple[str, str]]) -> history.HistoryQuery:
+    """The `GET /v4/requests` query parameters (name, value pairs as sent) -> a HistoryQuery;
+    ApiError 400 naming a bad, unknown or repeated one."""
     try:
-        since, limit = param("since"), param("limit")
+        given: dict[str, str] = {}
+        for name, value in params:
+            if name not in HISTORY_PARAMS:
+                raise ValueError(f"{_shown(name)}: unknown query parameter (known: {', '.join(HISTORY_PARAMS)})")
+            if name in given:
+                raise ValueError(f"{name}: given more than once")
+            given[name] = value
+        since = given.get("since")
         q = history.HistoryQuery(
             since=history.parse_since(since) if since else None,
-            request_id=param("requestId"),
-            task_id=param("taskId"),
-            limit=_limit(limit),
+            request_id=given.get("requestId"),
+            task_id=given.get("taskId"),
+            limit=_limit(given.get("limit")),
         )
         return history.check_query(q)
     except ValueError as exc:
         raise ApiError(400, "Invalid query", str(exc)) from None
+
+
+def _shown(name: str) -> str:
+    """A parameter name as sent, safe to echo (bounded, printable)."""
+    text = name if len(name) <= 64 else name[:63] + "…"
+    return repr(text) if not text.isprintable() or not text else text
 
 
 def _limit(text: str | None) -> int:

@@ -66,11 +66,22 @@ class HistoryQuery:
 
 def parse_since(text: str, now: float | None = None) -> float:
     """`30m`, `2h`, `1d`, `1w`, `45s` back from now, or an ISO 8601 date / date-time (UTC
-    unless it names an offset) -> epoch seconds. ValueError saying what is accepted."""
+    unless it names an offset, in whole minutes) -> epoch seconds, always a time `iso()` can
+    show (years 1 to 9999). ValueError, starting `since: `, saying what is accepted."""
     value = text.strip()
     m = _DURATION.match(value.lower())
     if m:
-        return (time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2)]
+        ts = (time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        ts = _parse_date(text, value)
+    try:
+        iso(ts)  # the answer echoes it: a time no calendar shows is refused here, not there
+    except (OverflowError, ValueError, OSError):
+        raise ValueError(f"since: {text!r} is out of range (years 1 to 9999)") from None
+    return ts
+
+
+def _parse_date(text: str, value: str) -> float:
     try:
         when = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
     except ValueError:
@@ -78,12 +89,15 @@ def parse_since(text: str, now: float | None = None) -> float:
             f"since: {text!r} is neither a duration (30m, 2h, 1d, 1w, 45s) nor an ISO 8601 date or date-time"
             " (2024-05-01, 2024-05-01T10:30, 2024-05-01T10:30:00+02:00)"
         ) from None
+    offset = when.utcoffset()
+    if offset is not None and (offset.seconds % 60 or offset.microseconds):
+        raise ValueError(f"since: {text!r} has an offset that is not whole minutes (ISO 8601: +hh:mm)")
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     try:
         return when.timestamp()
     except (OverflowError, ValueError):  # e.g. year 1 with a positive offset
-        raise ValueError(f"since: {text!r} is out of range") from None
+        raise ValueError(f"since: {text!r} is out of range (years 1 to 9999)") from None
 
 
 def check_query(q: HistoryQuery) -> HistoryQuery:
