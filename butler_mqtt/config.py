@@ -30,6 +30,7 @@ from pydantic import (
     field_validator,
 )
 
+from butler_mqtt import yamlsafe
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.model import is_guid
 
@@ -353,7 +354,7 @@ def _file_sources(text: str, path: Path) -> Sources:
                 out[key] = f"{path}, line {item.start_mark.line + 1}"
                 walk(item, key + ".")
 
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    root = yamlsafe.compose(text)
     if root is not None:
         walk(root, "")
     return out
@@ -369,7 +370,7 @@ def _env_overrides(environ: dict[str, str], sources: Sources | None = None) -> d
         if not path:
             continue
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = yamlsafe.load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         if isinstance(value, int | float | bool) and path[-1] in {"password", "token", "user_id", "username"}:
@@ -473,18 +474,13 @@ def load_config(path: Path | None, environ: dict[str, str] | None = None, *, mis
 
 def _read_yaml(path: Path, sources: Sources) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = yamlsafe.read_text(path)
+        loaded = yamlsafe.load(text)
+        sources.update(_file_sources(text, path))
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), f"cannot read the config file: {exc}") from None
-    try:
-        loaded = yaml.safe_load(text)
-        sources.update(_file_sources(text, path))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(str(path), f"not valid YAML{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+        raise ConfigError(str(path), yamlsafe.describe(exc)) from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(str(path), "the top level must be a mapping (section: keys)")
     return loaded or {}
