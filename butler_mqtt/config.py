@@ -16,10 +16,11 @@ import importlib.util
 import os
 import platform
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -33,17 +34,35 @@ from pydantic import (
 from butler_mqtt import yamlsafe
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.model import is_guid
+from butler_mqtt.redaction import redact_url, url_problem
 
 ENV_PREFIX = "BUTLER_MQTT__"
 DEFAULT_CONFIG = Path("etc/butler.yaml")
 POSTGRES_HINT = 'the PostgreSQL journal needs its driver: pip install "butler-mqtt[postgres]"'
+
+#: Upper bounds of sizes and times: beyond them a value is a typo, and some would fail only
+#: later (a read buffer of that size, a timer no clock can hold).
+GIB = 1024 * 1024 * 1024
+HOUR = 3600
+DAY = 86400
 
 #: Where each value came from: dotted key -> "etc/butler.yaml, line 3" / "environment variable ...".
 Sources = dict[str, str]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf/nan: a timeout of .inf is no timeout, and nan compares false to every bound.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        """No text setting (path, host, topic, secret) can hold U+0000: the OS, the broker and
+        the database all refuse it later, with a traceback. The value itself is never echoed."""
+        texts = v if isinstance(v, list) else [v]
+        if any(isinstance(t, str) and "\x00" in t for t in texts):
+            raise ValueError("contains a NUL character (\\0)")
+        return v
 
 
 class TlsConfig(_Section):
@@ -61,8 +80,18 @@ class TopicsConfig(_Section):
     status: str = "butler-mqtt/status"
 
 
+def _check_host(v: str) -> str:
+    """A host name or IP address: no scheme, path, credentials, port or spaces."""
+    if not v or any(c.isspace() or not c.isprintable() or c in "/@?#" for c in v):
+        raise ValueError("expected a host name or IP address (no scheme, path, port, spaces or credentials)")
+    return v
+
+
+Host = Annotated[str, AfterValidator(_check_host)]
+
+
 class MqttConfig(_Section):
-    host: str = "localhost"
+    host: Host = "localhost"
     port: int = Field(default=1883, ge=1, le=65535)
     protocol: Literal["5", "3.1.1"] = "5"
     client_id: str = Field(default="butler-mqtt", min_length=1, max_length=128)
@@ -70,13 +99,13 @@ class MqttConfig(_Section):
     username: str | None = None
     password: SecretStr | None = None
     keepalive: int = Field(default=60, ge=5, le=65535)
-    session_expiry: int = Field(default=86400, ge=0)
+    session_expiry: int = Field(default=86400, ge=0, le=0xFFFFFFFF)  # MQTT 5: a four-byte integer
     tls: TlsConfig = TlsConfig()
     shared_group: str | None = None
     topics: TopicsConfig = TopicsConfig()
     receive_maximum: int = Field(default=32, ge=1, le=65535)
     workers: int = Field(default=16, ge=1, le=256)
-    queue_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    queue_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=GIB)
     response_topic_prefixes: list[str] | None = None
 
     def effective_client_id(self) -> str:
@@ -97,7 +126,7 @@ class MqttConfig(_Section):
 
 
 class QrsConfig(_Section):
-    host: str = "localhost"
+    host: Host = "localhost"
     port: int = Field(default=4242, ge=1, le=65535)
     cert: Path = Path("certs/client.pem")
     key: Path = Path("certs/client_key.pem")
@@ -105,11 +134,11 @@ class QrsConfig(_Section):
     verify: bool = True
     user_directory: str = "INTERNAL"
     user_id: str = "sa_api"
-    timeout: float = Field(default=30, gt=0)
+    timeout: float = Field(default=30, gt=0, le=HOUR)
     start_concurrency: int = Field(default=8, ge=1, le=64)
     retries: int = Field(default=3, ge=0, le=10)
     max_filter_length: int = Field(default=6000, ge=200)
-    max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
+    max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024, le=GIB)
 
     @property
     def base_url(self) -> str:
@@ -172,15 +201,15 @@ class HttpTlsConfig(_Section):
 
 class HttpConfig(_Section):
     enabled: bool = False
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: int = Field(default=8081, ge=0, le=65535)
     token: SecretStr | None = None
-    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
     # Every connection is a file descriptor: capped (and lowered at start when the process's
     # descriptor limit leaves too little room, see butler_mqtt/ops/fds.py).
-    max_connections: int = Field(default=512, ge=1)
-    request_timeout: float = Field(default=10, gt=0)  # head and body of a request (slowloris)
-    keep_alive_timeout: int = Field(default=5, ge=1)  # idle between two requests on a connection
+    max_connections: int = Field(default=512, ge=1, le=65536)
+    request_timeout: float = Field(default=10, gt=0, le=HOUR)  # head and body of a request (slowloris)
+    keep_alive_timeout: int = Field(default=5, ge=1, le=HOUR)  # idle between two requests on a connection
     tls: HttpTlsConfig = HttpTlsConfig()
 
 
@@ -189,9 +218,9 @@ class MetricsConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    poll_interval: float = Field(default=5, gt=0)
-    first_poll: float = Field(default=1, gt=0)
-    max_wait: float = Field(default=21600, gt=0)
+    poll_interval: float = Field(default=5, gt=0, le=DAY)
+    first_poll: float = Field(default=1, gt=0, le=DAY)
+    max_wait: float = Field(default=21600, gt=0, le=31 * DAY)
 
 
 class RetryConfig(_Section):
@@ -204,9 +233,9 @@ class PoliciesConfig(_Section):
 
     if_running: Literal["start", "attach", "skip", "queue"] = "start"
     max_running: int = Field(default=0, ge=0, le=10000)
-    queue_timeout: float = Field(default=3600, gt=0)
+    queue_timeout: float = Field(default=3600, gt=0, le=31 * DAY)
     retry: RetryConfig = RetryConfig()
-    deadline: float | None = Field(default=None, gt=0)
+    deadline: float | None = Field(default=None, gt=0, le=31 * DAY)
 
 
 class LoggingConfig(_Section):
@@ -221,8 +250,8 @@ class LoggingConfig(_Section):
 
 class JournalConfig(_Section):
     url: SecretStr | None = None  # a PostgreSQL URL may hold a password
-    retention_hours: float = Field(default=24, gt=0)
-    lease_seconds: float = Field(default=30, ge=2)
+    retention_hours: float = Field(default=24, gt=0, le=24 * 366)
+    lease_seconds: float = Field(default=30, ge=2, le=HOUR)
 
     @field_validator("url")
     @classmethod
@@ -231,6 +260,9 @@ class JournalConfig(_Section):
             return v
         url = v.get_secret_value()
         if url.startswith(("postgresql://", "postgres://")):
+            problem = url_problem(url, ("postgresql", "postgres"), host_required=False)
+            if problem is not None:
+                raise ValueError(f"{problem} ({redact_url(url)})")
             if importlib.util.find_spec("psycopg") is None:
                 raise ValueError(POSTGRES_HINT)
         elif not url.startswith("sqlite:///"):
@@ -244,25 +276,28 @@ class WebhookConfig(_Section):
 
     url: SecretStr | None = None
     headers: dict[str, SecretStr] = {}
-    timeout: float = Field(default=10, gt=0)
+    timeout: float = Field(default=10, gt=0, le=HOUR)
     attempts: int = Field(default=6, ge=1, le=100)
-    retry_delay: float = Field(default=1, gt=0)
-    queue: int = Field(default=1000, ge=1)
+    retry_delay: float = Field(default=1, gt=0, le=HOUR)
+    queue: int = Field(default=1000, ge=1, le=1_000_000)
     ca: Path | None = None
     verify: bool = True
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and not v.get_secret_value().lower().startswith(("http://", "https://")):
-            raise ValueError("expected an http:// or https:// URL")
+        if v is None:
+            return v
+        problem = url_problem(v.get_secret_value(), ("http", "https"))
+        if problem is not None:  # named with what can be shown of it: never userinfo, path or query
+            raise ValueError(f"{problem} ({redact_url(v.get_secret_value())})")
         return v
 
 
 class AlertsConfig(_Section):
     topic: str | None = None
     webhook: WebhookConfig = WebhookConfig()
-    qrs_outage_after: float = Field(default=30, ge=0)
+    qrs_outage_after: float = Field(default=30, ge=0, le=DAY)
 
     @field_validator("topic")
     @classmethod

@@ -37,6 +37,7 @@ from butler_mqtt.journal.backends import Postgres, Sqlite, data_errors, db_error
 from butler_mqtt.journal.history import HistoryQuery, read_history
 from butler_mqtt.journal.migrations import MIGRATIONS, SCHEMA_VERSION
 from butler_mqtt.journal.runq import RunQueue
+from butler_mqtt.redaction import redact_url
 
 __all__ = ["SCHEMA_VERSION", "HistoryQuery", "Journal", "JournalError", "Prior"]
 
@@ -77,7 +78,7 @@ class Journal:
         self.lease_s = lease_s
         self._errors = db_errors()
         self._data_errors = data_errors()
-        where = url.split("@")[-1] if url else str(path)  # never log a password from the URL
+        where = redact_url(url) if url else str(path)  # never a password or token from the URL
         try:
             self._db: Sqlite | Postgres = Postgres(url) if url else Sqlite(path or Path("journal.sqlite3"))
             self._migrate()

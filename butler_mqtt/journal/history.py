@@ -44,6 +44,7 @@ from butler_mqtt.journal.backends import (
     unstorable,
 )
 from butler_mqtt.model import storable_problem
+from butler_mqtt.redaction import redact_url
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -271,7 +272,7 @@ class HistoryReader:
     def open(cls, state_dir: Path, url: str | None, retention_hours: float) -> HistoryReader:
         """The journal the daemon with this config uses. JournalError when there is none yet,
         or when its schema is older than the history needs (the daemon upgrades it at start)."""
-        where = url.split("@")[-1] if url else str(state_dir / "journal.sqlite3")  # never a password
+        where = redact_url(url) if url else str(state_dir / "journal.sqlite3")  # never a password or token
         try:
             if url is None or url.startswith("sqlite:///"):
                 path = state_dir / "journal.sqlite3" if url is None else Path(url[len("sqlite:///") :])

@@ -79,3 +79,43 @@ def test_a_small_alias_still_works(tmp_path):
 
     text = "common: &c [a, b]\nButler:\n  x: *c\n  y: *c\n"
     assert yamlsafe.load(text) == yaml.safe_load(text)
+
+
+SECRETS = ("pwSECRET", "SECRETPATH", "tokSECRET")
+BAD_VALUES = [
+    ("alerts.webhook.url", {"alerts": {"webhook": {"url": "https://user:pwSECRET@hooks.example:99999/services/SECRETPATH?token=tokSECRET"}}}),
+    ("alerts.webhook.url", {"alerts": {"webhook": {"url": "https://user:pwSECRET@hooks.example:8x/SECRETPATH?token=tokSECRET"}}}),
+    ("alerts.webhook.url", {"alerts": {"webhook": {"url": "ftp://user:pwSECRET@hooks.example/SECRETPATH"}}}),
+    ("alerts.webhook.url", {"alerts": {"webhook": {"url": "https:///SECRETPATH?token=tokSECRET"}}}),
+    ("journal.url", {"journal": {"url": "postgresql://u:pwSECRET@db.example:70000/butler?password=tokSECRET"}}),
+    ("state_dir", {"state_dir": "state\u0000SECRETPATH"}),
+    ("qrs.cert", {"qrs": {"cert": "certs/\u0000SECRETPATH.pem"}}),
+    ("mqtt.password", {"mqtt": {"password": "pwSECRET\u0000"}}),
+    ("mqtt.host", {"mqtt": {"host": "broker.example/SECRETPATH"}}),
+    ("tracking.poll_interval", {"tracking": {"poll_interval": float("inf")}}),
+    ("qrs.timeout", {"qrs": {"timeout": float("nan")}}),
+    ("qrs.max_response_bytes", {"qrs": {"max_response_bytes": 10**30}}),
+    ("mqtt.session_expiry", {"mqtt": {"session_expiry": 2**32}}),
+    ("http.port", {"http": {"port": 70000}}),
+]
+
+
+def test_a_bad_config_value_is_named_never_echoes_a_secret_and_exits_2(tmp_path):
+    """Issue 20, class 5: `run` and `check` refuse at load what would fail later, naming the key;
+    the URL's password, path, and query values never appear; no traceback; exit 2."""
+    for key, section in BAD_VALUES:
+        config = tmp_path / "butler.yaml"
+        config.write_text(yaml.safe_dump(section))
+        for command in ("check", "run"):
+            out = cli(command, "--config", str(config), cwd=tmp_path, timeout=60)
+            said = out.stdout + out.stderr
+            assert out.returncode == 2, (key, command, said[-1500:])
+            assert key in said and "Traceback" not in said, (key, command, said[-1500:])
+            assert not any(s in said for s in SECRETS), (key, command, said[-1500:])
+
+
+def test_a_webhook_url_is_named_by_what_can_be_shown_of_it(tmp_path):
+    config = tmp_path / "butler.yaml"
+    config.write_text(yaml.safe_dump(BAD_VALUES[0][1]))
+    out = cli("check", "--config", str(config), cwd=tmp_path)
+    assert "https://***@hooks.example:99999/***?token=***" in out.stdout and "port" in out.stdout
