@@ -119,3 +119,19 @@ def test_a_webhook_url_is_named_by_what_can_be_shown_of_it(tmp_path):
     config.write_text(yaml.safe_dump(BAD_VALUES[0][1]))
     out = cli("check", "--config", str(config), cwd=tmp_path)
     assert "https://***@hooks.example:99999/***?token=***" in out.stdout and "port" in out.stdout
+
+
+def test_check_prints_every_line_then_exits_2_when_a_certificate_file_is_missing(tmp_path):
+    """Issue 20, class 9: a missing certificate file is a configuration error (exit 2), and the
+    broker and QRS lines still follow it."""
+    from butler_mqtt.ops.mosquitto import free_port
+
+    config = tmp_path / "butler.yaml"
+    config.write_text(yaml.safe_dump({"mqtt": {"host": "127.0.0.1", "port": free_port()},
+                                      "qrs": {"cert": "missing/client.pem", "key": "missing/client_key.pem", "ca": "missing/root.pem"}}))
+    out = cli("check", "--config", str(config), cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("[FAIL] qrs.cert") and "missing/client.pem" in line for line in lines), lines
+    assert any(line.startswith("[FAIL] broker") for line in lines) and any(line.startswith("[FAIL] qrs:") for line in lines)
+    assert "Traceback" not in out.stderr
