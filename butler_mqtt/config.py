@@ -34,7 +34,7 @@ from pydantic import (
 from butler_mqtt import yamlsafe
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.model import is_guid
-from butler_mqtt.redaction import redact_url, url_problem
+from butler_mqtt.redaction import redact_url, url_problem, url_secrets
 
 ENV_PREFIX = "BUTLER_MQTT__"
 DEFAULT_CONFIG = Path("etc/butler.yaml")
@@ -358,6 +358,18 @@ class Config(_Section):
                 raise ConfigError(key, f"file not found: {path}", self.source(key))
             if not os.access(path, os.R_OK):
                 raise ConfigError(key, f"file not readable: {path}", self.source(key))
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret value (and the secret parts of URLs), for the log scrubber
+        (ops/logging.scrub_secrets): none of them may appear in a log line, in any field."""
+        found: list[str] = []
+        for secret in (self.mqtt.password, self.http.token, *self.alerts.webhook.headers.values()):
+            if secret is not None:
+                found.append(secret.get_secret_value())
+        for url in (self.journal.url, self.alerts.webhook.url):
+            if url is not None:
+                found += url_secrets(url.get_secret_value())
+        return found
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings with secrets replaced, for logs and `check`."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlsplit
 
 HIDDEN = "***"
+MIN_TOKEN_SEGMENT = 12
 
 
 def _netloc_host(netloc: str) -> str:
@@ -58,3 +59,20 @@ def url_problem(url: str, schemes: tuple[str, ...], *, host_required: bool = Tru
     if 0 in ports:
         return "the port is not a number from 1 to 65535"
     return None
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of `url` that may be secret, for the log scrubber: the URL itself, its
+    password, its path (webhooks addressed by a secret path) and its query values."""
+    found = [url]
+    try:
+        parts = urlsplit(url)
+        found.append(parts.password or "")
+    except ValueError:
+        return found
+    if parts.path not in ("", "/"):
+        # The path, and each segment long enough to be a token (Slack's and Teams' webhook
+        # secrets are 24+ characters; "services" or "hooks" are not worth hiding everywhere).
+        found += [parts.path, *(seg for seg in parts.path.split("/") if len(seg) >= MIN_TOKEN_SEGMENT)]
+    found += [value for _, value in parse_qsl(parts.query, keep_blank_values=True)]
+    return [f for f in found if f]
