@@ -48,8 +48,9 @@ def _add_selectors(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _number(text: str, unit: str, *, positive: bool = False) -> float:
-    """A finite number of `unit` (seconds, milliseconds), 0 or more (or > 0), for argparse."""
+def _number(text: str, unit: str, *, positive: bool = False, most: float = math.inf) -> float:
+    """A finite number of `unit` (seconds, milliseconds), 0 or more (or > 0), at most `most`,
+    for argparse."""
     try:
         value = float(text)
     except ValueError:
@@ -57,6 +58,8 @@ def _number(text: str, unit: str, *, positive: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         bound = f"a number of {unit} greater than 0" if positive else f"0 or more {unit}"
         raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+    if value > most:  # no timer holds more (time.sleep overflows), and no test needs it
+        raise argparse.ArgumentTypeError(f"must be at most {most:g} {unit}, got {text!r}")
     return value
 
 
@@ -65,9 +68,20 @@ def positive_seconds(text: str) -> float:
     return _number(text, "seconds", positive=True)
 
 
+#: The simulator's delays and run times: a week at most.
+SIM_MAX_SECONDS = 7 * 86400.0
+
+
 def non_negative_ms(text: str) -> float:
-    """argparse type: milliseconds, 0 or more."""
-    return _number(text, "milliseconds")
+    """argparse type: milliseconds, 0 or more (at most a week)."""
+    return _number(text, "milliseconds", most=SIM_MAX_SECONDS * 1000)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
+    return int(text)
 
 
 EXIT_CODES = "Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage (naming the key and where its value came from)."
@@ -117,8 +131,8 @@ def non_negative_int(text: str) -> int:
 
 
 def non_negative_seconds(text: str) -> float:
-    """argparse type: a number of seconds, 0 or more."""
-    return _number(text, "seconds")
+    """argparse type: a number of seconds, 0 or more (at most a week)."""
+    return _number(text, "seconds", most=SIM_MAX_SECONDS)
 
 
 def _task_setting(kind: Callable[[str], _T]) -> Callable[[str], tuple[str, _T]]:
@@ -135,7 +149,7 @@ def _task_setting(kind: Callable[[str], _T]) -> Callable[[str], tuple[str, _T]]:
 
 def _add_sim(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=4242, help="port to listen on (default 4242, like QRS)")
+    p.add_argument("--port", type=port_number, default=4242, help="port to listen on (default 4242, like QRS)")
     p.add_argument(
         "--certs", type=Path, default=Path("certs"), metavar="DIR",
         help="certificate folder; missing files are generated (default ./certs, where etc/butler.yaml looks)",

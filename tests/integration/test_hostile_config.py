@@ -135,3 +135,28 @@ def test_check_prints_every_line_then_exits_2_when_a_certificate_file_is_missing
     assert any(line.startswith("[FAIL] qrs.cert") and "missing/client.pem" in line for line in lines), lines
     assert any(line.startswith("[FAIL] broker") for line in lines) and any(line.startswith("[FAIL] qrs:") for line in lines)
     assert "Traceback" not in out.stderr
+
+
+def test_the_simulator_refuses_control_options_it_could_not_honour(tmp_path):
+    """The hardening checklist over `butler-mqtt sim`'s options: a port outside 0..65535, a
+    delay or run time no timer can hold, a tasks file nested too deep, oversize, or with such a
+    run time: exit 2 naming the option, never a traceback or a server that fails on its first
+    request."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    huge_run = tmp_path / "huge-run.json"
+    huge_run.write_text('[{"name": "x", "runSeconds": 1e400}]')
+    oversize = tmp_path / "oversize.json"
+    with oversize.open("wb") as f:
+        f.truncate(200 * 1024 * 1024)  # sparse: nothing written, 200 MB to read
+    cases = [
+        (["--port", "70000"], "--port"), (["--port", "-1"], "--port"),
+        (["--latency-ms", "1e308"], "--latency-ms"), (["--run-seconds", "1e308"], "--run-seconds"),
+        (["--queue-timeout", "1e308"], "--queue-timeout"), (["--task-run-seconds", "x=1e308"], "--task-run-seconds"),
+        (["--tasks", str(deep)], "nested"), (["--tasks", str(huge_run)], "runSeconds"), (["--tasks", str(oversize)], "larger than"),
+    ]
+    for args, words in cases:
+        out = cli("sim", "--port", "0", "--certs", str(tmp_path / "certs"), *args, cwd=tmp_path, timeout=60) if args[0] != "--port" \
+            else cli("sim", "--certs", str(tmp_path / "certs"), *args, cwd=tmp_path, timeout=60)
+        assert out.returncode == 2, (args, out.stdout[-500:], out.stderr[-1500:])
+        assert words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr[-1500:])
