@@ -13,6 +13,8 @@ memory or time is refused with a clear error (a `yaml.YAMLError`, so existing ha
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +43,11 @@ class _BoundedLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             self._aliases += 1
             if self._aliases > MAX_ALIASES:
-                raise YamlLimit(problem=f"more than {MAX_ALIASES} aliases (*name): refused", problem_mark=mark)
+                raise YamlLimit(problem=f"more than {MAX_ALIASES} aliases (*name)", problem_mark=mark)
             return super().compose_node(parent, index)
         self._depth += 1
         if self._depth > MAX_DEPTH:
-            raise YamlLimit(problem=f"nested deeper than {MAX_DEPTH} levels: refused", problem_mark=mark)
+            raise YamlLimit(problem=f"nested deeper than {MAX_DEPTH} levels", problem_mark=mark)
         try:
             return super().compose_node(parent, index)
         finally:
@@ -81,16 +83,16 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 def compose(text: str) -> yaml.Node | None:
     """The node tree of one YAML document within the limits (a `yaml.YAMLError` otherwise)."""
     if len(text) > MAX_BYTES:
-        raise YamlLimit(problem=f"larger than {MAX_BYTES} bytes: refused")
+        raise YamlLimit(problem=f"larger than {MAX_BYTES} bytes")
     loader = _BoundedLoader(text)
     try:
         node = loader.get_single_node()
     except RecursionError:  # a belt to the depth limit's braces
-        raise YamlLimit(problem=f"nested deeper than {MAX_DEPTH} levels: refused") from None
+        raise YamlLimit(problem=f"nested deeper than {MAX_DEPTH} levels") from None
     finally:
         loader.dispose()
     if node is not None and _expanded_size(node) > MAX_NODES:
-        raise YamlLimit(problem=f"aliases expand to more than {MAX_NODES} values: refused", problem_mark=node.start_mark)
+        raise YamlLimit(problem=f"aliases expand to more than {MAX_NODES} values", problem_mark=node.start_mark)
     return node
 
 
@@ -103,17 +105,21 @@ def load(text: str) -> Any:
     try:
         return loader.construct_document(node)
     except RecursionError:
-        raise YamlLimit(problem=f"nested deeper than {MAX_DEPTH} levels: refused") from None
+        raise YamlLimit(problem=f"nested deeper than {MAX_DEPTH} levels") from None
     finally:
         loader.dispose()
 
 
 def read_text(path: Path, encoding: str = "utf-8") -> str:
-    """The file's text, refused (`YamlLimit`) past `MAX_BYTES` before more is read."""
-    with path.open("rb") as f:
+    """The file's text, refused (`YamlLimit`) past `MAX_BYTES` before more is read, or when it
+    is no regular file (a FIFO or a device would block or never end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO without a writer must not block the open
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise YamlLimit(problem="not a regular file")
         data = f.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
-        raise YamlLimit(problem=f"larger than {MAX_BYTES} bytes: refused")
+        raise YamlLimit(problem=f"larger than {MAX_BYTES} bytes")
     return data.decode(encoding)
 
 

@@ -160,3 +160,12 @@ def test_the_simulator_refuses_control_options_it_could_not_honour(tmp_path):
             else cli("sim", "--certs", str(tmp_path / "certs"), *args, cwd=tmp_path, timeout=60)
         assert out.returncode == 2, (args, out.stdout[-500:], out.stderr[-1500:])
         assert words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr[-1500:])
+
+
+def test_init_from_butler_refuses_what_is_no_regular_file(tmp_path):
+    """A FIFO would block the read forever, a device never end: refused before reading."""
+    fifo = tmp_path / "butler.fifo"
+    os.mkfifo(fifo)
+    for source in (fifo, Path("/dev/zero")):
+        out = cli("init", str(tmp_path / "new.yaml"), "--from-butler", str(source), cwd=tmp_path, timeout=60)
+        assert out.returncode == 2 and "not a regular file" in out.stderr and "Traceback" not in out.stderr, out.stderr
