@@ -373,7 +373,7 @@ def _limit(text: str | None) -> int:
     if text is None:
         return history.DEFAULT_LIMIT
     if not (text.strip().isascii() and text.strip().isdigit()):
-        raise ValueError(f"limit: not a whole number: {text!r}")
+        raise ValueError(f"limit: not a whole number: {history.shown(text)}")
     return int(text)
 
 
@@ -390,7 +390,7 @@ def _check_content_type(request: Request) -> None:
         return
     media = ctype.split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
-        raise ApiError(415, "Unsupported Media Type", f"Content-Type {media or '(empty)'!r}: send the body as application/json")
+        raise ApiError(415, "Unsupported Media Type", f"Content-Type {history.shown(media) if media else '(empty)'}: send the body as application/json")
 
 
 def _allowed_methods(app: FastAPI, path: str) -> list[str]:
