@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -59,7 +60,7 @@ class _Section(BaseModel):
     def _no_nul(cls, v: Any) -> Any:
         """No text setting (path, host, topic, secret) can hold U+0000: the OS, the broker and
         the database all refuse it later, with a traceback. The value itself is never echoed."""
-        texts = v if isinstance(v, list) else [v]
+        texts = v if isinstance(v, list) else [v]  # a mapping is a section (checked key by key) or headers
         if any(isinstance(t, str) and "\x00" in t for t in texts):
             raise ValueError("contains a NUL character (\\0)")
         return v
@@ -270,6 +271,9 @@ class JournalConfig(_Section):
         return v
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 class WebhookConfig(_Section):
     """Where alerts are POSTed as JSON (ops/alerts.py). The URL and the header values may hold
     credentials: they are secrets, never logged (a failure names the URL's host only)."""
@@ -282,6 +286,18 @@ class WebhookConfig(_Section):
     queue: int = Field(default=1000, ge=1, le=1_000_000)
     ca: Path | None = None
     verify: bool = True
+
+    @field_validator("headers")
+    @classmethod
+    def _header_fields(cls, v: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        """Names are HTTP tokens, values have no line breaks or controls (no header injection);
+        a value is never echoed."""
+        for name, value in v.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name[:64]!r} is not an HTTP header name")
+            if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value.get_secret_value()):
+                raise ValueError(f"the value of {name} contains a line break or control character")
+        return v
 
     @field_validator("url")
     @classmethod
