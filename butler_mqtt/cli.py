@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import uuid
@@ -15,6 +14,7 @@ from butler_mqtt import __version__, replies
 from butler_mqtt.config import DEFAULT_CONFIG, Config, config_path, load_config
 from butler_mqtt.errors import ButlerError, ConfigError, QrsError, RequestRejected
 from butler_mqtt.model import CustomPropertyCriterion, StartRequest, validate_request
+from butler_mqtt.terminal import json_text
 
 _T = TypeVar("_T")
 
@@ -424,7 +424,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         "tasksNotFound": selection.not_found,
         "total": sum(1 for o in outcomes if o.status == "wouldStart"),
     }
-    print(json.dumps(out, indent=2, ensure_ascii=False))
+    print(json_text(out, indent=2))  # task names come from QRS: escaped for the terminal
     return EXIT_OK
 
 
@@ -494,7 +494,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     outcome = RequestOutcome()
 
     def show(ev: dict[str, Any]) -> None:
-        print(json.dumps(ev, ensure_ascii=False), flush=True)
+        print(json_text(ev), flush=True)  # a reply is anyone's message on the topic
         outcome.add(ev)
 
     requester = Requester(m)

@@ -11,45 +11,21 @@ Times are UTC.
 
 from __future__ import annotations
 
-import json
-import re
 import sys
-import unicodedata
 from typing import Any, TextIO
 
 from butler_mqtt.config import Config
 from butler_mqtt.journal.history import HistoryQuery, HistoryReader
+from butler_mqtt.terminal import json_text, terminal_text
 
 COLUMNS = ("RECEIVED (UTC)", "INGRESS", "SOURCE", "REQUEST ID", "CRITERIA", "TASKS", "FINAL", "STATE", "DUP")
 TASK_COLUMNS = ("  TASK", "NAME", "STAGE", "STATUS", "EXECUTION", "FINAL", "DURATION", "REASON")
 MAX_CELL = 40
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-#: What a terminal acts on instead of showing: C0/C1 controls, DEL, format characters (bidi
-#: overrides), line and paragraph separators. Outside JSON's own escapes (< U+0020).
-_TERMINAL_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]")
-
-
-def terminal_text(text: str) -> str:
-    """`text` with every character a terminal would act on (a newline forging a row, an escape
-    sequence, a bidi override) written as a visible escape (`\\n`, `\\x1b`, `\\u202e`)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c == " " else _escape(c) for c in text)
-
-
-def _escape(c: str) -> str:
-    if c in _NAMED:
-        return _NAMED[c]
-    if unicodedata.category(c) == "Zs":  # a space of another width: shown, harmless
-        return c
-    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
 
 
 def json_line(rec: dict[str, Any]) -> str:
-    """One JSON record for a terminal: JSON escapes C0 controls itself; the rest a terminal acts on
-    (DEL, C1, bidi overrides, separators) is written as a \\u escape too (they occur only in strings)."""
-    text = json.dumps(rec, ensure_ascii=False)
-    return _TERMINAL_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    """One JSON record, safe for a terminal (see terminal.json_text)."""
+    return json_text(rec)
 
 
 def run_history(cfg: Config, query: HistoryQuery, as_json: bool, out: TextIO = sys.stdout) -> int:

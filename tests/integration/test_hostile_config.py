@@ -172,3 +172,29 @@ def test_init_from_butler_refuses_what_is_no_regular_file(tmp_path):
     for source in (fifo, Path("/dev/zero")):
         out = cli("init", str(tmp_path / "new.yaml"), "--from-butler", str(source), cwd=tmp_path, timeout=60)
         assert out.returncode == 2 and "not a regular file" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_resolve_prints_a_hostile_qrs_task_name_escaped_for_the_terminal(tmp_path):
+    """A task name from QRS is not ours: `resolve` (and `request`) print it as JSON that a
+    terminal cannot act on (no ESC, C1 CSI or bidi override), and that reads back the same."""
+    import json
+
+    from butler_mqtt.ops.mosquitto import free_port, wait_port
+
+    evil = "Evil\u001b]0;pwned\u0007\u009b2J\u202eemanlaer"
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps([{"name": evil, "tags": ["evil"]}]))
+    port, certs = free_port(), tmp_path / "certs"
+    sim = subprocess.Popen([sys.executable, "-m", "butler_mqtt", "sim", "--port", str(port), "--certs", str(certs),
+                            "--tasks", str(tasks)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_port(port, 30), "simulator did not start"
+        env = {"BUTLER_MQTT__QRS__PORT": str(port), "BUTLER_MQTT__QRS__CERT": str(certs / "client.pem"),
+               "BUTLER_MQTT__QRS__KEY": str(certs / "client_key.pem"), "BUTLER_MQTT__QRS__CA": str(certs / "root.pem")}
+        out = cli("resolve", "--tag", "evil", cwd=REPO, env=env)  # etc/butler.yaml, as the README runs it
+    finally:
+        sim.terminate()
+        sim.wait(10)
+    assert out.returncode == 0, out.stderr
+    assert not any(c in out.stdout for c in "\u001b\u0007\u009b\u202e")
+    assert json.loads(out.stdout)["tasks"][0]["taskName"] == evil
