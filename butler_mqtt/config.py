@@ -85,6 +85,8 @@ def _check_host(v: str) -> str:
     """A host name or IP address: no scheme, path, credentials, port or spaces."""
     if not v or any(c.isspace() or not c.isprintable() or c in "/@?#" for c in v):
         raise ValueError("expected a host name or IP address (no scheme, path, port, spaces or credentials)")
+    if v.count(":") == 1:  # IPv6 addresses have two or more
+        raise ValueError("expected a host name or IP address: the port goes in the port key of this section")
     return v
 
 

@@ -95,6 +95,7 @@ BAD_VALUES = [
     ("alerts.webhook.headers", {"alerts": {"webhook": {"url": "https://h.example/x", "headers": {"X-Key": "tokSECRET\r\nX-Evil: 1"}}}}),
     ("alerts.webhook.headers", {"alerts": {"webhook": {"url": "https://h.example/x", "headers": {"Bad Name": "tokSECRET"}}}}),
     ("mqtt.host", {"mqtt": {"host": "broker.example/SECRETPATH"}}),
+    ("qrs.host", {"qrs": {"host": "qrs.example:4242"}}),
     ("tracking.poll_interval", {"tracking": {"poll_interval": float("inf")}}),
     ("qrs.timeout", {"qrs": {"timeout": float("nan")}}),
     ("qrs.max_response_bytes", {"qrs": {"max_response_bytes": 10**30}}),
