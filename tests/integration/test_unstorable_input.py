@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from butler_mqtt.mqtt.requester import Requester
 from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
@@ -32,7 +34,13 @@ def _first(box: queue.Queue[dict[str, Any]], event: str, timeout: float = 30.0) 
             raise AssertionError(f"error instead of {event}: {ev}")
 
 
-def _config(qrs_certs: Path, sim: Any, broker: Any, tmp_path: Path, pg: str, client_id: str) -> Any:
+@pytest.fixture(params=["postgresql", "sqlite"])
+def journal_url(request: pytest.FixtureRequest) -> str | None:
+    """PostgreSQL cannot store U+0000; SQLite can, and refuses it all the same (one rule)."""
+    return request.getfixturevalue("fresh_pg") if request.param == "postgresql" else None
+
+
+def _config(qrs_certs: Path, sim: Any, broker: Any, tmp_path: Path, pg: str | None, client_id: str) -> Any:
     base = f"unstorable/{client_id}"
     topics = {"start": f"{base}/start", "start_plain": f"{base}/plain", "reply": f"{base}/reply", "status": f"{base}/status"}
     return make_config(
@@ -42,9 +50,9 @@ def _config(qrs_certs: Path, sim: Any, broker: Any, tmp_path: Path, pg: str, cli
     )
 
 
-def test_nul_request_ids_are_answered_and_do_not_wedge_a_postgresql_daemon(qrs_certs, sim, broker, tmp_path, fresh_pg, start_daemon):
+def test_nul_request_ids_are_answered_and_do_not_wedge_a_postgresql_daemon(qrs_certs, sim, broker, tmp_path, journal_url, start_daemon):
     client_id = f"nul-{uuid.uuid4().hex[:8]}"
-    cfg = _config(qrs_certs, sim, broker, tmp_path, fresh_pg, client_id)
+    cfg = _config(qrs_certs, sim, broker, tmp_path, journal_url, client_id)
     first = start_daemon(cfg)
     with Requester(cfg.mqtt) as r:
         boxes = [r.send({"requestId": f"bad\u0000{n}", "taskId": VALID})[1] for n in range(BAD)]
