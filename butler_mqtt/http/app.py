@@ -353,7 +353,7 @@ def history_query(params: Sequence[tuple[str, str]]) -> history.HistoryQuery:
             given[name] = value
         since = given.get("since")
         q = history.HistoryQuery(
-            since=history.parse_since(since) if since else None,
+            since=history.parse_since(since) if since is not None else None,  # `since=` alone is a bad query
             request_id=given.get("requestId"),
             task_id=given.get("taskId"),
             limit=_limit(given.get("limit")),

@@ -218,7 +218,7 @@ def test_every_bad_history_query_is_a_400_naming_the_parameter_and_the_cli_says_
         ("since=200000w", "since"), ("since=9999-12-31T23:59:59-01:00", "since"),
         ("since=0001-01-01T00:00:00%2B01:00", "since"), ("since=2024-05-01T10:30:00%2B05:30:15", "since"),
         ("request_id=x", "request_id"), ("task=" + T1, "task"), ("requestId=a&requestId=b", "requestId"),
-        ("requestId=%00", "requestId"), ("requestId=", "requestId"), ("limit=1e3", "limit"),
+        ("requestId=%00", "requestId"), ("requestId=", "requestId"), ("since=", "since"), ("limit=1e3", "limit"),
         ("requestId=" + "r" * 129, "requestId"), ("taskId=" + "x" * 10_000, "taskId"), ("since=" + "y" * 10_000, "since"),
     ]
     for query, name in cases:
