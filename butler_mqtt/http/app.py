@@ -253,6 +253,8 @@ class RestApi:
             return exc.response()
         except JournalError as exc:
             return error_response(503, "Journal unavailable", str(exc), {"Retry-After": RETRY_AFTER_S})
+        except RequestRejected as rej:  # a value the journal cannot hold that the checks let through
+            return error_response(400, "Invalid query", rej.details)
         return JSONResponse({
             "requests": records,
             "since": history.iso(query.since),
