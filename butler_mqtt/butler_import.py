@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from butler_mqtt import yamlsafe
 from butler_mqtt.config import Config
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.model import is_guid
@@ -116,18 +117,14 @@ class ImportResult:
 def load_butler(path: Path) -> dict[str, Any]:
     """Butler's YAML file as a mapping; a missing file or bad YAML is a ConfigError."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = yamlsafe.read_text(path, encoding="utf-8-sig")
+        data = yamlsafe.load(text)
     except FileNotFoundError:
         raise ConfigError("--from-butler", f"file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("--from-butler", f"cannot read {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(str(path), f"not valid YAML{where}: {problem}") from None
+        raise ConfigError(str(path), yamlsafe.describe(exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(ROOT, f"missing: {path} is not a Butler configuration (its keys sit under 'Butler:')")
     return data
@@ -640,7 +637,7 @@ def _get(data: Mapping[str, Any], dotted: str) -> Any:
 
 def _verify(text: str, values: Mapping[str, Any], notes: list[Note]) -> None:
     """The written text must read back as exactly the values meant, and be a valid config."""
-    data = yaml.safe_load(text)
+    data = yamlsafe.load(text)
     for key, want in values.items():
         got = _get(data, key)
         if got != want and not (isinstance(want, list) and not want and got == []):

@@ -1,6 +1,7 @@
 """`butler-mqtt check`: the operator's first aid. One line per check, each saying what to fix.
 
-Exit 0 only when every check passes.
+Exit 0 only when every check passes; 2 when the configuration is wrong (it does not load, or a
+certificate file it names is missing or unusable: every line is still printed first); else 1.
 """
 
 from __future__ import annotations
@@ -210,11 +211,13 @@ def run_checks(config_file: Path) -> int:
         _line(FAIL, "config", f"{exc}")
         return 2
     _line(OK, "config", f"{config_file} valid")
+    files_ok = check_cert_files(cfg)
     steps: list[Callable[[], bool]] = [
-        lambda: check_cert_files(cfg),
         lambda: check_http(cfg),
         lambda: check_broker(cfg.mqtt),
         lambda: check_qrs(cfg),
     ]
-    results = [step() for step in steps]
+    results = [step() for step in steps]  # every line is printed, whatever failed before
+    if not files_ok:
+        return 2  # a certificate file missing or unusable is a configuration error
     return 0 if all(results) else 1

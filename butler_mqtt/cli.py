@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import uuid
@@ -15,6 +14,7 @@ from butler_mqtt import __version__, replies
 from butler_mqtt.config import DEFAULT_CONFIG, Config, config_path, load_config
 from butler_mqtt.errors import ButlerError, ConfigError, QrsError, RequestRejected
 from butler_mqtt.model import CustomPropertyCriterion, StartRequest, validate_request
+from butler_mqtt.terminal import json_text
 
 _T = TypeVar("_T")
 
@@ -48,8 +48,9 @@ def _add_selectors(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _number(text: str, unit: str, *, positive: bool = False) -> float:
-    """A finite number of `unit` (seconds, milliseconds), 0 or more (or > 0), for argparse."""
+def _number(text: str, unit: str, *, positive: bool = False, most: float = math.inf) -> float:
+    """A finite number of `unit` (seconds, milliseconds), 0 or more (or > 0), at most `most`,
+    for argparse."""
     try:
         value = float(text)
     except ValueError:
@@ -57,6 +58,8 @@ def _number(text: str, unit: str, *, positive: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         bound = f"a number of {unit} greater than 0" if positive else f"0 or more {unit}"
         raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+    if value > most:  # no timer holds more (time.sleep overflows), and no test needs it
+        raise argparse.ArgumentTypeError(f"must be at most {most:g} {unit}, got {text!r}")
     return value
 
 
@@ -65,9 +68,20 @@ def positive_seconds(text: str) -> float:
     return _number(text, "seconds", positive=True)
 
 
+#: The simulator's delays and run times: a week at most.
+SIM_MAX_SECONDS = 7 * 86400.0
+
+
 def non_negative_ms(text: str) -> float:
-    """argparse type: milliseconds, 0 or more."""
-    return _number(text, "milliseconds")
+    """argparse type: milliseconds, 0 or more (at most a week)."""
+    return _number(text, "milliseconds", most=SIM_MAX_SECONDS * 1000)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
+    return int(text)
 
 
 EXIT_CODES = "Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage (naming the key and where its value came from)."
@@ -119,8 +133,8 @@ def non_negative_int(text: str) -> int:
 
 
 def non_negative_seconds(text: str) -> float:
-    """argparse type: a number of seconds, 0 or more."""
-    return _number(text, "seconds")
+    """argparse type: a number of seconds, 0 or more (at most a week)."""
+    return _number(text, "seconds", most=SIM_MAX_SECONDS)
 
 
 def _task_setting(kind: Callable[[str], _T]) -> Callable[[str], tuple[str, _T]]:
@@ -137,7 +151,7 @@ def _task_setting(kind: Callable[[str], _T]) -> Callable[[str], tuple[str, _T]]:
 
 def _add_sim(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=4242, help="port to listen on (default 4242, like QRS)")
+    p.add_argument("--port", type=port_number, default=4242, help="port to listen on (default 4242, like QRS)")
     p.add_argument(
         "--certs", type=Path, default=Path("certs"), metavar="DIR",
         help="certificate folder; missing files are generated (default ./certs, where etc/butler.yaml looks)",
@@ -412,9 +426,12 @@ def _add_history(sub: Subcommands) -> None:
 
 def cmd_history(args: argparse.Namespace) -> int:
     from butler_mqtt.history import run_history
-    from butler_mqtt.journal.history import HistoryQuery
+    from butler_mqtt.journal.history import HistoryQuery, check_query
 
-    query = HistoryQuery(since=args.since, request_id=args.request_id, task_id=args.task, limit=args.limit)
+    try:  # checked before the journal is opened, with the words GET /v4/requests answers
+        query = check_query(HistoryQuery(since=args.since, request_id=args.request_id, task_id=args.task, limit=args.limit))
+    except ValueError as exc:
+        raise RequestRejected("Invalid query", str(exc)) from None
     return run_history(_load(args), query, args.json)
 
 
@@ -463,7 +480,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         "tasksNotFound": selection.not_found,
         "total": sum(1 for o in outcomes if o.status == "wouldStart"),
     }
-    print(json.dumps(out, indent=2, ensure_ascii=False))
+    print(json_text(out, indent=2))  # task names come from QRS: escaped for the terminal
     return EXIT_OK
 
 
@@ -539,7 +556,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     outcome = RequestOutcome()
 
     def show(ev: dict[str, Any]) -> None:
-        print(json.dumps(ev, ensure_ascii=False), flush=True)
+        print(json_text(ev), flush=True)  # a reply is anyone's message on the topic
         outcome.add(ev)
 
     requester = Requester(m)

@@ -18,10 +18,11 @@ import os
 import platform
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -33,19 +34,38 @@ from pydantic import (
     model_validator,
 )
 
+from butler_mqtt import yamlsafe
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.model import is_guid
+from butler_mqtt.redaction import redact_url, url_problem, url_secrets
 
 ENV_PREFIX = "BUTLER_MQTT__"
 DEFAULT_CONFIG = Path("etc/butler.yaml")
 POSTGRES_HINT = 'the PostgreSQL journal needs its driver: pip install "butler-mqtt[postgres]"'
+
+#: Upper bounds of sizes and times: beyond them a value is a typo, and some would fail only
+#: later (a read buffer of that size, a timer no clock can hold).
+GIB = 1024 * 1024 * 1024
+HOUR = 3600
+DAY = 86400
 
 #: Where each value came from: dotted key -> "etc/butler.yaml, line 3" / "environment variable ...".
 Sources = dict[str, str]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf/nan: a timeout of .inf is no timeout, and nan compares false to every bound.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        """No text setting (path, host, topic, secret) can hold U+0000: the OS, the broker and
+        the database all refuse it later, with a traceback. The value itself is never echoed."""
+        texts = v if isinstance(v, list) else [v]  # a mapping is a section (checked key by key) or headers
+        if any(isinstance(t, str) and "\x00" in t for t in texts):
+            raise ValueError("contains a NUL character (\\0)")
+        return v
 
 
 class TlsConfig(_Section):
@@ -64,8 +84,20 @@ class TopicsConfig(_Section):
     stop: str = "qliksense/task/stop"  # stop requests (contract section 8)
 
 
+def _check_host(v: str) -> str:
+    """A host name or IP address: no scheme, path, credentials, port or spaces."""
+    if not v or any(c.isspace() or not c.isprintable() or c in "/@?#" for c in v):
+        raise ValueError("expected a host name or IP address (no scheme, path, port, spaces or credentials)")
+    if v.count(":") == 1:  # IPv6 addresses have two or more
+        raise ValueError("expected a host name or IP address: the port goes in the port key of this section")
+    return v
+
+
+Host = Annotated[str, AfterValidator(_check_host)]
+
+
 class MqttConfig(_Section):
-    host: str = "localhost"
+    host: Host = "localhost"
     port: int = Field(default=1883, ge=1, le=65535)
     protocol: Literal["5", "3.1.1"] = "5"
     client_id: str = Field(default="butler-mqtt", min_length=1, max_length=128)
@@ -73,13 +105,13 @@ class MqttConfig(_Section):
     username: str | None = None
     password: SecretStr | None = None
     keepalive: int = Field(default=60, ge=5, le=65535)
-    session_expiry: int = Field(default=86400, ge=0)
+    session_expiry: int = Field(default=86400, ge=0, le=0xFFFFFFFF)  # MQTT 5: a four-byte integer
     tls: TlsConfig = TlsConfig()
     shared_group: str | None = None
     topics: TopicsConfig = TopicsConfig()
     receive_maximum: int = Field(default=32, ge=1, le=65535)
     workers: int = Field(default=16, ge=1, le=256)
-    queue_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    queue_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=GIB)
     response_topic_prefixes: list[str] | None = None
 
     def effective_client_id(self) -> str:
@@ -100,7 +132,7 @@ class MqttConfig(_Section):
 
 
 class QrsConfig(_Section):
-    host: str = "localhost"
+    host: Host = "localhost"
     port: int = Field(default=4242, ge=1, le=65535)
     cert: Path = Path("certs/client.pem")
     key: Path = Path("certs/client_key.pem")
@@ -108,11 +140,11 @@ class QrsConfig(_Section):
     verify: bool = True
     user_directory: str = "INTERNAL"
     user_id: str = "sa_api"
-    timeout: float = Field(default=30, gt=0)
+    timeout: float = Field(default=30, gt=0, le=HOUR)
     start_concurrency: int = Field(default=8, ge=1, le=64)
     retries: int = Field(default=3, ge=0, le=10)
     max_filter_length: int = Field(default=6000, ge=200)
-    max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
+    max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024, le=GIB)
 
     @property
     def base_url(self) -> str:
@@ -175,15 +207,15 @@ class HttpTlsConfig(_Section):
 
 class HttpConfig(_Section):
     enabled: bool = False
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: int = Field(default=8081, ge=0, le=65535)
     token: SecretStr | None = None
-    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
     # Every connection is a file descriptor: capped (and lowered at start when the process's
     # descriptor limit leaves too little room, see butler_mqtt/ops/fds.py).
-    max_connections: int = Field(default=512, ge=1)
-    request_timeout: float = Field(default=10, gt=0)  # head and body of a request (slowloris)
-    keep_alive_timeout: int = Field(default=5, ge=1)  # idle between two requests on a connection
+    max_connections: int = Field(default=512, ge=1, le=65536)
+    request_timeout: float = Field(default=10, gt=0, le=HOUR)  # head and body of a request (slowloris)
+    keep_alive_timeout: int = Field(default=5, ge=1, le=HOUR)  # idle between two requests on a connection
     tls: HttpTlsConfig = HttpTlsConfig()
 
 
@@ -192,9 +224,9 @@ class MetricsConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    poll_interval: float = Field(default=5, gt=0)
-    first_poll: float = Field(default=1, gt=0)
-    max_wait: float = Field(default=21600, gt=0)
+    poll_interval: float = Field(default=5, gt=0, le=DAY)
+    first_poll: float = Field(default=1, gt=0, le=DAY)
+    max_wait: float = Field(default=21600, gt=0, le=31 * DAY)
 
 
 class RetryConfig(_Section):
@@ -207,9 +239,9 @@ class PoliciesConfig(_Section):
 
     if_running: Literal["start", "attach", "skip", "queue"] = "start"
     max_running: int = Field(default=0, ge=0, le=10000)
-    queue_timeout: float = Field(default=3600, gt=0)
+    queue_timeout: float = Field(default=3600, gt=0, le=31 * DAY)
     retry: RetryConfig = RetryConfig()
-    deadline: float | None = Field(default=None, gt=0)
+    deadline: float | None = Field(default=None, gt=0, le=31 * DAY)
 
 
 class LoggingConfig(_Section):
@@ -224,8 +256,8 @@ class LoggingConfig(_Section):
 
 class JournalConfig(_Section):
     url: SecretStr | None = None  # a PostgreSQL URL may hold a password
-    retention_hours: float = Field(default=24, gt=0)
-    lease_seconds: float = Field(default=30, ge=2)
+    retention_hours: float = Field(default=24, gt=0, le=24 * 366)
+    lease_seconds: float = Field(default=30, ge=2, le=HOUR)
 
     @field_validator("url")
     @classmethod
@@ -234,11 +266,17 @@ class JournalConfig(_Section):
             return v
         url = v.get_secret_value()
         if url.startswith(("postgresql://", "postgres://")):
+            problem = url_problem(url, ("postgresql", "postgres"), host_required=False)
+            if problem is not None:
+                raise ValueError(f"{problem} ({redact_url(url)})")
             if importlib.util.find_spec("psycopg") is None:
                 raise ValueError(POSTGRES_HINT)
         elif not url.startswith("sqlite:///"):
             raise ValueError("expected sqlite:///path or postgresql://user@host/db")
         return v
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class WebhookConfig(_Section):
@@ -247,25 +285,40 @@ class WebhookConfig(_Section):
 
     url: SecretStr | None = None
     headers: dict[str, SecretStr] = {}
-    timeout: float = Field(default=10, gt=0)
+    timeout: float = Field(default=10, gt=0, le=HOUR)
     attempts: int = Field(default=6, ge=1, le=100)
-    retry_delay: float = Field(default=1, gt=0)
-    queue: int = Field(default=1000, ge=1)
+    retry_delay: float = Field(default=1, gt=0, le=HOUR)
+    queue: int = Field(default=1000, ge=1, le=1_000_000)
     ca: Path | None = None
     verify: bool = True
+
+    @field_validator("headers")
+    @classmethod
+    def _header_fields(cls, v: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        """Names are HTTP tokens, values have no line breaks or controls (no header injection);
+        a value is never echoed."""
+        for name, value in v.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name[:64]!r} is not an HTTP header name")
+            if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value.get_secret_value()):
+                raise ValueError(f"the value of {name} contains a line break or control character")
+        return v
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and not v.get_secret_value().lower().startswith(("http://", "https://")):
-            raise ValueError("expected an http:// or https:// URL")
+        if v is None:
+            return v
+        problem = url_problem(v.get_secret_value(), ("http", "https"))
+        if problem is not None:  # named with what can be shown of it: never userinfo, path or query
+            raise ValueError(f"{problem} ({redact_url(v.get_secret_value())})")
         return v
 
 
 class AlertsConfig(_Section):
     topic: str | None = None
     webhook: WebhookConfig = WebhookConfig()
-    qrs_outage_after: float = Field(default=30, ge=0)
+    qrs_outage_after: float = Field(default=30, ge=0, le=DAY)
 
     @field_validator("topic")
     @classmethod
@@ -464,6 +517,18 @@ class Config(_Section):
             if not os.access(path, os.R_OK):
                 raise ConfigError(key, f"file not readable: {path}", self.source(key))
 
+    def secret_values(self) -> list[str]:
+        """Every configured secret value (and the secret parts of URLs), for the log scrubber
+        (ops/logging.scrub_secrets): none of them may appear in a log line, in any field."""
+        found: list[str] = []
+        for secret in (self.mqtt.password, self.http.token, *self.alerts.webhook.headers.values()):
+            if secret is not None:
+                found.append(secret.get_secret_value())
+        for url in (self.journal.url, self.alerts.webhook.url):
+            if url is not None:
+                found += url_secrets(url.get_secret_value())
+        return found
+
     def redacted(self) -> dict[str, Any]:
         """The effective settings with secrets replaced, for logs and `check`."""
         return self.model_dump(mode="json")  # SecretStr dumps as '**********'
@@ -494,7 +559,7 @@ def _file_sources(text: str, path: Path) -> Sources:
                 out[key] = f"{path}, line {item.start_mark.line + 1}"
                 walk(item, key + ".")
 
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    root = yamlsafe.compose(text)
     if root is not None:
         walk(root, "")
     return out
@@ -510,7 +575,7 @@ def _env_overrides(environ: dict[str, str], sources: Sources | None = None) -> d
         if not path:
             continue
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = yamlsafe.load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         if isinstance(value, int | float | bool) and path[-1] in {"password", "token", "user_id", "username"}:
@@ -614,18 +679,13 @@ def load_config(path: Path | None, environ: dict[str, str] | None = None, *, mis
 
 def _read_yaml(path: Path, sources: Sources) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = yamlsafe.read_text(path)
+        loaded = yamlsafe.load(text)
+        sources.update(_file_sources(text, path))
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), f"cannot read the config file: {exc}") from None
-    try:
-        loaded = yaml.safe_load(text)
-        sources.update(_file_sources(text, path))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(str(path), f"not valid YAML{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+        raise ConfigError(str(path), yamlsafe.describe(exc)) from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(str(path), "the top level must be a mapping (section: keys)")
     return loaded or {}

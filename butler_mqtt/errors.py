@@ -3,6 +3,8 @@
     ButlerError
     ├── ConfigError            bad configuration or usage (exit code 2); names the key
     ├── RequestRejected        a start request that is invalid; nothing is started
+    │   └── UnstorableValue    a value the journal can never store (U+0000 for PostgreSQL, a
+    │                          lone surrogate anywhere): a bad request, never "unavailable"
     └── QrsError               talking to the Qlik Sense Repository Service failed
         ├── QrsUnreachable     no answer: connection refused or reset, timeout   (transient)
         ├── QrsTlsRejected     the TLS handshake failed for good: the server's certificate is
@@ -49,6 +51,16 @@ class RequestRejected(ButlerError):
         super().__init__(f"{error}: {details}")
         self.error = error
         self.details = details
+
+
+class UnstorableValue(RequestRejected):
+    """The journal refused a value it can never store (the driver's data error, e.g. U+0000 in
+    PostgreSQL text or a lone UTF-16 surrogate): permanent, answered as a bad request. Ingress
+    validation refuses such values first; this is the second line of defence, so that such a
+    value can never be mistaken for an unavailable journal and retried forever."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__("Invalid request", details)
 
 
 class QrsError(ButlerError):

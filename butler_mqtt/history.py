@@ -11,16 +11,21 @@ Times are UTC.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any, TextIO
 
 from butler_mqtt.config import Config
 from butler_mqtt.journal.history import HistoryQuery, HistoryReader
+from butler_mqtt.terminal import json_text, terminal_text
 
 COLUMNS = ("RECEIVED (UTC)", "INGRESS", "SOURCE", "REQUEST ID", "CRITERIA", "TASKS", "FINAL", "STATE", "DUP")
 TASK_COLUMNS = ("  TASK", "NAME", "STAGE", "STATUS", "EXECUTION", "FINAL", "DURATION", "REASON")
 MAX_CELL = 40
+
+
+def json_line(rec: dict[str, Any]) -> str:
+    """One JSON record, safe for a terminal (see terminal.json_text)."""
+    return json_text(rec)
 
 
 def run_history(cfg: Config, query: HistoryQuery, as_json: bool, out: TextIO = sys.stdout) -> int:
@@ -32,7 +37,7 @@ def run_history(cfg: Config, query: HistoryQuery, as_json: bool, out: TextIO = s
         reader.close()
     if as_json:
         for rec in records:
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            out.write(json_line(rec) + "\n")
     elif not records:
         out.write(f"no requests in the journal for this query (it keeps {cfg.journal.retention_hours:g} h)\n")
     else:
@@ -118,6 +123,7 @@ def _task_row(t: dict[str, Any]) -> list[str]:
 
 
 def _render(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    rows = [[terminal_text(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

@@ -34,6 +34,7 @@ INVALID_GUID_DETAILS = "Task ID must be a valid GUID"
 # lines and QRS filters clean. Quotes, `&`, `#`, `+`, `%`, parentheses and non-ASCII are
 # legitimate and are escaped instead (see qrs.filters).
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_UNSTORABLE_RE = re.compile("[\x00\ud800-\udfff]")
 
 TaskStatus = Literal[
     "started", "notStarted", "denied", "failed", "wouldStart", "alreadyRunning", "skipped", "queued", "expired"
@@ -54,7 +55,34 @@ def is_guid(value: str) -> bool:
     return bool(GUID_RE.match(value))
 
 
+def storable_problem(text: str) -> str | None:
+    """Why the journal could never store `text`, or None. U+0000 (PostgreSQL text cannot hold
+    it) and lone UTF-16 surrogates (not Unicode: no driver encodes them) are refused for every
+    backend alike, so a request valid on SQLite is valid on PostgreSQL too."""
+    if "\x00" in text:
+        return "contains U+0000 (NUL), which cannot be stored"
+    if not encodable(text):
+        return "contains a lone UTF-16 surrogate, which is not valid Unicode"
+    return None
+
+
+def check_storable(value: str, what: str) -> str:
+    """`value`, or ValueError naming `what` when the journal could never store it."""
+    problem = storable_problem(value)
+    if problem is not None:
+        raise ValueError(f"{what} {problem}")
+    return value
+
+
+def storable_text(text: str) -> str:
+    """`text` with what no journal can store replaced by U+FFFD (for texts from QRS)."""
+    if storable_problem(text) is None:
+        return text
+    return _UNSTORABLE_RE.sub("\ufffd", text)
+
+
 def _check_name(value: str, what: str) -> str:
+    check_storable(value, what)
     if not value:
         raise ValueError(f"{what} must not be empty")
     if len(value) > MAX_NAME_LENGTH:
@@ -110,6 +138,11 @@ class StartRequest(BaseModel):
     retry: RetryRequest | None = None
     deadline: float | None = Field(default=None, gt=0, le=7 * 86400)
     priority: int | None = Field(default=None, ge=0, le=MAX_PRIORITY)
+
+    @field_validator("requestId")
+    @classmethod
+    def _request_id(cls, v: str | None) -> str | None:
+        return None if v is None else check_storable(v, "requestId")
 
     @field_validator("taskId", "tag", mode="before")
     @classmethod
@@ -277,7 +310,7 @@ class QrsTask:
         running, result_id = _last_execution(obj.get("operational"))
         return cls(
             id=str(obj["id"]).lower(),
-            name=name if isinstance(name, str) else "",
+            name=storable_text(name) if isinstance(name, str) else "",
             enabled=enabled if isinstance(enabled, bool) else True,
             tags=tags,
             custom_properties=cps,

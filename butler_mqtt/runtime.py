@@ -18,6 +18,7 @@ import structlog
 from butler_mqtt.journal import Journal
 from butler_mqtt.ops import alerts
 from butler_mqtt.ops.alerts import Alerter
+from butler_mqtt.ops.logging import scrub_secrets
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StartService
@@ -84,6 +85,7 @@ def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | No
     the alerter (publishing on MQTT through `alert`), the QRS client and the use case reporting
     to both, and the tracker. Nothing is started here: the daemon's startup() starts the
     threads. Call `preflight(cfg)` first."""
+    scrub_secrets(cfg.secret_values())  # before anything can log one
     url = cfg.journal.url.get_secret_value() if cfg.journal.url else None
     journal = Journal.from_config(
         cfg.state_dir,

@@ -169,7 +169,13 @@ def configuration_page() -> str:
         "- **Errors.** Unknown keys, wrong types, values out of range and missing certificate files "
         "stop the daemon with exit code 2, naming the key, where its value came from (file and line, "
         "or the environment variable) and the reason, e.g. "
-        "`mqtt.port (etc/butler.yaml, line 3): Input should be a valid integer`.",
+        "`mqtt.port (etc/butler.yaml, line 3): Input should be a valid integer`; so do values that "
+        "would only fail later: a URL with a bad scheme, host or port (shown as "
+        "`https://***@host:port/***?token=***`, never its password, path or query values), a host "
+        "with a path or a port, a NUL character in any setting, `.inf` or `nan`, and sizes and times "
+        "past their bounds. `check` reports the same. The file is read by a bounded YAML loader (at "
+        "most 1 MiB, nesting 64 deep, 100 aliases expanding to at most 100,000 values), as is "
+        "Butler's with `init --from-butler`.",
         "- **systemd credentials.** Files passed with `LoadCredential=` replace keys: `qrs_client.pem`, "
         "`qrs_client_key.pem`, `qrs_root.pem` (`qrs.cert`, `qrs.key`, `qrs.ca`), `mqtt_password`, "
         "`http_token`, `http_cert.pem`, `http_key.pem`, `http_client_ca.pem` (`http.tls.cert`, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -251,13 +251,15 @@ class RestApi:
         """`GET /v4/requests`: the journal's request history (journal/history.py)."""
         try:
             self._authorize(request)
-            query = history_query(request.query_params.get)
+            query = history_query(request.query_params.multi_items())
             records = await run_in_threadpool(self.rt.journal.history, query)
         except ApiError as exc:
             log.warning("rest_history_refused", status=exc.status, error=exc.error, details=exc.details, client=_client(request))
             return exc.response()
         except JournalError as exc:
             return error_response(503, "Journal unavailable", str(exc), {"Retry-After": RETRY_AFTER_S})
+        except RequestRejected as rej:  # a value the journal cannot hold that the checks let through
+            return error_response(400, "Invalid query", rej.details)
         return JSONResponse({
             "requests": records,
             "since": history.iso(query.since),
@@ -340,26 +342,45 @@ class RestApi:
 WAITING_ALERT_S = 60.0
 
 
-def history_query(param: Callable[[str], str | None]) -> history.HistoryQuery:
-    """The `GET /v4/requests` query parameters -> a HistoryQuery; ApiError 400 naming a bad one."""
+#: The query parameters of `GET /v4/requests`; any other is a 400 (a misspelt filter must not
+#: silently return every record).
+HISTORY_PARAMS = ("since", "requestId", "taskId", "limit")
+
+
+def history_query(params: Sequence[tuple[str, str]]) -> history.HistoryQuery:
+    """The `GET /v4/requests` query parameters (name, value pairs as sent) -> a HistoryQuery;
+    ApiError 400 naming a bad, unknown or repeated one."""
     try:
-        since, limit = param("since"), param("limit")
+        given: dict[str, str] = {}
+        for name, value in params:
+            if name not in HISTORY_PARAMS:
+                raise ValueError(f"{_shown(name)}: unknown query parameter (known: {', '.join(HISTORY_PARAMS)})")
+            if name in given:
+                raise ValueError(f"{name}: given more than once")
+            given[name] = value
+        since = given.get("since")
         q = history.HistoryQuery(
-            since=history.parse_since(since) if since else None,
-            request_id=param("requestId"),
-            task_id=param("taskId"),
-            limit=_limit(limit),
+            since=history.parse_since(since) if since is not None else None,  # `since=` alone is a bad query
+            request_id=given.get("requestId"),
+            task_id=given.get("taskId"),
+            limit=_limit(given.get("limit")),
         )
         return history.check_query(q)
     except ValueError as exc:
         raise ApiError(400, "Invalid query", str(exc)) from None
 
 
+def _shown(name: str) -> str:
+    """A parameter name as sent, safe to echo (bounded, printable)."""
+    text = name if len(name) <= 64 else name[:63] + "…"
+    return repr(text) if not text.isprintable() or not text else text
+
+
 def _limit(text: str | None) -> int:
     if text is None:
         return history.DEFAULT_LIMIT
     if not (text.strip().isascii() and text.strip().isdigit()):
-        raise ValueError(f"limit: not a whole number: {text!r}")
+        raise ValueError(f"limit: not a whole number: {history.shown(text)}")
     return int(text)
 
 
@@ -376,7 +397,7 @@ def _check_content_type(request: Request) -> None:
         return
     media = ctype.split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
-        raise ApiError(415, "Unsupported Media Type", f"Content-Type {media or '(empty)'!r}: send the body as application/json")
+        raise ApiError(415, "Unsupported Media Type", f"Content-Type {history.shown(media) if media else '(empty)'}: send the body as application/json")
 
 
 def _allowed_methods(app: FastAPI, path: str) -> list[str]:

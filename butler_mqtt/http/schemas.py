@@ -332,13 +332,15 @@ def history_operation(token_required: bool) -> dict[str, Any]:
         "parameters": [
             param("since", "A duration back from now (30m, 2h, 1d, 1w, 45s) or an ISO 8601 date or date-time"
                   " (UTC without an offset). Default: the whole retention window.", {"type": "string"}),
-            param("requestId", "Only this requestId.", {"type": "string", "minLength": 1}),
+            param("requestId", "Only this requestId.", {"type": "string", "minLength": 1, "maxLength": 128}),
             param("taskId", "Only requests that selected or named this task.", {"type": "string", "pattern": GUID_RE.pattern}),
             param("limit", "The newest this many (default 100).", {"type": "integer", "minimum": 1, "maximum": 1000}),
         ],
         "responses": {
             "200": {"description": "The matching requests.", "content": {"application/json": {"schema": _ref("HistoryPage")}}},
-            "400": _error("A bad query parameter (named in details)."),
+            "400": _error("A bad query parameter (named in details): a value out of range, a text no request can"
+                          " hold (U+0000), a parameter given twice, or one this endpoint does not know (a misspelt"
+                          " filter never returns every record)."),
             "503": _error("The journal cannot be read right now."),
         },
     }

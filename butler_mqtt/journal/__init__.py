@@ -33,10 +33,11 @@ from typing import Any
 
 from butler_mqtt import replies
 from butler_mqtt.errors import JournalError
-from butler_mqtt.journal.backends import Postgres, Sqlite, db_errors
+from butler_mqtt.journal.backends import Postgres, Sqlite, data_errors, db_errors, unstorable
 from butler_mqtt.journal.history import HistoryQuery, read_history
 from butler_mqtt.journal.migrations import MIGRATIONS, SCHEMA_VERSION
 from butler_mqtt.journal.runq import RunQueue
+from butler_mqtt.redaction import redact_url
 
 __all__ = ["SCHEMA_VERSION", "HistoryQuery", "Journal", "JournalError", "Prior"]
 
@@ -76,7 +77,8 @@ class Journal:
         self.owner = owner
         self.lease_s = lease_s
         self._errors = db_errors()
-        where = url.split("@")[-1] if url else str(path)  # never log a password from the URL
+        self._data_errors = data_errors()
+        where = redact_url(url) if url else str(path)  # never a password or token from the URL
         try:
             self._db: Sqlite | Postgres = Postgres(url) if url else Sqlite(path or Path("journal.sqlite3"))
             self._migrate()
@@ -134,11 +136,14 @@ class Journal:
 
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:
-        """Database errors become JournalError (the caller then does not ack)."""
+        """Database errors become JournalError (the caller then does not ack); a value the
+        database can never store becomes UnstorableValue (permanent: a bad request)."""
         if isinstance(self._db, Sqlite):
             self._db.check_file()
         try:
             yield
+        except self._data_errors as exc:
+            raise unstorable(exc) from None
         except self._errors as exc:
             raise JournalError(f"journal {what} failed: {exc}") from None
 

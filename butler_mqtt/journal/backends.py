@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from butler_mqtt.errors import JournalError
+from butler_mqtt.errors import JournalError, UnstorableValue
 
 
 def _log_error(event: str, detail: str) -> None:
@@ -183,6 +183,26 @@ class Postgres:
 
 
 _DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+
+
+def data_errors() -> tuple[type[BaseException], ...]:
+    """The drivers' errors for a value that can never be stored, whatever the database's state:
+    psycopg's DataError (U+0000 in text, a value out of range) and SQLite's, and the
+    UnicodeEncodeError both drivers raise for a lone surrogate. Permanent, never transient."""
+    found: tuple[type[BaseException], ...] = (sqlite3.DataError, UnicodeEncodeError)
+    try:
+        import psycopg
+
+        return (*found, psycopg.DataError)
+    except ImportError:  # pragma: no cover
+        return found
+
+
+def unstorable(exc: BaseException) -> UnstorableValue:
+    """The permanent error for a driver's data error (its text says which value; no secret:
+    drivers never echo the value itself)."""
+    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return UnstorableValue(f"a value cannot be stored in the journal: {reason}")
 
 
 def db_errors() -> tuple[type[BaseException], ...]:

@@ -35,7 +35,16 @@ from typing import Any
 
 from butler_mqtt import keys
 from butler_mqtt.errors import JournalError
-from butler_mqtt.journal.backends import Cursor, Postgres, Sqlite, db_errors
+from butler_mqtt.journal.backends import (
+    Cursor,
+    Postgres,
+    Sqlite,
+    data_errors,
+    db_errors,
+    unstorable,
+)
+from butler_mqtt.model import MAX_REQUEST_ID_LENGTH, storable_problem
+from butler_mqtt.redaction import redact_url
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -56,36 +65,64 @@ class HistoryQuery:
     limit: int = DEFAULT_LIMIT
 
 
+#: How much of a bad value an error message echoes.
+SHOWN_CHARS = 64
+
+
+def shown(text: str) -> str:
+    """A value as an error message may echo it: quoted, escaped, at most SHOWN_CHARS long."""
+    return repr(text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…")
+
+
 def parse_since(text: str, now: float | None = None) -> float:
     """`30m`, `2h`, `1d`, `1w`, `45s` back from now, or an ISO 8601 date / date-time (UTC
-    unless it names an offset) -> epoch seconds. ValueError saying what is accepted."""
+    unless it names an offset, in whole minutes) -> epoch seconds, always a time `iso()` can
+    show (years 1 to 9999). ValueError, starting `since: `, saying what is accepted."""
     value = text.strip()
     m = _DURATION.match(value.lower())
     if m:
-        return (time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2)]
+        ts = (time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        ts = _parse_date(text, value)
+    try:
+        iso(ts)  # the answer echoes it: a time no calendar shows is refused here, not there
+    except (OverflowError, ValueError, OSError):
+        raise ValueError(f"since: {shown(text)} is out of range (years 1 to 9999)") from None
+    return ts
+
+
+def _parse_date(text: str, value: str) -> float:
     try:
         when = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(
-            f"since: {text!r} is neither a duration (30m, 2h, 1d, 1w, 45s) nor an ISO 8601 date or date-time"
+            f"since: {shown(text)} is neither a duration (30m, 2h, 1d, 1w, 45s) nor an ISO 8601 date or date-time"
             " (2024-05-01, 2024-05-01T10:30, 2024-05-01T10:30:00+02:00)"
         ) from None
+    offset = when.utcoffset()
+    if offset is not None and (offset.seconds % 60 or offset.microseconds):
+        raise ValueError(f"since: {shown(text)} has an offset that is not whole minutes (ISO 8601: +hh:mm)")
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     try:
         return when.timestamp()
     except (OverflowError, ValueError):  # e.g. year 1 with a positive offset
-        raise ValueError(f"since: {text!r} is out of range") from None
+        raise ValueError(f"since: {shown(text)} is out of range (years 1 to 9999)") from None
 
 
 def check_query(q: HistoryQuery) -> HistoryQuery:
     """The query with its task ID lowercased; ValueError naming a bad field."""
     if q.task_id is not None and not _GUID.match(q.task_id.strip().lower()):
-        raise ValueError(f"taskId: {q.task_id!r} is not a task GUID")
+        raise ValueError(f"taskId: {shown(q.task_id)} is not a task GUID")
     if not 1 <= q.limit <= MAX_LIMIT:
         raise ValueError(f"limit: must be 1..{MAX_LIMIT}, got {q.limit}")
     if q.request_id is not None and not q.request_id:
         raise ValueError("requestId: must not be empty")
+    if q.request_id is not None and len(q.request_id) > MAX_REQUEST_ID_LENGTH:  # no request can have one
+        raise ValueError(f"requestId: longer than {MAX_REQUEST_ID_LENGTH} characters")
+    problem = storable_problem(q.request_id) if q.request_id is not None else None
+    if problem is not None:  # the journal holds no such value: asking for it is a bad query
+        raise ValueError(f"requestId: {problem}")
     task = q.task_id.strip().lower() if q.task_id is not None else None
     return HistoryQuery(q.since, q.request_id, task, q.limit)
 
@@ -246,7 +283,7 @@ class HistoryReader:
     def open(cls, state_dir: Path, url: str | None, retention_hours: float) -> HistoryReader:
         """The journal the daemon with this config uses. JournalError when there is none yet,
         or when its schema is older than the history needs (the daemon upgrades it at start)."""
-        where = url.split("@")[-1] if url else str(state_dir / "journal.sqlite3")  # never a password
+        where = redact_url(url) if url else str(state_dir / "journal.sqlite3")  # never a password or token
         try:
             if url is None or url.startswith("sqlite:///"):
                 path = state_dir / "journal.sqlite3" if url is None else Path(url[len("sqlite:///") :])
@@ -278,6 +315,8 @@ class HistoryReader:
     def history(self, q: HistoryQuery) -> list[dict[str, Any]]:
         try:
             return read_history(self._db, q, self.retention)
+        except data_errors() as exc:
+            raise unstorable(exc) from None
         except self._errors as exc:
             raise JournalError(f"journal read failed: {exc}") from None
 

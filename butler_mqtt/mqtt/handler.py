@@ -19,7 +19,7 @@ import structlog
 
 from butler_mqtt import keys, replies
 from butler_mqtt.config import Config
-from butler_mqtt.errors import QrsError, QrsTlsRejected, is_transient
+from butler_mqtt.errors import QrsError, QrsTlsRejected, RequestRejected, is_transient
 from butler_mqtt.model import Route
 from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
@@ -249,6 +249,8 @@ class RequestHandler:
                 raise
             self._qrs_refused(exc)
             return reject(ingress_rules.Reject("request_refused_by_qrs", "error", qrs_error_title(exc), str(exc)))
+        except RequestRejected as rej:  # e.g. a value the journal can never store: a bad request
+            return reject(ingress_rules.Reject("request_rejected", "rejected", rej.error, rej.details))
         if self.health.qrs_problem is not None:
             self.health.set_qrs_problem(None)
         self.metrics.request(ingress, "duplicate" if handled.replayed else "ok")

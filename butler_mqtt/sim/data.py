@@ -114,15 +114,27 @@ def demo_tasks() -> list[SimTask]:
     ]
 
 
+#: A tasks file of 100,000 tasks is a few MB; past this it is a mistake.
+MAX_TASKS_FILE_BYTES = 64 * 1024 * 1024
+#: A week: no timer needs more, and time.sleep cannot hold 1e308 s.
+MAX_RUN_SECONDS = 7 * 86400.0
+
+
 def load_tasks_file(path: Path, run_seconds: float | None = None) -> list[SimTask]:
     """Read a tasks file (format in the module docstring); ValueError names the bad item.
 
     ``run_seconds`` replaces the default run time (0.2 s) of tasks without ``runSeconds``.
     """
+    with Path(path).open("rb") as f:
+        raw = f.read(MAX_TASKS_FILE_BYTES + 1)  # capped before anything is parsed
+    if len(raw) > MAX_TASKS_FILE_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_TASKS_FILE_BYTES} bytes")
     try:
-        items = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+        items = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON: nested too deeply") from None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON array of task objects")
     default = 0.2 if run_seconds is None else run_seconds
@@ -177,8 +189,8 @@ def _task_from_json(item: Any, index: int, path: Path, run_seconds: float) -> Si
         raise ValueError(f"{where}: 'id' is not a GUID") from None
     if task.task_type not in (0, 1) or task.outcome not in ("success", "fail"):
         raise ValueError(f"{where}: taskType must be 0 or 1, outcome 'success' or 'fail'")
-    if task.fail_first < 0 or task.max_retries < 0 or task.run_seconds < 0:
-        raise ValueError(f"{where}: runSeconds, failFirst and maxRetries must be 0 or more")
+    if task.fail_first < 0 or task.max_retries < 0 or not 0 <= task.run_seconds <= MAX_RUN_SECONDS:
+        raise ValueError(f"{where}: runSeconds (at most {MAX_RUN_SECONDS:g}), failFirst and maxRetries must be 0 or more")
     if task.log_lines < 0 or task.log_bytes < 0 or task.log_encoding not in ENCODINGS:
         raise ValueError(f"{where}: logLines and logBytes must be 0 or more, logEncoding one of {', '.join(ENCODINGS)}")
     return task

@@ -336,6 +336,7 @@ def test_check_with_missing_certificate_files_fails_cleanly(tmp_path, broker):
     env = {"BUTLER_MQTT__QRS__CA": str(tmp_path / "no-root.pem"), "BUTLER_MQTT__MQTT__HOST": "127.0.0.1",
            "BUTLER_MQTT__MQTT__PORT": str(broker.port)}
     out = cli("check", "--config", str(good), env=env)
-    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    # issue 20, item 9: a configuration error (exit 2, as `run` says), every line printed first
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "[FAIL] qrs.ca (environment variable BUTLER_MQTT__QRS__CA)" in out.stdout, out.stdout
     assert "[FAIL] qrs: not tried" in out.stdout

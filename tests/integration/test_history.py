@@ -234,3 +234,34 @@ def test_received_is_when_the_request_arrived_not_when_qrs_let_it_be_handled(cfg
     first_get = min(r.at for r in sim.request_log if r.method == "GET")
     assert sent - 1 <= received <= first_get  # it came before QRS was first asked
     assert updated >= received + 3  # handled after QRS came back
+
+
+def test_every_bad_history_query_is_a_400_naming_the_parameter_and_the_cli_says_the_same(cfg, start_daemon, tmp_path):
+    """Issue 20, class 8: out-of-range and odd-offset times, misspelt or repeated parameters, text
+    the journal cannot hold: a 400 naming the parameter (never a 500, never every record); the
+    CLI exits 2 with the same message."""
+    d = start_daemon(cfg)
+    base = f"http://127.0.0.1:{d.daemon.http_server.port}"
+    cases: list[tuple[str, str]] = [
+        ("since=200000w", "since"), ("since=9999-12-31T23:59:59-01:00", "since"),
+        ("since=0001-01-01T00:00:00%2B01:00", "since"), ("since=2024-05-01T10:30:00%2B05:30:15", "since"),
+        ("request_id=x", "request_id"), ("task=" + T1, "task"), ("requestId=a&requestId=b", "requestId"),
+        ("requestId=%00", "requestId"), ("requestId=", "requestId"), ("since=", "since"), ("limit=1e3", "limit"),
+        ("requestId=" + "r" * 129, "requestId"), ("taskId=" + "x" * 10_000, "taskId"), ("since=" + "y" * 10_000, "since"),
+    ]
+    for query, name in cases:
+        answer = requests.get(f"{base}/v4/requests?{query}", headers=AUTH, timeout=30)
+        assert answer.status_code == 400, (query, answer.status_code, answer.text)
+        assert answer.json()["error"] == "Invalid query" and name in answer.json()["details"], (query, answer.json())
+        assert len(answer.json()["details"]) < 300  # a bad value is echoed in part, never whole
+    ok = requests.get(f"{base}/v4/requests", params={"since": "1h", "limit": "5"}, headers=AUTH, timeout=30)
+    assert ok.status_code == 200 and ok.json()["requests"] == []
+
+    config = tmp_path / "butler.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(cfg.state_dir), "journal": {"url": cfg.journal.url and cfg.journal.url.get_secret_value()}}))
+    rest = requests.get(f"{base}/v4/requests?requestId=", headers=AUTH, timeout=30).json()
+    empty = history_cli(config, "--request-id", "")
+    assert empty.returncode == 2 and "Traceback" not in empty.stderr
+    assert f"{rest['error']}: {rest['details']}" in empty.stderr
+    far = history_cli(config, "--since", "200000w")
+    assert far.returncode == 2 and "out of range" in far.stderr and "Traceback" not in far.stderr

@@ -310,7 +310,7 @@ def test_check_reports_days_left_for_the_https_certificates(cfg, sim, pki, tmp_p
 def test_check_and_run_name_a_wrong_tls_key(cfg, sim, pki, tmp_path):
     conf = write_config(cfg, tmp_path / "butler.yaml", tls={"cert": str(pki.cert), "key": str(pki.other_key)})
     out = cli("check", "--config", str(conf), cwd=tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == 2  # a configuration error, as `run` says (issue 20, item 9)
     assert f"[FAIL] http.tls.key: {pki.other_key} is not the private key of {pki.cert}" in out.stdout.splitlines()
     out = cli("run", "--config", str(conf), cwd=tmp_path)
     assert out.returncode == 2

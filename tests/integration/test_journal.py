@@ -123,3 +123,19 @@ def test_a_newer_schema_is_refused_not_silently_used(make):
     j._db.run("INSERT INTO schema_version(version) VALUES (?)", (SCHEMA_VERSION + 1,))
     with pytest.raises(JournalError, match="newer"):
         make("b")
+
+
+@pytest.mark.parametrize("bad", ["nul\u0000id", "lone\ud800surrogate"])
+def test_a_value_the_journal_cannot_store_is_a_bad_request_not_an_outage(make, bad):
+    """The second line of defence behind ingress validation: the driver's data error (U+0000 in
+    PostgreSQL text, a lone surrogate anywhere) is permanent, never "journal unavailable"."""
+    from butler_mqtt.errors import UnstorableValue, is_transient
+
+    j = make()
+    if bad.startswith("nul") and j.dialect == "sqlite":
+        assert j.begin(f"id:{bad}", "mqtt") is None  # SQLite holds U+0000; ingress refuses it for both
+        return
+    with pytest.raises(UnstorableValue) as caught:
+        j.begin(f"id:{bad}", "mqtt")
+    assert not is_transient(caught.value) and caught.value.error == "Invalid request"
+    assert j.begin("id:fine", "mqtt") is None  # the journal is not wedged by it

@@ -81,7 +81,7 @@ def test_a_name_that_is_not_a_string_is_refused(tmp_path):
         ("a/b", "separator"),
         ("$SYS", "'$'"),
         ("e$rp", "'$'"),
-        ("erp\x00", "control"),
+        ("erp\x00", "NUL character"),
         ("erp\x1b[2J", "control"),
         ("erp\u0085", "control"),
         ("x" * (MAX_TOPIC_LEVEL + 1), "at most"),

@@ -102,3 +102,35 @@ def test_the_table_has_one_row_per_request_and_task_lines_on_request():
     assert "1 started, 1 denied, 1 not found" in lines[1] and "running 1" in lines[1] and "following" in lines[1]
     assert lines[2] == "" and lines[3].split()[:2] == ["TASK", "NAME"]
     assert lines[5].split()[:4] == [T2, "Other", "-", "denied"] and lines[5].endswith("start_filter")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["200000w", "9" * 400 + "w", "99999999999d", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00",
+     "2024-05-01T10:30:00+25:00", "2024-05-01T10:30:00+05:30:15", "2024-05-01T10:30:00+05:30:00.5", "nan", "infw"],
+)
+def test_since_out_of_range_or_with_an_odd_offset_is_a_clear_error(text):
+    """Issue 20, class 8: a `since` no clock can show is refused naming the parameter; what is
+    accepted is always a time `iso()` can print (the REST answer echoes it)."""
+    with pytest.raises(ValueError, match=r"^since: "):
+        iso(parse_since(text, now=NOW))  # iso() must never be the one to fail
+
+
+def test_a_control_character_in_a_request_id_cannot_forge_a_table_row():
+    evil = "r1\n2024-05-01 12:00:00  mqtt  forged\x1b[2J\u202e\x9b31m"
+    rec = build_record(row(key=f"id:{evil}", request={"requestId": evil, "tag": ["a\tb"]}),
+                       [{"event": "task", "requestId": evil, "taskId": T1, "taskName": "N\r\name", "status": "started",
+                         "reason": "x\x07y"}])
+    text = table([rec], with_tasks=True)
+    assert len(text.splitlines()) == 5  # header, the row, blank, task header, the task row: nothing forged
+    assert "\x1b" not in text and "\x9b" not in text and "\u202e" not in text and "\r" not in text and "\x07" not in text
+    assert "r1\\n2024-05-01" in text and "x\\x07y" in text and "N\\r\\name" in text
+
+
+def test_json_lines_escape_what_a_terminal_would_act_on_and_stay_the_same_json():
+    from butler_mqtt.history import json_line
+
+    rec = {"requestId": "a\x1b[2J\x9b31m\u202e\u2028b", "taskName": "Café"}
+    line = json_line(rec)
+    assert "\x1b" not in line and "\x9b" not in line and "\u202e" not in line and "\u2028" not in line
+    assert "Café" in line and json.loads(line) == rec
