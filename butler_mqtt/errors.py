@@ -126,11 +126,14 @@ class CloudAuthRefused(CloudRefused):
 
 class CloudRateLimited(CloudRefused):
     """429 that could not be waited out within the call's deadline (transient; nothing was
-    started). `retry_after` is the server's hint in seconds, None without a Retry-After."""
+    started). `retry_after` is the server's hint in seconds, None without a Retry-After.
+    `pending`: the 429 of a start that says "a pending reload request already exists for this
+    app" (no Retry-After, no `HTTP-429` code): the app is busy, not the tenant."""
 
-    def __init__(self, message: str, retry_after: float | None) -> None:
+    def __init__(self, message: str, retry_after: float | None, *, pending: bool = False) -> None:
         super().__init__(message, 429)
         self.retry_after = retry_after
+        self.pending = pending
 
 
 class CloudNotFound(QrsNotFound):

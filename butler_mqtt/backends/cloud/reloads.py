@@ -1,0 +1,209 @@
+"""Reloads of Qlik Cloud apps: options, start, follow, cancel, status names and failure details.
+
+* `check_options(partial, variables)` is pure and runs before anything starts: at most 20
+  variables, names and values strings of 1..256 / 0..256 characters (qlik-cloud-api.md 3).
+* `start_reload` is `POST /api/v1/reloads` through the pacer (`start=True`); `get_reload`,
+  `active_reloads` (QUEUED, RELOADING, CANCELING: "running" in section 7's meaning, whoever
+  started them), `cancel_reload` (`POST /api/v1/reloads/{id}/actions/cancel`).
+* `final_status` maps Qlik Cloud's end statuses to section 4's names; `failure` builds section
+  8's object from the reload's `errorMessage` and the script log, with its caps.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote
+
+from butler_mqtt.errors import CloudNotFound, CloudRefused, RequestRejected
+
+from .client import CloudClient, error_summary, query
+
+ACTIVE = frozenset({"QUEUED", "RELOADING", "CANCELING"})
+FINAL_STATUS = {
+    "SUCCEEDED": "FinishedSuccess",
+    "FAILED": "FinishedFail",
+    "CANCELED": "Aborted",
+    "EXCEEDED_LIMIT": "Error",
+}
+MAX_VARIABLES = 20
+MAX_VARIABLE_CHARS = 256
+MESSAGE_CAP = 2000  # contract section 8
+LINE_CAP = 1000
+TAIL_BYTES = 64 * 1024
+LOG_READ_CAP = 4 * 1024 * 1024  # bytes of a script log read to find its tail
+_RELOAD_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+
+@dataclass(frozen=True)
+class CloudReload:
+    """A reload as Qlik Cloud reports it (times are Qlik's ISO strings, None when absent)."""
+
+    id: str
+    app_id: str
+    status: str
+    type: str | None = None
+    creation_time: str | None = None
+    start_time: str | None = None
+    end_time: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    log: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """Still going: QUEUED, RELOADING, CANCELING, or a status this client does not know."""
+        return self.status not in FINAL_STATUS
+
+    @property
+    def final_status(self) -> str | None:
+        """Section 4's name (FinishedSuccess, FinishedFail, Aborted, Error), None while active."""
+        return FINAL_STATUS.get(self.status)
+
+
+def final_status(cloud_status: str) -> str | None:
+    return FINAL_STATUS.get(cloud_status)
+
+
+def check_options(partial: bool | None, variables: Mapping[str, Any] | None) -> None:
+    """Reject reload options Qlik Cloud would refuse, before anything starts (RequestRejected)."""
+    if partial is not None and not isinstance(partial, bool):
+        raise RequestRejected("Invalid request", "'partial' must be true or false")
+    if variables is None:
+        return
+    if not isinstance(variables, Mapping):
+        raise RequestRejected("Invalid request", "'variables' must be an object of names to string values")
+    if len(variables) > MAX_VARIABLES:
+        raise RequestRejected("Invalid request", f"'variables': at most {MAX_VARIABLES} (got {len(variables)})")
+    for name, value in variables.items():
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_VARIABLE_CHARS:
+            raise RequestRejected("Invalid request", f"'variables': names are 1 to {MAX_VARIABLE_CHARS} characters")
+        if not isinstance(value, str) or len(value) > MAX_VARIABLE_CHARS:
+            raise RequestRejected(
+                "Invalid request", f"'variables': values are strings of at most {MAX_VARIABLE_CHARS} characters"
+            )
+
+
+def reload_from(payload: Any) -> CloudReload:
+    """A `Reload` object of the API; CloudRefused when it is not one."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("id"), str) or not isinstance(payload.get("status"), str):
+        raise CloudRefused("Qlik Cloud answered a reload without 'id' and 'status'")
+    if not _RELOAD_ID.fullmatch(payload["id"]):
+        raise CloudRefused("Qlik Cloud answered a reload id that is not an id")
+
+    def text(key: str) -> str | None:
+        value = payload.get(key)
+        return value if isinstance(value, str) else None
+
+    return CloudReload(
+        id=payload["id"],
+        app_id=str(payload.get("appId", "")),
+        status=payload["status"],
+        type=text("type"),
+        creation_time=text("creationTime"),
+        start_time=text("startTime"),
+        end_time=text("endTime"),
+        error_code=text("errorCode"),
+        error_message=text("errorMessage"),
+        log=text("log"),
+    )
+
+
+def start_reload(
+    client: CloudClient, app_id: str, *, partial: bool = False, variables: Mapping[str, str] | None = None
+) -> CloudReload:
+    """`POST /api/v1/reloads`, paced. Raises CloudRateLimited (transient; `pending` when the app
+    already has a queued reload), CloudNotFound, CloudRefused, CloudAuthRefused."""
+    check_options(partial, variables)
+    body: dict[str, Any] = {"appId": app_id, "partial": bool(partial)}
+    if variables:
+        body["variables"] = dict(variables)
+    return reload_from(client.json("POST", "/api/v1/reloads", body=body, start=True))
+
+
+def get_reload(client: CloudClient, reload_id: str) -> CloudReload:
+    return reload_from(client.json("GET", f"/api/v1/reloads/{_path(reload_id)}"))
+
+
+def active_reloads(client: CloudClient, app_id: str) -> list[CloudReload]:
+    """The app's reloads that are QUEUED, RELOADING or CANCELING, whoever started them."""
+    flt = " or ".join(f'status eq "{s}"' for s in sorted(ACTIVE))
+    target = "/api/v1/reloads" + query(appId=app_id, filter=f"({flt})", limit=client.settings.page_size)
+    found: list[CloudReload] = []
+    for page in client.pages(target):
+        found.extend(r for r in map(reload_from, page) if r.active and r.app_id == app_id)
+    return found
+
+
+CancelOutcome = Literal["canceled", "canceling", "not_running", "not_found"]
+
+
+def cancel_reload(client: CloudClient, reload_id: str) -> CancelOutcome:
+    """Ask Qlik Cloud to cancel: 204 `canceled`, 202 `canceling`, 409 `not_running` (it had
+    ended), 404 `not_found`."""
+    answer = client.call("POST", f"/api/v1/reloads/{_path(reload_id)}/actions/cancel")
+    if answer.status == 204:
+        return "canceled"
+    if answer.status == 202:
+        return "canceling"
+    if answer.status == 409:
+        return "not_running"
+    if answer.status == 404:
+        return "not_found"
+    raise CloudRefused(
+        f"cancelling a reload: Qlik Cloud answered {answer.status} {error_summary(answer)}".rstrip(), answer.status
+    )
+
+
+def script_log_tail(client: CloudClient, app_id: str, reload_id: str, lines: int) -> list[str]:
+    """The last `lines` lines of the reload's script log (capped as section 8 says)."""
+    if lines <= 0:
+        return []
+    answer = client.call("GET", f"/api/v1/apps/{_path(app_id)}/reloads/logs/{_path(reload_id)}")
+    if answer.status == 404:
+        raise CloudNotFound("the script log of this reload is not available (404)", 404)
+    if answer.status != 200:
+        raise CloudRefused(
+            f"reading the script log: Qlik Cloud answered {answer.status} {error_summary(answer)}".rstrip(), answer.status
+        )
+    return tail(answer.content[-LOG_READ_CAP:].decode("utf-8", errors="replace"), lines)
+
+
+def tail(text: str, lines: int) -> list[str]:
+    """The last `lines` non-empty lines of `text`, each at most LINE_CAP characters, together
+    at most TAIL_BYTES of UTF-8 (older lines dropped first), valid UTF-8 only."""
+    kept: list[str] = []
+    size = 0
+    for line in reversed([clean(x) for x in text.splitlines() if x.strip()]):
+        line = line[:LINE_CAP]
+        cost = len(line.encode()) + 1
+        if len(kept) >= lines or size + cost > TAIL_BYTES:
+            break
+        kept.append(line)
+        size += cost
+    return kept[::-1]
+
+
+def clean(text: str) -> str:
+    """`text` with lone surrogates and NULs replaced (what the journal and MQTT cannot carry)."""
+    return text.encode("utf-8", errors="replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
+def failure(reload: CloudReload, log_tail: list[str] | None = None, log_error: str | None = None) -> dict[str, Any]:
+    """Section 8's `failure` object for a reload that did not succeed."""
+    message = reload.error_message or reload.error_code or f"reload ended {reload.status}"
+    out: dict[str, Any] = {"message": clean(message)[:MESSAGE_CAP]}
+    details = tail(reload.log, 20) if reload.log else []
+    if details:
+        out["details"] = details
+    if log_tail is not None:
+        out["scriptLogTail"] = log_tail
+    if log_error is not None:
+        out["scriptLogError"] = clean(log_error)[:LINE_CAP]
+    return out
+
+
+def _path(value: str) -> str:
+    return quote(value, safe="")
