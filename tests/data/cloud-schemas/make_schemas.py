@@ -31,6 +31,31 @@ WANTED = {
 _DROP = {"description", "example", "examples", "title", "readOnly", "writeOnly", "deprecated", "xml", "externalDocs", "discriminator"}
 
 
+def _all_of_members(schemas: dict[str, Any]) -> set[str]:
+    """Schemas used as `allOf` members: their strictness goes on the `allOf` node instead
+    (`unevaluatedProperties` sees through `allOf` only from outside)."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for member in node.get("allOf", []):
+                _refs({"x": member} if "$ref" in member else {}, found)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schemas)
+    return found
+
+
+def _loosen(node: dict[str, Any]) -> dict[str, Any]:
+    node = dict(node)
+    node.pop("unevaluatedProperties", None)
+    return node
+
+
 def _clean(node: Any) -> Any:
     if isinstance(node, list):
         return [_clean(n) for n in node]
@@ -55,7 +80,10 @@ def _clean(node: Any) -> Any:
             out["type"] = [out["type"], "null"] if isinstance(out["type"], str) else [*out["type"], "null"]
         if "enum" in out:
             out["enum"] = [*out["enum"], None]
-    if "properties" in out and "additionalProperties" not in out and "unevaluatedProperties" not in out:
+    if "allOf" in out:
+        out["allOf"] = [_loosen(m) for m in out["allOf"]]
+        out["unevaluatedProperties"] = False
+    elif "properties" in out and "additionalProperties" not in out and "unevaluatedProperties" not in out:
         out["unevaluatedProperties"] = False
     return out
 
@@ -110,6 +138,9 @@ def main(specs: Path, out: Path) -> None:
                 "$ref": f"#/$defs/{name}",
                 "$defs": {n: _clean(schemas[n]) for n in _closure(schemas, name)},
             }
+            for member in _all_of_members(schemas):
+                if member in schema["$defs"]:
+                    schema["$defs"][member] = _loosen(schema["$defs"][member])
             for (ext_api, ext_name), fields in EXTENSIONS.items():
                 if ext_api == api and ext_name in schema["$defs"]:
                     schema["$defs"][ext_name]["properties"].update(fields)
