@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests/support/cloud.py are parameters here)
 """The Qlik Cloud simulator over real HTTPS: its answers validate against the JSON Schemas of
 Qlik's published OpenAPI documents (tests/data/cloud-schemas), and its behaviours and knobs."""
 
@@ -16,7 +17,8 @@ import urllib3
 
 from butler_mqtt.sim.cloud import CloudSimulator, SimApp, SimSpace, SimTag, World
 from butler_mqtt.sim.cloud.app import banner
-from tests.support.cloud import assert_valid, cloud_certs, cloud_sim  # noqa: F401 (fixtures)
+from tests.support.cloud import assert_valid
+from tests.support.cloud import cloud_certs, cloud_sim  # noqa: F401 (fixtures, used by name)
 
 pytestmark = pytest.mark.integration
 
