@@ -17,8 +17,7 @@ import urllib3
 
 from butler_mqtt.sim.cloud import CloudSimulator, SimApp, SimSpace, SimTag, World
 from butler_mqtt.sim.cloud.app import banner
-from tests.support.cloud import assert_valid
-from tests.support.cloud import cloud_certs, cloud_sim  # noqa: F401 (fixtures, used by name)
+from tests.support.cloud import assert_valid, cloud_certs, cloud_sim  # noqa: F401 (fixtures, used by name)
 
 pytestmark = pytest.mark.integration
 
