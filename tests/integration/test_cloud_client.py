@@ -4,6 +4,7 @@ real HTTPS: credentials, 429s, paging, selection with hostile names, proxies and
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import tracemalloc
@@ -145,6 +146,32 @@ def test_a_slow_api_answer_is_cut_by_the_deadline(cloud_sim: CloudSimulator) -> 
     cloud_sim.latency_ms = 5000
     with pytest.raises(CloudUnreachable):
         selection.space_id(client, "Sales")
+
+
+def test_an_answer_dripping_one_byte_at_a_time_is_cut_by_the_total_deadline(cloud_sim: CloudSimulator) -> None:
+    client = client_for(cloud_sim, timeout=1.0)
+    selection.space_id(client, "Sales")  # token fetched
+    cloud_sim.fault, cloud_sim.fault_paths, cloud_sim.drip_interval = "drip", "/spaces", 0.05
+    started = time.monotonic()
+    with pytest.raises(CloudUnreachable, match="within 1 s") as caught:
+        selection.space_id(client, "Sales")
+    assert is_transient(caught.value) and time.monotonic() - started < 30
+
+
+def test_secrets_never_reach_a_log_line(cloud_sim: CloudSimulator, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = client_for(cloud_sim)
+    selection.apps_by_tag(client, "nightly")
+    cloud_sim.token_lifetime = -5
+    cloud_sim.revoke_tokens()
+    with pytest.raises(CloudAuthRefused):
+        selection.apps_by_tag(client, "nightly")
+    keyed = client_for(cloud_sim, api_key=cloud_sim.api_key)
+    cloud_sim.api_key_revoked = True
+    with pytest.raises(CloudAuthRefused):
+        selection.apps_by_tag(keyed, "nightly")
+    assert "/oauth/token" in caplog.text  # urllib3 logged the calls: the check has something to read
+    _no_secret(cloud_sim, caplog.text)
 
 
 def test_a_huge_api_answer_is_capped(cloud_sim: CloudSimulator) -> None:
@@ -307,6 +334,7 @@ def test_https_proxy_variable_and_no_proxy(cloud_sim: CloudSimulator) -> None:
         silent.close()
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_extra_ca_bundle_for_a_certificate_from_another_ca(tmp_path: Path, cloud_sim: CloudSimulator) -> None:
     """A TLS-inspecting proxy re-signs the tenant's certificate with its own CA (trustme here)."""
     inspecting = trustme.CA()

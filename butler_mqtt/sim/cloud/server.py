@@ -25,7 +25,8 @@ Knobs (attributes, changeable while running):
 
 * ``latency_ms``; ``fault`` (``"error500"``, ``"error503"``, ``"outage"``: close without an
   answer, ``"notjson"``: a 200 HTML page, ``"huge"``: a 200 body of ``huge_bytes``) limited to
-  paths matching the regular expression ``fault_paths``.
+  paths matching the regular expression ``fault_paths``; ``"drip"``: a 200 whose body comes
+  one byte every ``drip_interval`` seconds (a peer that only a total deadline cuts).
 * ``token_fault``: ``"garbage"`` (200 that is not JSON), ``"huge"`` (200 of ``huge_bytes``),
   ``"hang"`` (read the request, never answer), ``"refuse"`` (401). ``token_lifetime`` seconds
   (default 21600); :meth:`CloudSimulator.revoke_tokens`; ``api_key_revoked``.
@@ -141,6 +142,7 @@ class CloudSimulator:
         self.fault_paths: str | None = None
         self.token_fault: str | None = None
         self.huge_bytes = 64 * 1024 * 1024
+        self.drip_interval = 0.1
         self.token_lifetime = 21600.0
         self.api_key_revoked = False
         self.paging_loop = False
@@ -644,6 +646,9 @@ class _Handler(BaseHTTPRequestHandler):
             reply = _Reply(200, b"<html><body>Please log in</body></html>", "text/html")
         elif fault == "huge":
             reply = _Reply(200, b'{"data": [' + b" " * sim.huge_bytes + b"]}")
+        elif fault == "drip":
+            self._drip(sim, path, query, at, auth)
+            return
         else:
             reply = sim._answer(self.command, path, query, body, auth)
         sim._record(LoggedRequest(self.command, path, query, reply.status, at, auth))
@@ -656,3 +661,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if reply.status != 204:
             self.wfile.write(reply.body)
+
+    def _drip(self, sim: CloudSimulator, path: str, query: dict[str, str], at: float, auth: str | None) -> None:
+        """200 with a 1 MiB Content-Length, then one byte every ``drip_interval`` seconds."""
+        sim._record(LoggedRequest(self.command, path, query, 200, at, auth))
+        self.send_response(200)
+        self.send_header("Content-Type", _JSON)
+        self.send_header("Content-Length", str(1024 * 1024))
+        self.end_headers()
+        self.wfile.flush()
+        while not sim._stopping.wait(sim.drip_interval):
+            self.wfile.write(b" ")
+            self.wfile.flush()
