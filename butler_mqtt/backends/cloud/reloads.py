@@ -34,6 +34,7 @@ MESSAGE_CAP = 2000  # contract section 8
 LINE_CAP = 1000
 TAIL_BYTES = 64 * 1024
 LOG_READ_CAP = 4 * 1024 * 1024  # bytes of a script log read to find its tail
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL and lone surrogates (a str holds no pairs)
 _RELOAD_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
@@ -188,7 +189,7 @@ def tail(text: str, lines: int) -> list[str]:
 
 def clean(text: str) -> str:
     """`text` with lone surrogates and NULs replaced (what the journal and MQTT cannot carry)."""
-    return text.encode("utf-8", errors="replace").decode("utf-8").replace("\x00", "\ufffd")
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def failure(reload: CloudReload, log_tail: list[str] | None = None, log_error: str | None = None) -> dict[str, Any]:
