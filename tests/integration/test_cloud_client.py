@@ -434,3 +434,27 @@ def test_starts_are_paced_across_threads(cloud_certs: Path) -> None:
         # requests that a loaded host delivered late, bunched together).
         assert max(sum(1 for u in times if t <= u < t + 0.5) for t in times) <= 8
         assert times[-1] - times[0] >= 15 * 0.1 * 0.8  # 16 paced starts span at least ~1.5 s
+
+
+def test_tenant_wide_running_reloads_and_recent_reloads(cloud_certs: Path) -> None:
+    apps = [SimApp(f"00000000-0000-4000-a000-0000000006{i:02d}", f"R{i}", run_seconds=30) for i in range(3)]
+    with CloudSimulator(World([], [], apps, max_concurrent=1), certs_dir=cloud_certs) as sim:
+        client = client_for(sim)
+        first = reloads.start_reload(client, apps[0].id)
+        second = reloads.start_reload(client, apps[1].id)
+        running = reloads.active_reloads_by_app(client)
+        assert {k: [r.status for r in v] for k, v in running.items()} == {apps[0].id: ["RELOADING"], apps[1].id: ["QUEUED"]}
+        assert [r.id for r in reloads.recent_reloads(client, apps[1].id)] == [second.id]
+        reloads.cancel_reload(client, first.id)
+        assert [r.id for r in reloads.recent_reloads(client, apps[0].id)] == [first.id]
+        assert reloads.recent_reloads(client, apps[2].id) == []
+
+
+def test_check_lines(cloud_sim: CloudSimulator) -> None:
+    lines = client_for(cloud_sim).check()
+    assert [ok for ok, _ in lines] == [True, True] and "access token" in lines[0][1]
+    assert client_for(cloud_sim, api_key=cloud_sim.api_key).check()[0] == (True, "Qlik Cloud credentials: API key set")
+    cloud_sim.api_key_revoked = True
+    bad = client_for(cloud_sim, api_key=cloud_sim.api_key).check()
+    assert bad[-1][0] is False and "cloud.api_key" in bad[-1][1]
+    _no_secret(cloud_sim, bad)

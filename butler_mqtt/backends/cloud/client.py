@@ -30,7 +30,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from butler_mqtt.errors import CloudAuthRefused, CloudNotFound, CloudRateLimited, CloudRefused
+from butler_mqtt.errors import (
+    CloudAuthRefused,
+    CloudNotFound,
+    CloudRateLimited,
+    CloudRefused,
+    QrsError,
+)
 
 from .auth import Credentials, credentials
 from .pacing import StartPacer
@@ -160,6 +166,20 @@ class CloudClient:
         if not start or hint is None:
             self._sleep(wait)  # a start waits in pacer.acquire (paused until then)
         return min(backoff * 2, _MAX_BACKOFF)
+
+    def check(self) -> list[tuple[bool, str]]:
+        """`check` with `backend: cloud`: one line for the credentials (an OAuth token obtained,
+        or the API key accepted) and one for the tenant answering; (ok, text) each."""
+        lines: list[tuple[bool, str]] = []
+        try:
+            self.creds.header(self.deadline())
+            what = "an access token obtained from /oauth/token" if self.creds.key == "cloud.client_id" else "API key set"
+            lines.append((True, f"Qlik Cloud credentials: {what}"))
+            self.json("GET", "/api/v1/spaces" + query(limit=1))
+            lines.append((True, f"Qlik Cloud tenant {redact_url(self.settings.tenant)} answers GET /api/v1/spaces"))
+        except (CloudRefused, QrsError) as exc:
+            lines.append((False, self.settings.scrub(str(exc))))
+        return lines
 
     def json(self, method: str, target: str, *, body: Any = None, start: bool = False, deadline: float | None = None) -> Any:
         """`call`, then the parsed JSON body of a 2xx answer; errors as the module says."""

@@ -138,6 +138,31 @@ def active_reloads(client: CloudClient, app_id: str) -> list[CloudReload]:
     return found
 
 
+def active_reloads_by_app(client: CloudClient) -> dict[str, list[CloudReload]]:
+    """Every QUEUED/RELOADING/CANCELING reload of the tenant, by app id, in one paged listing
+    (`GET /api/v1/reloads` without `appId`: allowed to tenant admins, which M2M clients are)."""
+    flt = " or ".join(f'status eq "{s}"' for s in sorted(ACTIVE))
+    target = "/api/v1/reloads" + query(filter=f"({flt})", limit=client.settings.page_size)
+    found: dict[str, list[CloudReload]] = {}
+    for page in client.pages(target):
+        for reload in map(reload_from, page):
+            if reload.active:
+                found.setdefault(reload.app_id, []).append(reload)
+    return found
+
+
+def recent_reloads(client: CloudClient, app_id: str, limit: int = 20) -> list[CloudReload]:
+    """The app's newest reloads (one page, newest first): after a crash between sending a start
+    and reading its answer, the reload that start created is among them (type `external`,
+    `creationTime` after the claim)."""
+    target = "/api/v1/reloads" + query(appId=app_id, sort="-creationTime", limit=max(1, min(limit, 100)))
+    payload = client.json("GET", target)
+    rows = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(rows, list):
+        raise CloudRefused("GET /api/v1/reloads: the answer has no 'data' list")
+    return [r for r in map(reload_from, rows) if r.app_id == app_id]
+
+
 CancelOutcome = Literal["canceled", "canceling", "not_running", "not_found"]
 
 
