@@ -27,7 +27,14 @@ from butler_mqtt.errors import (
     is_transient,
 )
 from butler_mqtt.sim.cloud import CloudSimulator, SimApp, SimSpace, SimTag, World
-from tests.support.cloud import SilentServer, client_for, cloud_certs, cloud_sim, settings_for  # noqa: F401
+from tests.support.cloud import (  # noqa: F401
+    ConnectProxy,
+    SilentServer,
+    client_for,
+    cloud_certs,
+    cloud_sim,
+    settings_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -318,6 +325,22 @@ def test_proxy_that_hangs_is_cut_by_the_deadline(cloud_sim: CloudSimulator) -> N
         assert silent.accepted >= 1 and "proxy-pw-123" not in str(caught.value)
     finally:
         silent.close()
+
+
+def test_calls_go_through_a_connect_proxy_with_credentials(cloud_sim: CloudSimulator) -> None:
+    import base64
+
+    proxy = ConnectProxy(required_auth="Basic " + base64.b64encode(b"bob:pr%x y").decode())
+    try:
+        client = client_for(cloud_sim, proxy=f"http://bob:pr%25x%20y@127.0.0.1:{proxy.port}")
+        assert selection.apps_by_tag(client, "nightly")
+        assert proxy.connects and set(proxy.connects) == {f"127.0.0.1:{cloud_sim.port}"}
+        wrong = client_for(cloud_sim, proxy=f"http://bob:nope@127.0.0.1:{proxy.port}", timeout=2.0)
+        with pytest.raises(CloudUnreachable, match="proxy") as caught:
+            selection.space_id(wrong, "Sales")
+        assert "nope" not in str(caught.value)
+    finally:
+        proxy.close()
 
 
 def test_https_proxy_variable_and_no_proxy(cloud_sim: CloudSimulator) -> None:

@@ -92,3 +92,76 @@ class SilentServer:
         for conn in self._conns:
             conn.close()
         self.sock.close()
+
+
+class ConnectProxy:
+    """A minimal HTTP CONNECT proxy (what HTTPS_PROXY points at): tunnels to the target and
+    relays bytes both ways. `required_auth`: the exact `Proxy-Authorization` value to demand
+    (407 otherwise). Records each CONNECT target and the Proxy-Authorization seen."""
+
+    def __init__(self, required_auth: str | None = None) -> None:
+        self.required_auth = required_auth
+        self.connects: list[str] = []
+        self.auth_seen: list[str | None] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 16384:
+            chunk = conn.recv(4096)
+            if not chunk:
+                conn.close()
+                return
+            head += chunk
+        lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        self.connects.append(target)
+        self.auth_seen.append(headers.get("proxy-authorization"))
+        if method != "CONNECT" or (self.required_auth and headers.get("proxy-authorization") != self.required_auth):
+            conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+            conn.close()
+            return
+        host, _, port = target.rpartition(":")
+        upstream = socket.create_connection((host, int(port)), timeout=10)
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        for a, b in ((conn, upstream), (upstream, conn)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
