@@ -626,8 +626,20 @@ class _Handler(BaseHTTPRequestHandler):
         raw_path, _, raw_query = self.path.partition("?")
         path = unquote(raw_path)
         query = dict(parse_qsl(raw_query, keep_blank_values=True))
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(min(length, 1024 * 1024)) if length > 0 else b""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > 1024 * 1024 or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            # A body that cannot be read (or skipped) reliably: 400 and close, like the QRS simulator.
+            sim._record(LoggedRequest(self.command, path, query, 400, at, None))
+            self.send_response(400)
+            self.send_header("Content-Length", "0")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            return
+        body = self.rfile.read(length) if length > 0 else b""
         auth = sim._auth(self.headers.get("Authorization"))
         if sim.latency_ms > 0:
             sim._stopping.wait(sim.latency_ms / 1000)
