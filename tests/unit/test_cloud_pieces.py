@@ -243,3 +243,14 @@ def test_pacer_deadline_and_pause() -> None:
 def test_settings_paths(tmp_path: Path) -> None:
     assert settings(ca=tmp_path / "ca.pem").ca == tmp_path / "ca.pem"
     assert settings().base_url == TENANT and settings(tenant=TENANT + "/").base_url == TENANT
+
+
+def test_an_unreadable_ca_bundle_fails_at_load_naming_cloud_ca(tmp_path: Path) -> None:
+    from butler_mqtt.backends.cloud.transport import CloudTransport
+
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    for path in (tmp_path / "missing.pem", tmp_path / "bad.pem"):
+        with pytest.raises(ConfigError) as caught:
+            CloudTransport(settings(ca=path))
+        assert caught.value.key == "cloud.ca"
+    CloudTransport(settings(ca=tmp_path / "missing.pem", verify=False)).close()  # not read when verify is off
