@@ -165,6 +165,18 @@ def test_an_answer_dripping_one_byte_at_a_time_is_cut_by_the_total_deadline(clou
     assert is_transient(caught.value) and time.monotonic() - started < 30
 
 
+def test_headers_dripping_one_line_at_a_time_are_cut_by_the_total_deadline(cloud_sim: CloudSimulator) -> None:
+    client = client_for(cloud_sim, timeout=1.0)
+    selection.space_id(client, "Sales")  # token fetched
+    cloud_sim.fault, cloud_sim.fault_paths, cloud_sim.drip_interval = "drip_headers", "/spaces", 0.05
+    started = time.monotonic()
+    with pytest.raises(CloudUnreachable, match="within 1 s") as caught:
+        selection.space_id(client, "Sales")
+    assert is_transient(caught.value) and time.monotonic() - started < 30
+    cloud_sim.fault = None
+    assert selection.space_id(client, "Sales") is not None  # the transport is still usable
+
+
 def test_secrets_never_reach_a_log_line(cloud_sim: CloudSimulator, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     client = client_for(cloud_sim)

@@ -4,8 +4,9 @@
   or any other URL pointing elsewhere is refused before a byte (or a token) leaves.
 * A **total** deadline per call (the caller's monotonic `deadline`): connect and every read
   get what is left, and the body is read in chunks with the clock checked between them, so a
-  peer that drips bytes is cut at the deadline. (A peer dripping the *status line and headers*
-  is bounded by the per-read timeout only: urllib3 reads them in one call.)
+  peer that drips bytes is cut at the deadline. A peer dripping the status line and headers
+  (or a TLS handshake) is cut by the watchdog (watchdog.py), which shuts the call's socket
+  down at its deadline.
 * A byte cap on every answer (`cap`, default `cloud.max_response_bytes`).
 * TLS verified by default against the system store plus `cloud.ca` (an extra bundle, for a
   TLS-inspecting proxy); `cloud.verify: false` turns verification off.
@@ -33,6 +34,7 @@ import urllib3
 from butler_mqtt.errors import CloudRefused, CloudTlsRejected, CloudUnreachable, ConfigError
 
 from .settings import CloudSettings
+from .watchdog import Watchdog, WatchedHTTPSConnectionPool
 
 _CHUNK = 64 * 1024
 
@@ -112,6 +114,8 @@ class CloudTransport:
             self._pool = urllib3.ProxyManager(bare, proxy_headers=headers, proxy_ssl_context=ctx, **common)
         else:
             self._pool = urllib3.PoolManager(**common)
+        self._pool.pool_classes_by_scheme = {**self._pool.pool_classes_by_scheme, "https": WatchedHTTPSConnectionPool}
+        self._watchdog = Watchdog(time.monotonic)
 
     @staticmethod
     def _ssl_context(settings: CloudSettings) -> ssl.SSLContext:
@@ -128,6 +132,7 @@ class CloudTransport:
         return ctx
 
     def close(self) -> None:
+        self._watchdog.close()
         self._pool.clear()
 
     def request(
@@ -143,16 +148,19 @@ class CloudTransport:
         if remaining <= 0:
             raise CloudUnreachable(f"Qlik Cloud did not answer within {self.settings.timeout:g} s ({what})", never_sent=True)
         timeout = urllib3.Timeout(connect=min(remaining, 10.0), read=remaining)
-        try:
-            resp = self._pool.urlopen(
-                method, url, body=body, headers=headers, retries=False, redirect=False,
-                preload_content=False, timeout=timeout, assert_same_host=False,
-            )
-            return self._read(resp, what, deadline, cap or self.settings.max_response_bytes)
-        except (CloudRefused, CloudUnreachable):
-            raise
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise self._map(exc, what) from None
+        with self._watchdog.guard(deadline) as guard:
+            try:
+                resp = self._pool.urlopen(
+                    method, url, body=body, headers=headers, retries=False, redirect=False,
+                    preload_content=False, timeout=timeout, assert_same_host=False,
+                )
+                return self._read(resp, what, deadline, cap or self.settings.max_response_bytes)
+            except (CloudRefused, CloudUnreachable):
+                raise
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                if guard.fired:  # the watchdog cut a peer that kept every read under the timeout
+                    raise CloudUnreachable(f"Qlik Cloud did not answer within {self.settings.timeout:g} s ({what})") from None
+                raise self._map(exc, what) from None
 
     def _read(self, resp: Any, what: str, deadline: float, cap: int) -> Answer:
         chunks: list[bytes] = []

@@ -26,7 +26,8 @@ Knobs (attributes, changeable while running):
 * ``latency_ms``; ``fault`` (``"error500"``, ``"error503"``, ``"outage"``: close without an
   answer, ``"notjson"``: a 200 HTML page, ``"huge"``: a 200 body of ``huge_bytes``) limited to
   paths matching the regular expression ``fault_paths``; ``"drip"``: a 200 whose body comes
-  one byte every ``drip_interval`` seconds (a peer that only a total deadline cuts).
+  one byte every ``drip_interval`` seconds (a peer that only a total deadline cuts);
+  ``"drip_headers"``: the status line, then a header line every ``drip_interval`` seconds.
 * ``token_fault``: ``"garbage"`` (200 that is not JSON), ``"huge"`` (200 of ``huge_bytes``),
   ``"hang"`` (read the request, never answer), ``"refuse"`` (401). ``token_lifetime`` seconds
   (default 21600); :meth:`CloudSimulator.revoke_tokens`; ``api_key_revoked``.
@@ -660,6 +661,13 @@ class _Handler(BaseHTTPRequestHandler):
             reply = _Reply(200, b'{"data": [' + b" " * sim.huge_bytes + b"]}")
         elif fault == "drip":
             self._drip(sim, path, query, at, auth)
+            return
+        elif fault == "drip_headers":
+            sim._record(LoggedRequest(self.command, path, query, 200, at, auth))
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            while not sim._stopping.wait(sim.drip_interval):
+                self.wfile.write(b"X-Drip: 1\r\n")
+                self.wfile.flush()
             return
         else:
             reply = sim._answer(self.command, path, query, body, auth)
