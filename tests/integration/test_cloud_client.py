@@ -289,6 +289,25 @@ def test_next_link_to_another_host_is_never_followed(cloud_sim: CloudSimulator) 
         selection.apps_by_space(client_for(cloud_sim), "Finance")
 
 
+@pytest.mark.parametrize("base", ["http://127.0.0.1:{port}", "https://x:y@127.0.0.1:{port}", "https://127.0.0.1:99999",
+                                  "//evil.example", "javascript:alert(1)", "https://127.0.0.1.evil.example:{port}"])
+def test_next_links_off_the_tenant_are_refused(cloud_sim: CloudSimulator, base: str) -> None:
+    cloud_sim.max_page_size, cloud_sim.links_base = 1, base.format(port=cloud_sim.port)
+    with pytest.raises(CloudRefused, match="not the tenant"):
+        selection.apps_by_space(client_for(cloud_sim), "Finance")
+    assert len([e for e in cloud_sim.request_log if e.path == "/api/v1/items"]) == 1
+
+
+@pytest.mark.parametrize(("fault", "error"), [("error503", CloudRefused), ("error500", CloudRefused)])
+def test_token_endpoint_failing_for_now_is_transient(cloud_sim: CloudSimulator, fault: str, error: type) -> None:
+    cloud_sim.fault, cloud_sim.fault_paths = fault, "^/oauth/token$"
+    with pytest.raises(error) as caught:
+        selection.space_id(client_for(cloud_sim), "Sales")
+    assert is_transient(caught.value) and not isinstance(caught.value, CloudAuthRefused)
+    cloud_sim.fault = None
+    assert selection.space_id(client_for(cloud_sim), "Sales") is not None
+
+
 def test_a_hundred_thousand_apps_bounded_and_refused_past_the_page_limit(cloud_sim: CloudSimulator) -> None:
     cloud_sim.world.generated_apps = 100_000
     client = client_for(cloud_sim, max_pages=100)

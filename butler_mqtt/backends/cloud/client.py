@@ -109,7 +109,9 @@ class CloudClient:
         return time.monotonic() + self.settings.timeout
 
     def url(self, target: str) -> str:
-        return target if target.startswith("https://") else self.settings.base_url + target
+        """A path (`/api/...`) on the tenant, or an absolute URL as given (the transport calls
+        only the tenant's origin, so any other is refused there)."""
+        return self.settings.base_url + target if target.startswith("/") and not target.startswith("//") else target
 
     def call(
         self, method: str, target: str, *, body: Any = None, start: bool = False, deadline: float | None = None

@@ -56,8 +56,14 @@ class Answer:
 
 
 def origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    """(scheme, host, port) of `url`; ("", "", 0) when it has none (never the tenant's)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return "", "", 0
+    if parts.username is not None or parts.password is not None:
+        return "", "", 0
     return parts.scheme.lower(), (parts.hostname or "").lower(), port
 
 
@@ -65,7 +71,10 @@ def redact_url(url: str) -> str:
     """`url` without user info, query or fragment (for messages)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    try:
+        netloc = f"{host}:{parts.port}" if parts.port else host
+    except ValueError:
+        netloc = host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
