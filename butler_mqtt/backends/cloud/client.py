@@ -5,7 +5,7 @@ Per call (`call`), within one total deadline (`cloud.timeout` unless given):
 * `Authorization` from the credentials (auth.py); a 401 drops the token and the call is made
   once more with a new one; a second 401 (or an API key's first) is `CloudAuthRefused`.
 * Starts (`start=True`) wait for their slot of the `StartPacer` (pacing.py).
-* 429: `Retry-After` (seconds or an HTTP date) pauses every start and is waited out when it
+* 429: `Retry-After` (seconds or an HTTP date; on a start it pauses every start) is waited out when it
   ends before the deadline, then the call is made again (a 429 started nothing, so this cannot
   start twice); without Retry-After, a jittered backoff (0.5 s doubling, at most 8 s). When the
   wait would pass the deadline: `CloudRateLimited` (transient). A 429 on a start without
@@ -158,8 +158,8 @@ class CloudClient:
             )
         wait = hint if hint is not None else backoff * random.uniform(0.5, 1.0)
         until = time.monotonic() + wait
-        if hint is not None:
-            self.pacer.pause_until(until)
+        if hint is not None and start:
+            self.pacer.pause_until(until)  # the start tier is the tenant's: every start waits
         if until >= end:
             raise CloudRateLimited(
                 f"Qlik Cloud rate limit (429): retry in {wait:.1f} s" + ("" if hint is not None else " (no Retry-After)"),

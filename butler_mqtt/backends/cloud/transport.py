@@ -119,7 +119,7 @@ class CloudTransport:
             if parts.username is not None:
                 auth = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
                 headers = urllib3.make_headers(proxy_basic_auth=auth)
-            bare = urlunsplit((parts.scheme, f"{parts.hostname}:{parts.port or 8080}", "", "", ""))
+            bare = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], "", "", ""))  # no credentials
             self._pool = urllib3.ProxyManager(bare, proxy_headers=headers, proxy_ssl_context=ctx, **common)
         else:
             self._pool = urllib3.PoolManager(**common)
