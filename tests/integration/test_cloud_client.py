@@ -439,6 +439,23 @@ def test_failed_reload_with_options_and_failure_details(cloud_sim: CloudSimulato
     assert failure["message"] == broken.error_message and failure["scriptLogTail"] == tail
 
 
+def test_a_huge_script_log_is_tailed_in_flat_memory(cloud_certs: Path) -> None:
+    lines = "\r\n".join(f"{i:07d} LOAD * FROM [lib://erp/t{i}.qvd]" for i in range(400_000))  # ~16 MB
+    app = SimApp("00000000-0000-4000-a000-0000000007aa", "Huge", outcome="FAILED", run_seconds=0.01, script_log=lines)
+    with CloudSimulator(World([], [], [app]), certs_dir=cloud_certs) as sim:
+        client = client_for(sim, max_response_bytes=1024 * 1024, timeout=30.0)
+        done = _follow(client, reloads.start_reload(client, app.id).id)
+        tracemalloc.start()
+        try:
+            tail = reloads.script_log_tail(client, app.id, done.id, 5)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert tail[2] == "0399999 LOAD * FROM [lib://erp/t399999.qvd]" and tail[-1] == "Execution Failed"
+        assert len(tail) == 5
+        assert peak < 8 * 1024 * 1024  # the sim's own 16 MB answer is built before tracing starts
+
+
 def test_exceeded_limit_maps_to_error(cloud_certs: Path) -> None:
     app = SimApp("00000000-0000-4000-a000-0000000003aa", "Heavy", outcome="EXCEEDED_LIMIT", run_seconds=0.05)
     with CloudSimulator(World([], [], [app]), certs_dir=cloud_certs) as sim:

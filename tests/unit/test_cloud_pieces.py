@@ -18,6 +18,7 @@ from butler_mqtt.backends.cloud.selection import app_from_item
 from butler_mqtt.backends.cloud.settings import CloudSettings
 from butler_mqtt.backends.cloud.transport import Answer, proxy_for, redact_url
 from butler_mqtt.errors import CloudRateLimited, ConfigError, RequestRejected
+from butler_mqtt.qrs import logtail
 
 TENANT = "https://acme.eu.qlikcloud.com"
 
@@ -171,18 +172,18 @@ def test_status_names() -> None:
 
 def test_failure_caps_and_clean_text() -> None:
     bad = "x" * 5000 + "\ud800\x00"
-    reload = reloads.CloudReload("r", "a", "FAILED", error_message=bad, log="Started loading\r\n" + "y" * 3000 + "\r\n")
-    tail = reloads.tail("\n".join(["z" * 2000] * 200) + "\nlast \ud800", 40)
-    failure = reloads.failure(reload, tail, "log unavailable \x00")
-    assert len(failure["message"]) == reloads.MESSAGE_CAP
-    assert all(len(line) <= reloads.LINE_CAP for line in failure["details"] + failure["scriptLogTail"])
-    assert len(tail) == 40 and tail[-1] == "last \ufffd"
-    assert sum(len(line.encode()) + 1 for line in tail) <= reloads.TAIL_BYTES
-    assert "\x00" not in failure["scriptLogError"]
-    for text in [failure["message"], *failure["details"], *tail]:
+    reload = reloads.CloudReload(
+        "r", "a", "FAILED", error_message=bad, log="Started loading\r\n" + "y" * 3000 + "\r\nbad \ud800\x07\r\n"
+    )
+    failure = reloads.failure(reload, ["last line"], "log unavailable \x00")
+    assert len(failure["message"]) == logtail.MESSAGE_CHARS and failure["message"].endswith(logtail.ELLIPSIS)
+    assert failure["details"][0] == "Started loading" and len(failure["details"][1]) <= logtail.LINE_CHARS
+    assert failure["details"][2] == "bad \ufffd\ufffd"  # lone surrogate and control character replaced
+    assert failure["scriptLogTail"] == ["last line"] and "\x00" not in failure["scriptLogError"]
+    for text in [failure["message"], *failure["details"]]:
         text.encode("utf-8")  # valid UTF-8: no lone surrogates
-    big = reloads.tail("\n".join("w" * 1000 for _ in range(200)), 1000)
-    assert sum(len(line.encode()) + 1 for line in big) <= reloads.TAIL_BYTES and len(big) == 65
+    many = reloads.CloudReload("r", "a", "FAILED", log="\n".join(f"line {i}" for i in range(100)))
+    assert reloads.failure(many)["details"] == [f"line {i}" for i in range(80, 100)]
     assert reloads.failure(reloads.CloudReload("r", "a", "EXCEEDED_LIMIT"))["message"] == "reload ended EXCEEDED_LIMIT"
 
 

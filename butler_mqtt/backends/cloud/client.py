@@ -114,7 +114,14 @@ class CloudClient:
         return self.settings.base_url + target if target.startswith("/") and not target.startswith("//") else target
 
     def call(
-        self, method: str, target: str, *, body: Any = None, start: bool = False, deadline: float | None = None
+        self,
+        method: str,
+        target: str,
+        *,
+        body: Any = None,
+        start: bool = False,
+        deadline: float | None = None,
+        sink: Callable[[bytes], None] | None = None,
     ) -> Answer:
         """One API call (`target`: a path with query, or a full tenant URL), auth, pacing,
         429 and 401 handled as the module says. Returns any non-401/429 answer."""
@@ -127,7 +134,9 @@ class CloudClient:
             if start:
                 self.pacer.acquire(end)
             auth = self.creds.header(end)
-            answer = self.transport.request(method, self.url(target), body=data, headers=headers | {"Authorization": auth}, deadline=end)
+            answer = self.transport.request(
+                method, self.url(target), body=data, headers=headers | {"Authorization": auth}, deadline=end, sink=sink
+            )
             if answer.status == 401:
                 self.creds.refused(auth, 401)  # raises for an API key
                 if refused_once:

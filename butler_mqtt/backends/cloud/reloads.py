@@ -6,7 +6,8 @@
   `active_reloads` (QUEUED, RELOADING, CANCELING: "running" in section 7's meaning, whoever
   started them), `cancel_reload` (`POST /api/v1/reloads/{id}/actions/cancel`).
 * `final_status` maps Qlik Cloud's end statuses to section 4's names; `failure` builds section
-  8's object from the reload's `errorMessage` and the script log, with its caps.
+  8's object from the reload's `errorMessage` and the script log, capped and cleaned by
+  `butler_mqtt.qrs.logtail` (the same rules as for QRS).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from butler_mqtt.errors import CloudNotFound, CloudRefused, RequestRejected
+from butler_mqtt.qrs.logtail import LINE_CHARS, MESSAGE_CHARS, TailBuffer, clean, tail_of
 
 from .client import CloudClient, error_summary, query
 
@@ -30,11 +32,8 @@ FINAL_STATUS = {
 }
 MAX_VARIABLES = 20
 MAX_VARIABLE_CHARS = 256
-MESSAGE_CAP = 2000  # contract section 8
-LINE_CAP = 1000
-TAIL_BYTES = 64 * 1024
-LOG_READ_CAP = 4 * 1024 * 1024  # bytes of a script log read to find its tail
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL and lone surrogates (a str holds no pairs)
+MAX_DETAILS = 20  # lines of the reload's short `log` kept as `failure.details`
+_SURROGATE = re.compile("[\ud800-\udfff]")  # lone (a str holds no pairs): not encodable
 _RELOAD_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
@@ -184,50 +183,38 @@ def cancel_reload(client: CloudClient, reload_id: str) -> CancelOutcome:
 
 
 def script_log_tail(client: CloudClient, app_id: str, reload_id: str, lines: int) -> list[str]:
-    """The last `lines` lines of the reload's script log (capped as section 8 says)."""
+    """The last `lines` lines of the reload's script log (`GET /api/v1/apps/{appId}/reloads/logs/
+    {reloadId}`), streamed through a TailBuffer: a log of any size costs a few KiB, capped and
+    cleaned as section 8 says. CloudNotFound when Qlik Cloud has no log for it."""
     if lines <= 0:
         return []
-    answer = client.call("GET", f"/api/v1/apps/{_path(app_id)}/reloads/logs/{_path(reload_id)}")
+    buffer = TailBuffer(lines)
+    answer = client.call(
+        "GET", f"/api/v1/apps/{_path(app_id)}/reloads/logs/{_path(reload_id)}", sink=buffer.feed
+    )
     if answer.status == 404:
         raise CloudNotFound("the script log of this reload is not available (404)", 404)
     if answer.status != 200:
         raise CloudRefused(
             f"reading the script log: Qlik Cloud answered {answer.status} {error_summary(answer)}".rstrip(), answer.status
         )
-    return tail(answer.content[-LOG_READ_CAP:].decode("utf-8", errors="replace"), lines)
-
-
-def tail(text: str, lines: int) -> list[str]:
-    """The last `lines` non-empty lines of `text`, each at most LINE_CAP characters, together
-    at most TAIL_BYTES of UTF-8 (older lines dropped first), valid UTF-8 only."""
-    kept: list[str] = []
-    size = 0
-    for line in reversed([clean(x) for x in text.splitlines() if x.strip()]):
-        line = line[:LINE_CAP]
-        cost = len(line.encode()) + 1
-        if len(kept) >= lines or size + cost > TAIL_BYTES:
-            break
-        kept.append(line)
-        size += cost
-    return kept[::-1]
-
-
-def clean(text: str) -> str:
-    """`text` with lone surrogates and NULs replaced (what the journal and MQTT cannot carry)."""
-    return _UNSTORABLE.sub("\ufffd", text)
+    return buffer.close()
 
 
 def failure(reload: CloudReload, log_tail: list[str] | None = None, log_error: str | None = None) -> dict[str, Any]:
-    """Section 8's `failure` object for a reload that did not succeed."""
+    """Section 8's `failure` object for a reload that did not succeed: `message` from the
+    reload's `errorMessage` (else its `errorCode`, else its status), `details` from the short
+    `log` Qlik Cloud returns with the reload, `scriptLogTail` / `scriptLogError` as given.
+    Capped and cleaned by qrs.logtail, the one place for failure texts."""
     message = reload.error_message or reload.error_code or f"reload ended {reload.status}"
-    out: dict[str, Any] = {"message": clean(message)[:MESSAGE_CAP]}
-    details = tail(reload.log, 20) if reload.log else []
+    out: dict[str, Any] = {"message": clean(message, MESSAGE_CHARS)}
+    details = tail_of(_SURROGATE.sub("\ufffd", reload.log).encode(), MAX_DETAILS) if reload.log else []
     if details:
         out["details"] = details
     if log_tail is not None:
         out["scriptLogTail"] = log_tail
     if log_error is not None:
-        out["scriptLogError"] = clean(log_error)[:LINE_CAP]
+        out["scriptLogError"] = clean(log_error, LINE_CHARS)
     return out
 
 

@@ -24,7 +24,7 @@ import socket
 import ssl
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -145,9 +145,21 @@ class CloudTransport:
         self._pool.clear()
 
     def request(
-        self, method: str, url: str, *, body: bytes | None, headers: dict[str, str], deadline: float, cap: int | None = None
+        self,
+        method: str,
+        url: str,
+        *,
+        body: bytes | None,
+        headers: dict[str, str],
+        deadline: float,
+        cap: int | None = None,
+        sink: Callable[[bytes], None] | None = None,
     ) -> Answer:
-        """One request to `url` (which must be on the tenant); raises Cloud* errors only."""
+        """One request to `url` (which must be on the tenant); raises Cloud* errors only.
+
+        `sink`: a 200 answer's body is fed to it chunk by chunk instead of being kept (a script
+        log of any size read in flat memory; the deadline still bounds it), other answers are
+        read as usual."""
         if origin(url) != self._origin:
             raise CloudRefused(
                 f"refusing to call {redact_url(url)}: not the tenant {redact_url(self.settings.tenant)} (cloud.tenant)"
@@ -163,7 +175,7 @@ class CloudTransport:
                     method, url, body=body, headers=headers, retries=False, redirect=False,
                     preload_content=False, timeout=timeout, assert_same_host=False,
                 )
-                return self._read(resp, what, deadline, cap or self.settings.max_response_bytes)
+                return self._read(resp, what, deadline, cap or self.settings.max_response_bytes, sink)
             except (CloudRefused, CloudUnreachable):
                 raise
             except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -171,9 +183,10 @@ class CloudTransport:
                     raise CloudUnreachable(f"Qlik Cloud did not answer within {self.settings.timeout:g} s ({what})") from None
                 raise self._map(exc, what) from None
 
-    def _read(self, resp: Any, what: str, deadline: float, cap: int) -> Answer:
+    def _read(self, resp: Any, what: str, deadline: float, cap: int, sink: Callable[[bytes], None] | None) -> Answer:
         chunks: list[bytes] = []
         size = 0
+        streaming = sink is not None and resp.status == 200
         try:
             while True:
                 left = deadline - time.monotonic()
@@ -183,9 +196,13 @@ class CloudTransport:
                 sock = getattr(conn, "sock", None)
                 if sock is not None:
                     sock.settimeout(left)  # each read gets only what is left of the deadline
-                chunk = resp.read1(min(_CHUNK, cap + 1 - size))
+                chunk = resp.read1(_CHUNK if streaming else min(_CHUNK, cap + 1 - size))
                 if not chunk:
                     break
+                if streaming:
+                    assert sink is not None
+                    sink(chunk)
+                    continue
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > cap:

@@ -216,11 +216,15 @@ class World:
                 return "canceling"
             return "canceling" if reload.status == "CANCELING" else "ended"
 
-    def log_of(self, reload: SimReload) -> str:
+    def log_of(self, reload: SimReload, *, script: bool = False) -> str:
+        """The reload's short ``log`` summary (as the Reload object carries it); with
+        ``script``, the script log the logs endpoint serves (the app's ``script_log`` inside)."""
         app = self.app(reload.app_id)
         lines = [f"ReloadID: {reload.id}", "Started loading"]
-        if app is not None and app.script_log:
+        if script and app is not None and app.script_log:
             lines.extend(app.script_log.splitlines())
+        elif not script:
+            lines.append("(A detailed script progress log can be downloaded when the reload is finished)")
         if reload.status == "SUCCEEDED":
             lines += ["App saved", "Finished successfully"]
         elif reload.status in ("FAILED", "EXCEEDED_LIMIT"):
