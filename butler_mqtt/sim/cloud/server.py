@@ -356,7 +356,7 @@ class CloudSimulator:
                 found = self.world.reloads.get(rest[2])
                 if found is None or found.app_id != app_id or found.status not in END:
                     return _Reply.error(404, "HTTP-404", "Not Found", "No log for this reload.")
-                return _Reply(200, self.world.log_of(found, script=True).encode(), _TEXT)
+                return _Reply(200, self.world.script_log_bytes(found), _TEXT)
         return _Reply.error(404, "HTTP-404", "Not Found")
 
     def _items(self, query: dict[str, str]) -> _Reply:

@@ -216,6 +216,14 @@ class World:
                 return "canceling"
             return "canceling" if reload.status == "CANCELING" else "ended"
 
+    def script_log_bytes(self, reload: SimReload) -> bytes:
+        """The script log of an ended reload, built once (a huge log is then served without
+        building it again)."""
+        cache: dict[str, bytes] = self.__dict__.setdefault("_script_logs", {})
+        if reload.id not in cache:
+            cache[reload.id] = self.log_of(reload, script=True).encode()
+        return cache[reload.id]
+
     def log_of(self, reload: SimReload, *, script: bool = False) -> str:
         """The reload's short ``log`` summary (as the Reload object carries it); with
         ``script``, the script log the logs endpoint serves (the app's ``script_log`` inside)."""
