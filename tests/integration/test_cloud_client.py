@@ -33,6 +33,7 @@ from tests.support.cloud import (  # noqa: F401
     client_for,
     cloud_certs,
     cloud_sim,
+    running,
     settings_for,
 )
 
@@ -227,7 +228,7 @@ def test_429_longer_than_the_deadline_is_transient(cloud_sim: CloudSimulator) ->
 
 def test_start_limit_429_is_waited_out_and_nothing_starts_twice(cloud_certs: Path) -> None:
     apps = [SimApp(f"00000000-0000-4000-a000-0000000001{i:02d}", f"A{i}", run_seconds=0.01) for i in range(3)]
-    with CloudSimulator(World([], [], apps, max_concurrent=0), certs_dir=cloud_certs, start_limit_per_minute=120,
+    with running(World([], [], apps, max_concurrent=0), cloud_certs, start_limit_per_minute=120,
                         rate_window=1) as sim:
         client = client_for(sim, timeout=10.0)
         started = [reloads.start_reload(client, a.id) for a in apps]  # 2 per second allowed
@@ -238,7 +239,7 @@ def test_start_limit_429_is_waited_out_and_nothing_starts_twice(cloud_certs: Pat
 
 def test_a_pending_reload_429_says_the_app_is_busy(cloud_certs: Path) -> None:
     apps = [SimApp(f"00000000-0000-4000-a000-0000000002{i:02d}", f"B{i}", run_seconds=30) for i in range(2)]
-    with CloudSimulator(World([], [], apps, max_concurrent=1), certs_dir=cloud_certs) as sim:
+    with running(World([], [], apps, max_concurrent=1), cloud_certs) as sim:
         client = client_for(sim)
         reloads.start_reload(client, apps[0].id)
         queued = reloads.start_reload(client, apps[1].id)
@@ -331,7 +332,7 @@ def test_nasty_tag_and_space_names(cloud_certs: Path) -> None:
     spaces = [SimSpace(f"{i:024x}", n) for i, n in enumerate(names)]
     tags = [SimTag(f"{i + 100:024x}", n) for i, n in enumerate(names)]
     apps = [SimApp(f"00000000-0000-4000-a000-{i:012d}", f"app {i}", spaces[i].id, [tags[i].id]) for i in range(len(names))]
-    with CloudSimulator(World(spaces, tags, apps), certs_dir=cloud_certs) as sim:
+    with running(World(spaces, tags, apps), cloud_certs) as sim:
         client = client_for(sim)
         for i, name in enumerate(names):
             by_tag = selection.apps_by_tag(client, name)
@@ -442,7 +443,7 @@ def test_failed_reload_with_options_and_failure_details(cloud_sim: CloudSimulato
 def test_a_huge_script_log_is_tailed_in_flat_memory(cloud_certs: Path) -> None:
     lines = "\r\n".join(f"{i:07d} LOAD * FROM [lib://erp/t{i}.qvd]" for i in range(400_000))  # ~16 MB
     app = SimApp("00000000-0000-4000-a000-0000000007aa", "Huge", outcome="FAILED", run_seconds=0.01, script_log=lines)
-    with CloudSimulator(World([], [], [app]), certs_dir=cloud_certs) as sim:
+    with running(World([], [], [app]), cloud_certs) as sim:
         client = client_for(sim, max_response_bytes=1024 * 1024, timeout=30.0)
         done = _follow(client, reloads.start_reload(client, app.id).id)
         reloads.script_log_tail(client, app.id, done.id, 5)  # the simulator builds its 16 MB answer once
@@ -459,7 +460,7 @@ def test_a_huge_script_log_is_tailed_in_flat_memory(cloud_certs: Path) -> None:
 
 def test_exceeded_limit_maps_to_error(cloud_certs: Path) -> None:
     app = SimApp("00000000-0000-4000-a000-0000000003aa", "Heavy", outcome="EXCEEDED_LIMIT", run_seconds=0.05)
-    with CloudSimulator(World([], [], [app]), certs_dir=cloud_certs) as sim:
+    with running(World([], [], [app]), cloud_certs) as sim:
         client = client_for(sim)
         done = _follow(client, reloads.start_reload(client, app.id).id)
         assert (done.status, done.final_status) == ("EXCEEDED_LIMIT", "Error")
@@ -468,7 +469,7 @@ def test_exceeded_limit_maps_to_error(cloud_certs: Path) -> None:
 
 def test_cancel_and_a_reload_started_elsewhere(cloud_certs: Path) -> None:
     app = SimApp("00000000-0000-4000-a000-0000000004aa", "Long", run_seconds=30)
-    with CloudSimulator(World([], [], [app]), certs_dir=cloud_certs) as sim:
+    with running(World([], [], [app]), cloud_certs) as sim:
         client = client_for(sim)
         hub = sim.world.start_elsewhere(app.id)
         assert [r.id for r in reloads.active_reloads(client, app.id)] == [hub.id]
@@ -482,7 +483,7 @@ def test_cancel_and_a_reload_started_elsewhere(cloud_certs: Path) -> None:
 
 def test_starts_are_paced_across_threads(cloud_certs: Path) -> None:
     apps = [SimApp(f"00000000-0000-4000-a000-0000000005{i:02d}", f"P{i}", run_seconds=0.01) for i in range(16)]
-    with CloudSimulator(World([], [], apps, max_concurrent=0), certs_dir=cloud_certs, start_limit_per_minute=100_000) as sim:
+    with running(World([], [], apps, max_concurrent=0), cloud_certs, start_limit_per_minute=100_000) as sim:
         client = client_for(sim, reloads_per_minute=600, timeout=30.0)  # one start per 0.1 s
         todo = list(apps)
         lock = threading.Lock()
@@ -510,12 +511,12 @@ def test_starts_are_paced_across_threads(cloud_certs: Path) -> None:
 
 def test_tenant_wide_running_reloads_and_recent_reloads(cloud_certs: Path) -> None:
     apps = [SimApp(f"00000000-0000-4000-a000-0000000006{i:02d}", f"R{i}", run_seconds=30) for i in range(3)]
-    with CloudSimulator(World([], [], apps, max_concurrent=1), certs_dir=cloud_certs) as sim:
+    with running(World([], [], apps, max_concurrent=1), cloud_certs) as sim:
         client = client_for(sim)
         first = reloads.start_reload(client, apps[0].id)
         second = reloads.start_reload(client, apps[1].id)
-        running = reloads.active_reloads_by_app(client)
-        assert {k: [r.status for r in v] for k, v in running.items()} == {apps[0].id: ["RELOADING"], apps[1].id: ["QUEUED"]}
+        busy = reloads.active_reloads_by_app(client)
+        assert {k: [r.status for r in v] for k, v in busy.items()} == {apps[0].id: ["RELOADING"], apps[1].id: ["QUEUED"]}
         assert [r.id for r in reloads.recent_reloads(client, apps[1].id)] == [second.id]
         reloads.cancel_reload(client, first.id)
         assert [r.id for r in reloads.recent_reloads(client, apps[0].id)] == [first.id]

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import urllib3
 
-from butler_mqtt.sim.cloud import CloudSimulator, SimApp, SimSpace, SimTag, World
+from butler_mqtt.sim.cloud import CloudSimulator, SimApp, SimSpace, SimTag, World, demo_world
 from butler_mqtt.sim.cloud.app import banner
-from tests.support.cloud import assert_valid, cloud_certs, cloud_sim  # noqa: F401 (fixtures, used by name)
+from tests.support.cloud import assert_valid, cloud_certs, cloud_sim, running  # noqa: F401 (fixtures, used by name)
 
 pytestmark = pytest.mark.integration
 
@@ -167,7 +167,7 @@ def test_token_endpoint_takes_form_bodies_and_refuses_wrong_secrets(raw: Raw, cl
 def test_concurrency_limit_queues_and_cancel(cloud_certs: Path) -> None:
     apps = [SimApp(f"00000000-0000-4000-a000-00000000000{i}", f"A{i}", run_seconds=30) for i in range(3)]
     world = World([], [], apps, max_concurrent=1)
-    with CloudSimulator(world, certs_dir=cloud_certs) as sim:
+    with running(world, cloud_certs) as sim:
         raw = Raw(sim)
         first = raw.json("POST", "/api/v1/reloads", {"appId": apps[0].id}, status=201)
         second = raw.json("POST", "/api/v1/reloads", {"appId": apps[1].id}, status=201)
@@ -188,7 +188,7 @@ def test_concurrency_limit_queues_and_cancel(cloud_certs: Path) -> None:
 
 def test_exceeded_limit_and_started_elsewhere(cloud_certs: Path) -> None:
     app = SimApp("00000000-0000-4000-a000-0000000000aa", "Big", outcome="EXCEEDED_LIMIT", run_seconds=0.05)
-    with CloudSimulator(World([], [], [app]), certs_dir=cloud_certs) as sim:
+    with running(World([], [], [app]), cloud_certs) as sim:
         raw = Raw(sim)
         hub = sim.world.start_elsewhere(app.id)
         listed = raw.json("GET", f"/api/v1/reloads?appId={app.id}")["data"]
@@ -253,7 +253,7 @@ def test_names_with_hostile_characters(cloud_certs: Path) -> None:
     names = ['q"uote', "a&b=c", "x#y", "100%", "plus+sign", "Sаles"]  # the last has a Cyrillic а
     spaces = [SimSpace(f"s{i:023d}", n) for i, n in enumerate(names)]
     tags = [SimTag(f"t{i:023d}", n) for i, n in enumerate(names)]
-    with CloudSimulator(World(spaces, tags, []), certs_dir=cloud_certs) as sim:
+    with running(World(spaces, tags, []), cloud_certs) as sim:
         raw = Raw(sim)
         from urllib.parse import quote
 
@@ -297,3 +297,22 @@ def test_main_serves_until_sigterm(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
+
+
+def test_every_answer_of_every_test_is_checked_and_a_drift_is_caught(
+    cloud_certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `running` simulators of these tests validate each JSON answer (ReplyChecker): a
+    simulator answering a field Qlik's schema does not name is caught."""
+    from butler_mqtt.sim.cloud import answers
+    from tests.support.cloud import ReplyChecker, checked
+
+    with checked(CloudSimulator(demo_world(), certs_dir=cloud_certs)) as sim:
+        raw = Raw(sim)
+        raw.json("GET", "/api/v1/spaces")
+        original = answers.space
+        monkeypatch.setattr(answers, "space", lambda base, s: {**original(base, s), "spaceId": s.id})
+        raw.json("GET", "/api/v1/spaces")
+        hook = sim.reply_hook
+        assert isinstance(hook, ReplyChecker) and hook.checked == 3  # token, spaces, spaces
+        assert hook.problems and all("'spaceId' was unexpected" in p for p in hook.problems)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -14,7 +15,7 @@ import pytest
 
 from butler_mqtt.backends.cloud.client import CloudClient
 from butler_mqtt.backends.cloud.settings import CloudSettings
-from butler_mqtt.sim.cloud import CloudSimulator, demo_world
+from butler_mqtt.sim.cloud import CloudSimulator, World, demo_world
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "data" / "cloud-schemas"
 
@@ -30,6 +31,74 @@ def assert_valid(name: str, payload: Any) -> None:
     assert not errors, f"{name}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
 
 
+_ERRORS = {"oauth": "oauth.Errors", "items": "items.ErrorResponseBody", "collections": "items.ErrorResponseBody",
+           "spaces": "spaces.Errors", "reloads": "reloads.Errors"}
+
+
+def schema_for(method: str, path: str, status: int) -> str | None:
+    """The schema (tests/data/cloud-schemas) of the simulator's answer to `method path`, or
+    None for answers no schema describes (the apps API declares no error bodies)."""
+    parts = path.strip("/").split("/")
+    if parts == ["oauth", "token"]:
+        return "oauth.oauth-token-response" if status == 200 else "oauth.Errors"
+    if parts[:2] != ["api", "v1"] or len(parts) < 3:
+        return None
+    api, rest = parts[2], parts[3:]
+    if status >= 400:
+        return _ERRORS.get(api)
+    ok = {
+        ("GET", "items", 0): "items.ItemsListItemsResponseBody",
+        ("GET", "collections", 0): "collections.CollectionsListCollectionsResponseBody",
+        ("GET", "spaces", 0): "spaces.Spaces",
+        ("GET", "spaces", 1): "spaces.Space",
+        ("GET", "apps", 1): "apps.NxApp",
+        ("GET", "reloads", 0): "reloads.Reloads",
+        ("GET", "reloads", 1): "reloads.Reload",
+        ("POST", "reloads", 0): "reloads.Reload",
+        ("POST", "reloads", 3): "reloads.ReloadStatus",
+    }
+    return ok.get((method, api, len(rest)))
+
+
+class ReplyChecker:
+    """A simulator `reply_hook` validating every JSON answer against Qlik's schemas."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+        self.problems: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, method: str, path: str, status: int, body: bytes) -> None:
+        name = schema_for(method, path, status)
+        if name is None:
+            return
+        payload = json.loads(body)
+        errors = [f"{list(e.path)}: {e.message}" for e in schema_validator(name).iter_errors(payload)]
+        with self._lock:
+            self.checked += 1
+            self.problems += [f"{method} {path} {status} ({name}): {e}" for e in errors[:3]]
+
+    def assert_clean(self) -> None:
+        assert not self.problems, "\n".join(self.problems[:10])
+
+
+def checked(sim: CloudSimulator) -> CloudSimulator:
+    """`sim` with a ReplyChecker as its reply hook (`sim.reply_hook`)."""
+    sim.reply_hook = ReplyChecker()
+    return sim
+
+
+@contextlib.contextmanager
+def running(world: World, certs_dir: Path, **kw: Any) -> Iterator[CloudSimulator]:
+    """A started simulator of `world` whose every JSON answer is validated; fails the test on
+    the first answer that does not match Qlik's schema."""
+    with checked(CloudSimulator(world, certs_dir=certs_dir, **kw)) as sim:
+        yield sim
+        hook = sim.reply_hook
+        assert isinstance(hook, ReplyChecker)
+        hook.assert_clean()
+
+
 @pytest.fixture(scope="module")
 def cloud_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cloud-certs")
@@ -37,7 +106,8 @@ def cloud_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def cloud_sim(cloud_certs: Path) -> Iterator[CloudSimulator]:
-    with CloudSimulator(demo_world(), certs_dir=cloud_certs) as sim:
+    """The demo tenant; every JSON answer it gives during the test is validated (ReplyChecker)."""
+    with running(demo_world(), cloud_certs) as sim:
         yield sim
 
 

@@ -60,6 +60,7 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -150,6 +151,9 @@ class CloudSimulator:
         self.links_base: str | None = None
         self.fail_starts_for: set[str] = set()
         self.forbidden_apps: set[str] = set()
+        #: Called with (method, path, status, body) for every JSON answer that is not a fault
+        #: (the tests validate each against Qlik's schemas).
+        self.reply_hook: Callable[[str, str, int, bytes], None] | None = None
         self._tokens: dict[str, float] = {}
         self._token_seq = 0
         self._accepted_starts: deque[float] = deque()
@@ -671,6 +675,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         else:
             reply = sim._answer(self.command, path, query, body, auth)
+            hook = sim.reply_hook
+            deliberate = path == "/oauth/token" and sim.token_fault is not None  # a hostile answer on purpose
+            if hook is not None and reply.content_type == _JSON and reply.body and not deliberate:
+                hook(self.command, path, reply.status, reply.body)
         sim._record(LoggedRequest(self.command, path, query, reply.status, at, auth))
         self.send_response(reply.status)
         for name, value in reply.headers:
