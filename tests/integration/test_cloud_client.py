@@ -237,6 +237,17 @@ def test_start_limit_429_is_waited_out_and_nothing_starts_twice(cloud_certs: Pat
         assert _statuses(sim, "/api/v1/reloads").count(201) == 3
 
 
+@pytest.mark.parametrize("hint", [None, 0.3])
+def test_429_storm_on_a_start_starts_it_exactly_once(cloud_sim: CloudSimulator, hint: float | None) -> None:
+    client = client_for(cloud_sim)
+    app = next(iter(cloud_sim.world.apps))
+    selection.space_id(client, "Sales")  # token fetched
+    cloud_sim.storm_429, cloud_sim.storm_retry_after = 3, hint
+    started = reloads.start_reload(client, app)
+    assert [s.reload_id for s in cloud_sim.starts] == [started.id]
+    assert _statuses(cloud_sim, "/api/v1/reloads") == [429, 429, 429, 201]
+
+
 def test_a_pending_reload_429_says_the_app_is_busy(cloud_certs: Path) -> None:
     apps = [SimApp(f"00000000-0000-4000-a000-0000000002{i:02d}", f"B{i}", run_seconds=30) for i in range(2)]
     with running(World([], [], apps, max_concurrent=1), cloud_certs) as sim:
