@@ -148,6 +148,23 @@ def test_token_endpoint_that_never_answers_is_cut_by_the_deadline(cloud_sim: Clo
     assert _statuses(cloud_sim) == []
 
 
+def test_a_call_waiting_for_another_calls_token_fetch_keeps_its_own_deadline(cloud_sim: CloudSimulator) -> None:
+    cloud_sim.token_fault = "hang"
+    client = client_for(cloud_sim)
+    first = threading.Thread(
+        target=lambda: pytest.raises(CloudUnreachable, client.json, "GET", "/api/v1/spaces", deadline=time.monotonic() + 4)
+    )
+    first.start()
+    time.sleep(0.2)  # the first call holds the token fetch (hanging) for up to 4 s
+    started = time.monotonic()
+    with pytest.raises(CloudUnreachable, match="token"):
+        client.json("GET", "/api/v1/spaces", deadline=time.monotonic() + 0.5)
+    waited = time.monotonic() - started
+    first.join()
+    assert waited < 3.0  # its own 0.5 s, not the 3.8 s left of the other call's fetch
+    assert _token_fetches(cloud_sim) == 1
+
+
 def test_a_slow_api_answer_is_cut_by_the_deadline(cloud_sim: CloudSimulator) -> None:
     client = client_for(cloud_sim, timeout=1.0)
     selection.space_id(client, "Sales")  # token fetched

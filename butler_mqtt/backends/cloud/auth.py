@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from butler_mqtt.errors import CloudAuthRefused, CloudRefused
+from butler_mqtt.errors import CloudAuthRefused, CloudRefused, CloudUnreachable
 
 from .settings import CloudSettings
 from .transport import Answer, CloudTransport
@@ -80,11 +80,16 @@ class OAuthClient:
         self.fetches = 0  # tokens fetched so far (metrics, tests)
 
     def header(self, deadline: float) -> str:
-        with self._lock:  # one fetch at a time; the others wait for its token
+        # One fetch at a time; the others wait for its token, but never past their own deadline.
+        if not self._lock.acquire(timeout=max(0.0, deadline - self._clock())):
+            raise CloudUnreachable("no Qlik Cloud access token within the call's deadline (the token endpoint is slow)")
+        try:
             if self._header is None or self._clock() >= self._renew_at:
                 self._fetch(deadline)
             assert self._header is not None
             return self._header
+        finally:
+            self._lock.release()
 
     def refused(self, header: str, status: int) -> None:
         with self._lock:
