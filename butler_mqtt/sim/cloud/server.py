@@ -570,6 +570,18 @@ def _status_filter(text: str | None) -> set[str] | None:
     return statuses
 
 
+def _fault_reply(fault: str, sim: CloudSimulator) -> _Reply | None:
+    """The answer a fault gives in place of the real one (None: answer normally)."""
+    if fault in ("error500", "error503"):
+        code = int(fault[-3:])
+        return _Reply.error(code, f"HTTP-{code}", "Internal Server Error" if code == 500 else "Service Unavailable")
+    if fault == "notjson":
+        return _Reply(200, b"<html><body>Please log in</body></html>", "text/html")
+    if fault == "huge":
+        return _Reply(200, b'{"data": [' + b" " * sim.huge_bytes + b"]}")
+    return None
+
+
 class _Server(ThreadingHTTPServer):
     """Plain-TCP accept loop; TLS is negotiated in each connection's own thread."""
 
@@ -631,55 +643,43 @@ class _Handler(BaseHTTPRequestHandler):
         raw_path, _, raw_query = self.path.partition("?")
         path = unquote(raw_path)
         query = dict(parse_qsl(raw_query, keep_blank_values=True))
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0 or length > 1024 * 1024 or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        body = self._body()
+        if body is None:
             # A body that cannot be read (or skipped) reliably: 400 and close, like the QRS simulator.
             sim._record(LoggedRequest(self.command, path, query, 400, at, None))
-            self.send_response(400)
-            self.send_header("Content-Length", "0")
-            self.send_header("Connection", "close")
-            self.end_headers()
+            self._send(_Reply(400, b"", _TEXT, (("Connection", "close"),)))
             self.close_connection = True
             return
-        body = self.rfile.read(length) if length > 0 else b""
         auth = sim._auth(self.headers.get("Authorization"))
         if sim.latency_ms > 0:
             sim._stopping.wait(sim.latency_ms / 1000)
         fault = "outage" if sim._stopping.is_set() else sim._fault_for(path)
-        hang = path == "/oauth/token" and sim.token_fault == "hang"
-        if fault == "outage" or hang:
-            sim._record(LoggedRequest(self.command, path, query, 0, at, auth))
-            if hang:
-                sim._stopping.wait()
-            self.close_connection = True
+        if path == "/oauth/token" and sim.token_fault == "hang":
+            fault = "hang"
+        if fault in ("outage", "hang", "drip", "drip_headers"):
+            self._misbehave(fault, sim, LoggedRequest(self.command, path, query, 0 if "drip" not in fault else 200, at, auth))
             return
-        if fault in ("error500", "error503"):
-            code = int(fault[-3:])
-            reply = _Reply.error(code, f"HTTP-{code}", "Internal Server Error" if code == 500 else "Service Unavailable")
-        elif fault == "notjson":
-            reply = _Reply(200, b"<html><body>Please log in</body></html>", "text/html")
-        elif fault == "huge":
-            reply = _Reply(200, b'{"data": [' + b" " * sim.huge_bytes + b"]}")
-        elif fault == "drip":
-            self._drip(sim, path, query, at, auth)
-            return
-        elif fault == "drip_headers":
-            sim._record(LoggedRequest(self.command, path, query, 200, at, auth))
-            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
-            while not sim._stopping.wait(sim.drip_interval):
-                self.wfile.write(b"X-Drip: 1\r\n")
-                self.wfile.flush()
-            return
-        else:
+        reply = _fault_reply(fault, sim) if fault is not None else None
+        if reply is None:
             reply = sim._answer(self.command, path, query, body, auth)
             hook = sim.reply_hook
             deliberate = path == "/oauth/token" and sim.token_fault is not None  # a hostile answer on purpose
             if hook is not None and reply.content_type == _JSON and reply.body and not deliberate:
                 hook(self.command, path, reply.status, reply.body)
         sim._record(LoggedRequest(self.command, path, query, reply.status, at, auth))
+        self._send(reply)
+
+    def _body(self) -> bytes | None:
+        """The request body; None when its length is unknown, bad or over 1 MiB."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return None
+        if length < 0 or length > 1024 * 1024 or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return None
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _send(self, reply: _Reply) -> None:
         self.send_response(reply.status)
         for name, value in reply.headers:
             self.send_header(name, value)
@@ -690,9 +690,22 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.status != 204:
             self.wfile.write(reply.body)
 
-    def _drip(self, sim: CloudSimulator, path: str, query: dict[str, str], at: float, auth: str | None) -> None:
+    def _misbehave(self, fault: str, sim: CloudSimulator, entry: LoggedRequest) -> None:
+        """Faults that are not an answer: close at once, hang, or drip."""
+        sim._record(entry)
+        if fault == "hang":
+            sim._stopping.wait()
+        elif fault == "drip":
+            self._drip(sim)
+        elif fault == "drip_headers":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            while not sim._stopping.wait(sim.drip_interval):
+                self.wfile.write(b"X-Drip: 1\r\n")
+                self.wfile.flush()
+        self.close_connection = True
+
+    def _drip(self, sim: CloudSimulator) -> None:
         """200 with a 1 MiB Content-Length, then one byte every ``drip_interval`` seconds."""
-        sim._record(LoggedRequest(self.command, path, query, 200, at, auth))
         self.send_response(200)
         self.send_header("Content-Type", _JSON)
         self.send_header("Content-Length", str(1024 * 1024))
