@@ -559,3 +559,24 @@ def test_check_lines(cloud_sim: CloudSimulator) -> None:
     bad = client_for(cloud_sim, api_key=cloud_sim.api_key).check()
     assert bad[-1][0] is False and "cloud.api_key" in bad[-1][1]
     _no_secret(cloud_sim, bad)
+
+
+def test_resolve_union_matched_by_not_found_and_allow_list(cloud_sim: CloudSimulator) -> None:
+    from butler_mqtt.backends.cloud.resolve import allowed, resolve
+
+    client = client_for(cloud_sim)
+    apps = {(a.name, cloud_sim.world.spaces[a.space_id or ""].name): a for a in cloud_sim.world.apps.values()}
+    rev_fin, rev_sales = apps[("Revenue", "Finance")], apps[("Revenue", "Sales")]
+    missing = "00000000-0000-4000-a000-00000000beef"
+    sel = resolve(client, [rev_fin.id, missing], ["nightly", "no-such-tag", "generated"], ["Finance", "Nowhere"],
+                  with_space_names=True)
+    by_id = {s.app.app_id: s for s in sel.selected}
+    assert by_id[rev_fin.id].matched_by == [f"appId:{rev_fin.id}", "tag:nightly", "space:Finance"]
+    assert by_id[rev_sales.id].matched_by == ["tag:nightly"] and by_id[rev_sales.id].space_name == "Sales"
+    assert sel.app_ids[0] == rev_fin.id and len(sel.app_ids) == len(set(sel.app_ids)) == 3  # + Broken (Finance)
+    assert sel.not_found == [{"appId": missing}, {"tag": "no-such-tag"}, {"tag": "generated"}, {"space": "Nowhere"}]
+    assert by_id[rev_sales.id].app.tag_names == ("nightly", "hourly")
+    assert allowed(by_id[rev_sales.id], [], ["hourly"], [])
+    assert allowed(by_id[rev_sales.id], [], [], ["Sales"]) and not allowed(by_id[rev_sales.id], [], ["Hourly"], ["sales"])
+    assert allowed(by_id[rev_fin.id], [rev_fin.id.upper()], [], [])
+    assert not cloud_sim.starts

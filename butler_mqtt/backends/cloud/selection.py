@@ -22,6 +22,9 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
+
+from butler_mqtt.errors import CloudNotFound
 
 from .client import CloudClient, query
 
@@ -38,6 +41,7 @@ class CloudApp:
     space_id: str | None
     item_id: str
     tag_ids: tuple[str, ...] = ()
+    tag_names: tuple[str, ...] = ()  # from the item's meta.tags (what the hub shows)
 
 
 def app_from_item(item: dict[str, Any]) -> CloudApp | None:
@@ -52,12 +56,19 @@ def app_from_item(item: dict[str, Any]) -> CloudApp | None:
     name = item.get("name") if isinstance(item.get("name"), str) else attributes.get("name")
     space = item.get("spaceId")
     tags = item.get("collectionIds")
+    meta = item.get("meta") if isinstance(item.get("meta"), dict) else {}
+    meta_tags = meta.get("tags") if isinstance(meta, dict) else None
+    tag_names = tuple(
+        t["name"] for t in (meta_tags if isinstance(meta_tags, list) else [])
+        if isinstance(t, dict) and isinstance(t.get("name"), str)
+    )
     return CloudApp(
         app_id=app_id.lower(),
         name=name if isinstance(name, str) else "",
         space_id=space if isinstance(space, str) and space else None,
         item_id=str(item.get("id", "")),
         tag_ids=tuple(t for t in tags if isinstance(t, str)) if isinstance(tags, list) else (),
+        tag_names=tag_names,
     )
 
 
@@ -125,6 +136,19 @@ def apps_by_space(client: CloudClient, name: str) -> list[CloudApp] | None:
         return None
     target = "/api/v1/items" + query(resourceType="app", spaceId=sid, limit=client.settings.page_size, noActions="true")
     return _unique(a for a in _apps(client, target) if a.space_id == sid)
+
+
+def space_names(client: CloudClient, ids: Iterable[str]) -> dict[str, str]:
+    """`{space id: name}` for the given ids (`GET /api/v1/spaces/{id}` each; unknown ids left out)."""
+    out: dict[str, str] = {}
+    for sid in dict.fromkeys(ids):
+        try:
+            payload = client.json("GET", f"/api/v1/spaces/{quote(sid, safe='')}")
+        except CloudNotFound:
+            continue
+        if isinstance(payload, dict) and isinstance(payload.get("name"), str):
+            out[sid] = payload["name"]
+    return out
 
 
 def _unique(apps: Iterable[CloudApp]) -> list[CloudApp]:
