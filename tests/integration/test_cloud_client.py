@@ -580,3 +580,17 @@ def test_resolve_union_matched_by_not_found_and_allow_list(cloud_sim: CloudSimul
     assert allowed(by_id[rev_sales.id], [], [], ["Sales"]) and not allowed(by_id[rev_sales.id], [], ["Hourly"], ["sales"])
     assert allowed(by_id[rev_fin.id], [rev_fin.id.upper()], [], [])
     assert not cloud_sim.starts
+
+
+def test_started_since_finds_the_reload_a_lost_answer_created(cloud_certs: Path) -> None:
+    app = SimApp("00000000-0000-4000-a000-0000000008aa", "Resume", run_seconds=0.05)
+    with running(World([], [], [app]), cloud_certs) as sim:
+        client = client_for(sim)
+        claimed = time.time()
+        assert reloads.started_since(client, app.id, claimed) is None  # nothing reached Qlik Cloud
+        sim.world.start_elsewhere(app.id, "chronos")  # a schedule's reload is not ours
+        assert reloads.started_since(client, app.id, claimed) is None
+        ours = reloads.start_reload(client, app.id)  # "sent, answer lost"
+        found = reloads.started_since(client, app.id, claimed)
+        assert found is not None and found.id == ours.id
+        assert reloads.started_since(client, app.id, time.time() + 3600) is None  # claimed later than it

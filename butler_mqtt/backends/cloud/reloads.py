@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -160,6 +161,27 @@ def recent_reloads(client: CloudClient, app_id: str, limit: int = 20) -> list[Cl
     if not isinstance(rows, list):
         raise CloudRefused("GET /api/v1/reloads: the answer has no 'data' list")
     return [r for r in map(reload_from, rows) if r.app_id == app_id]
+
+
+def started_since(client: CloudClient, app_id: str, since: float, skew: float = 120.0) -> CloudReload | None:
+    """Crash resume: the newest API-started (`external`) reload of the app created at or after
+    `since` (epoch seconds, when the start was claimed) less `skew` seconds of clock difference,
+    or None when Qlik Cloud has none (the start never reached it: it may be sent again)."""
+    for reload in recent_reloads(client, app_id, 20):
+        created = _epoch(reload.creation_time)
+        if reload.type in (None, "external") and created is not None and created >= since - skew:
+            return reload
+    return None
+
+
+def _epoch(stamp: str | None) -> float | None:
+    if not stamp:
+        return None
+    try:
+        at = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)).timestamp()
 
 
 CancelOutcome = Literal["canceled", "canceling", "not_running", "not_found"]
