@@ -316,3 +316,12 @@ def test_every_answer_of_every_test_is_checked_and_a_drift_is_caught(
         hook = sim.reply_hook
         assert isinstance(hook, ReplyChecker) and hook.checked == 3  # token, spaces, spaces
         assert hook.problems and all("'spaceId' was unexpected" in p for p in hook.problems)
+
+
+def test_main_refuses_bad_options_and_a_partial_certificate_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from butler_mqtt.sim.cloud.app import main
+
+    assert main(["--port", "not-a-port"]) == 2
+    (tmp_path / "root.pem").write_text("only one of the five files")
+    assert main(["--port", "0", "--certs", str(tmp_path)]) == 2
+    assert "incomplete certificate set" in capsys.readouterr().err
