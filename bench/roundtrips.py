@@ -25,12 +25,12 @@ from typing import Any
 
 from harness import machine, table
 
+from butler_mqtt.backends.qrs.client import QrsClient
+from butler_mqtt.backends.qrs.filters import chunk_or, criteria_clauses, encoded_length
 from butler_mqtt.config import Config, load_config
 from butler_mqtt.model import StartRequest
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.ops.mosquitto import Mosquitto
-from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.qrs.filters import chunk_or, criteria_clauses, encoded_length
 from butler_mqtt.service import StartService
 from butler_mqtt.sim import QrsSimulator, SimTask, ensure_certs
 

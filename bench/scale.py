@@ -22,10 +22,10 @@ from typing import Any
 
 from harness import machine, percentile, table
 
+from butler_mqtt.backends.qrs.client import QrsClient
+from butler_mqtt.backends.qrs.filters import chunk_or, criteria_clauses
 from butler_mqtt.config import Config, load_config
 from butler_mqtt.model import QrsTask, StartRequest
-from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.qrs.filters import chunk_or, criteria_clauses
 from butler_mqtt.selection import select
 from butler_mqtt.service import StartService
 from butler_mqtt.sim import QrsSimulator, SimTask, ensure_certs, generate_tasks

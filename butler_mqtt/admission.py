@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.errors import QrsError
 from butler_mqtt.journal import Journal
 from butler_mqtt.journal.runq import Entry, Queued, Waiter, Wanted
 from butler_mqtt.model import QrsTask, Route, TaskOutcome
 from butler_mqtt.policies import Action, Policy, decide
-from butler_mqtt.qrs.client import QrsClient
 
 log = structlog.get_logger("butler_mqtt.admission")
 

@@ -167,7 +167,7 @@ def _judge_broker(cfg: MqttConfig, result: dict[str, str], timeout: float) -> bo
 
 
 def check_qrs(cfg: Config) -> bool:
-    from butler_mqtt.qrs.client import QrsClient
+    from butler_mqtt.backends.qrs.client import QrsClient
 
     if not cfg.qrs.verify:
         _line(WARN, "qrs.verify", "server certificate verification is OFF; set qrs.ca to root.pem and qrs.verify: true")

@@ -381,7 +381,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from butler_mqtt.qrs.client import QrsClient
+    from butler_mqtt.backends.qrs.client import QrsClient
     from butler_mqtt.selection import plan
 
     cfg = _load(args)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from butler_mqtt import runtime
+from butler_mqtt.backends.qrs.client import probe_at_start
 from butler_mqtt.config import Config, load_config
 from butler_mqtt.errors import ConfigError, JournalError
 from butler_mqtt.mqtt.handler import MqttHealth, RequestHandler, alert_publisher, route_publisher
@@ -36,7 +37,6 @@ from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.ops import fds, systemd
 from butler_mqtt.ops.lock import StateDirLock
 from butler_mqtt.ops.logging import setup_logging
-from butler_mqtt.qrs.client import probe_at_start
 
 if TYPE_CHECKING:
     from butler_mqtt.http.server import HttpServer

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
+from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.journal import Journal
 from butler_mqtt.ops import alerts
 from butler_mqtt.ops.alerts import Alerter
 from butler_mqtt.ops.metrics import Metrics
-from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StartService
 from butler_mqtt.tracking import Tracker
 

@@ -18,13 +18,13 @@ import structlog
 
 from butler_mqtt import replies
 from butler_mqtt.admission import Admission, Admitted, Ticket
+from butler_mqtt.backends.qrs.client import QrsClient
+from butler_mqtt.backends.qrs.filters import chunk_or, criteria_clauses
 from butler_mqtt.config import Config
 from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable
 from butler_mqtt.journal import Journal, Prior
 from butler_mqtt.model import EMPTY_GUID, QrsTask, Route, StartRequest, TaskOutcome
 from butler_mqtt.policies import Policy, effective
-from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.qrs.filters import chunk_or, criteria_clauses
 from butler_mqtt.resume import intent_key, plan_resume
 from butler_mqtt.selection import Selection, plan, select
 

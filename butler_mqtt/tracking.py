@@ -31,6 +31,7 @@ import structlog
 
 from butler_mqtt import replies
 from butler_mqtt.admission import Ticket
+from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.chains import NextStage, after_stage, finish_failure, start_failures
 from butler_mqtt.config import TrackingConfig
 from butler_mqtt.errors import ButlerError, QrsError, is_transient
@@ -39,7 +40,6 @@ from butler_mqtt.model import FINAL_STATES, Route, StartRequest, TaskOutcome
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.policies import RETRYABLE, Policy, retries_left, retry_delay
-from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.queueing import QueueRunner
 from butler_mqtt.service import StageResult, StartService
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import requests
 
+from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.config import Config
 from butler_mqtt.http.server import start_http
 from butler_mqtt.journal import Journal
 from butler_mqtt.ops.metrics import Metrics
-from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.runtime import Runtime
 from butler_mqtt.service import StartService
 from butler_mqtt.sim import SimTask

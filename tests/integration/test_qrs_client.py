@@ -8,10 +8,10 @@ import pytest
 import requests
 import trustme
 
+from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import QrsRefused, QrsTlsRejected, QrsUnreachable, is_transient
 from butler_mqtt.model import EMPTY_GUID, StartRequest
-from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StartService
 from butler_mqtt.sim import SimTask
 from tests.conftest import make_config

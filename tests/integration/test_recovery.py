@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import StartRequest
-from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StartService, handle_request
 from butler_mqtt.sim import QrsSimulator, SimTask
 from tests.conftest import make_config

@@ -7,11 +7,11 @@ import time
 from email.utils import formatdate
 from typing import Any
 
+from butler_mqtt.backends.qrs.client import QrsClient
+from butler_mqtt.backends.qrs.transport import Answer, MockTransport
 from butler_mqtt.config import Config
 from butler_mqtt.journal import Prior
 from butler_mqtt.model import StartRequest
-from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.qrs.transport import Answer, MockTransport
 from butler_mqtt.resume import intent_key
 from butler_mqtt.service import StartService
 
