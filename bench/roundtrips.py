@@ -25,6 +25,7 @@ from typing import Any
 
 from harness import machine, table
 
+from butler_mqtt.backends.qrs.backend import QrsBackend
 from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.backends.qrs.filters import chunk_or, criteria_clauses, encoded_length
 from butler_mqtt.config import Config, load_config
@@ -114,7 +115,7 @@ def resolution_tables(work: Path, repeat: int) -> tuple[str, str]:
         services = {}
         for length in FILTER_LENGTHS:
             cfg = make_cfg(certs, sim.port, max_filter_length=length)
-            services[length] = StartService(cfg, QrsClient(cfg.qrs), None)
+            services[length] = StartService(cfg, QrsBackend(QrsClient(cfg.qrs)), None)
         for n, long in [(n, False) for n in CRITERIA] + [(n, True) for n in (20, 40)]:
             req = criteria_request(n, long)
             clauses = criteria_clauses(req)

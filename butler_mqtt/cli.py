@@ -381,7 +381,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from butler_mqtt.backends.qrs.client import QrsClient
+    from butler_mqtt.runtime import backend
     from butler_mqtt.selection import plan
 
     cfg = _load(args)
@@ -389,7 +389,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     req = selectors_request(args, dryRun=True)
     from butler_mqtt.service import StartService
 
-    qrs = QrsClient(cfg.qrs)
+    qrs = backend(cfg)
     service = StartService(cfg, qrs)
     try:
         selection = service.resolve(req)

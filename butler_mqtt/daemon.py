@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from butler_mqtt import runtime
-from butler_mqtt.backends.qrs.client import probe_at_start
 from butler_mqtt.config import Config, load_config
 from butler_mqtt.errors import ConfigError, JournalError
 from butler_mqtt.mqtt.handler import MqttHealth, RequestHandler, alert_publisher, route_publisher
@@ -291,7 +290,7 @@ def run(config_file: Path | None) -> int:
     fds.raise_fd_limit()  # systemd's default soft limit is 1024; the unit's LimitNOFILE is the hard one
     # Before anything touches the broker: a second daemon must not take over the session.
     lock = StateDirLock(cfg.state_dir, cfg.mqtt.effective_client_id()).acquire()  # noqa: F841 - held until exit
-    probe_at_start(cfg.qrs)
+    runtime.probe_at_start(cfg)
     profile = os.environ.get("BUTLER_MQTT_PROFILE")
     if not profile:
         return Daemon(cfg, config_file).run()

@@ -70,7 +70,7 @@ class QueueRunner:
 
     def _recover(self, entry: Entry) -> None:
         try:
-            eid = self.service.qrs.execution_since(entry.task_id, entry.created)
+            eid = self.service.backend.started_since(entry.task_id, entry.created)
         except QrsError as exc:
             log.warning("queue_recovery_deferred", taskId=entry.task_id, error=str(exc))
             self._deferred.append(entry)  # stays `starting` with our lease: tried again at the next maintenance

@@ -10,12 +10,16 @@ the daemon's lifecycle.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from butler_mqtt.backends.qrs.client import QrsClient
+from butler_mqtt.backends.base import Backend
+from butler_mqtt.backends.qrs.backend import QrsBackend
+from butler_mqtt.backends.qrs.client import CallObserver, QrsClient
+from butler_mqtt.backends.qrs.client import probe_at_start as _qrs_probe
 from butler_mqtt.journal import Journal
 from butler_mqtt.ops import alerts
 from butler_mqtt.ops.alerts import Alerter
@@ -52,7 +56,7 @@ class Runtime:
     service: StartService
     tracker: Tracker
     journal: Journal
-    qrs: QrsClient
+    qrs: Backend  # the backend (named `qrs` for the edges that read its health; Qlik Cloud is one too)
     metrics: Metrics
     health: Health
     alerter: Alerter | None = None  # None: a Runtime made by hand (tests), without alerts
@@ -62,6 +66,19 @@ class Runtime:
         self.service.close()
         self.qrs.close()
         self.journal.close()
+
+
+def backend(cfg: Config, observer: CallObserver | None = None, *, retries: int | None = None) -> Backend:
+    """The configured backend (today: client-managed Qlik Sense over QRS). The one place
+    outside `backends/` that names an implementation (an import-linter contract); `check`,
+    `resolve` and the daemon get theirs here. `retries`: override `qrs.retries` (check: 0)."""
+    qrs_cfg = cfg.qrs if retries is None else cfg.qrs.model_copy(update={"retries": retries})
+    return QrsBackend(QrsClient(qrs_cfg, observer=observer))
+
+
+def probe_at_start(cfg: Config) -> threading.Thread:
+    """Warn at start (in the background) when the backend cannot be reached."""
+    return _qrs_probe(cfg.qrs)
 
 
 def preflight(cfg: Config) -> None:
@@ -95,7 +112,7 @@ def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | No
     metrics = Metrics()
     # Alerts (ops/alerts.py) watch the QRS calls and every new reply event, like the metrics.
     alerter = Alerter(cfg.alerts, metrics, instance=cfg.mqtt.effective_client_id(), qrs=cfg.qrs.base_url, publish=alert)
-    qrs = QrsClient(cfg.qrs, observer=alerts.observers(metrics.observe_qrs, alerter.observe_qrs))
+    qrs = backend(cfg, observer=alerts.observers(metrics.observe_qrs, alerter.observe_qrs))
     service = StartService(cfg, qrs, journal)
     service.observers += [metrics.observe_event, alerter.observe]
     tracker = Tracker(cfg.tracking, qrs, service, journal, publish, metrics)

@@ -18,8 +18,7 @@ import structlog
 
 from butler_mqtt import replies
 from butler_mqtt.admission import Admission, Admitted, Ticket
-from butler_mqtt.backends.qrs.client import QrsClient
-from butler_mqtt.backends.qrs.filters import chunk_or, criteria_clauses
+from butler_mqtt.backends.base import Backend
 from butler_mqtt.config import Config
 from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable
 from butler_mqtt.journal import Journal, Prior
@@ -52,9 +51,9 @@ class StageResult:
 class StartService:
     """Resolve, filter and start. Thread-safe; one instance serves every ingress."""
 
-    def __init__(self, cfg: Config, qrs: QrsClient, journal: Journal | None = None) -> None:
+    def __init__(self, cfg: Config, backend: Backend, journal: Journal | None = None) -> None:
         self.cfg = cfg
-        self.qrs = qrs
+        self.backend = backend
         self.journal = journal
         self._pool = ThreadPoolExecutor(max_workers=cfg.qrs.start_concurrency, thread_name_prefix="qrs-start")
         # Starts of every request (pooled or inline) share one limit: QRS sees at most
@@ -63,7 +62,7 @@ class StartService:
         self._allow_lock = threading.Lock()
         self._allow = cfg.start_filter
         self.keys = KeyLocks()
-        self.admission = Admission(qrs, journal)
+        self.admission = Admission(backend, journal)
         #: Called with every reply event as it is produced (never with a replayed one): the
         #: alerter and the metrics watch the requests here, whatever the ingress (`notify`).
         self.observers: list[Emit] = []
@@ -99,10 +98,8 @@ class StartService:
         return self.resolve_tasks(stage)[0]
 
     def resolve_tasks(self, stage: StartRequest) -> tuple[Selection, dict[str, QrsTask]]:
-        """`resolve`, with the tasks QRS returned by id (their running state: run policies)."""
-        tasks: list[QrsTask] = []
-        for expr in chunk_or(criteria_clauses(stage), self.cfg.qrs.max_filter_length):
-            tasks.extend(QrsTask.from_qrs(obj) for obj in self.qrs.reload_tasks(expr))
+        """`resolve`, with the tasks the backend returned by id (their running state: run policies)."""
+        tasks = self.backend.tasks(stage)
         return select(stage, tasks), {t.id: t for t in tasks}
 
     def policy(self, root: StartRequest | None, stage: StartRequest | None) -> Policy:
@@ -139,7 +136,7 @@ class StartService:
         try:
             with self._start_slots:
                 sent = time.time()
-                execution_id = self.qrs.start_synchronous(o.task_id)
+                execution_id = self.backend.start(o.task_id)
         except QrsNotFound:
             o.status, o.reason = "failed", "QRS: task not found when starting (deleted meanwhile?)"
         except QrsUnreachable as exc:
@@ -159,7 +156,7 @@ class StartService:
         and run. Ask QRS, never start it again: a `failed` reply for a reload that runs would
         invite the caller to start it a second time."""
         try:
-            execution_id = self.qrs.execution_since(o.task_id, sent)
+            execution_id = self.backend.started_since(o.task_id, sent)
         except QrsError as exc:
             o.reason = f"{o.reason}; QRS could not be asked whether the start arrived ({exc}): it may run anyway"
             return
@@ -172,7 +169,7 @@ class StartService:
 
     def _recover(self, o: TaskOutcome, since: float) -> None:
         try:
-            execution_id = self.qrs.execution_since(o.task_id, since)
+            execution_id = self.backend.started_since(o.task_id, since)
         except QrsError as exc:
             o.status = "failed"
             o.reason = f"the daemon stopped while starting this task and QRS could not tell whether it started: {exc}"

@@ -31,12 +31,12 @@ import structlog
 
 from butler_mqtt import replies
 from butler_mqtt.admission import Ticket
-from butler_mqtt.backends.qrs.client import QrsClient
+from butler_mqtt.backends.base import Backend, Execution
 from butler_mqtt.chains import NextStage, after_stage, finish_failure, start_failures
 from butler_mqtt.config import TrackingConfig
 from butler_mqtt.errors import ButlerError, QrsError, is_transient
 from butler_mqtt.journal import Journal
-from butler_mqtt.model import FINAL_STATES, Route, StartRequest, TaskOutcome
+from butler_mqtt.model import Route, StartRequest, TaskOutcome
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.policies import RETRYABLE, Policy, retries_left, retry_delay
@@ -127,20 +127,6 @@ class Waited:
 Publish = Callable[[Route, dict[str, Any]], None]
 
 
-def latest_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """With retries QRS keeps several results per execution: keep the newest of each."""
-    out: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        eid = str(row.get("executionID") or row.get("executionId") or "").lower()
-        if not eid:
-            continue
-        key = (str(row.get("startTime") or ""), str(row.get("modifiedDate") or ""))
-        best = out.get(eid)
-        if best is None or key >= (str(best.get("startTime") or ""), str(best.get("modifiedDate") or "")):
-            out[eid] = row
-    return out
-
-
 class Tracker:
     """The polling thread, the chain engine, retries and deadlines. Thread-safe."""
 
@@ -149,14 +135,14 @@ class Tracker:
     def __init__(
         self,
         cfg: TrackingConfig,
-        qrs: QrsClient,
+        backend: Backend,
         service: StartService,
         journal: Journal,
         publish: Publish,
         metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
-        self.qrs = qrs
+        self.backend = backend
         self.service = service
         self.journal = journal
         self.publish = publish
@@ -432,7 +418,7 @@ class Tracker:
         self.polls += 1
         refused: str | None = None
         try:
-            rows = latest_rows(self.qrs.execution_results(list(pending)))
+            rows: dict[str, Execution] | None = self.backend.executions(list(pending))
             self._refused_since = None
         except QrsError as exc:
             log.warning("tracking_poll_failed", error=str(exc), executions=len(pending))
@@ -443,10 +429,10 @@ class Tracker:
                     refused = f"QRS refuses to report executions: {exc}"
         now = time.monotonic()
         for eid, p in pending.items():
-            row = rows.get(eid) if rows is not None else None
-            status = row.get("status") if row is not None else None
-            if isinstance(status, int) and status in FINAL_STATES:
-                self._finish(eid, FINAL_STATES[status], row)
+            state = rows.get(eid) if rows is not None else None
+            row = state.times() if state is not None else None
+            if state is not None and state.final is not None:
+                self._finish(eid, state.final, row)
             elif refused is not None:
                 self._finish(eid, "Unknown", None, refused)
             elif now > p.mono_deadline:
@@ -454,7 +440,7 @@ class Tracker:
             elif rows is not None and row is None and now - p.mono_started > self.grace_s:
                 # No result row yet: if the session is gone too, nobody can tell the outcome.
                 try:
-                    gone = not self.qrs.execution_session_exists(eid)
+                    gone = not self.backend.execution_exists(eid)
                 except QrsError:
                     gone = False
                 if gone:

@@ -8,6 +8,7 @@ from typing import Any
 
 import requests
 
+from butler_mqtt.backends.qrs.backend import QrsBackend
 from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.config import Config
 from butler_mqtt.http.server import start_http
@@ -41,7 +42,7 @@ def test_rest_starts_a_task_and_reports_health_without_any_broker(qrs_certs: Pat
     })
     metrics = Metrics()
     journal = Journal(tmp_path / "journal.sqlite3")
-    qrs = QrsClient(cfg.qrs, observer=metrics.observe_qrs)
+    qrs = QrsBackend(QrsClient(cfg.qrs, observer=metrics.observe_qrs))
     service = StartService(cfg, qrs, journal)
     published: list[dict[str, Any]] = []
     tracker = Tracker(cfg.tracking, qrs, service, journal, lambda _route, ev: published.append(ev))

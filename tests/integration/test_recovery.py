@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from butler_mqtt.backends.qrs.backend import QrsBackend
 from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import StartRequest
@@ -23,7 +24,7 @@ def setup(qrs_certs: Path, broker, tmp_path):
     cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state")
     journal = Journal(tmp_path / "j.sqlite3")
     qrs = QrsClient(cfg.qrs)
-    service = StartService(cfg, qrs, journal)
+    service = StartService(cfg, QrsBackend(qrs), journal)
     yield sim, service, journal
     service.close()
     qrs.close()

@@ -7,6 +7,7 @@ import time
 from email.utils import formatdate
 from typing import Any
 
+from butler_mqtt.backends.qrs.backend import QrsBackend
 from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.backends.qrs.transport import Answer, MockTransport
 from butler_mqtt.config import Config
@@ -51,7 +52,7 @@ class FakeQrs:
 
 def service(fake: FakeQrs) -> StartService:
     cfg = Config()
-    return StartService(cfg, QrsClient(cfg.qrs, transport=MockTransport(fake)))
+    return StartService(cfg, QrsBackend(QrsClient(cfg.qrs, transport=MockTransport(fake))))
 
 
 def resume(fake: FakeQrs, sent_at: float) -> list[dict[str, Any]]:
