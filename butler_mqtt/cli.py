@@ -15,6 +15,7 @@ from butler_mqtt import __version__, replies
 from butler_mqtt.config import DEFAULT_CONFIG, Config, config_path, load_config
 from butler_mqtt.errors import ButlerError, ConfigError, QrsError, RequestRejected
 from butler_mqtt.model import CustomPropertyCriterion, StartRequest, validate_request
+from butler_mqtt.replies import Event
 
 _T = TypeVar("_T")
 
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if TYPE_CHECKING:  # what add_subparsers returns (argparse has no public name for it)
-    from butler_mqtt.events import SummaryEvent
+    from butler_mqtt.replies.types import SummaryEvent
 
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -443,7 +444,7 @@ class RequestOutcome:
     def __init__(self) -> None:
         self.failed = self.denied = self.not_found = False
 
-    def add(self, ev: dict[str, Any]) -> None:
+    def add(self, ev: Event) -> None:
         kind = replies.kind(ev)
         if kind == replies.ERROR or replies.reload_failed(ev):
             self.failed = True
@@ -476,7 +477,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     where = f"{m.host}:{m.port}"
     outcome = RequestOutcome()
 
-    def show(ev: dict[str, Any]) -> None:
+    def show(ev: Event) -> None:
         print(json.dumps(ev, ensure_ascii=False), flush=True)
         outcome.add(ev)
 

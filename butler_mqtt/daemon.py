@@ -39,10 +39,7 @@ from butler_mqtt.ops.logging import setup_logging
 
 if TYPE_CHECKING:
     from butler_mqtt.http.server import HttpServer
-    from butler_mqtt.journal import Journal
-    from butler_mqtt.ops.metrics import Metrics
-    from butler_mqtt.service import StartService
-    from butler_mqtt.tracking import Tracker
+    from butler_mqtt.runtime import Journal, Metrics, StartService, Tracker
 
 log = structlog.get_logger("butler_mqtt.daemon")
 
@@ -65,6 +62,10 @@ class Daemon:
         self._busy_lock = threading.Lock()
         self._queued_bytes = 0
         runtime.preflight(cfg)  # before the journal, the broker or a port is touched
+        if cfg.serves_http and cfg.http.tls.enabled:
+            from butler_mqtt.http.tls import http_ssl_context
+
+            http_ssl_context(cfg.http.tls)  # a bad certificate or key: exit 2 naming it, before the broker
         client_id = cfg.mqtt.effective_client_id()
         self.listener = MqttListener(cfg.mqtt, self._enqueue, client_id=client_id)
         self.listener.on_subscribed = self._ready

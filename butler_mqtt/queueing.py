@@ -29,14 +29,15 @@ from butler_mqtt.config import PoliciesConfig
 from butler_mqtt.errors import ButlerError, QrsError
 from butler_mqtt.journal import Journal
 from butler_mqtt.journal.runq import Entry
-from butler_mqtt.model import Route, TaskOutcome
+from butler_mqtt.model import Route, TaskOutcome, matches
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.policies import effective
+from butler_mqtt.replies import Event
 from butler_mqtt.service import StartService
 
 log = structlog.get_logger("butler_mqtt.queue")
 
-Publish = Callable[[Route, dict[str, Any]], None]
+Publish = Callable[[Route, Event], None]
 
 
 class QueueRunner:
@@ -137,9 +138,9 @@ class QueueRunner:
         if outcome is None:
             return
         told = []
-        first: dict[str, Any] | None = None
+        first: Event | None = None
         for w in runq.waiters(entry_id):
-            o = TaskOutcome(w.task_id, outcome.get("taskName", ""), outcome["status"], list(w.matched_by),
+            o = TaskOutcome(w.task_id, outcome.get("taskName", ""), outcome["status"], matches(w.matched_by),
                             outcome.get("executionId"), outcome.get("reason"), attempt=w.attempt)
             if o.status == "expired" and o.reason is None:
                 o.reason = f"waited longer than policies.queue_timeout ({self.cfg.queue_timeout:.0f} s) in butler-mqtt's queue"

@@ -26,13 +26,13 @@ def intent_key(task_id: str, stage: int | None) -> str:
 class Step:
     outcome: TaskOutcome
     action: Literal["report", "recover", "start"]
-    recorded: dict[str, Any] | None = None  # report: the recorded task event
+    recorded: Mapping[str, Any] | None = None  # report: the recorded task event
     since: float | None = None  # recover: when the start was sent (epoch seconds)
 
 
 def plan_resume(
     candidates: list[TaskOutcome],
-    recorded_event: Callable[[str, int | None], dict[str, Any] | None] | None,
+    recorded_event: Callable[[str, int | None], Mapping[str, Any] | None] | None,
     intents: Mapping[str, float],
     stage: int | None,
 ) -> list[Step]:

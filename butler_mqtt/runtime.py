@@ -83,13 +83,10 @@ def probe_at_start(cfg: Config) -> threading.Thread:
 
 def preflight(cfg: Config) -> None:
     """What must hold before anything is opened or connected: every certificate file readable
-    and the HTTPS listener's pair loadable (else a ConfigError naming the key: exit 2), and a
-    warning for each TLS verification that is turned off."""
+    (else a ConfigError naming the key: exit 2), and a warning for each TLS verification that is
+    turned off. (The HTTPS listener's pair is the REST edge's to check, in the daemon:
+    the runtime imports no edge, which imports the runtime.)"""
     cfg.check_qrs_files()
-    if cfg.serves_http and cfg.http.tls.enabled:
-        from butler_mqtt.http.tls import http_ssl_context
-
-        http_ssl_context(cfg.http.tls)  # a bad certificate or key: exit 2 naming it, before the broker
     if not cfg.qrs.verify:
         log.warning("qrs_tls_verification_disabled", detail="qrs.verify is false: the QRS server is not authenticated")
     if cfg.mqtt.tls.enabled and not cfg.mqtt.tls.verify:
@@ -117,3 +114,8 @@ def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | No
     service.observers += [metrics.observe_event, alerter.observe]
     tracker = Tracker(cfg.tracking, qrs, service, journal, publish, metrics)
     return Runtime(cfg, service, tracker, journal, qrs, metrics, health, alerter)
+
+
+#: The parts' types, for the daemon's typed views of them (it imports no part itself).
+__all__ = ["Health", "Journal", "Metrics", "Runtime", "StartService", "Tracker", "backend", "build", "preflight",
+           "probe_at_start"]

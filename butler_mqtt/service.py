@@ -22,22 +22,24 @@ from butler_mqtt.backends.base import Backend
 from butler_mqtt.config import Config
 from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable
 from butler_mqtt.journal import Journal, Prior
-from butler_mqtt.model import EMPTY_GUID, QrsTask, Route, StartRequest, TaskOutcome
+from butler_mqtt.model import EMPTY_GUID, Match, QrsTask, Route, StartRequest, TaskOutcome
 from butler_mqtt.policies import Policy, effective
+from butler_mqtt.replies import Event
+from butler_mqtt.replies.types import SummaryEvent
 from butler_mqtt.resume import intent_key, plan_resume
 from butler_mqtt.selection import Selection, plan, select
 
 log = structlog.get_logger("butler_mqtt.service")
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[Event], None]
 
 
 @dataclass
 class StageResult:
     outcomes: list[TaskOutcome]
     not_found: list[dict[str, Any]]
-    summary: dict[str, Any]
-    events: list[dict[str, Any]] = field(default_factory=list)
+    summary: SummaryEvent
+    events: list[Event] = field(default_factory=list)
     policy: Policy = field(default_factory=Policy)
     queued: dict[int, TaskOutcome] = field(default_factory=dict)  # queue entry id -> the task waiting on it
 
@@ -70,7 +72,7 @@ class StartService:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
-    def notify(self, ev: dict[str, Any]) -> None:
+    def notify(self, ev: Event) -> None:
         """Hand a new reply event to every observer. An observer must be quick (it runs on
         the request's thread) and its failure never reaches the request."""
         for observe in self.observers:
@@ -82,7 +84,7 @@ class StartService:
     def observed(self, emit: Emit) -> Emit:
         """`emit`, then `notify`: how a fresh request's events leave the use case."""
 
-        def both(ev: dict[str, Any]) -> None:
+        def both(ev: Event) -> None:
             emit(ev)
             self.notify(ev)
 
@@ -117,7 +119,7 @@ class StartService:
         return admitted
 
     def start_task_again(
-        self, task_id: str, matched_by: list[str], policy: Policy, ticket: Ticket, send: Emit
+        self, task_id: str, matched_by: list[Match], policy: Policy, ticket: Ticket, send: Emit
     ) -> tuple[TaskOutcome | None, dict[int, TaskOutcome]]:
         """A retry (contract section 7): the task is looked up again (its running state too) and
         started under the same policies. (None, {}) when it no longer exists; else its outcome
@@ -201,9 +203,9 @@ class StartService:
         with self._allow_lock:
             allow = self._allow.allow if self._allow.enabled else None
         outcomes = plan(selection, stage, allow)
-        events: list[dict[str, Any]] = []
+        events: list[Event] = []
 
-        def send(ev: dict[str, Any]) -> None:
+        def send(ev: Event) -> None:
             events.append(ev)
             emit(ev)
 
@@ -219,9 +221,9 @@ class StartService:
             "stage_done",
             stage=stage_index,
             selected=len(outcomes),
-            started=summ["totalTasksStarted"],
-            denied=len(summ["tasksDenied"]),
-            failed=len(summ["tasksFailed"]),
+            started=sum(1 for o in outcomes if o.status == "started"),
+            denied=sum(1 for o in outcomes if o.status == "denied"),
+            failed=sum(1 for o in outcomes if o.status == "failed"),
             not_found=len(selection.not_found),
             ms=round((time.perf_counter() - t0) * 1000, 1),
         )
@@ -307,7 +309,7 @@ class KeyLocks:
 class Handled:
     """The outcome of one request through `handle_request`."""
 
-    events: list[dict[str, Any]]
+    events: list[Event]
     replayed: bool = False
     #: Fresh requests that sent starts: seconds from the claim until every start of the first
     #: stage was answered (the start latency metric).
@@ -324,6 +326,14 @@ def _audit_fields(req: StartRequest) -> dict[str, Any]:
         "dryRun": req.dryRun,
         "allTaskIdsMustExist": req.allTaskIdsMustExist,
     }
+
+
+def _ids_by_status(outcomes: list[TaskOutcome]) -> dict[str, list[str]]:
+    """The audit line's lists: task ids by what became of them (from the outcomes, not the summary)."""
+    out: dict[str, list[str]] = {}
+    for o in outcomes:
+        out.setdefault(o.status, []).append(o.task_id)
+    return out
 
 
 def handle_request(
@@ -400,7 +410,7 @@ def _handle(
         on_started(result)
     if journal is not None and key is not None:
         journal.finish(key, result.events)
-    s = result.summary
+    by_status = _ids_by_status(result.outcomes)
     log.info(
         "audit",
         ingress=ingress,
@@ -409,13 +419,9 @@ def _handle(
         duplicate=False,
         resumed=prior is not None,
         **_audit_fields(req),
-        started=[t["taskId"] for t in s["tasksStarted"] if t["status"] == "started"],
-        notStarted=[t["taskId"] for t in s["tasksStarted"] if t["status"] == "notStarted"],
-        wouldStart=[t["taskId"] for t in s["tasksStarted"] if t["status"] == "wouldStart"],
-        denied=[t["taskId"] for t in s["tasksDenied"]],
-        failed=[t["taskId"] for t in s["tasksFailed"]],
-        notFound=s["tasksNotFound"],
+        **{status: by_status.get(status, []) for status in ("started", "notStarted", "wouldStart", "denied", "failed")},
+        notFound=list(result.not_found),
         ms=round((time.perf_counter() - t0) * 1000, 1),
     )
-    sent = s["tasksStarted"] or s["tasksFailed"]
+    sent = any(o.status in ("started", "notStarted", "wouldStart", "failed") for o in result.outcomes)
     return Handled(result.events, start_seconds=answered - t0 if sent and not req.dryRun else None)

@@ -36,11 +36,12 @@ from butler_mqtt.chains import NextStage, after_stage, finish_failure, start_fai
 from butler_mqtt.config import TrackingConfig
 from butler_mqtt.errors import ButlerError, QrsError, is_transient
 from butler_mqtt.journal import Journal
-from butler_mqtt.model import Route, StartRequest, TaskOutcome
+from butler_mqtt.model import Route, StartRequest, TaskOutcome, matches
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.policies import RETRYABLE, Policy, retries_left, retry_delay
 from butler_mqtt.queueing import QueueRunner
+from butler_mqtt.replies import Event
 from butler_mqtt.service import StageResult, StartService
 
 log = structlog.get_logger("butler_mqtt.tracking")
@@ -124,7 +125,7 @@ class Waited:
         return cls(**d)
 
 
-Publish = Callable[[Route, dict[str, Any]], None]
+Publish = Callable[[Route, Event], None]
 
 
 class Tracker:
@@ -405,7 +406,7 @@ class Tracker:
                 return
             eid, status = outcome.get("executionId"), str(outcome.get("status"))
             if status == "started" and eid:
-                o = TaskOutcome(rec["task_id"], rec["task_name"], "started", rec.get("matched_by", []), str(eid),
+                o = TaskOutcome(rec["task_id"], rec["task_name"], "started", matches(rec.get("matched_by", [])), str(eid),
                                 attempt=rec.get("attempt"))
                 self._pend(w, o, rec.get("stage"), self._policy(w, rec.get("stage")))
             else:
@@ -524,7 +525,7 @@ class Tracker:
         policy = self._policy(w, r["stage"])
         ticket = Ticket(key, w.request_id, r["stage"], w.route, attempt=int(r["attempt"]))
         try:
-            o, queued = self.service.start_task_again(r["task_id"], list(r["matched_by"]), policy, ticket,
+            o, queued = self.service.start_task_again(r["task_id"], matches(r["matched_by"]), policy, ticket,
                                                       lambda ev: self._emit(w, ev))
         except Exception as exc:  # noqa: BLE001 - every failure ends in a later try or a final outcome
             if is_transient(exc) and attempt_no < 50:  # QRS or the journal unavailable for now
@@ -557,7 +558,7 @@ class Tracker:
 
     # ------------------------------------------------------------------ chains
 
-    def _emit(self, w: Waited, ev: dict[str, Any]) -> None:
+    def _emit(self, w: Waited, ev: Event) -> None:
         try:
             self.journal.reply(w.key, ev)
         except ButlerError as exc:

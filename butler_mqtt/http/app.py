@@ -42,6 +42,7 @@ from butler_mqtt.http.bodies import (
 from butler_mqtt.journal import history
 from butler_mqtt.model import Route as ReplyRoute
 from butler_mqtt.model import StartRequest, decode_json
+from butler_mqtt.replies import Event
 from butler_mqtt.service import Handled, StageResult, handle_request
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ class RestApi:
             raise ApiError(400, "Incomplete request", "the connection closed before the whole body arrived") from None
         return bytes(body)
 
-    async def _run(self, req: StartRequest, request: Request) -> list[dict[str, Any]]:
+    async def _run(self, req: StartRequest, request: Request) -> list[Event]:
         """Run the one pipeline in a worker thread (QRS calls block); return its events.
 
         `requestId` is the idempotency key exactly as on MQTT (same journal, same key). A

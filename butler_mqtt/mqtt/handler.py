@@ -27,6 +27,7 @@ from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.alerts import PublishMqtt
 from butler_mqtt.ops.ratelimit import RateLimiter
+from butler_mqtt.replies import Event
 from butler_mqtt.runtime import Runtime
 from butler_mqtt.service import StageResult, handle_request
 from butler_mqtt.tracking import Publish
@@ -82,7 +83,7 @@ def route_publisher(listener: MqttListener) -> Publish:
     """The tracker's way out: a later event (taskFinished, chain stages) goes to where its
     request wanted the replies."""
 
-    def publish(route: Route, event: dict[str, Any]) -> None:
+    def publish(route: Route, event: Event) -> None:
         listener.publish_event(route.topic, route.correlation_bytes, event)
 
     return publish
@@ -204,7 +205,7 @@ class RequestHandler:
         structlog.contextvars.clear_contextvars()
         ingress = job.ingress
 
-        def emit(ev: dict[str, Any]) -> None:
+        def emit(ev: Event) -> None:
             d.events.append(ev)
             d.replies.append(self.listener.publish_event(d.topic(self.cfg), job.correlation_data, ev))
 
@@ -288,7 +289,7 @@ class Delivery:
         self.request_id: str | None = None
         self.key: str | None = None
         self.route_ok = True
-        self.events: list[dict[str, Any]] = []
+        self.events: list[Event] = []
         self.replies: list[Any] = []
 
     def topic(self, cfg: Config) -> str:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from butler_mqtt import replies
+from butler_mqtt.replies import Event
 
 #: `task` statuses (contract section 4), as the request model defines them.
 TASK_STATUSES = replies.TASK_STATUSES
@@ -142,11 +142,11 @@ class Metrics:
     def request(self, ingress: str, outcome: str) -> None:
         self.requests.labels(ingress, outcome).inc()
 
-    def tasks(self, events: list[dict[str, Any]]) -> None:
+    def tasks(self, events: list[Event]) -> None:
         for ev in events:
             self.observe_event(ev)
 
-    def observe_event(self, ev: dict[str, Any]) -> None:
+    def observe_event(self, ev: Event) -> None:
         """Count one new reply event (a StartService observer)."""
         kind = replies.kind(ev)
         if kind == replies.TASK:
