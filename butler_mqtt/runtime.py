@@ -11,8 +11,9 @@ the daemon's lifecycle.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -24,8 +25,18 @@ from butler_mqtt.journal import Journal
 from butler_mqtt.ops import alerts
 from butler_mqtt.ops.alerts import Alerter
 from butler_mqtt.ops.metrics import Metrics
+from butler_mqtt.queueing import QueueRunner
 from butler_mqtt.service import StartService
-from butler_mqtt.tracking import Tracker
+from butler_mqtt.tracking import (
+    Deadlines,
+    Poller,
+    QueueTicks,
+    Retries,
+    Stages,
+    Timers,
+    Tracker,
+    Waits,
+)
 
 if TYPE_CHECKING:
     from butler_mqtt.config import Config
@@ -93,6 +104,33 @@ def preflight(cfg: Config) -> None:
         log.warning("mqtt_tls_verification_disabled", detail="mqtt.tls.verify is false")
 
 
+def build_tracker(
+    cfg: Config, backend: Backend, service: StartService, journal: Journal, publish: Publish, metrics: Metrics | None
+) -> Tracker:
+    """The tracking pieces (tracking/), wired to each other and to the use case, once."""
+    waits, timers = Waits(journal), Timers()
+    poller = Poller(cfg.tracking, backend, waits, timers, journal.lease_s)
+    queue = QueueTicks(QueueRunner(cfg.policies, service, journal, publish, metrics), journal, waits, poller,
+                       cfg.tracking.max_wait)
+    stages = Stages(cfg.tracking, service, journal, waits, timers, poller, publish)
+    retries = Retries(service, waits, timers, stages, metrics)
+    deadlines = Deadlines(waits, stages, metrics)
+    stages.attach(retries)
+    queue.attach(stages.queued_done)
+    tracker = Tracker(journal, waits, poller, stages, retries, queue, timers)
+    service.follow = tracker.follow
+
+    def ended(eid: str, status: str, row: Mapping[str, Any] | None, reason: str | None) -> None:
+        queue.ended(eid)  # a slot of butler-mqtt's queue frees first, then the requests hear it
+        stages.execution_ended(eid, status, row, reason)
+
+    poller.attach(ended, deadlines.check, queue, tracker.maintain)
+    # The use case asks what the tracker follows (run policies), and wakes the queue.
+    service.admission.followed = waits.running_tasks
+    service.admission.on_queued = poller.queue_changed
+    return tracker
+
+
 def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | None = None) -> Runtime:
     """The parts, wired once: the journal (owned under this instance's client id), the metrics,
     the alerter (publishing on MQTT through `alert`), the QRS client and the use case reporting
@@ -112,7 +150,8 @@ def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | No
     qrs = backend(cfg, observer=alerts.observers(metrics.observe_qrs, alerter.observe_qrs))
     service = StartService(cfg, qrs, journal)
     service.observers += [metrics.observe_event, alerter.observe]
-    tracker = Tracker(cfg.tracking, qrs, service, journal, publish, metrics)
+    service.handled.append(metrics.handled)
+    tracker = build_tracker(cfg, qrs, service, journal, publish, metrics)
     return Runtime(cfg, service, tracker, journal, qrs, metrics, health, alerter)
 
 

@@ -34,6 +34,10 @@ log = structlog.get_logger("butler_mqtt.service")
 Emit = Callable[[Event], None]
 
 
+#: Follow a request: (its key, the request, its first stage's result, where its replies go).
+Follow = Callable[[str, StartRequest, "StageResult", Route], None]
+
+
 @dataclass
 class StageResult:
     outcomes: list[TaskOutcome]
@@ -68,6 +72,11 @@ class StartService:
         #: Called with every reply event as it is produced (never with a replayed one): the
         #: alerter and the metrics watch the requests here, whatever the ingress (`notify`).
         self.observers: list[Emit] = []
+        #: Hands a request to the tracker once its first stage started, when it has to be
+        #: followed (wait/then, retries, a deadline). runtime.build sets it.
+        self.follow: Follow | None = None
+        #: Called with (ingress, Handled) after each request (the metrics; runtime.build sets it).
+        self.handled: list[Callable[[str, bool, float | None], None]] = []
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
@@ -89,6 +98,23 @@ class StartService:
             self.notify(ev)
 
         return both
+
+    def submit(self, req: StartRequest, claim: Claim, emit: Emit) -> Handled:
+        """The one use case, for every ingress: claim the request under its key (a duplicate
+        gets the recorded outcome), run its first stage (resolve, plan, start) with each reply
+        event handed to `emit` as it is made, hand it to the tracker when it is followed, record
+        it. Raises QrsError (nothing was started: the claim is dropped, a retry is handled anew)
+        and JournalError (the caller must not ack)."""
+
+        def on_started(result: StageResult) -> None:
+            if self.follow is not None and claim.key is not None and (req.waits or result.follow):
+                self.follow(claim.key, req, result, claim.route or Route(""))
+
+        with self.keys.hold(claim.key):
+            handled = _handle(self, req, emit, claim, on_started)
+        for observe in self.handled:
+            observe(claim.ingress, handled.replayed, handled.start_seconds)
+        return handled
 
     def set_start_filter(self, start_filter: Any) -> None:
         """Swap the allow-list (SIGHUP reload) without disturbing requests in flight."""
@@ -348,18 +374,16 @@ def handle_request(
     on_started: Callable[[StageResult], None] | None = None,
     route: Route | None = None,
 ) -> Handled:
-    """One request end to end: journal check, the stage(s), journal record, one audit line.
-
-    `key` is the idempotency key (requestId, or MQTT 5 correlation data); None disables
-    duplicate suppression. Raises QrsError when QRS cannot resolve the request (nothing was
-    started; the journal claim is dropped so a retry is handled anew) and JournalError when
-    the journal cannot record it (the caller must not ack). `on_started` runs after the
-    starts and before the journal marks the request done (tracking registers itself there,
-    so a crash in between resumes the request instead of forgetting to follow it). `route`:
-    where later events go (a task started from butler-mqtt's queue).
-    """
+    """`service.submit` with the claim spelled out (tests, benchmarks). `key` is the
+    idempotency key (requestId, or MQTT 5 correlation data); None disables duplicate
+    suppression. `on_started` runs after the starts and before the journal marks the request
+    done, instead of the tracker (which `submit` hands a followed request to there, so a crash
+    in between resumes the request instead of forgetting to follow it)."""
+    claim = Claim(ingress, key, source, payload_hash, route)
+    if on_started is None:
+        return service.submit(req, claim, emit)
     with service.keys.hold(key):
-        return _handle(service, req, emit, Claim(ingress, key, source, payload_hash, route), on_started)
+        return _handle(service, req, emit, claim, on_started)
 
 
 @dataclass(frozen=True)

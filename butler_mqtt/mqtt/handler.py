@@ -29,7 +29,7 @@ from butler_mqtt.ops.alerts import PublishMqtt
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.replies import Event
 from butler_mqtt.runtime import Runtime
-from butler_mqtt.service import StageResult, handle_request
+from butler_mqtt.service import Claim
 from butler_mqtt.tracking import Publish
 
 log = structlog.get_logger("butler_mqtt.mqtt.handler")
@@ -111,7 +111,6 @@ class RequestHandler:
     ) -> None:
         self.cfg = rt.cfg
         self.service = rt.service
-        self.tracker = rt.tracker
         self.journal = rt.journal
         self.metrics = rt.metrics
         self.listener = listener
@@ -235,16 +234,8 @@ class RequestHandler:
             earlier = self.journal.recent_hash(fingerprint, ANON_DUP_WINDOW_S) if job.dup else None
             key = earlier or keys.anonymous(ingress)
         d.key = key
-
-        def follow(result: StageResult) -> None:
-            if (req.waits or result.follow) and key is not None:
-                self.tracker.follow(key, req, result, route)
-
         try:
-            handled = handle_request(
-                self.service, req, emit, ingress=ingress, key=key, source=job.topic, payload_hash=fingerprint,
-                on_started=follow, route=route,
-            )
+            self.service.submit(req, Claim(ingress, key, job.topic, fingerprint, route), emit)
         except QrsError as exc:
             if is_transient(exc):
                 raise
@@ -252,8 +243,6 @@ class RequestHandler:
             return reject(ingress_rules.Reject("request_refused_by_qrs", "error", qrs_error_title(exc), str(exc)))
         if self.health.qrs_problem is not None:
             self.health.set_qrs_problem(None)
-        self.metrics.request(ingress, "duplicate" if handled.replayed else "ok")
-        self.metrics.started(ingress, handled.start_seconds)  # tasks are counted as events (Metrics.observe_event)
         self._finish(job, d.replies)
 
     def _qrs_refused(self, exc: QrsError) -> None:

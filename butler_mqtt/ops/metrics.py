@@ -154,6 +154,12 @@ class Metrics:
         elif kind == replies.TASK_FINISHED and "retryIn" not in ev and self._finished.first(ev.get("executionId")):
             self.executions_finished.labels(str(ev.get("status"))).inc()
 
+    def handled(self, ingress: str, replayed: bool, start_seconds: float | None) -> None:
+        """A request the use case handled (StartService.submit): counted, its start latency observed;
+        its tasks are counted as events (observe_event)."""
+        self.request(ingress, "duplicate" if replayed else "ok")
+        self.started(ingress, start_seconds)
+
     def started(self, ingress: str, seconds: float | None) -> None:
         """A request's start latency (None: it sent no start)."""
         if seconds is not None:
