@@ -155,6 +155,11 @@ class StartService:
             return None, {}
         task = selection.selected[0].task
         o = TaskOutcome(task.id, task.name, "started", list(matched_by), attempt=ticket.attempt)
+        # Claimed like a first start: after a crash, this attempt's recorded answer or its
+        # intent (then QRS is asked whether the start arrived) is found, never sent twice.
+        prior = self.journal.load(ticket.key) if self.journal is not None and ticket.key is not None else None
+        if not self._resume([o], prior, ticket.stage, ticket.request_id, send, ticket.attempt):
+            return o, {}
         admitted = self.start_tasks([o], tasks, policy, ticket, send)
         return o, admitted.queued
 
@@ -256,14 +261,15 @@ class StartService:
         return StageResult(outcomes, selection.not_found, summ, events, policy, admitted.queued)
 
     def _resume(
-        self, outcomes: list[TaskOutcome], prior: Prior | None, stage: int | None, request_id: str | None, send: Emit
+        self, outcomes: list[TaskOutcome], prior: Prior | None, stage: int | None, request_id: str | None, send: Emit,
+        attempt: int | None = None,
     ) -> list[TaskOutcome]:
-        """Report what needs no start; return the tasks to start (resume.plan_resume decides)."""
+        """Report what needs no start; return the tasks to start (resume.plan_resume decides).
+        `attempt`: a retry's (its own intent and recorded event, not the first start's)."""
+        recorded = (lambda t, s: prior.task_event(t, s, attempt)) if prior is not None else None
         steps = plan_resume(
-            [o for o in outcomes if o.status == "started"],
-            prior.task_event if prior is not None else None,
-            prior.intents if prior is not None else {},
-            stage,
+            [o for o in outcomes if o.status == "started"], recorded, prior.intents if prior is not None else {},
+            stage, attempt,
         )
         by_task = {step.outcome.task_id: step for step in steps}
         to_start: list[TaskOutcome] = []
@@ -292,7 +298,7 @@ class StartService:
     ) -> None:
         """Record the intents (one transaction), then start with bounded concurrency."""
         if to_start and key is not None and self.journal is not None:
-            self.journal.intents(key, [intent_key(o.task_id, stage) for o in to_start])
+            self.journal.intents(key, [intent_key(o.task_id, stage, o.attempt) for o in to_start])
         if len(to_start) == 1:
             send(replies.task(self.start_one(to_start[0]), request_id, stage))
         elif to_start:

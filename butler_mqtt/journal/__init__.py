@@ -54,9 +54,12 @@ class Prior:
     def done(self) -> bool:
         return self.state == "done"
 
-    def task_event(self, task_id: str, stage: int | None) -> Event | None:
+    def task_event(self, task_id: str, stage: int | None, attempt: int | None = None) -> Event | None:
+        """The recorded `task` event of this task in this stage (of this retry `attempt`: 2, 3, ...;
+        else of its first start)."""
+        wanted = (attempt,) if attempt is not None and attempt > 1 else (None, 1)
         for ev in replies.task_events(self.replies):
-            if ev.get("taskId") == task_id and ev.get("stage") == stage:
+            if ev.get("taskId") == task_id and ev.get("stage") == stage and ev.get("attempt") in wanted:
                 return ev
         return None
 
