@@ -6,6 +6,7 @@ get too long) -> pure selection and plan -> starts with bounded concurrency -> e
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -302,7 +303,8 @@ class StartService:
         if len(to_start) == 1:
             send(replies.task(self.start_one(to_start[0]), request_id, stage))
         elif to_start:
-            futures = [self._pool.submit(self.start_one, o) for o in to_start]
+            # Each start runs in a copy of this request's logging context (its requestId).
+            futures = [self._pool.submit(contextvars.copy_context().run, self.start_one, o) for o in to_start]
             for fut in as_completed(futures):
                 send(replies.task(fut.result(), request_id, stage))
 

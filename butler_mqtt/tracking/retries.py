@@ -83,6 +83,8 @@ class Retries:
                 o, queued = TaskOutcome(r["task_id"], r["task_name"], "failed", reason=f"the retry could not be started: {exc}"), {}
             if self.metrics is not None:
                 self.metrics.retries.inc()
+            log.info("retry_started", taskId=r["task_id"], attempt=r["attempt"], status=o.status if o else None,
+                     executionId=o.execution_id if o else None)
             self._retried(w, tkey, r, o, queued)
 
     def _retried(self, w: Waited, tkey: str, r: dict[str, Any], o: TaskOutcome | None,
