@@ -18,7 +18,6 @@ entry is started once, and the slot count holds across instances.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -30,7 +29,7 @@ from butler_mqtt.config import PoliciesConfig
 from butler_mqtt.errors import ButlerError, QrsError
 from butler_mqtt.journal import Journal
 from butler_mqtt.journal.runq import Entry, Waiter
-from butler_mqtt.model import Route, TaskOutcome, matches
+from butler_mqtt.model import TaskOutcome, matches
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.policies import effective
 from butler_mqtt.replies import Event
@@ -38,17 +37,15 @@ from butler_mqtt.service import StartService
 
 log = structlog.get_logger("butler_mqtt.queue")
 
-Publish = Callable[[Route, Event], None]
 
 
 class QueueRunner:
     def __init__(
-        self, cfg: PoliciesConfig, service: StartService, journal: Journal, publish: Publish, metrics: Metrics | None
+        self, cfg: PoliciesConfig, service: StartService, journal: Journal, metrics: Metrics | None
     ) -> None:
         self.cfg = cfg
         self.service = service
         self.journal = journal
-        self.publish = publish
         self.metrics = metrics
         self._busy = threading.Lock()
         self._deferred: list[Entry] = []  # recoveries QRS could not answer yet
@@ -173,11 +170,5 @@ class QueueRunner:
         if o.status == "expired" and o.reason is None:
             o.reason = f"waited longer than policies.queue_timeout ({self.cfg.queue_timeout:.0f} s) in butler-mqtt's queue"
         ev = replies.task(o, w.request_id, w.stage)
-        if w.journaled:
-            try:
-                self.journal.reply(w.key, ev)
-            except ButlerError as exc:
-                log.error("journal_write_failed", error=str(exc))
-        if w.route.topic:
-            self.publish(w.route, ev)
+        self.service.send_later(w.key if w.journaled else None, w.route, ev, observe=False)
         return ev

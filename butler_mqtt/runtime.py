@@ -110,9 +110,10 @@ def build_tracker(
     """The tracking pieces (tracking/), wired to each other and to the use case, once."""
     waits, timers = Waits(journal), Timers()
     poller = Poller(cfg.tracking, backend, waits, timers, journal.lease_s)
-    queue = QueueTicks(QueueRunner(cfg.policies, service, journal, publish, metrics), journal, waits, poller,
+    service.publish = publish  # a request's later events leave through service.send_later
+    queue = QueueTicks(QueueRunner(cfg.policies, service, journal, metrics), journal, waits, poller,
                        cfg.tracking.max_wait)
-    stages = Stages(cfg.tracking, service, journal, waits, timers, poller, publish)
+    stages = Stages(cfg.tracking, service, journal, waits, timers, poller)
     retries = Retries(service, waits, timers, stages, metrics)
     deadlines = Deadlines(waits, stages, metrics)
     stages.attach(retries)

@@ -21,7 +21,7 @@ from butler_mqtt import replies
 from butler_mqtt.admission import Admission, Admitted, Ticket
 from butler_mqtt.backends.base import Backend
 from butler_mqtt.config import Config
-from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable
+from butler_mqtt.errors import ButlerError, QrsError, QrsNotFound, QrsUnreachable
 from butler_mqtt.journal import Journal, Prior
 from butler_mqtt.model import EMPTY_GUID, Match, QrsTask, Route, StartRequest, TaskOutcome
 from butler_mqtt.policies import Policy, effective
@@ -33,6 +33,8 @@ from butler_mqtt.selection import Selection, plan, select
 log = structlog.get_logger("butler_mqtt.service")
 
 Emit = Callable[[Event], None]
+#: Publish an event on a route (MQTT).
+Publish = Callable[[Route, Event], None]
 
 
 #: Follow a request: (its key, the request, its first stage's result, where its replies go).
@@ -76,7 +78,9 @@ class StartService:
         #: Hands a request to the tracker once its first stage started, when it has to be
         #: followed (wait/then, retries, a deadline). runtime.build sets it.
         self.follow: Follow | None = None
-        #: Called with (ingress, Handled) after each request (the metrics; runtime.build sets it).
+        #: The way out of a request's later events (MQTT: its route); runtime.build sets it.
+        self.publish: Publish | None = None
+        #: Called with (ingress, replayed, start seconds) after each request (the metrics).
         self.handled: list[Callable[[str, bool, float | None], None]] = []
 
     def close(self) -> None:
@@ -90,6 +94,20 @@ class StartService:
                 observe(ev)
             except Exception:  # noqa: BLE001 - watching a request must never break it
                 log.exception("event_observer_failed", observer=getattr(observe, "__qualname__", repr(observe)))
+
+    def send_later(self, key: str | None, route: Route, ev: Event, *, observe: bool = True) -> None:
+        """A request's later event (after its first answer: taskFinished, taskOverdue, a later
+        stage's, a queued task's start, requestFinished), the one way they all leave: recorded
+        under the request's key (None: not journaled), published on its route, observed."""
+        if key is not None and self.journal is not None:
+            try:
+                self.journal.reply(key, ev)
+            except ButlerError as exc:
+                log.error("journal_write_failed", error=str(exc))
+        if route.topic and self.publish is not None:
+            self.publish(route, ev)
+        if observe:
+            self.notify(ev)
 
     def observed(self, emit: Emit) -> Emit:
         """`emit`, then `notify`: how a fresh request's events leave the use case."""

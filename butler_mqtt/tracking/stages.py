@@ -18,7 +18,7 @@ import structlog
 from butler_mqtt import replies
 from butler_mqtt.chains import NextStage, after_stage, finish_failure, start_failures
 from butler_mqtt.config import TrackingConfig
-from butler_mqtt.errors import ButlerError, is_transient
+from butler_mqtt.errors import is_transient
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import Route, StartRequest, TaskOutcome, matches
 from butler_mqtt.ops import retry
@@ -26,7 +26,7 @@ from butler_mqtt.policies import Policy
 from butler_mqtt.replies import Event
 from butler_mqtt.service import StageResult, StartService
 from butler_mqtt.tracking.polling import Poller
-from butler_mqtt.tracking.records import Pending, Publish, Waited, bound, queued_record
+from butler_mqtt.tracking.records import Pending, Waited, bound, queued_record
 from butler_mqtt.tracking.timers import Timers
 from butler_mqtt.tracking.waits import Waits
 
@@ -45,14 +45,13 @@ class Stages:
     """Thread-safe (every record change under the waits' lock)."""
 
     def __init__(self, cfg: TrackingConfig, service: StartService, journal: Journal, waits: Waits, timers: Timers,
-                 poller: Poller, publish: Publish) -> None:
+                 poller: Poller) -> None:
         self.cfg = cfg
         self.service = service
         self.journal = journal
         self.waits = waits
         self.timers = timers
         self.poller = poller
-        self.publish = publish
         self._retries: RetryPlan | None = None
 
     def attach(self, retries: RetryPlan) -> None:
@@ -104,12 +103,7 @@ class Stages:
 
     def emit(self, w: Waited, ev: Event) -> None:
         """A later event of a request: recorded in its journal entry, published, observed."""
-        try:
-            self.journal.reply(w.key, ev)
-        except ButlerError as exc:
-            log.error("journal_write_failed", error=str(exc))
-        self.publish(w.route, ev)
-        self.service.notify(ev)  # every event the tracker sends (its own and chain stages')
+        self.service.send_later(w.key, w.route, ev)
 
     # ------------------------------------------------------------------ executions end
 
