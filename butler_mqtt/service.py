@@ -6,11 +6,9 @@ get too long) -> pure selection and plan -> starts with bounded concurrency -> e
 
 from __future__ import annotations
 
-import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,14 +19,15 @@ from butler_mqtt import replies
 from butler_mqtt.admission import Admission, Admitted, Ticket
 from butler_mqtt.backends.base import Backend
 from butler_mqtt.config import Config
-from butler_mqtt.errors import ButlerError, QrsError, QrsNotFound, QrsUnreachable
+from butler_mqtt.errors import ButlerError, QrsError
 from butler_mqtt.journal import Journal, Prior
-from butler_mqtt.model import EMPTY_GUID, Match, QrsTask, Route, StartRequest, TaskOutcome
+from butler_mqtt.model import Match, QrsTask, Route, StartRequest, TaskOutcome
 from butler_mqtt.policies import Policy, effective
 from butler_mqtt.replies import Event
 from butler_mqtt.replies.types import SummaryEvent
 from butler_mqtt.resume import intent_key, plan_resume
 from butler_mqtt.selection import Selection, plan, select
+from butler_mqtt.starts import Starts
 
 log = structlog.get_logger("butler_mqtt.service")
 
@@ -64,10 +63,7 @@ class StartService:
         self.cfg = cfg
         self.backend = backend
         self.journal = journal
-        self._pool = ThreadPoolExecutor(max_workers=cfg.qrs.start_concurrency, thread_name_prefix="qrs-start")
-        # Starts of every request (pooled or inline) share one limit: QRS sees at most
-        # start_concurrency starts at a time from this instance.
-        self._start_slots = threading.BoundedSemaphore(cfg.qrs.start_concurrency)
+        self.starts = Starts(backend, cfg.qrs.start_concurrency)
         self._allow_lock = threading.Lock()
         self._allow = cfg.start_filter
         self.keys = KeyLocks()
@@ -84,7 +80,7 @@ class StartService:
         self.handled: list[Callable[[str, bool, float | None], None]] = []
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        self.starts.close()
 
     def notify(self, ev: Event) -> None:
         """Hand a new reply event to every observer. An observer must be quick (it runs on
@@ -183,53 +179,8 @@ class StartService:
         return o, admitted.queued
 
     def start_one(self, o: TaskOutcome) -> TaskOutcome:
-        """Start one task; `o` gets QRS's answer (started, notStarted or failed, with the reason)."""
-        sent = time.time()
-        try:
-            with self._start_slots:
-                sent = time.time()
-                execution_id = self.backend.start(o.task_id)
-        except QrsNotFound:
-            o.status, o.reason = "failed", "QRS: task not found when starting (deleted meanwhile?)"
-        except QrsUnreachable as exc:
-            o.status, o.reason = "failed", f"QRS unreachable: {exc}"
-            self._confirm_unanswered(o, sent)
-        except QrsError as exc:
-            o.status, o.reason = "failed", f"QRS refused the start: {exc}"
-        else:
-            if execution_id == EMPTY_GUID:
-                o.status, o.reason = "notStarted", "QRS did not start the task (disabled, or no scheduler available)"
-            else:
-                o.status, o.execution_id = "started", execution_id
-        return o
-
-    def _confirm_unanswered(self, o: TaskOutcome, sent: float) -> None:
-        """A start that got no answer (timeout, connection dropped) may still have reached QRS
-        and run. Ask QRS, never start it again: a `failed` reply for a reload that runs would
-        invite the caller to start it a second time."""
-        try:
-            execution_id = self.backend.started_since(o.task_id, sent)
-        except QrsError as exc:
-            o.reason = f"{o.reason}; QRS could not be asked whether the start arrived ({exc}): it may run anyway"
-            return
-        if execution_id is None:
-            o.reason = f"{o.reason}; QRS shows no execution of this task since the start was sent"
-        else:
-            o.status, o.execution_id = "started", execution_id
-            o.reason = "QRS did not answer the start in time; the execution was found in QRS"
-        log.warning("start_unanswered", taskId=o.task_id, executionId=execution_id)
-
-    def _recover(self, o: TaskOutcome, since: float) -> None:
-        try:
-            execution_id = self.backend.started_since(o.task_id, since)
-        except QrsError as exc:
-            o.status = "failed"
-            o.reason = f"the daemon stopped while starting this task and QRS could not tell whether it started: {exc}"
-            return
-        if execution_id is not None:
-            o.execution_id = execution_id
-            o.reason = "start confirmed from QRS (handling of this request was interrupted after the start was sent)"
-        log.warning("start_recovered", taskId=o.task_id, executionId=execution_id, restarted=execution_id is None)
+        """Start one task (a queued one: the queue runner); `o` gets QRS's answer."""
+        return self.starts.one(o)
 
     def run_stage(
         self,
@@ -303,7 +254,7 @@ class StartService:
             elif step.action == "recover" and step.since is not None:
                 # The daemon stopped after sending this start but before recording QRS's
                 # answer: ask QRS whether the start arrived rather than risk a double run.
-                self._recover(o, step.since)
+                self.starts.recover(o, step.since)
                 if o.status == "started" and o.execution_id is None:
                     to_start.append(o)  # it never reached QRS: start it now
                 else:
@@ -318,13 +269,8 @@ class StartService:
         """Record the intents (one transaction), then start with bounded concurrency."""
         if to_start and key is not None and self.journal is not None:
             self.journal.intents(key, [intent_key(o.task_id, stage, o.attempt) for o in to_start])
-        if len(to_start) == 1:
-            send(replies.task(self.start_one(to_start[0]), request_id, stage))
-        elif to_start:
-            # Each start runs in a copy of this request's logging context (its requestId).
-            futures = [self._pool.submit(contextvars.copy_context().run, self.start_one, o) for o in to_start]
-            for fut in as_completed(futures):
-                send(replies.task(fut.result(), request_id, stage))
+        for o in self.starts.many(to_start):
+            send(replies.task(o, request_id, stage))
 
 
 class KeyLocks:
