@@ -230,6 +230,32 @@ class StartService:
         )
         return StageResult(outcomes, selection.not_found, summ, events, policy, admitted.queued)
 
+    def run_and_record(
+        self,
+        stage: StartRequest,
+        request_id: str | None,
+        emit: Emit,
+        index: int | None,
+        key: str | None,
+        prior: Prior | None,
+        *,
+        root: StartRequest,
+        route: Route | None,
+        started: Callable[[StageResult], None],
+    ) -> StageResult:
+        """Every stage of every request, the first and each `then`, is run and recorded here:
+        its events go to `emit` as they are made, `started` takes the result (the first stage:
+        the tracker; a later one: the stage engine), then the events are recorded under `key`
+        in one transaction. A crash before the record is resumed from the start intents,
+        checked with the backend; `started` first, so a crash in between never forgets to
+        follow what started. Raises QrsError before anything started (resolving), and
+        JournalError when the record fails (after `started`)."""
+        result = self.run_stage(stage, request_id, emit, index, key, prior, root=root, route=route)
+        started(result)
+        if key is not None and self.journal is not None:
+            self.journal.finish(key, result.events)
+        return result
+
     def _resume(
         self, outcomes: list[TaskOutcome], prior: Prior | None, stage: int | None, request_id: str | None, send: Emit,
         attempt: int | None = None,
@@ -392,20 +418,22 @@ def _handle(
 
     # Replies are published as they happen and recorded together when the stage is done (one
     # transaction): a crash in between is resumed from the start intents, checked with QRS.
+    answered: list[float] = []
+
+    def started(result: StageResult) -> None:
+        answered.append(time.perf_counter())
+        if on_started is not None:
+            on_started(result)
+
     try:
-        result = service.run_stage(
-            req, req.requestId, service.observed(emit), 0 if req.then is not None else None, key, prior, root=req,
-            route=claim.route,
+        result = service.run_and_record(
+            req, req.requestId, service.observed(emit), 0 if req.then is not None else None, key,
+            prior, root=req, route=claim.route, started=started,
         )
     except QrsError:
         if journal is not None and key is not None and prior is None:
             journal.forget(key)
         raise
-    answered = time.perf_counter()
-    if on_started is not None:
-        on_started(result)
-    if journal is not None and key is not None:
-        journal.finish(key, result.events)
     by_status = _ids_by_status(result.outcomes)
     log.info(
         "audit",
@@ -420,4 +448,4 @@ def _handle(
         ms=round((time.perf_counter() - t0) * 1000, 1),
     )
     sent = any(o.status in ("started", "notStarted", "wouldStart", "failed") for o in result.outcomes)
-    return Handled(result.events, start_seconds=answered - t0 if sent and not req.dryRun else None)
+    return Handled(result.events, start_seconds=answered[0] - t0 if sent and not req.dryRun else None)

@@ -200,20 +200,29 @@ class Stages:
         stage_req = w.stage_request(index)
         if stage_req is None:
             return self.request_finished(w, None, None)
+        idle: list[bool] = []
+
+        def started(result: StageResult) -> None:
+            with self.waits.locked():
+                self.absorb(w, result)
+                w.starting = False
+                self.waits.save(w)
+                idle.append(w.idle)
+
         try:
             prior = self.journal.load(key) if resumed else None
-            result = self.service.run_stage(
-                stage_req, w.request_id, lambda ev: self.emit(w, ev), index, key, prior,
-                root=StartRequest.model_validate(w.request), route=w.route,
+            # Published and observed as they come; recorded with the stage (run_and_record).
+            self.service.run_and_record(
+                stage_req, w.request_id, lambda ev: self.service.send_later(None, w.route, ev), index, key, prior,
+                root=StartRequest.model_validate(w.request), route=w.route, started=started,
             )
         except Exception as exc:  # noqa: BLE001 - every failure ends in a retry or requestFinished
-            return self._stage_failed(w, index, resumed, attempt, exc)
-        with self.waits.locked():
-            self.absorb(w, result)
-            w.starting = False
-            self.waits.save(w)
-            idle = w.idle
-        if idle:
+            if not idle:  # nothing of the stage started: try the stage again later, or give up
+                return self._stage_failed(w, index, resumed, attempt, exc)
+            # The stage started and is followed; only its record failed (a crash now resumes
+            # it from the start intents, checked with QRS).
+            log.error("journal_write_failed", stage=index, error=str(exc))
+        if idle[0]:
             self.stage_ended(key)
         else:
             self.poller.schedule(self.cfg.first_poll)
