@@ -11,7 +11,7 @@ import structlog
 
 from butler_mqtt.errors import ButlerError
 from butler_mqtt.journal import Journal
-from butler_mqtt.tracking.records import Pending, Waited
+from butler_mqtt.tracking.records import Pending, Waited, bound
 
 log = structlog.get_logger("butler_mqtt.tracking")
 
@@ -44,13 +44,15 @@ class Waits:
         try:
             self.journal.drop_wait(w.key)
         except ButlerError as exc:
-            log.error("journal_write_failed", error=str(exc))
+            with bound(w):
+                log.error("journal_write_failed", error=str(exc))
 
     def save(self, w: Waited) -> None:
         try:
             self.journal.save_wait(w.key, w.to_json())
         except ButlerError as exc:
-            log.error("wait_record_not_saved", error=str(exc))
+            with bound(w):  # whichever thread saves it (the poller checking deadlines, too)
+                log.error("wait_record_not_saved", error=str(exc))
 
     def pending(self) -> dict[str, Pending]:
         """Every execution a waited request follows."""
