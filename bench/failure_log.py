@@ -33,9 +33,9 @@ from typing import Any
 
 from harness import machine, table
 
+from butler_mqtt.backends.qrs.client import QrsClient
+from butler_mqtt.backends.qrs.failure import ScriptLogReader, failure_details
 from butler_mqtt.config import QrsConfig
-from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.qrs.failure import ScriptLogReader, failure_details
 from butler_mqtt.sim import QrsSimulator, SimTask, ensure_certs
 
 FAILING = "fa1100b0-0000-4000-8000-000000000001"

@@ -25,12 +25,13 @@ from typing import Any
 
 from harness import machine, table
 
+from butler_mqtt.backends.qrs.backend import QrsBackend
+from butler_mqtt.backends.qrs.client import QrsClient
+from butler_mqtt.backends.qrs.filters import chunk_or, criteria_clauses, encoded_length
 from butler_mqtt.config import Config, load_config
 from butler_mqtt.model import StartRequest
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.ops.mosquitto import Mosquitto
-from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.qrs.filters import chunk_or, criteria_clauses, encoded_length
 from butler_mqtt.service import StartService
 from butler_mqtt.sim import QrsSimulator, SimTask, ensure_certs
 
@@ -114,7 +115,7 @@ def resolution_tables(work: Path, repeat: int) -> tuple[str, str]:
         services = {}
         for length in FILTER_LENGTHS:
             cfg = make_cfg(certs, sim.port, max_filter_length=length)
-            services[length] = StartService(cfg, QrsClient(cfg.qrs), None)
+            services[length] = StartService(cfg, QrsBackend(QrsClient(cfg.qrs)), None)
         for n, long in [(n, False) for n in CRITERIA] + [(n, True) for n in (20, 40)]:
             req = criteria_request(n, long)
             clauses = criteria_clauses(req)
@@ -198,7 +199,7 @@ def tracking_table(work: Path, sizes: list[int], poll: float, run_seconds: float
     loop = threading.Thread(target=daemon.main_loop, daemon=True)
     loop.start()
     polls: list[tuple[int, int]] = []  # (executions in flight, executionresult GETs) per poll
-    original = daemon.runtime.tracker._poll
+    original = daemon.runtime.tracker.poller._poll
 
     def counted(pending: dict[str, Any]) -> None:
         before = sum(1 for x in sim.request_log if x.path.lower().startswith("/qrs/executionresult"))
@@ -206,7 +207,7 @@ def tracking_table(work: Path, sizes: list[int], poll: float, run_seconds: float
         after = sum(1 for x in sim.request_log if x.path.lower().startswith("/qrs/executionresult"))
         polls.append((len(pending), after - before))
 
-    daemon.runtime.tracker._poll = counted  # type: ignore[method-assign]
+    daemon.runtime.tracker.poller._poll = counted  # type: ignore[method-assign]
     rows = []
     offset = 0
     try:

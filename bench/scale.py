@@ -22,10 +22,11 @@ from typing import Any
 
 from harness import machine, percentile, table
 
+from butler_mqtt.backends.qrs.backend import QrsBackend
+from butler_mqtt.backends.qrs.client import QrsClient
+from butler_mqtt.backends.qrs.filters import chunk_or, criteria_clauses
 from butler_mqtt.config import Config, load_config
 from butler_mqtt.model import QrsTask, StartRequest
-from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.qrs.filters import chunk_or, criteria_clauses
 from butler_mqtt.selection import select
 from butler_mqtt.service import StartService
 from butler_mqtt.sim import QrsSimulator, SimTask, ensure_certs, generate_tasks
@@ -67,7 +68,7 @@ def measure(n: int, repeat: int, latency_ms: float, work: Path) -> list[list[Any
     sim = QrsSimulator(tasks, certs_dir=work / "certs", latency_ms=latency_ms).start()
     cfg = make_cfg(certs, sim.port)
     qrs = QrsClient(cfg.qrs)
-    service = StartService(cfg, qrs, None)
+    service = StartService(cfg, QrsBackend(qrs), None)
     rows = []
     try:
         for label, req in zip(["1 tag (~10 tasks)", "40 criteria"], requests_for(tasks), strict=True):

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from butler_mqtt.backends.base import Backend
 from butler_mqtt.errors import QrsError
 from butler_mqtt.journal import Journal
 from butler_mqtt.journal.runq import Entry, Queued, Waiter, Wanted
 from butler_mqtt.model import QrsTask, Route, TaskOutcome
 from butler_mqtt.policies import Action, Policy, decide
-from butler_mqtt.qrs.client import QrsClient
 
 log = structlog.get_logger("butler_mqtt.admission")
 
@@ -61,8 +61,8 @@ class Admitted:
 
 
 class Admission:
-    def __init__(self, qrs: QrsClient, journal: Journal | None) -> None:
-        self.qrs = qrs
+    def __init__(self, backend: Backend, journal: Journal | None) -> None:
+        self.backend = backend
         self.journal = journal
         self.followed: Followed | None = None  # set once the tracker exists
         self.on_queued: Callable[[], None] | None = None  # wakes the queue runner
@@ -116,23 +116,21 @@ class Admission:
     ) -> dict[str, str]:
         """task id -> the running execution's id, for the tasks whose verdict names it."""
         out = {o.task_id: ours[o.task_id] for o in candidates if o.task_id in ours}
-        unknown: dict[str, str] = {}  # result id -> task id
+        unknown: list[QrsTask] = []  # running in Qlik, not started by us: ask the backend
         for o in candidates:
             task = tasks.get(o.task_id)
             if (o.task_id not in out and actions[o.task_id] in ("attach", "skip", "rerun")
                     and task is not None and task.last_result_id):
-                unknown[task.last_result_id] = o.task_id
+                unknown.append(task)
         if unknown:
             try:
-                found = self.qrs.executions_of_results(list(unknown))
+                found = self.backend.running_executions(unknown)
             except QrsError as exc:
                 log.warning("running_execution_lookup_failed", error=str(exc), tasks=len(unknown))
-                if any(actions[t] == "rerun" for t in unknown.values()):
+                if any(actions[t.id] == "rerun" for t in unknown):
                     raise  # a rerun must know what to wait for: the request is retried later
                 found = {}
-            for rid, eid in found.items():
-                if rid in unknown:
-                    out[unknown[rid]] = eid
+            out.update({tid: eid for tid, eid in found.items() if tid not in out})
         return out
 
     @staticmethod

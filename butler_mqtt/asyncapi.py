@@ -1,6 +1,6 @@
 """The AsyncAPI 3.0 document of the MQTT interface, built from the code that makes the messages.
 
-The payload schemas come from `butler_mqtt.events` (every reply event, the status message, the
+The payload schemas come from `butler_mqtt.replies.types` (every reply event, the status message, the
 alert message) and from `model.StartRequest` (the request); each reply's summary is its
 builder's docstring in `butler_mqtt.replies`, and the examples are made by those builders (the
 alert example is checked against `ops/alerts.message` by a unit test). So the document describes
@@ -25,15 +25,17 @@ from pydantic import TypeAdapter
 
 from butler_mqtt import __version__, replies
 from butler_mqtt.config import MqttConfig
-from butler_mqtt.events import ALERT_SEVERITY, REPLY_EVENTS, AlertMessage, EventSpec, StatusMessage
 from butler_mqtt.model import (
     GUID_RE,
     INVALID_GUID_DETAILS,
     INVALID_GUID_ERROR,
     MAX_NAME_LENGTH,
+    Match,
     StartRequest,
     TaskOutcome,
 )
+from butler_mqtt.replies import REPLY_EVENTS, EventSpec
+from butler_mqtt.replies.types import ALERT_SEVERITY, AlertMessage, StatusMessage
 
 ASYNCAPI_VERSION = "3.0.0"
 MQTT_BINDING_VERSION = "0.2.0"
@@ -142,8 +144,8 @@ _NAME = "Finance daily"
 
 
 def reply_examples() -> dict[str, replies.Event]:
-    """One example per reply event, made by replies.py's builders."""
-    started = TaskOutcome(_T, _NAME, "started", ["tag:daily-refresh"], execution_id=_E)
+    """One example per reply event, made by the builders of butler_mqtt.replies."""
+    started = TaskOutcome(_T, _NAME, "started", [Match("tag", "daily-refresh")], execution_id=_E)
     row = {"startTime": "2025-01-06T06:00:00.000Z", "stopTime": "2025-01-06T06:01:21.234Z", "duration": 81234}
     return {
         "task": replies.task(started, "r1"),

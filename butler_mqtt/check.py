@@ -179,12 +179,12 @@ def _judge_broker(cfg: MqttConfig, result: dict[str, str], timeout: float) -> bo
 
 
 def check_qrs(cfg: Config) -> bool:
-    from butler_mqtt.qrs.client import QrsClient
+    from butler_mqtt.runtime import backend
 
     if not cfg.qrs.verify:
         _line(WARN, "qrs.verify", "server certificate verification is OFF; set qrs.ca to root.pem and qrs.verify: true")
     try:
-        client = QrsClient(cfg.qrs.model_copy(update={"retries": 0}))
+        client = backend(cfg, retries=0)
     except ConfigError as exc:
         _line(FAIL, "qrs", f"not tried: {exc}; fix the certificate files first")
         return False

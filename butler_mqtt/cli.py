@@ -14,6 +14,7 @@ from butler_mqtt import __version__, replies
 from butler_mqtt.config import DEFAULT_CONFIG, Config, config_path, load_config
 from butler_mqtt.errors import ButlerError, ConfigError, QrsError, RequestRejected
 from butler_mqtt.model import CustomPropertyCriterion, StartRequest, validate_request
+from butler_mqtt.replies import Event
 from butler_mqtt.terminal import json_text
 
 _T = TypeVar("_T")
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if TYPE_CHECKING:  # what add_subparsers returns (argparse has no public name for it)
-    from butler_mqtt.events import SummaryEvent
+    from butler_mqtt.replies.types import SummaryEvent
 
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -454,7 +455,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from butler_mqtt.qrs.client import QrsClient
+    from butler_mqtt.runtime import backend
     from butler_mqtt.selection import plan
 
     cfg = _load(args)
@@ -462,7 +463,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     req = selectors_request(args, dryRun=True)
     from butler_mqtt.service import StartService
 
-    qrs = QrsClient(cfg.qrs)
+    qrs = backend(cfg)
     service = StartService(cfg, qrs)
     try:
         selection = service.resolve(req)
@@ -522,7 +523,7 @@ class RequestOutcome:
     def __init__(self) -> None:
         self.failed = self.denied = self.not_found = False
 
-    def add(self, ev: dict[str, Any]) -> None:
+    def add(self, ev: Event) -> None:
         kind = replies.kind(ev)
         if kind == replies.ERROR or replies.reload_failed(ev):
             self.failed = True
@@ -555,7 +556,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     where = f"{m.host}:{m.port}"
     outcome = RequestOutcome()
 
-    def show(ev: dict[str, Any]) -> None:
+    def show(ev: Event) -> None:
         print(json_text(ev), flush=True)  # a reply is anyone's message on the topic
         outcome.add(ev)
 

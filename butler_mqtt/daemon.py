@@ -36,7 +36,6 @@ from butler_mqtt.mqtt.workers import WorkerPool
 from butler_mqtt.ops import fds, systemd
 from butler_mqtt.ops.lock import StateDirLock
 from butler_mqtt.ops.logging import setup_logging
-from butler_mqtt.qrs.client import probe_at_start
 from butler_mqtt.reload import Reloader
 
 if TYPE_CHECKING:
@@ -55,6 +54,9 @@ class Daemon:
         self.cfg = cfg
         self.should_exit = threading.Event()
         runtime.preflight(cfg)  # before the journal, the broker or a port is touched
+        if cfg.serves_http and cfg.http.tls.enabled:  # a bad certificate or key: exit 2 naming it, before the broker
+            from butler_mqtt.http.tls import http_ssl_context
+            http_ssl_context(cfg.http.tls)
         client_id = cfg.mqtt.effective_client_id()
         self.listener = MqttListener(cfg.mqtt, lambda job: self.workers.enqueue(job), client_id=client_id)
         self.listener.on_subscribed = lambda: systemd.notify("READY=1\nSTATUS=connected and subscribed")
@@ -181,7 +183,7 @@ def run(config_file: Path | None) -> int:
     setup_logging(cfg.logging.level, cfg.logging.format)
     # Before anything touches the broker: a second daemon must not take over the session.
     lock = StateDirLock(cfg.state_dir, cfg.mqtt.effective_client_id()).acquire()  # noqa: F841 - held until exit
-    probe_at_start(cfg.qrs)
+    runtime.probe_at_start(cfg)
     daemon = Daemon(cfg, config_file)  # its preflight: a bad certificate file is the first line a user sees
     fds.raise_fd_limit()  # systemd's default soft limit is 1024; the unit's LimitNOFILE is the hard one
     profile = os.environ.get("BUTLER_MQTT_PROFILE")

@@ -19,6 +19,7 @@ from butler_mqtt.config import Config, config_path, load_config
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.ops.mosquitto import Mosquitto, find_mosquitto
+from butler_mqtt.replies import Event
 
 SAMPLES: list[tuple[str, dict[str, Any]]] = [
     (
@@ -48,7 +49,7 @@ SAMPLES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def _print_event(ev: dict[str, Any]) -> None:
+def _print_event(ev: Event) -> None:
     print("    <- " + json.dumps(ev, ensure_ascii=False), flush=True)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ INVALID_GUID_DETAILS = "Task ID must be a valid GUID"
 
 # Control characters never occur in Qlik tag or property names; rejecting them keeps log
 # lines and QRS filters clean. Quotes, `&`, `#`, `+`, `%`, parentheses and non-ASCII are
-# legitimate and are escaped instead (see qrs.filters).
+# legitimate and are escaped instead (see backends/qrs/filters.py).
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _UNSTORABLE_RE = re.compile("[\x00\ud800-\udfff]")
 
@@ -341,6 +342,47 @@ def _dicts(value: Any) -> list[dict[str, Any]]:
     return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
+MatchKind = Literal["taskId", "tag", "customProperty"]
+
+
+class Match(str):
+    """One criterion a task matched, carried as data (`kind`, `value`, and for a custom
+    property its `name`) from the selection to the wire. It *is* its wire form
+    (`taskId:<id>`, `tag:<name>`, `customProperty:<name>=<value>`, contract section 4), so
+    records and replies store it unchanged; readers get the parts back with `Match.parse`."""
+
+    kind: MatchKind
+    value: str
+    name: str | None
+
+    def __new__(cls, kind: MatchKind, value: str, name: str | None = None) -> Match:
+        wire = f"{kind}:{name}={value}" if kind == "customProperty" else f"{kind}:{value}"
+        m = super().__new__(cls, wire)
+        m.kind, m.value, m.name = kind, value, name
+        return m
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Match, (self.kind, self.value, self.name))
+
+    @classmethod
+    def parse(cls, text: str) -> Match | None:
+        """The Match a wire string names (None: not one of ours)."""
+        kind, sep, rest = text.partition(":")
+        if not sep:
+            return None
+        if kind == "customProperty":
+            name, eq, value = rest.partition("=")
+            return cls("customProperty", value, name) if eq else None
+        if kind in ("taskId", "tag"):
+            return cls(kind, rest)  # type: ignore[arg-type]  # narrowed by the test above
+        return None
+
+
+def matches(texts: Iterable[str]) -> list[Match]:
+    """Matches read back from their wire form (a stored record, a reply)."""
+    return [m for m in map(Match.parse, texts) if m is not None]
+
+
 @dataclass
 class TaskOutcome:
     """What happened to one selected task."""
@@ -348,7 +390,7 @@ class TaskOutcome:
     task_id: str
     task_name: str
     status: TaskStatus
-    matched_by: list[str] = field(default_factory=list)
+    matched_by: list[Match] = field(default_factory=list)
     execution_id: str | None = None
     reason: str | None = None
     position: int | None = None  # queued: 1 = next

@@ -18,7 +18,7 @@ entry is started once, and the slot count holds across instances.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import structlog
@@ -28,25 +28,24 @@ from butler_mqtt.admission import Admission
 from butler_mqtt.config import PoliciesConfig
 from butler_mqtt.errors import ButlerError, QrsError
 from butler_mqtt.journal import Journal
-from butler_mqtt.journal.runq import Entry
-from butler_mqtt.model import Route, TaskOutcome
+from butler_mqtt.journal.runq import Entry, Waiter
+from butler_mqtt.model import TaskOutcome, matches
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.policies import effective
+from butler_mqtt.replies import Event
 from butler_mqtt.service import StartService
 
 log = structlog.get_logger("butler_mqtt.queue")
 
-Publish = Callable[[Route, dict[str, Any]], None]
 
 
 class QueueRunner:
     def __init__(
-        self, cfg: PoliciesConfig, service: StartService, journal: Journal, publish: Publish, metrics: Metrics | None
+        self, cfg: PoliciesConfig, service: StartService, journal: Journal, metrics: Metrics | None
     ) -> None:
         self.cfg = cfg
         self.service = service
         self.journal = journal
-        self.publish = publish
         self.metrics = metrics
         self._busy = threading.Lock()
         self._deferred: list[Entry] = []  # recoveries QRS could not answer yet
@@ -58,7 +57,8 @@ class QueueRunner:
         """At start (and when taking over a dead instance's work): entries whose start was being
         sent. QRS is asked whether the start arrived; never started twice."""
         for entry in self.journal.runq.take_over(include_own=True):
-            self._recover(entry)
+            with self._for_requests(entry.id):
+                self._recover(entry)
 
     def maintain(self) -> None:
         """Renew our leases; take over the runs and entries of instances that died; try again
@@ -66,11 +66,12 @@ class QueueRunner:
         self.journal.runq.renew()
         deferred, self._deferred = self._deferred, []
         for entry in deferred + self.journal.runq.take_over():
-            self._recover(entry)
+            with self._for_requests(entry.id):
+                self._recover(entry)
 
     def _recover(self, entry: Entry) -> None:
         try:
-            eid = self.service.qrs.execution_since(entry.task_id, entry.created)
+            eid = self.service.backend.started_since(entry.task_id, entry.created)
         except QrsError as exc:
             log.warning("queue_recovery_deferred", taskId=entry.task_id, error=str(exc))
             self._deferred.append(entry)  # stays `starting` with our lease: tried again at the next maintenance
@@ -98,7 +99,8 @@ class QueueRunner:
     def _tick(self) -> None:
         runq = self.journal.runq
         for entry in runq.expire():
-            log.warning("queue_expired", taskId=entry.task_id, queue_timeout_s=self.cfg.queue_timeout)
+            with self._for_requests(entry.id):
+                log.warning("queue_expired", taskId=entry.task_id, queue_timeout_s=self.cfg.queue_timeout)
             if self.metrics is not None:
                 self.metrics.queue_expired.inc()
         entries = runq.claim(self.cfg.max_running)
@@ -113,22 +115,37 @@ class QueueRunner:
             self.metrics.queue_waiters.set(waiters)
             self.metrics.running_started.set(running)
 
+    def _for_requests(self, entry_id: int) -> AbstractContextManager[None]:
+        """The logging context of work on a queue entry: the requestId of the (first) request
+        waiting on it, and every waiting request's when several joined it."""
+        try:
+            ids = [w.request_id for w in self.journal.runq.waiters(entry_id)]
+        except ButlerError:
+            return nullcontext()
+        extra = {"requestIds": ids} if len(ids) > 1 else {}
+        return structlog.contextvars.bound_contextvars(requestId=ids[0] if ids else None, **extra)
+
     def _start(self, entries: list[Entry]) -> None:
         done = []
         for entry in entries:
-            try:
-                o = self.service.start_one(TaskOutcome(entry.task_id, entry.task_name, "started"))
-            except Exception as exc:  # noqa: BLE001 - a claimed entry must end done, never stay `starting`
-                log.exception("queue_start_failed", taskId=entry.task_id)
-                o = TaskOutcome(entry.task_id, entry.task_name, "failed", reason=f"the start could not be sent: {exc}")
-            log.info("queue_started", taskId=entry.task_id, status=o.status, executionId=o.execution_id)
-            outcome: dict[str, Any] = {"status": o.status}
-            if o.execution_id:
-                outcome["executionId"] = o.execution_id
-            if o.reason:
-                outcome["reason"] = o.reason
-            done.append((entry, outcome, None))
+            with self._for_requests(entry.id):
+                done.append((entry, self._start_entry(entry), None))
         self.journal.runq.started(done)
+
+    def _start_entry(self, entry: Entry) -> dict[str, Any]:
+        """Send one claimed entry's start; its outcome (a failure to send ends it `failed`)."""
+        try:
+            o = self.service.start_one(TaskOutcome(entry.task_id, entry.task_name, "started"))
+        except Exception as exc:  # noqa: BLE001 - a claimed entry must end done, never stay `starting`
+            log.exception("queue_start_failed", taskId=entry.task_id)
+            o = TaskOutcome(entry.task_id, entry.task_name, "failed", reason=f"the start could not be sent: {exc}")
+        log.info("queue_started", taskId=entry.task_id, status=o.status, executionId=o.execution_id)
+        outcome: dict[str, Any] = {"status": o.status}
+        if o.execution_id:
+            outcome["executionId"] = o.execution_id
+        if o.reason:
+            outcome["reason"] = o.reason
+        return outcome
 
     def _tell(self, entry_id: int) -> None:
         """Publish the `task` event of a done entry to each request still waiting on it."""
@@ -137,22 +154,21 @@ class QueueRunner:
         if outcome is None:
             return
         told = []
-        first: dict[str, Any] | None = None
+        first: Event | None = None
         for w in runq.waiters(entry_id):
-            o = TaskOutcome(w.task_id, outcome.get("taskName", ""), outcome["status"], list(w.matched_by),
-                            outcome.get("executionId"), outcome.get("reason"), attempt=w.attempt)
-            if o.status == "expired" and o.reason is None:
-                o.reason = f"waited longer than policies.queue_timeout ({self.cfg.queue_timeout:.0f} s) in butler-mqtt's queue"
-            ev = replies.task(o, w.request_id, w.stage)
-            if w.journaled:
-                try:
-                    self.journal.reply(w.key, ev)
-                except ButlerError as exc:
-                    log.error("journal_write_failed", error=str(exc))
-            if w.route.topic:
-                self.publish(w.route, ev)
+            with structlog.contextvars.bound_contextvars(requestId=w.request_id):
+                ev = self._tell_one(w, outcome)
             told.append(w.key)
             first = first or ev
         runq.notified(entry_id, told)
         if first is not None:  # observers (alerts, metrics) hear of the entry once, however many wait on it
             self.service.notify(first)
+
+    def _tell_one(self, w: Waiter, outcome: dict[str, Any]) -> Event:
+        o = TaskOutcome(w.task_id, outcome.get("taskName", ""), outcome["status"], matches(w.matched_by),
+                        outcome.get("executionId"), outcome.get("reason"), attempt=w.attempt)
+        if o.status == "expired" and o.reason is None:
+            o.reason = f"waited longer than policies.queue_timeout ({self.cfg.queue_timeout:.0f} s) in butler-mqtt's queue"
+        ev = replies.task(o, w.request_id, w.stage)
+        self.service.send_later(w.key if w.journaled else None, w.route, ev, observe=False)
+        return ev

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from butler_mqtt.config import AllowList
-from butler_mqtt.model import QrsTask, StartRequest, TaskOutcome
+from butler_mqtt.model import Match, QrsTask, StartRequest, TaskOutcome
 
 
 def _eq(a: str, b: str) -> bool:
@@ -23,7 +23,7 @@ def _eq(a: str, b: str) -> bool:
 @dataclass
 class Selected:
     task: QrsTask
-    matched_by: list[str] = field(default_factory=list)
+    matched_by: list[Match] = field(default_factory=list)
 
 
 @dataclass
@@ -38,12 +38,12 @@ class Selection:
         return [s.task.id for s in self.selected]
 
 
-def matched_by(task: QrsTask, req: StartRequest) -> list[str]:
-    """Every criterion of `req` that `task` satisfies, as `kind:value` strings."""
-    out = [f"taskId:{t}" for t in req.taskId if t == task.id]
-    out += [f"tag:{tag}" for tag in req.tag if any(_eq(tag, t) for t in task.tags)]
+def matched_by(task: QrsTask, req: StartRequest) -> list[Match]:
+    """Every criterion of `req` that `task` satisfies."""
+    out = [Match("taskId", t) for t in req.taskId if t == task.id]
+    out += [Match("tag", tag) for tag in req.tag if any(_eq(tag, t) for t in task.tags)]
     out += [
-        f"customProperty:{c.name}={c.value}"
+        Match("customProperty", c.value, c.name)
         for c in req.customProperty
         if any(_eq(c.name, n) and _eq(c.value, v) for n, v in task.custom_properties)
     ]
@@ -62,13 +62,13 @@ def select(req: StartRequest, tasks: Iterable[QrsTask]) -> Selection:
     hits = {m for s in chosen.values() for m in s.matched_by}
     not_found: list[dict[str, Any]] = []
     for t in dict.fromkeys(req.taskId):
-        if f"taskId:{t}" not in hits:
+        if Match("taskId", t) not in hits:
             not_found.append({"taskId": t})
     for tag in dict.fromkeys(req.tag):
-        if f"tag:{tag}" not in hits:
+        if Match("tag", tag) not in hits:
             not_found.append({"tag": tag})
     for c in dict.fromkeys(req.customProperty):
-        if f"customProperty:{c.name}={c.value}" not in hits:
+        if Match("customProperty", c.value, c.name) not in hits:
             not_found.append({"customProperty": {"name": c.name, "value": c.value}})
     return Selection(list(chosen.values()), not_found)
 
@@ -97,7 +97,7 @@ def plan(selection: Selection, req: StartRequest, allow: AllowList | None) -> li
     out: list[TaskOutcome] = []
     for s in selection.selected:
         o = TaskOutcome(s.task.id, s.task.name, "started", list(s.matched_by))
-        only_by_id = all(m.startswith("taskId:") for m in s.matched_by)
+        only_by_id = all(m.kind == "taskId" for m in s.matched_by)
         if block_ids and only_by_id:
             o.status, o.reason = "denied", "allTaskIdsMustExist: task ID(s) not found: " + ", ".join(missing_ids)
         elif allow is not None and not allowed(s.task, allow):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,27 +17,35 @@ import structlog
 
 from butler_mqtt import replies
 from butler_mqtt.admission import Admission, Admitted, Ticket
+from butler_mqtt.backends.base import Backend
 from butler_mqtt.config import Config
-from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable
+from butler_mqtt.errors import ButlerError, QrsError
 from butler_mqtt.journal import Journal, Prior
-from butler_mqtt.model import EMPTY_GUID, QrsTask, Route, StartRequest, TaskOutcome
+from butler_mqtt.model import Match, QrsTask, Route, StartRequest, TaskOutcome
 from butler_mqtt.policies import Policy, effective
-from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.qrs.filters import chunk_or, criteria_clauses
+from butler_mqtt.replies import Event
+from butler_mqtt.replies.types import SummaryEvent
 from butler_mqtt.resume import intent_key, plan_resume
 from butler_mqtt.selection import Selection, plan, select
+from butler_mqtt.starts import Starts
 
 log = structlog.get_logger("butler_mqtt.service")
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[Event], None]
+#: Publish an event on a route (MQTT).
+Publish = Callable[[Route, Event], None]
+
+
+#: Follow a request: (its key, the request, its first stage's result, where its replies go).
+Follow = Callable[[str, StartRequest, "StageResult", Route], None]
 
 
 @dataclass
 class StageResult:
     outcomes: list[TaskOutcome]
     not_found: list[dict[str, Any]]
-    summary: dict[str, Any]
-    events: list[dict[str, Any]] = field(default_factory=list)
+    summary: SummaryEvent
+    events: list[Event] = field(default_factory=list)
     policy: Policy = field(default_factory=Policy)
     queued: dict[int, TaskOutcome] = field(default_factory=dict)  # queue entry id -> the task waiting on it
 
@@ -52,26 +59,30 @@ class StageResult:
 class StartService:
     """Resolve, filter and start. Thread-safe; one instance serves every ingress."""
 
-    def __init__(self, cfg: Config, qrs: QrsClient, journal: Journal | None = None) -> None:
+    def __init__(self, cfg: Config, backend: Backend, journal: Journal | None = None) -> None:
         self.cfg = cfg
-        self.qrs = qrs
+        self.backend = backend
         self.journal = journal
-        self._pool = ThreadPoolExecutor(max_workers=cfg.qrs.start_concurrency, thread_name_prefix="qrs-start")
-        # Starts of every request (pooled or inline) share one limit: QRS sees at most
-        # start_concurrency starts at a time from this instance.
-        self._start_slots = threading.BoundedSemaphore(cfg.qrs.start_concurrency)
+        self.starts = Starts(backend, cfg.qrs.start_concurrency)
         self._allow_lock = threading.Lock()
         self._allow = cfg.start_filter
         self.keys = KeyLocks()
-        self.admission = Admission(qrs, journal)
+        self.admission = Admission(backend, journal)
         #: Called with every reply event as it is produced (never with a replayed one): the
         #: alerter and the metrics watch the requests here, whatever the ingress (`notify`).
         self.observers: list[Emit] = []
+        #: Hands a request to the tracker once its first stage started, when it has to be
+        #: followed (wait/then, retries, a deadline). runtime.build sets it.
+        self.follow: Follow | None = None
+        #: The way out of a request's later events (MQTT: its route); runtime.build sets it.
+        self.publish: Publish | None = None
+        #: Called with (ingress, replayed, start seconds) after each request (the metrics).
+        self.handled: list[Callable[[str, bool, float | None], None]] = []
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        self.starts.close()
 
-    def notify(self, ev: dict[str, Any]) -> None:
+    def notify(self, ev: Event) -> None:
         """Hand a new reply event to every observer. An observer must be quick (it runs on
         the request's thread) and its failure never reaches the request."""
         for observe in self.observers:
@@ -80,14 +91,45 @@ class StartService:
             except Exception:  # noqa: BLE001 - watching a request must never break it
                 log.exception("event_observer_failed", observer=getattr(observe, "__qualname__", repr(observe)))
 
+    def send_later(self, key: str | None, route: Route, ev: Event, *, observe: bool = True) -> None:
+        """A request's later event (after its first answer: taskFinished, taskOverdue, a later
+        stage's, a queued task's start, requestFinished), the one way they all leave: recorded
+        under the request's key (None: not journaled), published on its route, observed."""
+        if key is not None and self.journal is not None:
+            try:
+                self.journal.reply(key, ev)
+            except ButlerError as exc:
+                log.error("journal_write_failed", error=str(exc))
+        if route.topic and self.publish is not None:
+            self.publish(route, ev)
+        if observe:
+            self.notify(ev)
+
     def observed(self, emit: Emit) -> Emit:
         """`emit`, then `notify`: how a fresh request's events leave the use case."""
 
-        def both(ev: dict[str, Any]) -> None:
+        def both(ev: Event) -> None:
             emit(ev)
             self.notify(ev)
 
         return both
+
+    def submit(self, req: StartRequest, claim: Claim, emit: Emit) -> Handled:
+        """The one use case, for every ingress: claim the request under its key (a duplicate
+        gets the recorded outcome), run its first stage (resolve, plan, start) with each reply
+        event handed to `emit` as it is made, hand it to the tracker when it is followed, record
+        it. Raises QrsError (nothing was started: the claim is dropped, a retry is handled anew)
+        and JournalError (the caller must not ack)."""
+
+        def on_started(result: StageResult) -> None:
+            if self.follow is not None and claim.key is not None and (req.waits or result.follow):
+                self.follow(claim.key, req, result, claim.route or Route(""))
+
+        with self.keys.hold(claim.key):
+            handled = _handle(self, req, emit, claim, on_started)
+        for observe in self.handled:
+            observe(claim.ingress, handled.replayed, handled.start_seconds)
+        return handled
 
     def set_start_filter(self, start_filter: Any) -> None:
         """Swap the allow-list (SIGHUP reload) without disturbing requests in flight."""
@@ -99,10 +141,8 @@ class StartService:
         return self.resolve_tasks(stage)[0]
 
     def resolve_tasks(self, stage: StartRequest) -> tuple[Selection, dict[str, QrsTask]]:
-        """`resolve`, with the tasks QRS returned by id (their running state: run policies)."""
-        tasks: list[QrsTask] = []
-        for expr in chunk_or(criteria_clauses(stage), self.cfg.qrs.max_filter_length):
-            tasks.extend(QrsTask.from_qrs(obj) for obj in self.qrs.reload_tasks(expr))
+        """`resolve`, with the tasks the backend returned by id (their running state: run policies)."""
+        tasks = self.backend.tasks(stage)
         return select(stage, tasks), {t.id: t for t in tasks}
 
     def policy(self, root: StartRequest | None, stage: StartRequest | None) -> Policy:
@@ -120,7 +160,7 @@ class StartService:
         return admitted
 
     def start_task_again(
-        self, task_id: str, matched_by: list[str], policy: Policy, ticket: Ticket, send: Emit
+        self, task_id: str, matched_by: list[Match], policy: Policy, ticket: Ticket, send: Emit
     ) -> tuple[TaskOutcome | None, dict[int, TaskOutcome]]:
         """A retry (contract section 7): the task is looked up again (its running state too) and
         started under the same policies. (None, {}) when it no longer exists; else its outcome
@@ -130,57 +170,17 @@ class StartService:
             return None, {}
         task = selection.selected[0].task
         o = TaskOutcome(task.id, task.name, "started", list(matched_by), attempt=ticket.attempt)
+        # Claimed like a first start: after a crash, this attempt's recorded answer or its
+        # intent (then QRS is asked whether the start arrived) is found, never sent twice.
+        prior = self.journal.load(ticket.key) if self.journal is not None and ticket.key is not None else None
+        if not self._resume([o], prior, ticket.stage, ticket.request_id, send, ticket.attempt):
+            return o, {}
         admitted = self.start_tasks([o], tasks, policy, ticket, send)
         return o, admitted.queued
 
     def start_one(self, o: TaskOutcome) -> TaskOutcome:
-        """Start one task; `o` gets QRS's answer (started, notStarted or failed, with the reason)."""
-        sent = time.time()
-        try:
-            with self._start_slots:
-                sent = time.time()
-                execution_id = self.qrs.start_synchronous(o.task_id)
-        except QrsNotFound:
-            o.status, o.reason = "failed", "QRS: task not found when starting (deleted meanwhile?)"
-        except QrsUnreachable as exc:
-            o.status, o.reason = "failed", f"QRS unreachable: {exc}"
-            self._confirm_unanswered(o, sent)
-        except QrsError as exc:
-            o.status, o.reason = "failed", f"QRS refused the start: {exc}"
-        else:
-            if execution_id == EMPTY_GUID:
-                o.status, o.reason = "notStarted", "QRS did not start the task (disabled, or no scheduler available)"
-            else:
-                o.status, o.execution_id = "started", execution_id
-        return o
-
-    def _confirm_unanswered(self, o: TaskOutcome, sent: float) -> None:
-        """A start that got no answer (timeout, connection dropped) may still have reached QRS
-        and run. Ask QRS, never start it again: a `failed` reply for a reload that runs would
-        invite the caller to start it a second time."""
-        try:
-            execution_id = self.qrs.execution_since(o.task_id, sent)
-        except QrsError as exc:
-            o.reason = f"{o.reason}; QRS could not be asked whether the start arrived ({exc}): it may run anyway"
-            return
-        if execution_id is None:
-            o.reason = f"{o.reason}; QRS shows no execution of this task since the start was sent"
-        else:
-            o.status, o.execution_id = "started", execution_id
-            o.reason = "QRS did not answer the start in time; the execution was found in QRS"
-        log.warning("start_unanswered", taskId=o.task_id, executionId=execution_id)
-
-    def _recover(self, o: TaskOutcome, since: float) -> None:
-        try:
-            execution_id = self.qrs.execution_since(o.task_id, since)
-        except QrsError as exc:
-            o.status = "failed"
-            o.reason = f"the daemon stopped while starting this task and QRS could not tell whether it started: {exc}"
-            return
-        if execution_id is not None:
-            o.execution_id = execution_id
-            o.reason = "start confirmed from QRS (handling of this request was interrupted after the start was sent)"
-        log.warning("start_recovered", taskId=o.task_id, executionId=execution_id, restarted=execution_id is None)
+        """Start one task (a queued one: the queue runner); `o` gets QRS's answer."""
+        return self.starts.one(o)
 
     def run_stage(
         self,
@@ -204,9 +204,9 @@ class StartService:
         with self._allow_lock:
             allow = self._allow.allow if self._allow.enabled else None
         outcomes = plan(selection, stage, allow)
-        events: list[dict[str, Any]] = []
+        events: list[Event] = []
 
-        def send(ev: dict[str, Any]) -> None:
+        def send(ev: Event) -> None:
             events.append(ev)
             emit(ev)
 
@@ -222,23 +222,50 @@ class StartService:
             "stage_done",
             stage=stage_index,
             selected=len(outcomes),
-            started=summ["totalTasksStarted"],
-            denied=len(summ["tasksDenied"]),
-            failed=len(summ["tasksFailed"]),
+            started=sum(1 for o in outcomes if o.status == "started"),
+            denied=sum(1 for o in outcomes if o.status == "denied"),
+            failed=sum(1 for o in outcomes if o.status == "failed"),
             not_found=len(selection.not_found),
             ms=round((time.perf_counter() - t0) * 1000, 1),
         )
         return StageResult(outcomes, selection.not_found, summ, events, policy, admitted.queued)
 
+    def run_and_record(
+        self,
+        stage: StartRequest,
+        request_id: str | None,
+        emit: Emit,
+        index: int | None,
+        key: str | None,
+        prior: Prior | None,
+        *,
+        root: StartRequest,
+        route: Route | None,
+        started: Callable[[StageResult], None],
+    ) -> StageResult:
+        """Every stage of every request, the first and each `then`, is run and recorded here:
+        its events go to `emit` as they are made, `started` takes the result (the first stage:
+        the tracker; a later one: the stage engine), then the events are recorded under `key`
+        in one transaction. A crash before the record is resumed from the start intents,
+        checked with the backend; `started` first, so a crash in between never forgets to
+        follow what started. Raises QrsError before anything started (resolving), and
+        JournalError when the record fails (after `started`)."""
+        result = self.run_stage(stage, request_id, emit, index, key, prior, root=root, route=route)
+        started(result)
+        if key is not None and self.journal is not None:
+            self.journal.finish(key, result.events)
+        return result
+
     def _resume(
-        self, outcomes: list[TaskOutcome], prior: Prior | None, stage: int | None, request_id: str | None, send: Emit
+        self, outcomes: list[TaskOutcome], prior: Prior | None, stage: int | None, request_id: str | None, send: Emit,
+        attempt: int | None = None,
     ) -> list[TaskOutcome]:
-        """Report what needs no start; return the tasks to start (resume.plan_resume decides)."""
+        """Report what needs no start; return the tasks to start (resume.plan_resume decides).
+        `attempt`: a retry's (its own intent and recorded event, not the first start's)."""
+        recorded = (lambda t, s: prior.task_event(t, s, attempt)) if prior is not None else None
         steps = plan_resume(
-            [o for o in outcomes if o.status == "started"],
-            prior.task_event if prior is not None else None,
-            prior.intents if prior is not None else {},
-            stage,
+            [o for o in outcomes if o.status == "started"], recorded, prior.intents if prior is not None else {},
+            stage, attempt,
         )
         by_task = {step.outcome.task_id: step for step in steps}
         to_start: list[TaskOutcome] = []
@@ -253,7 +280,7 @@ class StartService:
             elif step.action == "recover" and step.since is not None:
                 # The daemon stopped after sending this start but before recording QRS's
                 # answer: ask QRS whether the start arrived rather than risk a double run.
-                self._recover(o, step.since)
+                self.starts.recover(o, step.since)
                 if o.status == "started" and o.execution_id is None:
                     to_start.append(o)  # it never reached QRS: start it now
                 else:
@@ -267,13 +294,9 @@ class StartService:
     ) -> None:
         """Record the intents (one transaction), then start with bounded concurrency."""
         if to_start and key is not None and self.journal is not None:
-            self.journal.intents(key, [intent_key(o.task_id, stage) for o in to_start])
-        if len(to_start) == 1:
-            send(replies.task(self.start_one(to_start[0]), request_id, stage))
-        elif to_start:
-            futures = [self._pool.submit(self.start_one, o) for o in to_start]
-            for fut in as_completed(futures):
-                send(replies.task(fut.result(), request_id, stage))
+            self.journal.intents(key, [intent_key(o.task_id, stage, o.attempt) for o in to_start])
+        for o in self.starts.many(to_start):
+            send(replies.task(o, request_id, stage))
 
 
 class KeyLocks:
@@ -310,7 +333,7 @@ class KeyLocks:
 class Handled:
     """The outcome of one request through `handle_request`."""
 
-    events: list[dict[str, Any]]
+    events: list[Event]
     replayed: bool = False
     #: Fresh requests that sent starts: seconds from the claim until every start of the first
     #: stage was answered (the start latency metric).
@@ -329,6 +352,14 @@ def _audit_fields(req: StartRequest) -> dict[str, Any]:
     }
 
 
+def _ids_by_status(outcomes: list[TaskOutcome]) -> dict[str, list[str]]:
+    """The audit line's lists: task ids by what became of them (from the outcomes, not the summary)."""
+    out: dict[str, list[str]] = {}
+    for o in outcomes:
+        out.setdefault(o.status, []).append(o.task_id)
+    return out
+
+
 def handle_request(
     service: StartService,
     req: StartRequest,
@@ -342,19 +373,17 @@ def handle_request(
     route: Route | None = None,
     received: float | None = None,
 ) -> Handled:
-    """One request end to end: journal check, the stage(s), journal record, one audit line.
-
-    `key` is the idempotency key (requestId, or MQTT 5 correlation data); None disables
-    duplicate suppression. Raises QrsError when QRS cannot resolve the request (nothing was
-    started; the journal claim is dropped so a retry is handled anew) and JournalError when
-    the journal cannot record it (the caller must not ack). `on_started` runs after the
-    starts and before the journal marks the request done (tracking registers itself there,
-    so a crash in between resumes the request instead of forgetting to follow it). `route`:
-    where later events go (a task started from butler-mqtt's queue). `received`: when the request
-    arrived (time.time(); the history's received time; default: now).
-    """
+    """`service.submit` with the claim spelled out (tests, benchmarks). `key` is the
+    idempotency key (requestId, or MQTT 5 correlation data); None disables duplicate
+    suppression. `on_started` runs after the starts and before the journal marks the request
+    done, instead of the tracker (which `submit` hands a followed request to there, so a crash
+    in between resumes the request instead of forgetting to follow it). `received`: when the
+    request arrived (time.time(); the history's received time; default: now)."""
+    claim = Claim(ingress, key, source, payload_hash, route, received)
+    if on_started is None:
+        return service.submit(req, claim, emit)
     with service.keys.hold(key):
-        return _handle(service, req, emit, Claim(ingress, key, source, payload_hash, route, received), on_started)
+        return _handle(service, req, emit, claim, on_started)
 
 
 @dataclass(frozen=True)
@@ -393,21 +422,23 @@ def _handle(
 
     # Replies are published as they happen and recorded together when the stage is done (one
     # transaction): a crash in between is resumed from the start intents, checked with QRS.
+    answered: list[float] = []
+
+    def started(result: StageResult) -> None:
+        answered.append(time.perf_counter())
+        if on_started is not None:
+            on_started(result)
+
     try:
-        result = service.run_stage(
-            req, req.requestId, service.observed(emit), 0 if req.then is not None else None, key, prior, root=req,
-            route=claim.route,
+        result = service.run_and_record(
+            req, req.requestId, service.observed(emit), 0 if req.then is not None else None, key,
+            prior, root=req, route=claim.route, started=started,
         )
     except QrsError:
         if journal is not None and key is not None and prior is None:
             journal.forget(key)
         raise
-    answered = time.perf_counter()
-    if on_started is not None:
-        on_started(result)
-    if journal is not None and key is not None:
-        journal.finish(key, result.events)
-    s = result.summary
+    by_status = _ids_by_status(result.outcomes)
     log.info(
         "audit",
         ingress=ingress,
@@ -416,13 +447,9 @@ def _handle(
         duplicate=False,
         resumed=prior is not None,
         **_audit_fields(req),
-        started=[t["taskId"] for t in s["tasksStarted"] if t["status"] == "started"],
-        notStarted=[t["taskId"] for t in s["tasksStarted"] if t["status"] == "notStarted"],
-        wouldStart=[t["taskId"] for t in s["tasksStarted"] if t["status"] == "wouldStart"],
-        denied=[t["taskId"] for t in s["tasksDenied"]],
-        failed=[t["taskId"] for t in s["tasksFailed"]],
-        notFound=s["tasksNotFound"],
+        **{status: by_status.get(status, []) for status in ("started", "notStarted", "wouldStart", "denied", "failed")},
+        notFound=list(result.not_found),
         ms=round((time.perf_counter() - t0) * 1000, 1),
     )
-    sent = s["tasksStarted"] or s["tasksFailed"]
-    return Handled(result.events, start_seconds=answered - t0 if sent and not req.dryRun else None)
+    sent = any(o.status in ("started", "notStarted", "wouldStart", "failed") for o in result.outcomes)
+    return Handled(result.events, start_seconds=answered[0] - t0 if sent and not req.dryRun else None)

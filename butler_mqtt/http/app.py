@@ -1,6 +1,6 @@
 """The FastAPI application: Butler's start endpoint on the shared pipeline, health and metrics.
 
-Every request that starts tasks goes through `service.handle_request`, the pipeline MQTT uses,
+Every request that starts tasks goes through `service.submit`, the use case MQTT uses,
 so the same criteria select the same tasks whichever way they arrive. This module only does
 what is HTTP's own: the bearer token, the body size limit, the two body shapes, the method
 override, and mapping outcomes and failures to status codes, always with a JSON body.
@@ -42,7 +42,8 @@ from butler_mqtt.http.bodies import (
 from butler_mqtt.journal import history
 from butler_mqtt.model import Route as ReplyRoute
 from butler_mqtt.model import StartRequest, decode_json
-from butler_mqtt.service import Handled, StageResult, handle_request
+from butler_mqtt.replies import Event
+from butler_mqtt.service import Claim, Handled
 
 if TYPE_CHECKING:
     from butler_mqtt.runtime import Runtime
@@ -195,7 +196,7 @@ class RestApi:
             raise ApiError(400, "Incomplete request", "the connection closed before the whole body arrived") from None
         return bytes(body)
 
-    async def _run(self, req: StartRequest, request: Request) -> list[dict[str, Any]]:
+    async def _run(self, req: StartRequest, request: Request) -> list[Event]:
         """Run the one pipeline in a worker thread (QRS calls block); return its events.
 
         `requestId` is the idempotency key exactly as on MQTT (same journal, same key). A
@@ -207,25 +208,12 @@ class RestApi:
         # On this request's own task: its lines, and those of the threads it hands to (they run
         # in a copy of this context), carry the requestId.
         structlog.contextvars.bind_contextvars(requestId=req.requestId)
-        follows = req.waits or self.rt.service.policy(req, req).follows
         key = keys.for_request_id(req.requestId) if req.requestId else keys.anonymous("rest")
-        route = ReplyRoute(self.cfg.mqtt.topics.reply)
-
-        def follow(result: StageResult) -> None:
-            if req.waits or result.follow:
-                self.rt.tracker.follow(key, req, result, route)
+        claim = Claim(INGRESS, key, _client(request), route=ReplyRoute(self.cfg.mqtt.topics.reply))
 
         def work() -> Handled:
-            return handle_request(
-                self.rt.service,
-                req,
-                lambda _ev: None,  # the events come back in Handled; nothing to stream
-                ingress=INGRESS,
-                key=key,
-                source=_client(request),
-                on_started=follow if follows else None,
-                route=route,
-            )
+            # The events come back in Handled; nothing to stream.
+            return self.rt.service.submit(req, claim, lambda _ev: None)
 
         try:
             handled = await run_in_threadpool(work)
@@ -237,8 +225,6 @@ class RestApi:
             raise ApiError(502, "QRS refused the request", str(exc), "error") from None
         except JournalError as exc:
             raise ApiError(503, "Journal unavailable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
-        self._count("duplicate" if handled.replayed else "ok")
-        self.rt.metrics.started(INGRESS, handled.start_seconds)  # tasks are counted as events (Metrics.observe_event)
         return handled.events
 
     def _count(self, outcome: str) -> None:

@@ -14,6 +14,7 @@ parts Butler's shape needs on top of it live here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -26,10 +27,12 @@ from butler_mqtt.model import (
     INVALID_GUID_DETAILS,
     INVALID_GUID_ERROR,
     MAX_CRITERIA,
+    Match,
     StartRequest,
     is_guid,
     validate_request,
 )
+from butler_mqtt.replies import Event
 
 #: The `taskId` path value meaning "every criterion is in the body" (Butler's convention).
 ALL_IN_BODY = "-"
@@ -96,7 +99,7 @@ def seed_request(data: dict[str, Any], task_id: str | None, all_must_exist: bool
     return validate_request(merged)
 
 
-def summary_response(events: list[dict[str, Any]]) -> dict[str, Any]:
+def summary_response(events: Sequence[Event]) -> dict[str, Any]:
     """The seed shape's 200 body: the first stage's `summary` event without its `event` key."""
     summary = replies.summary_of(events)
     if summary is None:
@@ -231,7 +234,7 @@ def butler_plan(items: list[Any], task_id: str | None, all_must_exist: bool | No
     return ButlerPlan(validate_request(data), invalid, sentinel)
 
 
-def butler_response(plan: ButlerPlan, events: list[dict[str, Any]]) -> dict[str, Any]:
+def butler_response(plan: ButlerPlan, events: Sequence[Event]) -> dict[str, Any]:
     """The pipeline's task events sorted into Butler's response sections.
 
     A task is listed under every section whose criterion selected it (it is started once).
@@ -248,7 +251,7 @@ def butler_response(plan: ButlerPlan, events: list[dict[str, Any]]) -> dict[str,
     by_cp: list[dict[str, Any]] = []
     cp_denied: list[dict[str, Any]] = []
     not_started: list[dict[str, Any]] = []
-    not_found: list[Any] = []  # criteria (events.SummaryEvent tasksNotFound)
+    not_found: list[Any] = []  # criteria (replies.types.SummaryEvent tasksNotFound)
     req = plan.request
     tags = list(dict.fromkeys(req.tag)) if req else []
     cps = list(dict.fromkeys(req.customProperty)) if req else []
@@ -256,11 +259,11 @@ def butler_response(plan: ButlerPlan, events: list[dict[str, Any]]) -> dict[str,
     if summary is not None:
         not_found = [nf for nf in summary.get("tasksNotFound", []) if nf.get("taskId", "") != plan.sentinel]
     for ev in replies.first_stage_tasks(events):
-        matched = set(ev.get("matchedBy") or [])
+        matched = replies.matched(ev)
         ref = {"taskId": ev["taskId"], "taskName": ev["taskName"]}
-        by_id = any(m.startswith("taskId:") for m in matched)
-        its_tags = [t for t in tags if f"tag:{t}" in matched]
-        its_cps = [c for c in cps if f"customProperty:{c.name}={c.value}" in matched]
+        by_id = any(m.kind == "taskId" for m in matched)
+        its_tags = [t for t in tags if Match("tag", t) in matched]
+        its_cps = [c for c in cps if Match("customProperty", c.value, c.name) in matched]
         if ev["status"] == replies.STARTED:
             if by_id:
                 started.append(ref)

@@ -3,7 +3,7 @@
 The start endpoint reads its body itself (two shapes, a size limit, Butler's lenient invalid
 IDs), so FastAPI cannot infer the request schema; it is assembled here from the same pydantic
 models that validate requests (`StartRequest`, `ButlerBody`). The summary's schema is the
-`summary` reply's own (events.py, which the tests hold to the reply builder); the other
+`summary` reply's own (replies/types.py, which the tests hold to the reply builder); the other
 response models below are documentation only: the handlers build plain dicts that match them,
 and the tests check that through the document (schemathesis' response conformance).
 """
@@ -15,9 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from butler_mqtt.events import SummaryEvent
 from butler_mqtt.http.bodies import ButlerBody
 from butler_mqtt.model import GUID_RE, MAX_CRITERIA, StartRequest
+from butler_mqtt.replies.types import SummaryEvent
 
 REF = "#/components/schemas/{model}"
 
@@ -31,7 +31,7 @@ class ErrorBody(BaseModel):
 
 def summary_schemas() -> dict[str, Any]:
     """`Summary`, the REST answer to a seed-shaped body: the wire schema of the `summary` reply
-    (events.SummaryEvent, the AsyncAPI document's) without its `event` key, and the schemas it
+    (replies.types.SummaryEvent, the AsyncAPI document's) without its `event` key, and the schemas it
     refers to (StartedTask, DeniedTask, ...)."""
     summary = TypeAdapter(SummaryEvent).json_schema(ref_template=REF)
     defs: dict[str, Any] = summary.pop("$defs")

@@ -38,6 +38,7 @@ from butler_mqtt.journal.history import HistoryQuery, read_history
 from butler_mqtt.journal.migrations import MIGRATIONS, SCHEMA_VERSION
 from butler_mqtt.journal.runq import RunQueue
 from butler_mqtt.redaction import redact_url
+from butler_mqtt.replies import Event
 
 __all__ = ["SCHEMA_VERSION", "HistoryQuery", "Journal", "JournalError", "Prior"]
 
@@ -47,16 +48,19 @@ class Prior:
     """What the journal knows about a key seen before."""
 
     state: str
-    replies: list[dict[str, Any]] = field(default_factory=list)
+    replies: list[Event] = field(default_factory=list)
     intents: dict[str, float] = field(default_factory=dict)  # task id -> when its start was sent
 
     @property
     def done(self) -> bool:
         return self.state == "done"
 
-    def task_event(self, task_id: str, stage: int | None) -> dict[str, Any] | None:
+    def task_event(self, task_id: str, stage: int | None, attempt: int | None = None) -> Event | None:
+        """The recorded `task` event of this task in this stage (of this retry `attempt`: 2, 3, ...;
+        else of its first start)."""
+        wanted = (attempt,) if attempt is not None and attempt > 1 else (None, 1)
         for ev in replies.task_events(self.replies):
-            if ev.get("taskId") == task_id and ev.get("stage") == stage:
+            if ev.get("taskId") == task_id and ev.get("stage") == stage and ev.get("attempt") in wanted:
                 return ev
         return None
 
@@ -261,14 +265,14 @@ class Journal:
                 db.run("INSERT INTO events(key, kind, task_id, body) VALUES (?, 'intent', ?, ?)", (key, task_id, repr(now)))
             db.run("UPDATE requests SET lease_until = ? WHERE key = ?", (now + self.lease_s, key))
 
-    def reply(self, key: str, event: dict[str, Any]) -> None:
+    def reply(self, key: str, event: Event) -> None:
         with self._guard("write"):
             self._db.run(
                 "INSERT INTO events(key, kind, task_id, body) VALUES (?, 'reply', ?, ?)",
                 (key, event.get("taskId"), json.dumps(event, separators=(",", ":"))),
             )
 
-    def finish(self, key: str, replies: Sequence[dict[str, Any]] = ()) -> None:
+    def finish(self, key: str, replies: Sequence[Event] = ()) -> None:
         """Mark `key` done, recording its replies in the same transaction."""
         with self._guard("write"), self._db.tx() as db:
             for event in replies:

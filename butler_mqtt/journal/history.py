@@ -45,6 +45,7 @@ from butler_mqtt.journal.backends import (
 )
 from butler_mqtt.model import MAX_REQUEST_ID_LENGTH, storable_problem
 from butler_mqtt.redaction import redact_url
+from butler_mqtt.replies import Event
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -178,7 +179,7 @@ def _replies(db: Cursor, keys_: Sequence[str]) -> dict[str, list[dict[str, Any]]
 # ---------------------------------------------------------------------------- records (pure)
 
 
-def build_record(row: Sequence[Any], replies: list[dict[str, Any]]) -> dict[str, Any]:
+def build_record(row: Sequence[Any], replies: Sequence[Event]) -> dict[str, Any]:
     """One history record from a `requests` row and its reply events (in journal order)."""
     key, state, ingress, source, request_text, created, updated, duplicates, last_duplicate = row
     request: dict[str, Any] | None = json.loads(request_text) if request_text else None
@@ -233,7 +234,7 @@ def _state(state: str, request: dict[str, Any] | None, finished: Any, tasks: lis
     return "following" if waits else "answered"
 
 
-def _tasks(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _tasks(replies: Sequence[Event]) -> list[dict[str, Any]]:
     """One entry per task and stage: its last `task` status, its final state, overdue."""
     by: dict[tuple[str, Any], dict[str, Any]] = {}
     for ev in replies:

@@ -27,8 +27,9 @@ from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.alerts import PublishMqtt
 from butler_mqtt.ops.ratelimit import RateLimiter
+from butler_mqtt.replies import Event
 from butler_mqtt.runtime import Runtime
-from butler_mqtt.service import StageResult, handle_request
+from butler_mqtt.service import Claim
 from butler_mqtt.tracking import Publish
 
 log = structlog.get_logger("butler_mqtt.mqtt.handler")
@@ -82,7 +83,7 @@ def route_publisher(listener: MqttListener) -> Publish:
     """The tracker's way out: a later event (taskFinished, chain stages) goes to where its
     request wanted the replies."""
 
-    def publish(route: Route, event: dict[str, Any]) -> None:
+    def publish(route: Route, event: Event) -> None:
         listener.publish_event(route.topic, route.correlation_bytes, event)
 
     return publish
@@ -110,7 +111,6 @@ class RequestHandler:
     ) -> None:
         self.cfg = rt.cfg
         self.service = rt.service
-        self.tracker = rt.tracker
         self.journal = rt.journal
         self.metrics = rt.metrics
         self.listener = listener
@@ -204,7 +204,7 @@ class RequestHandler:
         structlog.contextvars.clear_contextvars()
         ingress = job.ingress
 
-        def emit(ev: dict[str, Any]) -> None:
+        def emit(ev: Event) -> None:
             d.events.append(ev)
             d.replies.append(self.listener.publish_event(d.topic(self.cfg), job.correlation_data, ev))
 
@@ -234,16 +234,8 @@ class RequestHandler:
             earlier = self.journal.recent_hash(fingerprint, ANON_DUP_WINDOW_S) if job.dup else None
             key = earlier or keys.anonymous(ingress)
         d.key = key
-
-        def follow(result: StageResult) -> None:
-            if (req.waits or result.follow) and key is not None:
-                self.tracker.follow(key, req, result, route)
-
         try:
-            handled = handle_request(
-                self.service, req, emit, ingress=ingress, key=key, source=job.topic, payload_hash=fingerprint,
-                on_started=follow, route=route, received=job.received,
-            )
+            self.service.submit(req, Claim(ingress, key, job.topic, fingerprint, route, job.received), emit)
         except QrsError as exc:
             if is_transient(exc):
                 raise
@@ -253,8 +245,6 @@ class RequestHandler:
             return reject(ingress_rules.Reject("request_rejected", "rejected", rej.error, rej.details))
         if self.health.qrs_problem is not None:
             self.health.set_qrs_problem(None)
-        self.metrics.request(ingress, "duplicate" if handled.replayed else "ok")
-        self.metrics.started(ingress, handled.start_seconds)  # tasks are counted as events (Metrics.observe_event)
         self._finish(job, d.replies)
 
     def _qrs_refused(self, exc: QrsError) -> None:
@@ -290,7 +280,7 @@ class Delivery:
         self.request_id: str | None = None
         self.key: str | None = None
         self.route_ok = True
-        self.events: list[dict[str, Any]] = []
+        self.events: list[Event] = []
         self.replies: list[Any] = []
 
     def topic(self, cfg: Config) -> str:

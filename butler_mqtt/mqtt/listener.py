@@ -79,6 +79,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from butler_mqtt import __version__, keys
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.model import MAX_PAYLOAD_BYTES, MAX_PLAIN_PAYLOAD_BYTES
+from butler_mqtt.replies import Event
 
 log = structlog.get_logger("butler_mqtt.mqtt")
 
@@ -590,7 +591,7 @@ class MqttListener:
             props.CorrelationData = correlation
         return props
 
-    def publish_event(self, topic: str, correlation: bytes | None, event: dict[str, Any]) -> mqtt.MQTTMessageInfo:
+    def publish_event(self, topic: str, correlation: bytes | None, event: Event) -> mqtt.MQTTMessageInfo:
         """A reply event as JSON, QoS 1, with the request's correlation data (MQTT 5)."""
         try:
             body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -23,6 +23,7 @@ from paho.mqtt.properties import Properties
 from butler_mqtt import replies
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.mqtt.listener import apply_credentials, nodelay
+from butler_mqtt.replies import Event
 
 
 class Requester:
@@ -134,12 +135,12 @@ class Requester:
         self,
         request: dict[str, Any],
         timeout: float = 30.0,
-        on_event: Callable[[dict[str, Any]], None] | None = None,
-    ) -> list[dict[str, Any]]:
+        on_event: Callable[[Event], None] | None = None,
+    ) -> list[Event]:
         """Send and collect replies up to the last one; raises TimeoutError when it never comes."""
         waits = bool(request.get("wait") or request.get("then"))
         token, box = self.send(request)
-        events: list[dict[str, Any]] = []
+        events: list[Event] = []
         deadline = time.monotonic() + timeout
         try:
             while True:

@@ -24,7 +24,7 @@ Every alert is counted (`butler_mqtt_alerts_total{alert}`) and logged (`alert` l
 when no sink is configured.
 
 The message (JSON; every key present, null when it does not apply; its schema is
-`events.AlertMessage`, the alerts channel of the AsyncAPI document):
+`replies.types.AlertMessage`, the alerts channel of the AsyncAPI document):
 
     {"alert": "reloadFailed", "severity": "error", "time": "2024-05-01T10:30:00.123Z",
      "instance": "butler-mqtt", "requestId": "r1", "taskId": "...", "taskName": "Finance daily",
@@ -67,15 +67,22 @@ import urllib3
 
 from butler_mqtt import __version__
 from butler_mqtt.config import AlertsConfig, WebhookConfig
-from butler_mqtt.events import ALERT_FIELDS, ALERT_KINDS, ALERT_SEVERITY, FAILED_FINAL, AlertKind
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.metrics import Metrics, Recent
 from butler_mqtt.ops.ratelimit import RateLimiter
+from butler_mqtt.replies import Event
+from butler_mqtt.replies.types import (
+    ALERT_FIELDS,
+    ALERT_KINDS,
+    ALERT_SEVERITY,
+    FAILED_FINAL,
+    AlertKind,
+)
 
 log = structlog.get_logger("butler_mqtt.alerts")
 
 #: The alert kinds, their severities and the message keys are those of the schema
-#: (events.AlertMessage, in the AsyncAPI document), so the two cannot drift apart.
+#: (replies.types.AlertMessage, in the AsyncAPI document), so the two cannot drift apart.
 KINDS = ALERT_KINDS
 SEVERITY = ALERT_SEVERITY
 #: Alerts about one execution: raised once per execution, however many requests follow it.
@@ -90,7 +97,7 @@ MQTT_QUEUE = 1000
 PublishMqtt = Callable[[str, dict[str, Any]], None]
 
 
-def alert_kind(ev: dict[str, Any]) -> AlertKind | None:
+def alert_kind(ev: Event) -> AlertKind | None:
     """Which alert a reply event raises, if any (pure)."""
     kind, status = ev.get("event"), ev.get("status")
     if kind == "task":
@@ -116,7 +123,7 @@ def message(alert: AlertKind, instance: str, fields: dict[str, Any], now: float 
     return msg
 
 
-def from_event(alert: AlertKind, ev: dict[str, Any], instance: str, qrs: str) -> dict[str, Any]:
+def from_event(alert: AlertKind, ev: Event, instance: str, qrs: str) -> dict[str, Any]:
     return message(alert, instance, {**{f: ev.get(f) for f in FIELDS}, "qrs": qrs})
 
 
@@ -363,7 +370,7 @@ class Alerter:
         if self.webhook is not None:
             self.webhook.close()
 
-    def observe(self, ev: dict[str, Any]) -> None:
+    def observe(self, ev: Event) -> None:
         """A StartService observer: one new reply event."""
         kind = alert_kind(ev)
         if kind is None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from butler_mqtt import replies
+from butler_mqtt.replies import Event
 
 #: `task` statuses (contract section 4), as the request model defines them.
 TASK_STATUSES = replies.TASK_STATUSES
@@ -142,17 +142,23 @@ class Metrics:
     def request(self, ingress: str, outcome: str) -> None:
         self.requests.labels(ingress, outcome).inc()
 
-    def tasks(self, events: list[dict[str, Any]]) -> None:
+    def tasks(self, events: list[Event]) -> None:
         for ev in events:
             self.observe_event(ev)
 
-    def observe_event(self, ev: dict[str, Any]) -> None:
+    def observe_event(self, ev: Event) -> None:
         """Count one new reply event (a StartService observer)."""
         kind = replies.kind(ev)
         if kind == replies.TASK:
             self.task_outcomes.labels(str(ev.get("status"))).inc()
         elif kind == replies.TASK_FINISHED and "retryIn" not in ev and self._finished.first(ev.get("executionId")):
             self.executions_finished.labels(str(ev.get("status"))).inc()
+
+    def handled(self, ingress: str, replayed: bool, start_seconds: float | None) -> None:
+        """A request the use case handled (StartService.submit): counted, its start latency observed;
+        its tasks are counted as events (observe_event)."""
+        self.request(ingress, "duplicate" if replayed else "ok")
+        self.started(ingress, start_seconds)
 
     def started(self, ingress: str, seconds: float | None) -> None:
         """A request's start latency (None: it sent no start)."""

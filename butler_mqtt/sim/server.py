@@ -19,6 +19,10 @@ Knobs for tests, all changeable while the simulator runs:
   200 with an HTML page (a login page of a proxy in front of QRS); ``"badid"``: the reload
   tasks listed carry an ``id`` that is not a GUID; ``"huge"``: a 200 answer of
   ``huge_bytes`` bytes (a runaway answer).
+* ``answer_delay_s`` / ``answer_delay_paths``: the request is acted on (a start starts its
+  execution) and logged, then its answer waits this long; only for paths matching the regular
+  expression when one is set (e.g. ``r"/start"``). A client killed meanwhile has started a
+  reload without ever learning it (the crash window between a start and its answer).
 * ``clock_skew``: seconds added to the simulator's clock (its timestamps and ``Date`` header),
   to test a daemon whose clock differs from QRS's.
 * ``fault_paths``: a regular expression (``re.search`` on the decoded path, then on the path
@@ -195,6 +199,8 @@ class QrsSimulator:
         self.latency_ms = latency_ms
         self.fault: str | None = None
         self.fault_paths: str | None = None
+        self.answer_delay_s: float = 0.0
+        self.answer_delay_paths: str | None = None
         self.huge_bytes = 100 * 1024 * 1024
         self._clock_skew = 0.0
         self.fail_starts_for: set[str] = set()
@@ -692,6 +698,9 @@ class _Handler(BaseHTTPRequestHandler):
             sim._stopping.wait(sim.log_hang_seconds)
             self.close_connection = True
             return
+        delay, pattern = sim.answer_delay_s, sim.answer_delay_paths
+        if delay > 0 and (pattern is None or re.search(pattern, path)):
+            sim._stopping.wait(delay)
         self.send_response(reply.status)
         if reply.status != 204:
             self.send_header("Content-Type", reply.content_type)

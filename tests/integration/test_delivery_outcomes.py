@@ -21,7 +21,7 @@ from paho.mqtt.properties import Properties
 from butler_mqtt.errors import JournalError
 from butler_mqtt.journal import Journal
 from butler_mqtt.sim import QrsSimulator, SimTask
-from butler_mqtt.tracking import Pending
+from butler_mqtt.tracking.records import Pending
 from tests.conftest import make_config
 from tests.support.mqtt import publisher
 from tests.support.sim import started_ids as started

@@ -146,9 +146,9 @@ def test_http_listening_line_says_whether_a_token_is_set(qrs_certs, sim, broker,
 
 
 def test_refused_qrs_port_says_connection_refused(qrs_certs):
+    from butler_mqtt.backends.qrs.client import QrsClient
     from butler_mqtt.config import QrsConfig
     from butler_mqtt.errors import QrsUnreachable
-    from butler_mqtt.qrs.client import QrsClient
 
     cfg = QrsConfig(
         host="localhost", port=free_port(), cert=Path(qrs_certs / "client.pem"),

@@ -8,15 +8,15 @@ from typing import Any
 
 import requests
 
+from butler_mqtt.backends.qrs.backend import QrsBackend
+from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.config import Config
 from butler_mqtt.http.server import start_http
 from butler_mqtt.journal import Journal
 from butler_mqtt.ops.metrics import Metrics
-from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.runtime import Runtime
+from butler_mqtt.runtime import Runtime, build_tracker
 from butler_mqtt.service import StartService
 from butler_mqtt.sim import SimTask
-from butler_mqtt.tracking import Tracker
 
 T1 = "11111111-1111-4111-8111-111111111111"
 TASKS = [SimTask(T1, "Load", tags=["load"])]
@@ -41,10 +41,10 @@ def test_rest_starts_a_task_and_reports_health_without_any_broker(qrs_certs: Pat
     })
     metrics = Metrics()
     journal = Journal(tmp_path / "journal.sqlite3")
-    qrs = QrsClient(cfg.qrs, observer=metrics.observe_qrs)
+    qrs = QrsBackend(QrsClient(cfg.qrs, observer=metrics.observe_qrs))
     service = StartService(cfg, qrs, journal)
     published: list[dict[str, Any]] = []
-    tracker = Tracker(cfg.tracking, qrs, service, journal, lambda _route, ev: published.append(ev))
+    tracker = build_tracker(cfg, qrs, service, journal, lambda _route, ev: published.append(ev), None)
     server = start_http(Runtime(cfg, service, tracker, journal, qrs, metrics, NoBroker()))
     try:
         base = f"http://127.0.0.1:{server.port}"

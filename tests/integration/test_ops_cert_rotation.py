@@ -21,11 +21,11 @@ import pytest
 import trustme
 import yaml
 
+from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.config import MqttConfig, QrsConfig
 from butler_mqtt.errors import QrsTlsRejected
 from butler_mqtt.mqtt.requester import Requester
 from butler_mqtt.ops.mosquitto import free_port
-from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.sim import SimTask
 from tests.support.ops import DaemonProcess
 

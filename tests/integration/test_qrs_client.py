@@ -8,10 +8,11 @@ import pytest
 import requests
 import trustme
 
+from butler_mqtt.backends.qrs.backend import QrsBackend
+from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import QrsRefused, QrsTlsRejected, QrsUnreachable, is_transient
 from butler_mqtt.model import EMPTY_GUID, StartRequest
-from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StartService
 from butler_mqtt.sim import SimTask
 from tests.conftest import make_config
@@ -39,7 +40,7 @@ def qrs_cfg(qrs_certs: Path, port: int, **kw) -> QrsConfig:
 def test_seven_criteria_cost_exactly_one_get(qrs_certs, sim, broker, tmp_path):
     cfg = make_config(qrs_certs, sim.port, broker, tmp_path)
     qrs = QrsClient(cfg.qrs)
-    service = StartService(cfg, qrs)
+    service = StartService(cfg, QrsBackend(qrs))
     sim.clear_log()
     req = StartRequest(
         taskId=[IDS[4], IDS[5]],

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from butler_mqtt.backends.logtail import tail_of
+from butler_mqtt.backends.qrs.client import QrsClient
+from butler_mqtt.backends.qrs.failure import ScriptLogReader, failure_details
+from butler_mqtt.backends.qrs.stopping import stop_running
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import QrsNotFound
-from butler_mqtt.qrs.client import QrsClient
-from butler_mqtt.qrs.failure import ScriptLogReader, failure_details
-from butler_mqtt.qrs.logtail import tail_of
-from butler_mqtt.qrs.stopping import stop_running
 from butler_mqtt.sim import QrsSimulator, SimTask
 from butler_mqtt.sim.scriptlog import log_bytes
 

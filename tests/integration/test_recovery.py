@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from butler_mqtt.backends.qrs.backend import QrsBackend
+from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import StartRequest
-from butler_mqtt.qrs.client import QrsClient
 from butler_mqtt.service import StartService, handle_request
 from butler_mqtt.sim import QrsSimulator, SimTask
 from tests.conftest import make_config
@@ -23,7 +24,7 @@ def setup(qrs_certs: Path, broker, tmp_path):
     cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state")
     journal = Journal(tmp_path / "j.sqlite3")
     qrs = QrsClient(cfg.qrs)
-    service = StartService(cfg, qrs, journal)
+    service = StartService(cfg, QrsBackend(qrs), journal)
     yield sim, service, journal
     service.close()
     qrs.close()

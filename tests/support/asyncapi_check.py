@@ -26,7 +26,7 @@ from referencing.exceptions import NoSuchResource
 from referencing.jsonschema import DRAFT7
 
 from butler_mqtt.asyncapi import build_document
-from butler_mqtt.events import REPLY_EVENTS
+from butler_mqtt.replies import REPLY_EVENTS
 
 DOC_URI = "urn:butler-mqtt:asyncapi"
 STATUS_SCHEMA = "StatusMessage"
@@ -121,7 +121,7 @@ def guard(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         found, _problems[:] = list(_problems), []
     if found:
         pytest.fail(
-            f"{len(found)} received message(s) do not match the AsyncAPI document (butler_mqtt/events.py, "
+            f"{len(found)} received message(s) do not match the AsyncAPI document (butler_mqtt/replies/types.py, "
             "docs/asyncapi.yaml):\n  " + "\n  ".join(found[:10]),
             pytrace=False,
         )

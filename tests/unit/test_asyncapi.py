@@ -14,12 +14,13 @@ import yaml
 from jsonschema import Draft7Validator
 from jsonschema.exceptions import best_match
 
-from butler_mqtt import asyncapi, events, replies
+from butler_mqtt import asyncapi, replies
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.errors import RequestRejected
 from butler_mqtt.model import FINAL_STATES, StartRequest, TaskOutcome, TaskStatus, validate_request
 from butler_mqtt.mqtt.listener import MqttListener
 from butler_mqtt.ops import alerts
+from butler_mqtt.replies import types as events
 from tests.support import asyncapi_check
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,7 +187,7 @@ def test_schema_enums_are_the_models_own() -> None:
               for s in schemas[k]["properties"]["status"].get("enum", [schemas[k]["properties"]["status"].get("const")])]
     # Every status but `expired` (only ever a task event) appears under exactly one summary list.
     assert sorted(listed) == sorted(set(get_args(TaskStatus)) - {"expired"})
-    assert [spec.name for spec in events.REPLY_EVENTS] == [
+    assert [spec.name for spec in replies.REPLY_EVENTS] == [
         "task", "summary", "taskFinished", "taskOverdue", "requestFinished", "error"
     ]
 

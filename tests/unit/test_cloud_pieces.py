@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from butler_mqtt.backends import logtail
 from butler_mqtt.backends.cloud import reloads
 from butler_mqtt.backends.cloud.auth import _lifetime
 from butler_mqtt.backends.cloud.client import _next_link, error_summary, query, retry_after
@@ -18,7 +19,6 @@ from butler_mqtt.backends.cloud.selection import app_from_item
 from butler_mqtt.backends.cloud.settings import CloudSettings
 from butler_mqtt.backends.cloud.transport import Answer, proxy_for, redact_url
 from butler_mqtt.errors import CloudRateLimited, ConfigError, RequestRejected
-from butler_mqtt.qrs import logtail
 
 TENANT = "https://acme.eu.qlikcloud.com"
 

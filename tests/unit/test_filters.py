@@ -5,8 +5,8 @@ from urllib.parse import quote_plus
 from hypothesis import given
 from hypothesis import strategies as st
 
+from butler_mqtt.backends.qrs.filters import chunk_or, criteria_clauses, escape, literal
 from butler_mqtt.model import StartRequest
-from butler_mqtt.qrs.filters import chunk_or, criteria_clauses, escape, literal
 
 GUID = "a8b4c123-def4-5678-9abc-def012345678"
 

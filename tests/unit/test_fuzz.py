@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from butler_mqtt.backends.qrs.filters import chunk_or, criteria_clauses
 from butler_mqtt.errors import RequestRejected
 from butler_mqtt.model import QrsTask, StartRequest, parse_request, validate_request
-from butler_mqtt.qrs.filters import chunk_or, criteria_clauses
 from butler_mqtt.selection import select
 from butler_mqtt.sim.filter import FilterSubject, compile_filter
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from butler_mqtt.qrs.logtail import (
+from butler_mqtt.backends.logtail import (
     LINE_CHARS,
     MAX_DETAILS,
     MESSAGE_CHARS,

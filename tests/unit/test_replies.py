@@ -1,15 +1,15 @@
 """The readers of replies (replies.py): the accessors the REST answers, the CLI, the requester
 and the metrics read replies with, and the REST summary schema taken from the reply's own
-(events.py, which tests/unit/test_asyncapi.py holds to the builders)."""
+(replies/types.py, which tests/unit/test_asyncapi.py holds to the builders)."""
 
 from __future__ import annotations
 
 from pydantic.json_schema import models_json_schema
 
 from butler_mqtt import replies
-from butler_mqtt.events import SummaryEvent
 from butler_mqtt.http import schemas
 from butler_mqtt.model import TaskOutcome
+from butler_mqtt.replies.types import SummaryEvent
 
 FULL = TaskOutcome("t1", "Load", "notStarted", ["tag:a"], execution_id="e1", reason="disabled")
 

@@ -7,7 +7,7 @@
   started them), `cancel_reload` (`POST /api/v1/reloads/{id}/actions/cancel`).
 * `final_status` maps Qlik Cloud's end statuses to section 4's names; `failure` builds section
   8's object from the reload's `errorMessage` and the script log, capped and cleaned by
-  `butler_mqtt.qrs.logtail` (the same rules as for QRS).
+  `butler_mqtt.backends.logtail` (the same rules as for QRS).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote
 
+from butler_mqtt.backends.logtail import LINE_CHARS, MESSAGE_CHARS, TailBuffer, clean, tail_of
 from butler_mqtt.errors import CloudNotFound, CloudRefused, RequestRejected
-from butler_mqtt.qrs.logtail import LINE_CHARS, MESSAGE_CHARS, TailBuffer, clean, tail_of
 
 from .client import CloudClient, error_summary, query
 

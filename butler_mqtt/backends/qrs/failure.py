@@ -10,7 +10,7 @@ script log (contract section 8, qrs-api.md section 13).
    reference is not the empty GUID (13.4). The route that worked is tried first next time
    when the newer one answered 400/404 (a server without it).
 2. ``GET /qrs/download/reloadtask/{ticket}/scriptlog.txt`` streamed into a
-   :class:`~butler_mqtt.qrs.logtail.TailBuffer`: only the last lines are kept, whatever the
+   :class:`~butler_mqtt.backends.logtail.TailBuffer`: only the last lines are kept, whatever the
    size of the log. A 404 (asked too soon after the run, Butler #1499) is tried once more
    after half a second.
 
@@ -33,12 +33,12 @@ from urllib.parse import urlencode
 
 import urllib3
 
+from butler_mqtt.backends.logtail import MESSAGE_CHARS, TailBuffer, clean, failure_texts
+from butler_mqtt.backends.qrs.client import CallObserver, new_xrfkey
+from butler_mqtt.backends.qrs.transport import PoolTransport, route_name
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import QrsError
 from butler_mqtt.model import EMPTY_GUID, is_guid
-from butler_mqtt.qrs.client import CallObserver, new_xrfkey
-from butler_mqtt.qrs.logtail import MESSAGE_CHARS, TailBuffer, clean, failure_texts
-from butler_mqtt.qrs.transport import PoolTransport, route_name
 
 #: Default total time for one execution's log (ticket, fallback and download together).
 LOG_DEADLINE_S = 30.0

@@ -1,5 +1,5 @@
 """The QRS edge: client, filters."""
 
-from butler_mqtt.qrs.client import QrsClient
+from butler_mqtt.backends.qrs.client import QrsClient
 
 __all__ = ["QrsClient"]

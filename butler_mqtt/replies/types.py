@@ -1,11 +1,9 @@
 """The wire shape of every reply event, of the status message and of the alert message
 (schema only, no logic).
 
-`butler_mqtt.replies` builds the replies; the TypedDicts here say what each one holds. Pydantic
-turns them into the JSON Schemas of the AsyncAPI document (`butler_mqtt.asyncapi`), and the
-tests hold the two together: the unit tests build every kind of event with the builders of
-replies.py and validate it against these schemas, and the integration tests validate every
-reply they receive. Change a reply in replies.py, and a test names the schema to change here.
+The builders beside this module (`butler_mqtt.replies`) return these types; Pydantic turns them
+into the JSON Schemas of the AsyncAPI document (`butler_mqtt.asyncapi`) and of the OpenAPI
+document (`http/schemas.py`), and the integration tests validate every reply they receive.
 
 The alert message (`AlertMessage`) is built by `butler_mqtt.ops.alerts`, which takes its alert
 kinds, severities and keys from here (this module stays pure: ops/alerts does I/O).
@@ -16,14 +14,11 @@ so a new or renamed field cannot slip out unnoticed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, NotRequired, get_args
 
 from pydantic import ConfigDict, Field, with_config
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
-from butler_mqtt import replies
 from butler_mqtt.model import GUID_RE, MAX_REQUEST_ID_LENGTH, TaskStatus
 
 _CLOSED = ConfigDict(extra="forbid")
@@ -144,6 +139,10 @@ class QueuedTask(TypedDict):
     position: NotRequired[Position]
     reason: NotRequired[Reason]
     attempt: NotRequired[Attempt]
+
+
+#: A task as listed inside a summary (one of the five lists).
+ListedTask = StartedTask | DeniedTask | FailedTask | RunningTask | QueuedTask
 
 
 @with_config(_CLOSED)
@@ -360,22 +359,5 @@ class AlertMessage(TypedDict):
 #: The alert keys taken from the reply event or outage, in the message's order.
 ALERT_FIELDS: tuple[str, ...] = tuple(k for k in AlertMessage.__annotations__ if k not in ALERT_OWN_KEYS)
 
-
-@dataclass(frozen=True)
-class EventSpec:
-    """One reply event: its `event` name, its wire schema and the function that builds it."""
-
-    name: str
-    schema: type
-    builder: Callable[..., replies.Event]
-
-
-#: Every reply event, in the contract's order (section 4).
-REPLY_EVENTS: tuple[EventSpec, ...] = (
-    EventSpec("task", TaskEvent, replies.task),
-    EventSpec("summary", SummaryEvent, replies.summary),
-    EventSpec("taskFinished", TaskFinishedEvent, replies.task_finished),
-    EventSpec("taskOverdue", TaskOverdueEvent, replies.task_overdue),
-    EventSpec("requestFinished", RequestFinishedEvent, replies.request_finished),
-    EventSpec("error", ErrorEvent, replies.error),
-)
+#: Any reply event.
+ReplyEvent = TaskEvent | SummaryEvent | TaskFinishedEvent | TaskOverdueEvent | RequestFinishedEvent | ErrorEvent

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.errors import QrsNotFound
 from butler_mqtt.model import is_guid, is_running_status
-from butler_mqtt.qrs.client import QrsClient
 
 
 @dataclass(frozen=True)

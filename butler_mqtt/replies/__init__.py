@@ -1,25 +1,38 @@
-"""Every reply event of the contract (section 4), built here and nowhere else.
+"""Every reply event of the contract (section 4): its type, its builder and its readers.
 
-One function per event kind turns plain data into its wire form (a JSON-ready dict with
-`event` and `requestId` first). The MQTT edge publishes these dicts, the journal stores them,
-the REST answers are derived from them: change a reply's shape here, and only here.
+The types (`replies.types`, TypedDicts) are the wire shapes and the schemas of the AsyncAPI and
+OpenAPI documents; one function per event kind here turns plain data into that typed event
+(a JSON-ready dict with `event` and `requestId` first); the readers below read replies back
+(REST answers, the `request` command, metrics). The MQTT edge publishes these dicts, the
+journal stores them: change a reply's shape here, and only here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast, get_args
+from typing import Any, cast, get_args
 
-from butler_mqtt.model import TaskOutcome, TaskStatus
-
-if TYPE_CHECKING:  # the wire shapes (events.py imports this module: typing only)
-    from butler_mqtt.events import SummaryEvent, TaskEvent
+from butler_mqtt.model import Match, TaskOutcome, TaskStatus, matches
+from butler_mqtt.replies.types import (
+    ErrorEvent,
+    ListedTask,
+    ReplyEvent,
+    RequestFinishedEvent,
+    SummaryEvent,
+    TaskEvent,
+    TaskFinishedEvent,
+    TaskOverdueEvent,
+)
 
 #: QRS's "never" timestamp (1753 sentinel): reported as null.
 QRS_NEVER = "1753-01-01T00:00:00.000Z"
 
-Event = dict[str, Any]
+#: A reply as the edges carry it (built here as one of `ReplyEvent`, or read back from the journal).
+Event = Mapping[str, Any]
+#: A reply being built.
+_Draft = dict[str, Any]
 
 #: Task statuses listed under `tasksStarted` in a summary.
 _LISTED_AS_STARTED = ("started", "notStarted", "wouldStart")
@@ -27,51 +40,51 @@ _LISTED_AS_STARTED = ("started", "notStarted", "wouldStart")
 _LISTED_AS_RUNNING = ("alreadyRunning", "skipped")
 
 
-def _staged(ev: Event, stage: int | None) -> Event:
+def _staged(ev: _Draft, stage: int | None) -> _Draft:
     if stage is not None:
         ev["stage"] = stage
     return ev
 
 
-def task(o: TaskOutcome, request_id: str | None, stage: int | None = None) -> Event:
+def task(o: TaskOutcome, request_id: str | None, stage: int | None = None) -> TaskEvent:
     """`task`: what happened to one selected task."""
-    ev: Event = {"event": "task", "requestId": request_id, "taskId": o.task_id, "taskName": o.task_name, "status": o.status}
+    ev: _Draft = {"event": "task", "requestId": request_id, "taskId": o.task_id, "taskName": o.task_name, "status": o.status}
     if o.execution_id is not None:
         ev["executionId"] = o.execution_id
-    ev["matchedBy"] = list(o.matched_by)
+    ev["matchedBy"] = [str(m) for m in o.matched_by]  # each Match's wire form
     if o.reason is not None:
         ev["reason"] = o.reason
     _policy_fields(ev, o)
-    return _staged(ev, stage)
+    return cast("TaskEvent", _staged(ev, stage))
 
 
-def _policy_fields(d: Event, o: TaskOutcome) -> None:
+def _policy_fields(d: _Draft, o: TaskOutcome) -> None:
     if o.position is not None:
         d["position"] = o.position
     if o.attempt is not None:
         d["attempt"] = o.attempt
 
 
-def brief(o: TaskOutcome) -> Event:
+def brief(o: TaskOutcome) -> ListedTask:
     """A task as listed inside a summary."""
-    d: Event = {"taskId": o.task_id, "taskName": o.task_name, "status": o.status}
+    d: _Draft = {"taskId": o.task_id, "taskName": o.task_name, "status": o.status}
     if o.status in _LISTED_AS_RUNNING and o.execution_id is not None:
         d["executionId"] = o.execution_id
     if o.reason is not None:
         d["reason"] = o.reason
     _policy_fields(d, o)
-    return d
+    return cast("ListedTask", d)
 
 
 def summary(
     request_id: str | None, outcomes: list[TaskOutcome], not_found: list[dict[str, Any]], stage: int | None = None
-) -> Event:
+) -> SummaryEvent:
     """`summary`: the stage at a glance.
 
     `tasksStarted` lists every task QRS was asked to start (status started or notStarted) or
     would start (dryRun); `totalTasksStarted` counts those QRS really started.
     """
-    ev: Event = {
+    ev: _Draft = {
         "event": "summary",
         "requestId": request_id,
         "tasksStarted": [brief(o) for o in outcomes if o.status in _LISTED_AS_STARTED],
@@ -82,10 +95,10 @@ def summary(
         "tasksQueued": [brief(o) for o in outcomes if o.status == "queued"],
         "totalTasksStarted": sum(1 for o in outcomes if o.status == "started"),
     }
-    return _staged(ev, stage)
+    return cast("SummaryEvent", _staged(ev, stage))
 
 
-def error(request_id: str | None, error: str, details: str) -> Event:
+def error(request_id: str | None, error: str, details: str) -> ErrorEvent:
     """`error`: the request was not handled (nothing more was started)."""
     return {"event": "error", "requestId": request_id, "error": error, "details": details}
 
@@ -117,14 +130,14 @@ def task_finished(
     stage: int | None = None,
     attempt: int | None = None,
     retry_in: float | None = None,
-) -> Event:
+) -> TaskFinishedEvent:
     """`taskFinished`: a followed execution ended (`row`: QRS's ExecutionResult, if any).
 
     With `retry`: `attempt` (1 = the first start), and `retryIn` (seconds) when another start
     follows; the last attempt's event has no `retryIn`."""
     start = row.get("startTime") if row else None
     stop = row.get("stopTime") if row else None
-    ev: Event = {
+    ev: _Draft = {
         "event": "taskFinished",
         "requestId": request_id,
         "taskId": task_id,
@@ -141,14 +154,14 @@ def task_finished(
         ev["attempt"] = attempt
         if retry_in is not None:
             ev["retryIn"] = int(retry_in) if float(retry_in).is_integer() else round(retry_in, 3)
-    return _staged(ev, stage)
+    return cast("TaskFinishedEvent", _staged(ev, stage))
 
 
 def task_overdue(
     request_id: str | None, task_id: str, task_name: str, execution_id: str, running_for_ms: int, stage: int | None = None
-) -> Event:
+) -> TaskOverdueEvent:
     """`taskOverdue`: a followed execution still runs `deadline` seconds after its start (once)."""
-    ev: Event = {
+    ev: _Draft = {
         "event": "taskOverdue",
         "requestId": request_id,
         "taskId": task_id,
@@ -156,14 +169,14 @@ def task_overdue(
         "executionId": execution_id,
         "runningForMs": running_for_ms,
     }
-    return _staged(ev, stage)
+    return cast("TaskOverdueEvent", _staged(ev, stage))
 
 
 def request_finished(
     request_id: str | None, finished: Mapping[str, int], stopped_at: int | None, duration_ms: int, reason: str | None
-) -> Event:
+) -> RequestFinishedEvent:
     """`requestFinished`: the last event of a waited request."""
-    ev: Event = {
+    ev: _Draft = {
         "event": "requestFinished",
         "requestId": request_id,
         "finished": dict(finished),
@@ -172,7 +185,7 @@ def request_finished(
     }
     if reason is not None:
         ev["reason"] = reason
-    return ev
+    return cast("RequestFinishedEvent", ev)
 
 
 def task_events(events: Iterable[Event]) -> list[Event]:
@@ -185,8 +198,7 @@ def task_events(events: Iterable[Event]) -> list[Event]:
 # Replies are read back as well as built: the REST answers (http/bodies.py), the `request`
 # command's exit code (cli.py), the requester (mqtt/requester.py) and the metrics. They read
 # through the names below, so that the wire names live in this module only; the typed views
-# they return are events.py's, the schemas of the AsyncAPI document. (The builders above spell
-# the same names; they can use these constants in a later change.)
+# they return are replies.types', the schemas of the AsyncAPI document.
 
 #: The `event` of each reply.
 TASK, SUMMARY, TASK_FINISHED, TASK_OVERDUE, REQUEST_FINISHED, ERROR = (
@@ -228,7 +240,7 @@ def summary_of(events: Iterable[Event]) -> SummaryEvent | None:
     return None
 
 
-def without_event(ev: Mapping[str, Any]) -> Event:
+def without_event(ev: Mapping[str, Any]) -> dict[str, Any]:
     """A reply without its `event` key (the REST answer is the summary so)."""
     return {k: v for k, v in ev.items() if k != "event"}
 
@@ -263,3 +275,29 @@ def still_queued(events: Iterable[Mapping[str, Any]]) -> bool:
 def reload_failed(ev: Mapping[str, Any]) -> bool:
     """A `taskFinished` for a reload that did not end with FinishedSuccess."""
     return kind(ev) == TASK_FINISHED and ev.get("status") != FINISHED_SUCCESS
+
+
+def matched(ev: Mapping[str, Any]) -> list[Match]:
+    """The criteria a `task` event's task matched, as data (its `matchedBy` read back)."""
+    value = ev.get("matchedBy")
+    return matches(m for m in value if isinstance(m, str)) if isinstance(value, list) else []
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """One reply event: its `event` name, its wire schema and the function that builds it."""
+
+    name: str
+    schema: type
+    builder: Callable[..., ReplyEvent]
+
+
+#: Every reply event, in the contract's order (section 4).
+REPLY_EVENTS: tuple[EventSpec, ...] = (
+    EventSpec(TASK, TaskEvent, task),
+    EventSpec(SUMMARY, SummaryEvent, summary),
+    EventSpec(TASK_FINISHED, TaskFinishedEvent, task_finished),
+    EventSpec(TASK_OVERDUE, TaskOverdueEvent, task_overdue),
+    EventSpec(REQUEST_FINISHED, RequestFinishedEvent, request_finished),
+    EventSpec(ERROR, ErrorEvent, error),
+)

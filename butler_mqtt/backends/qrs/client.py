@@ -28,6 +28,8 @@ from urllib.parse import urlencode
 
 import structlog
 
+from butler_mqtt.backends.qrs.filters import execution_filters
+from butler_mqtt.backends.qrs.transport import Answer, PoolTransport, Transport, route_name
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import (
     ButlerError,
@@ -41,8 +43,6 @@ from butler_mqtt.errors import (
 from butler_mqtt.model import EMPTY_GUID, is_guid
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.ratelimit import RateLimiter
-from butler_mqtt.qrs.filters import execution_filters
-from butler_mqtt.qrs.transport import Answer, PoolTransport, Transport, route_name
 
 log = structlog.get_logger("butler_mqtt.qrs")
 _limiter = RateLimiter(60.0)
