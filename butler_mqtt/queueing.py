@@ -26,7 +26,7 @@ import structlog
 from butler_mqtt import replies
 from butler_mqtt.admission import Admission
 from butler_mqtt.config import PoliciesConfig
-from butler_mqtt.errors import ButlerError, QrsError
+from butler_mqtt.errors import ButlerError, QrsError, rate_limited
 from butler_mqtt.journal import Journal
 from butler_mqtt.journal.runq import Entry
 from butler_mqtt.model import Route, TaskOutcome
@@ -119,6 +119,12 @@ class QueueRunner:
             try:
                 o = self.service.start_one(TaskOutcome(entry.task_id, entry.task_name, "started"))
             except Exception as exc:  # noqa: BLE001 - a claimed entry must end done, never stay `starting`
+                if rate_limited(exc):
+                    # QRS refused the start with 429 (nothing ran): the entry stays `starting` under
+                    # our lease and is tried again at the next maintenance (asked of QRS first).
+                    log.warning("queue_start_deferred", taskId=entry.task_id, error=str(exc))
+                    self._deferred.append(entry)
+                    continue
                 log.exception("queue_start_failed", taskId=entry.task_id)
                 o = TaskOutcome(entry.task_id, entry.task_name, "failed", reason=f"the start could not be sent: {exc}")
             log.info("queue_started", taskId=entry.task_id, status=o.status, executionId=o.execution_id)

@@ -19,7 +19,7 @@ import structlog
 from butler_mqtt import replies
 from butler_mqtt.admission import Admission, Admitted, Ticket
 from butler_mqtt.config import Config
-from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable
+from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable, rate_limited
 from butler_mqtt.journal import Journal, Prior
 from butler_mqtt.model import EMPTY_GUID, QrsTask, Route, StartRequest, TaskOutcome
 from butler_mqtt.policies import Policy, effective
@@ -134,7 +134,11 @@ class StartService:
         return o, admitted.queued
 
     def start_one(self, o: TaskOutcome) -> TaskOutcome:
-        """Start one task; `o` gets QRS's answer (started, notStarted or failed, with the reason)."""
+        """Start one task; `o` gets QRS's answer (started, notStarted or failed, with the reason).
+
+        Raises QrsRefused (429) when QRS kept refusing the start with Too Many Requests beyond
+        the client's retries: nothing ran, so it is never a final `failed`; the caller leaves
+        it for later (transient: errors.rate_limited)."""
         sent = time.time()
         try:
             with self._start_slots:
@@ -146,6 +150,8 @@ class StartService:
             o.status, o.reason = "failed", f"QRS unreachable: {exc}"
             self._confirm_unanswered(o, sent)
         except QrsError as exc:
+            if rate_limited(exc):
+                raise
             o.status, o.reason = "failed", f"QRS refused the start: {exc}"
         else:
             if execution_id == EMPTY_GUID:
@@ -174,6 +180,8 @@ class StartService:
         try:
             execution_id = self.qrs.execution_since(o.task_id, since)
         except QrsError as exc:
+            if rate_limited(exc):
+                raise  # QRS asks us to come back later: the request is resumed then
             o.status = "failed"
             o.reason = f"the daemon stopped while starting this task and QRS could not tell whether it started: {exc}"
             return
@@ -273,7 +281,11 @@ class StartService:
         elif to_start:
             futures = [self._pool.submit(self.start_one, o) for o in to_start]
             for fut in as_completed(futures):
-                send(replies.task(fut.result(), request_id, stage))
+                if fut.exception() is None:
+                    send(replies.task(fut.result(), request_id, stage))
+            for fut in futures:  # a start QRS refused with 429: the stage is resumed later
+                if fut.exception() is not None:
+                    raise fut.exception()  # type: ignore[misc]
 
 
 class KeyLocks:
@@ -395,7 +407,7 @@ def _handle(
             route=claim.route,
         )
     except QrsError:
-        if journal is not None and key is not None and prior is None:
+        if journal is not None and key is not None and prior is None and not _sent_starts(journal, key):
             journal.forget(key)
         raise
     answered = time.perf_counter()
@@ -422,3 +434,11 @@ def _handle(
     )
     sent = s["tasksStarted"] or s["tasksFailed"]
     return Handled(result.events, start_seconds=answered - t0 if sent and not req.dryRun else None)
+
+
+def _sent_starts(journal: Journal, key: str) -> bool:
+    """Were start intents recorded under `key`? Then the claim is kept (not forgotten): the
+    request is resumed from them (QRS asked about each) when it is handled again, so a stage
+    left for later because QRS answered 429 never starts a task twice."""
+    prior = journal.load(key)
+    return prior is not None and bool(prior.intents)

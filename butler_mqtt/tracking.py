@@ -33,7 +33,7 @@ from butler_mqtt import replies
 from butler_mqtt.admission import Ticket
 from butler_mqtt.chains import NextStage, after_stage, finish_failure, start_failures
 from butler_mqtt.config import TrackingConfig
-from butler_mqtt.errors import ButlerError, QrsError, is_transient
+from butler_mqtt.errors import ButlerError, QrsError, is_transient, rate_limited
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import FINAL_STATES, Route, StartRequest, TaskOutcome
 from butler_mqtt.ops import retry
@@ -621,7 +621,8 @@ class Tracker:
                     w, index, f"stage {index} could not be started within tracking.max_wait ({self.cfg.max_wait:.0f} s): {exc}"
                 )
             log.warning("chain_stage_deferred", requestId=w.request_id, stage=index, error=str(exc), retry_in_s=delay)
-            self._later(delay, self._run_stage, key, index, resumed, attempt + 1)
+            # A start QRS refused with 429 left intents: the next try resumes from them (asks QRS).
+            self._later(delay, self._run_stage, key, index, resumed or rate_limited(exc), attempt + 1)
             return
         with self._lock:
             self._absorb(w, result)

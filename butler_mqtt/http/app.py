@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from butler_mqtt import __version__, keys
 from butler_mqtt.asyncapi import build_document
-from butler_mqtt.errors import JournalError, QrsError, RequestRejected, is_transient
+from butler_mqtt.errors import JournalError, QrsError, RequestRejected, is_transient, retry_after
 from butler_mqtt.http import schemas
 from butler_mqtt.http.bodies import (
     ALL_IN_BODY,
@@ -227,9 +227,12 @@ class RestApi:
             handled = await run_in_threadpool(work)
         except QrsError as exc:
             self._last_qrs_failure = time.monotonic()
-            # Raised only while resolving, i.e. before anything was started: safe to retry.
+            # Raised while resolving (nothing started), or for a start QRS refused with 429 (it did
+            # not run; the same requestId resumes the request): safe to retry.
             if is_transient(exc):
-                raise ApiError(503, "QRS unreachable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
+                hint = retry_after(exc)
+                wait = str(max(int(RETRY_AFTER_S), int(hint + 0.999))) if hint is not None else RETRY_AFTER_S
+                raise ApiError(503, "QRS unreachable", str(exc), "unavailable", {"Retry-After": wait}) from None
             raise ApiError(502, "QRS refused the request", str(exc), "error") from None
         except JournalError as exc:
             raise ApiError(503, "Journal unavailable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None

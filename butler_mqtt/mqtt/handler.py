@@ -19,7 +19,7 @@ import structlog
 
 from butler_mqtt import keys, replies
 from butler_mqtt.config import Config
-from butler_mqtt.errors import QrsError, QrsTlsRejected, is_transient
+from butler_mqtt.errors import QrsError, QrsTlsRejected, is_transient, retry_after
 from butler_mqtt.model import Route
 from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
@@ -137,7 +137,7 @@ class RequestHandler:
                     if not is_transient(exc):
                         self._internal_error(job, delivery, exc)
                         return
-                    delay = retry.DELIVERY.delay(attempt)
+                    delay = retry.DELIVERY.delay(attempt, retry_after(exc))  # at least a 429's Retry-After
                     attempt += 1
                     self._deferred(job, exc, delay)
                     if self.should_exit.wait(delay):

@@ -2,9 +2,13 @@
 
 * Server verification against `root.pem` is on unless `qrs.verify: false` is written.
 * Every request carries a fresh random 16-character Xrfkey in the header and the query.
-* GETs are retried with backoff on connection errors and 5xx; a start is retried only when
-  the connection was never made (refused or connect timeout), because a blind retry of a
-  start can run a reload twice.
+* GETs are retried with backoff on connection errors, 5xx and 429; a start is retried only
+  when the connection was never made (refused or connect timeout) or QRS answered 429 (the
+  start was refused, nothing ran), because a blind retry of a start can run a reload twice.
+* A 429's `Retry-After` (seconds or HTTP date) is honoured by every call of this client, not
+  only the one that got it: no call is sent before that time (`_hold_off`), and the retry
+  delay is at least the hint (ops/retry.py). A 429 that outlasts the retries is raised with
+  the hint (`QrsRefused.retry_after`): transient, whoever waits next waits at least that long.
 * The transport (qrs/transport.py) carries each request and names its failures in one table:
   unreachable (transient; `never_sent` when the connection never opened), TLS rejected
   (permanent: certificate not trusted, client certificate refused), answered with an error;
@@ -37,7 +41,9 @@ from butler_mqtt.errors import (
     QrsTlsRejected,
     QrsUnreachable,
     is_transient,
+    rate_limited,
 )
+from butler_mqtt.errors import retry_after as retry_after_of
 from butler_mqtt.model import EMPTY_GUID, is_guid
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.ratelimit import RateLimiter
@@ -80,6 +86,7 @@ class QrsClient:
         self._offset = 0.0
         self._offset_known = False
         self._last_date: str | None = None
+        self._not_before = 0.0  # monotonic: no call before this (a 429's Retry-After)
         self._transport: Transport = transport if transport is not None else PoolTransport(cfg)
         self._headers = {
             "X-Qlik-User": f"UserDirectory={cfg.user_directory}; UserId={cfg.user_id}",
@@ -103,6 +110,7 @@ class QrsClient:
         query = urlencode({**(params or {}), "xrfkey": key})  # quote_plus: `&#+%'` are encoded
         headers = {**self._headers, "X-Qlik-Xrfkey": key}
         body = json.dumps(json_body).encode() if json_body is not None else None
+        self._wait_hold_off()
         t0 = time.perf_counter()
         status: int | None = None
         try:
@@ -110,11 +118,26 @@ class QrsClient:
             status = answer.status_code
             if status < 500:
                 self._last_ok = time.monotonic()
+            if status == 429:
+                self._hold_off(retry.retry_after_seconds(answer.retry_after))
             self._learn_clock(answer.date, t0)
             return answer
         finally:
             if self._observer is not None:
                 self._observer(method, route_name(path), status, time.perf_counter() - t0)
+
+    def _hold_off(self, hint: float | None) -> None:
+        """QRS said 429: no call of this client goes out before its Retry-After (or, without
+        one, the first backoff step)."""
+        until = time.monotonic() + (hint if hint is not None else retry.QRS_CALL.first)
+        with self._clock_lock:
+            self._not_before = max(self._not_before, until)
+
+    def _wait_hold_off(self) -> None:
+        with self._clock_lock:
+            wait = self._not_before - time.monotonic()
+        if wait > 0:
+            time.sleep(min(wait, retry.RETRY_AFTER_CAP_S))
 
     def _learn_clock(self, date_header: str | None, t0: float) -> None:
         # One parse per new header value: under load many answers share the same second.
@@ -148,6 +171,10 @@ class QrsClient:
                 resp.status_code,
                 resp.text[:500],
             )
+        if resp.status_code == 429:
+            hint = retry.retry_after_seconds(resp.retry_after)
+            later = f" (Retry-After: {hint:g} s)" if hint is not None else ""
+            raise QrsRefused(f"{what}: QRS answered 429 Too Many Requests{later}", 429, resp.text[:500], retry_after=hint)
         if resp.status_code >= 400:
             raise QrsRefused(f"{what}: QRS answered {resp.status_code} {resp.text[:200]}".strip(), resp.status_code, resp.text[:500])
         return resp
@@ -159,7 +186,8 @@ class QrsClient:
             try:
                 resp = self._call("GET", path, params)
                 if resp.status_code >= 500 and attempt < self.cfg.retries:
-                    raise QrsRefused(f"GET {path}: {resp.status_code}", resp.status_code)
+                    raise QrsRefused(f"GET {path}: {resp.status_code}", resp.status_code,
+                                     retry_after=retry.retry_after_seconds(resp.retry_after))
                 self._check(resp, f"GET {route_name(path)}")
                 try:
                     return resp.json()
@@ -170,7 +198,7 @@ class QrsClient:
                 again = is_transient(exc) or (isinstance(exc, QrsTlsRejected) and exc.ambiguous)
                 if not again or attempt >= self.cfg.retries:
                     raise
-                time.sleep(retry.QRS_CALL.delay(attempt))
+                time.sleep(retry.QRS_CALL.delay(attempt, retry_after_of(exc)))
                 attempt += 1
 
     # ----------------------------------------------------------------- QRS operations
@@ -207,16 +235,20 @@ class QrsClient:
         if not is_guid(task_id):
             raise ValueError(task_id)
         path = f"/qrs/task/{task_id}/start/synchronous"
+        what = f"start task {task_id}"
         for attempt in range(self.cfg.retries + 1):
             try:
                 resp = self._call("POST", path)
+                if resp.status_code == 429:
+                    self._check(resp, what)  # raises: QRS refused the start, nothing ran
                 break
-            except QrsUnreachable as exc:
-                # Safe to try again only if the connection itself never opened.
-                if not exc.never_sent or attempt >= self.cfg.retries:
+            except (QrsUnreachable, QrsRefused) as exc:
+                # Safe to try again only if the connection itself never opened, or QRS said 429.
+                again = rate_limited(exc) or (isinstance(exc, QrsUnreachable) and exc.never_sent)
+                if not again or attempt >= self.cfg.retries:
                     raise
-                time.sleep(retry.QRS_CALL.delay(attempt))
-        self._check(resp, f"start task {task_id}")
+                time.sleep(retry.QRS_CALL.delay(attempt, retry_after_of(exc)))
+        self._check(resp, what)
         try:
             value = resp.json()
         except ValueError:

@@ -18,7 +18,14 @@ Knobs for tests, all changeable while the simulator runs:
   ``"error403"``: answer 403 ``Forbidden`` (a proxy or a revoked user); ``"notjson"``: answer
   200 with an HTML page (a login page of a proxy in front of QRS); ``"badid"``: the reload
   tasks listed carry an ``id`` that is not a GUID; ``"huge"``: a 200 answer of
-  ``huge_bytes`` bytes (a runaway answer).
+  ``huge_bytes`` bytes (a runaway answer); ``"drip"``: a 200 head promising a 1 MB body, then
+  one body byte every ``drip_s`` seconds until the client goes (a peer that never times out
+  a per-read timeout).
+* ``rate_limit(calls=N | seconds=S, retry_after="5", paths=None)``: answer 429 ``Too Many
+  Requests`` with that ``Retry-After`` header (seconds or an HTTP date; None: no header) to the
+  next N matching requests, or to every matching request for the next S seconds, doing nothing
+  else with them (a start answered 429 starts nothing). ``paths`` is a regular expression like
+  ``fault_paths``. A proxy in front of QRS (and Qlik Cloud) limits callers this way.
 * ``clock_skew``: seconds added to the simulator's clock (its timestamps and ``Date`` header),
   to test a daemon whose clock differs from QRS's.
 * ``fault_paths``: a regular expression (``re.search`` on the decoded path, then on the path
@@ -120,6 +127,7 @@ class _Reply:
     status: int
     body: bytes = b""
     content_type: str = _TEXT
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def json(cls, status: int, payload: Any) -> _Reply:
@@ -162,7 +170,13 @@ class QrsSimulator:
         self.fault: str | None = None
         self.fault_paths: str | None = None
         self.huge_bytes = 100 * 1024 * 1024
+        self.drip_s = 0.2
         self._clock_skew = 0.0
+        self._limit_lock = threading.Lock()
+        self._limit_calls = 0
+        self._limit_until = 0.0
+        self._limit_retry_after: str | None = None
+        self._limit_paths: str | None = None
         self.fail_starts_for: set[str] = set()
         self._already_running = _checked_already_running(already_running)
         self._requested_port = port
@@ -287,6 +301,29 @@ class QrsSimulator:
     @queue_timeout.setter
     def queue_timeout(self, value: float | None) -> None:
         self.store.queue_timeout = value
+
+    def rate_limit(
+        self, calls: int = 0, seconds: float = 0.0, retry_after: str | None = "5", paths: str | None = None
+    ) -> None:
+        """Answer 429 (with ``Retry-After: retry_after``) to the next ``calls`` matching requests,
+        or to all of them for ``seconds``; ``rate_limit()`` turns it off."""
+        with self._limit_lock:
+            self._limit_calls = calls
+            self._limit_until = time.monotonic() + seconds if seconds > 0 else 0.0
+            self._limit_retry_after = retry_after
+            self._limit_paths = paths
+
+    def _limited(self, path: str, query: str) -> _Reply | None:
+        with self._limit_lock:
+            if self._limit_calls <= 0 and time.monotonic() >= self._limit_until:
+                return None
+            pattern = self._limit_paths
+            if pattern is not None and not (re.search(pattern, path) or re.search(pattern, f"{path}?{query}")):
+                return None
+            if self._limit_calls > 0:
+                self._limit_calls -= 1
+            hint = self._limit_retry_after
+        return _Reply(429, b"Too Many Requests", _TEXT, (("Retry-After", hint),) if hint is not None else ())
 
     def _fault_for(self, path: str, query: str = "") -> str | None:
         fault, pattern = self.fault, self.fault_paths
@@ -517,7 +554,14 @@ class _Handler(BaseHTTPRequestHandler):
             sim._record(LoggedRequest(self.command, path, query, 0, at))
             self.close_connection = True
             return
-        if fault == "error500":
+        if fault == "drip":
+            sim._record(LoggedRequest(self.command, path, query, 200, at))
+            self._drip(sim)
+            return
+        limited = sim._limited(path, unquote_plus(raw_query)) if fault is None else None
+        if limited is not None:
+            reply = limited
+        elif fault == "error500":
             reply = _Reply.text(500, "Internal Server Error")
         elif fault == "error403":
             reply = _Reply.text(403, "Forbidden")
@@ -532,6 +576,8 @@ class _Handler(BaseHTTPRequestHandler):
         # Logged before the answer is written, so a client that has its answer finds it logged.
         sim._record(LoggedRequest(self.command, path, query, reply.status, at))
         self.send_response(reply.status)
+        for name, value in reply.headers:
+            self.send_header(name, value)
         if reply.status != 204:
             self.send_header("Content-Type", reply.content_type)
             self.send_header("Content-Length", str(len(reply.body)))
@@ -540,6 +586,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
         self.wfile.write(reply.body)
+
+    def _drip(self, sim: QrsSimulator) -> None:
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", _JSON)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        self.wfile.flush()
+        for _ in range(1 << 20):
+            if sim._stopping.wait(sim.drip_s):
+                return
+            self.wfile.write(b" ")
+            self.wfile.flush()
 
     def _read_body(self) -> bytes | None:
         """The request body; None when its length is unknown (chunked or a bad header).
