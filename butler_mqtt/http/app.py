@@ -291,8 +291,10 @@ class RestApi:
         return body
 
     def _qrs_fresh(self) -> bool:
+        """QRS answered recently and no call failed since, whichever ingress made it."""
         last = self.rt.qrs.last_success
-        return last > 0 and time.monotonic() - last <= QRS_FRESH_S and last > self._last_qrs_failure
+        fresh = last > 0 and time.monotonic() - last <= QRS_FRESH_S and last > self._last_qrs_failure
+        return fresh and not self.rt.qrs.health.failing
 
     def _qrs_state(self) -> str:
         """`ok` when QRS answered recently (and nothing failed since), else one probe."""
@@ -301,7 +303,8 @@ class RestApi:
         with self._probe_lock:  # concurrent health checks share one probe
             if self._qrs_fresh():
                 return "ok"
-            if self._last_probe is not None and time.monotonic() - self._last_probe[0] < PROBE_REUSE_S:
+            reuse = self._last_probe is not None and time.monotonic() - self._last_probe[0] < PROBE_REUSE_S
+            if reuse and self._last_probe is not None and not (self._last_probe[1] == "ok" and self.rt.qrs.health.failing):
                 return self._last_probe[1]
             try:
                 self.rt.qrs.about()  # bounded by qrs.timeout (and qrs.retries)

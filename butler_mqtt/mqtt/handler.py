@@ -72,6 +72,11 @@ class MqttHealth:
         with self._lock:
             self._waiting.pop(id(job), None)
 
+    def set_qrs_unreachable(self, problem: str | None) -> None:
+        """Show (or clear) on the status topic that QRS has not answered for a while
+        (ops/backend_health.py calls this once per outage and once at the recovery)."""
+        self.listener.set_problem("qrsUnreachable", problem)
+
     def set_qrs_problem(self, problem: str | None) -> None:
         """Show (or clear) a permanent QRS failure in /healthz and on the status topic."""
         self.qrs_problem = problem
@@ -119,6 +124,8 @@ class RequestHandler:
         self.retain_probe = retain_probe
         self._limiter = RateLimiter(60.0)
         self.handled = 0
+        self.qrs_health = rt.qrs.health
+        self.qrs_health.on_change.append(health.set_qrs_unreachable)
 
     def deliver(self, job: Job) -> None:
         """Every delivery ends in exactly one outcome: answered and acked, or, while QRS or the
@@ -140,7 +147,7 @@ class RequestHandler:
                     delay = retry.DELIVERY.delay(attempt, retry_after(exc))  # at least a 429's Retry-After
                     attempt += 1
                     self._deferred(job, exc, delay)
-                    if self.should_exit.wait(delay):
+                    if self.qrs_health.wait(delay, self.should_exit):  # woken early when QRS answers again
                         self.listener.release(job)  # left unacked: redelivered to the next run
                         return
         finally:

@@ -14,6 +14,9 @@
   (permanent: certificate not trusted, client certificate refused), answered with an error;
   answers are read with a size cap (`qrs.max_response_bytes`). Tests may hand in a
   `MockTransport`.
+* Every call's outcome goes to `health` (ops/backend_health.py): whatever ingress or thread met
+  a failure, /healthz and the status topic see it, and requests waiting on a transient failure
+  are woken by the first success.
 * QRS's clock is learned from its `Date` header (`clock_offset`): "did my start arrive?"
   questions are asked in QRS's time, so a skewed daemon clock neither doubles nor misreports.
 """
@@ -46,6 +49,7 @@ from butler_mqtt.errors import (
 from butler_mqtt.errors import retry_after as retry_after_of
 from butler_mqtt.model import EMPTY_GUID, is_guid
 from butler_mqtt.ops import retry
+from butler_mqtt.ops.backend_health import BackendHealth
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.qrs.filters import execution_filters
 from butler_mqtt.qrs.transport import Answer, PoolTransport, Transport, route_name
@@ -87,6 +91,8 @@ class QrsClient:
         self._offset_known = False
         self._last_date: str | None = None
         self._not_before = 0.0  # monotonic: no call before this (a 429's Retry-After)
+        #: Every call's outcome, for /healthz, the status topic and waiting requests.
+        self.health = BackendHealth(f"QRS at {cfg.base_url}")
         self._transport: Transport = transport if transport is not None else PoolTransport(cfg)
         self._headers = {
             "X-Qlik-User": f"UserDirectory={cfg.user_directory}; UserId={cfg.user_id}",
@@ -123,8 +129,10 @@ class QrsClient:
             self._learn_clock(answer.date, t0)
             return answer
         finally:
+            seconds = time.perf_counter() - t0
+            self.health.observe(method, path, status, seconds)
             if self._observer is not None:
-                self._observer(method, route_name(path), status, time.perf_counter() - t0)
+                self._observer(method, route_name(path), status, seconds)
 
     def _hold_off(self, hint: float | None) -> None:
         """QRS said 429: no call of this client goes out before its Retry-After (or, without

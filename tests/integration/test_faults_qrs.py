@@ -494,3 +494,41 @@ def test_lookups_answered_429_wait_out_the_retry_after(rig, sim):
     assert 1 <= len(refused) <= 20, f"{len(refused)} lookups answered 429"
     assert_started_once(sim, [t for _, t in items])
     assert_replies_started(replies, items)
+
+
+# --------------------------------------------------------------------------- QRS health, whoever met it
+
+
+def test_qrs_down_is_seen_by_healthz_and_status_and_waiting_requests_wake_when_it_is_back(rig, sim, listen):
+    """QRS drops every connection while an MQTT request waits: /healthz stops saying `"qrs":
+    "ok"` at once (today: ok for ~50 s, the MQTT side's failures were not counted), the status
+    topic shows `problems.qrsUnreachable` (once), and when QRS answers again the waiting
+    request is answered at the next probe instead of sleeping out its backoff (up to 30 s)."""
+    import requests
+
+    running, replies, pub = rig(http={"enabled": True, "port": 0})
+    status = listen(running.daemon.listener.status_topic)
+    health_url = f"http://127.0.0.1:{running.daemon.http_server.port}/healthz"
+    pub.request("hz-before", TASK_IDS[0])
+    assert replies.wait_answered(["hz-before"], 60) == set()
+    assert requests.get(health_url, timeout=30).json()["qrs"] == "ok"
+
+    sim.fault = "outage"
+    pub.request("hz-waits", TASK_IDS[1])
+    assert wait_until(lambda: deferred(running) >= 1, 60)
+    body = requests.get(health_url, timeout=60).json()
+    assert body["qrs"] == "unreachable" and body["status"] == "unavailable", body
+    down = status.wait_for(lambda m: "qrsUnreachable" in m.get("problems", {}), timeout=60)
+    assert "is not answering since" in down["problems"]["qrsUnreachable"]
+    # Long enough that the request's own backoff has reached 30 s (7 deferrals without probes).
+    assert wait_until(lambda: deferred(running) >= 7, 120)
+    back = time.monotonic()
+    sim.fault = None
+    assert replies.wait_answered(["hz-waits"], 60) == set()
+    woke_after = time.monotonic() - back
+    # Generous (probes run every 2 s): a request sleeping out its 30 s backoff fails this.
+    assert woke_after < 15, f"the waiting request was answered {woke_after:.1f} s after QRS came back"
+    assert_started_once(sim, TASK_IDS[:2])
+    assert wait_until(lambda: "qrsUnreachable" not in status.messages[-1].get("problems", {}), 30)  # cleared
+    assert sum(1 for m in status.messages if "qrsUnreachable" in m.get("problems", {})) == 1
+    assert requests.get(health_url, timeout=30).json()["qrs"] == "ok"
