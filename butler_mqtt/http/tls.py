@@ -1,8 +1,7 @@
 """TLS and exposure of the REST API's listener: pure decisions plus one loading check.
 
-* `http_ssl_context` loads `http.tls` the way uvicorn will, turning a bad file into a
-  ConfigError naming the key (exit 2 at start, a FAIL line in `check`).
-* `uvicorn_tls_options` says how uvicorn serves HTTPS (and requires client certificates).
+* `http_ssl_context` loads `http.tls` into the context every handshake uses (http/protocol.py),
+  turning a bad file into a ConfigError naming the key (exit 2 at start, a FAIL line in `check`).
 * `listener_warnings` says what is unsafe about where and how the API listens.
 
 No FastAPI or uvicorn here, so `check` and the daemon's start can use it cheaply.
@@ -12,15 +11,14 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
-from typing import Any
 
 from butler_mqtt.config import HttpConfig, HttpTlsConfig
 from butler_mqtt.errors import ConfigError
 
 
 def http_ssl_context(tls: HttpTlsConfig) -> ssl.SSLContext:
-    """The server-side TLS context of the HTTP listener, loaded as uvicorn will load it (the
-    context itself is only a check: uvicorn builds its own from the same files).
+    """The server-side TLS context of the HTTP listener: the protocol (http/protocol.py) runs
+    every handshake with it, and `check` and the daemon's preflight load it to name a bad file.
 
     Raises ConfigError naming the key whose file is wrong, so a bad certificate stops the
     daemon at start (exit 2) instead of failing inside the server thread.
@@ -46,17 +44,6 @@ def http_ssl_context(tls: HttpTlsConfig) -> ssl.SSLContext:
             raise ConfigError("http.tls.client_ca", f"{tls.client_ca} holds no PEM CA certificate ({exc})") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
-
-
-def uvicorn_tls_options(tls: HttpTlsConfig | None) -> dict[str, Any]:
-    """uvicorn's TLS settings: HTTPS with cert and key; with client_ca, a client certificate
-    signed by it is required on every connection (the handshake fails without one)."""
-    if tls is None or not tls.enabled:
-        return {}
-    opts: dict[str, Any] = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
-    if tls.client_ca is not None:
-        opts |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    return opts
 
 
 def is_loopback(host: str) -> bool:
