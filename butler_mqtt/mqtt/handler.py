@@ -238,7 +238,9 @@ class RequestHandler:
         route = Route(d.topic(self.cfg), job.correlation_data.hex() if job.correlation_data else None)
         key, fingerprint = ingress_rules.idempotency_key(req, job, route.topic)
         if key is None and fingerprint is not None:
-            earlier = self.journal.recent_hash(fingerprint, ANON_DUP_WINDOW_S) if job.dup else None
+            # Tried again in this process (QRS or the journal unavailable for now, or a start QRS
+            # refused with 429 after others started): the same anonymous request, the same key.
+            earlier = d.key or (self.journal.recent_hash(fingerprint, ANON_DUP_WINDOW_S) if job.dup else None)
             key = earlier or keys.anonymous(ingress)
         d.key = key
 

@@ -34,6 +34,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 
 #: Bytes read per step of `read_capped`.
 CHUNK = 64 * 1024
+#: A deadline is enforced this much late at most (the reaper wakes at most this often).
+RESOLUTION_S = 0.25
 
 
 class Deadline:
@@ -108,18 +110,26 @@ class _Reaper:
 
     def cancel(self, n: int) -> None:
         with self._cond:
-            self._live.discard(n)  # left in the heap; skipped when its time comes
+            self._live.discard(n)
+            while self._heap and self._heap[0][1] not in self._live:  # calls end about in order:
+                heapq.heappop(self._heap)  # the heap stays as small as the calls in flight
 
     def _run(self) -> None:
         while True:
+            due: list[Deadline] = []
             with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
-                _, n, d = heapq.heappop(self._heap)
-                if n not in self._live:
+                now = time.monotonic()
+                while self._heap and (self._heap[0][0] <= now or self._heap[0][1] not in self._live):
+                    _, n, d = heapq.heappop(self._heap)
+                    if n in self._live:
+                        self._live.discard(n)
+                        due.append(d)
+                if not due:
+                    # At most one wake-up per RESOLUTION_S, however many calls come and go.
+                    self._cond.wait(max(RESOLUTION_S, self._heap[0][0] - now) if self._heap else None)
                     continue
-                self._live.discard(n)
-            d.expire()
+            for d in due:
+                d.expire()
 
 
 _REAPER = _Reaper()

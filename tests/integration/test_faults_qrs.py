@@ -477,6 +477,14 @@ def test_a_start_answered_429_is_never_failed_and_starts_once_later(rig, sim):
     assert summary["totalTasksStarted"] == 2 and summary["tasksFailed"] == [], summary
     assert all(e["status"] != "failed" for e in replies.tasks("r429-two"))
     assert_started_once(sim, [a, b, TASK_IDS[62]])
+    # The same without requestId (an anonymous request keeps its journal key while retried).
+    c, e = TASK_IDS[63], TASK_IDS[64]
+    sim.rate_limit(calls=3, retry_after="1", paths=e + "/start")
+    pub.raw(json.dumps({"taskId": [c, e]}).encode())
+    assert wait_until(lambda: len(replies.finals(None)) == 1, 120)
+    (summary,) = replies.finals(None)
+    assert summary["totalTasksStarted"] == 2 and summary["tasksFailed"] == [], summary
+    assert_started_once(sim, [a, b, c, e, TASK_IDS[62]])
 
 
 def test_lookups_answered_429_wait_out_the_retry_after(rig, sim):
