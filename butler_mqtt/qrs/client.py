@@ -65,6 +65,10 @@ CallObserver = Callable[[str, str, int | None, float], None]
 
 _RANDOM = secrets.SystemRandom()
 
+#: A start waits out 429s (Retry-After) in the client for at most this long in all; past it,
+#: it is raised as a 429 and the request is tried again later (journal claim renewed then).
+START_HOLD_OFF_BUDGET_S = 10.0
+
 #: The `Date` header has 1 s resolution; "created since" questions are widened by this much.
 CLOCK_TOLERANCE_S = 2.0
 
@@ -140,6 +144,15 @@ class QrsClient:
         until = time.monotonic() + (hint if hint is not None else retry.QRS_CALL.first)
         with self._clock_lock:
             self._not_before = max(self._not_before, until)
+
+    def _not_held_off_past(self, budget: float, what: str) -> None:
+        """A start does not sleep out a long Retry-After (its journal lease would run out while
+        it waits): it is refused as a 429 at once and left to the caller's later try."""
+        with self._clock_lock:
+            until = self._not_before
+        if until > budget:
+            wait = until - time.monotonic()
+            raise QrsRefused(f"{what}: QRS asked to wait {wait:.0f} s (429 Too Many Requests)", 429, retry_after=wait)
 
     def _wait_hold_off(self) -> None:
         with self._clock_lock:
@@ -244,8 +257,10 @@ class QrsClient:
             raise ValueError(task_id)
         path = f"/qrs/task/{task_id}/start/synchronous"
         what = f"start task {task_id}"
+        budget = time.monotonic() + START_HOLD_OFF_BUDGET_S
         for attempt in range(self.cfg.retries + 1):
             try:
+                self._not_held_off_past(budget, what)
                 resp = self._call("POST", path)
                 if resp.status_code == 429:
                     self._check(resp, what)  # raises: QRS refused the start, nothing ran
@@ -253,9 +268,10 @@ class QrsClient:
             except (QrsUnreachable, QrsRefused) as exc:
                 # Safe to try again only if the connection itself never opened, or QRS said 429.
                 again = rate_limited(exc) or (isinstance(exc, QrsUnreachable) and exc.never_sent)
-                if not again or attempt >= self.cfg.retries:
+                delay = retry.QRS_CALL.delay(attempt, retry_after_of(exc))
+                if not again or attempt >= self.cfg.retries or time.monotonic() + delay > budget:
                     raise
-                time.sleep(retry.QRS_CALL.delay(attempt, retry_after_of(exc)))
+                time.sleep(delay)
         self._check(resp, what)
         try:
             value = resp.json()

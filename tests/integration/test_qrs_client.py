@@ -177,3 +177,30 @@ def test_a_429_is_retried_after_its_retry_after_and_a_start_refused_429_did_not_
     assert qrs.about()["schemaPath"] == "About"
     assert [r.status for r in sim.request_log if r.path == "/qrs/about"] == [429, 200]
     qrs.close()
+
+
+def test_a_start_does_not_sleep_out_a_long_retry_after(qrs_certs, sim):
+    """A Retry-After longer than the start's budget (10 s) is not slept out inside the start
+    (its journal lease would run out): the 429 is raised with the hint at once, and the next
+    start is refused without being sent until the time has passed."""
+    import threading
+
+    qrs = QrsClient(qrs_cfg(qrs_certs, sim.port, retries=3))
+    sim.rate_limit(calls=1, retry_after="60", paths=r"/start")
+    outcome: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            qrs.start_synchronous(IDS[0])
+        except QrsRefused as exc:
+            outcome.append(exc)
+
+    for _ in range(2):
+        t = threading.Thread(target=start, daemon=True)
+        t.start()
+        t.join(30)  # generous, far below the 60 s asked for
+        assert not t.is_alive(), "the start slept out the Retry-After"
+    assert [e.status for e in outcome] == [429, 429] and all(e.retry_after and e.retry_after > 30 for e in outcome)
+    assert len([r for r in sim.request_log if r.method == "POST"]) == 1  # the second was never sent
+    assert sim.starts == []
+    qrs.close()
