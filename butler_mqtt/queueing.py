@@ -50,6 +50,7 @@ class QueueRunner:
         self.metrics = metrics
         self._busy = threading.Lock()
         self._deferred: list[Entry] = []  # recoveries QRS could not answer yet
+        self._refused: list[Entry] = []  # starts QRS answered 429 (nothing ran): started again later
         # The configured defaults use the queue: keep ticking. Else only while something waits.
         self._by_config = Admission.needed(effective(cfg))
         self.active = self._by_config
@@ -67,6 +68,9 @@ class QueueRunner:
         deferred, self._deferred = self._deferred, []
         for entry in deferred + self.journal.runq.take_over():
             self._recover(entry)
+        refused, self._refused = self._refused, []
+        if refused:  # certainly not started (429): no need to ask QRS, which could name an older run
+            self._start(refused)
 
     def _recover(self, entry: Entry) -> None:
         try:
@@ -121,9 +125,9 @@ class QueueRunner:
             except Exception as exc:  # noqa: BLE001 - a claimed entry must end done, never stay `starting`
                 if rate_limited(exc):
                     # QRS refused the start with 429 (nothing ran): the entry stays `starting` under
-                    # our lease and is tried again at the next maintenance (asked of QRS first).
+                    # our lease and is started again at the next maintenance.
                     log.warning("queue_start_deferred", taskId=entry.task_id, error=str(exc))
-                    self._deferred.append(entry)
+                    self._refused.append(entry)
                     continue
                 log.exception("queue_start_failed", taskId=entry.task_id)
                 o = TaskOutcome(entry.task_id, entry.task_name, "failed", reason=f"the start could not be sent: {exc}")

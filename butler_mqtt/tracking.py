@@ -33,7 +33,7 @@ from butler_mqtt import replies
 from butler_mqtt.admission import Ticket
 from butler_mqtt.chains import NextStage, after_stage, finish_failure, start_failures
 from butler_mqtt.config import TrackingConfig
-from butler_mqtt.errors import ButlerError, QrsError, is_transient, rate_limited
+from butler_mqtt.errors import ButlerError, QrsError, is_transient, rate_limited, retry_after
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import FINAL_STATES, Route, StartRequest, TaskOutcome
 from butler_mqtt.ops import retry
@@ -543,7 +543,7 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - every failure ends in a later try or a final outcome
             if is_transient(exc) and attempt_no < 50:  # QRS or the journal unavailable for now
                 log.warning("retry_deferred", requestId=w.request_id, taskId=r["task_id"], error=str(exc))
-                self._later(retry.CHAIN_STAGE.delay(attempt_no), self._retry, key, tkey, attempt_no + 1)
+                self._later(retry.CHAIN_STAGE.delay(attempt_no, retry_after(exc)), self._retry, key, tkey, attempt_no + 1)
                 return
             if not isinstance(exc, ButlerError):
                 log.exception("retry_failed", requestId=w.request_id, taskId=r["task_id"])
@@ -615,7 +615,7 @@ class Tracker:
             if not is_transient(exc):
                 log.error("chain_stage_refused", requestId=w.request_id, stage=index, error=str(exc))
                 return self._request_finished(w, index, f"stage {index} could not be started: {exc}")
-            delay = retry.CHAIN_STAGE.delay(attempt)
+            delay = retry.CHAIN_STAGE.delay(attempt, retry_after(exc))  # at least a 429's Retry-After
             if time.time() + delay - w.started > self.cfg.max_wait:
                 return self._request_finished(
                     w, index, f"stage {index} could not be started within tracking.max_wait ({self.cfg.max_wait:.0f} s): {exc}"
