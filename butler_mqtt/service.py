@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,15 +277,35 @@ class StartService:
         if to_start and key is not None and self.journal is not None:
             self.journal.intents(key, [intent_key(o.task_id, stage) for o in to_start])
         if len(to_start) == 1:
-            send(replies.task(self.start_one(to_start[0]), request_id, stage))
-        elif to_start:
+            futures = [_done(self.start_one, to_start[0])]
+        else:
             futures = [self._pool.submit(self.start_one, o) for o in to_start]
-            for fut in as_completed(futures):
-                if fut.exception() is None:
-                    send(replies.task(fut.result(), request_id, stage))
-            for fut in futures:  # a start QRS refused with 429: the stage is resumed later
-                if fut.exception() is not None:
-                    raise fut.exception()  # type: ignore[misc]
+        for fut in as_completed(futures):
+            if fut.exception() is None:
+                send(replies.task(fut.result(), request_id, stage))
+        failed: list[tuple[TaskOutcome, BaseException]] = []
+        for o, fut in zip(to_start, futures, strict=True):
+            exc = fut.exception()
+            if exc is not None:
+                failed.append((o, exc))
+        if not failed:
+            return
+        # Starts QRS refused with 429 did not run: their intents go, so the stage, handled again
+        # later (the caller's transient path), starts them anew; the others are resumed.
+        refused = [intent_key(o.task_id, stage) for o, exc in failed if rate_limited(exc)]
+        if refused and key is not None and self.journal is not None:
+            self.journal.withdraw_intents(key, refused)
+        raise failed[0][1]
+
+
+def _done(fn: Callable[[TaskOutcome], TaskOutcome], o: TaskOutcome) -> Future[TaskOutcome]:
+    """`fn(o)` run here, as a finished Future (one start needs no pool thread)."""
+    fut: Future[TaskOutcome] = Future()
+    try:
+        fut.set_result(fn(o))
+    except Exception as exc:  # noqa: BLE001 - handed to the caller through the Future
+        fut.set_exception(exc)
+    return fut
 
 
 class KeyLocks:
