@@ -65,9 +65,10 @@ CallObserver = Callable[[str, str, int | None, float], None]
 
 _RANDOM = secrets.SystemRandom()
 
-#: A start waits out 429s (Retry-After) in the client for at most this long in all; past it,
-#: it is raised as a 429 and the request is tried again later (journal claim renewed then).
-START_HOLD_OFF_BUDGET_S = 10.0
+#: A call waits out 429s (Retry-After) in the client for at most this long in all; past it, it
+#: is raised as a 429 with the hint and the caller tries again later: a start's journal claim
+#: is renewed then, a REST caller gets 503 with the Retry-After instead of a held connection.
+HOLD_OFF_BUDGET_S = 10.0
 
 #: The `Date` header has 1 s resolution; "created since" questions are widened by this much.
 CLOCK_TOLERANCE_S = 2.0
@@ -146,8 +147,8 @@ class QrsClient:
             self._not_before = max(self._not_before, until)
 
     def _not_held_off_past(self, budget: float, what: str) -> None:
-        """A start does not sleep out a long Retry-After (its journal lease would run out while
-        it waits): it is refused as a 429 at once and left to the caller's later try."""
+        """A call does not sleep out a long Retry-After (a start's journal lease would run out, a
+        REST caller would wait): it is refused as a 429 at once and left to the caller's later try."""
         with self._clock_lock:
             until = self._not_before
         if until > budget:
@@ -201,10 +202,13 @@ class QrsClient:
         return resp
 
     def get_json(self, path: str, params: dict[str, str] | None = None) -> Any:
-        """GET with retries and backoff on connection errors and 5xx."""
+        """GET with retries and backoff on connection errors, 5xx and 429 (waiting at most
+        HOLD_OFF_BUDGET_S for a Retry-After in all; past it the 429 is raised with its hint)."""
         attempt = 0
+        budget = time.monotonic() + HOLD_OFF_BUDGET_S
         while True:
             try:
+                self._not_held_off_past(budget, f"GET {route_name(path)}")
                 resp = self._call("GET", path, params)
                 if resp.status_code >= 500 and attempt < self.cfg.retries:
                     raise QrsRefused(f"GET {path}: {resp.status_code}", resp.status_code,
@@ -217,9 +221,10 @@ class QrsClient:
             except (QrsUnreachable, QrsRefused, QrsTlsRejected) as exc:
                 # An ambiguous TLS close is tried again a few times before it counts as a refusal.
                 again = is_transient(exc) or (isinstance(exc, QrsTlsRejected) and exc.ambiguous)
-                if not again or attempt >= self.cfg.retries:
+                delay = retry.QRS_CALL.delay(attempt, retry_after_of(exc))
+                if not again or attempt >= self.cfg.retries or (rate_limited(exc) and time.monotonic() + delay > budget):
                     raise
-                time.sleep(retry.QRS_CALL.delay(attempt, retry_after_of(exc)))
+                time.sleep(delay)
                 attempt += 1
 
     # ----------------------------------------------------------------- QRS operations
@@ -257,7 +262,7 @@ class QrsClient:
             raise ValueError(task_id)
         path = f"/qrs/task/{task_id}/start/synchronous"
         what = f"start task {task_id}"
-        budget = time.monotonic() + START_HOLD_OFF_BUDGET_S
+        budget = time.monotonic() + HOLD_OFF_BUDGET_S
         for attempt in range(self.cfg.retries + 1):
             try:
                 self._not_held_off_past(budget, what)
