@@ -10,7 +10,8 @@
         ├── QrsTlsRejected     the TLS handshake failed for good: the server's certificate is
         │                      not trusted, or QRS refused our client certificate (permanent)
         ├── QrsRefused         QRS answered with an error status, or an answer that is not
-        │                      what the API returns (transient only for 5xx, 429)
+        │                      what the API returns (transient only for 5xx, 429; a
+        │                      429 carries the server's Retry-After in `retry_after`)
         ├── QrsNotFound        QRS answered 404 for the entity asked for
         └── (Qlik Cloud, the same meanings so that is_transient needs no second table)
             CloudUnreachable(QrsUnreachable)   no answer from the tenant / proxy   (transient)
@@ -74,10 +75,12 @@ class UnstorableValue(RequestRejected):
 class QrsError(ButlerError):
     """A QRS call failed."""
 
-    def __init__(self, message: str, status: int | None = None, body: str = "") -> None:
+    def __init__(self, message: str, status: int | None = None, body: str = "", *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
+        #: The server's `Retry-After` in seconds (429/503), for whoever waits before trying again.
+        self.retry_after = retry_after
 
 
 class QrsUnreachable(QrsError):
@@ -173,3 +176,16 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, QrsRefused):
         return (exc.status or 0) >= 500 or exc.status == 429
     return False
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The server's hint (seconds) for when to try again, when the failure carries one."""
+    return exc.retry_after if isinstance(exc, QrsError) else None
+
+
+def rate_limited(exc: BaseException) -> bool:
+    """QRS (or a proxy in front of it) answered 429 Too Many Requests: the call was refused
+    before anything was done, so a start answered 429 did not run and sending it again later
+    cannot run the task twice. Never a final outcome (`failed`, "could not tell"): the work is
+    left for later (transient), at least `retry_after` seconds."""
+    return isinstance(exc, QrsRefused) and exc.status == 429

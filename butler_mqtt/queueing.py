@@ -26,7 +26,7 @@ import structlog
 from butler_mqtt import replies
 from butler_mqtt.admission import Admission
 from butler_mqtt.config import PoliciesConfig
-from butler_mqtt.errors import ButlerError, QrsError
+from butler_mqtt.errors import ButlerError, QrsError, rate_limited
 from butler_mqtt.journal import Journal
 from butler_mqtt.journal.runq import Entry, Waiter
 from butler_mqtt.model import TaskOutcome, matches
@@ -49,6 +49,7 @@ class QueueRunner:
         self.metrics = metrics
         self._busy = threading.Lock()
         self._deferred: list[Entry] = []  # recoveries QRS could not answer yet
+        self._refused: list[Entry] = []  # starts QRS answered 429 (nothing ran): started again later
         # The configured defaults use the queue: keep ticking. Else only while something waits.
         self._by_config = Admission.needed(effective(cfg))
         self.active = self._by_config
@@ -68,6 +69,9 @@ class QueueRunner:
         for entry in deferred + self.journal.runq.take_over():
             with self._for_requests(entry.id):
                 self._recover(entry)
+        refused, self._refused = self._refused, []
+        if refused:  # certainly not started (429): no need to ask QRS, which could name an older run
+            self._start(refused)
 
     def _recover(self, entry: Entry) -> None:
         try:
@@ -129,14 +133,22 @@ class QueueRunner:
         done = []
         for entry in entries:
             with self._for_requests(entry.id):
-                done.append((entry, self._start_entry(entry), None))
+                outcome = self._start_entry(entry)
+            if outcome is not None:
+                done.append((entry, outcome, None))
         self.journal.runq.started(done)
 
-    def _start_entry(self, entry: Entry) -> dict[str, Any]:
-        """Send one claimed entry's start; its outcome (a failure to send ends it `failed`)."""
+    def _start_entry(self, entry: Entry) -> dict[str, Any] | None:
+        """Send one claimed entry's start; its outcome (a failure to send ends it `failed`), None
+        when QRS answered 429 (nothing ran): the entry stays `starting` under our lease and is
+        started again at the next maintenance."""
         try:
             o = self.service.start_one(TaskOutcome(entry.task_id, entry.task_name, "started"))
         except Exception as exc:  # noqa: BLE001 - a claimed entry must end done, never stay `starting`
+            if rate_limited(exc):
+                log.warning("queue_start_deferred", taskId=entry.task_id, error=str(exc))
+                self._refused.append(entry)
+                return None
             log.exception("queue_start_failed", taskId=entry.task_id)
             o = TaskOutcome(entry.task_id, entry.task_name, "failed", reason=f"the start could not be sent: {exc}")
         log.info("queue_started", taskId=entry.task_id, status=o.status, executionId=o.execution_id)

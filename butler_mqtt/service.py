@@ -295,7 +295,13 @@ class StartService:
         """Record the intents (one transaction), then start with bounded concurrency."""
         if to_start and key is not None and self.journal is not None:
             self.journal.intents(key, [intent_key(o.task_id, stage, o.attempt) for o in to_start])
-        for o in self.starts.many(to_start):
+        def withdraw(refused: list[TaskOutcome]) -> None:
+            # Starts QRS refused with 429 did not run: their intents go, so the stage, handled
+            # again later (the caller's transient path), starts them anew; the others are resumed.
+            if refused and key is not None and self.journal is not None:
+                self.journal.withdraw_intents(key, [intent_key(o.task_id, stage, o.attempt) for o in refused])
+
+        for o in self.starts.many(to_start, withdraw):
             send(replies.task(o, request_id, stage))
 
 
@@ -435,7 +441,7 @@ def _handle(
             prior, root=req, route=claim.route, started=started,
         )
     except QrsError:
-        if journal is not None and key is not None and prior is None:
+        if journal is not None and key is not None and prior is None and not _sent_starts(journal, key):
             journal.forget(key)
         raise
     by_status = _ids_by_status(result.outcomes)
@@ -453,3 +459,11 @@ def _handle(
     )
     sent = any(o.status in ("started", "notStarted", "wouldStart", "failed") for o in result.outcomes)
     return Handled(result.events, start_seconds=answered[0] - t0 if sent and not req.dryRun else None)
+
+
+def _sent_starts(journal: Journal, key: str) -> bool:
+    """Were start intents recorded under `key`? Then the claim is kept (not forgotten): the
+    request is resumed from them (QRS asked about each) when it is handled again, so a stage
+    left for later because QRS answered 429 never starts a task twice."""
+    prior = journal.load(key)
+    return prior is not None and bool(prior.intents)

@@ -11,12 +11,12 @@ import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 
 import structlog
 
 from butler_mqtt.backends.base import Backend
-from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable
+from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable, rate_limited
 from butler_mqtt.model import EMPTY_GUID, TaskOutcome
 
 log = structlog.get_logger("butler_mqtt.service")
@@ -34,19 +34,34 @@ class Starts:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
-    def many(self, outcomes: list[TaskOutcome]) -> Iterator[TaskOutcome]:
-        """Start these tasks (one inline, more in the pool); each outcome as its answer comes."""
+    def many(
+        self, outcomes: list[TaskOutcome], refused: Callable[[list[TaskOutcome]], None] | None = None
+    ) -> Iterator[TaskOutcome]:
+        """Start these tasks (one inline, more in the pool); each outcome as its answer comes.
+
+        A start that raised (QRS answered 429: nothing ran) is not yielded: once every other
+        answer is, `refused` is told of the 429'd ones and the first error is raised (the
+        request is then handled again later, resumed from its intents)."""
         if len(outcomes) == 1:
-            yield self.one(outcomes[0])
-            return
-        # Each start runs in a copy of this request's logging context (its requestId).
-        start: Callable[[TaskOutcome], TaskOutcome] = self.one
-        futures = [self._pool.submit(contextvars.copy_context().run, start, o) for o in outcomes]
+            futures = [_done(self.one, outcomes[0])]
+        else:  # each start runs in a copy of this request's logging context (its requestId)
+            start: Callable[[TaskOutcome], TaskOutcome] = self.one
+            futures = [self._pool.submit(contextvars.copy_context().run, start, o) for o in outcomes]
         for fut in as_completed(futures):
-            yield fut.result()
+            if fut.exception() is None:
+                yield fut.result()
+        failed = [(o, exc) for o, fut in zip(outcomes, futures, strict=True) if (exc := fut.exception()) is not None]
+        if failed:
+            if refused is not None:
+                refused([o for o, exc in failed if rate_limited(exc)])
+            raise failed[0][1]
 
     def one(self, o: TaskOutcome) -> TaskOutcome:
-        """Start one task; `o` gets QRS's answer (started, notStarted or failed, with the reason)."""
+        """Start one task; `o` gets QRS's answer (started, notStarted or failed, with the reason).
+
+        Raises QrsRefused (429) when QRS kept refusing the start with Too Many Requests beyond
+        the client's retries: nothing ran, so it is never a final `failed`; the caller leaves
+        it for later (transient: errors.rate_limited)."""
         sent = time.time()
         try:
             with self._slots:
@@ -58,6 +73,8 @@ class Starts:
             o.status, o.reason = "failed", f"QRS unreachable: {exc}"
             self._confirm_unanswered(o, sent)
         except QrsError as exc:
+            if rate_limited(exc):
+                raise
             o.status, o.reason = "failed", f"QRS refused the start: {exc}"
         else:
             if execution_id == EMPTY_GUID:
@@ -89,6 +106,8 @@ class Starts:
         try:
             execution_id = self.backend.started_since(o.task_id, since)
         except QrsError as exc:
+            if rate_limited(exc):
+                raise  # QRS asks us to come back later: the request is resumed then
             o.status = "failed"
             o.reason = f"the daemon stopped while starting this task and QRS could not tell whether it started: {exc}"
             return
@@ -96,3 +115,13 @@ class Starts:
             o.execution_id = execution_id
             o.reason = "start confirmed from QRS (handling of this request was interrupted after the start was sent)"
         log.warning("start_recovered", taskId=o.task_id, executionId=execution_id, restarted=execution_id is None)
+
+
+def _done(fn: Callable[[TaskOutcome], TaskOutcome], o: TaskOutcome) -> Future[TaskOutcome]:
+    """`fn(o)` run here, as a finished Future (one start needs no pool thread)."""
+    fut: Future[TaskOutcome] = Future()
+    try:
+        fut.set_result(fn(o))
+    except Exception as exc:  # noqa: BLE001 - handed to the caller through the Future
+        fut.set_exception(exc)
+    return fut

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypedDict
 
 from butler_mqtt.model import QrsTask, StartRequest
+from butler_mqtt.ops.backend_health import BackendHealth
 
 #: What a task is to the use case (QRS: a reload task; Qlik Cloud: an app).
 Task = QrsTask
@@ -77,6 +78,9 @@ class Backend(Protocol):
 
     #: `qrs` or `cloud` (the `backend` configuration key).
     kind: str
+    #: Fed by every call the backend makes, whoever asked: /healthz, the status topic and the
+    #: requests waiting for the backend read it (ops/backend_health.py).
+    health: BackendHealth
 
     @property
     def last_success(self) -> float:

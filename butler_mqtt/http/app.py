@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from butler_mqtt import __version__, keys
 from butler_mqtt.asyncapi import build_document
-from butler_mqtt.errors import JournalError, QrsError, RequestRejected, is_transient
+from butler_mqtt.errors import JournalError, QrsError, RequestRejected, is_transient, retry_after
 from butler_mqtt.http import schemas
 from butler_mqtt.http.bodies import (
     ALL_IN_BODY,
@@ -219,9 +219,12 @@ class RestApi:
             handled = await run_in_threadpool(work)
         except QrsError as exc:
             self._last_qrs_failure = time.monotonic()
-            # Raised only while resolving, i.e. before anything was started: safe to retry.
+            # Raised while resolving (nothing started), or for a start QRS refused with 429 (it did
+            # not run; the same requestId resumes the request): safe to retry.
             if is_transient(exc):
-                raise ApiError(503, "QRS unreachable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
+                hint = retry_after(exc)
+                wait = str(max(int(RETRY_AFTER_S), int(hint + 0.999))) if hint is not None else RETRY_AFTER_S
+                raise ApiError(503, "QRS unreachable", str(exc), "unavailable", {"Retry-After": wait}) from None
             raise ApiError(502, "QRS refused the request", str(exc), "error") from None
         except JournalError as exc:
             raise ApiError(503, "Journal unavailable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
@@ -281,8 +284,10 @@ class RestApi:
         return body
 
     def _qrs_fresh(self) -> bool:
+        """QRS answered recently and no call failed since, whichever ingress made it."""
         last = self.rt.qrs.last_success
-        return last > 0 and time.monotonic() - last <= QRS_FRESH_S and last > self._last_qrs_failure
+        fresh = last > 0 and time.monotonic() - last <= QRS_FRESH_S and last > self._last_qrs_failure
+        return fresh and not self.rt.qrs.health.failing
 
     def _qrs_state(self) -> str:
         """`ok` when QRS answered recently (and nothing failed since), else one probe."""
@@ -291,7 +296,8 @@ class RestApi:
         with self._probe_lock:  # concurrent health checks share one probe
             if self._qrs_fresh():
                 return "ok"
-            if self._last_probe is not None and time.monotonic() - self._last_probe[0] < PROBE_REUSE_S:
+            reuse = self._last_probe is not None and time.monotonic() - self._last_probe[0] < PROBE_REUSE_S
+            if reuse and self._last_probe is not None and not (self._last_probe[1] == "ok" and self.rt.qrs.health.failing):
                 return self._last_probe[1]
             try:
                 self.rt.qrs.about()  # bounded by qrs.timeout (and qrs.retries)

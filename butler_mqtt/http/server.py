@@ -6,7 +6,8 @@ before the thread starts, so a port in use fails `startup()` with a clear error 
 is the real port also when 0 (pick a free one) was configured.
 
 Descriptors: the protocol class (`http/protocol.py`) caps connections and times out requests
-that do not arrive; an accept loop that still runs out of descriptors is logged once per
+that do not arrive, and for HTTPS runs the TLS handshake itself (uvicorn gets no ssl options),
+so handshakes count against the cap and the request timeout from accept; an accept loop that still runs out of descriptors is logged once per
 minute as "too many open files (raise LimitNOFILE)" instead of thousands of times a second.
 """
 
@@ -27,7 +28,7 @@ from butler_mqtt.config import HttpTlsConfig
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.http.app import create_app
 from butler_mqtt.http.protocol import HttpLimits, limited_protocol
-from butler_mqtt.http.tls import ServedTls, listener_warnings, uvicorn_tls_options
+from butler_mqtt.http.tls import http_ssl_context, listener_warnings, reloaded_context
 from butler_mqtt.ops.fds import (
     FD_HINT,
     describe_os_error,
@@ -122,7 +123,8 @@ class HttpServer:
             http=limited_protocol(limits),
             ws="none",  # no websocket endpoints: an upgrade request is plain HTTP
             timeout_keep_alive=keep_alive_s,
-            **uvicorn_tls_options(tls),
+            # No ssl options: the TLS handshake runs in the protocol (limits.tls), inside the
+            # connection cap and the request timeout (http/protocol.py).
         )
         self.limits = limits
         self._server = _ThreadServer(config)
@@ -146,12 +148,10 @@ class HttpServer:
         return self
 
     def reload_tls(self, tls: HttpTlsConfig) -> None:
-        """SIGHUP: new connections are served `tls`'s files as they are now (http/tls.py)."""
-        served = getattr(self, "_served_tls", None)
-        if served is None and self._server.config.ssl is not None:
-            served = self._served_tls = ServedTls(self._server.config.ssl)
-        if served is not None:
-            served.reload(tls)
+        """SIGHUP: new handshakes (run by the protocol with `limits.tls`) use `tls`'s files as
+        they are now; connections already open keep theirs."""
+        if self.limits.tls is not None:
+            self.limits.tls = reloaded_context(tls)
 
     def stop(self, timeout: float = GRACEFUL_S + 5) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then close."""
@@ -187,11 +187,14 @@ def start_http(runtime: Runtime) -> HttpServer:
             detail="the open-file limit leaves room for fewer REST connections; raise LimitNOFILE",
         )
     closed = runtime.metrics.http_closed
+    tls = cfg.http.tls  # checked once already by runtime.preflight (http_ssl_context): errors named the key
     limits = HttpLimits(
-        max_connections=cap, request_timeout=cfg.http.request_timeout, on_closed=lambda why: closed.labels(why).inc()
+        max_connections=cap,
+        request_timeout=cfg.http.request_timeout,
+        on_closed=lambda why: closed.labels(why).inc(),
+        tls=http_ssl_context(tls) if tls.enabled else None,
     )
     sock = _bind(host, port, key, cfg.source(key))
-    tls = cfg.http.tls  # loaded once already by Daemon.startup (http_ssl_context): errors named the key
     server = HttpServer(create_app(runtime, full), sock, limits, cfg.http.keep_alive_timeout, tls).start()
     log.info(
         "http_listening",

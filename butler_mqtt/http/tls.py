@@ -1,8 +1,7 @@
 """TLS and exposure of the REST API's listener: pure decisions plus one loading check.
 
-* `http_ssl_context` loads `http.tls` the way uvicorn will, turning a bad file into a
-  ConfigError naming the key (exit 2 at start, a FAIL line in `check`).
-* `uvicorn_tls_options` says how uvicorn serves HTTPS (and requires client certificates).
+* `http_ssl_context` loads `http.tls` into the context every handshake uses (http/protocol.py),
+  turning a bad file into a ConfigError naming the key (exit 2 at start, a FAIL line in `check`).
 * `listener_warnings` says what is unsafe about where and how the API listens.
 * `ServedTls` swaps the files a running listener serves (SIGHUP: certificate rotation).
 
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
-from typing import Any
 
 from butler_mqtt.config import HttpConfig, HttpTlsConfig
 from butler_mqtt.errors import ConfigError
@@ -21,8 +19,8 @@ from butler_mqtt.ops.pem import check_pem
 
 
 def http_ssl_context(tls: HttpTlsConfig) -> ssl.SSLContext:
-    """The server-side TLS context of the HTTP listener, loaded as uvicorn will load it (the
-    context itself is only a check: uvicorn builds its own from the same files).
+    """The server-side TLS context of the HTTP listener: the protocol (http/protocol.py) runs
+    every handshake with it, and `check` and the daemon's preflight load it to name a bad file.
 
     Raises ConfigError naming the key whose file is wrong, so a bad certificate stops the
     daemon at start (exit 2) instead of failing inside the server thread.
@@ -50,44 +48,6 @@ def http_ssl_context(tls: HttpTlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-class ServedTls:
-    """The TLS files a running listener serves, replaceable without a restart (SIGHUP).
-
-    uvicorn made the listener's context once; its server-name callback, called in every
-    handshake (with or without SNI), moves each new connection to the context last loaded
-    from the files. Connections already open keep theirs. A context is never changed once
-    built, so a handshake never sees half of a rotation."""
-
-    def __init__(self, served: ssl.SSLContext) -> None:
-        self._current = served
-        served.sni_callback = self._pick
-
-    def _pick(self, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None, served: ssl.SSLContext) -> None:
-        current = self._current
-        if current is not served:
-            conn.context = current
-
-    def reload(self, tls: HttpTlsConfig) -> None:
-        """Load `tls`'s files again; ConfigError naming the key when one is wrong (nothing changes)."""
-        assert tls.cert is not None and tls.key is not None
-        check_pem("http.tls.cert", tls.cert, "certificate")
-        check_pem("http.tls.key", tls.key, "private key")
-        if tls.client_ca is not None:
-            check_pem("http.tls.client_ca", tls.client_ca, "certificate")
-        self._current = http_ssl_context(tls)
-
-
-def uvicorn_tls_options(tls: HttpTlsConfig | None) -> dict[str, Any]:
-    """uvicorn's TLS settings: HTTPS with cert and key; with client_ca, a client certificate
-    signed by it is required on every connection (the handshake fails without one)."""
-    if tls is None or not tls.enabled:
-        return {}
-    opts: dict[str, Any] = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
-    if tls.client_ca is not None:
-        opts |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    return opts
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -113,3 +73,15 @@ def listener_warnings(http: HttpConfig) -> list[tuple[str, str]]:
         out.append(("http_without_token", f"the REST API on {http.host} can start tasks without a token (http.token) "
                     "or client certificates (http.tls.client_ca)"))
     return out
+
+
+def reloaded_context(tls: HttpTlsConfig) -> ssl.SSLContext:
+    """SIGHUP: `tls`'s files loaded again into a new context (a context is never changed once
+    built, so a handshake never sees half of a rotation). ConfigError naming the key when one
+    is wrong; the caller then keeps the context in use."""
+    assert tls.cert is not None and tls.key is not None
+    check_pem("http.tls.cert", tls.cert, "certificate")
+    check_pem("http.tls.key", tls.key, "private key")
+    if tls.client_ca is not None:
+        check_pem("http.tls.client_ca", tls.client_ca, "certificate")
+    return http_ssl_context(tls)

@@ -265,6 +265,13 @@ class Journal:
                 db.run("INSERT INTO events(key, kind, task_id, body) VALUES (?, 'intent', ?, ?)", (key, task_id, repr(now)))
             db.run("UPDATE requests SET lease_until = ? WHERE key = ?", (now + self.lease_s, key))
 
+    def withdraw_intents(self, key: str, task_ids: Sequence[str]) -> None:
+        """These starts were refused before anything ran (QRS answered 429): forget their
+        intents, so that the request, handled again, starts them rather than asking QRS."""
+        with self._guard("write"), self._db.tx() as db:
+            for task_id in task_ids:
+                db.run("DELETE FROM events WHERE key = ? AND kind = 'intent' AND task_id = ?", (key, task_id))
+
     def reply(self, key: str, event: Event) -> None:
         with self._guard("write"):
             self._db.run(

@@ -19,7 +19,7 @@ import structlog
 
 from butler_mqtt import keys, replies
 from butler_mqtt.config import Config
-from butler_mqtt.errors import QrsError, QrsTlsRejected, RequestRejected, is_transient
+from butler_mqtt.errors import QrsError, QrsTlsRejected, RequestRejected, is_transient, retry_after
 from butler_mqtt.model import Route
 from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
@@ -73,6 +73,11 @@ class MqttHealth:
         with self._lock:
             self._waiting.pop(id(job), None)
 
+    def set_qrs_unreachable(self, problem: str | None) -> None:
+        """Show (or clear) on the status topic that QRS has not answered for a while
+        (ops/backend_health.py calls this once per outage and once at the recovery)."""
+        self.listener.set_problem("qrsUnreachable", problem)
+
     def set_qrs_problem(self, problem: str | None) -> None:
         """Show (or clear) a permanent QRS failure in /healthz and on the status topic."""
         self.qrs_problem = problem
@@ -119,6 +124,8 @@ class RequestHandler:
         self.retain_probe = retain_probe
         self._limiter = RateLimiter(60.0)
         self.handled = 0
+        self.qrs_health = rt.qrs.health
+        self.qrs_health.on_change.append(health.set_qrs_unreachable)
 
     def deliver(self, job: Job) -> None:
         """Every delivery ends in exactly one outcome: answered and acked, or, while QRS or the
@@ -137,10 +144,10 @@ class RequestHandler:
                     if not is_transient(exc):
                         self._internal_error(job, delivery, exc)
                         return
-                    delay = retry.DELIVERY.delay(attempt)
+                    delay = retry.DELIVERY.delay(attempt, retry_after(exc))  # at least a 429's Retry-After
                     attempt += 1
                     self._deferred(job, exc, delay)
-                    if self.should_exit.wait(delay):
+                    if self.qrs_health.wait(delay, self.should_exit):  # woken early when QRS answers again
                         self.listener.release(job)  # left unacked: redelivered to the next run
                         return
         finally:
@@ -231,7 +238,9 @@ class RequestHandler:
         route = Route(d.topic(self.cfg), job.correlation_data.hex() if job.correlation_data else None)
         key, fingerprint = ingress_rules.idempotency_key(req, job, route.topic)
         if key is None and fingerprint is not None:
-            earlier = self.journal.recent_hash(fingerprint, ANON_DUP_WINDOW_S) if job.dup else None
+            # Tried again in this process (QRS or the journal unavailable for now, or a start QRS
+            # refused with 429 after others started): the same anonymous request, the same key.
+            earlier = d.key or (self.journal.recent_hash(fingerprint, ANON_DUP_WINDOW_S) if job.dup else None)
             key = earlier or keys.anonymous(ingress)
         d.key = key
         try:

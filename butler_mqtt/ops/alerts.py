@@ -44,8 +44,11 @@ Each sink has its own thread, and sends in order:
   (queued by the client while the broker is away).
 * webhook: `POST` of the JSON, `Content-Type: application/json`, the configured headers. No
   answer, 408, 429 and 5xx are retried with backoff (`retry_delay`, doubling, at most 60 s)
-  up to `attempts` tries in all; any other answer but 2xx gives up at once. The URL and the
-  header values are secrets: log lines name only the URL's scheme, host and port.
+  up to `attempts` tries in all, waiting at least a 429/503's `Retry-After`; any other answer but
+  2xx gives up at once. Each POST has a TOTAL deadline of `timeout` seconds (connect, send and
+  answer together, however slowly a server drips it: ops/outbound.py), and at most
+  ANSWER_CAP bytes of the answer are read (the rest is never read: the connection is closed).
+  The URL and the header values are secrets: log lines name only the URL's scheme, host and port.
 
 At least once: after a crash, a request that is resumed may send an alert for an event that
 was already alerted before.
@@ -69,6 +72,7 @@ from butler_mqtt import __version__
 from butler_mqtt.config import AlertsConfig, WebhookConfig
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.metrics import Metrics, Recent
+from butler_mqtt.ops.outbound import deadline, read_capped, watched_pool_manager
 from butler_mqtt.ops.ratelimit import RateLimiter
 from butler_mqtt.replies import Event
 from butler_mqtt.replies.types import (
@@ -90,6 +94,8 @@ PER_EXECUTION = ("reloadFailed", "overdue")
 #: The message keys besides alert/severity/time/instance/text, in order.
 FIELDS = ALERT_FIELDS
 RETRYABLE_STATUS = (408, 429)
+#: Bytes of a webhook's answer read at most (only its status matters).
+ANSWER_CAP = 64 * 1024
 STOP_TIMEOUT_S = 5.0
 #: Alerts waiting for the MQTT sink (it only hands them to the broker connection).
 MQTT_QUEUE = 1000
@@ -277,8 +283,8 @@ class Webhook:
         self._backoff = replace(retry.WEBHOOK, first=cfg.retry_delay)
         self._headers = {"Content-Type": "application/json", "User-Agent": f"butler-mqtt/{__version__}"}
         self._headers.update({k: v.get_secret_value() for k, v in cfg.headers.items()})
-        self._pool = urllib3.PoolManager(
-            timeout=urllib3.Timeout(total=cfg.timeout),
+        self._pool = watched_pool_manager(
+            timeout=urllib3.Timeout(connect=cfg.timeout, read=cfg.timeout),
             retries=False,
             cert_reqs="CERT_REQUIRED" if cfg.verify else "CERT_NONE",
             ca_certs=str(cfg.ca) if cfg.ca is not None else None,
@@ -288,14 +294,14 @@ class Webhook:
     def send(self, msg: dict[str, Any]) -> None:
         body = json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         for attempt in range(self.cfg.attempts):
-            problem, retryable = self._post(body)
+            problem, retryable, hint = self._post(body)
             if problem is None:
                 self._metrics.alert_deliveries.labels("webhook", "sent").inc()
                 return
             last = attempt + 1 == self.cfg.attempts
             if not retryable or last or self._stopping.is_set():
                 break
-            delay = self._backoff.delay(attempt)
+            delay = self._backoff.delay(attempt, hint)
             self._metrics.alert_deliveries.labels("webhook", "retried").inc()
             ok, repeated = self._limiter.allow(("retry", problem[:100]))
             if ok:
@@ -307,15 +313,28 @@ class Webhook:
         log.error("alert_webhook_failed", webhook=self.where, alert=msg["alert"], error=problem,
                   attempts=attempt + 1, text=msg.get("text"))
 
-    def _post(self, body: bytes) -> tuple[str | None, bool]:
-        """(None, _) when delivered; else (what went wrong, worth retrying?)."""
-        try:
-            resp = self._pool.request("POST", self._url, body=body, headers=self._headers, redirect=False)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            return f"{type(exc).__name__}: {self._scrub(str(exc))}", True
+    def _post(self, body: bytes) -> tuple[str | None, bool, float | None]:
+        """(None, _, _) when delivered; else (what went wrong, worth retrying?, Retry-After s)."""
+        late = f"no complete answer within alerts.webhook.timeout ({self.cfg.timeout:g} s in all)"
+        with deadline(self.cfg.timeout) as d:
+            try:
+                resp = self._pool.request(
+                    "POST", self._url, body=body, headers=self._headers, redirect=False, preload_content=False
+                )
+                _, more = read_capped(resp, ANSWER_CAP)  # only the status matters; never the whole answer
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                return (late if d.expired else f"{type(exc).__name__}: {self._scrub(str(exc))}"), True, None
+        if d.expired:  # cut mid-answer: what was parsed (even a status) is not an answer
+            resp.close()
+            return late, True, None
+        if more:
+            resp.close()  # the rest is never read
+        else:
+            resp.release_conn()
         if 200 <= resp.status < 300:
-            return None, False
-        return f"HTTP {resp.status}", resp.status >= 500 or resp.status in RETRYABLE_STATUS
+            return None, False, None
+        retryable = resp.status >= 500 or resp.status in RETRYABLE_STATUS
+        return f"HTTP {resp.status}", retryable, retry.retry_after_seconds(resp.headers.get("Retry-After"))
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:

@@ -273,7 +273,7 @@ class StatusMessage(TypedDict):
     `problems`), `offline` on shutdown and as the last will."""
 
     status: Annotated[Literal["online", "offline"], Field(description="`offline` also comes as the last will.")]
-    problems: NotRequired[Annotated[dict[str, str], Field(description="Standing problems (e.g. QRS refusing), by name; only when online.")]]
+    problems: NotRequired[Annotated[dict[str, str], Field(description="Standing problems by name, only when online: `qrs` (QRS refusing for good, with the fix), `qrsUnreachable` (QRS not answering for 5 s or more; cleared at its next answer).")]]
     version: Annotated[str, Field(description="butler-mqtt's version.")]
     clientId: Annotated[str, Field(description="The daemon's MQTT client id.")]
     host: Annotated[str, Field(description="The host name the daemon runs on.")]

@@ -18,11 +18,18 @@ Knobs for tests, all changeable while the simulator runs:
   ``"error403"``: answer 403 ``Forbidden`` (a proxy or a revoked user); ``"notjson"``: answer
   200 with an HTML page (a login page of a proxy in front of QRS); ``"badid"``: the reload
   tasks listed carry an ``id`` that is not a GUID; ``"huge"``: a 200 answer of
-  ``huge_bytes`` bytes (a runaway answer).
+  ``huge_bytes`` bytes (a runaway answer); ``"drip"``: a 200 head promising a 1 MB body, then
+  one body byte every ``drip_s`` seconds until the client goes (a peer that never times out
+  a per-read timeout).
 * ``answer_delay_s`` / ``answer_delay_paths``: the request is acted on (a start starts its
   execution) and logged, then its answer waits this long; only for paths matching the regular
   expression when one is set (e.g. ``r"/start"``). A client killed meanwhile has started a
   reload without ever learning it (the crash window between a start and its answer).
+* ``rate_limit(calls=N | seconds=S, retry_after="5", paths=None)``: answer 429 ``Too Many
+  Requests`` with that ``Retry-After`` header (seconds or an HTTP date; None: no header) to the
+  next N matching requests, or to every matching request for the next S seconds, doing nothing
+  else with them (a start answered 429 starts nothing). ``paths`` is a regular expression like
+  ``fault_paths``. A proxy in front of QRS (and Qlik Cloud) limits callers this way.
 * ``clock_skew``: seconds added to the simulator's clock (its timestamps and ``Date`` header),
   to test a daemon whose clock differs from QRS's.
 * ``fault_paths``: a regular expression (``re.search`` on the decoded path, then on the path
@@ -158,6 +165,7 @@ class _Reply:
     length: int = 0
     #: ``"hang"``: never answer (until the simulator stops); ``"drip"``: stream slowly.
     mode: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def json(cls, status: int, payload: Any) -> _Reply:
@@ -202,7 +210,13 @@ class QrsSimulator:
         self.answer_delay_s: float = 0.0
         self.answer_delay_paths: str | None = None
         self.huge_bytes = 100 * 1024 * 1024
+        self.drip_s = 0.2
         self._clock_skew = 0.0
+        self._limit_lock = threading.Lock()
+        self._limit_calls = 0
+        self._limit_until = 0.0
+        self._limit_retry_after: str | None = None
+        self._limit_paths: str | None = None
         self.fail_starts_for: set[str] = set()
         self.log_faults: dict[str, str] = {}
         self.log_hang_seconds = 3600.0
@@ -333,6 +347,29 @@ class QrsSimulator:
     @queue_timeout.setter
     def queue_timeout(self, value: float | None) -> None:
         self.store.queue_timeout = value
+
+    def rate_limit(
+        self, calls: int = 0, seconds: float = 0.0, retry_after: str | None = "5", paths: str | None = None
+    ) -> None:
+        """Answer 429 (with ``Retry-After: retry_after``) to the next ``calls`` matching requests,
+        or to all of them for ``seconds``; ``rate_limit()`` turns it off."""
+        with self._limit_lock:
+            self._limit_calls = calls
+            self._limit_until = time.monotonic() + seconds if seconds > 0 else 0.0
+            self._limit_retry_after = retry_after
+            self._limit_paths = paths
+
+    def _limited(self, path: str, query: str) -> _Reply | None:
+        with self._limit_lock:
+            if self._limit_calls <= 0 and time.monotonic() >= self._limit_until:
+                return None
+            pattern = self._limit_paths
+            if pattern is not None and not (re.search(pattern, path) or re.search(pattern, f"{path}?{query}")):
+                return None
+            if self._limit_calls > 0:
+                self._limit_calls -= 1
+            hint = self._limit_retry_after
+        return _Reply(429, b"Too Many Requests", _TEXT, headers=(("Retry-After", hint),) if hint is not None else ())
 
     def _fault_for(self, path: str, query: str = "") -> str | None:
         fault, pattern = self.fault, self.fault_paths
@@ -676,11 +713,16 @@ class _Handler(BaseHTTPRequestHandler):
             sim._stopping.wait(sim.latency_ms / 1000)
         # A simulator stopped during the latency wait must not act on the request either.
         fault = "outage" if sim._stopping.is_set() else sim._fault_for(path, unquote_plus(raw_query))
-        if fault == "outage":
-            sim._record(LoggedRequest(self.command, path, query, 0, at))
+        if fault in ("outage", "drip"):  # no answer at all, or one that never ends
+            sim._record(LoggedRequest(self.command, path, query, 200 if fault == "drip" else 0, at))
             self.close_connection = True
+            if fault == "drip":
+                self._drip_fault(sim)
             return
-        if fault == "error500":
+        limited = sim._limited(path, unquote_plus(raw_query)) if fault is None else None
+        if limited is not None:
+            reply = limited
+        elif fault == "error500":
             reply = _Reply.text(500, "Internal Server Error")
         elif fault == "error403":
             reply = _Reply.text(403, "Forbidden")
@@ -702,6 +744,8 @@ class _Handler(BaseHTTPRequestHandler):
         if delay > 0 and (pattern is None or re.search(pattern, path)):
             sim._stopping.wait(delay)
         self.send_response(reply.status)
+        for name, value in reply.headers:
+            self.send_header(name, value)
         if reply.status != 204:
             self.send_header("Content-Type", reply.content_type)
             length = reply.length if reply.stream is not None else len(reply.body)
@@ -728,6 +772,20 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 self.wfile.write(chunk[i : i + max(1, sim.log_drip_bytes)])
                 self.wfile.flush()
+
+    def _drip_fault(self, sim: QrsSimulator) -> None:
+        """The ``"drip"`` fault: a 200 head promising 1 MB, then a byte every ``drip_s``."""
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", _JSON)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        self.wfile.flush()
+        for _ in range(1 << 20):
+            if sim._stopping.wait(sim.drip_s):
+                return
+            self.wfile.write(b" ")
+            self.wfile.flush()
 
     def _read_body(self) -> bytes | None:
         """The request body; None when its length is unknown (chunked or a bad header).

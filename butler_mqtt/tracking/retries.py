@@ -15,7 +15,7 @@ import structlog
 
 from butler_mqtt import replies
 from butler_mqtt.admission import Ticket
-from butler_mqtt.errors import ButlerError, is_transient
+from butler_mqtt.errors import ButlerError, is_transient, retry_after
 from butler_mqtt.model import TaskOutcome, matches
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.metrics import Metrics
@@ -76,7 +76,7 @@ class Retries:
             except Exception as exc:  # noqa: BLE001 - every failure ends in a later try or a final outcome
                 if is_transient(exc) and attempt_no < 50:  # QRS or the journal unavailable for now
                     log.warning("retry_deferred", taskId=r["task_id"], error=str(exc))
-                    self.timers.later(retry.CHAIN_STAGE.delay(attempt_no), self.retry, key, tkey, attempt_no + 1)
+                    self.timers.later(retry.CHAIN_STAGE.delay(attempt_no, retry_after(exc)), self.retry, key, tkey, attempt_no + 1)
                     return
                 if not isinstance(exc, ButlerError):
                     log.exception("retry_failed", taskId=r["task_id"])

@@ -18,7 +18,7 @@ import structlog
 from butler_mqtt import replies
 from butler_mqtt.chains import NextStage, after_stage, finish_failure, start_failures
 from butler_mqtt.config import TrackingConfig
-from butler_mqtt.errors import is_transient
+from butler_mqtt.errors import is_transient, rate_limited, retry_after
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import Route, StartRequest, TaskOutcome, matches
 from butler_mqtt.ops import retry
@@ -231,13 +231,14 @@ class Stages:
         if not is_transient(exc):
             log.error("chain_stage_refused", stage=index, error=str(exc))
             return self.request_finished(w, index, f"stage {index} could not be started: {exc}")
-        delay = retry.CHAIN_STAGE.delay(attempt)
+        delay = retry.CHAIN_STAGE.delay(attempt, retry_after(exc))  # at least a 429's Retry-After
         if time.time() + delay - w.started > self.cfg.max_wait:
             return self.request_finished(
                 w, index, f"stage {index} could not be started within tracking.max_wait ({self.cfg.max_wait:.0f} s): {exc}"
             )
         log.warning("chain_stage_deferred", stage=index, error=str(exc), retry_in_s=delay)
-        self.timers.later(delay, self.run_stage, w.key, index, resumed, attempt + 1)
+        # A start QRS refused with 429 left intents: the next try resumes from them (asks QRS).
+        self.timers.later(delay, self.run_stage, w.key, index, resumed or rate_limited(exc), attempt + 1)
 
     def request_finished(self, w: Waited, stopped_at: int | None, reason: str | None) -> None:
         if w.report:

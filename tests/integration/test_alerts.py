@@ -220,3 +220,71 @@ def test_run_policies_alert_overdue_expired_and_only_the_last_retry(
     assert hook.wait_for(lambda b: b["requestId"] == "retried") == last
     alerts = sorted((m["alert"], m["requestId"]) for m in on_topic.messages)
     assert alerts == [("overdue", "long"), ("queueExpired", "queued"), ("reloadFailed", "long"), ("reloadFailed", "retried")]
+
+
+def _vm_hwm_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) of this process
+        f.write("5")
+
+
+def _webhook_results(d: Any) -> dict[str, float]:
+    text = d.daemon.metrics.render().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("butler_mqtt_alert_deliveries_total") and 'sink="webhook"' in line:
+            out[line.split('result="')[1].split('"')[0]] = float(line.split()[-1])
+    return out
+
+
+def test_a_webhook_answering_1_gb_is_read_only_up_to_a_small_cap(qrs_certs, sim, broker, tmp_path, start_daemon, requester):
+    """The webhook answers 200 with a 1 GiB body: the daemon (in this process) reads at most
+    64 KiB of it and closes the connection; its peak RSS does not grow by the answer."""
+    from tests.support.hostile_http import HostileHttpServer
+
+    server = HostileHttpServer("huge").start()
+    try:
+        sim.fail_starts_for = {BROKEN}
+        cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state",
+                          alerts=alerts_config(alert_topic(), server.port, attempts=1, timeout=30))
+        d = start_daemon(cfg)
+        _reset_peak_rss()
+        before = _vm_hwm_kb()
+        assert requester.request({"requestId": "huge-1", "tag": "broken"}, timeout=30)[-1]["event"] == "summary"
+        assert wait_until(lambda: len(server.closed()) == 1, 60), "the daemon never let go of the 1 GiB answer"
+        assert wait_until(lambda: _webhook_results(d).get("sent") == 1.0, 30), _webhook_results(d)
+        grown_mb = (_vm_hwm_kb() - before) / 1024
+        assert grown_mb < 200, f"peak RSS grew by {grown_mb:.0f} MB"
+        assert server.closed()[0].sent < 256 << 20  # the rest was never read
+        assert requester.request({"requestId": "huge-2", "tag": "fine"}, timeout=30)[-1]["totalTasksStarted"] == 1
+    finally:
+        server.stop()
+
+
+def test_a_webhook_dripping_its_answer_is_cut_at_the_total_timeout(
+    qrs_certs, sim, broker, tmp_path, start_daemon, requester, logs
+):
+    """The webhook drips its answer head one byte every 0.2 s (for up to 10 min): each POST is
+    cut at `timeout` in all (not per read), retried, then given up; requests go on meanwhile."""
+    from tests.support.hostile_http import HostileHttpServer
+
+    server = HostileHttpServer("drip", drip_s=0.2).start()
+    try:
+        sim.fail_starts_for = {BROKEN}
+        cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state",
+                          alerts=alerts_config(alert_topic(), server.port, attempts=2, timeout=1))
+        d = start_daemon(cfg)
+        assert requester.request({"requestId": "drip-1", "tag": "broken"}, timeout=30)[-1]["event"] == "summary"
+        assert wait_until(lambda: len(server.connections) >= 1, 30)
+        assert requester.request({"requestId": "drip-2", "tag": "fine"}, timeout=30)[-1]["totalTasksStarted"] == 1
+        # Generous: the server would drip for 600 s per connection.
+        assert wait_until(lambda: len(server.closed()) == 2, 90), "a dripping answer was not cut"
+        assert wait_until(lambda: _webhook_results(d).get("failed") == 1.0, 30), _webhook_results(d)
+        assert all(c.closed is not None and c.closed - c.accepted < 60 for c in server.connections)
+        assert "no complete answer within alerts.webhook.timeout" in logs.getvalue()
+    finally:
+        server.stop()

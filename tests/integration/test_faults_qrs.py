@@ -450,3 +450,93 @@ def test_flood_of_malformed_messages_mixed_with_valid_ones(qrs_certs, sim, broke
             daemon.kill()
         replies.close()
         pub.close()
+
+
+# --------------------------------------------------------------------------- QRS answering 429
+
+
+def test_a_start_answered_429_is_never_failed_and_starts_once_later(rig, sim):
+    """A start answered 429 did not run: it is sent again after the Retry-After (never a final
+    `failed`), also when the 429s outlast the client's retries (the delivery is left for later
+    and resumed from the journal's intents), and each task starts exactly once."""
+    _running, replies, pub = rig(qrs={"retries": 1})
+    a, b = TASK_IDS[60], TASK_IDS[61]
+    # One task alone: 4 refusals = two rounds of the client's retries, then the request again.
+    sim.rate_limit(calls=4, retry_after="1", paths=a + "/start")
+    pub.request("r429-one", a)
+    assert replies.wait_answered(["r429-one"], 120) == set()
+    assert [e["status"] for e in replies.tasks("r429-one")][-1] == "started"
+    assert all(e["status"] != "failed" for e in replies.tasks("r429-one")), replies.tasks("r429-one")
+    statuses = [x.status for x in sim.request_log if x.method == "POST" and a in x.path]
+    assert statuses == [429, 429, 429, 429, 201], statuses
+    # Two tasks, one refused: the other is started once, the refused one once later.
+    sim.rate_limit(calls=3, retry_after="1", paths=b + "/start")
+    pub.raw(json.dumps({"requestId": "r429-two", "taskId": [TASK_IDS[62], b]}).encode())
+    assert replies.wait_answered(["r429-two"], 120) == set()
+    (summary,) = replies.finals("r429-two")
+    assert summary["totalTasksStarted"] == 2 and summary["tasksFailed"] == [], summary
+    assert all(e["status"] != "failed" for e in replies.tasks("r429-two"))
+    assert_started_once(sim, [a, b, TASK_IDS[62]])
+    # The same without requestId (an anonymous request keeps its journal key while retried).
+    c, e = TASK_IDS[63], TASK_IDS[64]
+    sim.rate_limit(calls=3, retry_after="1", paths=e + "/start")
+    pub.raw(json.dumps({"taskId": [c, e]}).encode())
+    assert wait_until(lambda: len(replies.finals(None)) == 1, 120)
+    (summary,) = replies.finals(None)
+    assert summary["totalTasksStarted"] == 2 and summary["tasksFailed"] == [], summary
+    assert_started_once(sim, [a, b, c, e, TASK_IDS[62]])
+
+
+def test_lookups_answered_429_wait_out_the_retry_after(rig, sim):
+    """QRS answers every lookup 429 with `Retry-After: 5` for 10 s while 50 requests arrive: no
+    call goes out before the Retry-After (today: 249 calls, one every 0.2 s); afterwards every
+    request is answered and started once. Asserted on the simulator's request log, not time."""
+    _running, replies, pub = rig(mqtt={"workers": 4})
+    sim.rate_limit(seconds=10, retry_after="5", paths=r"/reloadtask/full")
+    items = pairs("r429-get", range(70, 120))
+    for rid, tid in items:
+        pub.request(rid, tid)
+    assert replies.wait_answered([r for r, _ in items], 180) == set()
+    refused = [x for x in sim.request_log if x.status == 429]
+    # At most one burst of the 4 workers per Retry-After: at 0, 5 and 10 s (the old code: 40).
+    assert 1 <= len(refused) <= 12, f"{len(refused)} lookups answered 429"
+    assert_started_once(sim, [t for _, t in items])
+    assert_replies_started(replies, items)
+
+
+# --------------------------------------------------------------------------- QRS health, whoever met it
+
+
+def test_qrs_down_is_seen_by_healthz_and_status_and_waiting_requests_wake_when_it_is_back(rig, sim, listen):
+    """QRS drops every connection while an MQTT request waits: /healthz stops saying `"qrs":
+    "ok"` at once (today: ok for ~50 s, the MQTT side's failures were not counted), the status
+    topic shows `problems.qrsUnreachable` (once), and when QRS answers again the waiting
+    request is answered at the next probe instead of sleeping out its backoff (up to 30 s)."""
+    import requests
+
+    running, replies, pub = rig(http={"enabled": True, "port": 0})
+    status = listen(running.daemon.listener.status_topic)
+    health_url = f"http://127.0.0.1:{running.daemon.http_server.port}/healthz"
+    pub.request("hz-before", TASK_IDS[0])
+    assert replies.wait_answered(["hz-before"], 60) == set()
+    assert requests.get(health_url, timeout=30).json()["qrs"] == "ok"
+
+    sim.fault = "outage"
+    pub.request("hz-waits", TASK_IDS[1])
+    assert wait_until(lambda: deferred(running) >= 1, 60)
+    body = requests.get(health_url, timeout=60).json()
+    assert body["qrs"] == "unreachable" and body["status"] == "unavailable", body
+    down = status.wait_for(lambda m: "qrsUnreachable" in m.get("problems", {}), timeout=60)
+    assert "is not answering since" in down["problems"]["qrsUnreachable"]
+    # Long enough that the request's own backoff has reached 30 s (7 deferrals without probes).
+    assert wait_until(lambda: deferred(running) >= 7, 120)
+    back = time.monotonic()
+    sim.fault = None
+    assert replies.wait_answered(["hz-waits"], 60) == set()
+    woke_after = time.monotonic() - back
+    # Generous (probes run every 2 s): a request sleeping out its 30 s backoff fails this.
+    assert woke_after < 15, f"the waiting request was answered {woke_after:.1f} s after QRS came back"
+    assert_started_once(sim, TASK_IDS[:2])
+    assert wait_until(lambda: "qrsUnreachable" not in status.messages[-1].get("problems", {}), 30)  # cleared
+    assert sum(1 for m in status.messages if "qrsUnreachable" in m.get("problems", {})) == 1
+    assert requests.get(health_url, timeout=30).json()["qrs"] == "ok"

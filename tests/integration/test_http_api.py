@@ -513,3 +513,18 @@ def test_asyncapi_of_a_daemon_without_alerts_lists_no_alerts_channel(cfg, start_
     assert "alerts" not in doc["channels"] and "sendAlerts" not in doc["operations"]
     assert {"start", "replies", "status"} <= set(doc["channels"])
     assert "alert" in doc["components"]["messages"]  # what a webhook receives is still described
+
+
+def test_qrs_answering_429_is_a_503_with_its_retry_after_not_a_held_request(api, sim):
+    """A lookup QRS answers 429 with `Retry-After: 40`: the REST caller gets 503 with (at
+    least) that Retry-After at once, not a connection held while the client sleeps it out;
+    nothing was started, and QRS is not asked again before the time is up."""
+    sim.rate_limit(calls=1, retry_after="40", paths=r"/reloadtask/full")
+    resp = api.call(T1, {})
+    body = error(resp, 503)
+    assert body["error"] == "QRS unreachable" and "429" in body["details"]
+    assert int(resp.headers["Retry-After"]) >= 40
+    assert sim.starts == []
+    assert [r.status for r in sim.request_log if r.path.endswith("/reloadtask/full")] == [429]
+    assert error(api.call(T1, {}), 503)["error"] == "QRS unreachable"  # refused here, not sent
+    assert [r.status for r in sim.request_log if r.path.endswith("/reloadtask/full")] == [429]

@@ -134,6 +134,68 @@ def test_idle_rest_connections_cannot_starve_mqtt_or_qrs(qrs_certs, sim, broker,
     assert d.proc.returncode == 0
 
 
+def test_idle_tls_handshakes_count_against_the_cap_and_the_request_timeout(qrs_certs, sim, broker, tmp_path):
+    """Over HTTPS, 400 TCP connections that never start their TLS handshake, with the open-file
+    limit at 256: they count against http.max_connections from accept (the surplus is closed
+    at once) and the handshake is part of http.request_timeout (the rest are closed by it, not
+    by asyncio's 60 s handshake timeout); an MQTT request is answered meanwhile and an HTTPS
+    start works after."""
+    from tests.support.pki import Pki
+
+    pki = Pki(tmp_path / "pki")
+    topic = f"test/fds/{uuid.uuid4().hex}"
+    env = daemon_env(
+        qrs_certs,
+        sim.port,
+        broker.port,
+        tmp_path / "state",
+        f"fds-{uuid.uuid4().hex[:8]}",
+        BUTLER_MQTT__MQTT__TOPICS__START=topic,
+        BUTLER_MQTT__HTTP__ENABLED="true",
+        BUTLER_MQTT__HTTP__PORT="0",
+        BUTLER_MQTT__HTTP__REQUEST_TIMEOUT=str(REQUEST_TIMEOUT_S),
+        BUTLER_MQTT__HTTP__TLS__CERT=str(pki.cert),
+        BUTLER_MQTT__HTTP__TLS__KEY=str(pki.key),
+    )
+    d = DaemonProcess(env, preexec_fn=_low_fd_limit)
+    socks: list[socket.socket] = []
+    try:
+        cap = (FD_LIMIT - FD_RESERVE) // 2
+        assert d.wait_log("http_max_connections_lowered")["used"] == cap
+        url = d.wait_log("http_listening")["url"]
+        assert url.startswith("https://")
+        port = int(url.rsplit(":", 1)[1])
+        d.wait_log("mqtt_subscribed")
+
+        for _ in range(IDLE):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        # The surplus is closed at once, unanswered (a client before its handshake cannot read).
+        refused = _wait_closed(socks, IDLE - cap, timeout=20)
+        assert len(refused) >= IDLE - cap, f"only {len(refused)} of the {IDLE - cap} over the cap were closed"
+
+        mq = MqttConfig(host="127.0.0.1", port=broker.port, protocol="5")
+        mq.topics.start = topic
+        with Requester(mq) as r:
+            events = r.request({"requestId": f"fd-{uuid.uuid4().hex}", "taskId": T1}, timeout=40)
+        assert events[-1]["event"] == "summary" and events[-1]["totalTasksStarted"] == 1
+
+        # Generous, but far below asyncio's own 60 s handshake timeout.
+        closed = _wait_closed(socks, IDLE, timeout=REQUEST_TIMEOUT_S + 20)
+        assert len(closed) == IDLE, f"{IDLE - len(closed)} idle TLS connections still open"
+
+        resp = requests.post(f"https://127.0.0.1:{port}/v4/reloadtask/{T2}/start", timeout=30, verify=str(pki.server_ca))
+        assert resp.status_code == 200, resp.text
+        assert sorted(s.task_id for s in sim.starts) == sorted([T1, T2])
+        assert "Too many open files" not in d.log_text()
+        timeouts = [e for e in d.events if e.get("event") == "http_request_timeout"]
+        assert 1 <= len(timeouts) <= 2  # rate-limited: once a minute, with a count
+    finally:
+        for s in socks:
+            s.close()
+        d.stop()
+    assert d.proc.returncode == 0
+
+
 # ----------------------------------------------------------------------------- in-process details
 
 

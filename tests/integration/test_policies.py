@@ -288,3 +288,18 @@ def test_a_task_queued_by_the_qlik_scheduler_counts_as_running(cfg, start_daemon
     events = requester.request({"requestId": "qs-2", "taskId": SHORT, "ifRunning": "attach"})
     ev = task_events(events, SHORT)[0]
     assert ev["status"] == "alreadyRunning" and ev["executionId"] == task_events(first, SHORT)[0]["executionId"]
+
+
+def test_a_queued_rerun_answered_429_is_started_later_never_failed(qrs_certs, sim, broker, tmp_path, start_daemon, requester):
+    """The queue runner's start is answered 429 (nothing ran): the entry is not ended `failed`
+    but tried again at the next maintenance (QRS asked first), and the rerun starts once."""
+    start_daemon(make_config(qrs_certs, sim.port, broker, tmp_path / "state", qrs={"retries": 0}))
+    first = requester.request({"requestId": "q429-0", "taskId": SHORT})
+    assert task_events(first, SHORT)[0]["status"] == "started"
+    _token, box = requester.send({"requestId": "q429-1", "taskId": SHORT, "ifRunning": "queue"})
+    sim.rate_limit(calls=1, retry_after="1", paths=SHORT + "/start")  # the queue runner's start
+    evs = collect(box, lambda evs: len(task_events(evs, SHORT)) >= 2, timeout=90)
+    queued, started = task_events(evs, SHORT)[:2]
+    assert queued["status"] == "queued" and started["status"] == "started", evs
+    assert len(starts_of(sim, SHORT)) == 2
+    assert [r.status for r in sim.request_log if r.method == "POST" and SHORT in r.path] == [201, 429, 201]

@@ -138,3 +138,70 @@ def test_a_plain_http_server_on_the_qrs_port_is_a_clear_permanent_error(qrs_cert
         qrs.close()
     finally:
         srv.shutdown()
+
+
+def test_a_qrs_answer_dripping_byte_by_byte_is_cut_at_the_total_timeout(qrs_certs, sim):
+    """QRS sends its head, then one body byte every 0.2 s: every read is well inside
+    `qrs.timeout`, but the call ends at `qrs.timeout` in all (a transient `QrsUnreachable`);
+    the next call on the same client is unaffected."""
+    import threading
+
+    qrs = QrsClient(qrs_cfg(qrs_certs, sim.port, retries=0, timeout=1))
+    sim.fault, sim.fault_paths = "drip", r"/qrs/about"
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            qrs.about()
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(60)  # generous: the answer would take 2.4 days to arrive
+    assert not t.is_alive(), "a dripping QRS answer held the call"
+    (exc,) = outcome
+    assert isinstance(exc, QrsUnreachable) and is_transient(exc) and "in all" in str(exc), exc
+    sim.fault = None
+    assert qrs.about()["schemaPath"] == "About"
+    qrs.close()
+
+
+def test_a_429_is_retried_after_its_retry_after_and_a_start_refused_429_did_not_run(qrs_certs, sim):
+    qrs = QrsClient(qrs_cfg(qrs_certs, sim.port, retries=1))
+    sim.rate_limit(calls=2, retry_after="1", paths=r"/start")
+    with pytest.raises(QrsRefused) as info:
+        qrs.start_synchronous(IDS[0])
+    assert info.value.status == 429 and info.value.retry_after == 1.0 and is_transient(info.value)
+    assert sim.starts == []  # refused: nothing ran
+    sim.rate_limit(calls=1, retry_after="Wed, 21 Oct 2015 07:28:00 GMT", paths=r"/qrs/about")  # a date in the past
+    assert qrs.about()["schemaPath"] == "About"
+    assert [r.status for r in sim.request_log if r.path == "/qrs/about"] == [429, 200]
+    qrs.close()
+
+
+def test_a_start_does_not_sleep_out_a_long_retry_after(qrs_certs, sim):
+    """A Retry-After longer than the start's budget (10 s) is not slept out inside the start
+    (its journal lease would run out): the 429 is raised with the hint at once, and the next
+    start is refused without being sent until the time has passed."""
+    import threading
+
+    qrs = QrsClient(qrs_cfg(qrs_certs, sim.port, retries=3))
+    sim.rate_limit(calls=1, retry_after="60", paths=r"/start")
+    outcome: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            qrs.start_synchronous(IDS[0])
+        except QrsRefused as exc:
+            outcome.append(exc)
+
+    for _ in range(2):
+        t = threading.Thread(target=start, daemon=True)
+        t.start()
+        t.join(30)  # generous, far below the 60 s asked for
+        assert not t.is_alive(), "the start slept out the Retry-After"
+    assert [e.status for e in outcome] == [429, 429] and all(e.retry_after and e.retry_after > 30 for e in outcome)
+    assert len([r for r in sim.request_log if r.method == "POST"]) == 1  # the second was never sent
+    assert sim.starts == []
+    qrs.close()

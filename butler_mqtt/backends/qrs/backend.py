@@ -50,6 +50,7 @@ class QrsBackend:
 
     def __init__(self, client: QrsClient) -> None:
         self.client = client
+        self.health = client.health
         self._max_filter = client.cfg.max_filter_length
 
     @property

@@ -2,14 +2,21 @@
 
 * Server verification against `root.pem` is on unless `qrs.verify: false` is written.
 * Every request carries a fresh random 16-character Xrfkey in the header and the query.
-* GETs are retried with backoff on connection errors and 5xx; a start is retried only when
-  the connection was never made (refused or connect timeout), because a blind retry of a
-  start can run a reload twice.
+* GETs are retried with backoff on connection errors, 5xx and 429; a start is retried only
+  when the connection was never made (refused or connect timeout) or QRS answered 429 (the
+  start was refused, nothing ran), because a blind retry of a start can run a reload twice.
+* A 429's `Retry-After` (seconds or HTTP date) is honoured by every call of this client, not
+  only the one that got it: no call is sent before that time (`_hold_off`), and the retry
+  delay is at least the hint (ops/retry.py). A 429 that outlasts the retries is raised with
+  the hint (`QrsRefused.retry_after`): transient, whoever waits next waits at least that long.
 * The transport (qrs/transport.py) carries each request and names its failures in one table:
   unreachable (transient; `never_sent` when the connection never opened), TLS rejected
   (permanent: certificate not trusted, client certificate refused), answered with an error;
   answers are read with a size cap (`qrs.max_response_bytes`). Tests may hand in a
   `MockTransport`.
+* Every call's outcome goes to `health` (ops/backend_health.py): whatever ingress or thread met
+  a failure, /healthz and the status topic see it, and requests waiting on a transient failure
+  are woken by the first success.
 * QRS's clock is learned from its `Date` header (`clock_offset`): "did my start arrive?"
   questions are asked in QRS's time, so a skewed daemon clock neither doubles nor misreports.
 """
@@ -18,17 +25,16 @@ from __future__ import annotations
 
 import json
 import secrets
-import string
 import threading
 import time
 from collections.abc import Callable, Iterable
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode
 
 import structlog
 
 from butler_mqtt.backends.qrs.filters import execution_filters
+from butler_mqtt.backends.qrs.pace import HoldOff, ServerClock
 from butler_mqtt.backends.qrs.transport import Answer, PoolTransport, Transport, route_name
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import (
@@ -39,29 +45,37 @@ from butler_mqtt.errors import (
     QrsTlsRejected,
     QrsUnreachable,
     is_transient,
+    rate_limited,
 )
+from butler_mqtt.errors import retry_after as retry_after_of
 from butler_mqtt.model import EMPTY_GUID, is_guid
 from butler_mqtt.ops import retry
+from butler_mqtt.ops.backend_health import BackendHealth
 from butler_mqtt.ops.ratelimit import RateLimiter
 
 log = structlog.get_logger("butler_mqtt.qrs")
 _limiter = RateLimiter(60.0)
 
-_XRF_ALPHABET = string.ascii_letters + string.digits
 
 #: Called after every QRS call with (method, route, status or None, seconds).
 CallObserver = Callable[[str, str, int | None, float], None]
 
 
-_RANDOM = secrets.SystemRandom()
+#: A call waits out 429s (Retry-After) in the client for at most this long in all; past it, it
+#: is raised as a 429 with the hint and the caller tries again later: a start's journal claim
+#: is renewed then, a REST caller gets 503 with the Retry-After instead of a held connection.
+HOLD_OFF_BUDGET_S = 10.0
 
 #: The `Date` header has 1 s resolution; "created since" questions are widened by this much.
 CLOCK_TOLERANCE_S = 2.0
 
 
 def new_xrfkey() -> str:
-    """16 characters of [0-9a-zA-Z] from the OS's CSPRNG."""
-    return "".join(_RANDOM.choices(_XRF_ALPHABET, k=16))
+    """16 characters of [0-9a-f] from the OS's CSPRNG (QRS wants 16 letters or digits).
+
+    `secrets.token_hex`: one read of 8 random bytes; choosing 16 characters one by one from
+    SystemRandom cost about 6 % of the daemon's CPU per request (bench/throughput.py --profile)."""
+    return secrets.token_hex(8)
 
 
 class QrsClient:
@@ -76,10 +90,10 @@ class QrsClient:
         self.base_url = cfg.base_url
         self._observer = observer
         self._last_ok = 0.0
-        self._clock_lock = threading.Lock()
-        self._offset = 0.0
-        self._offset_known = False
-        self._last_date: str | None = None
+        self._clock = ServerClock()
+        self._hold_off = HoldOff()
+        #: Every call's outcome, for /healthz, the status topic and waiting requests.
+        self.health = BackendHealth(f"QRS at {cfg.base_url}")
         self._transport: Transport = transport if transport is not None else PoolTransport(cfg)
         self._headers = {
             "X-Qlik-User": f"UserDirectory={cfg.user_directory}; UserId={cfg.user_id}",
@@ -109,6 +123,7 @@ class QrsClient:
         query = urlencode({**(params or {}), "xrfkey": key})  # quote_plus: `&#+%'` are encoded
         headers = {**self._headers, "X-Qlik-Xrfkey": key}
         body = json.dumps(json_body).encode() if json_body is not None else None
+        self._hold_off.wait()
         t0 = time.perf_counter()
         status: int | None = None
         try:
@@ -116,32 +131,20 @@ class QrsClient:
             status = answer.status_code
             if status < 500:
                 self._last_ok = time.monotonic()
-            self._learn_clock(answer.date, t0)
+            if status == 429:
+                self._hold_off.hold(retry.retry_after_seconds(answer.retry_after))
+            self._clock.learn(answer.date, t0)
             return answer
         finally:
+            seconds = time.perf_counter() - t0
+            self.health.observe(method, path, status, seconds)
             if self._observer is not None:
-                self._observer(method, route_name(path), status, time.perf_counter() - t0)
-
-    def _learn_clock(self, date_header: str | None, t0: float) -> None:
-        # One parse per new header value: under load many answers share the same second.
-        if not date_header or date_header == self._last_date:
-            return
-        self._last_date = date_header
-        try:
-            qrs_now = parsedate_to_datetime(date_header).timestamp()
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return
-        # The Date header has 1 s resolution and was stamped somewhere during the call.
-        local = time.time() - (time.perf_counter() - t0) / 2
-        with self._clock_lock:
-            self._offset = qrs_now + 0.5 - local
-            self._offset_known = True
+                self._observer(method, route_name(path), status, seconds)
 
     @property
     def clock_offset(self) -> float | None:
         """QRS's clock minus ours in seconds (from its `Date` header), None before any answer."""
-        with self._clock_lock:
-            return self._offset if self._offset_known else None
+        return self._clock.offset
 
     def _check(self, resp: Answer, what: str) -> Answer:
         if resp.status_code == 404:
@@ -154,18 +157,26 @@ class QrsClient:
                 resp.status_code,
                 resp.text[:500],
             )
+        if resp.status_code == 429:
+            hint = retry.retry_after_seconds(resp.retry_after)
+            later = f" (Retry-After: {hint:g} s)" if hint is not None else ""
+            raise QrsRefused(f"{what}: QRS answered 429 Too Many Requests{later}", 429, resp.text[:500], retry_after=hint)
         if resp.status_code >= 400:
             raise QrsRefused(f"{what}: QRS answered {resp.status_code} {resp.text[:200]}".strip(), resp.status_code, resp.text[:500])
         return resp
 
     def get_json(self, path: str, params: dict[str, str] | None = None) -> Any:
-        """GET with retries and backoff on connection errors and 5xx."""
+        """GET with retries and backoff on connection errors, 5xx and 429 (waiting at most
+        HOLD_OFF_BUDGET_S for a Retry-After in all; past it the 429 is raised with its hint)."""
         attempt = 0
+        budget = time.monotonic() + HOLD_OFF_BUDGET_S
         while True:
             try:
+                self._hold_off.refuse_past(budget, f"GET {route_name(path)}")
                 resp = self._call("GET", path, params)
                 if resp.status_code >= 500 and attempt < self.cfg.retries:
-                    raise QrsRefused(f"GET {path}: {resp.status_code}", resp.status_code)
+                    raise QrsRefused(f"GET {path}: {resp.status_code}", resp.status_code,
+                                     retry_after=retry.retry_after_seconds(resp.retry_after))
                 self._check(resp, f"GET {route_name(path)}")
                 try:
                     return resp.json()
@@ -174,9 +185,10 @@ class QrsClient:
             except (QrsUnreachable, QrsRefused, QrsTlsRejected) as exc:
                 # An ambiguous TLS close is tried again a few times before it counts as a refusal.
                 again = is_transient(exc) or (isinstance(exc, QrsTlsRejected) and exc.ambiguous)
-                if not again or attempt >= self.cfg.retries:
+                delay = retry.QRS_CALL.delay(attempt, retry_after_of(exc))
+                if not again or attempt >= self.cfg.retries or (rate_limited(exc) and time.monotonic() + delay > budget):
                     raise
-                time.sleep(retry.QRS_CALL.delay(attempt))
+                time.sleep(delay)
                 attempt += 1
 
     # ----------------------------------------------------------------- QRS operations
@@ -213,16 +225,23 @@ class QrsClient:
         if not is_guid(task_id):
             raise ValueError(task_id)
         path = f"/qrs/task/{task_id}/start/synchronous"
+        what = f"start task {task_id}"
+        budget = time.monotonic() + HOLD_OFF_BUDGET_S
         for attempt in range(self.cfg.retries + 1):
             try:
+                self._hold_off.refuse_past(budget, what)
                 resp = self._call("POST", path)
+                if resp.status_code == 429:
+                    self._check(resp, what)  # raises: QRS refused the start, nothing ran
                 break
-            except QrsUnreachable as exc:
-                # Safe to try again only if the connection itself never opened.
-                if not exc.never_sent or attempt >= self.cfg.retries:
+            except (QrsUnreachable, QrsRefused) as exc:
+                # Safe to try again only if the connection itself never opened, or QRS said 429.
+                again = rate_limited(exc) or (isinstance(exc, QrsUnreachable) and exc.never_sent)
+                delay = retry.QRS_CALL.delay(attempt, retry_after_of(exc))
+                if not again or attempt >= self.cfg.retries or time.monotonic() + delay > budget:
                     raise
-                time.sleep(retry.QRS_CALL.delay(attempt))
-        self._check(resp, f"start task {task_id}")
+                time.sleep(delay)
+        self._check(resp, what)
         try:
             value = resp.json()
         except ValueError:

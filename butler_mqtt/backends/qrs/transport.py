@@ -1,8 +1,9 @@
 """The QRS transport: how one HTTPS request reaches QRS and how its failures are named.
 
 `PoolTransport` is the real one: a urllib3 connection pool with the Qlik client certificate,
-server verification against `qrs.ca` unless `qrs.verify: false`, answers read with the
-`qrs.max_response_bytes` cap, and ONE table (`map_transport_error`) from urllib3/ssl/socket
+server verification against `qrs.ca` unless `qrs.verify: false`, each call cut at a TOTAL
+deadline of `qrs.timeout` (head and body together, however slowly they drip: ops/outbound.py),
+answers read with the `qrs.max_response_bytes` cap while they stream in, and ONE table (`map_transport_error`) from urllib3/ssl/socket
 errors to the tree of errors.py. `MockTransport(handler)` stands in for it in unit tests
 (in the spirit of httpx's MockTransport): the client's operations and the resume logic above
 it are then tested without TLS or a server.
@@ -26,6 +27,7 @@ import urllib3
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import ConfigError, QrsError, QrsRefused, QrsTlsRejected, QrsUnreachable
 from butler_mqtt.model import is_guid
+from butler_mqtt.ops.outbound import WatchedHTTPSConnectionPool, deadline, read_capped
 from butler_mqtt.ops.pem import check_pem
 
 
@@ -41,6 +43,7 @@ class Answer:
     status_code: int
     content: bytes
     date: str | None = None  # the `Date` header: QRS's clock
+    retry_after: str | None = None  # the `Retry-After` header (429, 503), as sent
 
     @property
     def text(self) -> str:
@@ -77,7 +80,7 @@ class PoolTransport:
             ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("qrs.cert", f"cannot load the client certificate and key: {exc}") from None
-        self._pool = urllib3.HTTPSConnectionPool(
+        self._pool = WatchedHTTPSConnectionPool(
             cfg.host,
             cfg.port,
             maxsize=max(cfg.start_concurrency * 2, 10),
@@ -104,15 +107,24 @@ class PoolTransport:
 
     def send(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> Answer:
         path = target.split("?", 1)[0]
-        try:
-            resp = self._pool.urlopen(
-                method, target, body=body, headers=headers, retries=False, redirect=False, preload_content=False
-            )
-            return Answer(resp.status, self._read_capped(resp, method, path), resp.headers.get("Date"))
-        except QrsError:
-            raise
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise map_transport_error(exc, self.cfg.base_url, self.cfg.timeout, f"{method} {route_name(path)}") from None
+        what = f"{method} {route_name(path)}"
+        with deadline(self.cfg.timeout) as d:
+            try:
+                resp = self._pool.urlopen(
+                    method, target, body=body, headers=headers, retries=False, redirect=False, preload_content=False
+                )
+                content = self._read_capped(resp, what)
+            except QrsError:
+                raise
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                if d.expired:
+                    raise QrsUnreachable(f"QRS did not answer within {self.cfg.timeout:g} s in all ({what})") from None
+                raise map_transport_error(exc, self.cfg.base_url, self.cfg.timeout, what) from None
+        if d.expired:  # cut mid-answer: what was parsed (even a status) is not QRS's answer
+            resp.close()
+            raise QrsUnreachable(f"QRS did not answer within {self.cfg.timeout:g} s in all ({what})")
+        resp.release_conn()
+        return Answer(resp.status, content, resp.headers.get("Date"), resp.headers.get("Retry-After"))
 
     def open(self, method: str, target: str, headers: dict[str, str], timeout: float) -> Any:
         """One request whose answer the caller reads (a urllib3 response, not preloaded: read it
@@ -127,22 +139,21 @@ class PoolTransport:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise map_transport_error(exc, self.cfg.base_url, timeout, f"{method} {route_name(path)}") from None
 
-    def _read_capped(self, resp: Any, method: str, path: str) -> bytes:
+    def _read_capped(self, resp: Any, what: str) -> bytes:
         """The body, at most `qrs.max_response_bytes`: a runaway answer must not eat the memory."""
         cap = self.cfg.max_response_bytes
         try:
-            data: bytes = resp.read(cap + 1)
+            data, over = read_capped(resp, cap)
         except BaseException:
             resp.close()
             raise
-        if len(data) > cap:
+        if over:
             resp.close()  # neither read nor reuse the rest of this connection
             raise QrsRefused(
-                f"{method} {route_name(path)}: the QRS answer is larger than qrs.max_response_bytes ({cap} bytes);"
+                f"{what}: the QRS answer is larger than qrs.max_response_bytes ({cap} bytes);"
                 " narrow the selection or raise qrs.max_response_bytes",
                 resp.status,
             )
-        resp.release_conn()
         return data
 
 
