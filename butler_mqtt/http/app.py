@@ -228,6 +228,7 @@ class RestApi:
             raise ApiError(502, "QRS refused the request", str(exc), "error") from None
         except JournalError as exc:
             raise ApiError(503, "Journal unavailable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
+        self.handled += 1  # the request metrics are counted by the use case (service.submit)
         return handled.events
 
     def _count(self, outcome: str) -> None:

@@ -233,7 +233,7 @@ def _reset_peak_rss() -> None:
 
 
 def _webhook_results(d: Any) -> dict[str, float]:
-    text = d.daemon.metrics.render().decode()
+    text = d.daemon.runtime.metrics.render().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("butler_mqtt_alert_deliveries_total") and 'sink="webhook"' in line:
