@@ -585,7 +585,7 @@ class MqttListener:
         constructor costs more than the JSON of a reply. Never mutated after creation."""
         if not self.v5:
             return None
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props = _PackedOnce(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.ContentType = "application/json"
         if correlation is not None:
             props.CorrelationData = correlation
@@ -599,6 +599,18 @@ class MqttListener:
             body = json.dumps(event, separators=(",", ":")).encode("ascii")
         with self._publish_lock:
             return self.client.publish(topic, body, qos=1, retain=False, properties=self._reply_properties(correlation))
+
+
+class _PackedOnce(Properties):
+    """Reply properties, never changed once built: packed once, not on every publish (paho's
+    `pack` walks every property name; it was about 4 % of the daemon's CPU per request)."""
+
+    def pack(self) -> bytes:
+        packed: bytes | None = self.__dict__.get("_packed")
+        if packed is None:
+            packed = super().pack()  # type: ignore[no-untyped-call]
+            object.__setattr__(self, "_packed", packed)
+        return packed
 
 
 def apply_credentials(client: mqtt.Client, cfg: MqttConfig) -> None:

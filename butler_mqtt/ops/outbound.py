@@ -187,6 +187,11 @@ def read_capped(resp: Any, cap: int) -> tuple[bytes, bool]:
     """At most `cap` bytes of the body of `resp` (urllib3, `preload_content=False`), and True
     when there was more. Reads in CHUNK steps, so memory follows what arrives, never `cap`
     up front; the caller closes the response when there was more (the rest is never read)."""
+    declared = getattr(resp, "length_remaining", None)
+    if isinstance(declared, int) and declared <= min(cap, CHUNK) and not resp.headers.get("Content-Encoding"):
+        # A small, declared, uncompressed body (nearly every QRS answer): one read. urllib3 reads
+        # no further than the Content-Length, and a short body raises (enforce_content_length).
+        return resp.read(declared), False
     parts: list[bytes] = []
     n = 0
     while n <= cap:
