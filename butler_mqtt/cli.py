@@ -188,6 +188,55 @@ def _add_sim(p: argparse.ArgumentParser) -> None:
         metavar="NAME=N", help="QRS's maxRetries: a failed run shows Retry (10) and runs again, up to N "
         "times, in the same execution (default 0)",
     )
+    _add_sim_failure_options(p)
+
+
+def _text_setting(text: str) -> tuple[str, str]:
+    """argparse type for NAME=TEXT (split at the first '=': the text may hold '=')."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=TEXT (a task name or id), got {text!r}")
+    return name, value
+
+
+def _stop_seconds(text: str) -> tuple[float, float]:
+    first, sep, second = text.partition(",")
+    try:
+        return non_negative_seconds(first), non_negative_seconds(second if sep else first)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected SECONDS or SECONDS,SECONDS, got {text!r}") from None
+
+
+def _add_sim_failure_options(p: argparse.ArgumentParser) -> None:
+    f = p.add_argument_group("failures, script logs and stop (qrs-api.md section 13)")
+    f.add_argument(
+        "--failure-message", type=_text_setting, action="append", default=[], metavar="NAME=TEXT",
+        help="the Error detail of the task's failed runs, also written in their script logs "
+        "(default \"Field 'Amount' not found\")",
+    )
+    f.add_argument(
+        "--log-bytes", type=_task_setting(non_negative_int), action="append", default=[], metavar="NAME=N",
+        help="pad each script log of the task to at least N bytes, generated while it is sent (default 0)",
+    )
+    f.add_argument(
+        "--log-encoding", type=_text_setting, action="append", default=[], metavar="NAME=ENCODING",
+        help="the task's script logs in utf-8 (with BOM, as QRS), utf-8-nobom, utf-16-le, utf-16-be "
+        "or invalid-utf-8 (default utf-8)",
+    )
+    f.add_argument(
+        "--log-fault", type=_text_setting, action="append", default=[], metavar="ROUTE=FAULT",
+        help="make a script-log route (scriptlogfile, scriptlog, download) answer 404, 500, hang, garbage, deepjson, "
+        "badticket, bareticket, drip or first404 (repeatable; default: all work)",
+    )
+    f.add_argument(
+        "--no-file-references", action="store_true",
+        help="leave the deprecated fileReferenceID empty, so the older scriptlog route cannot be used",
+    )
+    f.add_argument(
+        "--stop-seconds", type=_stop_seconds, default=None, metavar="SECONDS[,SECONDS]",
+        help="a stopped reload shows AbortInitiated (4) for the first, then Aborting (5) for the second "
+        "time before it ends Aborted (6) (default 0.5,1.0)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -429,6 +478,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
         task_run_seconds=args.task_run_seconds,
         fail_first=args.fail_first,
         max_retries=args.max_retries,
+        failure_message=args.failure_message,
+        log_bytes=args.log_bytes,
+        log_encoding=args.log_encoding,
+        log_faults=args.log_fault,
+        stop_seconds=args.stop_seconds,
+        file_references=not args.no_file_references,
     )
 
 

@@ -101,6 +101,19 @@ class PoolTransport:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise map_transport_error(exc, self.cfg.base_url, self.cfg.timeout, f"{method} {route_name(path)}") from None
 
+    def open(self, method: str, target: str, headers: dict[str, str], timeout: float) -> Any:
+        """One request whose answer the caller reads (a urllib3 response, not preloaded: read it
+        with `read1`, then `release_conn()`, or `close()` it). `timeout` bounds the connect and
+        each read. Raises QrsError subclasses only; reads may raise urllib3/OS errors."""
+        path = target.split("?", 1)[0]
+        try:
+            return self._pool.urlopen(
+                method, target, headers=headers, retries=False, redirect=False, preload_content=False,
+                timeout=urllib3.Timeout(connect=min(timeout, 10.0), read=timeout),
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise map_transport_error(exc, self.cfg.base_url, timeout, f"{method} {route_name(path)}") from None
+
     def _read_capped(self, resp: Any, method: str, path: str) -> bytes:
         """The body, at most `qrs.max_response_bytes`: a runaway answer must not eat the memory."""
         cap = self.cfg.max_response_bytes
