@@ -191,6 +191,10 @@ class TrackingConfig(_Section):
     poll_interval: float = Field(default=5, gt=0)
     first_poll: float = Field(default=1, gt=0)
     max_wait: float = Field(default=21600, gt=0)
+    #: Contract section 8: the tail of a failed execution's script log (0: never fetched).
+    script_log_lines: int = Field(default=40, ge=0, le=1000)
+    #: The total time one script log read may take (ticket, fallback route and download).
+    script_log_deadline: float = Field(default=15, gt=0, le=300)
 
 
 class RetryConfig(_Section):

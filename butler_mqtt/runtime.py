@@ -21,6 +21,7 @@ from butler_mqtt.backends.base import Backend
 from butler_mqtt.backends.qrs.backend import QrsBackend
 from butler_mqtt.backends.qrs.client import CallObserver, QrsClient
 from butler_mqtt.backends.qrs.client import probe_at_start as _qrs_probe
+from butler_mqtt.backends.qrs.failure import ScriptLogReader
 from butler_mqtt.journal import Journal
 from butler_mqtt.ops import alerts
 from butler_mqtt.ops.alerts import Alerter
@@ -29,6 +30,7 @@ from butler_mqtt.queueing import QueueRunner
 from butler_mqtt.service import StartService
 from butler_mqtt.tracking import (
     Deadlines,
+    Failures,
     Poller,
     QueueTicks,
     Retries,
@@ -84,7 +86,10 @@ def backend(cfg: Config, observer: CallObserver | None = None, *, retries: int |
     outside `backends/` that names an implementation (an import-linter contract); `check`,
     `resolve` and the daemon get theirs here. `retries`: override `qrs.retries` (check: 0)."""
     qrs_cfg = cfg.qrs if retries is None else cfg.qrs.model_copy(update={"retries": retries})
-    return QrsBackend(QrsClient(qrs_cfg, observer=observer))
+    reader = None
+    if cfg.tracking.script_log_lines > 0:  # script logs are read on a connection pool of their own
+        reader = ScriptLogReader(qrs_cfg, deadline_s=cfg.tracking.script_log_deadline, observer=observer)
+    return QrsBackend(QrsClient(qrs_cfg, observer=observer), reader)
 
 
 def probe_at_start(cfg: Config) -> threading.Thread:
@@ -121,10 +126,23 @@ def build_tracker(
     tracker = Tracker(journal, waits, poller, stages, retries, queue, timers)
     service.follow = tracker.follow
 
-    def ended(eid: str, status: str, row: Mapping[str, Any] | None, reason: str | None) -> None:
-        queue.ended(eid)  # a slot of butler-mqtt's queue frees first, then the requests hear it
-        stages.execution_ended(eid, status, row, reason)
+    failures = Failures(cfg.tracking, backend, timers, metrics)
 
+    def ended(eid: str, status: str, row: Mapping[str, Any] | None, reason: str | None) -> None:
+        if failures.busy(eid):
+            return  # its failure is being read: the requests hear the end once it is known
+        queue.ended(eid)  # a slot of butler-mqtt's queue frees first, then the requests hear it
+        following = waits.following_execution(eid)
+        if status in ("FinishedSuccess", "Unknown") or not following:
+            stages.execution_ended(eid, status, row, reason)
+            return
+        p = following[0].pending.get(eid)
+        if p is None:
+            return
+        task_id = p.task_id
+        failures.fetch(eid, task_id, lambda failure: stages.execution_ended(eid, status, row, reason, failure))
+
+    tracker.failures = failures
     poller.attach(ended, deadlines.check, queue, tracker.maintain)
     # The use case asks what the tracker follows (run policies), and wakes the queue.
     service.admission.followed = waits.running_tasks

@@ -17,6 +17,7 @@ from typing import Any, cast, get_args
 from butler_mqtt.model import Match, TaskOutcome, TaskStatus, matches
 from butler_mqtt.replies.types import (
     ErrorEvent,
+    FailureInfo,
     ListedTask,
     ReplyEvent,
     RequestFinishedEvent,
@@ -130,6 +131,7 @@ def task_finished(
     stage: int | None = None,
     attempt: int | None = None,
     retry_in: float | None = None,
+    failure: Mapping[str, Any] | None = None,
 ) -> TaskFinishedEvent:
     """`taskFinished`: a followed execution ended (`row`: QRS's ExecutionResult, if any).
 
@@ -154,7 +156,47 @@ def task_finished(
         ev["attempt"] = attempt
         if retry_in is not None:
             ev["retryIn"] = int(retry_in) if float(retry_in).is_integer() else round(retry_in, 3)
-    return cast("TaskFinishedEvent", _staged(ev, stage))
+    ev = _staged(ev, stage)
+    if failure is not None and status != "FinishedSuccess":
+        ev["failure"] = failure_info(failure)
+    return cast("TaskFinishedEvent", ev)
+
+
+def failure_info(failure: Mapping[str, Any]) -> FailureInfo:
+    """The `failure` object of a taskFinished (contract section 8) from what the backend said:
+    only the contract's keys, texts capped again here (a backend's caps are not trusted)."""
+    out: dict[str, Any] = {
+        "message": _cap(failure.get("message"), FAILURE_MESSAGE_CHARS),
+        "details": [_cap(d, FAILURE_LINE_CHARS) for d in _strings(failure.get("details"))],
+    }
+    tail = failure.get("scriptLogTail")
+    if isinstance(tail, list):
+        lines = [_cap(line, FAILURE_LINE_CHARS) for line in _strings(tail)]
+        kept: list[str] = []
+        size = 0
+        for line in reversed(lines):  # the 64 KiB cap keeps the last lines
+            size += len(line.encode("utf-8")) + 1
+            if size > FAILURE_TAIL_BYTES:
+                break
+            kept.append(line)
+        out["scriptLogTail"] = kept[::-1]
+    if failure.get("scriptLogError") is not None:
+        out["scriptLogError"] = _cap(failure.get("scriptLogError"), FAILURE_MESSAGE_CHARS)
+    return cast("FailureInfo", out)
+
+
+FAILURE_MESSAGE_CHARS = 2000
+FAILURE_LINE_CHARS = 1000
+FAILURE_TAIL_BYTES = 64 * 1024
+
+
+def _strings(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _cap(value: Any, chars: int) -> str:
+    text = value if isinstance(value, str) else ("" if value is None else str(value))
+    return text.encode("utf-8", "replace").decode("utf-8")[:chars]
 
 
 def task_overdue(

@@ -187,6 +187,25 @@ class SummaryEvent(TypedDict):
     stage: NotRequired[Stage]
 
 
+@with_config(_CLOSED)
+class FailureInfo(TypedDict):
+    """Why an execution did not succeed (contract section 8): the backend's own texts and the
+    tail of THAT execution's script log. Texts are capped and valid UTF-8."""
+
+    message: Annotated[str, Field(max_length=2000, description="The backend's error text (QRS: the execution result's last error detail).")]
+    details: Annotated[
+        list[Annotated[str, Field(max_length=1000)]],
+        Field(description="The execution result's detail messages, oldest first."),
+    ]
+    scriptLogTail: NotRequired[
+        Annotated[
+            list[Annotated[str, Field(max_length=1000)]],
+            Field(description="The last `tracking.script_log_lines` lines of that execution's script log (64 KiB in all at most)."),
+        ]
+    ]
+    scriptLogError: NotRequired[Annotated[str, Field(max_length=2000, description="Why the script log could not be read.")]]
+
+
 @with_config(ConfigDict(extra="forbid", json_schema_extra={"dependencies": {"retryIn": ["attempt"]}}))
 class TaskFinishedEvent(TypedDict):
     """A followed execution ended (only with `wait` or `then`). QRS's own retries are followed to
@@ -207,6 +226,9 @@ class TaskFinishedEvent(TypedDict):
         Annotated[float, Field(ge=0, description="Seconds until the next attempt, may be fractional (absent on the last one).")]
     ]
     stage: NotRequired[Stage]
+    failure: NotRequired[
+        Annotated[FailureInfo, Field(description="Why it did not succeed (any status but FinishedSuccess, when the backend has it).")]
+    ]
 
 
 @with_config(_CLOSED)
@@ -339,6 +361,9 @@ class AlertMessage(TypedDict):
     attempt: Annotated[Annotated[int, Field(ge=1)] | None, Field(description="With `retry`: which start it was.")]
     runningForMs: Annotated[Millis | None, Field(description="overdue: how long the execution has been running.")]
     durationMs: Annotated[Millis | None, Field(description="reloadFailed: how long the reload ran, when known.")]
+    failure: Annotated[
+        FailureInfo | None, Field(description="reloadFailed: why it failed, with its script log's tail, when known.")
+    ]
     qrs: Annotated[str, Field(description="The QRS the daemon talks to (qrs.base_url).")]
     since: Annotated[IsoMillis | None, Field(description="QRS outages: the first failed call (ISO 8601, UTC).")]
     downForMs: Annotated[Millis | None, Field(description="qrsRecovered: how long QRS was not answering.")]
