@@ -58,6 +58,7 @@ class TopicsConfig(_Section):
     start_plain: str | None = "qliksense/start_task"
     reply: str = "qliksense/task/start/reply"
     status: str = "butler-mqtt/status"
+    stop: str = "qliksense/task/stop"
 
 
 class MqttConfig(_Section):

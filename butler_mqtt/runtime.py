@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -28,6 +28,7 @@ from butler_mqtt.ops.alerts import Alerter
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.queueing import QueueRunner
 from butler_mqtt.service import StartService
+from butler_mqtt.stops import StopService
 from butler_mqtt.tracking import (
     Deadlines,
     Failures,
@@ -73,9 +74,15 @@ class Runtime:
     metrics: Metrics
     health: Health
     alerter: Alerter | None = None  # None: a Runtime made by hand (tests), without alerts
+    stops: StopService = field(default=None)  # type: ignore[assignment]  # set in __post_init__ when not given
+
+    def __post_init__(self) -> None:
+        if self.stops is None:  # a Runtime made by hand (tests): stops on its use case
+            object.__setattr__(self, "stops", StopService(self.service))
 
     def close(self) -> None:
         """Release what `build` opened (the tracker is stopped by its owner first)."""
+        self.stops.close()
         self.service.close()
         self.qrs.close()
         self.journal.close()
@@ -171,7 +178,13 @@ def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | No
     service.observers += [metrics.observe_event, alerter.observe]
     service.handled.append(metrics.handled)
     tracker = build_tracker(cfg, qrs, service, journal, publish, metrics)
-    return Runtime(cfg, service, tracker, journal, qrs, metrics, health, alerter)
+    stops = StopService(service)
+    stops.handled.append(lambda ingress: metrics.stops_requested.labels(_stop_ingress(ingress)).inc())
+    return Runtime(cfg, service, tracker, journal, qrs, metrics, health, alerter, stops)
+
+
+def _stop_ingress(ingress: str) -> str:
+    return "mqtt" if ingress.startswith("mqtt") else ingress if ingress in ("http", "cli", "policy") else "http"
 
 
 #: The parts' types, for the daemon's typed views of them (it imports no part itself).

@@ -136,6 +136,11 @@ class StartService:
         with self._allow_lock:
             self._allow = start_filter
 
+    def allow_list(self) -> Any:
+        """The start_filter allow-list in force (None: every task is allowed)."""
+        with self._allow_lock:
+            return self._allow.allow if self._allow.enabled else None
+
     def resolve(self, stage: StartRequest) -> Selection:
         """All criteria of the stage in one `GET /qrs/reloadtask/full` (chunked if long)."""
         return self.resolve_tasks(stage)[0]

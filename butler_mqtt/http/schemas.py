@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from butler_mqtt.http.bodies import ButlerBody
-from butler_mqtt.model import GUID_RE, MAX_CRITERIA, StartRequest
-from butler_mqtt.replies.types import SummaryEvent
+from butler_mqtt.model import GUID_RE, MAX_CRITERIA, StartRequest, StopRequest
+from butler_mqtt.replies.types import StopSummaryEvent, SummaryEvent
 
 REF = "#/components/schemas/{model}"
 
@@ -207,7 +207,7 @@ def component_schemas() -> dict[str, Any]:
     _, top = models_json_schema(models, ref_template=REF)
     defs: dict[str, Any] = top["$defs"]
     _patch_start_request(defs)
-    return defs | summary_schemas()
+    return defs | summary_schemas() | stop_schemas()
 
 
 def _ref(model: str) -> dict[str, str]:
@@ -345,6 +345,52 @@ def history_operation(token_required: bool) -> dict[str, Any]:
         op["security"] = [{"bearerToken": []}]
         op["responses"]["401"] = _error("Missing or wrong bearer token.")
     return op
+
+
+def stop_operation(token_required: bool) -> dict[str, Any]:
+    """The `openapi_extra` of the stop operation (contract section 8)."""
+    op: dict[str, Any] = {
+        "description": "Stop the running reloads of the selected tasks (nothing is ever started). `POST` and `PUT` "
+                       "are the same. The path holds one task GUID, or `-` when the body holds every criterion. The "
+                       "body: `requestId` (the idempotency key: the same requestId is not acted on twice), `taskId`, "
+                       "`tag`, `customProperty`, `wait` (the stopped executions' taskFinished go to the MQTT reply "
+                       "topic); no other field. The start_filter allow-list applies.",
+        "parameters": [{
+            "name": "taskId", "in": "path", "required": True,
+            "description": "A task GUID, or `-` when the body holds every criterion.",
+            "schema": {"anyOf": [{"type": "string", "pattern": GUID_RE.pattern}, {"type": "string", "enum": ["-"]}]},
+        }],
+        "requestBody": {"required": False, "content": {"application/json": {
+            "schema": _ref("StopRequest"),
+            "examples": {"byTag": {"summary": "stop by tag", "value": {"tag": ["daily-refresh"], "requestId": "s-1"}}},
+        }}},
+        "responses": {
+            "200": {"description": "Handled: the stop summary.",
+                    "content": {"application/json": {"schema": _ref("StopSummary")}}},
+            "400": _error("Invalid input: JSON, types, unknown fields, task ID format."),
+            "413": _error("Body larger than http.max_body_bytes."),
+            "415": _error("Content-Type is not JSON."),
+            "502": _error("QRS refused the request (nothing was stopped)."),
+            "503": _error("QRS or the journal unreachable (nothing was stopped; retry later)."),
+        },
+    }
+    if token_required:
+        op["security"] = [{"bearerToken": []}]
+        op["responses"]["401"] = _error("Missing or wrong bearer token.")
+    return op
+
+
+def stop_schemas() -> dict[str, Any]:
+    """`StopSummary` (the stop `summary` without `event`) and `StopRequest`."""
+    summary = TypeAdapter(StopSummaryEvent).json_schema(ref_template=REF)
+    defs: dict[str, Any] = summary.pop("$defs")
+    del summary["properties"]["event"]
+    summary["required"].remove("event")
+    summary["title"] = "StopSummary"
+    defs["StopSummary"] = summary
+    _, top = models_json_schema([(StopRequest, "validation")], ref_template=REF)
+    defs.update(top["$defs"])
+    return defs
 
 
 def finish_document(doc: dict[str, Any], token_required: bool) -> dict[str, Any]:

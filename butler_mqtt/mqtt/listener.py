@@ -102,7 +102,7 @@ TAKEOVER_RESET_S = 600.0
 class Job:
     """One received request, handed from the network thread to a worker."""
 
-    ingress: str  # "mqtt" (JSON topic) or "mqtt-plain" (Butler's GUID topic)
+    ingress: str  # "mqtt" (JSON topic), "mqtt-plain" (Butler's GUID topic) or "mqtt-stop" (topics.stop)
     topic: str
     payload: bytes
     mid: int
@@ -232,6 +232,7 @@ class MqttListener:
         t = [self.cfg.topics.start]
         if self.cfg.topics.start_plain:
             t.append(self.cfg.topics.start_plain)
+        t.append(self.cfg.topics.stop)
         return t
 
     def set_problem(self, name: str, text: str | None) -> None:
@@ -458,7 +459,7 @@ class MqttListener:
         expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
         now = time.monotonic()
         job = Job(
-            ingress="mqtt-plain" if plain else "mqtt",
+            ingress="mqtt-plain" if plain else ("mqtt-stop" if msg.topic == self.cfg.topics.stop else "mqtt"),
             topic=msg.topic,
             payload=kept,
             mid=msg.mid,

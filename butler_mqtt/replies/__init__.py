@@ -21,6 +21,7 @@ from butler_mqtt.replies.types import (
     ListedTask,
     ReplyEvent,
     RequestFinishedEvent,
+    StopSummaryEvent,
     SummaryEvent,
     TaskEvent,
     TaskFinishedEvent,
@@ -118,6 +119,28 @@ def duration_ms(start: Any, stop: Any, reported: Any) -> int | None:
         return max(0, int((b - a).total_seconds() * 1000))
     except ValueError:
         return None
+
+
+def stop_summary(request_id: str | None, outcomes: list[TaskOutcome], not_found: list[dict[str, Any]]) -> StopSummaryEvent:
+    """`summary` of a stop request (contract section 8): what became of each selected task."""
+    def listed(o: TaskOutcome) -> dict[str, Any]:
+        d: _Draft = {"taskId": o.task_id, "taskName": o.task_name, "status": o.status}
+        if o.status == "stopping" and o.execution_id is not None:
+            d["executionId"] = o.execution_id
+        if o.reason is not None:
+            d["reason"] = o.reason
+        return d
+
+    ev: _Draft = {
+        "event": "summary",
+        "requestId": request_id,
+        "tasksStopping": [listed(o) for o in outcomes if o.status == "stopping"],
+        "tasksNotRunning": [listed(o) for o in outcomes if o.status == "notRunning"],
+        "tasksNotFound": list(not_found),
+        "tasksDenied": [listed(o) for o in outcomes if o.status == "denied"],
+        "tasksFailed": [listed(o) for o in outcomes if o.status == "failed"],
+    }
+    return cast("StopSummaryEvent", ev)
 
 
 def task_finished(
@@ -337,3 +360,5 @@ REPLY_EVENTS: tuple[EventSpec, ...] = (
     EventSpec(REQUEST_FINISHED, RequestFinishedEvent, request_finished),
     EventSpec(ERROR, ErrorEvent, error),
 )
+#: A stop request's summary (contract section 8): a `summary` event with its own lists.
+STOP_SUMMARY = EventSpec(SUMMARY, StopSummaryEvent, stop_summary)

@@ -45,7 +45,8 @@ _TASK_STATUS_DOC = (
     "started; notStarted (QRS accepted the start but did not start it, e.g. the task is disabled); denied "
     "(start_filter, allTaskIdsMustExist); failed (QRS error, see reason); wouldStart (dryRun); alreadyRunning "
     "(ifRunning attach: executionId is the running one); skipped (ifRunning skip); queued (waiting in "
-    "butler-mqtt's queue, see position); expired (waited longer than policies.queue_timeout)."
+    "butler-mqtt's queue, see position); expired (waited longer than policies.queue_timeout). A stop request's "
+    "(contract section 8): stopping (the backend was asked to stop executionId), notRunning, denied, failed."
 )
 
 #: What the contract adds to `task` events: a started task has its execution, a queued one
@@ -54,6 +55,7 @@ _TASK_EVENT_RULES: dict[str, Any] = {
     "allOf": [
         {"if": {"properties": {"status": {"const": "started"}}}, "then": {"required": ["executionId"]}},
         {"if": {"properties": {"status": {"const": "queued"}}}, "then": {"required": ["position"]}},
+        {"if": {"properties": {"status": {"const": "stopping"}}}, "then": {"required": ["executionId"]}},
     ]
 }
 
@@ -204,6 +206,44 @@ class FailureInfo(TypedDict):
         ]
     ]
     scriptLogError: NotRequired[Annotated[str, Field(max_length=2000, description="Why the script log could not be read.")]]
+
+
+@with_config(_CLOSED)
+class StoppingTask(TypedDict):
+    """A task listed under `tasksStopping`: the backend was asked to stop its running execution."""
+
+    taskId: TaskId
+    taskName: TaskName
+    status: Literal["stopping"]
+    executionId: Annotated[Guid, Field(description="The execution asked to stop.")]
+    reason: NotRequired[Reason]
+
+
+@with_config(_CLOSED)
+class NotRunningTask(TypedDict):
+    """A task listed under `tasksNotRunning`: nothing of it was running, nothing was stopped."""
+
+    taskId: TaskId
+    taskName: TaskName
+    status: Literal["notRunning"]
+    reason: NotRequired[Reason]
+
+
+@with_config(_CLOSED)
+class StopSummaryEvent(TypedDict):
+    """The answer to a stop request (contract section 8), after its `task` events; without
+    `wait` the last reply. Over REST the 200 answer (without `event`)."""
+
+    event: Literal["summary"]
+    requestId: RequestId
+    tasksStopping: Annotated[list[StoppingTask], Field(description="Running tasks the backend was asked to stop.")]
+    tasksNotRunning: Annotated[list[NotRunningTask], Field(description="Selected tasks that were not running.")]
+    tasksNotFound: Annotated[
+        list[NotFoundTaskId | NotFoundTag | NotFoundCustomProperty],
+        Field(description="Every criterion that matched no task."),
+    ]
+    tasksDenied: Annotated[list[DeniedTask], Field(description="Tasks the start_filter refused (nothing was stopped).")]
+    tasksFailed: Annotated[list[FailedTask], Field(description="Tasks whose stop the backend refused (see reason).")]
 
 
 @with_config(ConfigDict(extra="forbid", json_schema_extra={"dependencies": {"retryIn": ["attempt"]}}))
@@ -374,4 +414,4 @@ class AlertMessage(TypedDict):
 ALERT_FIELDS: tuple[str, ...] = tuple(k for k in AlertMessage.__annotations__ if k not in ALERT_OWN_KEYS)
 
 #: Any reply event.
-ReplyEvent = TaskEvent | SummaryEvent | TaskFinishedEvent | TaskOverdueEvent | RequestFinishedEvent | ErrorEvent
+ReplyEvent = TaskEvent | SummaryEvent | StopSummaryEvent | TaskFinishedEvent | TaskOverdueEvent | RequestFinishedEvent | ErrorEvent

@@ -1,0 +1,163 @@
+"""Stop (contract section 8, issue 22 item 2) through the real broker, the daemon and the
+simulator over mTLS: MQTT `topics.stop`, REST `/v4/reloadtask/{id|-}/stop`; a running task is
+stopped, an idle one is `notRunning`, a running task outside the selection is never touched, a
+stop never starts anything, the same requestId is not acted on twice, a flood of stops for one
+task sends one stop, a stop selecting many running tasks answers every one."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from butler_mqtt.sim import SimTask
+from tests.conftest import make_config
+from tests.support import asyncapi_check
+from tests.support.mqtt import wait_until
+
+RUN_A = "5a0b0000-0000-4000-8000-000000000001"
+RUN_B = "5a0b0000-0000-4000-8000-000000000002"
+OUTSIDE = "5a0b0000-0000-4000-8000-000000000003"
+IDLE = "5a0b0000-0000-4000-8000-000000000004"
+DENIED = "5a0b0000-0000-4000-8000-000000000005"
+MISSING = "5a0b0000-0000-4000-8000-0000000000ff"
+BULK = [f"5a0bb000-0000-4000-8000-{i:012d}" for i in range(2000)]
+TASKS = [
+    SimTask(RUN_A, "Long A", tags=["long"], run_seconds=60),
+    SimTask(RUN_B, "Long B", tags=["long"], run_seconds=60),
+    SimTask(OUTSIDE, "Long outside", tags=["other"], run_seconds=60),
+    SimTask(IDLE, "Idle", tags=["long"], run_seconds=0.1),
+    SimTask(DENIED, "Not allowed", tags=["secret"], run_seconds=60),
+] + [SimTask(t, f"Bulk {i}", tags=["bulk"], run_seconds=120) for i, t in enumerate(BULK)]
+
+ALLOW = {"start_filter": {"enabled": True, "allow": {"tags": ["long", "other", "bulk"]}}}
+
+
+def kinds(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event"] == kind]
+
+
+def start(requester: Any, *task_ids: str) -> dict[str, str]:
+    events = requester.request({"taskId": list(task_ids)}, timeout=60)
+    return {e["taskId"]: e["executionId"] for e in kinds(events, "task") if e["status"] == "started"}
+
+
+def stop(requester: Any, cfg: Any, req: dict[str, Any], timeout: float = 60) -> list[dict[str, Any]]:
+    token, box = requester.send(req, topic=cfg.mqtt.topics.stop)
+    events = [box.get(timeout=timeout)]
+    end = "requestFinished" if req.get("wait") else "summary"
+    while events[-1]["event"] not in (end, "error"):
+        events.append(box.get(timeout=timeout))
+    for ev in events:
+        assert asyncapi_check.problem(ev) is None, ev
+    return events
+
+
+@pytest.fixture
+def allow_cfg(qrs_certs, sim, broker, tmp_path):
+    return make_config(qrs_certs, sim.port, broker, tmp_path / "state", **ALLOW)
+
+
+def test_stop_by_tag_stops_what_runs_and_touches_nothing_outside(cfg, start_daemon, requester, sim):
+    start_daemon(cfg)
+    running = start(requester, RUN_A, OUTSIDE)
+    starts_before = len(sim.starts)
+    sim_stops = len(sim.stop_requests)
+    events = stop(requester, cfg, {"requestId": "s1", "tag": ["long", "nothing-here"], "wait": True})
+    tasks = {e["taskId"]: e for e in kinds(events, "task")}
+    assert tasks[RUN_A]["status"] == "stopping" and tasks[RUN_A]["executionId"] == running[RUN_A]
+    assert tasks[RUN_B]["status"] == "notRunning" and tasks[IDLE]["status"] == "notRunning"
+    summary = kinds(events, "summary")[0]
+    assert [t["taskId"] for t in summary["tasksStopping"]] == [RUN_A]
+    assert {t["taskId"] for t in summary["tasksNotRunning"]} == {RUN_B, IDLE}
+    assert summary["tasksNotFound"] == [{"tag": "nothing-here"}]
+    finished = kinds(events, "taskFinished")
+    assert [(e["taskId"], e["status"]) for e in finished] == [(RUN_A, "Aborted")]
+    assert finished[0]["executionId"] == running[RUN_A]
+    assert events[-1]["event"] == "requestFinished" and events[-1]["finished"] == {"Aborted": 1}
+    assert OUTSIDE not in {r.task_id for r in sim.stop_requests[sim_stops:]}  # outside the selection
+    assert len(sim.starts) == starts_before  # a stop never starts anything
+
+
+def test_allow_list_denies_a_stop_and_the_same_request_id_is_not_acted_on_twice(allow_cfg, start_daemon, requester, sim):
+    start_daemon(allow_cfg)
+    running = start(requester, RUN_A)
+    assert RUN_A in running
+    events = stop(requester, allow_cfg, {"requestId": "s2", "taskId": [RUN_A, DENIED, MISSING]})
+    tasks = {e["taskId"]: e["status"] for e in kinds(events, "task")}
+    assert tasks == {RUN_A: "stopping", DENIED: "denied"}
+    summary = kinds(events, "summary")[0]
+    assert summary["tasksNotFound"] == [{"taskId": MISSING}] and summary["tasksDenied"][0]["taskId"] == DENIED
+    sent = len(sim.stop_requests)
+    again = stop(requester, allow_cfg, {"requestId": "s2", "taskId": [RUN_A, DENIED, MISSING]})
+    assert again == events and len(sim.stop_requests) == sent  # replayed, nothing sent
+
+
+def test_invalid_stop_requests_are_answered_and_start_nothing(cfg, start_daemon, requester, sim):
+    start_daemon(cfg)
+    for bad, error in [({"tag": "long", "dryRun": True}, "unknown field 'dryRun'"),
+                       ({"taskId": "nope"}, "Task ID must be a valid GUID"),
+                       ({"requestId": "x"}, "at least one of taskId"),
+                       ({"tag": "long", "ifRunning": "restart"}, "unknown field 'ifRunning'")]:
+        events = stop(requester, cfg, bad)
+        assert events[-1]["event"] == "error" and error in events[-1]["details"]
+    assert sim.starts == [] and sim.stop_requests == []
+
+
+def test_a_flood_of_stops_for_one_task_sends_one(cfg, start_daemon, requester, sim):
+    start_daemon(cfg)
+    running = start(requester, RUN_A)
+    boxes = [requester.send({"requestId": f"f{i}", "taskId": RUN_A}, topic=cfg.mqtt.topics.stop)[1] for i in range(30)]
+    answers = []
+    for box in boxes:
+        ev = box.get(timeout=60)
+        assert ev["event"] == "task"
+        answers.append((ev["status"], ev.get("executionId")))
+    assert set(answers) == {("stopping", running[RUN_A])}
+    assert len(sim.stop_requests) == 1
+
+
+def test_rest_stop_by_path_and_body(qrs_certs, sim, broker, tmp_path, start_daemon, requester):
+    import json
+    import urllib.request
+
+    cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state", http={"enabled": True, "port": 0})
+    d = start_daemon(cfg)
+    running = start(requester, RUN_A)
+    port = d.daemon.http_server.port
+
+    def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, body = call("POST", f"/v4/reloadtask/{RUN_A}/stop")
+    assert status == 200 and body["tasksStopping"][0]["executionId"] == running[RUN_A] and "event" not in body
+    status, body = call("PUT", "/v4/reloadtask/-/stop", {"requestId": "r-stop", "tag": "long"})
+    assert status == 200 and {t["taskId"] for t in body["tasksNotRunning"]} >= {RUN_B, IDLE}
+    assert [t["taskId"] for t in body["tasksStopping"]] == [RUN_A]  # asked once already: not asked again
+    status, body = call("POST", "/v4/reloadtask/not-a-guid/stop")
+    assert status == 400 and body["error"] == "Invalid task ID format"
+    status, body = call("POST", "/v4/reloadtask/-/stop", {"tag": "long", "dryRun": True})
+    assert status == 400 and "dryRun" in body["details"]
+    assert len(sim.stop_requests) == 1 and len(sim.starts) == 1
+
+
+def test_a_stop_selecting_2000_running_tasks_answers_every_one(cfg, start_daemon, requester, sim):
+    start_daemon(cfg)
+    events = requester.request({"tag": "bulk"}, timeout=300)
+    started = {e["taskId"]: e["executionId"] for e in kinds(events, "task") if e["status"] == "started"}
+    assert len(started) == len(BULK)
+    events = stop(requester, cfg, {"requestId": "bulk", "tag": "bulk"}, timeout=300)
+    tasks = kinds(events, "task")
+    assert len(tasks) == len(BULK) and {e["status"] for e in tasks} == {"stopping"}
+    assert {e["executionId"] for e in tasks} == set(started.values())
+    assert len(kinds(events, "summary")[0]["tasksStopping"]) == len(BULK)
+    assert wait_until(lambda: len(sim.stop_requests) == len(BULK), 30)
+    assert threading.active_count() < 200  # bounded concurrency: no thread per task
