@@ -161,3 +161,52 @@ def test_a_stop_selecting_2000_running_tasks_answers_every_one(cfg, start_daemon
     assert len(kinds(events, "summary")[0]["tasksStopping"]) == len(BULK)
     assert wait_until(lambda: len(sim.stop_requests) == len(BULK), 30)
     assert threading.active_count() < 200  # bounded concurrency: no thread per task
+
+
+def test_a_waited_stop_survives_a_daemon_restart(cfg, start_daemon, requester, sim):
+    """The journal holds a stop like a start: the stopped execution's taskFinished comes from
+    the next run of the daemon, and the same requestId afterwards is replayed, not acted on."""
+    first = start_daemon(cfg)
+    running = start(requester, RUN_A)
+    _, box = requester.send({"requestId": "s-restart", "taskId": RUN_A, "wait": True}, topic=cfg.mqtt.topics.stop)
+    events = [box.get(timeout=30)]
+    while events[-1]["event"] != "summary":
+        events.append(box.get(timeout=30))
+    first.stop()  # the stop was sent; the execution is still aborting
+    start_daemon(cfg)  # same client id and journal
+    while events[-1]["event"] != "requestFinished":
+        events.append(box.get(timeout=60))
+    finished = kinds(events, "taskFinished")
+    assert [(e["executionId"], e["status"]) for e in finished] == [(running[RUN_A], "Aborted")]
+    assert len(sim.stop_requests) == 1
+    again = stop(requester, cfg, {"requestId": "s-restart", "taskId": RUN_A, "wait": True})
+    assert [e["event"] for e in again][:2] == ["task", "summary"] and len(sim.stop_requests) == 1
+    assert len(sim.starts) == 1  # a stop never starts anything
+
+
+def test_cli_request_stop(cfg, start_daemon, requester, sim, broker):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    start_daemon(cfg)
+    running = start(requester, RUN_A)
+    env = {**os.environ, "BUTLER_MQTT__MQTT__PORT": str(broker.port), "BUTLER_MQTT__MQTT__HOST": "127.0.0.1"}
+    repo = Path(__file__).resolve().parents[2]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "butler_mqtt", "request", *args], capture_output=True, text=True,
+                              timeout=120, cwd=repo, env=env)
+
+    out = cli("--stop", "--task-id", RUN_A, "--task-id", IDLE, "--wait", "--timeout", "60")
+    assert out.returncode == 0, out.stderr
+    assert "qliksense/task/stop" in out.stderr
+    events = [json.loads(x) for x in out.stdout.splitlines()]
+    assert {e["taskId"]: e["status"] for e in kinds(events, "task")} == {RUN_A: "stopping", IDLE: "notRunning"}
+    assert [(e["executionId"], e["status"]) for e in kinds(events, "taskFinished")] == [(running[RUN_A], "Aborted")]
+    assert events[-1]["event"] == "requestFinished"
+    out = cli("--stop", "--tag", "long", "--dry-run")
+    assert out.returncode == 2 and "--stop" in out.stderr
+    assert len(sim.starts) == 1 and len(sim.stop_requests) == 1
