@@ -206,11 +206,13 @@ class RetryConfig(_Section):
 class PoliciesConfig(_Section):
     """Run policies (contract section 7): what a trigger does when it meets a busy Qlik Sense."""
 
-    if_running: Literal["start", "attach", "skip", "queue"] = "start"
+    if_running: Literal["start", "attach", "skip", "queue", "restart"] = "start"
     max_running: int = Field(default=0, ge=0, le=10000)
     queue_timeout: float = Field(default=3600, gt=0)
     retry: RetryConfig = RetryConfig()
     deadline: float | None = Field(default=None, gt=0)
+    #: Contract section 8: `stop` stops a followed execution still running at its deadline.
+    on_deadline: Literal["notify", "stop"] = "notify"
 
 
 class LoggingConfig(_Section):

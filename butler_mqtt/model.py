@@ -40,7 +40,8 @@ TaskStatus = Literal[
     "started", "notStarted", "denied", "failed", "wouldStart", "alreadyRunning", "skipped", "queued", "expired",
     "stopping", "notRunning",
 ]
-IfRunning = Literal["start", "attach", "skip", "queue"]
+IfRunning = Literal["start", "attach", "skip", "queue", "restart"]
+OnDeadline = Literal["notify", "stop"]
 FINAL_STATES = {6: "Aborted", 7: "FinishedSuccess", 8: "FinishedFail", 9: "Skipped", 11: "Error", 12: "Reset"}
 #: TaskExecutionStatus values of an execution that has not ended (qrs-api.md 6.4, 6.6): Triggered,
 #: Started, Queued, AbortInitiated, Aborting, Retry, DistributionQueue, DistributionRunning.
@@ -112,6 +113,7 @@ class StartRequest(BaseModel):
     retry: RetryRequest | None = None
     deadline: float | None = Field(default=None, gt=0, le=7 * 86400)
     priority: int | None = Field(default=None, ge=0, le=MAX_PRIORITY)
+    onDeadline: OnDeadline | None = None
 
     @field_validator("taskId", "tag", mode="before")
     @classmethod

@@ -118,7 +118,7 @@ def preflight(cfg: Config) -> None:
 
 def build_tracker(
     cfg: Config, backend: Backend, service: StartService, journal: Journal, publish: Publish, metrics: Metrics | None
-) -> Tracker:
+) -> tuple[Tracker, Deadlines]:
     """The tracking pieces (tracking/), wired to each other and to the use case, once."""
     waits, timers = Waits(journal), Timers()
     poller = Poller(cfg.tracking, backend, waits, timers, journal.lease_s)
@@ -154,7 +154,7 @@ def build_tracker(
     # The use case asks what the tracker follows (run policies), and wakes the queue.
     service.admission.followed = waits.running_tasks
     service.admission.on_queued = poller.queue_changed
-    return tracker
+    return tracker, deadlines
 
 
 def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | None = None) -> Runtime:
@@ -177,8 +177,10 @@ def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | No
     service = StartService(cfg, qrs, journal)
     service.observers += [metrics.observe_event, alerter.observe]
     service.handled.append(metrics.handled)
-    tracker = build_tracker(cfg, qrs, service, journal, publish, metrics)
+    tracker, deadlines = build_tracker(cfg, qrs, service, journal, publish, metrics)
     stops = StopService(service)
+    service.admission.stop = stops.stop_for_policy  # ifRunning restart
+    deadlines.stop = stops.stop_for_policy  # onDeadline stop
     stops.handled.append(lambda ingress: metrics.stops_requested.labels(_stop_ingress(ingress)).inc())
     return Runtime(cfg, service, tracker, journal, qrs, metrics, health, alerter, stops)
 

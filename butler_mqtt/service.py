@@ -158,6 +158,8 @@ class StartService:
     ) -> Admitted:
         """The run policies, then the starts: one `task` event per candidate (`send`)."""
         admitted = self.admission.admit(candidates, tasks, policy, ticket)
+        for o in admitted.stopping:  # ifRunning restart: the running execution is stopping
+            send(replies.task(o, ticket.request_id, ticket.stage))
         for o in admitted.decided:
             send(replies.task(o, ticket.request_id, ticket.stage))
         self._start_all(admitted.to_start, ticket.key, ticket.stage, ticket.request_id, send)

@@ -118,6 +118,13 @@ class StopService:
     def close(self) -> None:
         self.coalescer.close()
 
+    def stop_for_policy(self, task_id: str, execution_id: str) -> None:
+        """A run policy stops an execution (ifRunning restart, onDeadline stop): once per
+        execution, whatever number of requests ask. Raises QrsError when the backend refuses."""
+        for observe in self.handled:
+            observe("policy")
+        self.coalescer.stop(StopJob(task_id, execution_id)).result()
+
     def submit(self, req: StopRequest, claim: Claim, emit: Emit) -> Handled:
         """Claim, select, stop, reply (module docstring). Raises QrsError while resolving
         (nothing was stopped: the claim is dropped) and JournalError (the caller must not ack)."""

@@ -173,7 +173,7 @@ FIELD_DOCS = {
     "then": "A follow-up request started when every task of this stage finished successfully; implies wait.",
     "onFailure": "'continue' starts `then` whatever the outcome of this stage.",
     "ifRunning": "A selected task that is running already: start (send the start anyway), attach (follow the running"
-    " execution), skip, or queue (start it once more after it ended). Default: policies.if_running.",
+    " execution), skip, queue (start it once more after it ended) or restart (stop it, start once it ended). Default: policies.if_running.",
     "retry": "Extra starts after a reload ended FinishedFail, Aborted, Error or Reset: attempts (0-10) after delay"
     " seconds, doubling, at most 3600. Default: policies.retry.",
     "deadline": "Seconds: a followed reload still running this long after its start gets one taskOverdue event.",

@@ -223,9 +223,11 @@ def _cap(value: Any, chars: int) -> str:
 
 
 def task_overdue(
-    request_id: str | None, task_id: str, task_name: str, execution_id: str, running_for_ms: int, stage: int | None = None
+    request_id: str | None, task_id: str, task_name: str, execution_id: str, running_for_ms: int, stage: int | None = None,
+    action: str | None = None,
 ) -> TaskOverdueEvent:
-    """`taskOverdue`: a followed execution still runs `deadline` seconds after its start (once)."""
+    """`taskOverdue`: a followed execution still runs `deadline` seconds after its start (once);
+    `action` "stopped" when onDeadline stop stopped it (contract section 8)."""
     ev: _Draft = {
         "event": "taskOverdue",
         "requestId": request_id,
@@ -234,6 +236,8 @@ def task_overdue(
         "executionId": execution_id,
         "runningForMs": running_for_ms,
     }
+    if action is not None:
+        ev["action"] = action
     return cast("TaskOverdueEvent", _staged(ev, stage))
 
 

@@ -281,6 +281,9 @@ class TaskOverdueEvent(TypedDict):
     taskName: TaskName
     executionId: ExecutionId
     runningForMs: Annotated[Millis, Field(description="How long the execution has been running.")]
+    action: NotRequired[
+        Annotated[Literal["stopped"], Field(description="onDeadline stop: the execution was stopped (its taskFinished, Aborted, follows; not retried).")]
+    ]
     stage: NotRequired[Stage]
 
 
