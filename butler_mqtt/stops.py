@@ -139,7 +139,7 @@ class StopService:
         prior: Prior | None = None
         if journal is not None and key is not None:
             asked = req.model_dump(mode="json", exclude_defaults=True)
-            prior = journal.begin(key, claim.ingress, claim.payload_hash, source=claim.source, request={"stop": asked})
+            prior = journal.begin(key, claim.ingress, claim.payload_hash, source=claim.source, request={**asked, "stop": True})
         if prior is not None and prior.done:
             for ev in prior.replies:
                 emit(ev)

@@ -127,6 +127,9 @@ class HistoryTask(BaseModel):
     retryIn: float | None = None
     finalReason: str | None = None
     overdue: bool | None = Field(default=None, description="True once a `taskOverdue` event was sent.")
+    failure: dict[str, Any] | None = Field(
+        default=None, description="From `taskFinished` (not FinishedSuccess): message, details, scriptLogTail or "
+                                  "scriptLogError (contract section 8).")
 
 
 class HistoryRecord(BaseModel):

@@ -152,3 +152,20 @@ def cfg_key(request_id: str) -> str:
     from butler_mqtt import keys
 
     return keys.for_request_id(request_id)
+
+
+def test_the_history_shows_the_failure(qrs_certs, sim, broker, tmp_path, start_daemon, requester):
+    """`GET /v4/requests` and `butler-mqtt history` (both read_history) carry the failure."""
+    import requests
+
+    from butler_mqtt import history as history_cli
+    from butler_mqtt.journal.history import HistoryQuery
+
+    cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state", http={"enabled": True, "port": 0})
+    d = start_daemon(cfg)
+    fail = kinds(requester.request({"requestId": "h1", "taskId": FAIL, "wait": True}, timeout=60), "taskFinished")[0]
+    page = requests.get(f"http://127.0.0.1:{d.daemon.http_server.port}/v4/requests?requestId=h1", timeout=10).json()
+    task = page["requests"][0]["tasks"][0]
+    assert task["finalStatus"] == "FinishedFail" and task["failure"] == fail["failure"]
+    records = d.daemon.runtime.journal.history(HistoryQuery(request_id="h1"))
+    assert MESSAGE in history_cli.table(records, with_tasks=True)

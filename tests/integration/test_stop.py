@@ -81,7 +81,9 @@ def test_stop_by_tag_stops_what_runs_and_touches_nothing_outside(cfg, start_daem
 
 
 def test_allow_list_denies_a_stop_and_the_same_request_id_is_not_acted_on_twice(allow_cfg, start_daemon, requester, sim):
-    start_daemon(allow_cfg)
+    from butler_mqtt.journal.history import HistoryQuery
+
+    d = start_daemon(allow_cfg)
     running = start(requester, RUN_A)
     assert RUN_A in running
     events = stop(requester, allow_cfg, {"requestId": "s2", "taskId": [RUN_A, DENIED, MISSING]})
@@ -92,6 +94,9 @@ def test_allow_list_denies_a_stop_and_the_same_request_id_is_not_acted_on_twice(
     sent = len(sim.stop_requests)
     again = stop(requester, allow_cfg, {"requestId": "s2", "taskId": [RUN_A, DENIED, MISSING]})
     assert again == events and len(sim.stop_requests) == sent  # replayed, nothing sent
+    record = d.daemon.runtime.journal.history(HistoryQuery(request_id="s2"))[0]  # the history shows stops too
+    assert record["ingress"] == "mqtt-stop" and record["duplicates"] == 1
+    assert {t["taskId"]: t["status"] for t in record["tasks"]} == {RUN_A: "stopping", DENIED: "denied"}
 
 
 def test_invalid_stop_requests_are_answered_and_start_nothing(cfg, start_daemon, requester, sim):
