@@ -51,7 +51,7 @@ SAMPLES: list[tuple[str, dict[str, Any]]] = [
 
 
 #: Start the finance reloads, then stop them (contract section 8; the stop on topics.stop).
-STOP_SAMPLES = (
+STOP_SAMPLES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("start the finance reloads (tag 'financial-reports', no wait)", {"requestId": "demo-6", "tag": ["financial-reports"]}),
     ("...and stop them at once (topics.stop, wait): a running one is 'stopping' and ends Aborted, the others are"
      " 'notRunning'; a stop never starts anything", {"requestId": "demo-7", "tag": ["financial-reports"], "wait": True}),

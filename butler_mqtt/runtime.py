@@ -181,12 +181,13 @@ def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | No
     stops = StopService(service)
     service.admission.stop = stops.stop_for_policy  # ifRunning restart
     deadlines.stop = stops.stop_for_policy  # onDeadline stop
+    stops.coalescer.on_stopped = metrics.stops_done.inc
     stops.handled.append(lambda ingress: metrics.stops_requested.labels(_stop_ingress(ingress)).inc())
     return Runtime(cfg, service, tracker, journal, qrs, metrics, health, alerter, stops)
 
 
 def _stop_ingress(ingress: str) -> str:
-    return "mqtt" if ingress.startswith("mqtt") else ingress if ingress in ("http", "cli", "policy") else "http"
+    return "mqtt" if ingress.startswith("mqtt") else "policy" if ingress == "policy" else "rest"
 
 
 #: The parts' types, for the daemon's typed views of them (it imports no part itself).

@@ -71,6 +71,7 @@ class Coalescer:
         self._asked: OrderedDict[str, None] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="stop")
         self.sent = 0  # stops sent to the backend (tests)
+        self.on_stopped: Callable[[], None] | None = None  # the metrics: an execution asked to stop
 
     def stop(self, job: StopJob) -> Future[StopAnswer]:
         with self._lock:
@@ -91,6 +92,8 @@ class Coalescer:
                 self.sent += 1
             answer = self.backend.stop(job.task_id, job.execution_id)
             if answer == "stopping":
+                if self.on_stopped is not None:
+                    self.on_stopped()
                 with self._lock:
                     self._asked[job.execution_id] = None
                     while len(self._asked) > self.ASKED:

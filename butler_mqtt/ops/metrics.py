@@ -148,7 +148,7 @@ class Metrics:
             "butler_mqtt_script_log_failures", "Failed executions whose script log could not be read (scriptLogError)",
             registry=r,
         )
-        for ingress in ("mqtt", "http", "cli", "policy"):
+        for ingress in ("mqtt", "rest", "policy"):
             self.stops_requested.labels(ingress)
 
     def script_log_failed(self) -> None:
@@ -165,8 +165,7 @@ class Metrics:
         """Count one new reply event (a StartService observer)."""
         kind = replies.kind(ev)
         if kind == replies.TASK and ev.get("status") in ("stopping", "notRunning"):
-            if ev.get("status") == "stopping":
-                self.stops_done.inc()
+            pass  # a stop request's answer: the stops sent are counted where they are sent (stops_done)
         elif kind == replies.TASK:
             self.task_outcomes.labels(str(ev.get("status"))).inc()
         elif kind == replies.TASK_FINISHED and "retryIn" not in ev and self._finished.first(ev.get("executionId")):

@@ -87,10 +87,11 @@ def test_zero_lines_reads_no_log(qrs_certs, sim, broker, tmp_path, start_daemon,
 def test_a_failing_log_route_gives_script_log_error(cfg, start_daemon, requester, sim):
     sim.store.file_references = False  # no older route to fall back to
     sim.log_faults["scriptlogfile"] = "500"
-    start_daemon(cfg)
+    d = start_daemon(cfg)
     fail = kinds(requester.request({"requestId": "f4", "taskId": FAIL, "wait": True}, timeout=60), "taskFinished")[0]
     assert fail["failure"]["message"] == MESSAGE and "scriptLogTail" not in fail["failure"]
     assert "scriptlogfile: QRS answered 500" in fail["failure"]["scriptLogError"]
+    assert "butler_mqtt_script_log_failures_total 1.0" in d.daemon.metrics.render().decode()
 
 
 def test_a_hanging_log_route_holds_up_no_other_request(qrs_certs, sim, broker, tmp_path, start_daemon, requester):

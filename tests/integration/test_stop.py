@@ -111,7 +111,7 @@ def test_invalid_stop_requests_are_answered_and_start_nothing(cfg, start_daemon,
 
 
 def test_a_flood_of_stops_for_one_task_sends_one(cfg, start_daemon, requester, sim):
-    start_daemon(cfg)
+    d = start_daemon(cfg)
     running = start(requester, RUN_A)
     boxes = [requester.send({"requestId": f"f{i}", "taskId": RUN_A}, topic=cfg.mqtt.topics.stop)[1] for i in range(30)]
     answers = []
@@ -121,6 +121,9 @@ def test_a_flood_of_stops_for_one_task_sends_one(cfg, start_daemon, requester, s
         answers.append((ev["status"], ev.get("executionId")))
     assert set(answers) == {("stopping", running[RUN_A])}
     assert len(sim.stop_requests) == 1
+    metrics = d.daemon.metrics.render().decode()
+    assert 'butler_mqtt_stops_requested_total{ingress="mqtt"} 30.0' in metrics
+    assert "butler_mqtt_stops_total 1.0" in metrics  # one execution asked to stop, once
 
 
 def test_rest_stop_by_path_and_body(qrs_certs, sim, broker, tmp_path, start_daemon, requester):
