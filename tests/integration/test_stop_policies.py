@@ -67,3 +67,21 @@ def test_deadline_notify_by_default_does_not_stop(cfg, start_daemon, requester, 
     events = requester.request({"requestId": "dn", "taskId": SHORT, "wait": True, "deadline": 0.05}, timeout=60)
     assert all("action" not in e for e in kinds(events, "taskOverdue"))
     assert sim.stop_requests == []
+
+
+def test_a_restart_survives_a_daemon_restart(cfg, start_daemon, requester, sim):
+    """The restart's rerun waits in the durable queue: the next run of the daemon starts it once
+    the stopped execution ended; exactly one new start."""
+    first = start_daemon(cfg)
+    running = kinds(requester.request({"requestId": "run2", "taskId": LONG}, timeout=30), "task")[0]
+    _, box = requester.send({"requestId": "re-r", "taskId": LONG, "ifRunning": "restart", "wait": True})
+    events = [box.get(timeout=30)]
+    while events[-1]["event"] != "summary":
+        events.append(box.get(timeout=30))
+    assert [e["status"] for e in kinds(events, "task")] == ["stopping", "queued"]
+    first.stop()
+    start_daemon(cfg)
+    events += collect(box)
+    started = [e for e in kinds(events, "task") if e["status"] == "started"]
+    assert len(started) == 1 and started[0]["executionId"] != running["executionId"]
+    assert [s.task_id for s in sim.starts] == [LONG, LONG] and len(sim.stop_requests) == 1
