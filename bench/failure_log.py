@@ -179,7 +179,7 @@ def latency_while_downloading(others: int) -> tuple[list[float], list[float], in
             alone = timed(requester)
             _, box = requester.send({"tag": "drip", "wait": True})
             deadline = time.monotonic() + 30
-            while sum(1 for r in stack.sim.request_log if "/download/" in r.path) < 4 and time.monotonic() < deadline:
+            while sum(1 for r in stack.sim.request_log if "/download/" in r.path) < 8 and time.monotonic() < deadline:
                 time.sleep(0.05)
             during = timed(requester)
             downloading = sum(1 for r in stack.sim.request_log if "/download/" in r.path)

@@ -35,7 +35,7 @@ from butler_mqtt.tracking.timers import Timers
 
 log = structlog.get_logger("butler_mqtt.tracking")
 
-WORKERS = 4
+WORKERS = 8
 CACHE = 512
 SLACK_S = 5.0
 

@@ -20,12 +20,18 @@ from tests.support.mqtt import wait_until
 FAIL = "fa1d0000-0000-4000-8000-000000000001"
 OK = "fa1d0000-0000-4000-8000-000000000002"
 SLOWFAIL = "fa1d0000-0000-4000-8000-000000000003"
+UTF16 = "fa1d0000-0000-4000-8000-000000000004"
+BADUTF8 = "fa1d0000-0000-4000-8000-000000000005"
+HUGE = "fa1d0000-0000-4000-8000-000000000006"
 MESSAGE = "Field 'Amount' not found"
 TASKS = [
     SimTask(FAIL, "Failing load", tags=["failing"], run_seconds=0.2, outcome="fail", failure_message=MESSAGE,
             log_lines=150),
     SimTask(OK, "Fine load", tags=["fine"], run_seconds=0.1),
     SimTask(SLOWFAIL, "Slow failing load", tags=["slowfail"], run_seconds=1.5, outcome="fail"),
+    SimTask(UTF16, "UTF-16 log", tags=["odd"], run_seconds=0.1, outcome="fail", log_encoding="utf-16-le"),
+    SimTask(BADUTF8, "Bad bytes log", tags=["odd"], run_seconds=0.1, outcome="fail", log_encoding="invalid-utf-8"),
+    SimTask(HUGE, "Huge log", tags=["huge"], run_seconds=0.1, outcome="fail", log_bytes=200 * 1024 * 1024),
 ]
 
 
@@ -170,3 +176,25 @@ def test_the_history_shows_the_failure(qrs_certs, sim, broker, tmp_path, start_d
     assert task["finalStatus"] == "FinishedFail" and task["failure"] == fail["failure"]
     records = d.daemon.runtime.journal.history(HistoryQuery(request_id="h1"))
     assert MESSAGE in history_cli.table(records, with_tasks=True)
+
+
+def test_hostile_logs_through_the_daemon(cfg, start_daemon, requester, sim):
+    """A UTF-16 log and a log of invalid UTF-8 give valid UTF-8 tails; a 200 MB log gives its
+    tail (streamed, only the tail kept: the memory bound itself is tested on the reader)."""
+    start_daemon(cfg)
+    events = requester.request({"requestId": "odd", "tag": ["odd", "huge"], "wait": True}, timeout=120)
+    finished = {e["taskId"]: e for e in kinds(events, "taskFinished")}
+    for task in (UTF16, BADUTF8, HUGE):
+        tail = finished[task]["failure"]["scriptLogTail"]
+        assert len(tail) == 40 and tail == expected_tail(cfg, sim, task, finished[task]["executionId"], 40)
+        assert all(line.encode("utf-8").decode("utf-8") == line for line in tail)
+        assert asyncapi_check.problem(finished[task]) is None
+
+
+def test_a_garbage_log_route_gives_script_log_error(cfg, start_daemon, requester, sim):
+    sim.store.file_references = False
+    sim.log_faults["scriptlogfile"] = "garbage"
+    start_daemon(cfg)
+    fail = kinds(requester.request({"requestId": "g", "taskId": FAIL, "wait": True}, timeout=60), "taskFinished")[0]
+    assert fail["failure"]["message"] == MESSAGE and "scriptLogTail" not in fail["failure"]
+    assert fail["failure"]["scriptLogError"].startswith("script log not read: scriptlogfile:")
