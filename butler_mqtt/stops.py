@@ -135,7 +135,10 @@ class StopService:
         for observe in self.handled:
             observe(claim.ingress)
         with self.service.keys.hold(key):
-            return self._handle(req, claim, key, self.service.observed(emit))
+            handled = self._handle(req, claim, key, self.service.observed(emit))
+        for counted in self.service.handled:  # requests_total{ingress, outcome} like every request
+            counted(claim.ingress, handled.replayed, None)
+        return handled
 
     def _handle(self, req: StopRequest, claim: Claim, key: str | None, emit: Emit) -> Handled:
         journal = self.journal if key is not None else None
