@@ -218,3 +218,24 @@ def test_cli_request_stop(cfg, start_daemon, requester, sim, broker):
     out = cli("--stop", "--tag", "long", "--dry-run")
     assert out.returncode == 2 and "--stop" in out.stderr
     assert len(sim.starts) == 1 and len(sim.stop_requests) == 1
+
+
+def test_a_stop_interrupted_by_a_crash_never_touches_a_later_execution(cfg, start_daemon, requester, sim):
+    """A crash after the intent `stop/<task>/<execution>` was recorded and before the answer:
+    the redelivered request reports that stop, and a later run of the task is left alone; a
+    task whose intended execution still runs is asked again (a stop is idempotent)."""
+    from butler_mqtt import keys
+    from butler_mqtt.stops import KEY_PREFIX, intent
+
+    d = start_daemon(cfg)
+    running = start(requester, RUN_A, RUN_B)
+    journal = d.daemon.runtime.journal
+    key = KEY_PREFIX + keys.for_request_id("crashed")
+    old = "01d0e000-0000-4000-8000-0000000000aa"  # an execution of RUN_A before this run
+    assert journal.begin(key, "mqtt-stop") is None
+    journal.intents(key, [intent(RUN_A, old), intent(RUN_B, running[RUN_B])])
+    events = stop(requester, cfg, {"requestId": "crashed", "taskId": [RUN_A, RUN_B]})
+    tasks = {e["taskId"]: e for e in kinds(events, "task")}
+    assert tasks[RUN_A]["status"] == "stopping" and tasks[RUN_A]["executionId"] == old  # what was asked before
+    assert tasks[RUN_B]["status"] == "stopping" and tasks[RUN_B]["executionId"] == running[RUN_B]
+    assert [r.task_id for r in sim.stop_requests] == [RUN_B]  # RUN_A's later execution untouched
