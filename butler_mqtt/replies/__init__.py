@@ -9,6 +9,7 @@ journal stores them: change a reply's shape here, and only here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -217,9 +218,14 @@ def _strings(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _cap(value: Any, chars: int) -> str:
+    """Valid UTF-8 (a lone surrogate -> '?'), no control character but tab (a NUL cannot be
+    journaled in PostgreSQL; a line end would split a line), at most `chars` characters."""
     text = value if isinstance(value, str) else ("" if value is None else str(value))
-    return text.encode("utf-8", "replace").decode("utf-8")[:chars]
+    return _CONTROLS.sub("\ufffd", text.encode("utf-8", "replace").decode("utf-8"))[:chars]
 
 
 def task_overdue(

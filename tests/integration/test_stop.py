@@ -239,3 +239,43 @@ def test_a_stop_interrupted_by_a_crash_never_touches_a_later_execution(cfg, star
     assert tasks[RUN_A]["status"] == "stopping" and tasks[RUN_A]["executionId"] == old  # what was asked before
     assert tasks[RUN_B]["status"] == "stopping" and tasks[RUN_B]["executionId"] == running[RUN_B]
     assert [r.task_id for r in sim.stop_requests] == [RUN_B]  # RUN_A's later execution untouched
+
+
+def test_hostile_stop_payloads_are_answered_and_stop_nothing(cfg, start_daemon, requester, sim):
+    """The stop topic gets the start topic's screening: invalid UTF-8, a lone surrogate, JSON
+    nested too deeply, an oversize payload; each answered with an error, nothing stopped."""
+    start_daemon(cfg)
+    start(requester, RUN_A)
+    for payload, error in [(b'{"taskId": "\xff"}', "not valid UTF-8"),
+                           (b'{"tag": "\\ud800"}', "lone UTF-16 surrogate"),
+                           (b"[" * 60_000, "nested too deeply"),
+                           (b'{"tag": "' + b"x" * 300_000 + b'"}', "limit")]:
+        _, box = requester.send(payload, topic=cfg.mqtt.topics.stop)
+        ev = box.get(timeout=30)
+        assert ev["event"] == "error" and error in ev["details"], (payload[:30], ev)
+    assert sim.stop_requests == []
+
+
+def test_rest_stop_hardening(qrs_certs, sim, broker, tmp_path, start_daemon):
+    import requests
+
+    cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state",
+                      http={"enabled": True, "port": 0, "token": "t0ken", "max_body_bytes": 4096})
+    d = start_daemon(cfg)
+    url = f"http://127.0.0.1:{d.daemon.http_server.port}/v4/reloadtask/-/stop"
+    auth = {"Authorization": "Bearer t0ken"}
+    assert requests.post(url, json={"tag": "long"}, timeout=10).status_code == 401
+    assert requests.post(url, json={"tag": "long"}, headers={"Authorization": "Bearer nope"}, timeout=10).status_code == 401
+    big = requests.post(url, data=b'{"tag": "' + b"x" * 10_000 + b'"}', headers={**auth, "Content-Type": "application/json"},
+                        timeout=10)
+    assert big.status_code == 413
+    form = requests.post(url, data="tag=long", headers={**auth, "Content-Type": "application/x-www-form-urlencoded"},
+                         timeout=10)
+    assert form.status_code == 415
+    arr = requests.post(url, json=[{"type": "starttasktag", "payload": {"tag": "long"}}], headers=auth, timeout=10)
+    assert arr.status_code == 400 and "JSON object" in arr.json()["details"]
+    ok = requests.put(url, json={"tag": "long"}, headers=auth, timeout=10)
+    assert ok.status_code == 200 and ok.headers["Content-Type"] == "application/json"
+    over = requests.post(url, json={"tag": "long"}, headers={**auth, "X-HTTP-Method-Override": "PUT"}, timeout=10)
+    assert over.status_code == 200
+    assert sim.stop_requests == [] and sim.starts == []

@@ -42,12 +42,13 @@ def test_on_deadline_layers_and_a_deadline_stop_is_never_retried():
 
 
 def test_the_failure_object_is_capped_and_valid_utf8():
-    failure = {"message": "m" * 5000, "details": ["d" * 3000, 7], "scriptLogTail": ["x" * 2000] * 200 + ["\ud800last"],
+    failure = {"message": "m" * 4999 + "\x00", "details": ["d" * 3000, 7], "scriptLogTail": ["x" * 2000] * 200 + ["\ud800last"],
                "scriptLogError": None, "secret": "never copied"}
     ev = replies.task_finished("r", T, "Task", E, "FinishedFail", None, failure=failure)
     out = ev["failure"]
     assert set(out) == {"message", "details", "scriptLogTail"}
-    assert len(out["message"]) == 2000 and [len(d) for d in out["details"]] == [1000, 1]
+    assert len(out["message"]) == 2000 and "\x00" not in replies.failure_info({"message": "a\x00b\nc"})["message"]
+    assert [len(d) for d in out["details"]] == [1000, 1]
     assert all(len(line) <= 1000 for line in out["scriptLogTail"])
     assert sum(len(line.encode()) + 1 for line in out["scriptLogTail"]) <= 64 * 1024
     assert out["scriptLogTail"][-1] == "?last"  # the last lines are kept; a lone surrogate is replaced
