@@ -178,6 +178,21 @@ def reply_examples() -> dict[str, replies.Event]:
     }
 
 
+#: Contract section 8: a failed reload's taskFinished, with why and its script log's tail.
+FAILURE_EXAMPLE = {
+    "message": "Field 'Amount' not found",
+    "details": ["Changing task state to Started", "Changing task state from Started to FinishedFail"],
+    "scriptLogTail": ["2025-01-06 06:01:20 0045  LOAD Amount FROM [lib://erp/orders.qvd] (qvd)",
+                      "2025-01-06 06:01:21      Error: Field 'Amount' not found",
+                      "2025-01-06 06:01:21      Execution Failed", "2025-01-06 06:01:21      Execution finished."],
+}
+FAILED_EXAMPLE = replies.task_finished(
+    "r1", _T, _NAME, _E, "FinishedFail",
+    {"startTime": "2025-01-06T06:00:00.000Z", "stopTime": "2025-01-06T06:01:21.234Z", "duration": 81234},
+    failure=FAILURE_EXAMPLE,
+)
+
+
 def status_example(cfg: MqttConfig) -> dict[str, Any]:
     return {
         "status": "online",
@@ -197,7 +212,7 @@ REQUEST_EXAMPLE = {"requestId": "r1", "tag": ["daily-refresh"], "wait": True}
 #: them (a unit test holds the two together; this module is pure and cannot import ops/alerts).
 ALERT_EXAMPLE_FIELDS: dict[str, Any] = {
     "requestId": "r1", "taskId": _T, "taskName": _NAME, "executionId": _E, "status": "FinishedFail",
-    "durationMs": 81234, "qrs": "https://qlik.example.com:4242",
+    "durationMs": 81234, "qrs": "https://qlik.example.com:4242", "failure": FAILED_EXAMPLE["failure"],
 }
 ALERT_EXAMPLE_TIME = (1736143281.25, "2025-01-06T06:01:21.250Z")  # (time.time(), as the message has it)
 
@@ -295,6 +310,7 @@ def _messages(cfg: MqttConfig) -> dict[str, Any]:
         }
     for spec in REPLY_EVENTS:
         msgs[spec.name] = _reply_message(spec, examples[spec.name], v5)
+    msgs["taskFinished"]["examples"].append({"name": "failedWithLogTail", "payload": FAILED_EXAMPLE})
     msgs.update(_stop_messages(cfg, v5))
     msgs["alert"] = _alert_message(cfg, v5)
     msgs["status"] = {
