@@ -315,9 +315,12 @@ class MqttListener:
         client.publish(self.status_topic, self.status_payload("online"), qos=1, retain=True)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, rcs: list[ReasonCode], _p: Any) -> None:
-        bad = [str(r) for r in rcs if r.is_failure]
-        if bad:
-            log.error("mqtt_subscribe_refused", reasons=bad, topics=self.topics())
+        refused = [t for t, r in zip(self.topics(), rcs, strict=False) if r.is_failure]
+        if refused == [self.cfg.topics.stop]:  # an ACL from before topics.stop: starts still work
+            log.error("mqtt_subscribe_refused", reasons=[str(r) for r in rcs if r.is_failure], topics=refused,
+                      detail="stop requests are not received: grant the daemon read on mqtt.topics.stop")
+        elif refused or any(r.is_failure for r in rcs):
+            log.error("mqtt_subscribe_refused", reasons=[str(r) for r in rcs if r.is_failure], topics=self.topics())
             return
         if mid in self._sub_mids:
             self._sub_mids.discard(mid)
