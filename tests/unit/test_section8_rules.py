@@ -76,3 +76,19 @@ def test_the_stop_summary_lists_each_task_once():
     assert s["tasksStopping"] == [{"taskId": T, "taskName": "A", "status": "stopping", "executionId": E}]
     assert [t["taskName"] for t in s["tasksNotRunning"]] == ["B"] and s["tasksDenied"][0]["taskName"] == "C"
     assert s["tasksNotFound"] == [{"tag": "none"}] and s["tasksFailed"] == []
+
+
+@pytest.mark.parametrize("section, bad", [
+    ("tracking", {"script_log_lines": -1}), ("tracking", {"script_log_lines": 1001}),
+    ("tracking", {"script_log_deadline": 0}), ("tracking", {"script_log_deadline": 301}),
+    ("policies", {"on_deadline": "kill"}), ("policies", {"if_running": "restart-now"}),
+])
+def test_section8_config_keys_are_validated_at_load(section, bad):
+    from pydantic import ValidationError
+
+    from butler_mqtt.config import Config
+
+    with pytest.raises(ValidationError) as err:
+        Config.model_validate({section: bad})
+    assert f"{section}.{next(iter(bad))}" in str(err.value).replace("\n", ".")
+    assert Config.model_validate({"tracking": {"script_log_lines": 0}}).tracking.script_log_lines == 0
