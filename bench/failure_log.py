@@ -15,11 +15,15 @@ polled (`GET /qrs/executionresult/full`); only the log costs calls.
 
 It also prints the time one 200 MB log's tail takes (bytes read per second) for reference.
 
-TODO (lead, after wiring into the Backend): run a daemon with `tracking.script_log_lines: 40`,
-send one `wait: true` request for a failing task and count the QRS calls beyond those of a
-succeeding task's request; and measure the latency of other requests while 20 log downloads run.
+Through the daemon (wired, issue 22): a daemon (subprocess) with `tracking.script_log_lines`
+(default 40) follows one `wait: true` request for a succeeding task and one for a failing task;
+the QRS calls of each are read from the simulator's request log by route, and the difference is
+what the failure costs. Then 20 failing reloads whose log downloads drip (the simulator's
+`drip` fault: 16 bytes every 0.5 s, cut at `tracking.script_log_deadline`) run while other
+requests (`tag` start, no wait) are timed from publish to summary, against the same requests
+with no download running.
 
-Run: .venv/bin/python bench/failure_log.py [--lines 40]
+Run: .venv/bin/python bench/failure_log.py [--lines 40] [--others 40]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from harness import machine, table
+from harness import Stack, machine, percentile, table
 
 from butler_mqtt.backends.qrs.client import QrsClient
 from butler_mqtt.backends.qrs.failure import ScriptLogReader, failure_details
@@ -58,10 +62,11 @@ def routes(sim: QrsSimulator) -> str:
     return ", ".join(f"{n}x {k}" for k, n in counts.items())
 
 
-def main() -> None:
+def main() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lines", type=int, default=40, help="script_log_lines (default 40)")
-    args = parser.parse_args()
+    parser.add_argument("--others", type=int, default=40, help="timed other requests per series (default 40)")
+    args, _ = parser.parse_known_args()
     work = Path(tempfile.mkdtemp(prefix="bench-failure-"))
     ensure_certs(work)
     tasks = [
@@ -104,7 +109,96 @@ def main() -> None:
               f"{'tail kept' if got and 'scriptLogTail' in got else 'error: ' + str(got and got.get('scriptLogError'))}")
         reader.close()
         client.close()
+    return args
+
+
+OK_TASK = "fa1100b0-0000-4000-8000-000000000003"
+OTHER = "fa1100b0-0000-4000-8000-000000000004"
+DRIPPING = [f"fa1100b0-0000-4000-8000-1000000000{i:02d}" for i in range(20)]
+
+
+def by_route(sim: QrsSimulator) -> Counter[str]:
+    out: Counter[str] = Counter()
+    for r in sim.request_log:
+        parts = r.path.split("/")
+        out["download" if "/download/" in r.path else parts[-1] if parts[-1] in ("scriptlogfile", "scriptlog") else
+            "/".join(p for p in parts[2:4] if p and len(p) != 36)] += 1
+    return out
+
+
+def daemon_calls(lines: int) -> list[list[Any]]:
+    """QRS calls of a waited request for a succeeding task and for a failing one, by route."""
+    from butler_mqtt.config import MqttConfig
+    from butler_mqtt.mqtt.requester import Requester
+
+    tasks = [SimTask(OK_TASK, "Fine", run_seconds=0.3), SimTask(FAILING, "Failing", run_seconds=0.3, outcome="fail")]
+    env = {"BUTLER_MQTT__TRACKING__SCRIPT_LOG_LINES": str(lines), "BUTLER_MQTT__TRACKING__POLL_INTERVAL": "0.2",
+           "BUTLER_MQTT__TRACKING__FIRST_POLL": "0.1"}
+    stack = Stack(tasks, daemon_env=env)
+    rows: list[list[Any]] = []
+    try:
+        with Requester(MqttConfig(host="127.0.0.1", port=stack.broker.port)) as requester:
+            counts = {}
+            for name, task in (("succeeding task", OK_TASK), ("failing task", FAILING)):
+                stack.sim.clear_log()
+                events = requester.request({"taskId": task, "wait": True}, timeout=60)
+                finished = next(e for e in events if e["event"] == "taskFinished")
+                counts[name] = by_route(stack.sim)
+                tail = len((finished.get("failure") or {}).get("scriptLogTail") or [])
+                rows.append([name, sum(counts[name].values()), ", ".join(f"{n}x {k}" for k, n in sorted(counts[name].items())),
+                             finished["status"], tail])
+            extra = counts["failing task"] - counts["succeeding task"]
+            rows.append(["extra for the failure", sum(extra.values()), ", ".join(f"{n}x {k}" for k, n in sorted(extra.items())), "", ""])
+    finally:
+        stack.close()
+    return rows
+
+
+def latency_while_downloading(others: int) -> tuple[list[float], list[float], int]:
+    """Publish-to-summary seconds of `others` start requests, alone and while 20 log downloads drip."""
+    from butler_mqtt.config import MqttConfig
+    from butler_mqtt.mqtt.requester import Requester
+
+    tasks = [SimTask(OTHER, "Other", tags=["other"], run_seconds=0.05)]
+    tasks += [SimTask(t, f"Dripping {i}", tags=["drip"], run_seconds=0.1, outcome="fail") for i, t in enumerate(DRIPPING)]
+    env = {"BUTLER_MQTT__TRACKING__POLL_INTERVAL": "0.2", "BUTLER_MQTT__TRACKING__FIRST_POLL": "0.1",
+           "BUTLER_MQTT__TRACKING__SCRIPT_LOG_DEADLINE": "60"}
+    stack = Stack(tasks, daemon_env=env)
+    stack.sim.log_faults = {"download": "drip"}
+
+    def timed(requester: Any) -> list[float]:
+        out = []
+        for _ in range(others):
+            t0 = time.perf_counter()
+            requester.request({"tag": "other"}, timeout=60)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    try:
+        with Requester(MqttConfig(host="127.0.0.1", port=stack.broker.port)) as requester:
+            alone = timed(requester)
+            _, box = requester.send({"tag": "drip", "wait": True})
+            deadline = time.monotonic() + 30
+            while sum(1 for r in stack.sim.request_log if "/download/" in r.path) < 8 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            during = timed(requester)
+            downloading = sum(1 for r in stack.sim.request_log if "/download/" in r.path)
+    finally:
+        stack.close()
+    return alone, during, downloading
+
+
+def daemon_main(lines: int, others: int) -> None:
+    print(f"\nThrough the daemon (tracking.script_log_lines {lines}): QRS calls of one waited request")
+    print(table(["request", "calls", "requests (route)", "final", "tail lines"], daemon_calls(lines)))
+    alone, during, downloads = latency_while_downloading(others)
+    print(f"\nLatency of other requests (publish -> summary, {others} sequential start requests), alone and while the"
+          f" logs of 20 failed reloads drip (downloads begun during the second series: {downloads}):")
+    rows = [[name, f"{percentile(v, 50) * 1000:.1f}", f"{percentile(v, 95) * 1000:.1f}", f"{max(v) * 1000:.1f}"]
+            for name, v in (("alone", alone), ("during 20 downloads", during))]
+    print(table(["series", "p50 ms", "p95 ms", "max ms"], rows))
 
 
 if __name__ == "__main__":
-    main()
+    options = main()
+    daemon_main(options.lines, options.others)

@@ -31,7 +31,7 @@ from butler_mqtt.errors import QrsError
 from butler_mqtt.journal import Journal
 from butler_mqtt.journal.runq import Entry, Queued, Waiter, Wanted
 from butler_mqtt.model import QrsTask, Route, TaskOutcome
-from butler_mqtt.policies import Action, Policy, decide
+from butler_mqtt.policies import Action, Policy, decide, stops_running
 
 log = structlog.get_logger("butler_mqtt.admission")
 
@@ -58,6 +58,7 @@ class Admitted:
     decided: list[TaskOutcome] = field(default_factory=list)  # alreadyRunning / skipped / queued
     claimed: dict[str, tuple[Entry, str]] = field(default_factory=dict)  # task id -> (entry, waiter key): inline
     queued: dict[int, TaskOutcome] = field(default_factory=dict)  # entry id -> the queued task
+    stopping: list[TaskOutcome] = field(default_factory=list)  # ifRunning restart: `stopping` events, first
 
 
 class Admission:
@@ -66,6 +67,9 @@ class Admission:
         self.journal = journal
         self.followed: Followed | None = None  # set once the tracker exists
         self.on_queued: Callable[[], None] | None = None  # wakes the queue runner
+        #: ifRunning restart: ask the backend to stop (task id, execution id), once per execution
+        #: (runtime.build sets it to the stop use case's coalescer).
+        self.stop: Callable[[str, str], None] | None = None
 
     @staticmethod
     def needed(policy: Policy) -> bool:
@@ -83,11 +87,15 @@ class Admission:
         if self.followed is not None:
             ours = {**self.followed(), **ours}
         actions: dict[str, Action] = {}
+        restarting: set[str] = set()
         for o in candidates:
             task = tasks.get(o.task_id)
             running = o.task_id in ours or (task is not None and task.running)
             actions[o.task_id] = decide(policy, running, o.task_id in waiting)
-        executions = self._running_executions(candidates, tasks, ours, actions)
+            if stops_running(policy, actions[o.task_id], running):
+                restarting.add(o.task_id)
+        executions = self._running_executions(candidates, tasks, ours, actions, restarting)
+        self._stop_for_restart(candidates, restarting, executions, out)
         wanted: list[tuple[TaskOutcome, Wanted]] = []
         for o in candidates:
             action, eid = actions[o.task_id], executions.get(o.task_id)
@@ -102,8 +110,8 @@ class Admission:
                 o.reason = f"the task is running (execution {eid or 'not identified'}); ifRunning: skip"
                 out.decided.append(o)
             else:
-                after = eid if action == "rerun" else None
-                if action == "rerun" and after is None:
+                after = eid if action in ("rerun", "restart") else None
+                if action in ("rerun", "restart") and after is None:
                     log.warning("rerun_without_execution", taskId=o.task_id,
                                 detail="the running execution could not be identified: queued for the next slot instead")
                 wanted.append((o, self._wanted(o, policy, t, after)))
@@ -111,23 +119,36 @@ class Admission:
             self._enqueue(wanted, policy, out)
         return out
 
+    def _stop_for_restart(self, candidates: list[TaskOutcome], restarting: set[str], executions: dict[str, str],
+                          out: Admitted) -> None:
+        """ifRunning restart: stop each running execution (once: the coalescer), a `stopping` event each."""
+        for o in candidates:
+            eid = executions.get(o.task_id)
+            if o.task_id not in restarting or eid is None:
+                continue
+            if self.stop is not None:
+                self.stop(o.task_id, eid)  # raises QrsError: nothing was started or queued yet
+            out.stopping.append(TaskOutcome(o.task_id, o.task_name, "stopping", list(o.matched_by), eid,
+                                            attempt=o.attempt))
+
     def _running_executions(
-        self, candidates: list[TaskOutcome], tasks: dict[str, QrsTask], ours: dict[str, str], actions: dict[str, Action]
+        self, candidates: list[TaskOutcome], tasks: dict[str, QrsTask], ours: dict[str, str], actions: dict[str, Action],
+        restarting: set[str] = frozenset(),  # type: ignore[assignment]
     ) -> dict[str, str]:
         """task id -> the running execution's id, for the tasks whose verdict names it."""
         out = {o.task_id: ours[o.task_id] for o in candidates if o.task_id in ours}
         unknown: list[QrsTask] = []  # running in Qlik, not started by us: ask the backend
         for o in candidates:
             task = tasks.get(o.task_id)
-            if (o.task_id not in out and actions[o.task_id] in ("attach", "skip", "rerun")
-                    and task is not None and task.last_result_id):
+            wanted = actions[o.task_id] in ("attach", "skip", "rerun", "restart") or o.task_id in restarting
+            if o.task_id not in out and wanted and task is not None and task.last_result_id:
                 unknown.append(task)
         if unknown:
             try:
                 found = self.backend.running_executions(unknown)
             except QrsError as exc:
                 log.warning("running_execution_lookup_failed", error=str(exc), tasks=len(unknown))
-                if any(actions[t.id] == "rerun" for t in unknown):
+                if any(actions[t.id] in ("rerun", "restart") for t in unknown):
                     raise  # a rerun must know what to wait for: the request is retried later
                 found = {}
             out.update({tid: eid for tid, eid in found.items() if tid not in out})

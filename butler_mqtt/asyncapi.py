@@ -32,10 +32,11 @@ from butler_mqtt.model import (
     MAX_NAME_LENGTH,
     Match,
     StartRequest,
+    StopRequest,
     TaskOutcome,
 )
-from butler_mqtt.replies import REPLY_EVENTS, EventSpec
-from butler_mqtt.replies.types import ALERT_SEVERITY, AlertMessage, StatusMessage
+from butler_mqtt.replies import REPLY_EVENTS, STOP_SUMMARY, EventSpec
+from butler_mqtt.replies.types import ALERT_SEVERITY, AlertMessage, StatusMessage, StopSummaryEvent
 
 ASYNCAPI_VERSION = "3.0.0"
 MQTT_BINDING_VERSION = "0.2.0"
@@ -56,7 +57,8 @@ REQUEST_FIELDS = {
     "dryRun": "Reply with what would start (status `wouldStart`); start nothing.",
     "then": "A follow-up request, started when every task of this stage finished with FinishedSuccess (implies `wait`).",
     "onFailure": "`continue`: start `then` even when this stage did not fully succeed.",
-    "ifRunning": "For a task that is already running: `start` (anyway), `attach` (follow that execution), `skip`, `queue` (start once more when it ends). Default: policies.if_running.",
+    "ifRunning": "For a task that is already running: `start` (anyway), `attach` (follow that execution), `skip`, `queue` (start once more when it ends), `restart` (stop it, start once it ended; later requests join). Default: policies.if_running.",
+    "onDeadline": "`notify` (taskOverdue only) or `stop` (stop the execution at its deadline: taskOverdue with action stopped, then taskFinished Aborted; not retried). Default: policies.on_deadline.",
     "retry": "Extra starts after a failed reload: `attempts`, `delay` seconds (doubling, at most 3600). Default: policies.retry.",
     "deadline": "Seconds: a followed execution still running then gets one `taskOverdue` event. Default: policies.deadline.",
     "priority": "0-9 (default 5): higher starts first out of butler-mqtt's queue.",
@@ -120,14 +122,33 @@ def request_schemas() -> dict[str, Any]:
     return out
 
 
+def stop_request_schemas() -> dict[str, Any]:
+    """StopRequest (contract section 8): the selectors, requestId and wait of a start request."""
+    out: dict[str, Any] = {}
+    _collect(out, StopRequest.model_json_schema(ref_template=SCHEMA_REF))
+    req = out["StopRequest"]
+    props = req["properties"]
+    props["taskId"] = _one_or_many(props["taskId"], {"pattern": GUID_RE.pattern})
+    props["tag"] = _one_or_many(props["tag"], {"minLength": 1, "maxLength": MAX_NAME_LENGTH})
+    for name in ("requestId", "taskId", "tag", "customProperty"):
+        props[name]["description"] = REQUEST_FIELDS[name]
+    props["wait"]["description"] = "Follow each stopped execution to its end: its `taskFinished` follows."
+    req["description"] = ("A stop request. At least one of taskId, tag, customProperty; no other field. Each selected "
+                          "task that is running is asked to stop; nothing is ever started.")
+    req["anyOf"] = [{"required": [k]} for k in ("taskId", "tag", "customProperty")]
+    return {"StopRequest": req}
+
+
 def component_schemas() -> dict[str, Any]:
     """Every payload schema of the document, by name (referenced as #/components/schemas/<name>)."""
     out: dict[str, Any] = {}
     for spec in REPLY_EVENTS:
         _collect(out, TypeAdapter(spec.schema).json_schema(ref_template=SCHEMA_REF))
+    _collect(out, TypeAdapter(StopSummaryEvent).json_schema(ref_template=SCHEMA_REF))
     _collect(out, TypeAdapter(StatusMessage).json_schema(ref_template=SCHEMA_REF))
     _collect(out, TypeAdapter(AlertMessage).json_schema(ref_template=SCHEMA_REF))
     out.update(request_schemas())
+    out.update(stop_request_schemas())
     out["TaskIdText"] = {
         "type": "string",
         "pattern": r"^\s*" + GUID_RE.pattern.removeprefix("^").removesuffix("$") + r"\s*$",
@@ -157,6 +178,21 @@ def reply_examples() -> dict[str, replies.Event]:
     }
 
 
+#: Contract section 8: a failed reload's taskFinished, with why and its script log's tail.
+FAILURE_EXAMPLE = {
+    "message": "Field 'Amount' not found",
+    "details": ["Changing task state to Started", "Changing task state from Started to FinishedFail"],
+    "scriptLogTail": ["2025-01-06 06:01:20 0045  LOAD Amount FROM [lib://erp/orders.qvd] (qvd)",
+                      "2025-01-06 06:01:21      Error: Field 'Amount' not found",
+                      "2025-01-06 06:01:21      Execution Failed", "2025-01-06 06:01:21      Execution finished."],
+}
+FAILED_EXAMPLE = replies.task_finished(
+    "r1", _T, _NAME, _E, "FinishedFail",
+    {"startTime": "2025-01-06T06:00:00.000Z", "stopTime": "2025-01-06T06:01:21.234Z", "duration": 81234},
+    failure=FAILURE_EXAMPLE,
+)
+
+
 def status_example(cfg: MqttConfig) -> dict[str, Any]:
     return {
         "status": "online",
@@ -176,7 +212,7 @@ REQUEST_EXAMPLE = {"requestId": "r1", "tag": ["daily-refresh"], "wait": True}
 #: them (a unit test holds the two together; this module is pure and cannot import ops/alerts).
 ALERT_EXAMPLE_FIELDS: dict[str, Any] = {
     "requestId": "r1", "taskId": _T, "taskName": _NAME, "executionId": _E, "status": "FinishedFail",
-    "durationMs": 81234, "qrs": "https://qlik.example.com:4242",
+    "durationMs": 81234, "qrs": "https://qlik.example.com:4242", "failure": FAILED_EXAMPLE["failure"],
 }
 ALERT_EXAMPLE_TIME = (1736143281.25, "2025-01-06T06:01:21.250Z")  # (time.time(), as the message has it)
 
@@ -274,6 +310,8 @@ def _messages(cfg: MqttConfig) -> dict[str, Any]:
         }
     for spec in REPLY_EVENTS:
         msgs[spec.name] = _reply_message(spec, examples[spec.name], v5)
+    msgs["taskFinished"]["examples"].append({"name": "failedWithLogTail", "payload": FAILED_EXAMPLE})
+    msgs.update(_stop_messages(cfg, v5))
     msgs["alert"] = _alert_message(cfg, v5)
     msgs["status"] = {
         "name": "status",
@@ -284,6 +322,23 @@ def _messages(cfg: MqttConfig) -> dict[str, Any]:
         "examples": [{"name": "online", "payload": status_example(cfg)}],
     }
     return msgs
+
+
+def _stop_messages(cfg: MqttConfig, v5: bool) -> dict[str, Any]:
+    stopping = TaskOutcome(_T, _NAME, "stopping", [Match("tag", "daily-refresh")], execution_id=_E)
+    summary = _reply_message(STOP_SUMMARY, replies.stop_summary("s1", [stopping], []), v5)
+    summary["title"] = "summary event (of a stop request)"
+    request = _request_message(v5)
+    request.update({
+        "name": "stopRequest", "title": "Stop request",
+        "summary": "Stop the running executions of the tasks the criteria select (nothing is started).",
+        "description": "Answered with one `task` event per selected task (`stopping` with the executionId, "
+                       "`notRunning`, `denied`, `failed`), then this request's `summary`; with `wait`, each stopped "
+                       "execution's `taskFinished` and `requestFinished`. Invalid payloads get an `error` event.",
+        "payload": _ref("#/components/schemas/StopRequest"),
+        "examples": [{"name": "stopByTag", "payload": {"requestId": "s1", "tag": ["daily-refresh"], "wait": True}}],
+    })
+    return {"stopRequest": request, "stopSummary": summary}
 
 
 # ------------------------------------------------------------------------------ channels, operations
@@ -318,6 +373,7 @@ def _alerts_channel(topic: str | None) -> dict[str, Any]:
 def _channels(cfg: MqttConfig, alerts_topic: str | None) -> dict[str, Any]:
     t = cfg.topics
     reply_msgs = {spec.name: _ref(f"#/components/messages/{spec.name}") for spec in REPLY_EVENTS}
+    reply_msgs["stopSummary"] = _ref("#/components/messages/stopSummary")
     group = f" Several instances share it as `$share/{cfg.shared_group}/<topic>`." if cfg.shared_group else ""
     chans: dict[str, Any] = {
         "start": {
@@ -334,6 +390,12 @@ def _channels(cfg: MqttConfig, alerts_topic: str | None) -> dict[str, Any]:
             "description": "The payload is one task ID, as with Butler." + group,
             "messages": {"startTaskPlain": _ref("#/components/messages/startTaskPlain")},
         }
+    chans["stop"] = {
+        "address": t.stop,
+        "title": "Stop requests",
+        "description": "JSON stop requests (QoS 1, not retained; contract section 8)." + group,
+        "messages": {"stopRequest": _ref("#/components/messages/stopRequest")},
+    }
     chans["replies"] = {
         "address": t.reply,
         "title": "Replies",
@@ -372,6 +434,8 @@ _REQUEST_EXPIRY = {
 def _start_operation(cfg: MqttConfig, channel: str, message: str, summary: str) -> dict[str, Any]:
     reply_channel = "responseTopic" if cfg.protocol == "5" else "replies"
     names = [spec.name for spec in REPLY_EVENTS]
+    if channel == "stop":
+        names = ["task", "stopSummary", "taskFinished", "requestFinished", "error"]
     return {
         "action": "receive",
         "channel": _ref(f"#/channels/{channel}"),
@@ -394,11 +458,12 @@ def _operations(cfg: MqttConfig) -> dict[str, Any]:
     }
     if cfg.topics.start_plain:
         ops["startTaskPlain"] = _start_operation(cfg, "startPlain", "startTaskPlain", "Start one reload task by its ID.")
+    ops["stopTasks"] = _start_operation(cfg, "stop", "stopRequest", "Stop the running reloads of the selected tasks.")
     ops["sendReplies"] = {
         "action": "send",
         "channel": _ref("#/channels/replies"),
         "summary": "Replies of requests without a Response Topic.",
-        "messages": [_ref(f"#/channels/replies/messages/{spec.name}") for spec in REPLY_EVENTS],
+        "messages": [_ref(f"#/channels/replies/messages/{n}") for n in [*(spec.name for spec in REPLY_EVENTS), "stopSummary"]],
         "bindings": _op_bindings(False),
     }
     ops["publishStatus"] = {

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from butler_mqtt import __version__, replies
 from butler_mqtt.config import DEFAULT_CONFIG, Config, config_path, load_config
 from butler_mqtt.errors import ButlerError, ConfigError, QrsError, RequestRejected
-from butler_mqtt.model import CustomPropertyCriterion, StartRequest, validate_request
+from butler_mqtt.model import CustomPropertyCriterion, StartRequest, validate_request, validate_stop
 from butler_mqtt.replies import Event
 from butler_mqtt.terminal import json_text
 
@@ -335,6 +335,9 @@ def _add_request_command(sub: Subcommands) -> None:
     p.add_argument("--request-id", metavar="ID", help="idempotency key, echoed in every reply (default: a new UUID)")
     p.add_argument("--wait", action="store_true", help="follow every reload to its end (taskFinished, requestFinished)")
     p.add_argument("--dry-run", action="store_true", help="report what would start (wouldStart); start nothing")
+    p.add_argument("--stop", action="store_true",
+                   help="stop the running reloads of the selected tasks instead (mqtt.topics.stop; with --wait: "
+                        "follow each stopped execution to its end); starts nothing")
     p.add_argument(
         "--timeout",
         type=positive_seconds,
@@ -450,6 +453,17 @@ def selectors_request(args: argparse.Namespace, **extra: Any) -> StartRequest:
     return validate_request({k: v for k, v in data.items() if v not in ([], None)})
 
 
+def stop_body(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """`request --stop`: a stop request from the selectors, validated as the daemon does."""
+    if extra.get("dryRun") or args.all_task_ids_must_exist:
+        raise ConfigError("--stop", "a stop takes only selectors, --request-id and --wait (no --dry-run, "
+                                    "--all-task-ids-must-exist)")
+    req = selectors_request(args, **extra)
+    stop = validate_stop({k: v for k, v in req.model_dump(mode="json", exclude_defaults=True).items()
+                          if k in ("requestId", "taskId", "tag", "customProperty", "wait")})
+    return stop.model_dump(mode="json", exclude_defaults=True)
+
+
 def _load(args: argparse.Namespace) -> Config:
     return load_config(config_path(args.config))
 
@@ -520,12 +534,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 class RequestOutcome:
     """What the replies of one `request` say, turned into its exit code (see REQUEST_EXIT_CODES)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: bool = False) -> None:
         self.failed = self.denied = self.not_found = False
+        self.stop = stop  # a stopped reload ends Aborted: that is what was asked
 
     def add(self, ev: Event) -> None:
         kind = replies.kind(ev)
-        if kind == replies.ERROR or replies.reload_failed(ev):
+        if kind == replies.ERROR or (replies.reload_failed(ev) and not self.stop):
             self.failed = True
         if kind == replies.SUMMARY:
             summary = cast("SummaryEvent", ev)
@@ -550,11 +565,11 @@ def cmd_request(args: argparse.Namespace) -> int:
         extra["wait"] = True
     if args.dry_run:
         extra["dryRun"] = True
-    req = selectors_request(args, **extra)
-    body = req.model_dump(exclude_defaults=True)
+    body = stop_body(args, extra) if args.stop else selectors_request(args, **extra).model_dump(exclude_defaults=True)
     m = cfg.mqtt
     where = f"{m.host}:{m.port}"
-    outcome = RequestOutcome()
+    topic = m.topics.stop if args.stop else m.topics.start
+    outcome = RequestOutcome(stop=args.stop)
 
     def show(ev: Event) -> None:
         print(json_text(ev), flush=True)  # a reply is anyone's message on the topic
@@ -572,13 +587,13 @@ def cmd_request(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     replies = "a private response topic (MQTT 5)" if requester.v5 else f"{m.topics.reply} (MQTT 3.1.1)"
     print(
-        f"butler-mqtt: request {body['requestId']} sent to topic {m.topics.start} on broker {where}; "
+        f"butler-mqtt: request {body['requestId']} sent to topic {topic} on broker {where}; "
         f"replies on {replies}",
         file=sys.stderr,
         flush=True,
     )
     try:
-        requester.request(body, timeout=args.timeout, on_event=show)
+        requester.request(body, timeout=args.timeout, on_event=show, topic=topic)
     except TimeoutError as exc:
         print(f"butler-mqtt: {exc}", file=sys.stderr)
         print(f"butler-mqtt: {no_answer_hint(requester, m, args.timeout)}", file=sys.stderr)

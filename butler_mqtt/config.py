@@ -227,6 +227,10 @@ class TrackingConfig(_Section):
     poll_interval: float = Field(default=5, gt=0, le=DAY)
     first_poll: float = Field(default=1, gt=0, le=DAY)
     max_wait: float = Field(default=21600, gt=0, le=31 * DAY)
+    #: Contract section 8: the tail of a failed execution's script log (0: never fetched).
+    script_log_lines: int = Field(default=40, ge=0, le=1000)
+    #: The total time one script log read may take (ticket, fallback route and download).
+    script_log_deadline: float = Field(default=15, gt=0, le=300)
 
 
 class RetryConfig(_Section):
@@ -237,11 +241,13 @@ class RetryConfig(_Section):
 class PoliciesConfig(_Section):
     """Run policies (contract section 7): what a trigger does when it meets a busy Qlik Sense."""
 
-    if_running: Literal["start", "attach", "skip", "queue"] = "start"
+    if_running: Literal["start", "attach", "skip", "queue", "restart"] = "start"
     max_running: int = Field(default=0, ge=0, le=10000)
     queue_timeout: float = Field(default=3600, gt=0, le=31 * DAY)
     retry: RetryConfig = RetryConfig()
     deadline: float | None = Field(default=None, gt=0, le=31 * DAY)
+    #: Contract section 8: `stop` stops a followed execution still running at its deadline.
+    on_deadline: Literal["notify", "stop"] = "notify"
 
 
 class LoggingConfig(_Section):

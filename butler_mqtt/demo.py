@@ -23,7 +23,8 @@ from butler_mqtt.replies import Event
 
 SAMPLES: list[tuple[str, dict[str, Any]]] = [
     (
-        "start every task tagged 'Butler 5.0 demo' and follow them to the end",
+        "start every task tagged 'Butler 5.0 demo' and follow them to the end (one fails: its taskFinished"
+        " says why, with the last lines of that execution's script log)",
         {"requestId": "demo-1", "tag": ["Butler 5.0 demo"], "wait": True},
     ),
     (
@@ -49,8 +50,23 @@ SAMPLES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+#: Start the finance reloads, then stop them (contract section 8; the stop on topics.stop).
+STOP_SAMPLES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("start the finance reloads (tag 'financial-reports', no wait)", {"requestId": "demo-6", "tag": ["financial-reports"]}),
+    ("...and stop them at once (topics.stop, wait): a running one is 'stopping' and ends Aborted, the others are"
+     " 'notRunning'; a stop never starts anything", {"requestId": "demo-7", "tag": ["financial-reports"], "wait": True}),
+)
+
+
 def _print_event(ev: Event) -> None:
     print("    <- " + json.dumps(ev, ensure_ascii=False), flush=True)
+    failure = ev.get("failure")
+    if ev.get("event") == "taskFinished" and isinstance(failure, dict):
+        print(f"       why '{ev.get('taskName')}' failed: {failure.get('message')}", flush=True)
+        for line in (failure.get("scriptLogTail") or [])[-6:]:
+            print(f"       | {line}", flush=True)
+        if failure.get("scriptLogError"):
+            print(f"       (script log: {failure['scriptLogError']})", flush=True)
 
 
 def run_demo(once: bool = False, workdir: Path | None = None) -> int:
@@ -101,11 +117,16 @@ def _run(work: Path, once: bool, sim: Any, certs: Any, broker: Mosquitto | None)
         if not daemon.listener.subscribed.wait(15):
             print(f"cannot connect to the broker at {mqtt_host}:{mqtt_port}")
             return 1
-        print(f"butler-mqtt     listening on '{cfg.mqtt.topics.start}' and '{cfg.mqtt.topics.start_plain}'\n")
+        print(f"butler-mqtt     listening on '{cfg.mqtt.topics.start}', '{cfg.mqtt.topics.start_plain}'"
+              f" and '{cfg.mqtt.topics.stop}'\n")
         with Requester(cfg.mqtt) as requester:
             for title, request in SAMPLES:
                 print(f"--> {title}\n    -> {json.dumps(request)}", flush=True)
                 requester.request(request, timeout=60, on_event=_print_event)
+                print()
+            for (title, request), topic in zip(STOP_SAMPLES, (cfg.mqtt.topics.start, cfg.mqtt.topics.stop), strict=True):
+                print(f"--> {title}\n    -> {json.dumps(request)}  (on {topic})", flush=True)
+                requester.request(request, timeout=60, on_event=_print_event, topic=topic)
                 print()
         if once:
             return 0

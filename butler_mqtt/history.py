@@ -118,8 +118,14 @@ def _task_row(t: dict[str, Any]) -> list[str]:
         str(t.get("executionId") or "-"),
         final,
         duration,
-        _cut(str(t.get("reason") or t.get("finalReason") or ""), 60),
+        _cut(str(t.get("reason") or t.get("finalReason") or _failure_message(t)), 60),
     ]
+
+
+def _failure_message(t: dict[str, Any]) -> str:
+    """The failure's message (contract section 8); --json shows the whole failure with its tail."""
+    failure = t.get("failure")
+    return str(failure.get("message") or "") if isinstance(failure, dict) else ""
 
 
 def _render(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:

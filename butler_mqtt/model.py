@@ -38,9 +38,11 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _UNSTORABLE_RE = re.compile("[\x00\ud800-\udfff]")
 
 TaskStatus = Literal[
-    "started", "notStarted", "denied", "failed", "wouldStart", "alreadyRunning", "skipped", "queued", "expired"
+    "started", "notStarted", "denied", "failed", "wouldStart", "alreadyRunning", "skipped", "queued", "expired",
+    "stopping", "notRunning",
 ]
-IfRunning = Literal["start", "attach", "skip", "queue"]
+IfRunning = Literal["start", "attach", "skip", "queue", "restart"]
+OnDeadline = Literal["notify", "stop"]
 FINAL_STATES = {6: "Aborted", 7: "FinishedSuccess", 8: "FinishedFail", 9: "Skipped", 11: "Error", 12: "Reset"}
 #: TaskExecutionStatus values of an execution that has not ended (qrs-api.md 6.4, 6.6): Triggered,
 #: Started, Queued, AbortInitiated, Aborting, Retry, DistributionQueue, DistributionRunning.
@@ -139,6 +141,7 @@ class StartRequest(BaseModel):
     retry: RetryRequest | None = None
     deadline: float | None = Field(default=None, gt=0, le=7 * 86400)
     priority: int | None = Field(default=None, ge=0, le=MAX_PRIORITY)
+    onDeadline: OnDeadline | None = None
 
     @field_validator("requestId")
     @classmethod
@@ -177,6 +180,49 @@ class StartRequest(BaseModel):
 
     def chain_depth(self) -> int:
         return 1 + (self.then.chain_depth() if self.then else 0)
+
+
+class StopRequest(BaseModel):
+    """A stop request (contract section 8): the selectors, `requestId` and `wait` of a start
+    request, no other field."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    requestId: str | None = Field(default=None, max_length=MAX_REQUEST_ID_LENGTH)
+    taskId: list[str] = Field(default_factory=list, max_length=MAX_CRITERIA)
+    tag: list[str] = Field(default_factory=list, max_length=MAX_CRITERIA)
+    customProperty: list[CustomPropertyCriterion] = Field(default_factory=list, max_length=MAX_CRITERIA)
+    wait: bool = False
+
+    _one_or_many = field_validator("taskId", "tag", mode="before")(StartRequest._one_or_many.__func__)  # type: ignore[attr-defined]
+    _tags = field_validator("tag")(StartRequest._tags.__func__)  # type: ignore[attr-defined]
+    _task_ids = field_validator("taskId")(StartRequest._task_ids.__func__)  # type: ignore[attr-defined]
+
+    @model_validator(mode="after")
+    def _has_criteria(self) -> StopRequest:
+        if not (self.taskId or self.tag or self.customProperty):
+            raise ValueError("at least one of taskId, tag, customProperty is required")
+        return self
+
+    def selection(self, wait: bool = False) -> StartRequest:
+        """The same selectors as a StartRequest (what the selection reads); never started."""
+        return StartRequest(requestId=self.requestId, taskId=self.taskId, tag=self.tag,
+                            customProperty=self.customProperty, wait=wait)
+
+
+def validate_stop(data: Any) -> StopRequest:
+    """Validate already-decoded JSON into a StopRequest, or raise RequestRejected."""
+    if not isinstance(data, dict):
+        raise RequestRejected("Invalid request", "the request must be a JSON object")
+    try:
+        return StopRequest.model_validate(data)
+    except ValidationError as err:
+        for e in err.errors():
+            if e["type"] == "value_error" and INVALID_GUID_DETAILS in e["msg"]:
+                raise RequestRejected(INVALID_GUID_ERROR, INVALID_GUID_DETAILS) from None
+        raise _describe(err) from None
+    except RecursionError:
+        raise RequestRejected("Invalid request", "the request is nested too deeply") from None
 
 
 def _describe(err: ValidationError) -> RequestRejected:

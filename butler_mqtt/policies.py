@@ -4,7 +4,8 @@
   else `policies` in the config (the plain topic and Butler-shaped REST bodies use the config).
 * `decide()`    -- for one task about to be started: `start` it, `attach` to the running
   execution, `skip` it, `rerun` it once the running execution ended (ifRunning queue), or let it
-  wait for a `slot` (max_running). A task already waiting in butler-mqtt's queue is joined:
+  wait for a `slot` (max_running), or `restart` it (ifRunning restart, section 8: stop the
+  running execution, start once it ended). A task already waiting in butler-mqtt's queue is joined:
   it runs once for every request waiting on it.
 * `retry_delay()` -- the pause before extra start k (delay doubling, at most 3600 s).
 
@@ -25,7 +26,7 @@ from butler_mqtt.model import DEFAULT_PRIORITY, IfRunning, StartRequest
 RETRYABLE = frozenset({"FinishedFail", "Aborted", "Error", "Reset"})
 MAX_RETRY_DELAY = 3600.0
 
-Action = Literal["start", "attach", "skip", "rerun", "slot", "join"]
+Action = Literal["start", "attach", "skip", "rerun", "restart", "slot", "join"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Policy:
     retry_delay: float = 60.0
     deadline: float | None = None
     priority: int = DEFAULT_PRIORITY
+    on_deadline: str = "notify"  # contract section 8: `stop` at the deadline
 
     @property
     def follows(self) -> bool:
@@ -61,6 +63,7 @@ def effective(cfg: PoliciesConfig, root: StartRequest | None = None, stage: Star
     retry = pick("retry")
     deadline = pick("deadline")
     priority = pick("priority")
+    on_deadline = pick("onDeadline") or cfg.on_deadline
     return Policy(
         if_running=if_running,  # type: ignore[arg-type]
         max_running=cfg.max_running,
@@ -69,6 +72,7 @@ def effective(cfg: PoliciesConfig, root: StartRequest | None = None, stage: Star
         retry_delay=float(retry.delay if retry is not None else cfg.retry.delay),  # type: ignore[attr-defined]
         deadline=float(deadline) if deadline is not None else cfg.deadline,  # type: ignore[arg-type]
         priority=int(priority) if priority is not None else DEFAULT_PRIORITY,  # type: ignore[call-overload]
+        on_deadline=str(on_deadline),
     )
 
 
@@ -77,10 +81,12 @@ def decide(policy: Policy, running: bool, waiting: bool) -> Action:
     it waits in butler-mqtt's queue already (a rerun or a slot)."""
     if running and policy.if_running in ("attach", "skip"):
         return policy.if_running
-    if waiting and (policy.max_running > 0 or policy.if_running == "queue"):
+    if waiting and (policy.max_running > 0 or policy.if_running in ("queue", "restart")):
         return "join"  # at most one pending run per task: later requests join it
     if running and policy.if_running == "queue":
         return "rerun"
+    if running and policy.if_running == "restart":
+        return "restart"  # contract section 8: stop the running execution, start once it ended
     if policy.max_running > 0:
         return "slot"
     return "start"
@@ -89,6 +95,23 @@ def decide(policy: Policy, running: bool, waiting: bool) -> Action:
 def retry_delay(policy: Policy, attempt: int) -> float:
     """Seconds before extra start `attempt` (1 = the first retry): delay, doubling, capped."""
     return float(min(MAX_RETRY_DELAY, policy.retry_delay * (2 ** max(0, attempt - 1))))
+
+
+def stops_running(policy: Policy, action: Action, running: bool) -> bool:
+    """ifRunning restart (contract section 8): is the task's running execution to be stopped
+    (and a `stopping` event owed)? The first request restarts it; a later one joins that
+    restart and gets its own `stopping` event (the execution is asked once: stops.Coalescer)."""
+    return policy.if_running == "restart" and running and action in ("restart", "join")
+
+
+def stops_at_deadline(policy: Policy) -> bool:
+    """onDeadline stop (contract section 8): stop a followed execution still running at its deadline."""
+    return policy.on_deadline == "stop" and policy.deadline is not None
+
+
+def retried_after(status: str, stopped_at_deadline: bool) -> bool:
+    """May this end be retried? Not when the reload was stopped at its deadline (section 8)."""
+    return status in RETRYABLE and not stopped_at_deadline
 
 
 def retries_left(policy: Policy, attempt: int) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -23,6 +23,7 @@ from butler_mqtt.backends.base import Backend
 from butler_mqtt.backends.qrs.backend import QrsBackend
 from butler_mqtt.backends.qrs.client import CallObserver, QrsClient
 from butler_mqtt.backends.qrs.client import probe_at_start as _qrs_probe
+from butler_mqtt.backends.qrs.failure import ScriptLogReader
 from butler_mqtt.journal import Journal
 from butler_mqtt.ops import alerts
 from butler_mqtt.ops.alerts import Alerter
@@ -30,8 +31,10 @@ from butler_mqtt.ops.logging import scrub_secrets
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.queueing import QueueRunner
 from butler_mqtt.service import StartService
+from butler_mqtt.stops import StopService
 from butler_mqtt.tracking import (
     Deadlines,
+    Failures,
     Poller,
     QueueTicks,
     Retries,
@@ -74,9 +77,15 @@ class Runtime:
     metrics: Metrics
     health: Health
     alerter: Alerter | None = None  # None: a Runtime made by hand (tests), without alerts
+    stops: StopService = field(default=None)  # type: ignore[assignment]  # set in __post_init__ when not given
+
+    def __post_init__(self) -> None:
+        if self.stops is None:  # a Runtime made by hand (tests): stops on its use case
+            object.__setattr__(self, "stops", StopService(self.service))
 
     def close(self) -> None:
         """Release what `build` opened (the tracker is stopped by its owner first)."""
+        self.stops.close()
         self.service.close()
         self.qrs.close()
         self.journal.close()
@@ -87,7 +96,10 @@ def backend(cfg: Config, observer: CallObserver | None = None, *, retries: int |
     outside `backends/` that names an implementation (an import-linter contract); `check`,
     `resolve` and the daemon get theirs here. `retries`: override `qrs.retries` (check: 0)."""
     qrs_cfg = cfg.qrs if retries is None else cfg.qrs.model_copy(update={"retries": retries})
-    return QrsBackend(QrsClient(qrs_cfg, observer=observer))
+    reader = None
+    if cfg.tracking.script_log_lines > 0:  # script logs are read on a connection pool of their own
+        reader = ScriptLogReader(qrs_cfg, deadline_s=cfg.tracking.script_log_deadline, observer=observer)
+    return QrsBackend(QrsClient(qrs_cfg, observer=observer), reader)
 
 
 def probe_at_start(cfg: Config) -> threading.Thread:
@@ -109,7 +121,7 @@ def preflight(cfg: Config) -> None:
 
 def build_tracker(
     cfg: Config, backend: Backend, service: StartService, journal: Journal, publish: Publish, metrics: Metrics | None
-) -> Tracker:
+) -> tuple[Tracker, Deadlines]:
     """The tracking pieces (tracking/), wired to each other and to the use case, once."""
     waits, timers = Waits(journal), Timers()
     poller = Poller(cfg.tracking, backend, waits, timers, journal.lease_s)
@@ -124,15 +136,28 @@ def build_tracker(
     tracker = Tracker(journal, waits, poller, stages, retries, queue, timers)
     service.follow = tracker.follow
 
-    def ended(eid: str, status: str, row: Mapping[str, Any] | None, reason: str | None) -> None:
-        queue.ended(eid)  # a slot of butler-mqtt's queue frees first, then the requests hear it
-        stages.execution_ended(eid, status, row, reason)
+    failures = Failures(cfg.tracking, backend, timers, metrics)
 
+    def ended(eid: str, status: str, row: Mapping[str, Any] | None, reason: str | None) -> None:
+        if failures.busy(eid):
+            return  # its failure is being read: the requests hear the end once it is known
+        queue.ended(eid)  # a slot of butler-mqtt's queue frees first, then the requests hear it
+        following = waits.following_execution(eid)
+        if status in ("FinishedSuccess", "Unknown") or not following:
+            stages.execution_ended(eid, status, row, reason)
+            return
+        p = following[0].pending.get(eid)
+        if p is None:
+            return
+        task_id = p.task_id
+        failures.fetch(eid, task_id, lambda failure: stages.execution_ended(eid, status, row, reason, failure))
+
+    tracker.failures = failures
     poller.attach(ended, deadlines.check, queue, tracker.maintain)
     # The use case asks what the tracker follows (run policies), and wakes the queue.
     service.admission.followed = waits.running_tasks
     service.admission.on_queued = poller.queue_changed
-    return tracker
+    return tracker, deadlines
 
 
 def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | None = None) -> Runtime:
@@ -156,8 +181,17 @@ def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | No
     service = StartService(cfg, qrs, journal)
     service.observers += [metrics.observe_event, alerter.observe]
     service.handled.append(metrics.handled)
-    tracker = build_tracker(cfg, qrs, service, journal, publish, metrics)
-    return Runtime(cfg, service, tracker, journal, qrs, metrics, health, alerter)
+    tracker, deadlines = build_tracker(cfg, qrs, service, journal, publish, metrics)
+    stops = StopService(service)
+    service.admission.stop = stops.stop_for_policy  # ifRunning restart
+    deadlines.stop = stops.stop_for_policy  # onDeadline stop
+    stops.coalescer.on_stopped = metrics.stops_done.inc
+    stops.handled.append(lambda ingress: metrics.stops_requested.labels(_stop_ingress(ingress)).inc())
+    return Runtime(cfg, service, tracker, journal, qrs, metrics, health, alerter, stops)
+
+
+def _stop_ingress(ingress: str) -> str:
+    return "mqtt" if ingress.startswith("mqtt") else "policy" if ingress == "policy" else "rest"
 
 
 #: The parts' types, for the daemon's typed views of them (it imports no part itself).

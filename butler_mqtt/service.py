@@ -136,6 +136,11 @@ class StartService:
         with self._allow_lock:
             self._allow = start_filter
 
+    def allow_list(self) -> Any:
+        """The start_filter allow-list in force (None: every task is allowed)."""
+        with self._allow_lock:
+            return self._allow.allow if self._allow.enabled else None
+
     def resolve(self, stage: StartRequest) -> Selection:
         """All criteria of the stage in one `GET /qrs/reloadtask/full` (chunked if long)."""
         return self.resolve_tasks(stage)[0]
@@ -153,6 +158,8 @@ class StartService:
     ) -> Admitted:
         """The run policies, then the starts: one `task` event per candidate (`send`)."""
         admitted = self.admission.admit(candidates, tasks, policy, ticket)
+        for o in admitted.stopping:  # ifRunning restart: the running execution is stopping
+            send(replies.task(o, ticket.request_id, ticket.stage))
         for o in admitted.decided:
             send(replies.task(o, ticket.request_id, ticket.stage))
         self._start_all(admitted.to_start, ticket.key, ticket.stage, ticket.request_id, send)
@@ -293,16 +300,22 @@ class StartService:
         self, to_start: list[TaskOutcome], key: str | None, stage: int | None, request_id: str | None, send: Emit
     ) -> None:
         """Record the intents (one transaction), then start with bounded concurrency."""
-        if to_start and key is not None and self.journal is not None:
-            self.journal.intents(key, [intent_key(o.task_id, stage, o.attempt) for o in to_start])
-        def withdraw(refused: list[TaskOutcome]) -> None:
-            # Starts QRS refused with 429 did not run: their intents go, so the stage, handled
-            # again later (the caller's transient path), starts them anew; the others are resumed.
-            if refused and key is not None and self.journal is not None:
-                self.journal.withdraw_intents(key, [intent_key(o.task_id, stage, o.attempt) for o in refused])
-
-        for o in self.starts.many(to_start, withdraw):
+        journal = self.journal if key is not None else None
+        if to_start and journal is not None and key is not None:
+            journal.intents(key, [intent_key(o.task_id, stage, o.attempt) for o in to_start])
+        for o in self.starts.many(to_start, _withdrawer(journal, key, stage)):
             send(replies.task(o, request_id, stage))
+
+
+def _withdrawer(journal: Journal | None, key: str | None, stage: int | None) -> Callable[[list[TaskOutcome]], None]:
+    """Starts QRS refused with 429 did not run: their intents go, so the stage, handled again
+    later (the caller's transient path), starts them anew; the others are resumed."""
+
+    def withdraw(refused: list[TaskOutcome]) -> None:
+        if refused and journal is not None and key is not None:
+            journal.withdraw_intents(key, [intent_key(o.task_id, stage, o.attempt) for o in refused])
+
+    return withdraw
 
 
 class KeyLocks:

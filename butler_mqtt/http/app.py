@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
-from butler_mqtt import __version__, keys
+from butler_mqtt import __version__, keys, replies
 from butler_mqtt.asyncapi import build_document
 from butler_mqtt.errors import JournalError, QrsError, RequestRejected, is_transient, retry_after
 from butler_mqtt.http import schemas
@@ -39,6 +39,7 @@ from butler_mqtt.http.bodies import (
     seed_request,
     summary_response,
 )
+from butler_mqtt.http.stops import add_stop_routes, stop_request
 from butler_mqtt.journal import history
 from butler_mqtt.model import Route as ReplyRoute
 from butler_mqtt.model import StartRequest, decode_json
@@ -432,6 +433,54 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal_error)
 
 
+class StopEndpoint:
+    """The stop handler, on the REST API's helpers (authorization, body limits, metrics)."""
+
+    def __init__(self, api: RestApi) -> None:
+        self.api = api
+
+    async def stop(self, request: Request) -> Response:
+        try:
+            return await self._stop(request)
+        except ApiError as exc:
+            self.api._count(exc.outcome)
+            log.warning("rest_stop_refused", status=exc.status, error=exc.error, details=exc.details)
+            return exc.response()
+        except Exception:  # a bug: answer JSON, log it once with its traceback
+            self.api._count("error")
+            log.exception("rest_internal_error", path=request.url.path)
+            return error_response(500, "Internal error", "an unexpected error occurred; see the daemon's log")
+
+    async def _stop(self, request: Request) -> Response:
+        self.api._authorize(request)
+        _check_content_type(request)
+        try:
+            task_id = path_task_id(request.path_params.get("taskId", "-"))
+            raw = await self.api._read_body(request)
+            data: Any = decode_json(raw, self.api.cfg.http.max_body_bytes) if raw.strip() else {}
+            req = stop_request(data, task_id)
+        except RequestRejected as rej:
+            raise ApiError(400, rej.error, rej.details) from None
+        key = keys.for_request_id(req.requestId) if req.requestId else keys.anonymous("rest")
+        claim = Claim(INGRESS, key, _client(request), route=ReplyRoute(self.api.cfg.mqtt.topics.reply))
+
+        def work() -> Handled:
+            return self.api.rt.stops.submit(req, claim, lambda _ev: None)
+
+        try:
+            handled = await run_in_threadpool(work)
+        except QrsError as exc:
+            if is_transient(exc):
+                raise ApiError(503, "QRS unreachable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
+            raise ApiError(502, "QRS refused the request", str(exc), "error") from None
+        except JournalError as exc:
+            raise ApiError(503, "Journal unavailable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
+        self.api._count("ok")
+        summary = next(ev for ev in handled.events if replies.kind(ev) == replies.SUMMARY)
+        return JSONResponse(replies.without_event(summary))
+
+
+
 def create_app(runtime: Runtime, full: bool) -> FastAPI:
     """The application. `full`: the whole API; else only /metrics and /healthz (metrics.port)."""
     api = RestApi(runtime)
@@ -461,7 +510,7 @@ def create_app(runtime: Runtime, full: bool) -> FastAPI:
                     response_model=None,
                     openapi_extra=schemas.start_operation(token_required, path_task_id=with_id),
                 )
-    if full:
+        add_stop_routes(app, StopEndpoint(api).stop, schemas.stop_operation(token_required))
         app.add_api_route(
             HISTORY_PATH, api.requests, methods=["GET"], operation_id="requestHistory", summary="Request history",
             tags=["requests"], response_model=None, openapi_extra=schemas.history_operation(token_required),

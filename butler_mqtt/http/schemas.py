@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from butler_mqtt.http.bodies import ButlerBody
-from butler_mqtt.model import GUID_RE, MAX_CRITERIA, StartRequest
-from butler_mqtt.replies.types import SummaryEvent
+from butler_mqtt.model import GUID_RE, MAX_CRITERIA, StartRequest, StopRequest
+from butler_mqtt.replies.types import StopSummaryEvent, SummaryEvent
 
 REF = "#/components/schemas/{model}"
 
@@ -127,6 +127,9 @@ class HistoryTask(BaseModel):
     retryIn: float | None = None
     finalReason: str | None = None
     overdue: bool | None = Field(default=None, description="True once a `taskOverdue` event was sent.")
+    failure: dict[str, Any] | None = Field(
+        default=None, description="From `taskFinished` (not FinishedSuccess): message, details, scriptLogTail or "
+                                  "scriptLogError (contract section 8).")
 
 
 class HistoryRecord(BaseModel):
@@ -173,7 +176,7 @@ FIELD_DOCS = {
     "then": "A follow-up request started when every task of this stage finished successfully; implies wait.",
     "onFailure": "'continue' starts `then` whatever the outcome of this stage.",
     "ifRunning": "A selected task that is running already: start (send the start anyway), attach (follow the running"
-    " execution), skip, or queue (start it once more after it ended). Default: policies.if_running.",
+    " execution), skip, queue (start it once more after it ended) or restart (stop it, start once it ended). Default: policies.if_running.",
     "retry": "Extra starts after a reload ended FinishedFail, Aborted, Error or Reset: attempts (0-10) after delay"
     " seconds, doubling, at most 3600. Default: policies.retry.",
     "deadline": "Seconds: a followed reload still running this long after its start gets one taskOverdue event.",
@@ -207,7 +210,7 @@ def component_schemas() -> dict[str, Any]:
     _, top = models_json_schema(models, ref_template=REF)
     defs: dict[str, Any] = top["$defs"]
     _patch_start_request(defs)
-    return defs | summary_schemas()
+    return defs | summary_schemas() | stop_schemas()
 
 
 def _ref(model: str) -> dict[str, str]:
@@ -348,6 +351,52 @@ def history_operation(token_required: bool) -> dict[str, Any]:
         op["security"] = [{"bearerToken": []}]
         op["responses"]["401"] = _error("Missing or wrong bearer token.")
     return op
+
+
+def stop_operation(token_required: bool) -> dict[str, Any]:
+    """The `openapi_extra` of the stop operation (contract section 8)."""
+    op: dict[str, Any] = {
+        "description": "Stop the running reloads of the selected tasks (nothing is ever started). `POST` and `PUT` "
+                       "are the same. The path holds one task GUID, or `-` when the body holds every criterion. The "
+                       "body: `requestId` (the idempotency key: the same requestId is not acted on twice), `taskId`, "
+                       "`tag`, `customProperty`, `wait` (the stopped executions' taskFinished go to the MQTT reply "
+                       "topic); no other field. The start_filter allow-list applies.",
+        "parameters": [{
+            "name": "taskId", "in": "path", "required": True,
+            "description": "A task GUID, or `-` when the body holds every criterion.",
+            "schema": {"anyOf": [{"type": "string", "pattern": GUID_RE.pattern}, {"type": "string", "enum": ["-"]}]},
+        }],
+        "requestBody": {"required": False, "content": {"application/json": {
+            "schema": _ref("StopRequest"),
+            "examples": {"byTag": {"summary": "stop by tag", "value": {"tag": ["daily-refresh"], "requestId": "s-1"}}},
+        }}},
+        "responses": {
+            "200": {"description": "Handled: the stop summary.",
+                    "content": {"application/json": {"schema": _ref("StopSummary")}}},
+            "400": _error("Invalid input: JSON, types, unknown fields, task ID format."),
+            "413": _error("Body larger than http.max_body_bytes."),
+            "415": _error("Content-Type is not JSON."),
+            "502": _error("QRS refused the request (nothing was stopped)."),
+            "503": _error("QRS or the journal unreachable (nothing was stopped; retry later)."),
+        },
+    }
+    if token_required:
+        op["security"] = [{"bearerToken": []}]
+        op["responses"]["401"] = _error("Missing or wrong bearer token.")
+    return op
+
+
+def stop_schemas() -> dict[str, Any]:
+    """`StopSummary` (the stop `summary` without `event`) and `StopRequest`."""
+    summary = TypeAdapter(StopSummaryEvent).json_schema(ref_template=REF)
+    defs: dict[str, Any] = summary.pop("$defs")
+    del summary["properties"]["event"]
+    summary["required"].remove("event")
+    summary["title"] = "StopSummary"
+    defs["StopSummary"] = summary
+    _, top = models_json_schema([(StopRequest, "validation")], ref_template=REF)
+    defs.update(top["$defs"])
+    return defs
 
 
 def finish_document(doc: dict[str, Any], token_required: bool) -> dict[str, Any]:

@@ -147,8 +147,8 @@ def read_history(db: Cursor, q: HistoryQuery, retention_s: float, now: float | N
     where = ["created >= ?"]
     args: list[Any] = [max(cutoff, q.since) if q.since is not None else cutoff]
     if q.request_id is not None:
-        where.append("key = ?")
-        args.append(keys.for_request_id(q.request_id))
+        where.append("key IN (?, ?)")  # a start or a stop (stops.py: its own key space) with this requestId
+        args += [keys.for_request_id(q.request_id), "stop:" + keys.for_request_id(q.request_id)]
     if q.task_id is not None:
         # The task's own events (started, denied, ...), or a request naming it (not found).
         where.append("(key IN (SELECT key FROM events WHERE kind = 'reply' AND task_id = ?) OR request LIKE ?)")
@@ -212,6 +212,7 @@ def build_record(row: Sequence[Any], replies: Sequence[Event]) -> dict[str, Any]
 
 
 def _request_id(key: str) -> str | None:
+    key = key.removeprefix("stop:")
     return key[3:] if key.startswith("id:") else None
 
 
@@ -262,6 +263,10 @@ def _tasks(replies: Sequence[Event]) -> list[dict[str, Any]]:
                 t.pop("retryIn", None)
             if ev.get("reason") is not None:
                 t["finalReason"] = ev["reason"]
+            if isinstance(ev.get("failure"), dict):  # contract section 8: why, with the log's tail
+                t["failure"] = ev["failure"]
+            else:
+                t.pop("failure", None)
         else:
             t["overdue"] = True
     for t in by.values():

@@ -20,7 +20,7 @@ import structlog
 from butler_mqtt import keys, replies
 from butler_mqtt.config import Config
 from butler_mqtt.errors import QrsError, QrsTlsRejected, RequestRejected, is_transient, retry_after
-from butler_mqtt.model import Route
+from butler_mqtt.model import Route, StopRequest
 from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
 from butler_mqtt.mqtt.retain_probe import RetainProbe
@@ -116,6 +116,7 @@ class RequestHandler:
     ) -> None:
         self.cfg = rt.cfg
         self.service = rt.service
+        self.stops = rt.stops
         self.journal = rt.journal
         self.metrics = rt.metrics
         self.listener = listener
@@ -244,7 +245,11 @@ class RequestHandler:
             key = earlier or keys.anonymous(ingress)
         d.key = key
         try:
-            self.service.submit(req, Claim(ingress, key, job.topic, fingerprint, route, job.received), emit)
+            claim = Claim(ingress, key, job.topic, fingerprint, route, job.received)
+            if isinstance(req, StopRequest):
+                self.stops.submit(req, claim, emit)
+            else:
+                self.service.submit(req, claim, emit)
         except QrsError as exc:
             if is_transient(exc):
                 raise

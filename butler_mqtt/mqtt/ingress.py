@@ -21,10 +21,12 @@ from butler_mqtt.model import (
     MAX_PAYLOAD_BYTES,
     MAX_REQUEST_ID_LENGTH,
     StartRequest,
+    StopRequest,
     decode_json,
     encodable,
     parse_plain,
     validate_request,
+    validate_stop,
 )
 from butler_mqtt.mqtt.listener import Job
 from butler_mqtt.mqtt.topics import response_topic_problem
@@ -50,7 +52,7 @@ class Clear:
 
 def screen(
     job: Job, cfg: MqttConfig, limits: tuple[int, int], now: float, retained: bool | None = None
-) -> Reject | Clear | StartRequest:
+) -> Reject | Clear | StartRequest | StopRequest:
     """The request in `job`, or why it is not one (`now`: time.monotonic(); `retained`: the
     retain flag when known better than the delivery's, e.g. from the MQTT 3.1.1 probe)."""
     retained = job.retained if retained is None else retained
@@ -69,7 +71,12 @@ def screen(
                       "start requests must be published with retain=false (a retained copy on the topic"
                       " counts too: clear it with an empty retained message); nothing was started")
     try:
-        req = parse_plain(job.payload) if plain else validate_request(decode_json(job.payload))
+        if plain:
+            req: StartRequest | StopRequest = parse_plain(job.payload)
+        elif job.ingress == "mqtt-stop":
+            req = validate_stop(decode_json(job.payload))
+        else:
+            req = validate_request(decode_json(job.payload))
     except RequestRejected as rej:
         return Reject("request_rejected", "rejected", rej.error, rej.details)
     if job.expires_at is not None and now > job.expires_at:
@@ -91,7 +98,7 @@ def request_id_of(job: Job) -> str | None:
     return rid if ok else None
 
 
-def idempotency_key(req: StartRequest, job: Job, reply_topic: str) -> tuple[str | None, str | None]:
+def idempotency_key(req: StartRequest | StopRequest, job: Job, reply_topic: str) -> tuple[str | None, str | None]:
     """(key, fingerprint). Key None: the request has neither requestId nor correlation data;
     then only a redelivery (dup) of this very delivery, found by its fingerprint in the
     journal, is the same request, and anything else is new (keys.anonymous)."""

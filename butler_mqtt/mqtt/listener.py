@@ -102,7 +102,7 @@ TAKEOVER_RESET_S = 600.0
 class Job:
     """One received request, handed from the network thread to a worker."""
 
-    ingress: str  # "mqtt" (JSON topic) or "mqtt-plain" (Butler's GUID topic)
+    ingress: str  # "mqtt" (JSON topic), "mqtt-plain" (Butler's GUID topic) or "mqtt-stop" (topics.stop)
     topic: str
     payload: bytes
     mid: int
@@ -235,6 +235,7 @@ class MqttListener:
         t = [self.cfg.topics.start]
         if self.cfg.topics.start_plain:
             t.append(self.cfg.topics.start_plain)
+        t.append(self.cfg.topics.stop)
         return t
 
     def set_problem(self, name: str, text: str | None) -> None:
@@ -317,9 +318,12 @@ class MqttListener:
         client.publish(self.status_topic, self.status_payload("online"), qos=1, retain=True)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, rcs: list[ReasonCode], _p: Any) -> None:
-        bad = [str(r) for r in rcs if r.is_failure]
-        if bad:
-            log.error("mqtt_subscribe_refused", reasons=bad, topics=self.topics())
+        refused = [t for t, r in zip(self.topics(), rcs, strict=False) if r.is_failure]
+        if refused == [self.cfg.topics.stop]:  # an ACL from before topics.stop: starts still work
+            log.error("mqtt_subscribe_refused", reasons=[str(r) for r in rcs if r.is_failure], topics=refused,
+                      detail="stop requests are not received: grant the daemon read on mqtt.topics.stop")
+        elif refused or any(r.is_failure for r in rcs):
+            log.error("mqtt_subscribe_refused", reasons=[str(r) for r in rcs if r.is_failure], topics=self.topics())
             return
         if mid in self._sub_mids:
             self._sub_mids.discard(mid)
@@ -461,7 +465,7 @@ class MqttListener:
         expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
         now = time.monotonic()
         job = Job(
-            ingress="mqtt-plain" if plain else "mqtt",
+            ingress="mqtt-plain" if plain else ("mqtt-stop" if msg.topic == self.cfg.topics.stop else "mqtt"),
             topic=msg.topic,
             payload=kept,
             mid=msg.mid,

@@ -31,7 +31,7 @@ def response_topic_problem(topic: str, cfg: MqttConfig) -> str | None:
         return "the response topic contains a NUL character"
     if topic.startswith("$"):
         return "the response topic starts with '$' (reserved by the broker)"
-    own = [cfg.topics.start, cfg.topics.start_plain, cfg.topics.status]
+    own = [cfg.topics.start, cfg.topics.start_plain, cfg.topics.stop, cfg.topics.status]
     for sub in (t for t in own if t):
         if topic == sub or topic_matches_sub(sub, topic) or topic.startswith(cfg.topics.status + "/"):
             return f"the response topic is one of the daemon's own topics ({sub})"

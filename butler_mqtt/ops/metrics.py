@@ -138,6 +138,21 @@ class Metrics:
         self.queue_expired = Counter(
             "butler_mqtt_queue_expired", "Tasks given up after policies.queue_timeout in butler-mqtt's queue", registry=r
         )
+        # Contract section 8: stops and failure details.
+        self.stops_requested = Counter(
+            "butler_mqtt_stops_requested", "Stop requests handled (MQTT topics.stop, REST, ifRunning restart, onDeadline stop)",
+            ["ingress"], registry=r,
+        )
+        self.stops_done = Counter("butler_mqtt_stops", "Running executions the backend was asked to stop", registry=r)
+        self.script_log_failures = Counter(
+            "butler_mqtt_script_log_failures", "Failed executions whose script log could not be read (scriptLogError)",
+            registry=r,
+        )
+        for ingress in ("mqtt", "rest", "policy"):
+            self.stops_requested.labels(ingress)
+
+    def script_log_failed(self) -> None:
+        self.script_log_failures.inc()
 
     def request(self, ingress: str, outcome: str) -> None:
         self.requests.labels(ingress, outcome).inc()
@@ -149,7 +164,9 @@ class Metrics:
     def observe_event(self, ev: Event) -> None:
         """Count one new reply event (a StartService observer)."""
         kind = replies.kind(ev)
-        if kind == replies.TASK:
+        if kind == replies.TASK and ev.get("status") in ("stopping", "notRunning"):
+            pass  # a stop request's answer: the stops sent are counted where they are sent (stops_done)
+        elif kind == replies.TASK:
             self.task_outcomes.labels(str(ev.get("status"))).inc()
         elif kind == replies.TASK_FINISHED and "retryIn" not in ev and self._finished.first(ev.get("executionId")):
             self.executions_finished.labels(str(ev.get("status"))).inc()

@@ -9,6 +9,7 @@ journal stores them: change a reply's shape here, and only here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,9 +18,11 @@ from typing import Any, cast, get_args
 from butler_mqtt.model import Match, TaskOutcome, TaskStatus, matches
 from butler_mqtt.replies.types import (
     ErrorEvent,
+    FailureInfo,
     ListedTask,
     ReplyEvent,
     RequestFinishedEvent,
+    StopSummaryEvent,
     SummaryEvent,
     TaskEvent,
     TaskFinishedEvent,
@@ -119,6 +122,28 @@ def duration_ms(start: Any, stop: Any, reported: Any) -> int | None:
         return None
 
 
+def stop_summary(request_id: str | None, outcomes: list[TaskOutcome], not_found: list[dict[str, Any]]) -> StopSummaryEvent:
+    """`summary` of a stop request (contract section 8): what became of each selected task."""
+    def listed(o: TaskOutcome) -> dict[str, Any]:
+        d: _Draft = {"taskId": o.task_id, "taskName": o.task_name, "status": o.status}
+        if o.status == "stopping" and o.execution_id is not None:
+            d["executionId"] = o.execution_id
+        if o.reason is not None:
+            d["reason"] = o.reason
+        return d
+
+    ev: _Draft = {
+        "event": "summary",
+        "requestId": request_id,
+        "tasksStopping": [listed(o) for o in outcomes if o.status == "stopping"],
+        "tasksNotRunning": [listed(o) for o in outcomes if o.status == "notRunning"],
+        "tasksNotFound": list(not_found),
+        "tasksDenied": [listed(o) for o in outcomes if o.status == "denied"],
+        "tasksFailed": [listed(o) for o in outcomes if o.status == "failed"],
+    }
+    return cast("StopSummaryEvent", ev)
+
+
 def task_finished(
     request_id: str | None,
     task_id: str,
@@ -130,6 +155,7 @@ def task_finished(
     stage: int | None = None,
     attempt: int | None = None,
     retry_in: float | None = None,
+    failure: Mapping[str, Any] | None = None,
 ) -> TaskFinishedEvent:
     """`taskFinished`: a followed execution ended (`row`: QRS's ExecutionResult, if any).
 
@@ -154,13 +180,60 @@ def task_finished(
         ev["attempt"] = attempt
         if retry_in is not None:
             ev["retryIn"] = int(retry_in) if float(retry_in).is_integer() else round(retry_in, 3)
-    return cast("TaskFinishedEvent", _staged(ev, stage))
+    ev = _staged(ev, stage)
+    if failure is not None and status != "FinishedSuccess":
+        ev["failure"] = failure_info(failure)
+    return cast("TaskFinishedEvent", ev)
+
+
+def failure_info(failure: Mapping[str, Any]) -> FailureInfo:
+    """The `failure` object of a taskFinished (contract section 8) from what the backend said:
+    only the contract's keys, texts capped again here (a backend's caps are not trusted)."""
+    out: dict[str, Any] = {
+        "message": _cap(failure.get("message"), FAILURE_MESSAGE_CHARS),
+        "details": [_cap(d, FAILURE_LINE_CHARS) for d in _strings(failure.get("details"))],
+    }
+    tail = failure.get("scriptLogTail")
+    if isinstance(tail, list):
+        lines = [_cap(line, FAILURE_LINE_CHARS) for line in _strings(tail)]
+        kept: list[str] = []
+        size = 0
+        for line in reversed(lines):  # the 64 KiB cap keeps the last lines
+            size += len(line.encode("utf-8")) + 1
+            if size > FAILURE_TAIL_BYTES:
+                break
+            kept.append(line)
+        out["scriptLogTail"] = kept[::-1]
+    if failure.get("scriptLogError") is not None:
+        out["scriptLogError"] = _cap(failure.get("scriptLogError"), FAILURE_MESSAGE_CHARS)
+    return cast("FailureInfo", out)
+
+
+FAILURE_MESSAGE_CHARS = 2000
+FAILURE_LINE_CHARS = 1000
+FAILURE_TAIL_BYTES = 64 * 1024
+
+
+def _strings(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _cap(value: Any, chars: int) -> str:
+    """Valid UTF-8 (a lone surrogate -> '?'), no control character but tab (a NUL cannot be
+    journaled in PostgreSQL; a line end would split a line), at most `chars` characters."""
+    text = value if isinstance(value, str) else ("" if value is None else str(value))
+    return _CONTROLS.sub("\ufffd", text.encode("utf-8", "replace").decode("utf-8"))[:chars]
 
 
 def task_overdue(
-    request_id: str | None, task_id: str, task_name: str, execution_id: str, running_for_ms: int, stage: int | None = None
+    request_id: str | None, task_id: str, task_name: str, execution_id: str, running_for_ms: int, stage: int | None = None,
+    action: str | None = None,
 ) -> TaskOverdueEvent:
-    """`taskOverdue`: a followed execution still runs `deadline` seconds after its start (once)."""
+    """`taskOverdue`: a followed execution still runs `deadline` seconds after its start (once);
+    `action` "stopped" when onDeadline stop stopped it (contract section 8)."""
     ev: _Draft = {
         "event": "taskOverdue",
         "requestId": request_id,
@@ -169,6 +242,8 @@ def task_overdue(
         "executionId": execution_id,
         "runningForMs": running_for_ms,
     }
+    if action is not None:
+        ev["action"] = action
     return cast("TaskOverdueEvent", _staged(ev, stage))
 
 
@@ -301,3 +376,5 @@ REPLY_EVENTS: tuple[EventSpec, ...] = (
     EventSpec(REQUEST_FINISHED, RequestFinishedEvent, request_finished),
     EventSpec(ERROR, ErrorEvent, error),
 )
+#: A stop request's summary (contract section 8): a `summary` event with its own lists.
+STOP_SUMMARY = EventSpec(SUMMARY, StopSummaryEvent, stop_summary)

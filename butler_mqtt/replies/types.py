@@ -50,7 +50,8 @@ _TASK_STATUS_DOC = (
     "started; notStarted (QRS accepted the start but did not start it, e.g. the task is disabled); denied "
     "(start_filter, allTaskIdsMustExist); failed (QRS error, see reason); wouldStart (dryRun); alreadyRunning "
     "(ifRunning attach: executionId is the running one); skipped (ifRunning skip); queued (waiting in "
-    "butler-mqtt's queue, see position); expired (waited longer than policies.queue_timeout)."
+    "butler-mqtt's queue, see position); expired (waited longer than policies.queue_timeout). A stop request's "
+    "(contract section 8): stopping (the backend was asked to stop executionId), notRunning, denied, failed."
 )
 
 #: What the contract adds to `task` events: a started task has its execution, a queued one
@@ -59,6 +60,7 @@ _TASK_EVENT_RULES: dict[str, Any] = {
     "allOf": [
         {"if": {"properties": {"status": {"const": "started"}}}, "then": {"required": ["executionId"]}},
         {"if": {"properties": {"status": {"const": "queued"}}}, "then": {"required": ["position"]}},
+        {"if": {"properties": {"status": {"const": "stopping"}}}, "then": {"required": ["executionId"]}},
     ]
 }
 
@@ -194,6 +196,63 @@ class SummaryEvent(TypedDict):
     replayed: NotRequired[Replayed]
 
 
+@with_config(_CLOSED)
+class FailureInfo(TypedDict):
+    """Why an execution did not succeed (contract section 8): the backend's own texts and the
+    tail of THAT execution's script log. Texts are capped and valid UTF-8."""
+
+    message: Annotated[str, Field(max_length=2000, description="The backend's error text (QRS: the execution result's last error detail).")]
+    details: Annotated[
+        list[Annotated[str, Field(max_length=1000)]],
+        Field(description="The execution result's detail messages, oldest first."),
+    ]
+    scriptLogTail: NotRequired[
+        Annotated[
+            list[Annotated[str, Field(max_length=1000)]],
+            Field(description="The last `tracking.script_log_lines` lines of that execution's script log (64 KiB in all at most)."),
+        ]
+    ]
+    scriptLogError: NotRequired[Annotated[str, Field(max_length=2000, description="Why the script log could not be read.")]]
+
+
+@with_config(_CLOSED)
+class StoppingTask(TypedDict):
+    """A task listed under `tasksStopping`: the backend was asked to stop its running execution."""
+
+    taskId: TaskId
+    taskName: TaskName
+    status: Literal["stopping"]
+    executionId: Annotated[Guid, Field(description="The execution asked to stop.")]
+    reason: NotRequired[Reason]
+
+
+@with_config(_CLOSED)
+class NotRunningTask(TypedDict):
+    """A task listed under `tasksNotRunning`: nothing of it was running, nothing was stopped."""
+
+    taskId: TaskId
+    taskName: TaskName
+    status: Literal["notRunning"]
+    reason: NotRequired[Reason]
+
+
+@with_config(_CLOSED)
+class StopSummaryEvent(TypedDict):
+    """The answer to a stop request (contract section 8), after its `task` events; without
+    `wait` the last reply. Over REST the 200 answer (without `event`)."""
+
+    event: Literal["summary"]
+    requestId: RequestId
+    tasksStopping: Annotated[list[StoppingTask], Field(description="Running tasks the backend was asked to stop.")]
+    tasksNotRunning: Annotated[list[NotRunningTask], Field(description="Selected tasks that were not running.")]
+    tasksNotFound: Annotated[
+        list[NotFoundTaskId | NotFoundTag | NotFoundCustomProperty],
+        Field(description="Every criterion that matched no task."),
+    ]
+    tasksDenied: Annotated[list[DeniedTask], Field(description="Tasks the start_filter refused (nothing was stopped).")]
+    tasksFailed: Annotated[list[FailedTask], Field(description="Tasks whose stop the backend refused (see reason).")]
+
+
 @with_config(ConfigDict(extra="forbid", json_schema_extra={"dependencies": {"retryIn": ["attempt"]}}))
 class TaskFinishedEvent(TypedDict):
     """A followed execution ended (only with `wait` or `then`). QRS's own retries are followed to
@@ -215,6 +274,9 @@ class TaskFinishedEvent(TypedDict):
     ]
     stage: NotRequired[Stage]
     replayed: NotRequired[Replayed]
+    failure: NotRequired[
+        Annotated[FailureInfo, Field(description="Why it did not succeed (any status but FinishedSuccess, when the backend has it).")]
+    ]
 
 
 @with_config(_CLOSED)
@@ -227,6 +289,9 @@ class TaskOverdueEvent(TypedDict):
     taskName: TaskName
     executionId: ExecutionId
     runningForMs: Annotated[Millis, Field(description="How long the execution has been running.")]
+    action: NotRequired[
+        Annotated[Literal["stopped"], Field(description="onDeadline stop: the execution was stopped (its taskFinished, Aborted, follows; not retried).")]
+    ]
     stage: NotRequired[Stage]
     replayed: NotRequired[Replayed]
 
@@ -350,6 +415,9 @@ class AlertMessage(TypedDict):
     attempt: Annotated[Annotated[int, Field(ge=1)] | None, Field(description="With `retry`: which start it was.")]
     runningForMs: Annotated[Millis | None, Field(description="overdue: how long the execution has been running.")]
     durationMs: Annotated[Millis | None, Field(description="reloadFailed: how long the reload ran, when known.")]
+    failure: Annotated[
+        FailureInfo | None, Field(description="reloadFailed: why it failed, with its script log's tail, when known.")
+    ]
     qrs: Annotated[str, Field(description="The QRS the daemon talks to (qrs.base_url).")]
     since: Annotated[IsoMillis | None, Field(description="QRS outages: the first failed call (ISO 8601, UTC).")]
     downForMs: Annotated[Millis | None, Field(description="qrsRecovered: how long QRS was not answering.")]
@@ -360,4 +428,4 @@ class AlertMessage(TypedDict):
 ALERT_FIELDS: tuple[str, ...] = tuple(k for k in AlertMessage.__annotations__ if k not in ALERT_OWN_KEYS)
 
 #: Any reply event.
-ReplyEvent = TaskEvent | SummaryEvent | TaskFinishedEvent | TaskOverdueEvent | RequestFinishedEvent | ErrorEvent
+ReplyEvent = TaskEvent | SummaryEvent | StopSummaryEvent | TaskFinishedEvent | TaskOverdueEvent | RequestFinishedEvent | ErrorEvent

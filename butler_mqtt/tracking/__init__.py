@@ -6,6 +6,7 @@ drive butler-mqtt's queue; survive restarts. A package of single jobs:
 * `retries`     -- retries of failed reloads, and `taskOverdue` at a deadline;
 * `queue_ticks` -- the queue runner's ticks, its followed executions and freed slots;
 * `waits`       -- the waited requests, saved in the journal, adopted after a restart;
+* `failures`    -- why a followed execution failed (its script log's tail), read off the poller;
 * `timers`      -- the small pool and the timers later work runs on (with its logging context);
 * `records`     -- what is kept per waited request.
 
@@ -21,6 +22,7 @@ from butler_mqtt.errors import ButlerError
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import Route, StartRequest
 from butler_mqtt.service import Publish, StageResult
+from butler_mqtt.tracking.failures import Failures
 from butler_mqtt.tracking.polling import Poller
 from butler_mqtt.tracking.queue_ticks import QueueTicks
 from butler_mqtt.tracking.records import Waited, bound
@@ -29,7 +31,7 @@ from butler_mqtt.tracking.stages import Stages
 from butler_mqtt.tracking.timers import Timers
 from butler_mqtt.tracking.waits import Waits
 
-__all__ = ["Deadlines", "Poller", "Publish", "QueueTicks", "Retries", "Stages", "Timers", "Tracker", "Waited", "Waits"]
+__all__ = ["Deadlines", "Failures", "Poller", "Publish", "QueueTicks", "Retries", "Stages", "Timers", "Tracker", "Waited", "Waits"]
 
 log = structlog.get_logger("butler_mqtt.tracking")
 
@@ -46,6 +48,8 @@ class Tracker:
         self.retries = retries
         self.queue = queue
         self.timers = timers
+        #: Failure details being read (runtime.build_tracker sets it).
+        self.failures: Failures | None = None
 
     def start(self) -> None:
         # Our own records (a previous run of this instance) and orphans of dead instances.
@@ -82,6 +86,8 @@ class Tracker:
         self.timers.stop()  # the stage is resumed after the restart (the record says `starting`)
         self.poller.stop()
         self.timers.shutdown()
+        if self.failures is not None:
+            self.failures.close()
 
     @property
     def alive(self) -> bool:

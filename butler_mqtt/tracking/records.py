@@ -26,6 +26,7 @@ class Pending:
     overdue_at: float | None = None  # wall clock: policies.deadline (taskOverdue once)
     overdue_sent: bool = False
     matched_by: list[str] = field(default_factory=list)
+    stopped: bool = False  # onDeadline stop: stopped at its deadline (never retried)
     # This process's view, on the monotonic clock: a wall-clock step (NTP, an admin) must not
     # end a wait early. Derived from the stored wall-clock values once, when loaded.
     mono_started: float = field(default=-1.0, compare=False)
@@ -45,7 +46,7 @@ class Pending:
 
 
 _PENDING_FIELDS = ("execution_id", "task_id", "task_name", "stage", "started", "deadline", "attempt", "overdue_at",
-                   "overdue_sent", "matched_by")
+                   "overdue_sent", "matched_by", "stopped")
 
 
 @dataclass

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -19,7 +20,7 @@ from butler_mqtt.errors import ButlerError, is_transient, retry_after
 from butler_mqtt.model import TaskOutcome, matches
 from butler_mqtt.ops import retry
 from butler_mqtt.ops.metrics import Metrics
-from butler_mqtt.policies import RETRYABLE, Policy, retries_left, retry_delay
+from butler_mqtt.policies import Policy, retried_after, retries_left, retry_delay, stops_at_deadline
 from butler_mqtt.service import StartService
 from butler_mqtt.tracking.records import Pending, Waited, bound, queued_record
 from butler_mqtt.tracking.stages import Stages
@@ -42,7 +43,7 @@ class Retries:
 
     def after_end(self, w: Waited, p: Pending, status: str, policy: Policy) -> float | None:
         """(Waits' lock held.) The delay of the retry to come, recorded in `w`; None: final."""
-        again = p.attempt is not None and status in RETRYABLE and retries_left(policy, p.attempt)
+        again = p.attempt is not None and retried_after(status, p.stopped) and retries_left(policy, p.attempt)
         if not again:
             return None
         delay = retry_delay(policy, p.attempt or 1)
@@ -106,12 +107,16 @@ class Retries:
 
 
 class Deadlines:
-    """One `taskOverdue` per followed execution still running at its deadline."""
+    """One `taskOverdue` per followed execution still running at its deadline; with
+    onDeadline stop (contract section 8) the execution is stopped too (`action: stopped`), off
+    the polling thread, and its end is not retried."""
 
     def __init__(self, waits: Waits, stages: Stages, metrics: Metrics | None) -> None:
         self.waits = waits
         self.stages = stages
         self.metrics = metrics
+        #: Stops an execution (task id, execution id): the stop use case (runtime.build sets it).
+        self.stop: Callable[[str, str], None] | None = None
 
     def check(self, eid: str) -> None:
         now = time.time()
@@ -120,11 +125,24 @@ class Deadlines:
                    if e == eid and p.overdue_at is not None and not p.overdue_sent and now >= p.overdue_at]
             for w, p in due:
                 p.overdue_sent = True
+                p.stopped = self.stop is not None and stops_at_deadline(self.stages.policy(w, p.stage))
                 self.waits.save(w)
+        if any(p.stopped for _, p in due):
+            task_id = next(p.task_id for _, p in due if p.stopped)
+            self.stages.timers.submit(self._stop, task_id, eid)
         for w, p in due:
             with bound(w):
-                ev = replies.task_overdue(w.request_id, p.task_id, p.task_name, eid, int((now - p.started) * 1000), p.stage)
+                ev = replies.task_overdue(w.request_id, p.task_id, p.task_name, eid, int((now - p.started) * 1000), p.stage,
+                                          "stopped" if p.stopped else None)
                 log.warning("task_overdue", taskId=p.task_id, executionId=eid)
                 if self.metrics is not None:
                     self.metrics.overdue.inc()
                 self.stages.emit(w, ev)
+
+    def _stop(self, task_id: str, eid: str) -> None:
+        assert self.stop is not None
+        try:
+            self.stop(task_id, eid)
+            log.info("stopped_at_deadline", taskId=task_id, executionId=eid)
+        except Exception as exc:  # noqa: BLE001 - following goes on; the end is reported as it comes
+            log.error("stop_at_deadline_failed", taskId=task_id, executionId=eid, error=str(exc)[:300])

@@ -107,13 +107,16 @@ class Stages:
 
     # ------------------------------------------------------------------ executions end
 
-    def execution_ended(self, eid: str, status: str, row: Mapping[str, Any] | None, reason: str | None) -> None:
-        """Execution `eid` ended: every request following it hears it (attach: several)."""
+    def execution_ended(self, eid: str, status: str, row: Mapping[str, Any] | None, reason: str | None,
+                        failure: Mapping[str, Any] | None = None) -> None:
+        """Execution `eid` ended: every request following it hears it (attach: several), with
+        why it failed (`failure`, tracking/failures.py) when it did."""
         for w in self.waits.following_execution(eid):
             with bound(w):
-                self._finish_for(w, eid, status, row, reason)
+                self._finish_for(w, eid, status, row, reason, failure)
 
-    def _finish_for(self, w: Waited, eid: str, status: str, row: Mapping[str, Any] | None, reason: str | None) -> None:
+    def _finish_for(self, w: Waited, eid: str, status: str, row: Mapping[str, Any] | None, reason: str | None,
+                    failure: Mapping[str, Any] | None) -> None:
         assert self._retries is not None, "runtime.build attaches the retries"
         with self.waits.locked():
             p = w.pending.pop(eid, None)
@@ -123,13 +126,14 @@ class Stages:
             delay = self._retries.after_end(w, p, status, policy)
             if delay is None:
                 w.finished[status] = w.finished.get(status, 0) + 1
-                failure = finish_failure(p.task_name, p.task_id, status)
-                if failure is not None:
-                    w.stage_failures.append(failure)
+                failed = finish_failure(p.task_name, p.task_id, status)
+                if failed is not None:
+                    w.stage_failures.append(failed)
             self.waits.save(w)
             idle = w.idle
         attempt = p.attempt if policy.retry_attempts > 0 else None
-        ev = replies.task_finished(w.request_id, p.task_id, p.task_name, eid, status, row, reason, p.stage, attempt, delay)
+        ev = replies.task_finished(w.request_id, p.task_id, p.task_name, eid, status, row, reason, p.stage, attempt, delay,
+                                   failure)
         if w.report:
             self.emit(w, ev)
         else:  # followed for retries or a deadline only: not published, but observed (alerts, metrics)

@@ -171,6 +171,20 @@ def test_only_listed_publishers_can_start_tasks(acl_broker, sim, qrs_certs, tmp_
     assert [s.task_id for s in sim.starts] == [NIGHTLY]
 
 
+def test_an_acl_without_the_stop_topic_still_serves_starts(acl_broker, sim, qrs_certs, tmp_path, start_daemon):
+    """An ACL written before mqtt.topics.stop existed: the daemon comes online and starts are
+    served (Mosquitto grants the subscription and delivers nothing on it; a broker that refuses
+    it in its SUBACK gets the same: the listener logs the fix and goes on with the start topics)."""
+    b = acl_broker
+    mqtt = {**mqtt_cfg(b, "butler-mqtt"), "topics": {"stop": "qliksense/task/stop-not-granted"}}
+    cfg = make_config(qrs_certs, sim.port, b, tmp_path / "state", mqtt=mqtt)
+    running = start_daemon(cfg)
+    assert running.daemon.listener.subscribed.is_set()
+    with Requester(MqttConfig.model_validate(mqtt_cfg(b, "etl-scheduler"))) as r:
+        events = r.request({"requestId": "etl-2", "tag": "nightly"}, timeout=30)
+    assert events[-1]["event"] == "summary" and events[-1]["totalTasksStarted"] == 1
+
+
 def write_check_config(path: Path, broker: Any, sim_port: int, qrs_certs: Path, password: str, ca: Path) -> Path:
     data = {
         "mqtt": {**mqtt_cfg(broker, "butler-mqtt", password), "tls": {"enabled": True, "ca": str(ca)}},

@@ -26,7 +26,7 @@ from referencing.exceptions import NoSuchResource
 from referencing.jsonschema import DRAFT7
 
 from butler_mqtt.asyncapi import build_document
-from butler_mqtt.replies import REPLY_EVENTS
+from butler_mqtt.replies import REPLY_EVENTS, STOP_SUMMARY
 
 DOC_URI = "urn:butler-mqtt:asyncapi"
 STATUS_SCHEMA = "StatusMessage"
@@ -51,12 +51,15 @@ def validators() -> dict[str, Draft7Validator]:
     """A validator per reply event name (and STATUS_SCHEMA, ALERT_SCHEMA), from the document's components."""
     doc = json.loads(json.dumps(build_document()))
     reg = registry(doc)
-    names = {spec.name: spec.schema.__name__ for spec in REPLY_EVENTS}
-    names[STATUS_SCHEMA] = STATUS_SCHEMA
-    names[ALERT_SCHEMA] = ALERT_SCHEMA
+    names: dict[str, list[str]] = {spec.name: [spec.schema.__name__] for spec in REPLY_EVENTS}
+    names[STOP_SUMMARY.name].append(STOP_SUMMARY.schema.__name__)  # a stop request's summary (section 8)
+    names[STATUS_SCHEMA] = [STATUS_SCHEMA]
+    names[ALERT_SCHEMA] = [ALERT_SCHEMA]
     return {
-        key: Draft7Validator({"$ref": f"{DOC_URI}#/components/schemas/{schema}"}, registry=reg)
-        for key, schema in names.items()
+        key: Draft7Validator({"anyOf": [{"$ref": f"{DOC_URI}#/components/schemas/{s}"} for s in schemas]}
+                             if len(schemas) > 1 else {"$ref": f"{DOC_URI}#/components/schemas/{schemas[0]}"},
+                             registry=reg)
+        for key, schemas in names.items()
     }
 
 

@@ -115,8 +115,9 @@ def test_document_covers_the_interface() -> None:
     assert addresses == {
         "start": cfg.topics.start, "startPlain": cfg.topics.start_plain, "replies": cfg.topics.reply,
         "responseTopic": None, "status": cfg.topics.status, "alerts": asyncapi.ALERT_TOPIC_EXAMPLE,
+        "stop": cfg.topics.stop,
     }
-    names = ["task", "summary", "taskFinished", "taskOverdue", "requestFinished", "error"]
+    names = ["task", "summary", "taskFinished", "taskOverdue", "requestFinished", "error", "stopSummary"]
     assert list(doc["channels"]["replies"]["messages"]) == names
     start = doc["operations"]["startTasks"]
     assert start["action"] == "receive" and start["bindings"]["mqtt"]["qos"] == 1
@@ -183,7 +184,8 @@ def test_schema_enums_are_the_models_own() -> None:
     assert set(get_args(events.FinalStatus)) == set(FINAL_STATES.values()) | {"Unknown"}
     schemas = asyncapi.component_schemas()
     assert schemas["TaskEvent"]["properties"]["status"]["enum"] == list(get_args(TaskStatus))
-    listed = [s for k in ("StartedTask", "DeniedTask", "FailedTask", "RunningTask", "QueuedTask")
+    listed = [s for k in ("StartedTask", "DeniedTask", "FailedTask", "RunningTask", "QueuedTask", "StoppingTask",
+                          "NotRunningTask")
               for s in schemas[k]["properties"]["status"].get("enum", [schemas[k]["properties"]["status"].get("const")])]
     # Every status but `expired` (only ever a task event) appears under exactly one summary list.
     assert sorted(listed) == sorted(set(get_args(TaskStatus)) - {"expired"})
@@ -194,7 +196,7 @@ def test_schema_enums_are_the_models_own() -> None:
 
 def _outcome(status: str, **extra: Any) -> TaskOutcome:
     o = TaskOutcome(T, "Task", status, ["taskId:" + T, "tag:x", "customProperty:a=b"])  # type: ignore[arg-type]
-    if status in ("started", "alreadyRunning", "skipped"):
+    if status in ("started", "alreadyRunning", "skipped", "stopping"):
         o.execution_id = E
     if status == "queued":
         o.position = 1

@@ -69,11 +69,23 @@ def test_what_the_qrs_backend_does_not_offer_is_refused_clearly():
     b, t = backend({})
     with pytest.raises(NotSupported, match="backend: cloud"):
         b.start(T1, StartOptions(partial=True))
-    with pytest.raises(NotSupported, match="section 8"):
-        b.stop(T1, E1)
-    with pytest.raises(NotSupported, match="section 8"):
-        b.failure(T1, E1, 40)
     assert t.calls == []  # nothing was sent
+
+
+def test_stop_is_one_post_and_failure_reads_the_row_the_poll_kept():
+    """Contract section 8 on the seam: a stop is `POST /qrs/task/{id}/stop`; the failure of an
+    execution the poll saw fail costs no call for its texts (log_lines 0: no log either)."""
+    row = {"id": R1, "executionID": E1, "taskID": T1, "status": 8, "startTime": "2026-01-01T00:00:00.000Z",
+           "details": [{"detailsType": 0, "message": "Field 'Amount' not found", "detailCreatedDate": "2026-01-01T00:00:01.000Z"}]}
+    b, t = backend({"/qrs/executionresult/full": [row]})
+    assert b.stop(T1, E1) == "stopping"
+    assert [c[:2] for c in t.calls] == [("POST", f"/qrs/task/{T1}/stop")]
+    assert b.executions([E1])[E1].final == "FinishedFail"
+    calls = len(t.calls)
+    failure = b.failure(T1, E1, 0)
+    assert failure is not None and failure["message"] == "Field 'Amount' not found" and "scriptLogTail" not in failure
+    assert len(t.calls) == calls
+    assert b.failure(T1, E1, 0) == failure and len(t.calls) == calls + 1  # not kept twice: read again
 
 
 @pytest.mark.parametrize("match, wire", [

@@ -7,8 +7,10 @@ and the several results QRS keeps per execution when it retries.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
 from butler_mqtt.backends.base import (
     Execution,
@@ -19,8 +21,13 @@ from butler_mqtt.backends.base import (
     Task,
 )
 from butler_mqtt.backends.qrs.client import QrsClient
+from butler_mqtt.backends.qrs.failure import ScriptLogReader, failure_details
 from butler_mqtt.backends.qrs.filters import chunk_or, criteria_clauses
+from butler_mqtt.errors import QrsNotFound
 from butler_mqtt.model import FINAL_STATES, QrsTask, StartRequest
+
+#: Failed executions' result rows kept from the poll for `failure` (saves it one call).
+_KEPT_ROWS = 256
 
 
 def latest_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -48,10 +55,13 @@ class QrsBackend:
 
     kind = "qrs"
 
-    def __init__(self, client: QrsClient) -> None:
+    def __init__(self, client: QrsClient, reader: ScriptLogReader | None = None) -> None:
         self.client = client
         self.health = client.health
+        self.reader = reader
         self._max_filter = client.cfg.max_filter_length
+        self._lock = threading.Lock()
+        self._failed_rows: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     @property
     def last_success(self) -> float:
@@ -87,16 +97,46 @@ class QrsBackend:
 
     def executions(self, execution_ids: Collection[str]) -> dict[str, Execution]:
         rows = latest_rows(self.client.execution_results(execution_ids))
-        return {eid: execution_of(eid, row) for eid, row in rows.items()}
+        out = {eid: execution_of(eid, row) for eid, row in rows.items()}
+        with self._lock:  # the failed ones' rows: `failure` reads them without another call
+            for eid, ex in out.items():
+                if ex.final is not None and ex.final != "FinishedSuccess":
+                    self._failed_rows[eid] = rows[eid]
+                    self._failed_rows.move_to_end(eid)
+            while len(self._failed_rows) > _KEPT_ROWS:
+                self._failed_rows.popitem(last=False)
+        return out
 
     def execution_exists(self, execution_id: str) -> bool:
         return self.client.execution_session_exists(execution_id)
 
     def stop(self, task_id: str, execution_id: str) -> StopAnswer:
-        raise NotSupported("stopping a reload is not built yet (contract section 8)")
+        """`POST /qrs/task/{id}/stop` (qrs-api.md 13.1). The caller found `execution_id`
+        running in the answer it selected by (no extra call here); QRS stops the task's running
+        execution, and answers 204 also for a task that no longer runs. An unknown task (404):
+        `notRunning`."""
+        try:
+            self.client.stop_task(task_id)
+        except QrsNotFound:
+            return "notRunning"
+        return "stopping"
 
     def failure(self, task_id: str, execution_id: str, log_lines: int) -> Failure | None:
-        raise NotSupported("failure details are not built yet (contract section 8)")
+        """The execution result of THAT execution (kept from the poll that saw it end, else one
+        call), its texts and its script log's tail (qrs/failure.py; never raises once the
+        result is read). None when it succeeded or QRS has no result for it."""
+        eid = execution_id.lower()
+        with self._lock:
+            row = self._failed_rows.pop(eid, None)
+        if row is None:
+            row = latest_rows(self.client.execution_results([eid])).get(eid)
+        if row is None:
+            return None
+        reader = self.reader if log_lines > 0 else None
+        found = failure_details(reader, row, task_id=task_id, lines=log_lines)
+        return cast("Failure | None", found)
 
     def close(self) -> None:
         self.client.close()
+        if self.reader is not None:
+            self.reader.close()
