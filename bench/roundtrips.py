@@ -199,7 +199,7 @@ def tracking_table(work: Path, sizes: list[int], poll: float, run_seconds: float
     loop = threading.Thread(target=daemon.main_loop, daemon=True)
     loop.start()
     polls: list[tuple[int, int]] = []  # (executions in flight, executionresult GETs) per poll
-    original = daemon.tracker.poller._poll
+    original = daemon.runtime.tracker.poller._poll
 
     def counted(pending: dict[str, Any]) -> None:
         before = sum(1 for x in sim.request_log if x.path.lower().startswith("/qrs/executionresult"))
@@ -207,7 +207,7 @@ def tracking_table(work: Path, sizes: list[int], poll: float, run_seconds: float
         after = sum(1 for x in sim.request_log if x.path.lower().startswith("/qrs/executionresult"))
         polls.append((len(pending), after - before))
 
-    daemon.tracker.poller._poll = counted  # type: ignore[method-assign]
+    daemon.runtime.tracker.poller._poll = counted  # type: ignore[method-assign]
     rows = []
     offset = 0
     try:

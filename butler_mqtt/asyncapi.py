@@ -445,9 +445,11 @@ def _server(cfg: MqttConfig) -> dict[str, Any]:
     return server
 
 
-def build_document(cfg: MqttConfig | None = None, alerts_topic: str | None = None) -> dict[str, Any]:
+def build_document(cfg: MqttConfig | None = None, alerts_topic: str | None = None, *, of_daemon: bool = False) -> dict[str, Any]:
     """The AsyncAPI document for `cfg` (default: the default configuration's topics and broker)
-    and `alerts_topic` (config `alerts.topic`; None: the channel shows the example topic)."""
+    and `alerts_topic` (config `alerts.topic`; None: the channel shows the example topic).
+    `of_daemon`: the document of one running daemon (GET /asyncapi.json), which lists the alerts
+    channel only when it publishes alerts (the alert message stays: a webhook receives it)."""
     cfg = cfg if cfg is not None else MqttConfig()
     components: dict[str, Any] = {"schemas": component_schemas(), "messages": _messages(cfg)}
     if cfg.username:
@@ -467,6 +469,8 @@ def build_document(cfg: MqttConfig | None = None, alerts_topic: str | None = Non
         "operations": _operations(cfg),
         "components": components,
     }
+    if of_daemon and alerts_topic is None:
+        del doc["channels"]["alerts"], doc["operations"]["sendAlerts"]
     return doc
 
 

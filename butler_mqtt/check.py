@@ -72,7 +72,18 @@ def check_cert_files(cfg: Config) -> bool:
         except ConfigError as exc:
             _line(FAIL, exc.key, exc.reason)
             good = False
+    if good:
+        _rotation_line(files)
     return good
+
+
+def _rotation_line(files: list[tuple[str, Path | None]]) -> None:
+    """Which certificate files a running daemon re-reads on SIGHUP (reload.py)."""
+    reread = [key for key, path in files if path is not None and not key.startswith("mqtt.")]
+    later = [key for key, path in files if path is not None and key.startswith("mqtt.")]
+    _line(OK, "certificate rotation", f"{', '.join(reread)} are re-read on SIGHUP (systemctl reload butler-mqtt): "
+          "replace the files, no restart needed; a file that does not load keeps the one in use (tls_reload_failed)"
+          + (f"; {', '.join(later)} are read at start only" if later else ""))
 
 
 def check_http(cfg: Config) -> bool:

@@ -89,11 +89,13 @@ as JSON lines; what was sent where, and hints when no answer came, go to stderr.
 DEMO_HELP = """\
 Starts, all on this machine and in a temporary folder removed at the end: the QRS simulator
 with the demo data set and generated certificates, a private mosquitto on a free port (or the
-broker of the config when mosquitto is not installed), and the daemon. Then sends three sample
+broker of the config when mosquitto is not installed), and the daemon. Then sends five sample
 requests and prints every reply:
   1. every task tagged 'Butler 5.0 demo', followed to the end (wait): three succeed, one fails;
   2. a custom property (taskGroup=financial-reports), a tag that matches nothing, as a dry run;
-  3. an invalid task ID: rejected with an error reply, nothing started.
+  3. an invalid task ID: rejected with an error reply, nothing started;
+  4. the tag hourly-reload with policies.max_running 2: two start, the others wait in the queue;
+  5. the tag startTask1 with ifRunning 'queue' while those run: one rerun queued per running task.
 Then it keeps running, printing ready-made mosquitto_pub/mosquitto_rr lines to try, until
 Ctrl-C (or stops right away with --once)."""
 
@@ -187,6 +189,55 @@ def _add_sim(p: argparse.ArgumentParser) -> None:
         "--max-retries", type=_task_setting(non_negative_int), action="append", default=[],
         metavar="NAME=N", help="QRS's maxRetries: a failed run shows Retry (10) and runs again, up to N "
         "times, in the same execution (default 0)",
+    )
+    _add_sim_failure_options(p)
+
+
+def _text_setting(text: str) -> tuple[str, str]:
+    """argparse type for NAME=TEXT (split at the first '=': the text may hold '=')."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=TEXT (a task name or id), got {text!r}")
+    return name, value
+
+
+def _stop_seconds(text: str) -> tuple[float, float]:
+    first, sep, second = text.partition(",")
+    try:
+        return non_negative_seconds(first), non_negative_seconds(second if sep else first)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected SECONDS or SECONDS,SECONDS, got {text!r}") from None
+
+
+def _add_sim_failure_options(p: argparse.ArgumentParser) -> None:
+    f = p.add_argument_group("failures, script logs and stop (qrs-api.md section 13)")
+    f.add_argument(
+        "--failure-message", type=_text_setting, action="append", default=[], metavar="NAME=TEXT",
+        help="the Error detail of the task's failed runs, also written in their script logs "
+        "(default \"Field 'Amount' not found\")",
+    )
+    f.add_argument(
+        "--log-bytes", type=_task_setting(non_negative_int), action="append", default=[], metavar="NAME=N",
+        help="pad each script log of the task to at least N bytes, generated while it is sent (default 0)",
+    )
+    f.add_argument(
+        "--log-encoding", type=_text_setting, action="append", default=[], metavar="NAME=ENCODING",
+        help="the task's script logs in utf-8 (with BOM, as QRS), utf-8-nobom, utf-16-le, utf-16-be "
+        "or invalid-utf-8 (default utf-8)",
+    )
+    f.add_argument(
+        "--log-fault", type=_text_setting, action="append", default=[], metavar="ROUTE=FAULT",
+        help="make a script-log route (scriptlogfile, scriptlog, download) answer 404, 500, hang, garbage, deepjson, "
+        "badticket, bareticket, drip or first404 (repeatable; default: all work)",
+    )
+    f.add_argument(
+        "--no-file-references", action="store_true",
+        help="leave the deprecated fileReferenceID empty, so the older scriptlog route cannot be used",
+    )
+    f.add_argument(
+        "--stop-seconds", type=_stop_seconds, default=None, metavar="SECONDS[,SECONDS]",
+        help="a stopped reload shows AbortInitiated (4) for the first, then Aborting (5) for the second "
+        "time before it ends Aborted (6) (default 0.5,1.0)",
     )
 
 
@@ -285,8 +336,8 @@ def _add_sim_command(sub: Subcommands) -> None:
 
 
 def _add_local_commands(sub: Subcommands) -> None:
-    """demo and init."""
-    p = _command(sub, "demo", "simulator + broker + daemon + three sample requests, all local", DEMO_HELP)
+    """demo, init and token."""
+    p = _command(sub, "demo", "simulator + broker + daemon + five sample requests, all local", DEMO_HELP)
     p.add_argument("--once", action="store_true", help="stop right after the sample requests")
 
     p = _command(
@@ -304,6 +355,11 @@ def _add_local_commands(sub: Subcommands) -> None:
         help=f"where to write it (default: $BUTLER_MQTT_CONFIG, else {DEFAULT_CONFIG})",
     )
     p.add_argument("--from-butler", type=Path, metavar="BUTLER.yaml", help="Butler's YAML config file to import")
+
+    p = _command(sub, "token", "print a new random REST token for a caller, and its SHA-256 for tokens_sha256", TOKEN_HELP)
+    p.add_argument("--caller", metavar="NAME", help="the caller it is for (named in the line to paste)")
+    p.add_argument("--hash", action="store_true",
+                   help="read an existing token from stdin (one line) and print only its SHA-256")
 
 
 HISTORY_HELP = """\
@@ -429,6 +485,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
         task_run_seconds=args.task_run_seconds,
         fail_first=args.fail_first,
         max_retries=args.max_retries,
+        failure_message=args.failure_message,
+        log_bytes=args.log_bytes,
+        log_encoding=args.log_encoding,
+        log_faults=args.log_fault,
+        stop_seconds=args.stop_seconds,
+        file_references=not args.no_file_references,
     )
 
 
@@ -503,6 +565,11 @@ def cmd_request(args: argparse.Namespace) -> int:
     except TimeoutError as exc:
         print(f"butler-mqtt: {exc}", file=sys.stderr)
         print(f"butler-mqtt: {no_answer_hint(requester, m, args.timeout)}", file=sys.stderr)
+        print(
+            f"butler-mqtt: to ask again, retry with the same --request-id {body['requestId']}: the broker may "
+            "still deliver this request, and the daemon starts its tasks once and answers the retry from its journal",
+            file=sys.stderr,
+        )
         return EXIT_FAIL
     finally:
         requester.close()
@@ -541,6 +608,40 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+TOKEN_HELP = """\
+Prints a new random bearer token (256 bits, URL-safe) and its SHA-256. The token goes to the
+caller's system, once: it is printed only now and stored nowhere. The SHA-256 goes into the
+caller's entry in the configuration (callers[].tokens_sha256, contract section 10): the file
+never holds a token. With --hash, reads an existing token from stdin instead (e.g. to move a
+system that uses http.token to its own caller) and prints only its SHA-256."""
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """A new caller token and its SHA-256 (or, with --hash, the SHA-256 of one read from stdin)."""
+    import secrets
+
+    from butler_mqtt.callers import token_sha256
+
+    if args.hash:
+        token = sys.stdin.readline().strip()
+        if not token or not token.isascii() or not token.isprintable():
+            raise ConfigError("--hash", "expected one token on stdin: printable ASCII, not empty")
+        print(token_sha256(token))
+        return EXIT_OK
+    from butler_mqtt.config import CALLER_NAME
+
+    if args.caller is not None and not CALLER_NAME.fullmatch(args.caller):
+        raise ConfigError("--caller", "a caller name is 1 to 64 of a-z, 0-9, '_' and '-'")
+    token = secrets.token_urlsafe(32)
+    digest = token_sha256(token)
+    who = args.caller or "<caller>"
+    print(f"token:  {token}")
+    print(f"sha256: {digest}")
+    print(f"Give the token to {who} (shown only now, stored nowhere); put the sha256 in butler.yaml under "
+          f"callers, in {who}'s entry: tokens_sha256: [\"{digest}\"]")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from butler_mqtt.demo import run_demo
 
@@ -559,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": cmd_demo,
         "init": cmd_init,
         "history": cmd_history,
+        "token": cmd_token,
     }
     try:
         return handlers[args.command](args)

@@ -1,8 +1,8 @@
 """`butler-mqtt demo`: the whole thing on one machine, with nothing to configure.
 
 QRS simulator (demo data, generated certificates) + a private Mosquitto on a free port (or the
-broker of the config when no `mosquitto` is on PATH) + the daemon + a sample request whose
-replies are printed. Everything stops on Ctrl-C (or right after the sample with `--once`).
+broker of the config when no `mosquitto` is on PATH) + the daemon + the sample requests of
+SAMPLES, whose replies are printed. Everything stops on Ctrl-C (or right after the sample with `--once`).
 """
 
 from __future__ import annotations

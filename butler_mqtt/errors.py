@@ -9,7 +9,15 @@
         │                      not trusted, or QRS refused our client certificate (permanent)
         ├── QrsRefused         QRS answered with an error status, or an answer that is not
         │                      what the API returns (transient only for 5xx, 429)
-        └── QrsNotFound        QRS answered 404 for the entity asked for
+        ├── QrsNotFound        QRS answered 404 for the entity asked for
+        └── (Qlik Cloud, the same meanings so that is_transient needs no second table)
+            CloudUnreachable(QrsUnreachable)   no answer from the tenant / proxy   (transient)
+            CloudTlsRejected(QrsTlsRejected)   the tenant's certificate is not trusted
+            CloudRefused(QrsRefused)           an error status or an answer that is not the
+                                               API's (transient only for 5xx, 429)
+            CloudAuthRefused(CloudRefused)     credentials refused for good; names the cloud.* key
+            CloudRateLimited(CloudRefused)     429 not waited out within the call (transient)
+            CloudNotFound(QrsNotFound)         404 for the app / reload asked for
     JournalError               the durable journal cannot be read or written (transient)
     BrokerUnavailable          the broker did not answer a check in time (transient)
 
@@ -91,6 +99,45 @@ class QrsRefused(QrsError):
 
 class QrsNotFound(QrsError):
     """QRS answered 404."""
+
+
+class CloudUnreachable(QrsUnreachable):
+    """The Qlik Cloud tenant (or the proxy in front of it) did not answer in time, or refused
+    or reset the connection (transient)."""
+
+
+class CloudTlsRejected(QrsTlsRejected):
+    """The tenant's (or a TLS-inspecting proxy's) certificate is not trusted: `cloud.ca`."""
+
+
+class CloudRefused(QrsRefused):
+    """The tenant answered with an error status, or with something that is not its API's answer."""
+
+
+class CloudAuthRefused(CloudRefused):
+    """The credentials were refused for good (a token fetched again was refused too, or an API
+    key was refused once). `key` names the setting to fix (`cloud.api_key`, `cloud.client_id`
+    / `cloud.client_secret`). Permanent."""
+
+    def __init__(self, message: str, key: str, status: int | None = None) -> None:
+        super().__init__(message, status)
+        self.key = key
+
+
+class CloudRateLimited(CloudRefused):
+    """429 that could not be waited out within the call's deadline (transient; nothing was
+    started). `retry_after` is the server's hint in seconds, None without a Retry-After.
+    `pending`: the 429 of a start that says "a pending reload request already exists for this
+    app" (no Retry-After, no `HTTP-429` code): the app is busy, not the tenant."""
+
+    def __init__(self, message: str, retry_after: float | None, *, pending: bool = False) -> None:
+        super().__init__(message, 429)
+        self.retry_after = retry_after
+        self.pending = pending
+
+
+class CloudNotFound(QrsNotFound):
+    """The tenant answered 404 for the app or reload asked for."""
 
 
 class JournalError(ButlerError):

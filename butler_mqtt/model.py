@@ -85,7 +85,7 @@ class CustomPropertyCriterion(BaseModel):
 
 
 class RetryRequest(BaseModel):
-    """`retry` of a request: extra starts after a failed reload (contract section 7)."""
+    """`retry` of a request: extra starts after a failed reload (see policies.retry)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -94,7 +94,7 @@ class RetryRequest(BaseModel):
 
 
 class StartRequest(BaseModel):
-    """A start request (contract section 3). Field names are the wire names."""
+    """A start request. Field names are the wire names."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 

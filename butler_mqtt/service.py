@@ -371,13 +371,15 @@ def handle_request(
     payload_hash: str | None = None,
     on_started: Callable[[StageResult], None] | None = None,
     route: Route | None = None,
+    received: float | None = None,
 ) -> Handled:
     """`service.submit` with the claim spelled out (tests, benchmarks). `key` is the
     idempotency key (requestId, or MQTT 5 correlation data); None disables duplicate
     suppression. `on_started` runs after the starts and before the journal marks the request
     done, instead of the tracker (which `submit` hands a followed request to there, so a crash
-    in between resumes the request instead of forgetting to follow it)."""
-    claim = Claim(ingress, key, source, payload_hash, route)
+    in between resumes the request instead of forgetting to follow it). `received`: when the
+    request arrived (time.time(); the history's received time; default: now)."""
+    claim = Claim(ingress, key, source, payload_hash, route, received)
     if on_started is None:
         return service.submit(req, claim, emit)
     with service.keys.hold(key):
@@ -393,6 +395,7 @@ class Claim:
     source: str = ""
     payload_hash: str | None = None
     route: Route | None = None
+    received: float | None = None
 
 
 def _handle(
@@ -408,13 +411,14 @@ def _handle(
     prior = None
     if journal is not None and key is not None:  # the request itself is kept for the history
         asked = req.model_dump(mode="json", exclude_defaults=True)
-        prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked)
+        prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked, received=claim.received)
     if prior is not None and prior.done:
-        for ev in prior.replies:
+        again = [replies.replayed(ev) for ev in prior.replies]
+        for ev in again:
             emit(ev)
         log.info("audit", ingress=ingress, source=source, requestId=req.requestId, duplicate=True, **_audit_fields(req),
                  outcome="earlier outcome re-published; nothing started")
-        return Handled(prior.replies, replayed=True)
+        return Handled(again, replayed=True)
 
     # Replies are published as they happen and recorded together when the stage is done (one
     # transaction): a crash in between is resumed from the start intents, checked with QRS.

@@ -1,0 +1,1 @@
+"""Backends: what a request is started on (client-managed Qlik Sense through QRS, Qlik Cloud)."""

@@ -129,6 +129,11 @@ class Backend(Protocol):
         has nothing; the last `log_lines` lines of that execution's script log (0: none)."""
         ...
 
+    def reload_tls(self) -> None:
+        """Re-read the certificate files at the running paths (SIGHUP); a ConfigError naming
+        the key when one does not load (the files in use are kept)."""
+        ...
+
     def close(self) -> None: ...
 
 

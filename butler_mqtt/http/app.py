@@ -119,6 +119,7 @@ class RestApi:
         self._last_probe: tuple[float, str] | None = None
         self._last_qrs_failure = 0.0
         self._asyncapi: dict[str, Any] | None = None
+        self.handled = 0  #: start calls answered (any outcome), for the daemon's `stopped` line
 
     # ------------------------------------------------------------------ start endpoint
 
@@ -204,6 +205,9 @@ class RestApi:
         go to MQTT `topics.reply`. A request without requestId is journaled under an anonymous
         key, as on MQTT: tracking needs a key, and the request history shows every request.
         """
+        # On this request's own task: its lines, and those of the threads it hands to (they run
+        # in a copy of this context), carry the requestId.
+        structlog.contextvars.bind_contextvars(requestId=req.requestId)
         key = keys.for_request_id(req.requestId) if req.requestId else keys.anonymous("rest")
         claim = Claim(INGRESS, key, _client(request), route=ReplyRoute(self.cfg.mqtt.topics.reply))
 
@@ -221,9 +225,11 @@ class RestApi:
             raise ApiError(502, "QRS refused the request", str(exc), "error") from None
         except JournalError as exc:
             raise ApiError(503, "Journal unavailable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
+        self.handled += 1  # the metrics count it in the use case (service.handled)
         return handled.events
 
     def _count(self, outcome: str) -> None:
+        self.handled += 1
         self.rt.metrics.request(INGRESS, outcome)
 
     # ------------------------------------------------------------------ request history
@@ -313,7 +319,7 @@ class RestApi:
         protocol, and its alerts topic (docs/asyncapi.yaml is the same for the default configuration). Open like
         /openapi.json: it names topics and the broker address, never a credential."""
         if self._asyncapi is None:
-            self._asyncapi = build_document(self.cfg.mqtt, alerts_topic=self.cfg.alerts.topic)
+            self._asyncapi = build_document(self.cfg.mqtt, alerts_topic=self.cfg.alerts.topic, of_daemon=True)
         return JSONResponse(self._asyncapi)
 
 

@@ -38,7 +38,7 @@ def summary_schemas() -> dict[str, Any]:
     del summary["properties"]["event"]
     summary["required"].remove("event")
     summary["title"] = "Summary"
-    summary["description"] = "The contract's `summary` event without `event` (answer to a seed-shaped body)."
+    summary["description"] = "The `summary` reply without `event`: the answer to a body in this API's shape (an object)."
     defs["Summary"] = summary
     return defs
 
@@ -234,8 +234,9 @@ without the segment, is the same as `-`). The body is either
 
 
 BODY_ONLY_DESCRIPTION = """\
-The same as `/v4/reloadtask/-/start`: every criterion is in the body (the seed's webhook form,
-`POST /v4/reloadtask/start` with `{"tag": [...], "customProperty": [...]}`). Both body shapes,
+The same as `/v4/reloadtask/-/start`: every criterion is in the body (a shorter form for webhooks
+and callers that cannot put a `-` in the path: `POST /v4/reloadtask/start` with
+`{"tag": [...], "customProperty": [...]}`). Both body shapes,
 `X-HTTP-Method-Override` and every status code work exactly as there.
 """
 
@@ -271,7 +272,7 @@ def start_operation(token_required: bool, path_task_id: bool = True) -> dict[str
                 "application/json": {
                     "schema": {"anyOf": [_ref("StartRequest"), _ref("ButlerBody")]},
                     "examples": {
-                        "seed": {"summary": "this API's shape", "value": {"tag": ["daily-refresh"], "requestId": "r-1"}},
+                        "object": {"summary": "this API's shape", "value": {"tag": ["daily-refresh"], "requestId": "r-1"}},
                         "butler": {
                             "summary": "Butler's shape",
                             "value": [

@@ -27,7 +27,7 @@ from butler_mqtt.config import HttpTlsConfig
 from butler_mqtt.errors import ConfigError
 from butler_mqtt.http.app import create_app
 from butler_mqtt.http.protocol import HttpLimits, limited_protocol
-from butler_mqtt.http.tls import listener_warnings, uvicorn_tls_options
+from butler_mqtt.http.tls import ServedTls, listener_warnings, uvicorn_tls_options
 from butler_mqtt.ops.fds import (
     FD_HINT,
     describe_os_error,
@@ -144,6 +144,14 @@ class HttpServer:
                 raise RuntimeError(f"the HTTP server on port {self.port} did not start")
             time.sleep(0.01)
         return self
+
+    def reload_tls(self, tls: HttpTlsConfig) -> None:
+        """SIGHUP: new connections are served `tls`'s files as they are now (http/tls.py)."""
+        served = getattr(self, "_served_tls", None)
+        if served is None and self._server.config.ssl is not None:
+            served = self._served_tls = ServedTls(self._server.config.ssl)
+        if served is not None:
+            served.reload(tls)
 
     def stop(self, timeout: float = GRACEFUL_S + 5) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then close."""

@@ -4,6 +4,7 @@
   ConfigError naming the key (exit 2 at start, a FAIL line in `check`).
 * `uvicorn_tls_options` says how uvicorn serves HTTPS (and requires client certificates).
 * `listener_warnings` says what is unsafe about where and how the API listens.
+* `ServedTls` swaps the files a running listener serves (SIGHUP: certificate rotation).
 
 No FastAPI or uvicorn here, so `check` and the daemon's start can use it cheaply.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from butler_mqtt.config import HttpConfig, HttpTlsConfig
 from butler_mqtt.errors import ConfigError
+from butler_mqtt.ops.pem import check_pem
 
 
 def http_ssl_context(tls: HttpTlsConfig) -> ssl.SSLContext:
@@ -46,6 +48,33 @@ def http_ssl_context(tls: HttpTlsConfig) -> ssl.SSLContext:
             raise ConfigError("http.tls.client_ca", f"{tls.client_ca} holds no PEM CA certificate ({exc})") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+class ServedTls:
+    """The TLS files a running listener serves, replaceable without a restart (SIGHUP).
+
+    uvicorn made the listener's context once; its server-name callback, called in every
+    handshake (with or without SNI), moves each new connection to the context last loaded
+    from the files. Connections already open keep theirs. A context is never changed once
+    built, so a handshake never sees half of a rotation."""
+
+    def __init__(self, served: ssl.SSLContext) -> None:
+        self._current = served
+        served.sni_callback = self._pick
+
+    def _pick(self, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None, served: ssl.SSLContext) -> None:
+        current = self._current
+        if current is not served:
+            conn.context = current
+
+    def reload(self, tls: HttpTlsConfig) -> None:
+        """Load `tls`'s files again; ConfigError naming the key when one is wrong (nothing changes)."""
+        assert tls.cert is not None and tls.key is not None
+        check_pem("http.tls.cert", tls.cert, "certificate")
+        check_pem("http.tls.key", tls.key, "private key")
+        if tls.client_ca is not None:
+            check_pem("http.tls.client_ca", tls.client_ca, "certificate")
+        self._current = http_ssl_context(tls)
 
 
 def uvicorn_tls_options(tls: HttpTlsConfig | None) -> dict[str, Any]:

@@ -235,7 +235,7 @@ class RequestHandler:
             key = earlier or keys.anonymous(ingress)
         d.key = key
         try:
-            self.service.submit(req, Claim(ingress, key, job.topic, fingerprint, route), emit)
+            self.service.submit(req, Claim(ingress, key, job.topic, fingerprint, route, job.received), emit)
         except QrsError as exc:
             if is_transient(exc):
                 raise

@@ -65,7 +65,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -114,6 +114,9 @@ class Job:
     retained: bool = False
     oversize: int = 0  # > 0: the payload had this many bytes and was dropped unread
     epoch: int = 0  # the broker session this delivery belongs to (see MqttListener.ack)
+    #: When the delivery arrived (wall clock): the request history's RECEIVED, also when QRS
+    #: made it wait and it was handled later.
+    received: float = field(default_factory=time.time)
 
 
 #: Size limits applied in the network thread, before a payload is kept: (JSON topic, plain topic),
@@ -164,7 +167,7 @@ class MqttListener:
         self._pubacks: OrderedDict[int, tuple[int, str | None, mqtt.MQTTMessage | None]] = OrderedDict()
         self._pubacks_lock = threading.Lock()
         self._sub_mids: set[int] = set()
-        self.on_subscribed: Callable[[], None] | None = None
+        self.on_subscribed: Callable[[], object] | None = None
         self.takeovers = 0  # session takeovers in a row (see _on_disconnect)
         # With a shared group every instance has its own retained status (contract section 2),
         # so one instance's "offline" never hides a healthy one.

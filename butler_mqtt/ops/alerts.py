@@ -53,6 +53,7 @@ was already alerted before.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 import time
@@ -197,7 +198,9 @@ class Outbox:
         self.name = name
         self._send = send
         self._metrics = metrics
-        self._items: deque[dict[str, Any]] = deque()
+        # Each message with the logging context it was raised in: the sink thread's lines about
+        # it carry the request's requestId (ops/logging.py).
+        self._items: deque[tuple[dict[str, Any], contextvars.Context]] = deque()
         self._size = size
         self._cond = threading.Condition()
         self._busy = False
@@ -211,9 +214,9 @@ class Outbox:
     def put(self, msg: dict[str, Any]) -> None:
         with self._cond:
             if len(self._items) >= self._size:
-                dropped = self._items.popleft()
-                self._dropped(dropped)
-            self._items.append(msg)
+                dropped, context = self._items.popleft()
+                context.run(self._dropped, dropped)
+            self._items.append((msg, contextvars.copy_context()))
             self._cond.notify()
 
     def _dropped(self, msg: dict[str, Any]) -> None:
@@ -230,16 +233,20 @@ class Outbox:
                     self._cond.wait()
                 if not self._items:
                     return
-                msg = self._items.popleft()
+                msg, context = self._items.popleft()
                 self._busy = True
             try:
-                self._send(msg)
-            except Exception:  # noqa: BLE001 - the sink thread lives on
-                log.exception("alert_send_failed", sink=self.name, alert=msg.get("alert"))
+                context.run(self._deliver, msg)
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def _deliver(self, msg: dict[str, Any]) -> None:
+        try:
+            self._send(msg)
+        except Exception:  # noqa: BLE001 - the sink thread lives on
+            log.exception("alert_send_failed", sink=self.name, alert=msg.get("alert"))
 
     def drain(self, timeout: float) -> int:
         """Wait up to `timeout` s for the queue to empty, then stop. Returns how many were left."""

@@ -245,6 +245,12 @@ def without_event(ev: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ev.items() if k != "event"}
 
 
+def replayed(ev: Mapping[str, Any]) -> Event:
+    """A reply re-published from the journal for a repeated request (same requestId, or a
+    redelivery): the same event, marked `"replayed": true`; nothing was started again."""
+    return {**ev, "replayed": True}
+
+
 def ends_request(ev: Mapping[str, Any], waits: bool) -> bool:
     """The reply after which no more come for the request: an error, else its summary, or
     requestFinished when the request waits (`wait` or `then`); see also `still_queued`."""

@@ -36,6 +36,11 @@ Reason = Annotated[str, Field(description="Why (a sentence for people, not a cod
 Position = Annotated[int, Field(ge=1, description="Place in butler-mqtt's queue (1 = next).")]
 Attempt = Annotated[int, Field(ge=1, description="With `retry`: which start this is (1 = the first).")]
 Millis = Annotated[int, Field(ge=0)]
+Replayed = Annotated[
+    Literal[True],
+    Field(description="Present (true) when the reply is re-published from the journal for a repeated request "
+                      "(the same requestId, or a redelivery): the earlier outcome, nothing was started again."),
+]
 #: The final states of a followed execution: QRS's own (model.FINAL_STATES) and `Unknown`.
 FinalStatus = Literal["Aborted", "FinishedSuccess", "FinishedFail", "Skipped", "Error", "Reset", "Unknown"]
 QrsTime = Annotated[str | None, Field(description="QRS's timestamp (ISO 8601, UTC); null when QRS has none.")]
@@ -77,6 +82,7 @@ class TaskEvent(TypedDict):
     position: NotRequired[Position]
     attempt: NotRequired[Attempt]
     stage: NotRequired[Stage]
+    replayed: NotRequired[Replayed]
 
 
 @with_config(_CLOSED)
@@ -185,6 +191,7 @@ class SummaryEvent(TypedDict):
     tasksQueued: Annotated[list[QueuedTask], Field(description="Tasks waiting in butler-mqtt's queue when the summary was sent.")]
     totalTasksStarted: Annotated[int, Field(ge=0, description="How many tasks QRS really started.")]
     stage: NotRequired[Stage]
+    replayed: NotRequired[Replayed]
 
 
 @with_config(ConfigDict(extra="forbid", json_schema_extra={"dependencies": {"retryIn": ["attempt"]}}))
@@ -207,6 +214,7 @@ class TaskFinishedEvent(TypedDict):
         Annotated[float, Field(ge=0, description="Seconds until the next attempt, may be fractional (absent on the last one).")]
     ]
     stage: NotRequired[Stage]
+    replayed: NotRequired[Replayed]
 
 
 @with_config(_CLOSED)
@@ -220,6 +228,7 @@ class TaskOverdueEvent(TypedDict):
     executionId: ExecutionId
     runningForMs: Annotated[Millis, Field(description="How long the execution has been running.")]
     stage: NotRequired[Stage]
+    replayed: NotRequired[Replayed]
 
 
 @with_config(_CLOSED)
@@ -234,6 +243,7 @@ class RequestFinishedEvent(TypedDict):
     ]
     durationMs: Annotated[Millis, Field(description="From the request to its last task's end.")]
     reason: NotRequired[Reason]
+    replayed: NotRequired[Replayed]
 
 
 @with_config(_CLOSED)
@@ -245,6 +255,7 @@ class ErrorEvent(TypedDict):
     requestId: RequestId
     error: Annotated[str, Field(description="What went wrong, in a few words (e.g. `Invalid task ID format`).")]
     details: Annotated[str, Field(description="The specifics: which field, which limit, what to do.")]
+    replayed: NotRequired[Replayed]
 
 
 @with_config(_CLOSED)

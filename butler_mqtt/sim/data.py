@@ -16,7 +16,11 @@ Tasks file format (``butler-mqtt sim --tasks FILE``): a JSON array of objects::
         "outcome": "success",                            // optional: "success" or "fail"
         "failFirst": 0,                                  // optional: the first N runs fail
         "maxRetries": 0,                                 // optional: QRS's maxRetries
-        "appName": "Sales dashboard"                     // optional, default: the task name
+        "appName": "Sales dashboard",                    // optional, default: the task name
+        "failureMessage": "Field 'Amount' not found",    // optional: error of a failed run
+        "logLines": 60,                                  // optional: script lines per log
+        "logBytes": 0,                                   // optional: pad each log to N bytes
+        "logEncoding": "utf-8"                           // optional: see sim/scriptlog.py
       }
     ]
 
@@ -33,6 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .scriptlog import DEFAULT_FAILURE_MESSAGE, ENCODINGS
 from .store import SimTask, stable_id
 
 DEMO = "Butler 5.0 demo"
@@ -43,6 +48,9 @@ DEMO_FAILING_ID = "be67b837-1591-413f-a4f1-87737f701520"
 DEMO_EXTERNAL_ID = "931c0791-862b-473d-8380-91c399c4bded"
 DEMO_PITFALL_ID = "609ee145-0ef3-4b20-a211-f368bccffaa2"
 DEMO_SPECIAL_TAG = "R&D 'Q1' #1 +50%"
+#: Why "Reload Data quality check" (DEMO_FAILING_ID) fails: its Error detail and the error in
+#: its script log (contract section 8's example).
+DEMO_FAILURE_MESSAGE = "Field 'Amount' not found"
 
 
 _TG, _PR, _NG = "taskGroup", "priority", "notifyGroup"
@@ -57,7 +65,8 @@ _DEMO_ROWS: tuple[tuple[str, str, list[str], list[tuple[str, str]], str, float, 
     ("dc012120-0c75-40e2-9afc-14f05e326b35", "Reload Inventory",
      [DEMO, "startTask1", "hourly-reload"], [(_TG, _OPS), (_PR, "low")], "Inventory", 1.0, {}),
     (DEMO_FAILING_ID, "Reload Data quality check",
-     [DEMO], [(_TG, _REG)], "Data quality", 1.0, {"outcome": "fail"}),
+     [DEMO], [(_TG, _REG)], "Data quality", 1.0,
+     {"outcome": "fail", "failure_message": DEMO_FAILURE_MESSAGE, "log_lines": 120}),
     (DEMO_DISABLED_ID, "Reload Legacy warehouse",
      ["startTask1"], [(_TG, _OPS)], "Legacy warehouse", 0.2, {"enabled": False}),
     ("e44bb164-187b-467a-91aa-f8bd9720925a", "Reload Web traffic",
@@ -157,6 +166,10 @@ def _task_from_json(item: Any, index: int, path: Path, run_seconds: float) -> Si
         outcome=get("outcome", str, "success"),
         fail_first=get("failFirst", int, 0),
         max_retries=get("maxRetries", int, 0),
+        failure_message=get("failureMessage", str, DEFAULT_FAILURE_MESSAGE),
+        log_lines=get("logLines", int, 60),
+        log_bytes=get("logBytes", int, 0),
+        log_encoding=get("logEncoding", str, "utf-8"),
     )
     try:
         uuid.UUID(task.id)
@@ -166,6 +179,8 @@ def _task_from_json(item: Any, index: int, path: Path, run_seconds: float) -> Si
         raise ValueError(f"{where}: taskType must be 0 or 1, outcome 'success' or 'fail'")
     if task.fail_first < 0 or task.max_retries < 0 or task.run_seconds < 0:
         raise ValueError(f"{where}: runSeconds, failFirst and maxRetries must be 0 or more")
+    if task.log_lines < 0 or task.log_bytes < 0 or task.log_encoding not in ENCODINGS:
+        raise ValueError(f"{where}: logLines and logBytes must be 0 or more, logEncoding one of {', '.join(ENCODINGS)}")
     return task
 
 

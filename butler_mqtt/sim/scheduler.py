@@ -26,6 +26,13 @@ Model (qrs-api.md 6.6; choices where the research is silent are marked *chosen*)
 * Result rows: the row of attempt ``i`` appears when that attempt starts, so the newest row by
   ``startTime`` is always the current one; a retried row shows Retry (10) during the pause and
   FinishedFail (8) once the next attempt has started.
+* A failed attempt gets an Error detail (``detailsType`` 0) with the task's failure message
+  just before "Reference to scriptlog added".
+* A stop (:func:`stopped`, qrs-api.md 13.1) cuts a timeline at the moment it arrives: the
+  execution shows AbortInitiated (4), then Aborting (5), and ends Aborted (6) on the row of the
+  attempt current at the stop; attempts still to come never happen (*chosen*: a stop during a
+  Retry pause aborts the retried row; one before the first attempt started leaves a row that
+  never started and holds no slot).
 """
 
 from __future__ import annotations
@@ -52,8 +59,11 @@ STATUS_NAMES = (
     "DistributionQueue",
     "DistributionRunning",
 )
-TRIGGERED, STARTED, QUEUED, ABORTED = 1, 2, 3, 6
+TRIGGERED, STARTED, QUEUED, ABORT_INITIATED, ABORTING, ABORTED = 1, 2, 3, 4, 5, 6
 FINISHED_SUCCESS, FINISHED_FAIL, RETRY = 7, 8, 10
+
+#: ExecutionResultDetail ``detailsType`` (qrs-api.md 13.2).
+DETAIL_ERROR, DETAIL_WARNING, DETAIL_INFORMATION = 0, 1, 2
 
 #: Detail lines of one phase are this far apart, so sorting by detailCreatedDate gives their order.
 LINE_STEP = 0.001
@@ -143,6 +153,7 @@ class Line:
     row: int
     at: float
     message: str
+    kind: int = DETAIL_INFORMATION  # detailsType: 0 Error, 1 Warning, 2 Information
 
 
 @dataclass(frozen=True)
@@ -187,6 +198,7 @@ class RunPlan:
     max_retries: int
     is_reload: bool
     node: str
+    failure_message: str = ""
 
 
 class _Builder:
@@ -199,9 +211,9 @@ class _Builder:
         self.phases.append(Phase(at, status, row))
         return len(self.phases) - 1
 
-    def say(self, phase: int, row: int, at: float, *messages: str) -> None:
+    def say(self, phase: int, row: int, at: float, *messages: str, kind: int = DETAIL_INFORMATION) -> None:
         for i, message in enumerate(messages):
-            self.lines.append(Line(phase, row, at + i * LINE_STEP, message))
+            self.lines.append(Line(phase, row, at + i * LINE_STEP, message, kind))
 
     def done(self) -> Timeline:
         phases = tuple(self.phases)
@@ -250,9 +262,13 @@ def _attempts(b: _Builder, start: float, previous: str, plan: RunPlan) -> None:
         end = start + plan.run_seconds
         last = i == count - 1
         ended = b.phase(end, outcome if last else RETRY, i)
+        at = end
+        if outcome == FINISHED_FAIL and plan.failure_message:
+            b.say(ended, i, at, plan.failure_message, kind=DETAIL_ERROR)
+            at += LINE_STEP
         messages = ["Reference to scriptlog added"] if plan.is_reload else []
         messages.append(f"Changing task state from Started to {STATUS_NAMES[outcome if last else RETRY]}")
-        b.say(ended, i, end, *messages)
+        b.say(ended, i, at, *messages)
         b.rows.append(Row(start, end, started, ended, outcome))
         start, previous = end + plan.retry_pause, "Retry"
 
@@ -260,3 +276,54 @@ def _attempts(b: _Builder, start: float, previous: str, plan: RunPlan) -> None:
 def _closed(row: Row, phase: int) -> Row:
     """A retried attempt's row: final (FinishedFail) once the next attempt has started."""
     return Row(row.start, row.stop, row.started_phase, phase, row.final_status)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A stop request (``POST /qrs/task/{id}/stop``) at ``at``: the execution shows
+    AbortInitiated (4) for ``initiated_for`` seconds, then Aborting (5) for ``aborting_for``
+    seconds, then ends Aborted (6) (qrs-api.md 13.1)."""
+
+    at: float
+    initiated_for: float
+    aborting_for: float
+
+    @property
+    def ends_at(self) -> float:
+        return self.at + self.initiated_for + self.aborting_for
+
+
+def stopped(t: Timeline, stop: Stop) -> Timeline:
+    """``t`` cut at ``stop.at`` and ended by AbortInitiated -> Aborting -> Aborted.
+
+    What had happened before the stop stays (phases, detail lines, earlier attempts' rows);
+    the attempt current at the stop ends Aborted on its own row, with an Error detail line
+    saying who stopped it; later attempts never happen. Phases already begun are kept
+    whole (*chosen*); a stop before the first attempt started leaves a row that never started.
+    """
+    keep = t.phase_at(stop.at) + 1
+    current = t.phases[keep - 1]
+    row_index = current.row
+    b = _Builder()
+    b.phases = list(t.phases[:keep])
+    b.lines = [line for line in t.lines if line.phase < keep]
+    initiated = b.phase(stop.at, ABORT_INITIATED, row_index)
+    b.say(initiated, row_index, stop.at, "Abort requested by user (manual stop)", kind=DETAIL_WARNING)
+    b.say(
+        initiated, row_index, stop.at + LINE_STEP,
+        f"Changing task state from {STATUS_NAMES[current.status]} to AbortInitiated",
+    )
+    aborting_at = max(stop.at + 2 * LINE_STEP, stop.at + stop.initiated_for)
+    aborting = b.phase(aborting_at, ABORTING, row_index)
+    b.say(aborting, row_index, aborting_at, "Changing task state from AbortInitiated to Aborting")
+    aborted_at = max(aborting_at + LINE_STEP, aborting_at + stop.aborting_for)
+    aborted = b.phase(aborted_at, ABORTED, row_index)
+    b.say(aborted, row_index, aborted_at, "Task was aborted by a user", kind=DETAIL_ERROR)
+    b.say(aborted, row_index, aborted_at + LINE_STEP, "Changing task state from Aborting to Aborted")
+    b.rows = list(t.rows[: row_index + 1])
+    row = b.rows[row_index]
+    began = row.started_phase is not None and row.started_phase < keep
+    b.rows[row_index] = Row(
+        row.start if began else None, aborted_at, row.started_phase if began else None, aborted, ABORTED
+    )
+    return b.done()

@@ -45,6 +45,24 @@ Knobs for tests, all changeable while the simulator runs:
   execution result row per attempt).
 * ``store.start_delay`` / ``store.retry_delay``: how long an execution stays Triggered, and
   shows Retry between attempts (0.05 s each by default); ``store.clock`` is the clock.
+* Stop (``POST /qrs/task/{id}/stop``, ``/qrs/task/stop/many``; qrs-api.md 13.1): 204 whether the
+  task runs or not, 404 for an unknown id; a running execution goes AbortInitiated (4) ->
+  Aborting (5) -> Aborted (6), ``store.abort_initiated_seconds`` (0.5) and
+  ``store.aborting_seconds`` (1.0) apart (see :meth:`Store.stop`).
+* Script logs (qrs-api.md 13.3, 13.4, 13.7): ``GET /qrs/reloadtask/{id}/scriptlogfile?
+  executionresultid=`` and ``.../scriptlog?filereferenceid=`` answer ``{"value": "<ticket>"}``;
+  ``GET /qrs/download/reloadtask/{ticket}/{any name}`` streams that execution's log (see
+  :mod:`.scriptlog`; per-task knobs are SimTask fields). ``store.file_references = False``
+  leaves ``fileReferenceID`` empty (a server that no longer fills the deprecated field).
+  ``log_faults`` maps a route (``"scriptlogfile"``, ``"scriptlog"``, ``"download"``) to a
+  fault: ``"404"``, ``"500"``; ``"hang"`` (no answer until the simulator stops, or
+  ``log_hang_seconds``, then the connection closes); ``"garbage"`` (200 with bytes that are
+  neither JSON nor a log: binary noise, NULs, invalid UTF-8); ``"deepjson"`` (200 with 100,000
+  nested ``[``); ``"badticket"`` (a ticket that
+  is not a GUID, ``../../about``); ``"bareticket"`` (the ticket as a bare JSON string, as the
+  API reference shows it); ``"drip"`` (the download sends ``log_drip_bytes`` bytes every
+  ``log_drip_seconds``); ``"first404"`` (the first download of each ticket answers 404,
+  like a QRS asked too soon after the run, Butler #1499).
 
 Choices where the research is silent: a malformed id answers 400 with an empty body; an
 unknown route or a wrong method answers 404; ``/qrs/task/start/many`` ignores unknown ids and
@@ -60,6 +78,9 @@ import socket
 import ssl
 import threading
 import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -70,6 +91,7 @@ from urllib.parse import parse_qsl, unquote, unquote_plus
 from .certs import CertPaths, ensure_certs
 from .filter import CompiledFilter, FilterError, compile_filter
 from .scheduler import STATUS_NAMES
+from .scriptlog import LogSpec, log_chunks, log_length
 from .store import COLLECTIONS, EMPTY_GUID, SimTask, StartRecord, Store
 
 XSRF_TEXT = "XSRF prevention check failed. Possible XSRF discovered."
@@ -119,11 +141,23 @@ class LoggedRequest:
     at: float
 
 
+#: Routes of the script-log knobs (``log_faults`` keys) and the faults each may take.
+LOG_ROUTES = ("scriptlogfile", "scriptlog", "download")
+LOG_FAULTS = ("404", "500", "hang", "garbage", "deepjson", "badticket", "bareticket", "drip", "first404")
+_DOWNLOAD_TYPE = "application/octet-stream"
+_MAX_TICKETS = 10_000
+
+
 @dataclass(frozen=True)
 class _Reply:
     status: int
     body: bytes = b""
     content_type: str = _TEXT
+    #: A streamed body (``length`` bytes from ``stream()``) instead of ``body``.
+    stream: Callable[[], Iterator[bytes]] | None = None
+    length: int = 0
+    #: ``"hang"``: never answer (until the simulator stops); ``"drip"``: stream slowly.
+    mode: str = ""
 
     @classmethod
     def json(cls, status: int, payload: Any) -> _Reply:
@@ -170,6 +204,12 @@ class QrsSimulator:
         self.huge_bytes = 100 * 1024 * 1024
         self._clock_skew = 0.0
         self.fail_starts_for: set[str] = set()
+        self.log_faults: dict[str, str] = {}
+        self.log_hang_seconds = 3600.0
+        self.log_drip_seconds = 0.5
+        self.log_drip_bytes = 16
+        self._tickets: OrderedDict[str, tuple[LogSpec, int]] = OrderedDict()
+        self._tickets_lock = threading.Lock()
         self._already_running = _checked_already_running(already_running)
         self._requested_port = port
         self._log: list[LoggedRequest] = []
@@ -338,6 +378,10 @@ class QrsSimulator:
     def _get(self, route: list[str], query: dict[str, str]) -> _Reply:
         if route == ["about"]:
             return _Reply.json(200, ABOUT)
+        if len(route) == 3 and route[0] == "reloadtask" and route[2] in ("scriptlogfile", "scriptlog"):
+            return self._log_ticket(route[1], route[2], query)
+        if len(route) == 4 and route[:2] == ["download", "reloadtask"]:
+            return self._download(route[2])
         if route == ["about", "api", "enums"]:
             return _Reply.json(200, ENUMS)
         if not route or route[0] not in COLLECTIONS or len(route) > 2:
@@ -366,6 +410,10 @@ class QrsSimulator:
         rest = route[1:]
         if rest == ["start", "many"]:
             return self._start_many(body)
+        if rest == ["stop", "many"]:
+            return self._stop_many(body)
+        if len(rest) == 2 and rest[1] == "stop":
+            return self._stop_one(rest[0])
         if rest in (["start"], ["start", "synchronous"]):
             name = query.get("name", "")
             task_id = self.store.task_id_by_name(name)
@@ -405,6 +453,115 @@ class QrsSimulator:
             if _GUID.fullmatch(task_id) and self.store.task(task_id) is not None:
                 self.store.start(task_id)
         return _Reply(204)
+
+
+    # --- stop -----------------------------------------------------------------------------------
+
+    @property
+    def stop_requests(self) -> list[StartRecord]:
+        """Every stop request for a known task, oldest first (:attr:`Store.stop_requests`)."""
+        return self.store.stop_requests
+
+    def _stop_one(self, task_id: str) -> _Reply:
+        if not _GUID.fullmatch(task_id):
+            return _Reply(400)
+        if self.store.task(task_id) is None:
+            return _Reply(404)
+        self.store.stop(task_id)
+        return _Reply(204)  # running or not: QRS's answer says nothing either way (13.1)
+
+    def _stop_many(self, body: bytes) -> _Reply:
+        try:
+            ids = json.loads(body or b"null")
+        except ValueError:
+            return _Reply(400)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            return _Reply(400)
+        for task_id in ids:
+            if _GUID.fullmatch(task_id) and self.store.task(task_id) is not None:
+                self.store.stop(task_id)
+        return _Reply(204)
+
+    # --- script logs --------------------------------------------------------------------------
+
+    def _log_fault(self, route: str) -> str | None:
+        fault = self.log_faults.get(route)
+        if fault is not None and fault not in LOG_FAULTS:
+            raise ValueError(f"log_faults[{route!r}] must be one of {', '.join(LOG_FAULTS)}, got {fault!r}")
+        return fault
+
+    def _log_ticket(self, task_id: str, route: str, query: dict[str, str]) -> _Reply:
+        param = "executionresultid" if route == "scriptlogfile" else "filereferenceid"
+        fault = self._log_fault(route)
+        early = _fault_reply(fault, ticket_route=True)
+        if early is not None:
+            return early
+        if not _GUID.fullmatch(task_id):
+            return _Reply(400)
+        if self.store.task(task_id) is None:
+            return _Reply(404)
+        wanted = query.get(param)
+        if wanted is None:
+            return _Reply.text(400, "Missing parameter value(s)")
+        if not _GUID.fullmatch(wanted):
+            return _Reply(400)
+        if route == "scriptlogfile":
+            spec = self.store.log_of_result(task_id, wanted)
+        else:
+            spec = self.store.log_of_file_reference(task_id, wanted)
+        if spec is None:
+            return _Reply(404)
+        ticket = self._new_ticket(spec)
+        if fault == "badticket":
+            return _Reply.json(200, {"value": "../../about"})
+        if fault == "bareticket":
+            return _Reply.json(200, ticket)
+        return _Reply.json(200, {"value": ticket})
+
+    def _new_ticket(self, spec: LogSpec) -> str:
+        ticket = str(uuid.uuid4())
+        with self._tickets_lock:
+            self._tickets[ticket] = (spec, 0)
+            while len(self._tickets) > _MAX_TICKETS:
+                self._tickets.popitem(last=False)
+        return ticket
+
+    def _download(self, ticket: str) -> _Reply:
+        fault = self._log_fault("download")
+        early = _fault_reply(fault, ticket_route=False)
+        if early is not None:
+            return early
+        with self._tickets_lock:
+            found = self._tickets.get(ticket)
+            if found is None:
+                return _Reply(404)
+            spec, downloads = found
+            self._tickets[ticket] = (spec, downloads + 1)
+        if fault == "first404" and downloads == 0:
+            return _Reply(404)
+        return _Reply(
+            200,
+            content_type=_DOWNLOAD_TYPE,
+            stream=lambda: log_chunks(spec),
+            length=log_length(spec),
+            mode="drip" if fault == "drip" else "",
+        )
+
+
+def _fault_reply(fault: str | None, *, ticket_route: bool) -> _Reply | None:
+    """The answer a log-route fault gives before any lookup, or None."""
+    if fault == "404":
+        return _Reply(404)
+    if fault == "500":
+        return _Reply.text(500, "Internal Server Error")
+    if fault == "hang":
+        return _Reply(0, mode="hang")
+    if fault == "deepjson":
+        return _Reply(200, b"[" * 100_000, _JSON)
+    if fault == "garbage":
+        noise = bytes(range(256)) * 8 + b"\x00\xff\xfe<html>\xc3\x28 not a ticket"
+        return _Reply(200, noise, _JSON if ticket_route else _DOWNLOAD_TYPE)
+    return None
 
 
 def _checked_already_running(value: str) -> str:
@@ -540,15 +697,37 @@ class _Handler(BaseHTTPRequestHandler):
         delay, pattern = sim.answer_delay_s, sim.answer_delay_paths
         if delay > 0 and (pattern is None or re.search(pattern, path)):
             sim._stopping.wait(delay)
+        if reply.mode == "hang":
+            sim._stopping.wait(sim.log_hang_seconds)
+            self.close_connection = True
+            return
         self.send_response(reply.status)
         if reply.status != 204:
             self.send_header("Content-Type", reply.content_type)
-            self.send_header("Content-Length", str(len(reply.body)))
+            length = reply.length if reply.stream is not None else len(reply.body)
+            self.send_header("Content-Length", str(length))
         if body is None:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(reply.body)
+        if reply.stream is None:
+            self.wfile.write(reply.body)
+        elif reply.mode == "drip":
+            self._drip(reply.stream())
+        else:
+            for chunk in reply.stream():
+                self.wfile.write(chunk)
+
+    def _drip(self, chunks: Iterator[bytes]) -> None:
+        """Write ``log_drip_bytes`` every ``log_drip_seconds`` (a peer that trickles)."""
+        sim = self.server.sim
+        for chunk in chunks:
+            for i in range(0, len(chunk), max(1, sim.log_drip_bytes)):
+                if sim._stopping.wait(sim.log_drip_seconds):
+                    self.close_connection = True
+                    return
+                self.wfile.write(chunk[i : i + max(1, sim.log_drip_bytes)])
+                self.wfile.flush()
 
     def _read_body(self) -> bytes | None:
         """The request body; None when its length is unknown (chunked or a bad header).

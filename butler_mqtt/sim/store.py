@@ -27,7 +27,13 @@ Choices where the research is silent (qrs-api.md section 11 and elsewhere):
   attempt, appearing when the attempt starts).
 * Detail lines are listed in a stable but not chronological order (ordered by their ids), so
   a client that forgets to sort by ``detailCreatedDate`` (Butler sorts) shows it in tests.
-* Every detail line is ``detailsType`` 2 (Information), also for a failed run.
+* Detail lines are ``detailsType`` 2 (Information), except a failed attempt's error (the task's
+  ``failure_message``, 0 Error) and a stop's lines (a Warning when asked, an Error when aborted).
+* A stop (:meth:`Store.stop`) cuts the execution's timeline: AbortInitiated (4), Aborting (5),
+  Aborted (6) (:func:`.scheduler.stopped`); retries still to come never happen.
+* ``fileReferenceID`` is a GUID derived from the result id once the attempt has a log (empty
+  while it has none, or always with ``file_references = False``); ``scriptLogSize`` is the size
+  of the log the download sends (:mod:`.scriptlog`).
 * ``/qrs/executionresult`` (condensed) lacks ``taskID``/``executionID``; filters can still use
   them, as on QRS. ``/qrs/executionresult/full`` has them.
 * ``startTime`` stays at the sentinel while Triggered; ``duration`` is 0 until finished.
@@ -54,12 +60,15 @@ from .scheduler import (
     Fifo,
     Line,
     RunPlan,
+    Stop,
     Timeline,
     Waiting,
     attempt_outcomes,
     occupancy,
+    stopped,
     timeline,
 )
+from .scriptlog import DEFAULT_FAILURE_MESSAGE, ENCODINGS, LogSpec, log_length
 
 EMPTY_GUID = "00000000-0000-0000-0000-000000000000"
 NEVER = "1753-01-01T00:00:00.000Z"
@@ -112,6 +121,11 @@ class SimTask:
     the ``outcome`` (runs are counted over every attempt that ran, retries included);
     ``max_retries`` is QRS's ``maxRetries``: how many times the scheduler itself runs a failed
     attempt again within the same execution (shown in the task JSON).
+
+    Failures and script logs (:mod:`.scriptlog`): ``failure_message`` is the Error detail line
+    of a failed attempt and the error in its log; ``log_lines`` script lines per log,
+    ``log_bytes`` pads each log to at least that size (generated lazily), ``log_encoding`` one
+    of :data:`~butler_mqtt.sim.scriptlog.ENCODINGS`.
     """
 
     id: str
@@ -126,6 +140,10 @@ class SimTask:
     outcome: str = "success"
     fail_first: int = 0
     max_retries: int = 0
+    failure_message: str = DEFAULT_FAILURE_MESSAGE
+    log_lines: int = 60
+    log_bytes: int = 0
+    log_encoding: str = "utf-8"
 
 
 @dataclass(frozen=True)
@@ -274,7 +292,10 @@ class Execution:
             max_retries=task.max_retries,
             is_reload=self.is_reload,
             node=NODE_NAME,
+            failure_message=task.failure_message,
         )
+        self.runs_before = runs_before
+        self.stop: Stop | None = None
         self.occupancy = occupancy(len(outcomes), self.plan.run_seconds, self.plan.retry_pause)
         self.rows = [_ResultRow(self, i) for i in range(len(outcomes))]
         self.seq = 0
@@ -292,13 +313,21 @@ class Execution:
         self.timeline = timeline(self.triggered_at, self.ready_at, decision, self.plan, queue_timeout)
         self.version += 1
 
+    def apply_stop(self, stop: Stop) -> None:
+        """A stop request: the timeline ends AbortInitiated -> Aborting -> Aborted from ``stop.at``."""
+        self.stop = stop
+        self.timeline = stopped(self.timeline, stop)
+        self.version += 1
+
     @property
     def runs(self) -> int:
-        """Attempts that run (0 when the queue timeout cancels the execution)."""
-        return 0 if self.started_at is None else len(self.rows)
+        """Attempts that run (0 when the queue timeout or a stop cancels the execution first)."""
+        return sum(1 for row in self.timeline.rows if row.started_phase is not None)
 
     def waiting(self, now: float) -> bool:
         """Not yet started nor cancelled at ``now``: the scheduler may still move it."""
+        if self.stop is not None:
+            return False
         decision = self.decision
         assert decision is not None
         settled = decision.started_at if decision.started_at is not None else decision.cancelled_at
@@ -311,6 +340,8 @@ class Execution:
 
     def holds_slot(self, now: float) -> bool:
         start = self.started_at
+        if self.stop is not None and (start is None or start >= self.stop.at):
+            return False  # stopped before it started: it never takes a slot
         return start is not None and start <= now < self.timeline.end
 
     def running(self, now: float) -> bool:
@@ -345,7 +376,7 @@ class Execution:
             "executionResult": fields,
             "abortAt": iso(self.triggered_at + TASK_SESSION_TIMEOUT_MIN * 60),
             "retries": row.index,
-            "abortReason": 0,
+            "abortReason": 1 if self.stop is not None and now >= self.stop.at else 0,  # 1 Manual
             "app": self.entry.app_condensed() if self.is_reload else None,
             "user": None,
             "reloadTask": task_doc if self.is_reload else None,
@@ -366,7 +397,10 @@ class _ResultRow:
         self.execution = execution
         self.index = index
         self.result_id = str(uuid.uuid4())
+        #: The (deprecated) ``fileReferenceID`` of this attempt's log.
+        self.file_reference_id = stable_id("filereference", self.result_id)
         self.seq = 0
+        self._size: tuple[LogSpec, int] | None = None
         self._cache: _Rendered | None = None
         self._details: tuple[int, list[tuple[str, Line]]] | None = None
 
@@ -374,7 +408,10 @@ class _ResultRow:
         """Row 0 exists from the trigger on, a retry's row from the start of its attempt."""
         if self.index == 0:
             return True
-        started = self.execution.timeline.rows[self.index].started_phase
+        rows = self.execution.timeline.rows
+        if self.index >= len(rows):
+            return False  # an attempt a stop cancelled
+        started = rows[self.index].started_phase
         return started is not None and self.execution.phase(now) >= started
 
     def _lines(self) -> list[tuple[str, Line]]:
@@ -403,6 +440,8 @@ class _ResultRow:
             f"+0000.{self.result_id.replace('-', '').upper()[:20]}.log"
         )
         has_log = final and started and execution.is_reload
+        spec = self.log_spec(now) if has_log else None
+        store = execution.entry.store
         fields = {
             "id": self.result_id,
             "executingNodeName": NODE_NAME if started else "",
@@ -410,12 +449,12 @@ class _ResultRow:
             "startTime": iso(start) if started else NEVER,
             "stopTime": iso(row.stop) if final else NEVER,
             "duration": round((row.stop - start) * 1000) if final and started else 0,
-            "fileReferenceID": EMPTY_GUID,
+            "fileReferenceID": self.file_reference_id if has_log and store.file_references else EMPTY_GUID,
             "scriptLogAvailable": has_log,
             "details": [
                 {
                     "id": detail_id,
-                    "detailsType": 2,  # Information
+                    "detailsType": line.kind,
                     "message": line.message,
                     "detailCreatedDate": iso(line.at),
                     "privileges": None,
@@ -423,13 +462,46 @@ class _ResultRow:
                 for detail_id, line in visible
             ],
             "scriptLogLocation": log if has_log else "",
-            "scriptLogSize": 4096 + int(self.result_id[:3], 16) if has_log else 0,
+            "scriptLogSize": self._log_size(spec) if spec is not None else 0,
             "privileges": None,
         }
         return fields, max(line.at for _, line in visible)
 
     def condensed(self, now: float) -> dict[str, Any]:
         return self.fields(now)[0]
+
+    def _log_size(self, spec: LogSpec) -> int:
+        """``log_length(spec)``, remembered: it is asked on every render of a finished row."""
+        cached = self._size
+        if cached is None or cached[0] != spec:
+            self._size = cached = (spec, log_length(spec))
+        return cached[1]
+
+    def log_spec(self, now: float) -> LogSpec | None:
+        """What this attempt's script log is made of; None while it has none (not ended, never
+        started, or not a reload). The task's log knobs are read at download time."""
+        execution = self.execution
+        rows = execution.timeline.rows
+        if not execution.is_reload or self.index >= len(rows):
+            return None
+        row = rows[self.index]
+        phase_index = execution.phase(now)
+        if row.started_phase is None or row.start is None or phase_index < row.final_phase:
+            return None
+        task = execution.entry.task
+        return LogSpec(
+            task_name=task.name,
+            app_id=execution.entry.app_id,
+            result_id=self.result_id,
+            run=execution.runs_before + self.index + 1,
+            start=row.start,
+            stop=row.stop,
+            status=row.final_status,
+            failure_message=task.failure_message,
+            lines=task.log_lines,
+            min_bytes=task.log_bytes,
+            encoding=task.log_encoding,
+        )
 
     def _created(self) -> float:
         start = self.execution.timeline.rows[self.index].start
@@ -620,6 +692,9 @@ class Store:
         self.clock = clock
         self.start_delay = start_delay
         self.retry_delay = retry_delay
+        self.abort_initiated_seconds = 0.5
+        self.aborting_seconds = 1.0
+        self.file_references = True
         self.generation = 0  # bumped whenever rendered tasks/definitions may have changed
         self._lock = threading.RLock()
         self._seq = 0
@@ -630,6 +705,8 @@ class Store:
         self._by_session: dict[str, Execution] = {}
         self._active: dict[str, Execution] = {}  # sessions that may still be running
         self._starts: list[StartRecord] = []
+        self._stop_requests: list[StartRecord] = []
+        self._by_file_reference: dict[str, _ResultRow] = {}
         self._max_concurrent = _checked_capacity(max_concurrent)
         self._queue_timeout = _checked_timeout(queue_timeout)
         self._fifo = Fifo(self._max_concurrent, self._queue_timeout)
@@ -760,6 +837,7 @@ class Store:
             for row in execution.rows:
                 row.seq = self._next_seq()
                 self._results[row.result_id] = row
+                self._by_file_reference[row.file_reference_id] = row
             execution.seq = execution.rows[0].seq
             self._place(execution, now)  # last in the queue: nothing placed earlier moves
             self._by_session[execution.session_id] = execution
@@ -772,6 +850,49 @@ class Store:
         """Every execution actually triggered, oldest first (a copy)."""
         with self._lock:
             return list(self._starts)
+
+    def stop(self, task_id: str) -> str | None:
+        """A stop request for a task; raises KeyError for an unknown id.
+
+        The task's running execution (Triggered, Queued, Started or Retry) goes AbortInitiated
+        (4) now, Aborting (5) after ``abort_initiated_seconds``, Aborted (6) after another
+        ``aborting_seconds``; its session shows ``abortReason`` 1 (Manual); a slot it held frees
+        at the end and queued executions move up. Returns that execution's session id, or
+        None when nothing runs. A stop of an execution already stopping changes nothing.
+        """
+        with self._lock:
+            entry = self._tasks[task_id.lower()]
+            now = self.clock()
+            self._stop_requests.append(StartRecord(entry.task.id, "", now))
+            execution = entry.latest
+            if execution is None or not execution.running(now):
+                return None
+            if execution.stop is None:
+                execution.apply_stop(Stop(now, max(0.0, self.abort_initiated_seconds), max(0.0, self.aborting_seconds)))
+                self._reschedule(now)
+            return execution.session_id
+
+    @property
+    def stop_requests(self) -> list[StartRecord]:
+        """Every stop request received (``execution_id`` empty), oldest first (a copy)."""
+        with self._lock:
+            return list(self._stop_requests)
+
+    def log_of_result(self, task_id: str, result_id: str) -> LogSpec | None:
+        """The script log of execution result ``result_id`` of task ``task_id``, if it has one."""
+        with self._lock:
+            row = self._results.get(result_id.lower())
+            if row is None or row.execution.task_id != task_id.lower() or not row.visible(self.clock()):
+                return None
+            return row.log_spec(self.clock())
+
+    def log_of_file_reference(self, task_id: str, file_reference_id: str) -> LogSpec | None:
+        """The script log behind a (deprecated) ``fileReferenceID`` of task ``task_id``."""
+        with self._lock:
+            row = self._by_file_reference.get(file_reference_id.lower())
+            if row is None or not self.file_references or row.execution.task_id != task_id.lower():
+                return None
+            return row.log_spec(self.clock())
 
     def _reschedule(self, now: float) -> None:
         """After a settings change: schedule again what still waits at ``now``, in trigger order."""
@@ -928,7 +1049,11 @@ def _checked_copy(task: SimTask) -> SimTask:
         raise ValueError(f"task {task.name!r}: taskType must be 0 (reload) or 1 (external)")
     if task.outcome not in ("success", "fail"):
         raise ValueError(f"task {task.name!r}: outcome must be 'success' or 'fail'")
-    for name in ("fail_first", "max_retries"):
+    if task.log_encoding not in ENCODINGS:
+        raise ValueError(f"task {task.name!r}: log_encoding must be one of {', '.join(ENCODINGS)}")
+    if not isinstance(task.failure_message, str):
+        raise ValueError(f"task {task.name!r}: failure_message must be a string")
+    for name in ("fail_first", "max_retries", "log_lines", "log_bytes"):
         value = getattr(task, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"task {task.name!r}: {name} must be an integer of 0 or more")

@@ -127,8 +127,8 @@ def test_failed_start_and_failed_reload_alert_on_the_topic_and_the_webhook(
     for received in [*on_topic.messages, *hook.bodies()]:  # as the AsyncAPI document says (alerts channel)
         assert asyncapi_check.problem(received) is None
     sent = 'butler_mqtt_alert_deliveries_total{result="sent",sink="webhook"} 2.0'  # counted once answered
-    assert wait_until(lambda: sent in d.daemon.metrics.render().decode(), 10)
-    text = d.daemon.metrics.render().decode()
+    assert wait_until(lambda: sent in d.daemon.runtime.metrics.render().decode(), 10)
+    text = d.daemon.runtime.metrics.render().decode()
     assert 'butler_mqtt_alerts_total{alert="failedStart"} 1.0' in text and 'butler_mqtt_alerts_total{alert="overdue"} 0.0' in text
 
 
@@ -154,7 +154,7 @@ def test_a_webhook_that_is_down_is_retried_and_never_holds_up_a_request(
         assert got["requestId"] == "while-down" and server.answered[:3] == [503, 503, 200]
     finally:
         server.stop()
-    text = d.daemon.metrics.render().decode()
+    text = d.daemon.runtime.metrics.render().decode()
     retried = next(float(line.split()[-1]) for line in text.splitlines()
                    if line.startswith("butler_mqtt_alert_deliveries_total") and 'result="retried"' in line)
     assert retried >= 3  # refused at least once, then two 503s
@@ -174,7 +174,7 @@ def test_qrs_outage_and_recovery_are_alerted_once_each(qrs_certs, sim, broker, t
     outage = on_topic.wait_for(lambda m: m["alert"] == "qrsOutage", timeout=60)
     assert outage["severity"] == "error" and outage["qrs"] == cfg.qrs.base_url and outage["since"] <= outage["time"]
     assert outage["reason"].startswith("no answer") and outage["requestId"] is None
-    assert "butler_mqtt_qrs_outage 1.0" in d.daemon.metrics.render().decode()
+    assert "butler_mqtt_qrs_outage 1.0" in d.daemon.runtime.metrics.render().decode()
     sim.fault = None
     summary = box.get(timeout=60)
     while summary["event"] != "summary":
@@ -184,7 +184,7 @@ def test_qrs_outage_and_recovery_are_alerted_once_each(qrs_certs, sim, broker, t
     assert recovered["since"] == outage["since"] and recovered["downForMs"] > 0 and recovered["severity"] == "info"
     assert [m["alert"] for m in on_topic.messages] == ["qrsOutage", "qrsRecovered"]  # once each
     assert hook.wait_for(lambda b: b["alert"] == "qrsRecovered") == recovered
-    assert "butler_mqtt_qrs_outage 0.0" in d.daemon.metrics.render().decode()
+    assert "butler_mqtt_qrs_outage 0.0" in d.daemon.runtime.metrics.render().decode()
 
 
 def test_run_policies_alert_overdue_expired_and_only_the_last_retry(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -163,6 +164,19 @@ def test_a_missing_config_file_says_run_init(tmp_path):
     assert out.returncode == 2 and "butler-mqtt init" in out.stdout
 
 
+def test_a_config_error_at_run_is_the_only_thing_on_the_terminal(tmp_path):
+    """Issue 25: `run` with the starter config and no certificates yet: the error naming the key
+    is all the user sees (no JSON log line such as fd_limit before it)."""
+    config = tmp_path / "etc" / "butler.yaml"
+    assert cli("init", str(config)).returncode == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "butler_mqtt", "run", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert out.returncode == 2 and "qrs.cert" in out.stderr and "file not found" in out.stderr
+    assert out.stdout == "", out.stdout
+
+
 def test_config_errors_name_the_file_and_line_or_the_environment_variable(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("mqtt:\n  host: broker\n  port: not-a-number\n")
@@ -190,7 +204,7 @@ def test_help_describes_every_command_and_option():
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    assert set(sub.choices) == {"run", "check", "resolve", "request", "sim", "demo", "init", "history"}
+    assert set(sub.choices) == {"run", "check", "resolve", "request", "sim", "demo", "init", "history", "token"}
     for name, p in sub.choices.items():
         assert p.description, name
         for action in p._actions:
@@ -200,6 +214,12 @@ def test_help_describes_every_command_and_option():
     assert out.returncode == 0 and "exit codes:" in out.stdout and "tasksNotFound" in out.stdout
     out = cli("demo", "--help")
     assert "Butler 5.0 demo" in out.stdout and "invalid task ID" in out.stdout
+    # issue 25: the help counts the samples the demo really sends, and lists each one
+    from butler_mqtt.demo import SAMPLES
+
+    words = {3: "three", 4: "four", 5: "five", 6: "six"}
+    assert f"sends {words[len(SAMPLES)]} sample" in " ".join(out.stdout.split())
+    assert [f"{i}." for i in range(1, len(SAMPLES) + 1)] == re.findall(r"^\s+(\d+\.)", out.stdout, flags=re.M)
     out = cli("sim", "--help")
     assert "--latency-ms" in out.stdout and "unless --tasks" in out.stdout and "--demo" in out.stdout
 
@@ -252,6 +272,51 @@ def test_request_exit_codes_and_hints(sim_process, broker, tmp_path):
     # Now it has said goodbye: the hint says it is offline.
     out = cli("request", "--tag", "x", "--timeout", "2", env=env)
     assert out.returncode == 1 and "is offline" in out.stderr, out.stderr
+
+
+def test_a_request_that_timed_out_is_retried_with_its_request_id_and_started_once(sim_process, broker, tmp_path):
+    """Issue 25: a timed-out `request` prints its requestId and says to retry with it. The broker
+    keeps the first request for the daemon's session, the daemon starts it when it is back, and
+    the retry is answered from the journal, marked replayed, without a second start."""
+    port, certs = sim_process
+    tag = uuid.uuid4().hex[:8]
+    env = qrs_env(
+        port, certs,
+        BUTLER_MQTT__MQTT__PORT=str(broker.port), BUTLER_MQTT__MQTT__HOST="127.0.0.1",
+        BUTLER_MQTT__MQTT__CLIENT_ID=f"retry-{tag}", BUTLER_MQTT__STATE_DIR=str(tmp_path / "state"),
+        BUTLER_MQTT__MQTT__TOPICS__START=f"retry/{tag}/start", BUTLER_MQTT__MQTT__TOPICS__START_PLAIN="",
+        BUTLER_MQTT__MQTT__TOPICS__REPLY=f"retry/{tag}/reply", BUTLER_MQTT__MQTT__TOPICS__STATUS=f"retry/{tag}/status",
+    )
+
+    def daemon() -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "butler_mqtt", "run"], cwd=REPO, env={**os.environ, **env},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+
+    first = daemon()  # creates its persistent session, then stops cleanly: the broker keeps it
+    try:
+        wait_online(broker.port, f"retry/{tag}/status")
+    finally:
+        first.terminate()
+        first.wait(30)
+    out = cli("request", "--tag", "startTask1", "--timeout", "2", env=env)
+    assert out.returncode == 1
+    rid = re.search(r"retry with the same --request-id (\S+):", out.stderr)
+    assert rid is not None, out.stderr
+    assert f"request {rid.group(1)} sent" in out.stderr
+    second = daemon()  # gets the queued request from its session and handles it
+    try:
+        wait_online(broker.port, f"retry/{tag}/status")
+        again = cli("request", "--tag", "startTask1", "--request-id", rid.group(1), "--timeout", "30", env=env)
+        events = [json.loads(line) for line in again.stdout.splitlines()]
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert events and all(e["replayed"] is True and e["requestId"] == rid.group(1) for e in events)
+        assert events[-1]["event"] == "summary" and events[-1]["totalTasksStarted"] >= 1
+        hist = cli("history", "--request-id", rid.group(1), "--json", env=env)
+        [record] = [json.loads(line) for line in hist.stdout.splitlines()]
+        assert record["duplicates"] == 1, record  # started once, answered twice
+    finally:
+        second.terminate()
+        second.wait(30)
 
 
 def test_request_names_the_broker_it_could_not_reach():

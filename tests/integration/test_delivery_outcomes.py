@@ -53,7 +53,7 @@ def settle(daemon: Any, timeout: float = 20.0) -> None:
     """Wait until every delivery the daemon took was acked (none holds a broker slot)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if daemon.listener.unacked == 0 and daemon._jobs.empty() and daemon._busy == 0:
+        if daemon.listener.unacked == 0 and daemon.workers.jobs.empty() and daemon.workers.busy == 0:
             return
         time.sleep(0.05)
     raise AssertionError(f"{daemon.listener.unacked} deliveries still unacked after {timeout} s")
@@ -127,13 +127,13 @@ def test_a_task_from_qrs_without_a_guid_id_is_skipped(daemon, requester, sim):
 
 
 def test_an_unexpected_error_is_answered_acked_and_not_started_again(daemon, requester, sim, monkeypatch):
-    original = daemon.service.run_stage
+    original = daemon.runtime.service.run_stage
 
     def start_then_fail(*args: Any, **kwargs: Any) -> Any:
         original(*args, **kwargs)  # T1 is started, then a bug strikes
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(daemon.service, "run_stage", start_then_fail)
+    monkeypatch.setattr(daemon.runtime.service, "run_stage", start_then_fail)
     with structlog.testing.capture_logs() as logs:
         events = until_error(requester, {"requestId": "bug", "taskId": T1})
     assert [e["event"] for e in events] == ["task", "summary", "error"]  # what started is reported
@@ -143,14 +143,14 @@ def test_an_unexpected_error_is_answered_acked_and_not_started_again(daemon, req
     assert any(e.get("reference") == reference and e["log_level"] == "error" for e in logs)
     settle(daemon)
     assert started(sim) == [T1]
-    monkeypatch.setattr(daemon.service, "run_stage", original)
+    monkeypatch.setattr(daemon.runtime.service, "run_stage", original)
     again = until_error(requester, {"requestId": "bug", "taskId": T1})  # the journal replays it
     assert [e["event"] for e in again] == ["task", "summary", "error"]
     assert started(sim) == [T1]
 
 
 def test_many_internal_errors_never_wedge_the_daemon(daemon, requester, sim, monkeypatch):
-    monkeypatch.setattr(daemon.service, "resolve_tasks", lambda *_: (_ for _ in ()).throw(ValueError("bad")))
+    monkeypatch.setattr(daemon.runtime.service, "resolve_tasks", lambda *_: (_ for _ in ()).throw(ValueError("bad")))
     boxes = [requester.send({"requestId": f"w{i}", "taskId": T1})[1] for i in range(40)]  # > the in-flight window
     assert all(box.get(timeout=60)["error"] == "Internal error" for box in boxes)
     settle(daemon, 60)
@@ -173,7 +173,7 @@ def test_an_untrusted_qrs_certificate_is_answered_not_retried(qrs_certs, broker,
         assert err["event"] == "error" and err["error"] == "QRS TLS handshake refused"
         assert "not trusted" in err["details"] and "qrs.ca" in err["details"]
         settle(d)
-        assert other.starts == [] and d.qrs_problem is not None
+        assert other.starts == [] and d.health.qrs_problem is not None
         st = status.wait_for(lambda m: "qrs" in m.get("problems", {}))
         assert "not trusted" in st["problems"]["qrs"]
     finally:
@@ -252,15 +252,15 @@ def test_rest_body_with_a_lone_surrogate_is_400(qrs_certs, sim, broker, tmp_path
 def test_a_deleted_journal_file_stops_acking_until_it_is_back(daemon, requester, sim, cfg):
     path = Path(cfg.state_dir) / "journal.sqlite3"
     assert requester.request({"requestId": "before", "taskId": T1})[-1]["event"] == "summary"
-    daemon.journal._db.run("PRAGMA wal_checkpoint(TRUNCATE)")
+    daemon.runtime.journal._db.run("PRAGMA wal_checkpoint(TRUNCATE)")
     backup = path.with_suffix(".bak")
     shutil.copy(path, backup)
     path.unlink()
     token, box = requester.send({"requestId": "during", "taskId": T4})
     deadline = time.monotonic() + 20
-    while daemon.waiting()[0] == 0 and time.monotonic() < deadline:
+    while daemon.health.waiting()[0] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert daemon.waiting()[0] == 1 and not daemon.journal.healthy()
+    assert daemon.health.waiting()[0] == 1 and not daemon.runtime.journal.healthy()
     assert box.empty() and T4 not in started(sim)  # not answered, not started, not acked
     shutil.copy(backup, path)  # the operator restores it
     assert box.get(timeout=30)["event"] == "task"
@@ -286,7 +286,7 @@ def test_waits_use_the_monotonic_clock(monkeypatch):
 
 
 def test_executions_qrs_refuses_to_report_end_as_unknown_with_the_reason(daemon, requester, sim):
-    daemon.tracker.grace_s = 1.0
+    daemon.runtime.tracker.grace_s = 1.0
 
     def on_event(ev: dict[str, Any]) -> None:
         if ev["event"] == "summary":
@@ -309,4 +309,4 @@ def test_a_failure_of_the_error_path_itself_is_still_answered_and_acked(daemon, 
     err = replies.wait_for(lambda m: m.get("event") == "error")
     assert err["error"] == "Internal error"
     settle(daemon)
-    assert started(sim) == [] and all(t.is_alive() for t in daemon._workers)
+    assert started(sim) == [] and all(t.is_alive() for t in daemon.workers.threads)

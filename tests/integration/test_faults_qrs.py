@@ -325,7 +325,7 @@ def test_journal_disk_turns_read_only_between_start_and_record(rig, sim, tmp_pat
     The request is not acked; once the disk is writable the retry finds the start intent,
     asks QRS, and reports the execution instead of starting the task again."""
     running, replies, pub = rig()
-    journal = running.daemon.journal
+    journal = running.daemon.runtime.journal
     state = tmp_path / "state"
     original = journal.finish
     locked: list[Path] = []
@@ -346,7 +346,7 @@ def test_journal_disk_turns_read_only_between_start_and_record(rig, sim, tmp_pat
         if locked:
             _immutable(locked, False)
     assert replies.wait_answered(["ro-mid-1"], 60) == set()
-    assert wait_until(lambda: running.daemon.handled >= 1, 60)
+    assert wait_until(lambda: running.daemon.handler.handled >= 1, 60)
     assert [s.task_id for s in sim.starts] == [victim], "started again after the journal came back"
     execution = sim.starts[0].execution_id
     task_events = replies.tasks("ro-mid-1")
@@ -358,7 +358,7 @@ def test_journal_disk_turns_read_only_between_start_and_record(rig, sim, tmp_pat
     assert len(finals) <= 2, finals
     # Sent again later: answered from the journal, still one start.
     pub.request("ro-mid-1", victim)
-    assert wait_until(lambda: running.daemon.handled >= 2, 60)
+    assert wait_until(lambda: running.daemon.handler.handled >= 2, 60)
     assert [s.task_id for s in sim.starts] == [victim]
 
 

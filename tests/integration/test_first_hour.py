@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from butler_mqtt.config import Config
 from butler_mqtt.mqtt.requester import Requester
 from butler_mqtt.ops.mosquitto import free_port
 from butler_mqtt.sim import SimTask
@@ -191,3 +192,27 @@ def test_demo_removes_its_work_folder_when_stopped(sig):
     assert proc.returncode == 0, "".join(lines) + rest
     assert not work.exists(), f"{work} left behind"
     assert "Traceback" not in rest
+
+
+def test_the_stopped_line_counts_mqtt_and_rest_requests(qrs_certs, sim, broker, tmp_path):
+    """Issue 25: `stopped handled=N` counts every request answered, REST calls too."""
+    import requests
+
+    client_id = f"count-{uuid.uuid4().hex[:8]}"
+    env = daemon_env(qrs_certs, sim.port, broker.port, tmp_path / "state", client_id,
+                     BUTLER_MQTT__HTTP__ENABLED="true", BUTLER_MQTT__HTTP__PORT="0",
+                     BUTLER_MQTT__MQTT__TOPICS__STATUS=status_topic())
+    daemon = DaemonProcess(env)
+    try:
+        url = daemon.wait_log("http_listening", timeout=30)["url"]
+        daemon.wait_log("mqtt_subscribed", timeout=30)
+        base = f"{url.rstrip('/')}/v4/reloadtask"
+        assert requests.post(f"{base}/-/start", json={"tag": "first-hour"}, timeout=30).status_code == 200
+        assert requests.post(f"{base}/-/start", json={"taskId": "not-a-guid"}, timeout=30).status_code == 400
+        cfg = Config.model_validate({"mqtt": {"host": "127.0.0.1", "port": broker.port}})
+        with Requester(cfg.mqtt) as r:
+            assert r.request({"tag": "first-hour"}, timeout=30)[-1]["event"] == "summary"
+    finally:
+        daemon.stop()
+    line = daemon.wait_log("stopped", timeout=30)
+    assert (line["handled"], line["mqtt"], line["rest"]) == (3, 1, 2), line

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def fill(cfg, requester, base: str) -> None:
     )
     assert waited[-1]["event"] == "requestFinished"
     again = requester.request({"requestId": "h-mqtt", "tag": ["daily"], "wait": True}, timeout=60)  # a duplicate
-    assert again[-1] == waited[-1]
+    assert again[-1] == {**waited[-1], "replayed": True}  # the earlier outcome, marked (issue 25)
     replay = requests.post(f"{base}/v4/reloadtask/start", json={"requestId": "h-mqtt", "tag": "daily"}, headers=AUTH, timeout=30)
     assert replay.status_code == 200 and replay.json()["totalTasksStarted"] == 2  # the same request over REST
     failed = requests.post(f"{base}/v4/reloadtask/start", json={"requestId": "h-rest", "tag": "broken", "taskId": MISSING}, headers=AUTH, timeout=30)
@@ -198,11 +199,38 @@ def test_history_follows_queued_tasks_and_retries(qrs_certs, sim, broker, tmp_pa
     assert [e["status"] for e in queued if e["event"] == "task"] == ["queued", "started"]
     requester.request({"requestId": "again", "taskId": T2, "retry": {"attempts": 1, "delay": 0.1}, "wait": True}, timeout=60)
 
-    (later,) = d.daemon.journal.history(HistoryQuery(request_id="later"))
+    (later,) = d.daemon.runtime.journal.history(HistoryQuery(request_id="later"))
     (task,) = later["tasks"]
     assert task["status"] == "started" and task["position"] == 1 and task["finalStatus"] == "FinishedSuccess"
     assert later["request"]["taskId"] == [T3] and later["state"] == "finished"
-    (again,) = d.daemon.journal.history(HistoryQuery(request_id="again"))
+    (again,) = d.daemon.runtime.journal.history(HistoryQuery(request_id="again"))
     (failing,) = again["tasks"]
     assert failing["finalStatus"] == "FinishedFail" and failing["attempt"] == 2 and "retryIn" not in failing
     assert again["finished"] == {"FinishedFail": 1} and again["request"]["retry"] == {"attempts": 1, "delay": 0.1}
+
+
+def test_received_is_when_the_request_arrived_not_when_qrs_let_it_be_handled(cfg, start_daemon, requester, sim):
+    """Issue 25: an MQTT request that waits (unacked) for QRS shows when it came, not when it was
+    handled at last."""
+    d = start_daemon(cfg)
+    sim.fault = "error500"  # QRS answers 500: the request waits, unacked, and is tried again
+    sent = time.time()
+    done: dict[str, Any] = {}
+    import threading
+
+    t = threading.Thread(target=lambda: done.update(r=requester.request({"requestId": "h-late", "tag": "weekly"}, timeout=90)))
+    t.start()
+    journal = d.daemon.runtime.journal
+    deadline = time.monotonic() + 30
+    while not [r for r in sim.request_log if r.method == "GET"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)  # waiting for QRS, however long; nothing asserts on this duration
+    sim.fault = None
+    t.join(90)
+    assert done["r"][-1]["event"] == "summary" and done["r"][-1]["totalTasksStarted"] == 1
+    [record] = journal.history(HistoryQuery(request_id="h-late"))
+    received = datetime.fromisoformat(record["received"].replace("Z", "+00:00")).timestamp()
+    updated = datetime.fromisoformat(record["updated"].replace("Z", "+00:00")).timestamp()
+    first_get = min(r.at for r in sim.request_log if r.method == "GET")
+    assert sent - 1 <= received <= first_get  # it came before QRS was first asked
+    assert updated >= received + 3  # handled after QRS came back

@@ -160,10 +160,13 @@ def test_dry_run_starts_nothing(api, sim):
 def test_request_id_is_the_idempotency_key_shared_with_mqtt(api, cfg, sim):
     rid = f"idem-{uuid.uuid4().hex}"
     first = ok(api.call(body={"requestId": rid, "tag": "financial-reports"}))
-    assert ok(api.call(body={"requestId": rid, "tag": "financial-reports"})) == first
+    assert "replayed" not in first
+    # the earlier answer, marked replayed (issue 25)
+    assert ok(api.call(body={"requestId": rid, "tag": "financial-reports"})) == {**first, "replayed": True}
     with Requester(cfg.mqtt) as r:
         events = r.request({"requestId": rid, "tag": "financial-reports"})
-    assert {k: v for k, v in events[-1].items() if k != "event"} == first  # same journal, replayed
+    assert {k: v for k, v in events[-1].items() if k != "event"} == {**first, "replayed": True}  # same journal, replayed
+    assert all(e["replayed"] is True for e in events)
     assert started_ids(sim) == [T1]
 
 
@@ -172,7 +175,10 @@ def test_concurrent_retries_with_one_request_id_start_once(api, sim):
     rid = f"race-{uuid.uuid4().hex}"
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: ok(api.call(body={"requestId": rid, "tag": "instant"})), range(4)))
-    assert all(a == answers[0] for a in answers) and answers[0]["totalTasksStarted"] == 1
+    # one answer is the request's own, the others its replay (issue 25: marked replayed)
+    fresh = [a for a in answers if "replayed" not in a]
+    assert len(fresh) == 1 and fresh[0]["totalTasksStarted"] == 1
+    assert all(a == {**fresh[0], "replayed": True} for a in answers if a is not fresh[0])
     # QRS was asked to start it once (the simulator would fold a second start into the first).
     assert [r.path for r in sim.request_log if r.method == "POST"] == [f"/qrs/task/{T5}/start/synchronous"]
 
@@ -471,7 +477,7 @@ def test_asyncapi_document_of_this_daemon_is_served_like_the_openapi_one(cfg, br
     resp = anon.get("/asyncapi.json")
     doc = ok(resp)
     assert resp.headers["content-type"].startswith("application/json")
-    assert doc == json.loads(json.dumps(build_document(cfg.mqtt, alerts_topic="test/asyncapi/alerts")))
+    assert doc == json.loads(json.dumps(build_document(cfg.mqtt, alerts_topic="test/asyncapi/alerts", of_daemon=True)))
     assert doc["channels"]["alerts"]["address"] == "test/asyncapi/alerts"  # the running config's alerts topic
     assert doc["asyncapi"] == "3.0.0"
     assert doc["channels"]["start"]["address"] == cfg.mqtt.topics.start
@@ -497,3 +503,13 @@ def test_docs_work_offline_every_asset_from_this_server(api):
         assert asset.status_code == 200 and len(asset.content) > 100, ref
     assert "'/openapi.json'" in docs.text or '"/openapi.json"' in docs.text
     assert "validatorUrl" in docs.text and "null" in docs.text.split("validatorUrl", 1)[1][:10]
+
+
+def test_asyncapi_of_a_daemon_without_alerts_lists_no_alerts_channel(cfg, start_daemon):
+    """Issue 25: with alerts.topic unset this daemon publishes no alerts, so its document has no
+    alerts channel or operation (the shipped docs/asyncapi.yaml still shows the example)."""
+    assert cfg.alerts.topic is None
+    doc = ok(Api(start_daemon(cfg).daemon.http_server.port).get("/asyncapi.json"))
+    assert "alerts" not in doc["channels"] and "sendAlerts" not in doc["operations"]
+    assert {"start", "replies", "status"} <= set(doc["channels"])
+    assert "alert" in doc["components"]["messages"]  # what a webhook receives is still described

@@ -134,7 +134,7 @@ def test_probe_without_a_broker_raises_broker_unavailable():
 
 
 def _deferred(daemon) -> float:
-    for line in daemon.metrics.render().decode().splitlines():
+    for line in daemon.runtime.metrics.render().decode().splitlines():
         if line.startswith("butler_mqtt_requests_deferred_total "):
             return float(line.split()[1])
     return 0.0

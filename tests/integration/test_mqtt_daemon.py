@@ -119,7 +119,21 @@ def test_dry_run_starts_nothing(daemon, requester, sim):
 def test_duplicate_request_id_not_started_again(daemon, requester, sim):
     first = requester.request({"requestId": "dup-1", "tag": "financial-reports"})
     second = requester.request({"requestId": "dup-1", "tag": "financial-reports"})
-    assert second == first  # the earlier outcome, re-published
+    # the earlier outcome, re-published and marked so (issue 25); the first replies are not marked
+    assert second == [{**e, "replayed": True} for e in first]
+    assert not any("replayed" in e for e in first)
+    assert started_ids(sim) == [T1]
+
+
+def test_a_repeated_request_that_waited_is_answered_again_marked_replayed(daemon, requester, sim):
+    """Issue 25: the earlier outcome of a followed request (its taskFinished and requestFinished
+    too) is re-published with `"replayed": true` on every reply; nothing starts again."""
+    first = requester.request({"requestId": "dup-wait", "taskId": [T1], "wait": True}, timeout=60)
+    assert [e["event"] for e in first][-1] == "requestFinished" and not any("replayed" in e for e in first)
+    second = requester.request({"requestId": "dup-wait", "taskId": [T1], "wait": True}, timeout=60)
+    assert {e["event"] for e in second} == {"task", "summary", "taskFinished", "requestFinished"}
+    assert all(e["replayed"] is True for e in second)
+    assert [{k: v for k, v in e.items() if k != "replayed"} for e in second] == first
     assert started_ids(sim) == [T1]
 
 

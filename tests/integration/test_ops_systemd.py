@@ -63,6 +63,24 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert sec.returncode == 0, sec.stdout[-2000:] + sec.stderr
 
 
+def test_the_documented_unit_check_works_in_the_clone(tmp_path: Path) -> None:
+    """docs/operating/install.md "Checking the unit file" (issue 25): its commands, run as written
+    in the clone (only /tmp replaced by this test's folder), pass before anything is installed."""
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.fail(INSTALL)
+    page = (REPO / "docs" / "operating" / "install.md").read_text(encoding="utf-8")
+    part = page[page.index("**Checking the unit file.**"):]
+    block = part[part.index("```sh\n") + 6:part.index("```", part.index("```sh\n") + 6)]
+    assert "systemd-analyze verify" in block
+    script = block.replace("/tmp/", f"{tmp_path}/")
+    out = subprocess.run(["bash", "-ec", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", out.stdout + out.stderr
+    # and the plain check of the shipped file fails here, as the page says
+    plain = subprocess.run([exe, "verify", "--man=no", str(UNIT)], capture_output=True, text=True, timeout=60)
+    assert REAL_EXEC in plain.stdout + plain.stderr
+
+
 def test_unit_file_settings() -> None:
     s = unit_settings()
     one = {k: v[-1] for k, v in s.items()}
@@ -178,7 +196,7 @@ def test_watchdog_stops_when_a_thread_dies(qrs_certs, sim, broker, tmp_path, sta
         notify.wait_for("WATCHDOG=1", n=notify.count("WATCHDOG=1") + 3)
 
         # 2. A worker of the pool dies: same.
-        d._jobs.put(None)  # the shutdown sentinel ends exactly one worker
+        d.workers.jobs.put(None)  # the shutdown sentinel ends exactly one worker
         deadline = time.monotonic() + 10
         while d.healthy_threads() and time.monotonic() < deadline:
             time.sleep(0.02)

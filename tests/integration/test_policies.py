@@ -183,7 +183,7 @@ def test_deadline_sends_one_overdue_then_follows_on(cfg, start_daemon, requester
     assert overdue[0]["executionId"] == task_events(events, LONG)[0]["executionId"]
     order = [e["event"] for e in events]
     assert order.index("taskOverdue") < order.index("taskFinished")
-    assert b"butler_mqtt_executions_overdue_total 1.0" in running.daemon.metrics.render()
+    assert b"butler_mqtt_executions_overdue_total 1.0" in running.daemon.runtime.metrics.render()
 
 
 def test_plain_topic_uses_the_configured_default(qrs_certs, sim, broker, tmp_path, start_daemon, requester, listen):
@@ -241,7 +241,7 @@ def test_retry_until_the_attempts_are_used(cfg, start_daemon, requester, sim):
     starts = starts_of(sim, FAILING)
     assert starts[2].at - starts[1].at >= 0.6 > 0  # the delay doubles: 0.3 s, then 0.6 s
     assert events[-1]["event"] == "requestFinished" and events[-1]["finished"] == {"FinishedFail": 1}
-    assert b"butler_mqtt_retries_total 2.0" in running.daemon.metrics.render()
+    assert b"butler_mqtt_retries_total 2.0" in running.daemon.runtime.metrics.render()
 
 
 def test_retry_without_wait_reports_each_new_start(cfg, start_daemon, requester, sim):

@@ -115,7 +115,7 @@ def test_fifty_executions_cost_one_query_per_poll(cfg, start_daemon, requester, 
     events = requester.request({"requestId": "bulk", "tag": "bulk", "wait": True}, timeout=60)
     assert len(kinds(events, "taskFinished")) == 50
     polls = [r for r in sim.request_log if r.path.startswith("/qrs/executionresult")]
-    assert len(polls) == running.daemon.tracker.polls >= 2
+    assert len(polls) == running.daemon.runtime.tracker.polls >= 2
     ids = {s.execution_id for s in sim.starts}
     # The first poll asked for all 50 executions in one filter.
     assert sum(1 for e in ids if e in polls[0].query["filter"]) == 50

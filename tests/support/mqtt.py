@@ -230,7 +230,7 @@ def publisher(port: int, protocol: int = mqtt.MQTTv5, inflight: int | None = Non
 
 def idle(daemon: Any) -> bool:
     """An in-process Daemon has nothing to do: no delivery unacked, no job queued or running."""
-    return bool(daemon.listener.unacked == 0 and daemon._busy == 0 and daemon._jobs.empty())
+    return bool(daemon.listener.unacked == 0 and daemon.workers.busy == 0 and daemon.workers.jobs.empty())
 
 
 def record_deliveries(daemon: Any) -> list[tuple[str, int, bool]]:

@@ -109,4 +109,4 @@ class Replies:
 
 
 def deferred(running: Any) -> float:
-    return running.daemon.metrics.registry.get_sample_value("butler_mqtt_requests_deferred_total") or 0.0
+    return running.daemon.runtime.metrics.registry.get_sample_value("butler_mqtt_requests_deferred_total") or 0.0

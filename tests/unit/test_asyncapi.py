@@ -59,6 +59,15 @@ def test_document_is_valid_asyncapi_3(official: Draft7Validator, name: str) -> N
     assert error is None, f"{'/'.join(map(str, error.absolute_path))}: {error.message[:500]}"
 
 
+def test_a_daemon_without_alerts_documents_no_alerts_channel(official: Draft7Validator) -> None:
+    doc = json_clean(asyncapi.build_document(of_daemon=True))
+    assert "alerts" not in doc["channels"] and "sendAlerts" not in doc["operations"]
+    assert best_match(official.iter_errors(doc)) is None  # still a valid document, no dangling reference
+    with_alerts = json_clean(asyncapi.build_document(alerts_topic="a/b", of_daemon=True))
+    assert with_alerts["channels"]["alerts"]["address"] == "a/b" and "sendAlerts" in with_alerts["operations"]
+    assert "alerts" in json_clean(asyncapi.build_document())["channels"]  # the shipped document shows the example
+
+
 def test_the_official_schema_does_catch_mistakes(official: Draft7Validator) -> None:
     doc = json_clean(asyncapi.build_document())
     doc["operations"]["startTasks"]["bindings"]["mqtt"]["qos"] = 3

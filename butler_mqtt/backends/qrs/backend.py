@@ -94,5 +94,8 @@ class QrsBackend:
     def failure(self, task_id: str, execution_id: str, log_lines: int) -> Failure | None:
         raise NotSupported("failure details are not built yet (contract section 8)")
 
+    def reload_tls(self) -> None:
+        self.client.reload_tls()
+
     def close(self) -> None:
         self.client.close()

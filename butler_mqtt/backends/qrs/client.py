@@ -91,6 +91,12 @@ class QrsClient:
     def close(self) -> None:
         self._transport.close()
 
+    def reload_tls(self) -> None:
+        """Re-read the certificate files (SIGHUP), when the transport has any (PoolTransport)."""
+        reload: Callable[[], None] | None = getattr(self._transport, "reload_tls", None)
+        if reload is not None:
+            reload()
+
     @property
     def last_success(self) -> float:
         """time.monotonic() of the last call QRS answered (any status below 500)."""
@@ -226,6 +232,30 @@ class QrsClient:
         if not isinstance(value, str) or not is_guid(value):
             raise QrsRefused(f"start task {task_id}: unexpected answer {resp.text[:100]!r}", resp.status_code)
         return value.lower()
+
+    def stop_task(self, task_id: str) -> None:
+        """`POST /qrs/task/{id}/stop` (qrs-api.md 13.1): QRS answers 204 whether the task runs or
+        not, so the answer says only "asked" (qrs/stopping.py tells running from idle);
+        QrsNotFound for an unknown task. A stop is idempotent: retried on transient failures."""
+        if not is_guid(task_id):
+            raise ValueError(task_id)
+        self._post_retried(f"/qrs/task/{task_id}/stop", None, f"stop task {task_id}")
+
+    def stop_tasks(self, task_ids: list[str]) -> None:
+        """`POST /qrs/task/stop/many` with the task ids (13.1); 204, unknown ids are ignored."""
+        if not all(is_guid(t) for t in task_ids):
+            raise ValueError("stop_tasks: every id must be a GUID")
+        self._post_retried("/qrs/task/stop/many", [t.lower() for t in task_ids], f"stop {len(task_ids)} tasks")
+
+    def _post_retried(self, path: str, body: Any, what: str) -> None:
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                self._check(self._call("POST", path, json_body=body), what)
+                return
+            except (QrsUnreachable, QrsRefused) as exc:
+                if not is_transient(exc) or attempt >= self.cfg.retries:
+                    raise
+                time.sleep(retry.QRS_CALL.delay(attempt))
 
     def execution_results(self, execution_ids: Iterable[str]) -> list[dict[str, Any]]:
         """ExecutionResult full objects for these execution (session) ids, chunked."""

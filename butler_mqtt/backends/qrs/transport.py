@@ -14,8 +14,10 @@ import errno
 import json
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -24,6 +26,7 @@ import urllib3
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import ConfigError, QrsError, QrsRefused, QrsTlsRejected, QrsUnreachable
 from butler_mqtt.model import is_guid
+from butler_mqtt.ops.pem import check_pem
 
 
 def route_name(path: str) -> str:
@@ -89,6 +92,16 @@ class PoolTransport:
     def close(self) -> None:
         self._pool.close()
 
+    def reload_tls(self) -> None:
+        """Re-read the client certificate, its key and qrs.ca (SIGHUP) into a new pool, swapped in
+        at once: new requests use it, requests in flight finish on the old one, closed later.
+        ConfigError naming the key when a file cannot be loaded; the pool in use is kept."""
+        _check_pem_files(self.cfg)
+        old, self._pool = self._pool, PoolTransport(self.cfg)._pool
+        closer = threading.Timer(self.cfg.timeout + 15.0, old.close)  # after the longest call on it
+        closer.daemon = True
+        closer.start()
+
     def send(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> Answer:
         path = target.split("?", 1)[0]
         try:
@@ -100,6 +113,19 @@ class PoolTransport:
             raise
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise map_transport_error(exc, self.cfg.base_url, self.cfg.timeout, f"{method} {route_name(path)}") from None
+
+    def open(self, method: str, target: str, headers: dict[str, str], timeout: float) -> Any:
+        """One request whose answer the caller reads (a urllib3 response, not preloaded: read it
+        with `read1`, then `release_conn()`, or `close()` it). `timeout` bounds the connect and
+        each read. Raises QrsError subclasses only; reads may raise urllib3/OS errors."""
+        path = target.split("?", 1)[0]
+        try:
+            return self._pool.urlopen(
+                method, target, headers=headers, retries=False, redirect=False, preload_content=False,
+                timeout=urllib3.Timeout(connect=min(timeout, 10.0), read=timeout),
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise map_transport_error(exc, self.cfg.base_url, timeout, f"{method} {route_name(path)}") from None
 
     def _read_capped(self, resp: Any, method: str, path: str) -> bytes:
         """The body, at most `qrs.max_response_bytes`: a runaway answer must not eat the memory."""
@@ -118,6 +144,14 @@ class PoolTransport:
             )
         resp.release_conn()
         return data
+
+
+def _check_pem_files(cfg: QrsConfig) -> None:
+    """Each certificate file fit to load, else ConfigError naming its key (ops/pem.py)."""
+    check_pem("qrs.cert", Path(cfg.cert), "certificate")
+    check_pem("qrs.key", Path(cfg.key), "private key")
+    if cfg.verify and cfg.ca is not None:
+        check_pem("qrs.ca", Path(cfg.ca), "certificate")
 
 
 #: A stand-in QRS for unit tests: (method, path, query parameters, JSON body or None) -> Answer.
