@@ -62,7 +62,7 @@ class Daemon:
         self.listener = MqttListener(cfg.mqtt, lambda job: self.workers.enqueue(job), client_id=client_id)
         self.listener.on_subscribed = lambda: systemd.notify("READY=1\nSTATUS=connected and subscribed")
         self.health = MqttHealth(self.listener)
-        self.runtime = runtime.build(cfg, route_publisher(self.listener), self.health, alert=alert_publisher(self.listener))
+        self.runtime = runtime.build(cfg, route_publisher(self.listener, cfg.backend), self.health, alert=alert_publisher(self.listener))
         # MQTT 3.1.1 clears the retain flag on live delivery: ask the broker (mqtt/retain_probe.py).
         self.retain_probe = None if self.listener.v5 else RetainProbe(cfg.mqtt, client_id)
         self.handler = RequestHandler(self.runtime, self.listener, self.health, self.should_exit, self.retain_probe)

@@ -26,7 +26,7 @@ from butler_mqtt.policies import Policy, effective
 from butler_mqtt.replies import Event
 from butler_mqtt.replies.types import SummaryEvent
 from butler_mqtt.resume import intent_key, plan_resume
-from butler_mqtt.selection import Selection, plan, select
+from butler_mqtt.selection import Selection, check_for_backend, plan, select
 from butler_mqtt.starts import Starts
 
 log = structlog.get_logger("butler_mqtt.service")
@@ -63,7 +63,8 @@ class StartService:
         self.cfg = cfg
         self.backend = backend
         self.journal = journal
-        self.starts = Starts(backend, cfg.qrs.start_concurrency)
+        concurrency = cfg.cloud.start_concurrency if backend.kind == "cloud" else cfg.qrs.start_concurrency
+        self.starts = Starts(backend, concurrency)
         self._allow_lock = threading.Lock()
         self._allow = cfg.start_filter
         self.keys = KeyLocks()
@@ -118,8 +119,11 @@ class StartService:
         """The one use case, for every ingress: claim the request under its key (a duplicate
         gets the recorded outcome), run its first stage (resolve, plan, start) with each reply
         event handed to `emit` as it is made, hand it to the tracker when it is followed, record
-        it. Raises QrsError (nothing was started: the claim is dropped, a retry is handled anew)
+        it. Raises RequestRejected (selectors or options the backend does not have: nothing
+        claimed), QrsError (nothing was started: the claim is dropped, a retry is handled anew)
         and JournalError (the caller must not ack)."""
+
+        check_for_backend(req, self.backend.kind)  # before the claim: a refused request is not journaled
 
         def on_started(result: StageResult) -> None:
             if self.follow is not None and claim.key is not None and (req.waits or result.follow):

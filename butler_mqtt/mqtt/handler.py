@@ -19,7 +19,7 @@ import structlog
 
 from butler_mqtt import keys, replies
 from butler_mqtt.config import Config
-from butler_mqtt.errors import QrsError, QrsTlsRejected, is_transient
+from butler_mqtt.errors import QrsError, QrsTlsRejected, RequestRejected, is_transient
 from butler_mqtt.model import Route
 from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
@@ -79,12 +79,12 @@ class MqttHealth:
         self.listener.set_problem("qrs", problem)
 
 
-def route_publisher(listener: MqttListener) -> Publish:
+def route_publisher(listener: MqttListener, backend: str = "qrs") -> Publish:
     """The tracker's way out: a later event (taskFinished, chain stages) goes to where its
-    request wanted the replies."""
+    request wanted the replies (in the words of the `backend`: replies.on_wire)."""
 
     def publish(route: Route, event: Event) -> None:
-        listener.publish_event(route.topic, route.correlation_bytes, event)
+        listener.publish_event(route.topic, route.correlation_bytes, replies.on_wire(event, backend))
 
     return publish
 
@@ -185,7 +185,7 @@ class RequestHandler:
             except Exception as jexc:  # noqa: BLE001 - the answer and the ack still follow
                 log.error("journal_write_failed", reference=reference, error=str(jexc))
         try:
-            delivery.replies.append(self.listener.publish_event(delivery.topic(self.cfg), job.correlation_data, ev))
+            delivery.replies.append(self.listener.publish_event(delivery.topic(self.cfg), job.correlation_data, replies.on_wire(ev, self.cfg.backend)))
         except Exception as pexc:  # noqa: BLE001 - nothing more can be said; ack anyway
             log.error("error_reply_failed", reference=reference, error=str(pexc))
         self._finish(job, delivery.replies, force=True)
@@ -196,7 +196,7 @@ class RequestHandler:
         log.error("worker_error", topic=job.topic, error=f"{type(exc).__name__}: {str(exc)[:300]}", exc_info=exc)
         try:
             ev = replies.error(None, "Internal error", "the request could not be handled; see the daemon's log")
-            self.listener.publish_event(self.cfg.mqtt.topics.reply, job.correlation_data, ev)
+            self.listener.publish_event(self.cfg.mqtt.topics.reply, job.correlation_data, replies.on_wire(ev, self.cfg.backend))
         finally:
             self.listener.ack(job)
 
@@ -206,7 +206,7 @@ class RequestHandler:
 
         def emit(ev: Event) -> None:
             d.events.append(ev)
-            d.replies.append(self.listener.publish_event(d.topic(self.cfg), job.correlation_data, ev))
+            d.replies.append(self.listener.publish_event(d.topic(self.cfg), job.correlation_data, replies.on_wire(ev, self.cfg.backend)))
 
         def reject(r: ingress_rules.Reject) -> None:
             if d.request_id is None:  # a payload that is not a request: echo its requestId if safe
@@ -236,6 +236,8 @@ class RequestHandler:
         d.key = key
         try:
             self.service.submit(req, Claim(ingress, key, job.topic, fingerprint, route, job.received), emit)
+        except RequestRejected as rej:  # selectors or options the backend does not have (section 9)
+            return reject(ingress_rules.Reject("request_rejected", "rejected", rej.error, rej.details))
         except QrsError as exc:
             if is_transient(exc):
                 raise

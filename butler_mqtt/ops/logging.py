@@ -2,7 +2,10 @@
 
 Every line logged while a request is handled carries its `requestId` (bound with
 `structlog.contextvars` inside the worker thread that handles it). Secrets never reach the
-output: values under secret-looking keys are replaced by a redaction processor. Libraries that
+output: values under secret-looking keys are replaced by a redaction processor, and every
+configured secret value (`scrub_secrets`) is replaced wherever it appears (a token sent as a
+requestId, a password inside an error text or a traceback) by the scrubber, the last step
+before a line is rendered. Libraries that
 can repeat one error in a tight loop (asyncio's accept loop, uvicorn) log each distinct line at
 most once a minute, with a count of the repeats (`RateLimitFilter`).
 """
@@ -10,8 +13,9 @@ most once a minute, with a count of the repeats (`RateLimitFilter`).
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import structlog
@@ -28,6 +32,45 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     for k in list(event):
         if any(s in k.lower() for s in _SECRET_KEYS):
             event[k] = "**********"
+    return event
+
+
+REDACTED = "**********"
+#: Shorter values are not scrubbed: replacing every "ab" in every line would hide the log, and
+#: such a value is no secret anyone could keep.
+MIN_SECRET_LENGTH = 3
+_secrets: re.Pattern[str] | None = None
+
+
+def scrub_secrets(values: Iterable[str]) -> None:
+    """From now on, every log line has each of `values` (the configured secrets: passwords,
+    tokens, URLs with credentials and their parts) replaced, wherever it appears."""
+    global _secrets
+    found = sorted({v for v in values if len(v) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+    _secrets = re.compile("|".join(re.escape(v) for v in found)) if found else None
+
+
+def _scrub_value(pattern: re.Pattern[str], value: Any) -> Any:
+    if isinstance(value, str):
+        return pattern.sub(REDACTED, value)
+    if isinstance(value, dict):
+        return {_scrub_value(pattern, k): _scrub_value(pattern, v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_scrub_value(pattern, v) for v in value]
+    if isinstance(value, BaseException):  # not rendered yet (exc_info is, by format_exc_info)
+        return _scrub_value(pattern, f"{type(value).__name__}: {value}")
+    return value
+
+
+def _scrub(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Every configured secret value replaced, in every field (nested ones and the rendered
+    exception included): a line never shows one, whichever field it came in."""
+    pattern = _secrets
+    if pattern is None:
+        return event
+    for k in list(event):
+        if k != "exc_info":
+            event[k] = _scrub_value(pattern, event[k])
     return event
 
 
@@ -69,7 +112,9 @@ def setup_logging(level: str = "info", fmt: str = "json", stream: Any = None) ->
         _name_fd_exhaustion,
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.StackInfoRenderer(), structlog.processors.format_exc_info, renderer],
+        processors=[
+            *shared, structlog.processors.StackInfoRenderer(), structlog.processors.format_exc_info, _scrub, renderer,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
@@ -78,7 +123,10 @@ def setup_logging(level: str = "info", fmt: str = "json", stream: Any = None) ->
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info, _scrub,
+                renderer,
+            ],
         )
     )
     root = logging.getLogger()

@@ -30,7 +30,13 @@ RequestId = Annotated[
 ]
 TaskId = Annotated[Guid, Field(description="The reload task's ID in QRS.")]
 TaskName = Annotated[str, Field(description="The reload task's name in QRS.")]
-ExecutionId = Annotated[Guid, Field(description="The QRS execution session of the reload.")]
+#: A Qlik Cloud reload id: opaque (24 hex digits today; qlik-cloud-api.md 3).
+ReloadId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,100}$")]
+ExecutionId = Annotated[
+    Guid | ReloadId, Field(description="The QRS execution session of the reload (backend: cloud: the reload id).")
+]
+AppId = Annotated[Guid, Field(description="backend: cloud: the Qlik Cloud app's ID, in place of taskId.")]
+AppName = Annotated[str, Field(description="backend: cloud: the Qlik Cloud app's name, in place of taskName.")]
 Stage = Annotated[int, Field(ge=0, description="The stage of a `then` chain (0: the request itself).")]
 Reason = Annotated[str, Field(description="Why (a sentence for people, not a code).")]
 Position = Annotated[int, Field(ge=1, description="Place in butler-mqtt's queue (1 = next).")]
@@ -72,11 +78,14 @@ class TaskEvent(TypedDict):
     requestId: RequestId
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     status: Annotated[TaskStatus, Field(description=_TASK_STATUS_DOC)]
     executionId: NotRequired[ExecutionId]
     matchedBy: Annotated[
-        list[Annotated[str, Field(pattern=r"^(taskId|tag|customProperty):")]],
-        Field(description="The criteria the task matched: `taskId:<id>`, `tag:<name>`, `customProperty:<name>=<value>`."),
+        list[Annotated[str, Field(pattern=r"^(taskId|tag|customProperty|appId|space):")]],
+        Field(description="The criteria the task matched: `taskId:<id>`, `tag:<name>`, `customProperty:<name>=<value>`,"
+                          " `appId:<id>`, `space:<name>`."),
     ]
     reason: NotRequired[Reason]
     position: NotRequired[Position]
@@ -91,6 +100,8 @@ class StartedTask(TypedDict):
 
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     status: Literal["started", "notStarted", "wouldStart"]
     reason: NotRequired[Reason]
     attempt: NotRequired[Attempt]
@@ -102,6 +113,8 @@ class DeniedTask(TypedDict):
 
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     status: Literal["denied"]
     reason: NotRequired[Reason]
 
@@ -112,6 +125,8 @@ class FailedTask(TypedDict):
 
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     status: Literal["failed"]
     reason: NotRequired[Reason]
     attempt: NotRequired[Attempt]
@@ -123,6 +138,8 @@ class RunningTask(TypedDict):
 
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     status: Literal["alreadyRunning", "skipped"]
     executionId: NotRequired[Annotated[Guid, Field(description="The execution found running.")]]
     reason: NotRequired[Reason]
@@ -135,6 +152,8 @@ class QueuedTask(TypedDict):
 
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     status: Literal["queued"]
     position: NotRequired[Position]
     reason: NotRequired[Reason]
@@ -160,6 +179,20 @@ class NotFoundTag(TypedDict):
 
 
 @with_config(_CLOSED)
+class NotFoundAppId(TypedDict):
+    """An app ID that matched no app (backend: cloud) or no reload task of that app (qrs)."""
+
+    appId: Guid
+
+
+@with_config(_CLOSED)
+class NotFoundSpace(TypedDict):
+    """A space (backend: cloud) that does not exist or holds no app."""
+
+    space: str
+
+
+@with_config(_CLOSED)
 class CustomPropertyPair(TypedDict):
     """A custom property name/value pair."""
 
@@ -182,7 +215,7 @@ class SummaryEvent(TypedDict):
     requestId: RequestId
     tasksStarted: Annotated[list[StartedTask], Field(description="Every task QRS was asked to start, or would be (dryRun).")]
     tasksNotFound: Annotated[
-        list[NotFoundTaskId | NotFoundTag | NotFoundCustomProperty],
+        list[NotFoundTaskId | NotFoundTag | NotFoundCustomProperty | NotFoundAppId | NotFoundSpace],
         Field(description="Every criterion that matched no task."),
     ]
     tasksDenied: Annotated[list[DeniedTask], Field(description="Tasks the start_filter (or allTaskIdsMustExist) refused.")]
@@ -203,8 +236,13 @@ class TaskFinishedEvent(TypedDict):
     requestId: RequestId
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     executionId: ExecutionId
     status: Annotated[FinalStatus, Field(description="QRS's final state, or Unknown when the execution could not be followed.")]
+    cloudStatus: NotRequired[
+        Annotated[str, Field(description="backend: cloud: Qlik Cloud's own end status (SUCCEEDED, FAILED, CANCELED, EXCEEDED_LIMIT).")]
+    ]
     startTime: QrsTime
     stopTime: QrsTime
     durationMs: Annotated[Millis | None, Field(description="How long the reload ran; null when unknown.")]
@@ -225,6 +263,8 @@ class TaskOverdueEvent(TypedDict):
     requestId: RequestId
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     executionId: ExecutionId
     runningForMs: Annotated[Millis, Field(description="How long the execution has been running.")]
     stage: NotRequired[Stage]
