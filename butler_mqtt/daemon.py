@@ -90,7 +90,7 @@ class Daemon:
         self._start("reloader", self.reloader.start, self.reloader.stop)
         if cfg.serves_http:
             self._start("http", self._start_http, lambda: self.http_server.stop() if self.http_server else None)
-        log.info("started", broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}", qrs=cfg.qrs.base_url, client_id=self.listener.client_id,
+        log.info("started", broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}", qrs=runtime.backend_url(cfg), backend=cfg.backend, client_id=self.listener.client_id,
                  topics=self.listener.topics(), start_filter=cfg.start_filter.enabled, http=cfg.http.enabled)
 
     def _start(self, name: str, start: Callable[[], object], stop: Callable[[], object]) -> None:

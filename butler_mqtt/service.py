@@ -350,6 +350,8 @@ def _audit_fields(req: StartRequest) -> dict[str, Any]:
             "taskId": req.taskId,
             "tag": req.tag,
             "customProperty": [c.model_dump() for c in req.customProperty],
+            **({"appId": req.appId} if req.appId else {}),
+            **({"space": req.space} if req.space else {}),
         },
         "dryRun": req.dryRun,
         "allTaskIdsMustExist": req.allTaskIdsMustExist,

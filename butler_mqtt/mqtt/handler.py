@@ -19,7 +19,16 @@ import structlog
 
 from butler_mqtt import keys, replies
 from butler_mqtt.config import Config
-from butler_mqtt.errors import QrsError, QrsTlsRejected, RequestRejected, is_transient
+from butler_mqtt.errors import (
+    CloudNotFound,
+    CloudRefused,
+    CloudTlsRejected,
+    CloudUnreachable,
+    QrsError,
+    QrsTlsRejected,
+    RequestRejected,
+    is_transient,
+)
 from butler_mqtt.model import Route
 from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
@@ -289,9 +298,14 @@ class Delivery:
         return rt if rt is not None and self.route_ok else cfg.mqtt.topics.reply
 
 
+#: Errors of the Qlik Cloud backend: their titles name Qlik Cloud rather than QRS.
+CLOUD_ERRORS = (CloudRefused, CloudTlsRejected, CloudUnreachable, CloudNotFound)
+
+
 def qrs_error_title(exc: QrsError) -> str:
+    who = "Qlik Cloud" if isinstance(exc, CLOUD_ERRORS) else "QRS"
     if isinstance(exc, QrsTlsRejected):
-        return "QRS TLS handshake refused"
-    return "QRS refused the request"
+        return f"{who} TLS handshake refused"
+    return f"{who} refused the request"
 
 

@@ -141,7 +141,7 @@ class RunningTask(TypedDict):
     appId: NotRequired[AppId]
     appName: NotRequired[AppName]
     status: Literal["alreadyRunning", "skipped"]
-    executionId: NotRequired[Annotated[Guid, Field(description="The execution found running.")]]
+    executionId: NotRequired[Annotated[Guid | ReloadId, Field(description="The execution found running.")]]
     reason: NotRequired[Reason]
     attempt: NotRequired[Attempt]
 

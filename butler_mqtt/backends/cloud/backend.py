@@ -61,31 +61,18 @@ class CloudBackend:
         selection = resolve(self.client, stage.appId, stage.tag, stage.space, with_space_names=self.space_names)
         active = reloads.active_reloads_by_app(self.client) if selection.selected else {}
         self._ok()
-        return [
-            Task(
-                id=s.app.app_id,
-                name=s.app.name,
-                tags=s.app.tag_names,
-                app_id=s.app.app_id,
-                space=s.space_name,
-                exact_names=True,
-                running=bool(active.get(s.app.app_id)),
-            )
-            for s in selection.selected
-        ]
+        out: list[Task] = []
+        for s in selection.selected:
+            running = active.get(s.app.app_id) or []
+            # The newest active reload: what a start now would meet (its id is the execution).
+            newest = max(running, key=lambda r: r.creation_time or "").id if running else None
+            out.append(Task(id=s.app.app_id, name=s.app.name, tags=s.app.tag_names, app_id=s.app.app_id,
+                            space=s.space_name, exact_names=True, running=bool(running), last_result_id=newest))
+        return out
 
     def running_executions(self, tasks: Sequence[Task]) -> dict[str, str]:
-        wanted = {t.id for t in tasks if t.running}
-        if not wanted:
-            return {}
-        active = reloads.active_reloads_by_app(self.client)
-        self._ok()
-        out: dict[str, str] = {}
-        for app_id in wanted:
-            found = active.get(app_id) or []
-            if found:  # the newest one: what a new start would have met
-                out[app_id] = max(found, key=lambda r: r.creation_time or "").id
-        return out
+        """Known from the resolution already (`last_result_id` is the active reload): no call."""
+        return {t.id: t.last_result_id for t in tasks if t.running and t.last_result_id}
 
     def start(self, task_id: str, options: StartOptions | None = None) -> str:
         opts = options or StartOptions()

@@ -1,0 +1,209 @@
+"""A daemon with `backend: cloud` (contract section 9) through the real broker and the Qlik Cloud
+simulator over HTTPS: the same requests as on client-managed Qlik Sense, apps instead of tasks.
+
+Every JSON answer the simulator gives is validated against Qlik's schemas (support/cloud.py),
+every reply the tests receive against the AsyncAPI document (conftest).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from butler_mqtt.config import Config, deep_merge
+from butler_mqtt.mqtt.requester import Requester
+from butler_mqtt.ops.mosquitto import Mosquitto
+from butler_mqtt.sim.cloud import CloudSimulator, World, demo_world
+from butler_mqtt.sim.cloud.world import SimApp, SimSpace, SimTag
+from tests.support.cloud import cloud_certs, running  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.integration
+
+NASTY = ["Fin & Ops #1 100% \"q\" 'x'", "sales+eu", "Sаles"]  # the last one: a Cyrillic "а"
+
+
+def cloud_config(sim: CloudSimulator, broker: Mosquitto, state: Path, **sections: Any) -> Config:
+    base: dict[str, Any] = {
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "client_id": f"cloud-{uuid.uuid4().hex[:10]}"},
+        "backend": "cloud",
+        "cloud": {"tenant": sim.base_url, "client_id": sim.client_id, "client_secret": sim.client_secret,
+                  "ca": str(sim.certs.root), "timeout": 10, "reloads_per_minute": 6000},
+        "logging": {"level": "info", "format": "console"},
+        "state_dir": str(state),
+        "tracking": {"poll_interval": 0.2, "first_poll": 0.1},
+    }
+    return Config.model_validate(deep_merge(base, sections))
+
+
+def nasty_world() -> World:
+    world = demo_world()
+    odd = SimSpace("a" * 24, NASTY[0])
+    world.spaces[odd.id] = odd
+    for i, name in enumerate(NASTY):
+        tag = SimTag(f"{i:024x}", name)
+        world.tags[tag.id] = tag
+        app = SimApp(f"{i:08x}-0000-4000-8000-00000000000{i}", f"Odd {i}", odd.id, [tag.id], run_seconds=0.1)
+        world.apps[app.id] = app
+    return world
+
+
+@pytest.fixture
+def tenant(cloud_certs: Path) -> Iterator[CloudSimulator]:  # noqa: F811 - the fixture above
+    with running(nasty_world(), cloud_certs) as sim:
+        yield sim
+
+
+@pytest.fixture
+def cloud_daemon(tenant: CloudSimulator, broker: Mosquitto, tmp_path: Path, start_daemon: Callable[..., Any]):
+    def start(**sections: Any) -> Any:
+        cfg = cloud_config(tenant, broker, tmp_path / f"state-{uuid.uuid4().hex[:6]}", **sections)
+        return start_daemon(cfg)
+
+    return start
+
+
+def ask(broker: Mosquitto, request: dict[str, Any], timeout: float = 30) -> list[dict[str, Any]]:
+    cfg = Config.model_validate({"mqtt": {"host": "127.0.0.1", "port": broker.port}})
+    with Requester(cfg.mqtt) as r:
+        return [dict(e) for e in r.request(request, timeout=timeout)]
+
+
+def by_app(tenant: CloudSimulator, name: str) -> list[str]:
+    return sorted(a.id for a in tenant.world.apps.values() if a.name == name)
+
+
+def summary(events: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(e for e in events if e["event"] == "summary")
+
+
+def tasks(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["event"] == "task"]
+
+
+def test_apps_by_tag_and_space_with_nasty_names_and_small_pages(tenant, cloud_daemon, broker):
+    tenant.max_page_size = 1  # every listing is paged one item at a time
+    cloud_daemon()
+    events = ask(broker, {"requestId": "n1", "tag": NASTY, "space": [NASTY[0], "Nope"], "dryRun": True})
+    found = {e["appId"]: e for e in tasks(events)}
+    odd = {a.id: a for a in tenant.world.apps.values() if a.name.startswith("Odd ")}
+    assert set(found) == set(odd)
+    for i, name in enumerate(NASTY):
+        app = next(a for a in odd.values() if a.name == f"Odd {i}")
+        assert found[app.id]["matchedBy"] == [f"tag:{name}", f"space:{NASTY[0]}"]
+        assert found[app.id]["appName"] == app.name and "taskId" not in found[app.id]
+    assert summary(events)["tasksNotFound"] == [{"space": "Nope"}]
+    assert not tenant.world.starts  # dryRun started nothing
+
+
+def test_same_name_apps_in_two_spaces_are_told_apart_and_a_start_is_followed_to_the_end(tenant, cloud_daemon, broker):
+    cloud_daemon()
+    events = ask(broker, {"requestId": "w1", "space": "Sales", "tag": "nightly", "wait": True})
+    revenue_sales = next(a.id for a in tenant.world.apps.values() if a.name == "Revenue" and tenant.world.spaces[a.space_id].name == "Sales")
+    started = {e["appId"]: e for e in tasks(events)}
+    assert started[revenue_sales]["matchedBy"] == ["tag:nightly", "space:Sales"]
+    assert set(started) == set(by_app(tenant, "Revenue")) | set(by_app(tenant, "Pipeline"))
+    finished = [e for e in events if e["event"] == "taskFinished"]
+    assert {e["appId"] for e in finished} == set(started)
+    assert all(e["status"] == "FinishedSuccess" and e["cloudStatus"] == "SUCCEEDED" for e in finished)
+    assert {r.reload_id for r in tenant.world.starts} == {e["executionId"] for e in finished}
+    assert events[-1]["event"] == "requestFinished" and events[-1]["finished"] == {"FinishedSuccess": 3}
+
+
+def test_app_ids_all_must_exist_and_a_failed_reload_carries_its_failure(tenant, cloud_daemon, broker):
+    cloud_daemon()
+    broken = by_app(tenant, "Broken")[0]
+    missing = "99999999-9999-4999-8999-999999999999"
+    events = ask(broker, {"requestId": "a1", "appId": [broken, missing], "allTaskIdsMustExist": True})
+    assert tasks(events)[0]["status"] == "denied" and summary(events)["tasksNotFound"] == [{"appId": missing}]
+    assert not tenant.world.starts
+    events = ask(broker, {"requestId": "a2", "appId": broken.upper(), "wait": True,
+                          "partial": True, "variables": {"region": "EMEA"}})
+    fin = next(e for e in events if e["event"] == "taskFinished")
+    assert (fin["status"], fin["cloudStatus"]) == ("FinishedFail", "FAILED")
+    reload = tenant.world.reloads[fin["executionId"]]
+    assert reload.partial is True and reload.variables == {"region": "EMEA"}
+
+
+def test_selectors_of_the_other_backend_are_refused_naming_what_to_use(tenant, cloud_daemon, broker):
+    cloud_daemon()
+    for req, word in (({"taskId": "a8b4c123-def4-5678-9abc-def012345678"}, "appId"),
+                      ({"customProperty": [{"name": "a", "value": "b"}]}, "tag"),
+                      ({"tag": "nightly", "then": {"taskId": "a8b4c123-def4-5678-9abc-def012345678"}}, "appId")):
+        events = ask(broker, {"requestId": f"x{uuid.uuid4().hex[:6]}", **req})
+        assert [e["event"] for e in events] == ["error"] and word in events[0]["details"], events
+    assert not tenant.world.starts
+
+
+def test_exceeded_limit_is_error_and_queued_reloads_wait_under_the_tenant_limit(tenant, cloud_daemon, broker):
+    tenant.world.max_concurrent = 1
+    pipeline = tenant.world.apps[by_app(tenant, "Pipeline")[0]]
+    pipeline.outcome, pipeline.run_seconds = "EXCEEDED_LIMIT", 0.5
+    cloud_daemon()
+    events = ask(broker, {"requestId": "q1", "tag": "hourly", "wait": True}, timeout=60)
+    fin = {e["appId"]: e for e in events if e["event"] == "taskFinished"}
+    assert fin[pipeline.id]["status"] == "Error" and fin[pipeline.id]["cloudStatus"] == "EXCEEDED_LIMIT"
+    assert len(fin) == 2 and events[-1]["event"] == "requestFinished"
+    # One at a time: the second reload was QUEUED until the first ended.
+    ends = sorted((r.started or 0, r.ended or 0) for r in tenant.world.reloads.values())
+    assert ends[1][0] >= ends[0][1]
+
+
+def test_run_policies_against_a_reload_started_elsewhere(tenant, cloud_daemon, broker):
+    pipeline = tenant.world.apps[by_app(tenant, "Pipeline")[0]]
+    pipeline.run_seconds = 3.0
+    cloud_daemon()
+    elsewhere = tenant.world.start_elsewhere(pipeline.id)
+    events = ask(broker, {"requestId": "p1", "appId": pipeline.id, "ifRunning": "skip"})
+    assert tasks(events)[0]["status"] == "skipped" and elsewhere.id in tasks(events)[0]["reason"]
+    events = ask(broker, {"requestId": "p2", "appId": pipeline.id, "ifRunning": "attach", "wait": True}, timeout=60)
+    assert tasks(events)[0]["status"] == "alreadyRunning" and tasks(events)[0]["executionId"] == elsewhere.id
+    fin = next(e for e in events if e["event"] == "taskFinished")
+    assert fin["executionId"] == elsewhere.id and fin["cloudStatus"] == "SUCCEEDED"
+    assert not tenant.world.starts  # nothing was started by the daemon
+
+
+def test_token_expiry_and_a_429_burst_lose_nothing_and_start_nothing_twice(tenant, cloud_daemon, broker):
+    tenant.token_lifetime = 1.0
+    tenant.world.max_concurrent = 0
+    apps = sorted(tenant.world.apps)
+    cloud_daemon()
+    tenant.storm_429, tenant.storm_retry_after = 5, 1
+    results: dict[str, list[dict[str, Any]]] = {}
+
+    def one(i: int, app_id: str) -> None:
+        results[app_id + str(i)] = ask(broker, {"requestId": f"b{i}", "appId": app_id}, timeout=60)
+
+    threads = [threading.Thread(target=one, args=(i, a)) for i, a in enumerate(apps)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)  # tokens expire between the requests
+    for t in threads:
+        t.join(90)
+    started = [e for evs in results.values() for e in tasks(evs)]
+    assert len(started) == len(apps) and all(e["status"] == "started" for e in started), started
+    assert sorted(r.app_id for r in tenant.world.starts) == apps  # each once
+    assert sum(1 for x in tenant.request_log if x.path == "/oauth/token") >= 2  # fetched again
+
+
+def test_the_secret_is_never_in_a_log_line(tenant, cloud_daemon, broker, _log_stream):
+    import io
+
+    lines = io.StringIO()
+    _log_stream.current = lines  # this test's log lines (conftest's stream)
+    tenant.client_secret = "s3cr3t-" + uuid.uuid4().hex
+    d = cloud_daemon(cloud={"client_secret": tenant.client_secret})
+    ask(broker, {"requestId": tenant.client_secret, "tag": "nightly"})  # a secret sent as a requestId
+    tenant.token_fault = "refuse"  # the error path too
+    tenant.revoke_tokens()
+    events = ask(broker, {"requestId": "s2", "tag": "nightly"})
+    assert events[-1]["event"] == "error" and "cloud.client_id" in events[-1]["details"]
+    assert events[-1]["error"] == "Qlik Cloud refused the request"
+    d.stop()
+    out = lines.getvalue()
+    assert "requestId" in out and "qrs_refused" in out and "**********" in out and tenant.client_secret not in out
