@@ -117,6 +117,15 @@ def cloud_settings(cfg: Config) -> CloudSettings:
         raise ConfigError(exc.key, exc.reason, cfg.source(exc.key)) from None
 
 
+def check_cloud(cfg: Config) -> list[tuple[bool, str]]:
+    """`check` with backend: cloud: (ok, line) for the credentials and for the tenant answering."""
+    client = CloudClient(cloud_settings(cfg))
+    try:
+        return client.check()
+    finally:
+        client.close()
+
+
 def backend_url(cfg: Config) -> str:
     """What the logs and alerts name as the backend: the QRS base URL or the tenant."""
     return (cfg.cloud.tenant or "") if cfg.backend == "cloud" else cfg.qrs.base_url
@@ -217,5 +226,5 @@ def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | No
 
 
 #: The parts' types, for the daemon's typed views of them (it imports no part itself).
-__all__ = ["Health", "Journal", "Metrics", "Runtime", "StartService", "Tracker", "backend", "backend_url", "build",
+__all__ = ["Health", "Journal", "Metrics", "Runtime", "StartService", "Tracker", "backend", "backend_url", "build", "check_cloud", "cloud_settings",
            "preflight", "probe_at_start"]

@@ -207,3 +207,31 @@ def test_the_secret_is_never_in_a_log_line(tenant, cloud_daemon, broker, _log_st
     d.stop()
     out = lines.getvalue()
     assert "requestId" in out and "qrs_refused" in out and "**********" in out and tenant.client_secret not in out
+
+
+def test_the_backend_stops_by_cancelling_and_reads_why_a_reload_failed(tenant, broker, tmp_path):
+    """The stop use case is not in this base yet (issue 22): the backend's stop and failure directly."""
+    from butler_mqtt.runtime import backend
+
+    qlik = backend(cloud_config(tenant, broker, tmp_path))
+    try:
+        pipeline = by_app(tenant, "Pipeline")[0]
+        tenant.world.apps[pipeline].run_seconds = 30
+        eid = qlik.start(pipeline)
+        assert qlik.stop(pipeline, eid) == "stopping"
+        deadline = time.monotonic() + 10
+        while (state := qlik.executions([eid]).get(eid)) is None or state.final is None:
+            assert time.monotonic() < deadline, state
+            time.sleep(0.1)
+        assert (state.final, state.native_status) == ("Aborted", "CANCELED")
+        assert qlik.stop(pipeline, eid) == "notRunning"
+        broken = by_app(tenant, "Broken")[0]
+        eid = qlik.start(broken)
+        while (state := qlik.executions([eid])[eid]).final is None:
+            time.sleep(0.1)
+        failure = qlik.failure(broken, eid, 5)
+        assert failure is not None and "Amount" in failure["message"]
+        assert failure["scriptLogTail"] and len(failure["scriptLogTail"]) <= 5
+        assert qlik.execution_exists(eid) and not qlik.execution_exists("0" * 24)
+    finally:
+        qlik.close()
