@@ -235,3 +235,17 @@ def test_the_backend_stops_by_cancelling_and_reads_why_a_reload_failed(tenant, b
         assert qlik.execution_exists(eid) and not qlik.execution_exists("0" * 24)
     finally:
         qlik.close()
+
+
+def test_rest_answers_name_apps_and_refuse_task_ids(tenant, cloud_daemon):
+    import requests
+
+    d = cloud_daemon(http={"enabled": True, "port": 0})
+    base = f"http://127.0.0.1:{d.daemon.http_server.port}/v4/reloadtask"
+    answer = requests.post(f"{base}/-/start", json={"tag": "nightly", "dryRun": True}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    listed = answer.json()["tasksStarted"]
+    assert {t["appId"] for t in listed} == set(by_app(tenant, "Revenue")) and all("taskId" not in t for t in listed)
+    answer = requests.post(f"{base}/{by_app(tenant, 'Revenue')[0]}/start", json={}, timeout=30)
+    assert answer.status_code == 400 and "appId" in answer.json()["details"]
+    assert not tenant.world.starts
