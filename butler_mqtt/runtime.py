@@ -93,7 +93,8 @@ def backend(cfg: Config, observer: CallObserver | None = None, *, retries: int |
     import-linter contract); `check`, `resolve` and the daemon get theirs here. `retries`:
     override `qrs.retries` (check: 0)."""
     if cfg.backend == "cloud":
-        return CloudBackend(CloudClient(cloud_settings(cfg)), space_names=bool(cfg.start_filter.allow.spaces))
+        client = CloudClient(cloud_settings(cfg), observer=observer)
+        return CloudBackend(client, space_names=bool(cfg.start_filter.allow.spaces))
     qrs_cfg = cfg.qrs if retries is None else cfg.qrs.model_copy(update={"retries": retries})
     return QrsBackend(QrsClient(qrs_cfg, observer=observer))
 

@@ -377,9 +377,13 @@ class AlertMessage(TypedDict):
         Annotated[str, Field(max_length=MAX_REQUEST_ID_LENGTH)] | None,
         Field(description="The request the event belonged to; null when it had none, and for QRS outages."),
     ]
-    taskId: Annotated[Guid | None, Field(description="The reload task's ID in QRS; null for QRS outages.")]
+    taskId: Annotated[
+        Guid | None, Field(description="The reload task's ID in QRS (backend: cloud: the app's ID); null for QRS outages.")
+    ]
     taskName: Annotated[str | None, Field(description="The reload task's name in QRS; null when unknown.")]
-    executionId: Annotated[Guid | None, Field(description="The QRS execution session; null when none.")]
+    executionId: Annotated[
+        Guid | ReloadId | None, Field(description="The QRS execution session (backend: cloud: the reload id); null when none.")
+    ]
     status: Annotated[
         Literal["failed", "expired"] | FailedFinal | None,
         Field(description="The reply event's status (`task`: failed, expired; `taskFinished`: the final state); "

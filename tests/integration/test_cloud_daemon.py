@@ -249,3 +249,20 @@ def test_rest_answers_name_apps_and_refuse_task_ids(tenant, cloud_daemon):
     answer = requests.post(f"{base}/{by_app(tenant, 'Revenue')[0]}/start", json={}, timeout=30)
     assert answer.status_code == 400 and "appId" in answer.json()["details"]
     assert not tenant.world.starts
+
+
+def test_metrics_and_alerts_in_cloud_mode(tenant, cloud_daemon, broker, listen):
+    import requests
+
+    topic = f"alerts/{uuid.uuid4().hex[:8]}"
+    alerts = listen(topic)
+    d = cloud_daemon(http={"enabled": True, "port": 0}, alerts={"topic": topic})
+    broken = by_app(tenant, "Broken")[0]
+    events = ask(broker, {"requestId": "m1", "appId": broken, "wait": True})
+    assert next(e for e in events if e["event"] == "taskFinished")["cloudStatus"] == "FAILED"
+    failed = alerts.wait_for(lambda m: m.get("alert") == "reloadFailed")
+    assert failed["taskId"] == broken and failed["requestId"] == "m1"
+    text = requests.get(f"http://127.0.0.1:{d.daemon.http_server.port}/metrics", timeout=30).text
+    calls = [line for line in text.splitlines() if "/api/v1/reloads" in line and line.startswith("butler_mqtt_qrs")]
+    assert any('method="POST",route="/api/v1/reloads"' in line for line in calls), calls[:5]
+    assert broken not in text  # ids never become label values
