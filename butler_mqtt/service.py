@@ -169,7 +169,9 @@ class StartService:
         """A retry (contract section 7): the task is looked up again (its running state too) and
         started under the same policies. (None, {}) when it no longer exists; else its outcome
         and, when it waits in the queue, {entry id: outcome}."""
-        selection, tasks = self.resolve_tasks(StartRequest(taskId=[task_id]))
+        # Qlik Cloud addresses an app (the task) by appId, QRS a reload task by taskId.
+        lookup = StartRequest(appId=[task_id]) if self.backend.kind == "cloud" else StartRequest(taskId=[task_id])
+        selection, tasks = self.resolve_tasks(lookup)
         if not selection.selected:
             return None, {}
         task = selection.selected[0].task

@@ -266,3 +266,12 @@ def test_metrics_and_alerts_in_cloud_mode(tenant, cloud_daemon, broker, listen):
     calls = [line for line in text.splitlines() if "/api/v1/reloads" in line and line.startswith("butler_mqtt_qrs")]
     assert any('method="POST",route="/api/v1/reloads"' in line for line in calls), calls[:5]
     assert broken not in text  # ids never become label values
+
+
+def test_a_failed_reload_is_retried_on_the_app(tenant, cloud_daemon, broker):
+    cloud_daemon()
+    broken = by_app(tenant, "Broken")[0]
+    events = ask(broker, {"requestId": "r1", "appId": broken, "wait": True, "retry": {"attempts": 1, "delay": 0}}, timeout=60)
+    finished = [e for e in events if e["event"] == "taskFinished"]
+    assert [(e["attempt"], e["cloudStatus"]) for e in finished] == [(1, "FAILED"), (2, "FAILED")], events
+    assert [r.app_id for r in tenant.world.starts] == [broken, broken]
