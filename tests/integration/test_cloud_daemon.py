@@ -275,3 +275,15 @@ def test_a_failed_reload_is_retried_on_the_app(tenant, cloud_daemon, broker):
     finished = [e for e in events if e["event"] == "taskFinished"]
     assert [(e["attempt"], e["cloudStatus"]) for e in finished] == [(1, "FAILED"), (2, "FAILED")], events
     assert [r.app_id for r in tenant.world.starts] == [broken, broken]
+
+
+def test_max_running_queues_apps_in_butler_mqtts_queue(tenant, cloud_daemon, broker):
+    for app_id in by_app(tenant, "Revenue"):
+        tenant.world.apps[app_id].run_seconds = 0.5
+    cloud_daemon(policies={"max_running": 1})
+    events = ask(broker, {"requestId": "mr1", "tag": "nightly", "wait": True}, timeout=60)
+    statuses = [e["status"] for e in tasks(events)]
+    assert sorted(statuses) == ["queued", "started", "started"], statuses
+    reloads = sorted(tenant.world.reloads.values(), key=lambda r: r.created)
+    assert len(reloads) == 2 and (reloads[1].created >= (reloads[0].ended or 0))  # one at a time
+    assert events[-1]["event"] == "requestFinished" and events[-1]["finished"] == {"FinishedSuccess": 2}
