@@ -90,3 +90,27 @@ def test_app_ids_are_guids_and_variables_are_bounded() -> None:
     req = validate_request({"appId": "A8B4C123-DEF4-5678-9ABC-DEF012345678", "space": "Finance & Ops"})
     assert req.appId == ["a8b4c123-def4-5678-9abc-def012345678"] and req.space == ["Finance & Ops"]
     check_for_backend(req, "cloud")
+
+
+def test_proxy_credentials_are_secret_values() -> None:
+    env = {"BUTLER_MQTT__BACKEND": "cloud", "BUTLER_MQTT__CLOUD__TENANT": TENANT, "BUTLER_MQTT__CLOUD__API_KEY": "k" * 9,
+           "BUTLER_MQTT__CLOUD__PROXY": "http://alice:pr0xy-pw@proxy.corp:3128"}
+    secrets = load_config(None, env, missing_ok=True).secret_values()
+    assert "pr0xy-pw" in secrets and "alice:pr0xy-pw" in secrets and "k" * 9 in secrets
+
+
+def test_on_the_wire_a_cloud_task_is_an_app() -> None:
+    from butler_mqtt import replies
+    from butler_mqtt.model import Match, TaskOutcome
+
+    o = TaskOutcome("a8b4c123-def4-5678-9abc-def012345678", "Sales", "started", [Match("appId", "x")], execution_id="5be59decca62aa00097268a4")
+    task = replies.task(o, "r1")
+    summary = replies.summary("r1", [o], [{"appId": "a8b4c123-def4-5678-9abc-def012345679"}])
+    assert replies.on_wire(task, "qrs") == task  # QRS: unchanged
+    wired = replies.on_wire(task, "cloud")
+    assert (wired["appId"], wired["appName"]) == (o.task_id, "Sales") and "taskId" not in wired and "taskName" not in wired
+    listed = replies.on_wire(summary, "cloud")["tasksStarted"][0]
+    assert listed["appId"] == o.task_id and "taskId" not in listed
+    assert replies.on_wire(summary, "cloud")["tasksNotFound"] == summary["tasksNotFound"]
+    error = replies.error("r1", "Invalid request", "x")
+    assert replies.on_wire(error, "cloud") == error
