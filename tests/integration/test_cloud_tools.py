@@ -121,3 +121,10 @@ def test_demo_cloud_runs_end_to_end():
     assert {e["cloudStatus"] for e in finished} == {"SUCCEEDED", "FAILED"}
     assert next(e for e in finished if e["cloudStatus"] == "FAILED")["status"] == "FinishedFail"
     assert events[-1]["event"] == "error" and "tag" in events[-1]["details"]
+
+
+def test_run_refuses_a_cloud_section_that_cannot_work_naming_the_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("backend: cloud\ncloud:\n  tenant: https://acme.eu.qlikcloud.com\n  client_id: abc\n")
+    out = cli("run", "--config", str(cfg), env={"BUTLER_MQTT__STATE_DIR": str(tmp_path / "state")})
+    assert out.returncode == 2 and "cloud.client_secret" in out.stderr, out.stderr
