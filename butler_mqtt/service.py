@@ -164,18 +164,21 @@ class StartService:
         return admitted
 
     def start_task_again(
-        self, task_id: str, matched_by: list[Match], policy: Policy, ticket: Ticket, send: Emit
+        self, task_id: str, matched_by: list[Match], policy: Policy, ticket: Ticket, send: Emit,
+        stage: StartRequest | None = None,
     ) -> tuple[TaskOutcome | None, dict[int, TaskOutcome]]:
         """A retry (contract section 7): the task is looked up again (its running state too) and
         started under the same policies. (None, {}) when it no longer exists; else its outcome
-        and, when it waits in the queue, {entry id: outcome}."""
+        and, when it waits in the queue, {entry id: outcome}. `stage`: the request stage it was
+        selected in (its Qlik Cloud reload options apply to the retry too)."""
         # Qlik Cloud addresses an app (the task) by appId, QRS a reload task by taskId.
         lookup = StartRequest(appId=[task_id]) if self.backend.kind == "cloud" else StartRequest(taskId=[task_id])
         selection, tasks = self.resolve_tasks(lookup)
         if not selection.selected:
             return None, {}
         task = selection.selected[0].task
-        o = TaskOutcome(task.id, task.name, "started", list(matched_by), attempt=ticket.attempt)
+        o = TaskOutcome(task.id, task.name, "started", list(matched_by), attempt=ticket.attempt,
+                        partial=bool(stage and stage.partial), variables=stage.variables if stage else None)
         # Claimed like a first start: after a crash, this attempt's recorded answer or its
         # intent (then QRS is asked whether the start arrived) is found, never sent twice.
         prior = self.journal.load(ticket.key) if self.journal is not None and ticket.key is not None else None

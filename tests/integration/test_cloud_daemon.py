@@ -271,10 +271,12 @@ def test_metrics_and_alerts_in_cloud_mode(tenant, cloud_daemon, broker, listen):
 def test_a_failed_reload_is_retried_on_the_app(tenant, cloud_daemon, broker):
     cloud_daemon()
     broken = by_app(tenant, "Broken")[0]
-    events = ask(broker, {"requestId": "r1", "appId": broken, "wait": True, "retry": {"attempts": 1, "delay": 0}}, timeout=60)
+    events = ask(broker, {"requestId": "r1", "appId": broken, "wait": True, "retry": {"attempts": 1, "delay": 0},
+                          "partial": True, "variables": {"v": "1"}}, timeout=60)
     finished = [e for e in events if e["event"] == "taskFinished"]
     assert [(e["attempt"], e["cloudStatus"]) for e in finished] == [(1, "FAILED"), (2, "FAILED")], events
     assert [r.app_id for r in tenant.world.starts] == [broken, broken]
+    assert all(r.partial and r.variables == {"v": "1"} for r in tenant.world.reloads.values())  # the retry's too
 
 
 def test_max_running_queues_apps_in_butler_mqtts_queue(tenant, cloud_daemon, broker):
