@@ -289,3 +289,45 @@ def test_max_running_queues_apps_in_butler_mqtts_queue(tenant, cloud_daemon, bro
     reloads = sorted(tenant.world.reloads.values(), key=lambda r: r.created)
     assert len(reloads) == 2 and (reloads[1].created >= (reloads[0].ended or 0))  # one at a time
     assert events[-1]["event"] == "requestFinished" and events[-1]["finished"] == {"FinishedSuccess": 2}
+
+
+def test_a_start_that_reached_the_tenant_is_not_sent_again_after_a_crash(tenant, broker, tmp_path):
+    """SIGKILL between POST /api/v1/reloads being acted on and its answer: the next run finds the
+    reload (started_since) and follows it; the app is reloaded once."""
+    import signal
+
+    from tests.support.ops import DaemonProcess
+
+    env = {"BUTLER_MQTT__MQTT__HOST": "127.0.0.1", "BUTLER_MQTT__MQTT__PORT": str(broker.port),
+           "BUTLER_MQTT__MQTT__CLIENT_ID": f"crash-{uuid.uuid4().hex[:8]}", "BUTLER_MQTT__BACKEND": "cloud",
+           "BUTLER_MQTT__CLOUD__TENANT": tenant.base_url, "BUTLER_MQTT__CLOUD__CLIENT_ID": tenant.client_id,
+           "BUTLER_MQTT__CLOUD__CLIENT_SECRET": tenant.client_secret, "BUTLER_MQTT__CLOUD__CA": str(tenant.certs.root),
+           "BUTLER_MQTT__STATE_DIR": str(tmp_path / "state"), "BUTLER_MQTT__LOGGING__FORMAT": "json",
+           "BUTLER_MQTT__TRACKING__POLL_INTERVAL": "0.3", "BUTLER_MQTT__TRACKING__FIRST_POLL": "0.2"}
+    pipeline = by_app(tenant, "Pipeline")[0]
+    first = DaemonProcess(env)
+    second = None
+    cfg = Config.model_validate({"mqtt": {"host": "127.0.0.1", "port": broker.port}})
+    try:
+        first.wait_log("mqtt_subscribed")
+        tenant.answer_delay_paths, tenant.answer_delay_s = r"^POST /api/v1/reloads$", 60.0
+        with Requester(cfg.mqtt) as r:
+            _, box = r.send({"requestId": "crash-1", "appId": pipeline, "wait": True})
+            deadline = time.monotonic() + 30
+            while not tenant.world.starts:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            first.signal(signal.SIGKILL)
+            first.wait(10)
+            tenant.answer_delay_s = 0.0
+            second = DaemonProcess(env)
+            seen: list[dict[str, Any]] = []
+            while not any(e.get("event") == "requestFinished" for e in seen):
+                seen.append(box.get(timeout=60))
+        assert [e["finished"] for e in seen if e["event"] == "requestFinished"] == [{"FinishedSuccess": 1}]
+        assert [s.app_id for s in tenant.world.starts] == [pipeline]  # reloaded once
+    finally:
+        tenant.answer_delay_s = 0.0
+        if second is not None:
+            second.stop()
+        first.stop()
