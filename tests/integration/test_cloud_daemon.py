@@ -283,12 +283,13 @@ def test_max_running_queues_apps_in_butler_mqtts_queue(tenant, cloud_daemon, bro
     for app_id in by_app(tenant, "Revenue"):
         tenant.world.apps[app_id].run_seconds = 0.5
     cloud_daemon(policies={"max_running": 1})
-    events = ask(broker, {"requestId": "mr1", "tag": "nightly", "wait": True}, timeout=60)
+    events = ask(broker, {"requestId": "mr1", "tag": "nightly", "wait": True, "variables": {"q": "1"}}, timeout=60)
     statuses = [e["status"] for e in tasks(events)]
     assert sorted(statuses) == ["queued", "started", "started"], statuses
     reloads = sorted(tenant.world.reloads.values(), key=lambda r: r.created)
     assert len(reloads) == 2 and (reloads[1].created >= (reloads[0].ended or 0))  # one at a time
     assert events[-1]["event"] == "requestFinished" and events[-1]["finished"] == {"FinishedSuccess": 2}
+    assert all(r.variables == {"q": "1"} for r in reloads)  # the queued one's too
 
 
 def test_a_start_that_reached_the_tenant_is_not_sent_again_after_a_crash(tenant, broker, tmp_path):
