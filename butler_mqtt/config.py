@@ -154,6 +154,7 @@ class CloudConfig(_Section):
     verify: bool = True
     ca: Path | None = None
     proxy: str | None = None  # may hold proxy credentials: scrubbed from every log line
+    max_pages: int = Field(default=100, ge=1, le=10000)  # pages of 100 one listing may take (a tag's, a space's apps)
 
 
 class StartFilterConfig(_Section):

@@ -114,7 +114,7 @@ def cloud_settings(cfg: Config) -> CloudSettings:
             client_secret=c.client_secret.get_secret_value() if c.client_secret else None,
             api_key=c.api_key.get_secret_value() if c.api_key else None,
             timeout=c.timeout, start_concurrency=c.start_concurrency, reloads_per_minute=c.reloads_per_minute,
-            verify=c.verify, ca=c.ca, proxy=c.proxy,
+            verify=c.verify, ca=c.ca, proxy=c.proxy, max_pages=c.max_pages,
         )
     except ConfigError as exc:
         raise ConfigError(exc.key, exc.reason, cfg.source(exc.key)) from None

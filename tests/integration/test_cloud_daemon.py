@@ -332,3 +332,11 @@ def test_a_start_that_reached_the_tenant_is_not_sent_again_after_a_crash(tenant,
         if second is not None:
             second.stop()
         first.stop()
+
+
+def test_a_selection_past_cloud_max_pages_is_refused_naming_it(tenant, cloud_daemon, broker):
+    tenant.world.generated_apps, tenant.max_page_size = 20, 2  # 10 pages of apps
+    cloud_daemon(cloud={"max_pages": 5})
+    events = ask(broker, {"requestId": "big1", "tag": "generated"})
+    assert [e["event"] for e in events] == ["error"] and "cloud.max_pages" in events[0]["details"], events
+    assert not tenant.world.starts
