@@ -6,7 +6,7 @@ The simulator runs in its own process (`butler-mqtt sim --cloud`'s `main`) with 
 each app from `--threads` threads with `reloads_per_minute: --limit`. Printed: starts per minute
 as a fraction of the limit (aim: >= 0.95), 429s seen, apps lost (never started) and doubled
 (started twice) (both must be 0), and the client's CPU per start. The daemon-level figure (CPU
-per request next to the QRS backend's) needs the cloud backend wired into the daemon.
+per request next to the QRS backend's) is bench/cloud_daemon.py.
 
 Run: .venv/bin/python bench/cloud_pacing.py [--apps 300] [--limit 600] [--threads 4]
 """

@@ -1,7 +1,7 @@
 """Failure details: extra QRS calls one failed reload costs (issue 22; stub to complete after wiring).
 
 Today (before the Backend wiring) it measures the QRS layer alone: a task fails in the
-simulator, then `failure_details(reader, execution_result, lines=40)` (butler_mqtt/qrs/failure.py)
+simulator, then `failure_details(reader, execution_result, lines=40)` (butler_mqtt/backends/qrs/failure.py)
 builds the contract's `failure` object; the calls it made are read from the simulator's request
 log, per scenario:
 

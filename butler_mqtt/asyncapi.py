@@ -62,6 +62,10 @@ REQUEST_FIELDS = {
     "retry": "Extra starts after a failed reload: `attempts`, `delay` seconds (doubling, at most 3600). Default: policies.retry.",
     "deadline": "Seconds: a followed execution still running then gets one `taskOverdue` event. Default: policies.deadline.",
     "priority": "0-9 (default 5): higher starts first out of butler-mqtt's queue.",
+    "appId": "App IDs (GUIDs): a string or a list. backend: cloud: each app is reloaded; backend: qrs: every reload task of the app. A value that is not a GUID rejects the whole request.",
+    "space": "backend: cloud only: the apps in the space(s) of that exact name; a string or a list.",
+    "partial": "backend: cloud only: a partial reload.",
+    "variables": "backend: cloud only: script variables for the reload, {name: value}, at most 20, names and values at most 256 characters.",
 }
 
 
@@ -111,13 +115,17 @@ def request_schemas() -> dict[str, Any]:
     names = {"minLength": 1, "maxLength": MAX_NAME_LENGTH}
     props["taskId"] = _one_or_many(props["taskId"], {"pattern": GUID_RE.pattern})
     props["tag"] = _one_or_many(props["tag"], names)
+    props["appId"] = _one_or_many(props["appId"], {"pattern": GUID_RE.pattern})
+    props["space"] = _one_or_many(props["space"], names)
     for key in ("name", "value"):
         out["CustomPropertyCriterion"]["properties"][key].update(names)
     for name, text in REQUEST_FIELDS.items():
         if name in props:
             props[name]["description"] = text
-    req["description"] = "A start request. At least one of taskId, tag, customProperty; every other field is optional."
-    req["anyOf"] = [{"required": [k]} for k in ("taskId", "tag", "customProperty")]
+    req["description"] = (
+        "A start request. At least one of taskId, tag, customProperty, appId, space; every other field is optional."
+    )
+    req["anyOf"] = [{"required": [k]} for k in ("taskId", "tag", "customProperty", "appId", "space")]
     out["RetryRequest"]["description"] = "Extra starts after a reload that ended FinishedFail, Aborted, Error or Reset."
     return out
 
@@ -137,6 +145,13 @@ def stop_request_schemas() -> dict[str, Any]:
                           "task that is running is asked to stop; nothing is ever started.")
     req["anyOf"] = [{"required": [k]} for k in ("taskId", "tag", "customProperty")]
     return {"StopRequest": req}
+def _task_or_app(schema: dict[str, Any]) -> None:
+    """A task as QRS names it (`taskId`, `taskName`) or an app as Qlik Cloud does (`appId`,
+    `appName`, backend: cloud): one pair is required, not both."""
+    required = schema.get("required")
+    if isinstance(required, list) and "taskId" in required and "appId" in schema.get("properties", {}):
+        schema["required"] = [k for k in required if k not in ("taskId", "taskName")]
+        schema["oneOf"] = [{"required": ["taskId", "taskName"]}, {"required": ["appId", "appName"]}]
 
 
 def component_schemas() -> dict[str, Any]:
@@ -145,6 +160,8 @@ def component_schemas() -> dict[str, Any]:
     for spec in REPLY_EVENTS:
         _collect(out, TypeAdapter(spec.schema).json_schema(ref_template=SCHEMA_REF))
     _collect(out, TypeAdapter(StopSummaryEvent).json_schema(ref_template=SCHEMA_REF))
+    for schema in out.values():
+        _task_or_app(schema)
     _collect(out, TypeAdapter(StatusMessage).json_schema(ref_template=SCHEMA_REF))
     _collect(out, TypeAdapter(AlertMessage).json_schema(ref_template=SCHEMA_REF))
     out.update(request_schemas())

@@ -38,6 +38,8 @@ def cert_days_left(path: Path) -> int:
 def check_cert_files(cfg: Config) -> bool:
     good = True
     files: list[tuple[str, Path | None]] = [("qrs.cert", cfg.qrs.cert), ("qrs.key", cfg.qrs.key), ("qrs.ca", cfg.qrs.ca)]
+    if cfg.backend == "cloud":
+        files = [("cloud.ca", cfg.cloud.ca)]
     if cfg.mqtt.tls.enabled:
         files += [("mqtt.tls.ca", cfg.mqtt.tls.ca), ("mqtt.tls.cert", cfg.mqtt.tls.cert), ("mqtt.tls.key", cfg.mqtt.tls.key)]
     http_files = cfg.http_tls_files()
@@ -178,9 +180,23 @@ def _judge_broker(cfg: MqttConfig, result: dict[str, str], timeout: float) -> bo
     return True
 
 
+def check_cloud(cfg: Config) -> bool:
+    """backend: cloud: a token obtained (or the API key accepted) and the tenant called, one line each."""
+    from butler_mqtt.runtime import check_cloud as lines
+
+    if not cfg.cloud.verify:
+        _line(WARN, "cloud.verify", "the tenant's certificate is not verified; put a proxy's CA in cloud.ca instead")
+    results = lines(cfg)
+    for ok, text in results:
+        _line(OK if ok else FAIL, "cloud", text)
+    return len(results) == 2 and all(ok for ok, _ in results)
+
+
 def check_qrs(cfg: Config) -> bool:
     from butler_mqtt.runtime import backend
 
+    if cfg.backend == "cloud":
+        return check_cloud(cfg)
     if not cfg.qrs.verify:
         _line(WARN, "qrs.verify", "server certificate verification is OFF; set qrs.ca to root.pem and qrs.verify: true")
     try:
@@ -207,6 +223,10 @@ def check_qrs(cfg: Config) -> bool:
 def run_checks(config_file: Path) -> int:
     try:
         cfg = load_config(config_file)
+        if cfg.backend == "cloud":
+            from butler_mqtt.runtime import cloud_settings
+
+            cloud_settings(cfg)  # names the cloud.* key that cannot work
     except ConfigError as exc:
         _line(FAIL, "config", f"{exc}")
         return 2

@@ -34,6 +34,10 @@ def _add_selectors(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task selection (the union of all criteria; at least one)")
     g.add_argument("--task-id", action="append", default=[], metavar="ID", help="a task GUID (repeatable)")
     g.add_argument("--tag", action="append", default=[], metavar="NAME", help="every task with this tag (repeatable)")
+    g.add_argument("--app-id", action="append", default=[], metavar="ID",
+                   help="an app GUID (repeatable): qrs: the app's reload tasks; cloud: the app")
+    g.add_argument("--space", action="append", default=[], metavar="NAME",
+                   help="backend: cloud: every app in the space of this exact name (repeatable)")
     g.add_argument(
         "--custom-property",
         action="append",
@@ -348,14 +352,18 @@ def _add_request_command(sub: Subcommands) -> None:
 
 
 def _add_sim_command(sub: Subcommands) -> None:
-    """sim: the QRS simulator."""
-    _add_sim(_command(sub, "sim", "the QRS simulator (HTTPS with client certificates)", SIM_HELP))
+    """sim: the QRS simulator (`sim --cloud`: the Qlik Cloud one, its own options)."""
+    p = _command(sub, "sim", "the QRS simulator (HTTPS with client certificates)", SIM_HELP)
+    p.add_argument("--cloud", action="store_true",
+                   help="a Qlik Cloud tenant stand-in instead (its options: butler-mqtt sim --cloud --help)")
+    _add_sim(p)
 
 
 def _add_local_commands(sub: Subcommands) -> None:
     """demo, init and token."""
     p = _command(sub, "demo", "simulator + broker + daemon + five sample requests, all local", DEMO_HELP)
     p.add_argument("--once", action="store_true", help="stop right after the sample requests")
+    p.add_argument("--cloud", action="store_true", help="against the Qlik Cloud simulator (backend: cloud) instead of QRS")
 
     p = _command(
         sub,
@@ -447,7 +455,8 @@ def selectors_request(args: argparse.Namespace, **extra: Any) -> StartRequest:
         if not sep:
             raise ConfigError("--custom-property", f"expected NAME=VALUE, got {item!r}")
         cps.append(CustomPropertyCriterion(name=name, value=value).model_dump())
-    data: dict[str, Any] = {"taskId": args.task_id, "tag": args.tag, "customProperty": cps, **extra}
+    data: dict[str, Any] = {"taskId": args.task_id, "tag": args.tag, "customProperty": cps,
+                            "appId": args.app_id, "space": args.space, **extra}
     if args.all_task_ids_must_exist:
         data["allTaskIdsMustExist"] = True
     return validate_request({k: v for k, v in data.items() if v not in ([], None)})
@@ -469,12 +478,14 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
+    from butler_mqtt.replies import on_wire, without_event
     from butler_mqtt.runtime import backend
-    from butler_mqtt.selection import plan
+    from butler_mqtt.selection import check_for_backend, plan
 
     cfg = _load(args)
     cfg.check_qrs_files()
     req = selectors_request(args, dryRun=True)
+    check_for_backend(req, cfg.backend)
     from butler_mqtt.service import StartService
 
     qrs = backend(cfg)
@@ -488,8 +499,9 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     outcomes = plan(selection, req, allow)
     out = {
         "tasks": [
-            {"taskId": o.task_id, "taskName": o.task_name, "matchedBy": o.matched_by, "status": o.status}
-            | ({"reason": o.reason} if o.reason else {})
+            without_event(on_wire(cast("Event", {"event": "task", "taskId": o.task_id, "taskName": o.task_name,
+                                                "matchedBy": o.matched_by, "status": o.status}
+                                          | ({"reason": o.reason} if o.reason else {})), cfg.backend))
             for o in outcomes
         ],
         "tasksNotFound": selection.not_found,
@@ -677,10 +689,15 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from butler_mqtt.demo import run_demo
 
-    return run_demo(once=args.once)
+    return run_demo(once=args.once, cloud=args.cloud)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["sim"] and "--cloud" in given[1:]:  # the Qlik Cloud simulator has its own options
+        from butler_mqtt.sim.cloud.app import main as cloud_sim
+
+        return cloud_sim([a for a in given[1:] if a != "--cloud"])
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {

@@ -6,7 +6,8 @@ command-line tools; under systemd set `WorkingDirectory=` or use absolute paths.
 
 Secrets can also come from systemd credentials: when `$CREDENTIALS_DIRECTORY` holds
 `qrs_client.pem`, `qrs_client_key.pem`, `qrs_root.pem`, `mqtt_password`, `http_token`,
-`http_cert.pem`, `http_key.pem` or `http_client_ca.pem`, they replace the matching keys (see
+`http_cert.pem`, `http_key.pem`, `http_client_ca.pem`, `cloud_client_secret` or `cloud_api_key`,
+they replace the matching keys (see
 docs and `systemd/butler-mqtt.service`).
 """
 
@@ -160,14 +161,32 @@ class AllowList(_Section):
     task_ids: list[str] = []
     tags: list[str] = []
     custom_properties: list[CustomPropertyAllow] = []
+    app_ids: list[str] = []  # contract section 9 (both backends)
+    spaces: list[str] = []  # Qlik Cloud only
 
-    @field_validator("task_ids")
+    @field_validator("task_ids", "app_ids")
     @classmethod
     def _ids(cls, v: list[str]) -> list[str]:
         for t in v:
             if not is_guid(t):
                 raise ValueError(f"'{t}' is not a GUID")
         return [t.lower() for t in v]
+
+
+class CloudConfig(_Section):
+    """`cloud` (contract section 9): the Qlik Cloud tenant, used with `backend: cloud`."""
+
+    tenant: str | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    api_key: SecretStr | None = None
+    timeout: float = Field(default=30, gt=0, le=3600)
+    start_concurrency: int = Field(default=4, ge=1, le=64)
+    reloads_per_minute: float = Field(default=50, gt=0, le=100000)
+    verify: bool = True
+    ca: Path | None = None
+    proxy: str | None = None  # may hold proxy credentials: scrubbed from every log line
+    max_pages: int = Field(default=100, ge=1, le=10000)  # pages of 100 one listing may take (a tag's, a space's apps)
 
 
 class StartFilterConfig(_Section):
@@ -470,6 +489,8 @@ class Config(_Section):
     # callers (contract section 10): see CallerConfig and check_callers above
     callers: list[CallerConfig] = Field(default=[], max_length=MAX_CALLERS)
     callers_only: bool = False
+    backend: Literal["qrs", "cloud"] = "qrs"  # contract section 9
+    cloud: CloudConfig = CloudConfig()
     _sources: Sources = PrivateAttr(default_factory=dict)
 
     def source(self, key: str) -> str:
@@ -505,9 +526,12 @@ class Config(_Section):
 
     def check_qrs_files(self) -> None:
         """Certificate files (QRS, broker TLS, the HTTPS listener's) must exist and be readable
-        before anything starts; the daemon then loads the HTTPS pair (`http.tls`)."""
-        files = {"qrs.cert": self.qrs.cert, "qrs.key": self.qrs.key}
-        if self.qrs.verify and self.qrs.ca is not None:
+        before anything starts; the daemon then loads the HTTPS pair (`http.tls`). With
+        `backend: cloud` the QRS files are not used (cloud.ca is checked at load)."""
+        files: dict[str, Path] = {}
+        if self.backend == "qrs":
+            files = {"qrs.cert": self.qrs.cert, "qrs.key": self.qrs.key}
+        if self.backend == "qrs" and self.qrs.verify and self.qrs.ca is not None:
             files["qrs.ca"] = self.qrs.ca
         if self.mqtt.tls.enabled:
             for name in ("ca", "cert", "key"):
@@ -527,12 +551,15 @@ class Config(_Section):
         """Every configured secret value (and the secret parts of URLs), for the log scrubber
         (ops/logging.scrub_secrets): none of them may appear in a log line, in any field."""
         found: list[str] = []
-        for secret in (self.mqtt.password, self.http.token, *self.alerts.webhook.headers.values()):
+        for secret in (self.mqtt.password, self.http.token, self.cloud.client_secret, self.cloud.api_key,
+                       *self.alerts.webhook.headers.values()):
             if secret is not None:
                 found.append(secret.get_secret_value())
         for url in (self.journal.url, self.alerts.webhook.url):
             if url is not None:
                 found += url_secrets(url.get_secret_value())
+        if self.cloud.proxy:
+            found += url_secrets(self.cloud.proxy)
         return found
 
     def redacted(self) -> dict[str, Any]:
@@ -584,7 +611,8 @@ def _env_overrides(environ: dict[str, str], sources: Sources | None = None) -> d
             value = yamlsafe.load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, int | float | bool) and path[-1] in {"password", "token", "user_id", "username"}:
+        if isinstance(value, int | float | bool) and path[-1] in {"password", "token", "user_id", "username",
+                                                                     "client_id", "client_secret", "api_key"}:
             value = raw  # secrets and ids stay strings even when they look like numbers
         node = out
         for part in path[:-1]:
@@ -633,8 +661,11 @@ def _credentials(data: dict[str, Any], environ: dict[str, str], sources: Sources
         extra.setdefault("mqtt", {})["password"] = (d / "mqtt_password").read_text().strip()
     if (d / "http_token").is_file():
         extra.setdefault("http", {})["token"] = (d / "http_token").read_text().strip()
+    for fname in ("cloud_client_secret", "cloud_api_key"):
+        if (d / fname).is_file():
+            extra.setdefault("cloud", {})[fname.removeprefix("cloud_")] = (d / fname).read_text().strip()
     if sources is not None:
-        names = {"qrs.cert": "qrs_client.pem", "qrs.key": "qrs_client_key.pem", "qrs.ca": "qrs_root.pem",
+        names = {"cloud.client_secret": "cloud_client_secret", "cloud.api_key": "cloud_api_key","qrs.cert": "qrs_client.pem", "qrs.key": "qrs_client_key.pem", "qrs.ca": "qrs_root.pem",
                  "mqtt.password": "mqtt_password", "http.token": "http_token", "http.tls.cert": "http_cert.pem",
                  "http.tls.key": "http_key.pem", "http.tls.client_ca": "http_client_ca.pem"}
         for section, values in extra.items():

@@ -61,7 +61,7 @@ class Daemon:
         self.listener = MqttListener(cfg.mqtt, lambda job: self.workers.enqueue(job), client_id=client_id)
         self.listener.on_subscribed = lambda: systemd.notify("READY=1\nSTATUS=connected and subscribed")
         self.health = MqttHealth(self.listener)
-        self.runtime = runtime.build(cfg, route_publisher(self.listener), self.health, alert=alert_publisher(self.listener))
+        self.runtime = runtime.build(cfg, route_publisher(self.listener, cfg.backend), self.health, alert=alert_publisher(self.listener))
         # MQTT 3.1.1 clears the retain flag on live delivery: ask the broker (mqtt/retain_probe.py).
         self.retain_probe = None if self.listener.v5 else RetainProbe(cfg.mqtt, client_id)
         self.handler = RequestHandler(self.runtime, self.listener, self.health, self.should_exit, self.retain_probe)
@@ -89,7 +89,7 @@ class Daemon:
         self._start("reloader", self.reloader.start, self.reloader.stop)
         if cfg.serves_http:
             self._start("http", self._start_http, lambda: self.http_server.stop() if self.http_server else None)
-        log.info("started", broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}", qrs=cfg.qrs.base_url, client_id=self.listener.client_id,
+        log.info("started", broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}", qrs=runtime.backend_url(cfg), backend=cfg.backend, client_id=self.listener.client_id,
                  topics=self.listener.topics(), start_filter=cfg.start_filter.enabled, http=cfg.http.enabled)
 
     def _start(self, name: str, start: Callable[[], object], stop: Callable[[], object]) -> None:

@@ -56,6 +56,25 @@ STOP_SAMPLES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("...and stop them at once (topics.stop, wait): a running one is 'stopping' and ends Aborted, the others are"
      " 'notRunning'; a stop never starts anything", {"requestId": "demo-7", "tag": ["financial-reports"], "wait": True}),
 )
+#: `demo --cloud`: the same kind of requests against the Qlik Cloud simulator (backend: cloud).
+CLOUD_SAMPLES: list[tuple[str, dict[str, Any]]] = [
+    (
+        "start every app tagged 'nightly' (two apps named Revenue, in two spaces) and follow them to the end",
+        {"requestId": "cloud-1", "tag": ["nightly"], "wait": True},
+    ),
+    (
+        "the apps of the space 'Sales', a space that does not exist, and a dry run",
+        {"requestId": "cloud-2", "space": ["Sales", "No such space"], "dryRun": True},
+    ),
+    (
+        "an app whose reload fails: taskFinished with cloudStatus FAILED and why (failure)",
+        {"requestId": "cloud-3", "tag": ["broken"], "wait": True},
+    ),
+    (
+        "a custom property: Qlik Cloud has none, the error says what to use instead",
+        {"requestId": "cloud-4", "customProperty": [{"name": "taskGroup", "value": "finance"}]},
+    ),
+]
 
 
 def _print_event(ev: Event) -> None:
@@ -69,9 +88,10 @@ def _print_event(ev: Event) -> None:
             print(f"       (script log: {failure['scriptLogError']})", flush=True)
 
 
-def run_demo(once: bool = False, workdir: Path | None = None) -> int:
-    """Run the demo. Its temporary folder (certificates with private keys, journal, broker
-    data) is removed at the end, also after Ctrl-C or SIGTERM; a given `workdir` is kept."""
+def run_demo(once: bool = False, workdir: Path | None = None, cloud: bool = False) -> int:
+    """Run the demo (`cloud`: against the Qlik Cloud simulator, backend: cloud). Its temporary
+    folder (certificates with private keys, journal, broker data) is removed at the end, also
+    after Ctrl-C or SIGTERM; a given `workdir` is kept."""
     work = Path(workdir or tempfile.mkdtemp(prefix="butler-mqtt-demo-"))
 
     def interrupt(_signum: int, _frame: Any) -> None:
@@ -84,10 +104,15 @@ def run_demo(once: bool = False, workdir: Path | None = None) -> int:
         from butler_mqtt.sim import QrsSimulator, demo_tasks, ensure_certs
 
         certs = ensure_certs(work / "certs")
-        sim = QrsSimulator(demo_tasks(), certs_dir=work / "certs").start()
+        if cloud:
+            from butler_mqtt.sim.cloud import CloudSimulator, demo_world
+
+            sim = CloudSimulator(demo_world(), certs_dir=work / "certs").start()
+        else:
+            sim = QrsSimulator(demo_tasks(), certs_dir=work / "certs").start()
         if find_mosquitto() is not None:
             broker = Mosquitto(work / "broker").start()
-        return _run(work, once, sim, certs, broker)
+        return _run(work, once, sim, certs, broker, cloud)
     finally:
         if sim is not None:
             sim.stop()
@@ -99,14 +124,17 @@ def run_demo(once: bool = False, workdir: Path | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(work: Path, once: bool, sim: Any, certs: Any, broker: Mosquitto | None) -> int:
+def _run(work: Path, once: bool, sim: Any, certs: Any, broker: Mosquitto | None, cloud: bool = False) -> int:
     from butler_mqtt.daemon import Daemon
     from butler_mqtt.mqtt.requester import Requester
     from butler_mqtt.sim import demo_tasks
 
-    cfg = _demo_config(work, sim, certs, broker)
+    cfg = _demo_config(work, sim, certs, broker, cloud)
     setup_logging(cfg.logging.level, cfg.logging.format)
-    print(f"QRS simulator   {sim.base_url}/qrs  ({len(demo_tasks())} demo tasks, certificates in {work / 'certs'})")
+    if cloud:
+        print(f"Qlik Cloud sim  {sim.base_url}  ({sim.world.app_count()} demo apps, CA {certs.root})")
+    else:
+        print(f"QRS simulator   {sim.base_url}/qrs  ({len(demo_tasks())} demo tasks, certificates in {work / 'certs'})")
     print(f"work folder     {work}  (removed when the demo ends)")
     mqtt_host, mqtt_port = cfg.mqtt.host, cfg.mqtt.port
     print(f"MQTT broker     {mqtt_host}:{mqtt_port}" + ("  (private mosquitto)" if broker else "  (from the config)"))
@@ -120,7 +148,7 @@ def _run(work: Path, once: bool, sim: Any, certs: Any, broker: Mosquitto | None)
         print(f"butler-mqtt     listening on '{cfg.mqtt.topics.start}', '{cfg.mqtt.topics.start_plain}'"
               f" and '{cfg.mqtt.topics.stop}'\n")
         with Requester(cfg.mqtt) as requester:
-            for title, request in SAMPLES:
+            for title, request in CLOUD_SAMPLES if cloud else SAMPLES:
                 print(f"--> {title}\n    -> {json.dumps(request)}", flush=True)
                 requester.request(request, timeout=60, on_event=_print_event)
                 print()
@@ -149,7 +177,7 @@ def _run(work: Path, once: bool, sim: Any, certs: Any, broker: Mosquitto | None)
         daemon.shutdown(drain_timeout=5)
 
 
-def _demo_config(work: Path, sim: Any, certs: Any, broker: Mosquitto | None) -> Config:
+def _demo_config(work: Path, sim: Any, certs: Any, broker: Mosquitto | None, cloud: bool = False) -> Config:
     """The demo's daemon: the simulator, the private broker (else the config's), quick polls,
     and `policies.max_running: 2` so the queue shows at work."""
     try:
@@ -159,6 +187,16 @@ def _demo_config(work: Path, sim: Any, certs: Any, broker: Mosquitto | None) -> 
     mqtt_host, mqtt_port = base.mqtt.host, base.mqtt.port
     if broker is not None:
         mqtt_host, mqtt_port = "127.0.0.1", broker.port
+    if cloud:  # the Qlik Cloud simulator: backend cloud, its OAuth client
+        return Config.model_validate({
+            "mqtt": {"host": mqtt_host, "port": mqtt_port, "client_id": "butler-mqtt-demo-cloud"},
+            "backend": "cloud",
+            "cloud": {"tenant": sim.base_url, "client_id": sim.client_id, "client_secret": sim.client_secret,
+                      "ca": str(certs.root)},
+            "tracking": {"poll_interval": 0.5, "first_poll": 0.3},
+            "logging": {"level": "error", "format": "console"},
+            "state_dir": str(work / "state"),
+        })
     return Config.model_validate(
         {
             "mqtt": {"host": mqtt_host, "port": mqtt_port, "client_id": "butler-mqtt-demo"},

@@ -30,6 +30,11 @@ MAX_REQUEST_ID_LENGTH = 128
 
 INVALID_GUID_ERROR = "Invalid task ID format"
 INVALID_GUID_DETAILS = "Task ID must be a valid GUID"
+INVALID_APP_ID_ERROR = "Invalid app ID format"
+INVALID_APP_ID_DETAILS = "App ID must be a valid GUID"
+#: Reload options of Qlik Cloud (contract section 9; qlik-cloud-api.md 3).
+MAX_VARIABLES = 20
+MAX_VARIABLE_CHARS = 256
 
 # Control characters never occur in Qlik tag or property names; rejecting them keeps log
 # lines and QRS filters clean. Quotes, `&`, `#`, `+`, `%`, parentheses and non-ASCII are
@@ -141,6 +146,11 @@ class StartRequest(BaseModel):
     retry: RetryRequest | None = None
     deadline: float | None = Field(default=None, gt=0, le=7 * 86400)
     priority: int | None = Field(default=None, ge=0, le=MAX_PRIORITY)
+    # Contract section 9: apps by id (both backends), spaces and reload options (Qlik Cloud).
+    appId: list[str] = Field(default_factory=list, max_length=MAX_CRITERIA)
+    space: list[str] = Field(default_factory=list, max_length=MAX_CRITERIA)
+    partial: bool | None = None
+    variables: dict[str, str] | None = Field(default=None, max_length=MAX_VARIABLES)
     onDeadline: OnDeadline | None = None
 
     @field_validator("requestId")
@@ -148,7 +158,7 @@ class StartRequest(BaseModel):
     def _request_id(cls, v: str | None) -> str | None:
         return None if v is None else check_storable(v, "requestId")
 
-    @field_validator("taskId", "tag", mode="before")
+    @field_validator("taskId", "tag", "appId", "space", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         # The contract accepts a single string where a list is expected.
@@ -167,10 +177,35 @@ class StartRequest(BaseModel):
                 raise ValueError(INVALID_GUID_DETAILS)
         return [t.strip().lower() for t in v]
 
+    @field_validator("appId")
+    @classmethod
+    def _app_ids(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not is_guid(t.strip()):
+                raise ValueError(INVALID_APP_ID_DETAILS)
+        return [t.strip().lower() for t in v]
+
+    @field_validator("space")
+    @classmethod
+    def _spaces(cls, v: list[str]) -> list[str]:
+        return [_check_name(t, "space") for t in v]
+
+    @field_validator("variables")
+    @classmethod
+    def _variables(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for name, value in (v or {}).items():
+            check_storable(name, "variables (a name)")  # kept in the journal with the request
+            check_storable(value, "variables (a value)")
+            if not 1 <= len(name) <= MAX_VARIABLE_CHARS:
+                raise ValueError(f"variable names are 1 to {MAX_VARIABLE_CHARS} characters")
+            if len(value) > MAX_VARIABLE_CHARS:
+                raise ValueError(f"variable values are at most {MAX_VARIABLE_CHARS} characters")
+        return v
+
     @model_validator(mode="after")
     def _has_criteria(self) -> StartRequest:
-        if not (self.taskId or self.tag or self.customProperty):
-            raise ValueError("at least one of taskId, tag, customProperty is required")
+        if not (self.taskId or self.tag or self.customProperty or self.appId or self.space):
+            raise ValueError("at least one of taskId, tag, customProperty, appId, space is required")
         return self
 
     @property
@@ -232,6 +267,8 @@ def _describe(err: ValidationError) -> RequestRejected:
     msg = first["msg"]
     if first["type"] == "value_error" and INVALID_GUID_DETAILS in msg:
         return RequestRejected(INVALID_GUID_ERROR, INVALID_GUID_DETAILS)
+    if first["type"] == "value_error" and INVALID_APP_ID_DETAILS in msg:
+        return RequestRejected(INVALID_APP_ID_ERROR, INVALID_APP_ID_DETAILS)
     if first["type"] == "extra_forbidden":
         return RequestRejected("Invalid request", f"unknown field '{loc}'")
     msg = msg.removeprefix("Value error, ")
@@ -334,6 +371,10 @@ class QrsTask:
     enabled: bool = True
     tags: tuple[str, ...] = ()
     custom_properties: tuple[tuple[str, str], ...] = ()  # (definition name, value)
+    app_id: str | None = None  # the app the task reloads (Qlik Cloud: the task is the app)
+    space: str | None = None  # Qlik Cloud: the name of the app's space
+    #: Names compare exactly (Qlik Cloud) rather than case-insensitively (QRS).
+    exact_names: bool = False
     #: `operational.lastExecutionResult` in a non-final state: the task is running in QRS.
     running: bool = False
     last_result_id: str | None = None  # that ExecutionResult's id (not the execution session id)
@@ -355,6 +396,8 @@ class QrsTask:
         name = obj.get("name")
         enabled = obj.get("enabled", True)
         running, result_id = _last_execution(obj.get("operational"))
+        app = obj.get("app")
+        app_id = app.get("id") if isinstance(app, dict) else None
         return cls(
             id=str(obj["id"]).lower(),
             name=storable_text(name) if isinstance(name, str) else "",
@@ -363,6 +406,7 @@ class QrsTask:
             custom_properties=cps,
             running=running,
             last_result_id=result_id,
+            app_id=app_id.lower() if isinstance(app_id, str) and is_guid(app_id) else None,
         )
 
 
@@ -388,7 +432,7 @@ def _dicts(value: Any) -> list[dict[str, Any]]:
     return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
-MatchKind = Literal["taskId", "tag", "customProperty"]
+MatchKind = Literal["taskId", "tag", "customProperty", "appId", "space"]
 
 
 class Match(str):
@@ -419,7 +463,7 @@ class Match(str):
         if kind == "customProperty":
             name, eq, value = rest.partition("=")
             return cls("customProperty", value, name) if eq else None
-        if kind in ("taskId", "tag"):
+        if kind in ("taskId", "tag", "appId", "space"):
             return cls(kind, rest)  # type: ignore[arg-type]  # narrowed by the test above
         return None
 
@@ -441,6 +485,8 @@ class TaskOutcome:
     reason: str | None = None
     position: int | None = None  # queued: 1 = next
     attempt: int | None = None  # with retry: 1 = the first start
+    partial: bool = False  # Qlik Cloud reload options of the stage that selected it
+    variables: dict[str, str] | None = None
 
 
 @dataclass

@@ -29,7 +29,7 @@ from butler_mqtt.config import PoliciesConfig
 from butler_mqtt.errors import ButlerError, QrsError, rate_limited
 from butler_mqtt.journal import Journal
 from butler_mqtt.journal.runq import Entry, Waiter
-from butler_mqtt.model import TaskOutcome, matches
+from butler_mqtt.model import StartRequest, TaskOutcome, matches
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.policies import effective
 from butler_mqtt.replies import Event
@@ -143,7 +143,9 @@ class QueueRunner:
         when QRS answered 429 (nothing ran): the entry stays `starting` under our lease and is
         started again at the next maintenance."""
         try:
-            o = self.service.start_one(TaskOutcome(entry.task_id, entry.task_name, "started"))
+            partial, variables = self._options(entry)
+            o = self.service.start_one(TaskOutcome(entry.task_id, entry.task_name, "started", partial=partial,
+                                                   variables=variables))
         except Exception as exc:  # noqa: BLE001 - a claimed entry must end done, never stay `starting`
             if rate_limited(exc):
                 log.warning("queue_start_deferred", taskId=entry.task_id, error=str(exc))
@@ -158,6 +160,23 @@ class QueueRunner:
         if o.reason:
             outcome["reason"] = o.reason
         return outcome
+
+    def _options(self, entry: Entry) -> tuple[bool, dict[str, str] | None]:
+        """The Qlik Cloud reload options (partial, variables) of the stage that queued the task,
+        from its first waiting request as recorded; none for QRS, or when nothing is recorded."""
+        if self.service.backend.kind != "cloud":
+            return False, None
+        try:
+            for w in self.journal.runq.waiters(entry.id):
+                asked = self.journal.request_of(w.key)
+                stage: StartRequest | None = StartRequest.model_validate(asked) if asked is not None else None
+                for _ in range(w.stage or 0):
+                    stage = stage.then if stage is not None else None
+                if stage is not None:
+                    return bool(stage.partial), stage.variables
+        except (ButlerError, ValueError) as exc:  # started without them rather than not at all
+            log.warning("queue_options_unreadable", taskId=entry.task_id, error=str(exc))
+        return False, None
 
     def _tell(self, entry_id: int) -> None:
         """Publish the `task` event of a done entry to each request still waiting on it."""

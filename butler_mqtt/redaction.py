@@ -68,6 +68,8 @@ def url_secrets(url: str) -> list[str]:
     try:
         parts = urlsplit(url)
         found.append(parts.password or "")
+        if parts.username and parts.password:  # user:password, as it stands in the URL
+            found.append(parts.netloc.rsplit("@", 1)[0])
     except ValueError:
         return found
     if parts.path not in ("", "/"):

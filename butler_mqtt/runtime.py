@@ -12,6 +12,7 @@ the daemon's lifecycle.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,13 +21,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from butler_mqtt.backends.base import Backend
+from butler_mqtt.backends.cloud.backend import CloudBackend
+from butler_mqtt.backends.cloud.client import CloudClient
+from butler_mqtt.backends.cloud.settings import CloudSettings
 from butler_mqtt.backends.qrs.backend import QrsBackend
 from butler_mqtt.backends.qrs.client import CallObserver, QrsClient
 from butler_mqtt.backends.qrs.client import probe_at_start as _qrs_probe
 from butler_mqtt.backends.qrs.failure import ScriptLogReader
+from butler_mqtt.errors import ButlerError, ConfigError, QrsError
 from butler_mqtt.journal import Journal
 from butler_mqtt.ops import alerts
 from butler_mqtt.ops.alerts import Alerter
+from butler_mqtt.ops.backend_health import BackendHealth
 from butler_mqtt.ops.logging import scrub_secrets
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.queueing import QueueRunner
@@ -92,9 +98,21 @@ class Runtime:
 
 
 def backend(cfg: Config, observer: CallObserver | None = None, *, retries: int | None = None) -> Backend:
-    """The configured backend (today: client-managed Qlik Sense over QRS). The one place
-    outside `backends/` that names an implementation (an import-linter contract); `check`,
-    `resolve` and the daemon get theirs here. `retries`: override `qrs.retries` (check: 0)."""
+    """The configured backend (`backend: qrs`: client-managed Qlik Sense over QRS; `cloud`: a
+    Qlik Cloud tenant). The one place outside `backends/` that names an implementation (an
+    import-linter contract); `check`, `resolve` and the daemon get theirs here. `retries`:
+    override `qrs.retries` (check: 0)."""
+    if cfg.backend == "cloud":
+        settings = cloud_settings(cfg)
+        health = BackendHealth(f"Qlik Cloud at {settings.tenant}")
+
+        def observed(method: str, route: str, status: int | None, seconds: float) -> None:
+            health.observe(method, route, status, seconds)  # every call, whoever made it
+            if observer is not None:
+                observer(method, route, status, seconds)
+
+        client = CloudClient(settings, observer=observed)
+        return CloudBackend(client, space_names=bool(cfg.start_filter.allow.spaces), health=health)
     qrs_cfg = cfg.qrs if retries is None else cfg.qrs.model_copy(update={"retries": retries})
     reader = None
     if cfg.tracking.script_log_lines > 0:  # script logs are read on a connection pool of their own
@@ -102,9 +120,63 @@ def backend(cfg: Config, observer: CallObserver | None = None, *, retries: int |
     return QrsBackend(QrsClient(qrs_cfg, observer=observer), reader)
 
 
+def cloud_settings(cfg: Config) -> CloudSettings:
+    """The Qlik Cloud client's settings from the `cloud` section; ConfigError naming the
+    `cloud.*` key (and where its value came from) when a value cannot work: no tenant, both or
+    neither way to sign in, a proxy that is no URL, an unreadable `cloud.ca`, ..."""
+    c = cfg.cloud
+    try:
+        if not c.tenant:
+            raise ConfigError("cloud.tenant", "backend: cloud needs cloud.tenant (https://<tenant>.<region>.qlikcloud.com)")
+        if c.ca is not None and not (c.ca.is_file() and os.access(c.ca, os.R_OK)):
+            raise ConfigError("cloud.ca", f"file not found or not readable: {c.ca}")
+        return CloudSettings(
+            tenant=c.tenant, client_id=c.client_id,
+            client_secret=c.client_secret.get_secret_value() if c.client_secret else None,
+            api_key=c.api_key.get_secret_value() if c.api_key else None,
+            timeout=c.timeout, start_concurrency=c.start_concurrency, reloads_per_minute=c.reloads_per_minute,
+            verify=c.verify, ca=c.ca, proxy=c.proxy, max_pages=c.max_pages,
+        )
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.reason, cfg.source(exc.key)) from None
+
+
+def check_cloud(cfg: Config) -> list[tuple[bool, str]]:
+    """`check` with backend: cloud: (ok, line) for the credentials and for the tenant answering."""
+    client = CloudClient(cloud_settings(cfg))
+    try:
+        return client.check()
+    finally:
+        client.close()
+
+
+def backend_url(cfg: Config) -> str:
+    """What the logs and alerts name as the backend: the QRS base URL or the tenant."""
+    return (cfg.cloud.tenant or "") if cfg.backend == "cloud" else cfg.qrs.base_url
+
+
 def probe_at_start(cfg: Config) -> threading.Thread:
     """Warn at start (in the background) when the backend cannot be reached."""
-    return _qrs_probe(cfg.qrs)
+    if cfg.backend == "qrs":
+        return _qrs_probe(cfg.qrs)
+
+    def probe() -> None:
+        try:
+            tenant = backend(cfg)
+        except ButlerError:
+            return  # a configuration problem: startup reports it itself
+        try:
+            tenant.about()
+            log.info("cloud_reachable", tenant=backend_url(cfg))
+        except QrsError as exc:
+            log.warning("cloud_unreachable_at_start", tenant=backend_url(cfg), error=str(exc),
+                        detail="requests wait (unacked) until the tenant answers; run `butler-mqtt check`")
+        finally:
+            tenant.close()
+
+    t = threading.Thread(target=probe, name="cloud-probe", daemon=True)
+    t.start()
+    return t
 
 
 def preflight(cfg: Config) -> None:
@@ -112,8 +184,13 @@ def preflight(cfg: Config) -> None:
     (else a ConfigError naming the key: exit 2), and a warning for each TLS verification that is
     turned off. (The HTTPS listener's pair is the REST edge's to check, in the daemon:
     the runtime imports no edge, which imports the runtime.)"""
+    scrub_secrets(cfg.secret_values())  # before anything can log one
     cfg.check_qrs_files()
-    if not cfg.qrs.verify:
+    if cfg.backend == "cloud":
+        cloud_settings(cfg)  # ConfigError naming the cloud.* key
+        if not cfg.cloud.verify:
+            log.warning("cloud_tls_verification_disabled", detail="cloud.verify is false: the tenant is not authenticated")
+    elif not cfg.qrs.verify:
         log.warning("qrs_tls_verification_disabled", detail="qrs.verify is false: the QRS server is not authenticated")
     if cfg.mqtt.tls.enabled and not cfg.mqtt.tls.verify:
         log.warning("mqtt_tls_verification_disabled", detail="mqtt.tls.verify is false")
@@ -176,7 +253,7 @@ def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | No
     )
     metrics = Metrics()
     # Alerts (ops/alerts.py) watch the QRS calls and every new reply event, like the metrics.
-    alerter = Alerter(cfg.alerts, metrics, instance=cfg.mqtt.effective_client_id(), qrs=cfg.qrs.base_url, publish=alert)
+    alerter = Alerter(cfg.alerts, metrics, instance=cfg.mqtt.effective_client_id(), qrs=backend_url(cfg), publish=alert)
     qrs = backend(cfg, observer=alerts.observers(metrics.observe_qrs, alerter.observe_qrs))
     service = StartService(cfg, qrs, journal)
     service.observers += [metrics.observe_event, alerter.observe]
@@ -195,5 +272,5 @@ def _stop_ingress(ingress: str) -> str:
 
 
 #: The parts' types, for the daemon's typed views of them (it imports no part itself).
-__all__ = ["Health", "Journal", "Metrics", "Runtime", "StartService", "Tracker", "backend", "build", "preflight",
-           "probe_at_start"]
+__all__ = ["Health", "Journal", "Metrics", "Runtime", "StartService", "Tracker", "backend", "backend_url", "build", "check_cloud", "cloud_settings",
+           "preflight", "probe_at_start"]

@@ -26,7 +26,7 @@ from butler_mqtt.policies import Policy, effective
 from butler_mqtt.replies import Event
 from butler_mqtt.replies.types import SummaryEvent
 from butler_mqtt.resume import intent_key, plan_resume
-from butler_mqtt.selection import Selection, plan, select
+from butler_mqtt.selection import Selection, check_for_backend, plan, select
 from butler_mqtt.starts import Starts
 
 log = structlog.get_logger("butler_mqtt.service")
@@ -63,16 +63,16 @@ class StartService:
         self.cfg = cfg
         self.backend = backend
         self.journal = journal
-        self.starts = Starts(backend, cfg.qrs.start_concurrency)
+        concurrency = cfg.cloud.start_concurrency if backend.kind == "cloud" else cfg.qrs.start_concurrency
+        self.starts = Starts(backend, concurrency)
         self._allow_lock = threading.Lock()
         self._allow = cfg.start_filter
         self.keys = KeyLocks()
         self.admission = Admission(backend, journal)
-        #: Called with every reply event as it is produced (never with a replayed one): the
-        #: alerter and the metrics watch the requests here, whatever the ingress (`notify`).
+        #: Every fresh reply event (never a replayed one), whatever the ingress: alerter, metrics.
         self.observers: list[Emit] = []
-        #: Hands a request to the tracker once its first stage started, when it has to be
-        #: followed (wait/then, retries, a deadline). runtime.build sets it.
+        #: Hands a followed request (wait/then, retries, a deadline) to the tracker once its
+        #: first stage started. runtime.build sets it.
         self.follow: Follow | None = None
         #: The way out of a request's later events (MQTT: its route); runtime.build sets it.
         self.publish: Publish | None = None
@@ -83,8 +83,8 @@ class StartService:
         self.starts.close()
 
     def notify(self, ev: Event) -> None:
-        """Hand a new reply event to every observer. An observer must be quick (it runs on
-        the request's thread) and its failure never reaches the request."""
+        """Hand a new reply event to every observer (quick: on the request's thread; a failing one
+        never reaches the request)."""
         for observe in self.observers:
             try:
                 observe(ev)
@@ -92,9 +92,8 @@ class StartService:
                 log.exception("event_observer_failed", observer=getattr(observe, "__qualname__", repr(observe)))
 
     def send_later(self, key: str | None, route: Route, ev: Event, *, observe: bool = True) -> None:
-        """A request's later event (after its first answer: taskFinished, taskOverdue, a later
-        stage's, a queued task's start, requestFinished), the one way they all leave: recorded
-        under the request's key (None: not journaled), published on its route, observed."""
+        """A request's later event (taskFinished, taskOverdue, a later stage's, a queued start,
+        requestFinished), the one way they leave: journaled under `key`, published, observed."""
         if key is not None and self.journal is not None:
             try:
                 self.journal.reply(key, ev)
@@ -115,11 +114,11 @@ class StartService:
         return both
 
     def submit(self, req: StartRequest, claim: Claim, emit: Emit) -> Handled:
-        """The one use case, for every ingress: claim the request under its key (a duplicate
-        gets the recorded outcome), run its first stage (resolve, plan, start) with each reply
-        event handed to `emit` as it is made, hand it to the tracker when it is followed, record
-        it. Raises QrsError (nothing was started: the claim is dropped, a retry is handled anew)
-        and JournalError (the caller must not ack)."""
+        """The one use case, for every ingress: claim (a duplicate gets the recorded outcome), run
+        the first stage with each event handed to `emit`, hand a followed request to the tracker,
+        record. Raises RequestRejected (nothing claimed), QrsError (nothing started: the claim is
+        dropped) and JournalError (the caller must not ack)."""
+        check_for_backend(req, self.backend.kind)  # before the claim: a refused request is not journaled
 
         def on_started(result: StageResult) -> None:
             if self.follow is not None and claim.key is not None and (req.waits or result.follow):
@@ -142,8 +141,7 @@ class StartService:
             return self._allow.allow if self._allow.enabled else None
 
     def resolve(self, stage: StartRequest) -> Selection:
-        """All criteria of the stage in one `GET /qrs/reloadtask/full` (chunked if long)."""
-        return self.resolve_tasks(stage)[0]
+        return self.resolve_tasks(stage)[0]  # all criteria in one backend query (chunked if long)
 
     def resolve_tasks(self, stage: StartRequest) -> tuple[Selection, dict[str, QrsTask]]:
         """`resolve`, with the tasks the backend returned by id (their running state: run policies)."""
@@ -167,16 +165,20 @@ class StartService:
         return admitted
 
     def start_task_again(
-        self, task_id: str, matched_by: list[Match], policy: Policy, ticket: Ticket, send: Emit
+        self, task_id: str, matched_by: list[Match], policy: Policy, ticket: Ticket, send: Emit,
+        stage: StartRequest | None = None,
     ) -> tuple[TaskOutcome | None, dict[int, TaskOutcome]]:
-        """A retry (contract section 7): the task is looked up again (its running state too) and
-        started under the same policies. (None, {}) when it no longer exists; else its outcome
-        and, when it waits in the queue, {entry id: outcome}."""
-        selection, tasks = self.resolve_tasks(StartRequest(taskId=[task_id]))
+        """A retry (section 7): looked up again and started under the same policies. (None, {})
+        when it no longer exists; else its outcome and, when queued, {entry id: outcome}. `stage`:
+        the stage it was selected in (its Qlik Cloud reload options apply to the retry too)."""
+        # Qlik Cloud addresses an app (the task) by appId, QRS a reload task by taskId.
+        lookup = StartRequest(appId=[task_id]) if self.backend.kind == "cloud" else StartRequest(taskId=[task_id])
+        selection, tasks = self.resolve_tasks(lookup)
         if not selection.selected:
             return None, {}
         task = selection.selected[0].task
-        o = TaskOutcome(task.id, task.name, "started", list(matched_by), attempt=ticket.attempt)
+        o = TaskOutcome(task.id, task.name, "started", list(matched_by), attempt=ticket.attempt,
+                        partial=bool(stage and stage.partial), variables=stage.variables if stage else None)
         # Claimed like a first start: after a crash, this attempt's recorded answer or its
         # intent (then QRS is asked whether the start arrived) is found, never sent twice.
         prior = self.journal.load(ticket.key) if self.journal is not None and ticket.key is not None else None
@@ -186,8 +188,7 @@ class StartService:
         return o, admitted.queued
 
     def start_one(self, o: TaskOutcome) -> TaskOutcome:
-        """Start one task (a queued one: the queue runner); `o` gets QRS's answer."""
-        return self.starts.one(o)
+        return self.starts.one(o)  # a queued task (the queue runner); `o` gets the answer
 
     def run_stage(
         self,
@@ -365,6 +366,8 @@ def _audit_fields(req: StartRequest) -> dict[str, Any]:
             "taskId": req.taskId,
             "tag": req.tag,
             "customProperty": [c.model_dump() for c in req.customProperty],
+            **({"appId": req.appId} if req.appId else {}),
+            **({"space": req.space} if req.space else {}),
         },
         "dryRun": req.dryRun,
         "allTaskIdsMustExist": req.allTaskIdsMustExist,

@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 
 import structlog
 
-from butler_mqtt.backends.base import Backend
+from butler_mqtt.backends.base import Backend, StartOptions
 from butler_mqtt.errors import QrsError, QrsNotFound, QrsUnreachable, rate_limited
 from butler_mqtt.model import EMPTY_GUID, TaskOutcome
 
@@ -66,7 +66,8 @@ class Starts:
         try:
             with self._slots:
                 sent = time.time()
-                execution_id = self.backend.start(o.task_id)
+                options = StartOptions(o.partial, dict(o.variables or {})) if o.partial or o.variables else None
+                execution_id = self.backend.start(o.task_id, options)
         except QrsNotFound:
             o.status, o.reason = "failed", "QRS: task not found when starting (deleted meanwhile?)"
         except QrsUnreachable as exc:

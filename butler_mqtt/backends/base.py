@@ -47,8 +47,10 @@ class Execution:
     native_status: str | None = None
 
     def times(self) -> dict[str, Any]:
-        """The fields `replies.task_finished` reads (startTime, stopTime, duration)."""
-        return {"startTime": self.start_time, "stopTime": self.stop_time, "duration": self.duration}
+        """The fields `replies.task_finished` reads (startTime, stopTime, duration, and
+        cloudStatus when the backend has its own status)."""
+        times = {"startTime": self.start_time, "stopTime": self.stop_time, "duration": self.duration}
+        return times | ({"cloudStatus": self.native_status} if self.native_status is not None else {})
 
 
 class Failure(TypedDict, total=False):

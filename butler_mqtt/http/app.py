@@ -156,7 +156,7 @@ class RestApi:
                 return JSONResponse(butler_response(plan, events))
             if isinstance(data, dict):
                 req = seed_request(data, task_id, flag)
-                return JSONResponse(summary_response(await self._run(req, request)))
+                return JSONResponse(summary_response(await self._run(req, request), self.cfg.backend))
         except RequestRejected as rej:
             raise ApiError(400, rej.error, rej.details) from None
         raise ApiError(

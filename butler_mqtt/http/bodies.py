@@ -99,12 +99,13 @@ def seed_request(data: dict[str, Any], task_id: str | None, all_must_exist: bool
     return validate_request(merged)
 
 
-def summary_response(events: Sequence[Event]) -> dict[str, Any]:
-    """The seed shape's 200 body: the first stage's `summary` event without its `event` key."""
+def summary_response(events: Sequence[Event], backend: str = "qrs") -> dict[str, Any]:
+    """The seed shape's 200 body: the first stage's `summary` event without its `event` key
+    (with `backend: cloud`, apps named as such: replies.on_wire)."""
     summary = replies.summary_of(events)
     if summary is None:
         raise LookupError("the pipeline produced no summary")  # a bug, never client input
-    return replies.without_event(summary)
+    return replies.without_event(replies.on_wire(summary, backend))
 
 
 # --------------------------------------------------------------------------- Butler shape

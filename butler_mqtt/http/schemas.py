@@ -181,6 +181,11 @@ FIELD_DOCS = {
     " seconds, doubling, at most 3600. Default: policies.retry.",
     "deadline": "Seconds: a followed reload still running this long after its start gets one taskOverdue event.",
     "priority": "0-9 (default 5): higher first in butler-mqtt's queue (policies.max_running).",
+    "appId": "One app GUID or a list. backend: cloud: each Qlik Cloud app is reloaded (answers carry appId and "
+    "appName in place of taskId and taskName); backend: qrs: every reload task of the app.",
+    "space": "backend: cloud only: one space name or a list (exact names); the apps in those spaces.",
+    "partial": "backend: cloud only: a partial reload.",
+    "variables": "backend: cloud only: script variables {name: value} (at most 20, at most 256 characters each).",
 }
 
 
@@ -190,7 +195,7 @@ def _patch_start_request(defs: dict[str, Any]) -> None:
     props = defs["StartRequest"]["properties"]
     guid = {"type": "string", "pattern": GUID_RE.pattern}
     name = {"type": "string", "minLength": 1, "maxLength": 255}
-    for key, item in (("taskId", guid), ("tag", name)):
+    for key, item in (("taskId", guid), ("tag", name), ("appId", guid), ("space", name)):
         props[key] = {"anyOf": [item, {"type": "array", "items": item, "maxItems": MAX_CRITERIA}]}
     for key, text in FIELD_DOCS.items():
         if key in props:

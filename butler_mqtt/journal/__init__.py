@@ -315,6 +315,12 @@ class Journal:
         with self._guard("read"):
             return read_history(self._db, query, self.retention)
 
+    def request_of(self, key: str) -> dict[str, Any] | None:
+        """The request as received under `key` (defaults left out); None when none is recorded."""
+        with self._guard("read"):
+            rows = self._db.run("SELECT request FROM requests WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows and rows[0][0] else None
+
     # ------------------------------------------------------------------ waits (tracking)
 
     def save_wait(self, key: str, body: str) -> None:

@@ -219,7 +219,7 @@ def _request_id(key: str) -> str | None:
 def _criteria(request: dict[str, Any] | None) -> dict[str, Any] | None:
     if request is None:
         return None
-    return {k: request[k] for k in ("taskId", "tag", "customProperty") if request.get(k)}
+    return {k: request[k] for k in ("taskId", "tag", "customProperty", "appId", "space") if request.get(k)}
 
 
 def _state(state: str, request: dict[str, Any] | None, finished: Any, tasks: list[dict[str, Any]]) -> str:

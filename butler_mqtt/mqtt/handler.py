@@ -19,7 +19,17 @@ import structlog
 
 from butler_mqtt import keys, replies
 from butler_mqtt.config import Config
-from butler_mqtt.errors import QrsError, QrsTlsRejected, RequestRejected, is_transient, retry_after
+from butler_mqtt.errors import (
+    CloudNotFound,
+    CloudRefused,
+    CloudTlsRejected,
+    CloudUnreachable,
+    QrsError,
+    QrsTlsRejected,
+    RequestRejected,
+    is_transient,
+    retry_after,
+)
 from butler_mqtt.model import Route, StopRequest
 from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
@@ -84,12 +94,12 @@ class MqttHealth:
         self.listener.set_problem("qrs", problem)
 
 
-def route_publisher(listener: MqttListener) -> Publish:
+def route_publisher(listener: MqttListener, backend: str = "qrs") -> Publish:
     """The tracker's way out: a later event (taskFinished, chain stages) goes to where its
-    request wanted the replies."""
+    request wanted the replies (in the words of the `backend`: replies.on_wire)."""
 
     def publish(route: Route, event: Event) -> None:
-        listener.publish_event(route.topic, route.correlation_bytes, event)
+        listener.publish_event(route.topic, route.correlation_bytes, replies.on_wire(event, backend))
 
     return publish
 
@@ -193,7 +203,7 @@ class RequestHandler:
             except Exception as jexc:  # noqa: BLE001 - the answer and the ack still follow
                 log.error("journal_write_failed", reference=reference, error=str(jexc))
         try:
-            delivery.replies.append(self.listener.publish_event(delivery.topic(self.cfg), job.correlation_data, ev))
+            delivery.replies.append(self.listener.publish_event(delivery.topic(self.cfg), job.correlation_data, replies.on_wire(ev, self.cfg.backend)))
         except Exception as pexc:  # noqa: BLE001 - nothing more can be said; ack anyway
             log.error("error_reply_failed", reference=reference, error=str(pexc))
         self._finish(job, delivery.replies, force=True)
@@ -204,7 +214,7 @@ class RequestHandler:
         log.error("worker_error", topic=job.topic, error=f"{type(exc).__name__}: {str(exc)[:300]}", exc_info=exc)
         try:
             ev = replies.error(None, "Internal error", "the request could not be handled; see the daemon's log")
-            self.listener.publish_event(self.cfg.mqtt.topics.reply, job.correlation_data, ev)
+            self.listener.publish_event(self.cfg.mqtt.topics.reply, job.correlation_data, replies.on_wire(ev, self.cfg.backend))
         finally:
             self.listener.ack(job)
 
@@ -214,7 +224,7 @@ class RequestHandler:
 
         def emit(ev: Event) -> None:
             d.events.append(ev)
-            d.replies.append(self.listener.publish_event(d.topic(self.cfg), job.correlation_data, ev))
+            d.replies.append(self.listener.publish_event(d.topic(self.cfg), job.correlation_data, replies.on_wire(ev, self.cfg.backend)))
 
         def reject(r: ingress_rules.Reject) -> None:
             if d.request_id is None:  # a payload that is not a request: echo its requestId if safe
@@ -250,13 +260,13 @@ class RequestHandler:
                 self.stops.submit(req, claim, emit)
             else:
                 self.service.submit(req, claim, emit)
+        except RequestRejected as rej:  # selectors the backend lacks (section 9), text the journal cannot store
+            return reject(ingress_rules.Reject("request_rejected", "rejected", rej.error, rej.details))
         except QrsError as exc:
             if is_transient(exc):
                 raise
             self._qrs_refused(exc)
             return reject(ingress_rules.Reject("request_refused_by_qrs", "error", qrs_error_title(exc), str(exc)))
-        except RequestRejected as rej:  # e.g. a value the journal can never store: a bad request
-            return reject(ingress_rules.Reject("request_rejected", "rejected", rej.error, rej.details))
         if self.health.qrs_problem is not None:
             self.health.set_qrs_problem(None)
         self._finish(job, d.replies)
@@ -303,9 +313,14 @@ class Delivery:
         return rt if rt is not None and self.route_ok else cfg.mqtt.topics.reply
 
 
+#: Errors of the Qlik Cloud backend: their titles name Qlik Cloud rather than QRS.
+CLOUD_ERRORS = (CloudRefused, CloudTlsRejected, CloudUnreachable, CloudNotFound)
+
+
 def qrs_error_title(exc: QrsError) -> str:
+    who = "Qlik Cloud" if isinstance(exc, CLOUD_ERRORS) else "QRS"
     if isinstance(exc, QrsTlsRejected):
-        return "QRS TLS handshake refused"
-    return "QRS refused the request"
+        return f"{who} TLS handshake refused"
+    return f"{who} refused the request"
 
 

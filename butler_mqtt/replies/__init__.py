@@ -174,6 +174,8 @@ def task_finished(
         "stopTime": _qrs_time(stop),
         "durationMs": duration_ms(start, stop, row.get("duration")) if row else None,
     }
+    if row and isinstance(row.get("cloudStatus"), str):
+        ev["cloudStatus"] = row["cloudStatus"]  # Qlik Cloud's own status (contract section 9)
     if reason is not None:
         ev["reason"] = reason
     if attempt is not None:
@@ -378,3 +380,20 @@ REPLY_EVENTS: tuple[EventSpec, ...] = (
 )
 #: A stop request's summary (contract section 8): a `summary` event with its own lists.
 STOP_SUMMARY = EventSpec(SUMMARY, StopSummaryEvent, stop_summary)
+
+
+_APP_KEYS = {"taskId": "appId", "taskName": "appName"}
+_SUMMARY_LISTS = ("tasksStarted", "tasksDenied", "tasksFailed", "tasksRunning", "tasksQueued", "tasksStopping", "tasksNotRunning")
+
+
+def on_wire(ev: Event, backend: str) -> Event:
+    """The event as it leaves the daemon (MQTT, REST). With `backend: cloud` a task is an app:
+    `appId`/`appName` in place of `taskId`/`taskName` (contract section 9), in the event and in
+    the summary's lists. Inside the daemon (journal, tracking, history) the names stay."""
+    if backend != "cloud" or "event" not in ev:
+        return ev
+    out: dict[str, Any] = {_APP_KEYS.get(k, k): v for k, v in ev.items()}
+    for key in _SUMMARY_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [{_APP_KEYS.get(k, k): v for k, v in t.items()} if isinstance(t, dict) else t for t in out[key]]
+    return cast("Event", out)

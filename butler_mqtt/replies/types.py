@@ -30,7 +30,13 @@ RequestId = Annotated[
 ]
 TaskId = Annotated[Guid, Field(description="The reload task's ID in QRS.")]
 TaskName = Annotated[str, Field(description="The reload task's name in QRS.")]
-ExecutionId = Annotated[Guid, Field(description="The QRS execution session of the reload.")]
+#: A Qlik Cloud reload id: opaque (24 hex digits today; qlik-cloud-api.md 3).
+ReloadId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,100}$")]
+ExecutionId = Annotated[
+    Guid | ReloadId, Field(description="The QRS execution session of the reload (backend: cloud: the reload id).")
+]
+AppId = Annotated[Guid, Field(description="backend: cloud: the Qlik Cloud app's ID, in place of taskId.")]
+AppName = Annotated[str, Field(description="backend: cloud: the Qlik Cloud app's name, in place of taskName.")]
 Stage = Annotated[int, Field(ge=0, description="The stage of a `then` chain (0: the request itself).")]
 Reason = Annotated[str, Field(description="Why (a sentence for people, not a code).")]
 Position = Annotated[int, Field(ge=1, description="Place in butler-mqtt's queue (1 = next).")]
@@ -74,11 +80,14 @@ class TaskEvent(TypedDict):
     requestId: RequestId
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     status: Annotated[TaskStatus, Field(description=_TASK_STATUS_DOC)]
     executionId: NotRequired[ExecutionId]
     matchedBy: Annotated[
-        list[Annotated[str, Field(pattern=r"^(taskId|tag|customProperty):")]],
-        Field(description="The criteria the task matched: `taskId:<id>`, `tag:<name>`, `customProperty:<name>=<value>`."),
+        list[Annotated[str, Field(pattern=r"^(taskId|tag|customProperty|appId|space):")]],
+        Field(description="The criteria the task matched: `taskId:<id>`, `tag:<name>`, `customProperty:<name>=<value>`,"
+                          " `appId:<id>`, `space:<name>`."),
     ]
     reason: NotRequired[Reason]
     position: NotRequired[Position]
@@ -93,6 +102,8 @@ class StartedTask(TypedDict):
 
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     status: Literal["started", "notStarted", "wouldStart"]
     reason: NotRequired[Reason]
     attempt: NotRequired[Attempt]
@@ -104,6 +115,8 @@ class DeniedTask(TypedDict):
 
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     status: Literal["denied"]
     reason: NotRequired[Reason]
 
@@ -114,6 +127,8 @@ class FailedTask(TypedDict):
 
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     status: Literal["failed"]
     reason: NotRequired[Reason]
     attempt: NotRequired[Attempt]
@@ -125,8 +140,10 @@ class RunningTask(TypedDict):
 
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     status: Literal["alreadyRunning", "skipped"]
-    executionId: NotRequired[Annotated[Guid, Field(description="The execution found running.")]]
+    executionId: NotRequired[Annotated[Guid | ReloadId, Field(description="The execution found running.")]]
     reason: NotRequired[Reason]
     attempt: NotRequired[Attempt]
 
@@ -137,6 +154,8 @@ class QueuedTask(TypedDict):
 
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     status: Literal["queued"]
     position: NotRequired[Position]
     reason: NotRequired[Reason]
@@ -162,6 +181,20 @@ class NotFoundTag(TypedDict):
 
 
 @with_config(_CLOSED)
+class NotFoundAppId(TypedDict):
+    """An app ID that matched no app (backend: cloud) or no reload task of that app (qrs)."""
+
+    appId: Guid
+
+
+@with_config(_CLOSED)
+class NotFoundSpace(TypedDict):
+    """A space (backend: cloud) that does not exist or holds no app."""
+
+    space: str
+
+
+@with_config(_CLOSED)
 class CustomPropertyPair(TypedDict):
     """A custom property name/value pair."""
 
@@ -184,7 +217,7 @@ class SummaryEvent(TypedDict):
     requestId: RequestId
     tasksStarted: Annotated[list[StartedTask], Field(description="Every task QRS was asked to start, or would be (dryRun).")]
     tasksNotFound: Annotated[
-        list[NotFoundTaskId | NotFoundTag | NotFoundCustomProperty],
+        list[NotFoundTaskId | NotFoundTag | NotFoundCustomProperty | NotFoundAppId | NotFoundSpace],
         Field(description="Every criterion that matched no task."),
     ]
     tasksDenied: Annotated[list[DeniedTask], Field(description="Tasks the start_filter (or allTaskIdsMustExist) refused.")]
@@ -262,8 +295,13 @@ class TaskFinishedEvent(TypedDict):
     requestId: RequestId
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     executionId: ExecutionId
     status: Annotated[FinalStatus, Field(description="QRS's final state, or Unknown when the execution could not be followed.")]
+    cloudStatus: NotRequired[
+        Annotated[str, Field(description="backend: cloud: Qlik Cloud's own end status (SUCCEEDED, FAILED, CANCELED, EXCEEDED_LIMIT).")]
+    ]
     startTime: QrsTime
     stopTime: QrsTime
     durationMs: Annotated[Millis | None, Field(description="How long the reload ran; null when unknown.")]
@@ -287,6 +325,8 @@ class TaskOverdueEvent(TypedDict):
     requestId: RequestId
     taskId: TaskId
     taskName: TaskName
+    appId: NotRequired[AppId]
+    appName: NotRequired[AppName]
     executionId: ExecutionId
     runningForMs: Annotated[Millis, Field(description="How long the execution has been running.")]
     action: NotRequired[
@@ -402,9 +442,13 @@ class AlertMessage(TypedDict):
         Annotated[str, Field(max_length=MAX_REQUEST_ID_LENGTH)] | None,
         Field(description="The request the event belonged to; null when it had none, and for QRS outages."),
     ]
-    taskId: Annotated[Guid | None, Field(description="The reload task's ID in QRS; null for QRS outages.")]
+    taskId: Annotated[
+        Guid | None, Field(description="The reload task's ID in QRS (backend: cloud: the app's ID); null for QRS outages.")
+    ]
     taskName: Annotated[str | None, Field(description="The reload task's name in QRS; null when unknown.")]
-    executionId: Annotated[Guid | None, Field(description="The QRS execution session; null when none.")]
+    executionId: Annotated[
+        Guid | ReloadId | None, Field(description="The QRS execution session (backend: cloud: the reload id); null when none.")
+    ]
     status: Annotated[
         Literal["failed", "expired"] | FailedFinal | None,
         Field(description="The reply event's status (`task`: failed, expired; `taskFinished`: the final state); "

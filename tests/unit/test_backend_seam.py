@@ -100,7 +100,7 @@ def test_a_match_is_data_that_is_its_wire_form(match, wire):
     assert back is not None and back.kind == match.kind and back == match
 
 
-@pytest.mark.parametrize("text", ["", "tag", "space:x", "customProperty:no-equals", "\x00:x", "taskid:x"])
+@pytest.mark.parametrize("text", ["", "tag", "folder:x", "customProperty:no-equals", "\x00:x", "taskid:x"])
 def test_a_string_that_names_no_criterion_is_not_a_match(text):
     assert Match.parse(text) is None
     assert matches([text, "tag:ok"]) == ["tag:ok"]

@@ -25,10 +25,11 @@ from __future__ import annotations
 import email.utils
 import json
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from butler_mqtt.errors import (
     CloudAuthRefused,
@@ -44,6 +45,16 @@ from .settings import CloudSettings
 from .transport import Answer, CloudTransport, redact_url
 
 _MAX_BACKOFF = 8.0
+_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}|[0-9a-fA-F]{24}|[A-Za-z0-9_-]{32,}")
+#: Told of every call: (method, low-cardinality route, status or None when no answer, seconds);
+#: the daemon's metrics and outage alerts (the same observer type as the QRS client's).
+Observer = Callable[[str, str, int | None, float], None]
+
+
+def route_of(url: str) -> str:
+    """`/api/v1/reloads/{id}` from a URL: no query, ids (app GUIDs, reload and item ids) as `{id}`."""
+    path = urlsplit(url).path or "/"
+    return "/".join("{id}" if _ID.fullmatch(p) else p for p in path.split("/"))
 _MAX_RETRY_AFTER = 3600.0
 
 
@@ -94,8 +105,10 @@ class CloudClient:
         creds: Credentials | None = None,
         pacer: StartPacer | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        observer: Observer | None = None,
     ) -> None:
         self.settings = settings
+        self._observer = observer
         self.transport = transport if transport is not None else CloudTransport(settings)
         self.creds = creds if creds is not None else credentials(settings, self.transport)
         self.pacer = pacer if pacer is not None else StartPacer(settings.reloads_per_minute)
@@ -134,9 +147,7 @@ class CloudClient:
             if start:
                 self.pacer.acquire(end)
             auth = self.creds.header(end)
-            answer = self.transport.request(
-                method, self.url(target), body=data, headers=headers | {"Authorization": auth}, deadline=end, sink=sink
-            )
+            answer = self._observed(method, self.url(target), data, headers | {"Authorization": auth}, end, sink)
             if answer.status == 401:
                 self.creds.refused(auth, 401)  # raises for an API key
                 if refused_once:
@@ -146,6 +157,21 @@ class CloudClient:
             if answer.status != 429:
                 return answer
             backoff = self._wait_429(answer, start, end, backoff)
+
+    def _observed(
+        self, method: str, url: str, data: bytes | None, headers: dict[str, str], end: float,
+        sink: Callable[[bytes], None] | None,
+    ) -> Answer:
+        """One request through the transport, told to the observer (status None: no answer)."""
+        t0 = time.monotonic()
+        status: int | None = None
+        try:
+            answer = self.transport.request(method, url, body=data, headers=headers, deadline=end, sink=sink)
+            status = answer.status
+            return answer
+        finally:
+            if self._observer is not None:
+                self._observer(method, route_of(url), status, time.monotonic() - t0)
 
     def _refused_twice(self, answer: Answer) -> Exception:
         return CloudAuthRefused(

@@ -136,6 +136,7 @@ class QrsBackend:
         found = failure_details(reader, row, task_id=task_id, lines=log_lines)
         return cast("Failure | None", found)
 
+
     def close(self) -> None:
         self.client.close()
         if self.reader is not None:

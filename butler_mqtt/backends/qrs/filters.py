@@ -29,6 +29,13 @@ def id_clause(task_id: str) -> str:
     return f"id eq {task_id}"
 
 
+def app_clause(app_id: str) -> str:
+    """Every reload task of the app (contract section 9: `appId` with backend: qrs)."""
+    if not is_guid(app_id):  # never let anything but a GUID go unquoted
+        raise ValueError(f"not a GUID: {app_id!r}")
+    return f"app.id eq {app_id}"
+
+
 def tag_clause(tag: str) -> str:
     return f"tags.name eq {literal(tag)}"
 
@@ -42,6 +49,7 @@ def cp_clause(name: str, value: str) -> str:
 def criteria_clauses(req: StartRequest) -> list[str]:
     """One clause per criterion of one stage, in request order, without duplicates."""
     clauses = [id_clause(t) for t in req.taskId]
+    clauses += [app_clause(a) for a in req.appId]
     clauses += [tag_clause(t) for t in req.tag]
     clauses += [cp_clause(c.name, c.value) for c in req.customProperty]
     return list(dict.fromkeys(clauses))

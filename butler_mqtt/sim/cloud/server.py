@@ -23,6 +23,9 @@ default 10, further capped by the ``max_page_size`` knob.
 
 Knobs (attributes, changeable while running):
 
+* ``answer_delay_s`` / ``answer_delay_paths``: the request is acted on (a start creates its
+  reload), then its answer waits that long; ``answer_delay_paths`` is a regular expression
+  searched in ``"METHOD /path"`` (e.g. ``"POST /api/v1/reloads$"``), None = every request.
 * ``latency_ms``; ``fault`` (``"error500"``, ``"error503"``, ``"outage"``: close without an
   answer, ``"notjson"``: a 200 HTML page, ``"huge"``: a 200 body of ``huge_bytes``) limited to
   paths matching the regular expression ``fault_paths``; ``"drip"``: a 200 whose body comes
@@ -145,6 +148,8 @@ class CloudSimulator:
         self.token_fault: str | None = None
         self.huge_bytes = 64 * 1024 * 1024
         self.drip_interval = 0.1
+        self.answer_delay_s = 0.0
+        self.answer_delay_paths: str | None = None
         self.token_lifetime = 21600.0
         self.api_key_revoked = False
         self.paging_loop = False
@@ -667,6 +672,9 @@ class _Handler(BaseHTTPRequestHandler):
             if hook is not None and reply.content_type == _JSON and reply.body and not deliberate:
                 hook(self.command, path, reply.status, reply.body)
         sim._record(LoggedRequest(self.command, path, query, reply.status, at, auth))
+        delay, pattern = sim.answer_delay_s, sim.answer_delay_paths
+        if delay > 0 and (pattern is None or re.search(pattern, f"{self.command} {path}")):
+            sim._stopping.wait(delay)  # acted on, the answer held back (a crash between send and answer)
         self._send(reply)
 
     def _body(self) -> bytes | None:
