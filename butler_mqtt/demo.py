@@ -56,6 +56,12 @@ STOP_SAMPLES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("...and stop them at once (topics.stop, wait): a running one is 'stopping' and ends Aborted, the others are"
      " 'notRunning'; a stop never starts anything", {"requestId": "demo-7", "tag": ["financial-reports"], "wait": True}),
 )
+#: `demo --cloud`: start the hourly apps, then stop them (a stop cancels the running reload).
+CLOUD_STOP_SAMPLES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("start the apps tagged 'hourly' (no wait)", {"requestId": "cloud-5", "tag": ["hourly"]}),
+    ("...and stop them at once (topics.stop, wait): a reload still running is cancelled ('stopping', then"
+     " Aborted with cloudStatus CANCELED), a finished one is 'notRunning'", {"requestId": "cloud-6", "tag": ["hourly"], "wait": True}),
+)
 #: `demo --cloud`: the same kind of requests against the Qlik Cloud simulator (backend: cloud).
 CLOUD_SAMPLES: list[tuple[str, dict[str, Any]]] = [
     (
@@ -81,7 +87,7 @@ def _print_event(ev: Event) -> None:
     print("    <- " + json.dumps(ev, ensure_ascii=False), flush=True)
     failure = ev.get("failure")
     if ev.get("event") == "taskFinished" and isinstance(failure, dict):
-        print(f"       why '{ev.get('taskName')}' failed: {failure.get('message')}", flush=True)
+        print(f"       why '{ev.get('taskName') or ev.get('appName')}' failed: {failure.get('message')}", flush=True)
         for line in (failure.get("scriptLogTail") or [])[-6:]:
             print(f"       | {line}", flush=True)
         if failure.get("scriptLogError"):
@@ -152,7 +158,8 @@ def _run(work: Path, once: bool, sim: Any, certs: Any, broker: Mosquitto | None,
                 print(f"--> {title}\n    -> {json.dumps(request)}", flush=True)
                 requester.request(request, timeout=60, on_event=_print_event)
                 print()
-            for (title, request), topic in zip(STOP_SAMPLES, (cfg.mqtt.topics.start, cfg.mqtt.topics.stop), strict=True):
+            stops = CLOUD_STOP_SAMPLES if cloud else STOP_SAMPLES
+            for (title, request), topic in zip(stops, (cfg.mqtt.topics.start, cfg.mqtt.topics.stop), strict=True):
                 print(f"--> {title}\n    -> {json.dumps(request)}  (on {topic})", flush=True)
                 requester.request(request, timeout=60, on_event=_print_event, topic=topic)
                 print()

@@ -118,9 +118,12 @@ def test_demo_cloud_runs_end_to_end():
     assert out.returncode == 0, out.stdout + out.stderr
     events = [json.loads(line.split("<- ", 1)[1]) for line in out.stdout.splitlines() if "<- " in line]
     finished = [e for e in events if e["event"] == "taskFinished"]
-    assert {e["cloudStatus"] for e in finished} == {"SUCCEEDED", "FAILED"}
+    assert {e["cloudStatus"] for e in finished} == {"SUCCEEDED", "FAILED", "CANCELED"}  # CANCELED: the stop sample
     assert next(e for e in finished if e["cloudStatus"] == "FAILED")["status"] == "FinishedFail"
-    assert events[-1]["event"] == "error" and "tag" in events[-1]["details"]
+    assert any(e["event"] == "error" and "tag" in e["details"] for e in events)  # customProperty: use tag
+    stop = next(e for e in events if e["event"] == "summary" and "tasksStopping" in e)  # the stop sample
+    assert len(stop["tasksStopping"]) + len(stop["tasksNotRunning"]) == 2, stop  # two apps tagged hourly
+    assert all("appId" in t for t in stop["tasksStopping"] + stop["tasksNotRunning"]), stop  # apps on the wire
 
 
 def test_run_refuses_a_cloud_section_that_cannot_work_naming_the_key(tmp_path):
