@@ -285,7 +285,7 @@ def _add_sim_command(sub: Subcommands) -> None:
 
 
 def _add_local_commands(sub: Subcommands) -> None:
-    """demo and init."""
+    """demo, init and token."""
     p = _command(sub, "demo", "simulator + broker + daemon + three sample requests, all local", DEMO_HELP)
     p.add_argument("--once", action="store_true", help="stop right after the sample requests")
 
@@ -304,6 +304,11 @@ def _add_local_commands(sub: Subcommands) -> None:
         help=f"where to write it (default: $BUTLER_MQTT_CONFIG, else {DEFAULT_CONFIG})",
     )
     p.add_argument("--from-butler", type=Path, metavar="BUTLER.yaml", help="Butler's YAML config file to import")
+
+    p = _command(sub, "token", "print a new random REST token for a caller, and its SHA-256 for tokens_sha256", TOKEN_HELP)
+    p.add_argument("--caller", metavar="NAME", help="the caller it is for (named in the line to paste)")
+    p.add_argument("--hash", action="store_true",
+                   help="read an existing token from stdin (one line) and print only its SHA-256")
 
 
 HISTORY_HELP = """\
@@ -541,6 +546,40 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+TOKEN_HELP = """\
+Prints a new random bearer token (256 bits, URL-safe) and its SHA-256. The token goes to the
+caller's system, once: it is printed only now and stored nowhere. The SHA-256 goes into the
+caller's entry in the configuration (callers[].tokens_sha256, contract section 10): the file
+never holds a token. With --hash, reads an existing token from stdin instead (e.g. to move a
+system that uses http.token to its own caller) and prints only its SHA-256."""
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """A new caller token and its SHA-256 (or, with --hash, the SHA-256 of one read from stdin)."""
+    import secrets
+
+    from butler_mqtt.callers import token_sha256
+
+    if args.hash:
+        token = sys.stdin.readline().strip()
+        if not token or not token.isascii() or not token.isprintable():
+            raise ConfigError("--hash", "expected one token on stdin: printable ASCII, not empty")
+        print(token_sha256(token))
+        return EXIT_OK
+    from butler_mqtt.config import CALLER_NAME
+
+    if args.caller is not None and not CALLER_NAME.fullmatch(args.caller):
+        raise ConfigError("--caller", "a caller name is 1 to 64 of a-z, 0-9, '_' and '-'")
+    token = secrets.token_urlsafe(32)
+    digest = token_sha256(token)
+    who = args.caller or "<caller>"
+    print(f"token:  {token}")
+    print(f"sha256: {digest}")
+    print(f"Give the token to {who} (shown only now, stored nowhere); put the sha256 in butler.yaml under "
+          f"callers, in {who}'s entry: tokens_sha256: [\"{digest}\"]")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from butler_mqtt.demo import run_demo
 
@@ -559,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": cmd_demo,
         "init": cmd_init,
         "history": cmd_history,
+        "token": cmd_token,
     }
     try:
         return handlers[args.command](args)

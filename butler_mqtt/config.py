@@ -12,9 +12,11 @@ docs and `systemd/butler-mqtt.service`).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from butler_mqtt.errors import ConfigError
@@ -58,6 +61,7 @@ class TopicsConfig(_Section):
     start_plain: str | None = "qliksense/start_task"
     reply: str = "qliksense/task/start/reply"
     status: str = "butler-mqtt/status"
+    stop: str = "qliksense/task/stop"  # stop requests (contract section 8)
 
 
 class MqttConfig(_Section):
@@ -271,6 +275,127 @@ class AlertsConfig(_Section):
         return v
 
 
+# --- callers (contract section 10) ---------------------------------------------------------
+# Each upstream system is a caller: its own topic level under topics.start / topics.stop, its
+# REST tokens (by SHA-256), an optional client-certificate CN, its own allow-list and rate.
+# The pure logic that uses these is butler_mqtt/callers.py.
+
+#: `callers[].name`: also a metrics label value and a history column.
+CALLER_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+#: Longest caller topic level, in characters (a topic level is a broker user name in the ACL).
+MAX_TOPIC_LEVEL = 128
+#: Most callers (each is a `caller` label value on /metrics: the label set stays bounded).
+MAX_CALLERS = 1000
+#: Most REST tokens one caller may have (each bearer token is hashed and compared to all).
+MAX_CALLER_TOKENS = 32
+#: Highest `requests_per_minute` (the limiter keeps one timestamp per admitted request).
+MAX_REQUESTS_PER_MINUTE = 100_000
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def topic_level_problem(level: str) -> str | None:
+    """None when `level` can be one MQTT topic level naming a caller, else why not.
+
+    Not empty, no wildcard (`+`, `#`), no level separator (`/`), no `$` (broker-reserved
+    topics), no NUL or other control character, valid UTF-8, at most MAX_TOPIC_LEVEL characters.
+    """
+    if not level:
+        return "a topic level must not be empty"
+    if len(level) > MAX_TOPIC_LEVEL:
+        return f"a topic level is at most {MAX_TOPIC_LEVEL} characters"
+    for bad, what in (("+", "a wildcard (+)"), ("#", "a wildcard (#)"), ("/", "a level separator (/)"),
+                      ("$", "'$' (broker-reserved topics)")):
+        if bad in level:
+            return f"a topic level must not contain {what}"
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in level):
+        return "a topic level must not contain NUL or other control characters"
+    try:
+        level.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a topic level must be valid UTF-8"
+    return None
+
+
+class CallerConfig(_Section):
+    """One upstream system (contract section 10). `topic` defaults to `name`."""
+
+    name: str
+    topic: str  # default: the name (filled in by _default_topic)
+    tokens_sha256: list[str] = Field(default=[], max_length=MAX_CALLER_TOKENS)
+    client_cert_cn: str | None = Field(default=None, min_length=1, max_length=64)
+    allow: AllowList = AllowList()
+    requests_per_minute: int | None = Field(default=None, ge=1, le=MAX_REQUESTS_PER_MINUTE, strict=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not CALLER_NAME.fullmatch(v):
+            raise ValueError("a caller name is 1 to 64 of a-z, 0-9, '_' and '-'")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_topic(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "topic" not in data and "name" in data:
+            return {**data, "topic": data["name"]}
+        return data
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        problem = topic_level_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("tokens_sha256")
+    @classmethod
+    def _hashes(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if not _SHA256_HEX.fullmatch(h):
+                raise ValueError("each entry is the SHA-256 of a token: 64 hex digits (butler-mqtt token prints one)")
+        return list(dict.fromkeys(h.lower() for h in v))
+
+    @field_validator("client_cert_cn")
+    @classmethod
+    def _cn(cls, v: str | None) -> str | None:
+        if v is not None and (v != v.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in v)):
+            raise ValueError("a certificate CN without surrounding spaces or control characters")
+        return v
+
+
+def check_callers(callers: list[CallerConfig], mqtt: MqttConfig | None, http: HttpConfig | None,
+                  alerts: AlertsConfig | None) -> None:
+    """Across callers: unique names, topic levels, token hashes and CNs; no caller topic that is
+    one of the daemon's own (a reply, status or alert topic under topics.start/stop); no token
+    that is also http.token (it would name two identities). Raises ValueError naming the entry."""
+    seen: dict[str, dict[str, int]] = {"name": {}, "topic": {}, "token": {}, "client_cert_cn": {}}
+    legacy = hashlib.sha256(http.token.get_secret_value().encode()).hexdigest() if http and http.token else None
+    own = set(daemon_topics(mqtt, alerts)) if mqtt else set()
+    for i, c in enumerate(callers):
+        values = {"name": [c.name], "topic": [c.topic], "token": c.tokens_sha256,
+                  "client_cert_cn": [c.client_cert_cn] if c.client_cert_cn else []}
+        for kind, vals in values.items():
+            for v in vals:
+                if v in seen[kind]:
+                    what = "a token (tokens_sha256)" if kind == "token" else f"{kind} {v!r}"
+                    raise ValueError(f"callers[{i}] ({c.name}): {what} is callers[{seen[kind][v]}]'s already")
+                seen[kind][v] = i
+        if legacy is not None and legacy in c.tokens_sha256:
+            raise ValueError(f"callers[{i}] ({c.name}): a token in tokens_sha256 is http.token; give the caller its own")
+        if mqtt is not None:
+            for base in (mqtt.topics.start, mqtt.topics.stop):
+                if f"{base}/{c.topic}" in own:
+                    raise ValueError(f"callers[{i}] ({c.name}): topic {c.topic!r} makes {base}/{c.topic}, one of the "
+                                     "daemon's own topics (mqtt.topics.*, alerts.topic)")
+
+
+def daemon_topics(mqtt: MqttConfig, alerts: AlertsConfig | None) -> list[str]:
+    """The topics the daemon itself listens on or publishes to (without the per-instance status)."""
+    t = mqtt.topics
+    return [x for x in (t.start, t.start_plain, t.stop, t.reply, t.status, alerts.topic if alerts else None) if x]
+
+
 class Config(_Section):
     mqtt: MqttConfig = MqttConfig()
     qrs: QrsConfig = QrsConfig()
@@ -283,12 +408,28 @@ class Config(_Section):
     journal: JournalConfig = JournalConfig()
     policies: PoliciesConfig = PoliciesConfig()
     alerts: AlertsConfig = AlertsConfig()
+    # callers (contract section 10): see CallerConfig and check_callers above
+    callers: list[CallerConfig] = Field(default=[], max_length=MAX_CALLERS)
+    callers_only: bool = False
     _sources: Sources = PrivateAttr(default_factory=dict)
 
     def source(self, key: str) -> str:
         """Where the value of `key` (dotted) came from: file and line, environment variable,
         systemd credential, or "default"."""
         return _lookup(self._sources, key.split("."))
+
+    @field_validator("callers")
+    @classmethod
+    def _callers(cls, v: list[CallerConfig], info: ValidationInfo) -> list[CallerConfig]:
+        check_callers(v, info.data.get("mqtt"), info.data.get("http"), info.data.get("alerts"))
+        return v
+
+    @field_validator("callers_only")
+    @classmethod
+    def _callers_only(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and not info.data.get("callers", True):
+            raise ValueError("callers_only: true needs at least one caller in callers (else nothing can start)")
+        return v
 
     @property
     def serves_http(self) -> bool:

@@ -39,3 +39,11 @@ def delivery_fingerprint(payload: bytes, topic: str, mid: int) -> str:
     h = hashlib.sha256(payload)
     h.update(b"\0" + topic.encode("utf-8", "surrogatepass") + b"\0" + str(mid).encode())
     return h.hexdigest()
+
+
+def for_caller(key: str, caller: str | None) -> str:
+    """A request key scoped to its caller (contract section 10): the same requestId from two
+    callers is two requests. The anonymous caller (None) keeps the key as it was, so journals
+    written before callers keep suppressing duplicates. Caller names are [a-z0-9_-]: the `:`
+    after the name cannot be part of it."""
+    return key if caller is None else f"caller:{caller}:{key}"

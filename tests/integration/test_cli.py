@@ -190,7 +190,7 @@ def test_help_describes_every_command_and_option():
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    assert set(sub.choices) == {"run", "check", "resolve", "request", "sim", "demo", "init", "history"}
+    assert set(sub.choices) == {"run", "check", "resolve", "request", "sim", "demo", "init", "history", "token"}
     for name, p in sub.choices.items():
         assert p.description, name
         for action in p._actions:
