@@ -314,7 +314,8 @@ def _add_local_commands(sub: Subcommands) -> None:
 HISTORY_HELP = """\
 The request history from the journal of the configured daemon (state_dir, or journal.url), read
 directly: it works while the daemon runs, and writes nothing. One row per request, oldest first:
-when it came (UTC), its ingress and source (MQTT topic or REST client), the requestId, the
+when it came (UTC), its ingress and source (MQTT topic or REST client), its caller (contract
+section 10; "-": the anonymous caller), the requestId, the
 criteria, what happened to the tasks (started, denied, failed, not found, ...), the final states
 (FinishedSuccess 2, FinishedFail 1; "running" while followed), the state (handling, answered,
 following, finished) and how often it came again as a duplicate. With --request-id, one line per
@@ -341,6 +342,15 @@ def task_guid(text: str) -> str:
     return text.strip().lower()
 
 
+def caller_name(text: str) -> str:
+    """argparse type: a caller name ([a-z0-9_-]{1,64})."""
+    from butler_mqtt.config import CALLER_NAME
+
+    if not CALLER_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a caller name (1 to 64 of a-z, 0-9, '_' and '-'): {text[:70]!r}")
+    return text
+
+
 def history_limit(text: str) -> int:
     """argparse type: 1..1000."""
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:
@@ -356,6 +366,7 @@ def _add_history(sub: Subcommands) -> None:
                    help="only requests received since: 30m, 2h, 1d, 1w, or an ISO date / date-time (UTC unless it has an offset)")
     p.add_argument("--request-id", metavar="ID", help="only this requestId (and show its tasks)")
     p.add_argument("--task", type=task_guid, metavar="ID", help="only requests that selected or named this task GUID")
+    p.add_argument("--caller", type=caller_name, metavar="NAME", help="only this caller's requests (callers[].name)")
     p.add_argument("--limit", type=history_limit, default=100, metavar="N", help="the newest N requests (default 100, at most 1000)")
     p.add_argument("--json", action="store_true", help="one JSON object per line (the records of GET /v4/requests)")
 
@@ -364,7 +375,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     from butler_mqtt.history import run_history
     from butler_mqtt.journal.history import HistoryQuery
 
-    query = HistoryQuery(since=args.since, request_id=args.request_id, task_id=args.task, limit=args.limit)
+    query = HistoryQuery(since=args.since, request_id=args.request_id, task_id=args.task, limit=args.limit,
+                         caller=args.caller)
     return run_history(_load(args), query, args.json)
 
 

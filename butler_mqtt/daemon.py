@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from butler_mqtt import runtime
+from butler_mqtt.callers import caller_subscriptions
 from butler_mqtt.config import Config, load_config
 from butler_mqtt.errors import ConfigError, JournalError
 from butler_mqtt.mqtt.handler import MqttHealth, RequestHandler, alert_publisher, route_publisher
@@ -67,7 +68,8 @@ class Daemon:
 
             http_ssl_context(cfg.http.tls)  # a bad certificate or key: exit 2 naming it, before the broker
         client_id = cfg.mqtt.effective_client_id()
-        self.listener = MqttListener(cfg.mqtt, self._enqueue, client_id=client_id)
+        self.listener = MqttListener(cfg.mqtt, self._enqueue, client_id=client_id,
+                                     extra=caller_subscriptions(cfg.mqtt, cfg.callers))
         self.listener.on_subscribed = self._ready
         self.health = MqttHealth(self.listener)
         self.runtime = runtime.build(cfg, route_publisher(self.listener), self.health, alert=alert_publisher(self.listener))
@@ -104,6 +106,7 @@ class Daemon:
             qrs=cfg.qrs.base_url,
             client_id=self.listener.client_id,
             topics=self.listener.topics(),
+            caller_topics=[s.topic for s in self.listener.extra] or None,
             start_filter=cfg.start_filter.enabled,
             http=cfg.http.enabled,
         )

@@ -18,7 +18,8 @@ import structlog
 from butler_mqtt import replies
 from butler_mqtt.admission import Admission, Admitted, Ticket
 from butler_mqtt.backends.base import Backend
-from butler_mqtt.config import Config
+from butler_mqtt.callers import Callers, denial, label, restrict
+from butler_mqtt.config import CallerConfig, Config
 from butler_mqtt.errors import ButlerError, QrsError
 from butler_mqtt.journal import Journal, Prior
 from butler_mqtt.model import Match, QrsTask, Route, StartRequest, TaskOutcome
@@ -36,8 +37,11 @@ Emit = Callable[[Event], None]
 Publish = Callable[[Route, Event], None]
 
 
-#: Follow a request: (its key, the request, its first stage's result, where its replies go).
-Follow = Callable[[str, StartRequest, "StageResult", Route], None]
+#: Follow a request: (its key, the request, its first stage's result, where its replies go,
+#: its caller's name: later stages and retries are judged by the same caller).
+Follow = Callable[[str, StartRequest, "StageResult", Route, str | None], None]
+#: The structlog context key naming the caller of the work on this thread (metrics, alerts).
+CALLER_CONTEXT = "caller"
 
 
 @dataclass
@@ -67,6 +71,8 @@ class StartService:
         self._allow_lock = threading.Lock()
         self._allow = cfg.start_filter
         self.keys = KeyLocks()
+        #: The configured callers (contract section 10): one rate limiter for every ingress.
+        self.callers = Callers(cfg)
         self.admission = Admission(backend, journal)
         #: Called with every reply event as it is produced (never with a replayed one): the
         #: alerter and the metrics watch the requests here, whatever the ingress (`notify`).
@@ -76,8 +82,8 @@ class StartService:
         self.follow: Follow | None = None
         #: The way out of a request's later events (MQTT: its route); runtime.build sets it.
         self.publish: Publish | None = None
-        #: Called with (ingress, replayed, start seconds) after each request (the metrics).
-        self.handled: list[Callable[[str, bool, float | None], None]] = []
+        #: Called with (ingress, replayed, start seconds, caller label) after each request (the metrics).
+        self.handled: list[Callable[[str, bool, float | None, str], None]] = []
 
     def close(self) -> None:
         self.starts.close()
@@ -118,17 +124,20 @@ class StartService:
         """The one use case, for every ingress: claim the request under its key (a duplicate
         gets the recorded outcome), run its first stage (resolve, plan, start) with each reply
         event handed to `emit` as it is made, hand it to the tracker when it is followed, record
-        it. Raises QrsError (nothing was started: the claim is dropped, a retry is handled anew)
-        and JournalError (the caller must not ack)."""
+        it. Raises QrsError (nothing was started: the claim is dropped, a retry is handled anew),
+        JournalError (the caller must not ack) and CallerRejected (the claim's caller is over its
+        requests_per_minute: nothing claimed or recorded, so the same requestId later is new)."""
+        self.callers.admit(claim.caller)
+        name = claim.caller.name if claim.caller is not None else None
 
         def on_started(result: StageResult) -> None:
             if self.follow is not None and claim.key is not None and (req.waits or result.follow):
-                self.follow(claim.key, req, result, claim.route or Route(""))
+                self.follow(claim.key, req, result, claim.route or Route(""), name)
 
-        with self.keys.hold(claim.key):
+        with self.keys.hold(claim.key), structlog.contextvars.bound_contextvars(**{CALLER_CONTEXT: label(claim.caller)}):
             handled = _handle(self, req, emit, claim, on_started)
         for observe in self.handled:
-            observe(claim.ingress, handled.replayed, handled.start_seconds)
+            observe(claim.ingress, handled.replayed, handled.start_seconds, label(claim.caller))
         return handled
 
     def set_start_filter(self, start_filter: Any) -> None:
@@ -160,16 +169,23 @@ class StartService:
         return admitted
 
     def start_task_again(
-        self, task_id: str, matched_by: list[Match], policy: Policy, ticket: Ticket, send: Emit
+        self, task_id: str, matched_by: list[Match], policy: Policy, ticket: Ticket, send: Emit,
+        caller: CallerConfig | None = None,
     ) -> tuple[TaskOutcome | None, dict[int, TaskOutcome]]:
         """A retry (contract section 7): the task is looked up again (its running state too) and
-        started under the same policies. (None, {}) when it no longer exists; else its outcome
-        and, when it waits in the queue, {entry id: outcome}."""
+        started under the same policies, if the request's caller may still start it (its
+        allow-list, judged on the task as it is now: else `denied`, nothing sent). (None, {})
+        when it no longer exists; else its outcome and, when it waits in the queue, {entry id: outcome}."""
         selection, tasks = self.resolve_tasks(StartRequest(taskId=[task_id]))
         if not selection.selected:
             return None, {}
         task = selection.selected[0].task
         o = TaskOutcome(task.id, task.name, "started", list(matched_by), attempt=ticket.attempt)
+        why = denial(task, caller)
+        if why is not None:
+            o.status, o.reason = "denied", why
+            send(replies.task(o, ticket.request_id, ticket.stage))
+            return o, {}
         # Claimed like a first start: after a crash, this attempt's recorded answer or its
         # intent (then QRS is asked whether the start arrived) is found, never sent twice.
         prior = self.journal.load(ticket.key) if self.journal is not None and ticket.key is not None else None
@@ -193,8 +209,10 @@ class StartService:
         *,
         root: StartRequest | None = None,
         route: Route | None = None,
+        caller: CallerConfig | None = None,
     ) -> StageResult:
         """Resolve and start one stage, emitting one `task` event per task then the summary.
+        start_filter, then the caller's allow-list (contract section 10): outside either, `denied`.
 
         Raises QrsUnreachable (and other QrsError) only while resolving, i.e. before anything
         was started, so the caller may safely retry the whole request later.
@@ -203,7 +221,7 @@ class StartService:
         selection, tasks = self.resolve_tasks(stage)
         with self._allow_lock:
             allow = self._allow.allow if self._allow.enabled else None
-        outcomes = plan(selection, stage, allow)
+        outcomes = restrict(plan(selection, stage, allow), selection, caller)
         events: list[Event] = []
 
         def send(ev: Event) -> None:
@@ -242,6 +260,7 @@ class StartService:
         root: StartRequest,
         route: Route | None,
         started: Callable[[StageResult], None],
+        caller: CallerConfig | None = None,
     ) -> StageResult:
         """Every stage of every request, the first and each `then`, is run and recorded here:
         its events go to `emit` as they are made, `started` takes the result (the first stage:
@@ -250,7 +269,7 @@ class StartService:
         checked with the backend; `started` first, so a crash in between never forgets to
         follow what started. Raises QrsError before anything started (resolving), and
         JournalError when the record fails (after `started`)."""
-        result = self.run_stage(stage, request_id, emit, index, key, prior, root=root, route=route)
+        result = self.run_stage(stage, request_id, emit, index, key, prior, root=root, route=route, caller=caller)
         started(result)
         if key is not None and self.journal is not None:
             self.journal.finish(key, result.events)
@@ -340,8 +359,9 @@ class Handled:
     start_seconds: float | None = None
 
 
-def _audit_fields(req: StartRequest) -> dict[str, Any]:
+def _audit_fields(req: StartRequest, caller: CallerConfig | None) -> dict[str, Any]:
     return {
+        "caller": caller.name if caller is not None else None,
         "criteria": {
             "taskId": req.taskId,
             "tag": req.tag,
@@ -371,13 +391,14 @@ def handle_request(
     payload_hash: str | None = None,
     on_started: Callable[[StageResult], None] | None = None,
     route: Route | None = None,
+    caller: CallerConfig | None = None,
 ) -> Handled:
     """`service.submit` with the claim spelled out (tests, benchmarks). `key` is the
     idempotency key (requestId, or MQTT 5 correlation data); None disables duplicate
     suppression. `on_started` runs after the starts and before the journal marks the request
     done, instead of the tracker (which `submit` hands a followed request to there, so a crash
     in between resumes the request instead of forgetting to follow it)."""
-    claim = Claim(ingress, key, source, payload_hash, route)
+    claim = Claim(ingress, key, source, payload_hash, route, caller)
     if on_started is None:
         return service.submit(req, claim, emit)
     with service.keys.hold(key):
@@ -386,13 +407,16 @@ def handle_request(
 
 @dataclass(frozen=True)
 class Claim:
-    """Who asks (ingress, source) and under which idempotency key (None: no suppression)."""
+    """Who asks (ingress, source, caller) and under which idempotency key (None: no
+    suppression). With a caller, `key` is already scoped to it (`keys.for_caller`): the
+    ingress names the caller from its transport, never from the request body."""
 
     ingress: str
     key: str | None
     source: str = ""
     payload_hash: str | None = None
     route: Route | None = None
+    caller: CallerConfig | None = None
 
 
 def _handle(
@@ -408,11 +432,12 @@ def _handle(
     prior = None
     if journal is not None and key is not None:  # the request itself is kept for the history
         asked = req.model_dump(mode="json", exclude_defaults=True)
-        prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked)
+        prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked,
+                              caller=claim.caller.name if claim.caller is not None else None)
     if prior is not None and prior.done:
         for ev in prior.replies:
             emit(ev)
-        log.info("audit", ingress=ingress, source=source, requestId=req.requestId, duplicate=True, **_audit_fields(req),
+        log.info("audit", ingress=ingress, source=source, requestId=req.requestId, duplicate=True, **_audit_fields(req, claim.caller),
                  outcome="earlier outcome re-published; nothing started")
         return Handled(prior.replies, replayed=True)
 
@@ -428,7 +453,7 @@ def _handle(
     try:
         result = service.run_and_record(
             req, req.requestId, service.observed(emit), 0 if req.then is not None else None, key,
-            prior, root=req, route=claim.route, started=started,
+            prior, root=req, route=claim.route, started=started, caller=claim.caller,
         )
     except QrsError:
         if journal is not None and key is not None and prior is None:
@@ -442,7 +467,7 @@ def _handle(
         requestId=req.requestId,
         duplicate=False,
         resumed=prior is not None,
-        **_audit_fields(req),
+        **_audit_fields(req, claim.caller),
         **{status: by_status.get(status, []) for status in ("started", "notStarted", "wouldStart", "denied", "failed")},
         notFound=list(result.not_found),
         ms=round((time.perf_counter() - t0) * 1000, 1),

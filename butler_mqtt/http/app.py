@@ -8,7 +8,8 @@ override, and mapping outcomes and failures to status codes, always with a JSON 
 
 from __future__ import annotations
 
-import hmac
+import dataclasses
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -28,6 +29,8 @@ from starlette.routing import Route
 
 from butler_mqtt import __version__, keys
 from butler_mqtt.asyncapi import build_document
+from butler_mqtt.callers import CHALLENGE, CallerRejected, label
+from butler_mqtt.config import CallerConfig
 from butler_mqtt.errors import JournalError, QrsError, RequestRejected, is_transient
 from butler_mqtt.http import schemas
 from butler_mqtt.http.bodies import (
@@ -39,6 +42,7 @@ from butler_mqtt.http.bodies import (
     seed_request,
     summary_response,
 )
+from butler_mqtt.http.protocol import CLIENT_CERT_CN
 from butler_mqtt.journal import history
 from butler_mqtt.model import Route as ReplyRoute
 from butler_mqtt.model import StartRequest, decode_json
@@ -141,7 +145,8 @@ class RestApi:
             return error_response(500, "Internal error", "an unexpected error occurred; see the daemon's log")
 
     async def _start(self, request: Request) -> Response:
-        self._authorize(request)
+        caller = self._authorize(request)
+        structlog.contextvars.bind_contextvars(caller=label(caller))
         _check_content_type(request)
         try:
             flag = parse_flag(request.query_params.getlist("allTaskIdsMustExist"))
@@ -150,11 +155,11 @@ class RestApi:
             data: Any = decode_json(raw, self.cfg.http.max_body_bytes) if raw.strip() else {}
             if isinstance(data, list):
                 plan = butler_plan(data, task_id, flag)
-                events = await self._run(plan.request, request) if plan.request is not None else []
+                events = await self._run(plan.request, request, caller) if plan.request is not None else []
                 return JSONResponse(butler_response(plan, events))
             if isinstance(data, dict):
                 req = seed_request(data, task_id, flag)
-                return JSONResponse(summary_response(await self._run(req, request)))
+                return JSONResponse(summary_response(await self._run(req, request, caller)))
         except RequestRejected as rej:
             raise ApiError(400, rej.error, rej.details) from None
         raise ApiError(
@@ -163,17 +168,14 @@ class RestApi:
             "the body must be a JSON object (this API's shape) or a JSON array (Butler's shape)",
         )
 
-    def _authorize(self, request: Request) -> None:
-        token = self.cfg.http.token
-        if token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        challenge = {"WWW-Authenticate": 'Bearer realm="butler-mqtt"'}
-        if scheme.lower() != "bearer" or not given.strip():
-            raise ApiError(401, "Unauthorized", "send 'Authorization: Bearer <token>' (http.token)", "unauthorized", challenge)
-        # Constant time: the comparison must not tell an attacker how much of a guess was right.
-        if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-            raise ApiError(401, "Unauthorized", "wrong bearer token", "unauthorized", challenge)
+    def _authorize(self, request: Request) -> CallerConfig | None:
+        """Who calls (contract section 10): a caller by its bearer token's SHA-256 (compared in
+        constant time) or by its client certificate's CN (mutual TLS); None: the anonymous
+        caller (http.token, or no token configured). ApiError 401 otherwise."""
+        try:
+            return self.rt.service.callers.identify_rest(request.headers.get("authorization"), _cert_cn(request))
+        except CallerRejected as rej:
+            raise ApiError(rej.http_status, rej.error, rej.details, "unauthorized", CHALLENGE) from None
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused with 413 as soon as it is known to be too large.
@@ -195,7 +197,7 @@ class RestApi:
             raise ApiError(400, "Incomplete request", "the connection closed before the whole body arrived") from None
         return bytes(body)
 
-    async def _run(self, req: StartRequest, request: Request) -> list[Event]:
+    async def _run(self, req: StartRequest, request: Request, caller: CallerConfig | None = None) -> list[Event]:
         """Run the one pipeline in a worker thread (QRS calls block); return its events.
 
         `requestId` is the idempotency key exactly as on MQTT (same journal, same key). A
@@ -205,7 +207,8 @@ class RestApi:
         key, as on MQTT: tracking needs a key, and the request history shows every request.
         """
         key = keys.for_request_id(req.requestId) if req.requestId else keys.anonymous("rest")
-        claim = Claim(INGRESS, key, _client(request), route=ReplyRoute(self.cfg.mqtt.topics.reply))
+        key = keys.for_caller(key, caller.name if caller is not None else None)  # two callers: two requests
+        claim = Claim(INGRESS, key, _client(request), route=ReplyRoute(self.cfg.mqtt.topics.reply), caller=caller)
 
         def work() -> Handled:
             # The events come back in Handled; nothing to stream.
@@ -213,6 +216,9 @@ class RestApi:
 
         try:
             handled = await run_in_threadpool(work)
+        except CallerRejected as rej:  # over its requests_per_minute (counted with MQTT's): nothing claimed
+            retry_after = {"Retry-After": str(max(1, math.ceil(rej.retry_after or 1)))}
+            raise ApiError(rej.http_status, rej.error, rej.details, "rate_limited", retry_after) from None
         except QrsError as exc:
             self._last_qrs_failure = time.monotonic()
             # Raised only while resolving, i.e. before anything was started: safe to retry.
@@ -224,15 +230,17 @@ class RestApi:
         return handled.events
 
     def _count(self, outcome: str) -> None:
-        self.rt.metrics.request(INGRESS, outcome)
+        self.rt.metrics.request(INGRESS, outcome)  # the caller: bound in _start once known
 
     # ------------------------------------------------------------------ request history
 
     async def requests(self, request: Request) -> Response:
         """`GET /v4/requests`: the journal's request history (journal/history.py)."""
         try:
-            self._authorize(request)
+            caller = self._authorize(request)
             query = history_query(request.query_params.get)
+            if caller is not None:  # a caller sees its own requests only
+                query = dataclasses.replace(query, caller=caller.name)
             records = await run_in_threadpool(self.rt.journal.history, query)
         except ApiError as exc:
             log.warning("rest_history_refused", status=exc.status, error=exc.error, details=exc.details, client=_client(request))
@@ -313,7 +321,8 @@ class RestApi:
         protocol, and its alerts topic (docs/asyncapi.yaml is the same for the default configuration). Open like
         /openapi.json: it names topics and the broker address, never a credential."""
         if self._asyncapi is None:
-            self._asyncapi = build_document(self.cfg.mqtt, alerts_topic=self.cfg.alerts.topic)
+            self._asyncapi = build_document(self.cfg.mqtt, alerts_topic=self.cfg.alerts.topic,
+                                            caller_levels=[c.topic for c in self.cfg.callers])
         return JSONResponse(self._asyncapi)
 
 
@@ -330,6 +339,7 @@ def history_query(param: Callable[[str], str | None]) -> history.HistoryQuery:
             request_id=param("requestId"),
             task_id=param("taskId"),
             limit=_limit(limit),
+            caller=param("caller"),
         )
         return history.check_query(q)
     except ValueError as exc:
@@ -342,6 +352,13 @@ def _limit(text: str | None) -> int:
     if not (text.strip().isascii() and text.strip().isdigit()):
         raise ValueError(f"limit: not a whole number: {text!r}")
     return int(text)
+
+
+def _cert_cn(request: Request) -> str | None:
+    """The CN of the client certificate this connection presented over mutual TLS (put into
+    the scope by http/protocol.py: uvicorn does not pass the peer certificate on)."""
+    cn = request.scope.get(CLIENT_CERT_CN)
+    return cn if isinstance(cn, str) else None
 
 
 def _client(request: Request) -> str:
@@ -402,7 +419,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(runtime: Runtime, full: bool) -> FastAPI:
     """The application. `full`: the whole API; else only /metrics and /healthz (metrics.port)."""
     api = RestApi(runtime)
-    token_required = runtime.cfg.http.token is not None
+    token_required = runtime.cfg.http.token is not None or any(c.tokens_sha256 for c in runtime.cfg.callers)
     app = FastAPI(
         title="butler-mqtt REST API",
         version=__version__,

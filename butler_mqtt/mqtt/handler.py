@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from butler_mqtt import keys, replies
+from butler_mqtt.callers import CallerRejected, caller_topic_filters, label
 from butler_mqtt.config import Config
 from butler_mqtt.errors import QrsError, QrsTlsRejected, is_transient
 from butler_mqtt.model import Route
@@ -117,6 +118,10 @@ class RequestHandler:
         self.health = health
         self.should_exit = should_exit
         self.retain_probe = retain_probe
+        #: The callers (contract section 10), shared with REST through the use case (one rate
+        #: limiter); their topic filters, which no response topic may match.
+        self.callers = rt.service.callers
+        self._listening = caller_topic_filters(rt.cfg.mqtt, rt.cfg.callers)
         self._limiter = RateLimiter(60.0)
         self.handled = 0
 
@@ -220,7 +225,19 @@ class RequestHandler:
 
         # MQTT 3.1.1 clears the retain flag on live delivery: the probe asks the broker instead.
         retained = job.retained or (self.retain_probe is not None and self.retain_probe.retained(job))
-        verdict = ingress_rules.screen(job, self.cfg.mqtt, self.listener.limits, time.monotonic(), retained)
+        # Whose request it is: the topic names the caller (contract section 10).
+        found = ingress_rules.route(job, self.callers, self.cfg.mqtt, retained)
+        if found is None or isinstance(found, ingress_rules.Clear):
+            self.listener.ack(job)  # our own reply under <topics.start>/+, or a retained clear: no answer
+            return
+        if isinstance(found, ingress_rules.Reject):
+            return reject(found)
+        caller = found.caller
+        structlog.contextvars.bind_contextvars(caller=label(caller))
+        if found.action == "stop":  # the hook for stop requests (contract section 8)
+            return reject(ingress_rules.stop_unsupported(job.topic))
+        verdict = ingress_rules.screen(job, self.cfg.mqtt, self.listener.limits, time.monotonic(), retained,
+                                       self._listening)
         if isinstance(verdict, ingress_rules.Clear):
             self.listener.ack(job)  # someone clearing a retained message: nothing to answer
             return
@@ -233,9 +250,13 @@ class RequestHandler:
         if key is None and fingerprint is not None:
             earlier = self.journal.recent_hash(fingerprint, ANON_DUP_WINDOW_S) if job.dup else None
             key = earlier or keys.anonymous(ingress)
+        else:  # the same requestId from two callers is two requests
+            key = keys.for_caller(key, caller.name if caller is not None else None) if key is not None else None
         d.key = key
         try:
-            self.service.submit(req, Claim(ingress, key, job.topic, fingerprint, route), emit)
+            self.service.submit(req, Claim(ingress, key, job.topic, fingerprint, route, caller), emit)
+        except CallerRejected as rej:  # over its requests_per_minute: nothing claimed, nothing started
+            return reject(ingress_rules.Reject("request_rate_limited", "rate_limited", rej.error, rej.details))
         except QrsError as exc:
             if is_transient(exc):
                 raise

@@ -64,7 +64,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from butler_mqtt import __version__, keys
+from butler_mqtt.callers import Subscription
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.model import MAX_PAYLOAD_BYTES, MAX_PLAIN_PAYLOAD_BYTES
 from butler_mqtt.replies import Event
@@ -140,10 +141,14 @@ class MqttListener:
         on_job: Callable[[Job], bool | None],
         client_id: str | None = None,
         limits: tuple[int, int] = DEFAULT_LIMITS,
+        extra: Sequence[Subscription] = (),
     ) -> None:
         self.cfg = cfg
         self._on_job = on_job
         self.limits = limits
+        #: The caller topics (contract section 10, callers.caller_subscriptions): subscribed
+        #: beside the bare topics, already under the share with shared_group.
+        self.extra = tuple(extra)
         self._inflight_lock = threading.Lock()
         self._inflight: dict[int, Job] = {}  # packet id -> delivery being handled (this epoch)
         self._answered: OrderedDict[int, str] = OrderedDict()  # packet id -> fingerprint, acked
@@ -234,6 +239,10 @@ class MqttListener:
             t.append(self.cfg.topics.start_plain)
         return t
 
+    def subscriptions(self) -> list[str]:
+        """Every topic filter subscribed to, as sent to the broker (share prefix included)."""
+        return [self._sub_topic(t) for t in self.topics()] + [s.topic for s in self.extra]
+
     def set_problem(self, name: str, text: str | None) -> None:
         """Show (or clear) a standing problem, e.g. QRS refusing for good, on the status topic."""
         with self._inflight_lock:
@@ -308,6 +317,12 @@ class MqttListener:
                 qos=1, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
             ) if self.v5 else 1
             subs.append((self._sub_topic(topic), opts))
+        for extra in self.extra:
+            # No Local: the daemon's own replies and alerts can be under <topics.start>/+.
+            opts = SubscribeOptions(
+                qos=1, noLocal=extra.no_local, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
+            ) if self.v5 else 1
+            subs.append((extra.topic, opts))
         _rc, mid = client.subscribe(subs)
         if mid is not None:
             self._sub_mids.add(mid)
@@ -316,12 +331,12 @@ class MqttListener:
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, rcs: list[ReasonCode], _p: Any) -> None:
         bad = [str(r) for r in rcs if r.is_failure]
         if bad:
-            log.error("mqtt_subscribe_refused", reasons=bad, topics=self.topics())
+            log.error("mqtt_subscribe_refused", reasons=bad, topics=self.subscriptions())
             return
         if mid in self._sub_mids:
             self._sub_mids.discard(mid)
             self.subscribed.set()
-            log.info("mqtt_subscribed", topics=[self._sub_topic(t) for t in self.topics()])
+            log.info("mqtt_subscribed", topics=self.subscriptions())
             if self.on_subscribed is not None:
                 self.on_subscribed()
 
