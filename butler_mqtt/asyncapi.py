@@ -36,7 +36,11 @@ from butler_mqtt.model import (
     TaskOutcome,
 )
 from butler_mqtt.replies import REPLY_EVENTS, EventSpec
-from butler_mqtt.replies.types import ALERT_SEVERITY, AlertMessage, StatusMessage
+from butler_mqtt.replies.types import (
+    ALERT_SEVERITY,
+    AlertMessage,
+    StatusMessage,
+)
 
 ASYNCAPI_VERSION = "3.0.0"
 MQTT_BINDING_VERSION = "0.2.0"

@@ -51,15 +51,17 @@ class Metrics:
     def __init__(self, callers: Iterable[str] = ("",)) -> None:
         r = self.registry = CollectorRegistry()
         self.callers = frozenset(callers) | {""}
+        # Without callers configured the counters keep their labels of before (no `caller`).
+        by = ["caller"] if len(self.callers) > 1 else []
         self.requests = Counter(
-            "butler_mqtt_requests", "Start requests by ingress, outcome and caller", ["ingress", "outcome", "caller"],
+            "butler_mqtt_requests", "Start requests by ingress and outcome (and caller)", ["ingress", "outcome", *by],
             registry=r,
         )
-        self.task_outcomes = Counter("butler_mqtt_tasks", "Tasks by outcome status and caller", ["status", "caller"],
+        self.task_outcomes = Counter("butler_mqtt_tasks", "Tasks by outcome status (and caller)", ["status", *by],
                                      registry=r)
         for status in TASK_STATUSES:  # present from the start: increase() then sees the first one
             for caller in sorted(self.callers):
-                self.task_outcomes.labels(status, caller)
+                self.task_outcomes.labels(status, *([caller] if by else []))
         self.qrs_latency = Histogram(
             "butler_mqtt_qrs_call_seconds",
             "QRS call latency",
@@ -147,6 +149,10 @@ class Metrics:
             "butler_mqtt_queue_expired", "Tasks given up after policies.queue_timeout in butler-mqtt's queue", registry=r
         )
 
+    def _by(self, name: str | None = None) -> list[str]:
+        """The `caller` label value as a label list: [] when the counters have no caller label."""
+        return [self.caller(name)] if len(self.callers) > 1 else []
+
     def caller(self, name: str | None = None) -> str:
         """The `caller` label: `name`, else the caller bound to this thread's work (the use case
         and the tracker bind it, see service.CALLER_CONTEXT); "" when unknown or not configured."""
@@ -155,7 +161,7 @@ class Metrics:
         return name if name in self.callers else ""
 
     def request(self, ingress: str, outcome: str, caller: str | None = None) -> None:
-        self.requests.labels(ingress, outcome, self.caller(caller)).inc()
+        self.requests.labels(ingress, outcome, *self._by(caller)).inc()
 
     def tasks(self, events: list[Event]) -> None:
         for ev in events:
@@ -165,7 +171,7 @@ class Metrics:
         """Count one new reply event (a StartService observer)."""
         kind = replies.kind(ev)
         if kind == replies.TASK:
-            self.task_outcomes.labels(str(ev.get("status")), self.caller()).inc()
+            self.task_outcomes.labels(str(ev.get("status")), *self._by()).inc()
         elif kind == replies.TASK_FINISHED and "retryIn" not in ev and self._finished.first(ev.get("executionId")):
             self.executions_finished.labels(str(ev.get("status"))).inc()
 

@@ -377,3 +377,16 @@ def test_history_and_metrics_per_caller(cfg, start_daemon, requester, sim):
     assert 'caller="stranger"' not in metrics
     labels = {line.split('caller="')[1].split('"')[0] for line in metrics.splitlines() if 'caller="' in line}
     assert labels <= {"", "erp", "dwh"}
+
+
+def test_alerts_name_the_caller(qrs_certs, sim, broker, tmp_path, start_daemon, requester, listen):
+    sim.fail_starts_for = {ERP2}
+    cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state", callers=callers(),
+                      alerts={"topic": "qliksense/task/alert"})
+    start_daemon(cfg)
+    alerts = listen("qliksense/task/alert")
+    assert statuses(ask(requester, f"{START}/erp", {"requestId": "al-1", "taskId": [ERP2]})) == {ERP2: "failed"}
+    alert = alerts.wait_for(lambda m: m.get("requestId") == "al-1")
+    assert alert["alert"] == "failedStart" and alert["caller"] == "erp"
+    requester.request({"requestId": "al-2", "taskId": [ERP2]})
+    assert alerts.wait_for(lambda m: m.get("requestId") == "al-2")["caller"] is None
