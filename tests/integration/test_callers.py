@@ -390,3 +390,26 @@ def test_alerts_name_the_caller(qrs_certs, sim, broker, tmp_path, start_daemon, 
     assert alert["alert"] == "failedStart" and alert["caller"] == "erp"
     requester.request({"requestId": "al-2", "taskId": [ERP2]})
     assert alerts.wait_for(lambda m: m.get("requestId") == "al-2")["caller"] is None
+
+
+FAILS = "f0f0f0f0-5555-4555-8555-555555555555"
+
+
+def test_a_retry_is_judged_by_the_callers_allow_list_again(qrs_certs, sim, broker, tmp_path, start_daemon, requester):
+    """A reload that failed is started again (retry) only while the request's caller may still
+    start it: here its tag leaves erp's allow-list before the retry is due."""
+    sim.store.add_task(SimTask(FAILS, "ERP flaky", tags=["erp"], run_seconds=0.3, outcome="fail"))
+    cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state", callers=callers())
+    start_daemon(cfg)
+    token, box = requester.send({"requestId": "rt", "taskId": [FAILS], "retry": {"attempts": 2, "delay": 1.0},
+                                 "wait": True}, topic=f"{START}/erp")
+    events: list[dict[str, Any]] = []
+    while not events or events[-1]["event"] != "taskFinished":
+        events.append(box.get(timeout=30))
+    assert events[-1]["attempt"] == 1 and events[-1]["retryIn"] == 1.0
+    sim.store.replace_task(SimTask(FAILS, "ERP flaky", tags=["moved-away"], run_seconds=0.3, outcome="fail"))
+    while events[-1]["event"] != "requestFinished":
+        events.append(box.get(timeout=30))
+    retried = [e for e in events if e["event"] == "task" and e.get("attempt") == 2]
+    assert [(e["status"], e["reason"]) for e in retried] == [("denied", "not on caller erp's allow-list")]
+    assert [s.task_id for s in sim.starts] == [FAILS]  # the first attempt only
