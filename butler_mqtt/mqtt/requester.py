@@ -136,10 +136,12 @@ class Requester:
         request: dict[str, Any],
         timeout: float = 30.0,
         on_event: Callable[[Event], None] | None = None,
+        topic: str | None = None,
     ) -> list[Event]:
-        """Send and collect replies up to the last one; raises TimeoutError when it never comes."""
+        """Send (on `topic`, default topics.start; a caller's: `<topics.start>/<level>`) and
+        collect replies up to the last one; raises TimeoutError when it never comes."""
         waits = bool(request.get("wait") or request.get("then"))
-        token, box = self.send(request)
+        token, box = self.send(request, topic)
         events: list[Event] = []
         deadline = time.monotonic() + timeout
         try:
