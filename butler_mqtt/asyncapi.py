@@ -149,7 +149,7 @@ _NAME = "Finance daily"
 
 
 def reply_examples() -> dict[str, replies.Event]:
-    """One example per reply event, made by replies.py's builders."""
+    """One example per reply event, made by the builders of butler_mqtt.replies."""
     started = TaskOutcome(_T, _NAME, "started", [Match("tag", "daily-refresh")], execution_id=_E)
     row = {"startTime": "2025-01-06T06:00:00.000Z", "stopTime": "2025-01-06T06:01:21.234Z", "duration": 81234}
     return {

@@ -33,7 +33,7 @@ INVALID_GUID_DETAILS = "Task ID must be a valid GUID"
 
 # Control characters never occur in Qlik tag or property names; rejecting them keeps log
 # lines and QRS filters clean. Quotes, `&`, `#`, `+`, `%`, parentheses and non-ASCII are
-# legitimate and are escaped instead (see qrs.filters).
+# legitimate and are escaped instead (see backends/qrs/filters.py).
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 TaskStatus = Literal[

@@ -1,7 +1,9 @@
 """What the edges are handed: the parts of a running daemon, wired once, never the daemon.
 
-`build(cfg, publish, health)` makes them: the journal, the metrics, the alerter, the QRS
-client, the one `StartService` and the tracker (which publishes later events through `publish`). The daemon
+`build(cfg, publish, health)` makes them: the journal, the metrics, the alerter, the backend
+(`backend(cfg)`: the only place outside `backends/` that names an implementation), the one
+`StartService` (whose later events leave through `publish`) and the tracking pieces
+(`build_tracker`: every piece of tracking/ wired here, nowhere else). The daemon
 calls it once and keeps only the lifecycle (daemon.py); the MQTT handler and the REST API
 (http/) are handed the resulting `Runtime`. The REST API sees the MQTT side only through a
 narrow `Health` view, so it can be served (and tested) on any Runtime and cannot reach into

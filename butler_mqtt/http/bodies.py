@@ -251,7 +251,7 @@ def butler_response(plan: ButlerPlan, events: Sequence[Event]) -> dict[str, Any]
     by_cp: list[dict[str, Any]] = []
     cp_denied: list[dict[str, Any]] = []
     not_started: list[dict[str, Any]] = []
-    not_found: list[Any] = []  # criteria (events.SummaryEvent tasksNotFound)
+    not_found: list[Any] = []  # criteria (replies.types.SummaryEvent tasksNotFound)
     req = plan.request
     tags = list(dict.fromkeys(req.tag)) if req else []
     cps = list(dict.fromkeys(req.customProperty)) if req else []

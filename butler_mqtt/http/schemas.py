@@ -31,7 +31,7 @@ class ErrorBody(BaseModel):
 
 def summary_schemas() -> dict[str, Any]:
     """`Summary`, the REST answer to a seed-shaped body: the wire schema of the `summary` reply
-    (events.SummaryEvent, the AsyncAPI document's) without its `event` key, and the schemas it
+    (replies.types.SummaryEvent, the AsyncAPI document's) without its `event` key, and the schemas it
     refers to (StartedTask, DeniedTask, ...)."""
     summary = TypeAdapter(SummaryEvent).json_schema(ref_template=REF)
     defs: dict[str, Any] = summary.pop("$defs")

@@ -24,7 +24,7 @@ Every alert is counted (`butler_mqtt_alerts_total{alert}`) and logged (`alert` l
 when no sink is configured.
 
 The message (JSON; every key present, null when it does not apply; its schema is
-`events.AlertMessage`, the alerts channel of the AsyncAPI document):
+`replies.types.AlertMessage`, the alerts channel of the AsyncAPI document):
 
     {"alert": "reloadFailed", "severity": "error", "time": "2024-05-01T10:30:00.123Z",
      "instance": "butler-mqtt", "requestId": "r1", "taskId": "...", "taskName": "Finance daily",
@@ -81,7 +81,7 @@ from butler_mqtt.replies.types import (
 log = structlog.get_logger("butler_mqtt.alerts")
 
 #: The alert kinds, their severities and the message keys are those of the schema
-#: (events.AlertMessage, in the AsyncAPI document), so the two cannot drift apart.
+#: (replies.types.AlertMessage, in the AsyncAPI document), so the two cannot drift apart.
 KINDS = ALERT_KINDS
 SEVERITY = ALERT_SEVERITY
 #: Alerts about one execution: raised once per execution, however many requests follow it.

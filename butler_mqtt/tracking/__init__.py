@@ -20,10 +20,10 @@ import structlog
 from butler_mqtt.errors import ButlerError
 from butler_mqtt.journal import Journal
 from butler_mqtt.model import Route, StartRequest
-from butler_mqtt.service import StageResult
+from butler_mqtt.service import Publish, StageResult
 from butler_mqtt.tracking.polling import Poller
 from butler_mqtt.tracking.queue_ticks import QueueTicks
-from butler_mqtt.tracking.records import Publish, Waited, bound
+from butler_mqtt.tracking.records import Waited, bound
 from butler_mqtt.tracking.retries import Deadlines, Retries
 from butler_mqtt.tracking.stages import Stages
 from butler_mqtt.tracking.timers import Timers

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -13,7 +12,6 @@ from typing import Any
 import structlog
 
 from butler_mqtt.model import Route, StartRequest, TaskOutcome
-from butler_mqtt.replies import Event
 
 
 @dataclass
@@ -100,10 +98,6 @@ def queued_record(o: TaskOutcome, stage: int | None) -> dict[str, Any]:
     """What a waited request keeps of its task waiting in the queue."""
     return {"task_id": o.task_id, "task_name": o.task_name, "stage": stage, "attempt": o.attempt,
             "matched_by": list(o.matched_by)}
-
-
-#: How the tracker's events leave: published on the request's route (MQTT).
-Publish = Callable[[Route, Event], None]
 
 
 def bound(w: Waited) -> AbstractContextManager[None]:

@@ -24,3 +24,26 @@ def long_functions() -> dict[str, int]:
 def test_no_function_is_longer_than_60_lines():
     too_long = long_functions()
     assert not too_long, f"functions over {LIMIT} lines (split them): {too_long}"
+
+
+CLASS_LIMIT = 250
+#: Classes still over the limit, to be split by their owners' issues (a ratchet: none may be added).
+OVER_CLASS_LIMIT_FOR_NOW = {"journal/__init__.py:Journal", "journal/runq.py:RunQueue", "mqtt/listener.py:MqttListener"}
+
+
+def long_classes() -> dict[str, int]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "sim" in path.relative_to(PACKAGE).parts:
+            continue  # the simulators are their own small worlds
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > CLASS_LIMIT:
+                    found[f"{path.relative_to(PACKAGE).as_posix()}:{node.name}"] = length
+    return found
+
+
+def test_no_class_is_longer_than_250_lines():
+    too_long = set(long_classes()) - OVER_CLASS_LIMIT_FOR_NOW
+    assert not too_long, f"classes over {CLASS_LIMIT} lines (split them): {too_long}"

@@ -81,3 +81,48 @@ def test_an_older_execution_is_not_mistaken_for_ours():
     fake = FakeQrs(ran_at=sent + SKEW - 60)  # a run a minute before our start (QRS time)
     resume(fake, sent)
     assert fake.starts == 1
+
+
+def retry_service(fake: FakeQrs, tmp_path: Any) -> tuple[StartService, Any]:
+    from butler_mqtt.journal import Journal
+
+    cfg = Config()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.begin("id:r", "mqtt")
+    journal.finish("id:r", [])
+    return StartService(cfg, QrsBackend(QrsClient(cfg.qrs, transport=MockTransport(fake))), journal), journal
+
+
+def start_retry(service: StartService, attempt: int = 2) -> tuple[Any, list[dict[str, Any]]]:
+    from butler_mqtt.admission import Ticket
+    from butler_mqtt.model import Match, Route
+    from butler_mqtt.policies import Policy
+
+    events: list[dict[str, Any]] = []
+    o, _queued = service.start_task_again(T1, [Match("taskId", T1)], Policy(), Ticket("id:r", "r", None, Route("t"), attempt),
+                                          events.append)
+    return o, events
+
+
+def test_a_retry_whose_answer_was_recorded_is_reported_not_started_again(tmp_path):
+    fake = FakeQrs(ran_at=None)
+    service, journal = retry_service(fake, tmp_path)
+    journal.reply("id:r", {"event": "task", "requestId": "r", "taskId": T1, "taskName": "Load", "status": "started",
+                           "executionId": E1, "matchedBy": [f"taskId:{T1}"], "attempt": 1})
+    o, _ = start_retry(service)
+    assert fake.starts == 1 and o.execution_id != E1  # attempt 1's record is not attempt 2's
+    journal.reply("id:r", {"event": "task", "requestId": "r", "taskId": T1, "taskName": "Load", "status": "started",
+                           "executionId": o.execution_id, "matchedBy": [f"taskId:{T1}"], "attempt": 2})
+    again, events = start_retry(service)  # attempt 2 again (a crash before the tracker noted it)
+    assert fake.starts == 1 and again.execution_id == o.execution_id and events[0]["attempt"] == 2
+
+
+def test_a_retry_claimed_but_unanswered_is_looked_up_in_qrs_not_sent_again(tmp_path):
+    fake = FakeQrs(ran_at=None)
+    service, journal = retry_service(fake, tmp_path)
+    journal.intents("id:r", [intent_key(T1, None, 2)])  # claimed now; the start reached QRS just after
+    fake.ran_at = time.time() + SKEW + 0.5
+    o, events = start_retry(service)
+    assert fake.starts == 0 and o.status == "started" and o.execution_id == E1
+    assert [e["status"] for e in events] == ["started"]
+    assert intent_key(T1, None, 2) == f"{T1}#2" and intent_key(T1, 1, 1) == f"1/{T1}"
