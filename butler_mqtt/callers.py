@@ -143,6 +143,14 @@ def denial(task: QrsTask, caller: CallerConfig | None) -> str | None:
     return f"not on caller {caller.name}'s allow-list"
 
 
+def deny(o: TaskOutcome, task: QrsTask, caller: CallerConfig | None) -> bool:
+    """Mark `o` (a candidate start of `task`) `denied` when `caller` may not start it; whether it was."""
+    why = denial(task, caller)
+    if why is not None:
+        o.status, o.reason = "denied", why
+    return why is not None
+
+
 def restrict(outcomes: list[TaskOutcome], selection: Selection, caller: CallerConfig | None) -> list[TaskOutcome]:
     """Apply the caller's allow-list on top of `selection.plan`'s outcomes (start_filter and
     allTaskIdsMustExist already applied): a candidate (`started`, `wouldStart`) whose task the

@@ -18,7 +18,7 @@ import structlog
 from butler_mqtt import replies
 from butler_mqtt.admission import Admission, Admitted, Ticket
 from butler_mqtt.backends.base import Backend
-from butler_mqtt.callers import Callers, denial, label, restrict
+from butler_mqtt.callers import Callers, deny, label, restrict
 from butler_mqtt.config import CallerConfig, Config
 from butler_mqtt.errors import ButlerError, QrsError
 from butler_mqtt.journal import Journal, Prior
@@ -71,8 +71,7 @@ class StartService:
         self._allow_lock = threading.Lock()
         self._allow = cfg.start_filter
         self.keys = KeyLocks()
-        #: The configured callers (contract section 10): one rate limiter for every ingress.
-        self.callers = Callers(cfg)
+        self.callers = Callers(cfg)  # contract section 10: one rate limiter for every ingress
         self.admission = Admission(backend, journal)
         #: Called with every reply event as it is produced (never with a replayed one): the
         #: alerter and the metrics watch the requests here, whatever the ingress (`notify`).
@@ -125,14 +124,12 @@ class StartService:
         gets the recorded outcome), run its first stage (resolve, plan, start) with each reply
         event handed to `emit` as it is made, hand it to the tracker when it is followed, record
         it. Raises QrsError (nothing was started: the claim is dropped, a retry is handled anew),
-        JournalError (the caller must not ack) and CallerRejected (the claim's caller is over its
-        requests_per_minute: nothing claimed or recorded, so the same requestId later is new)."""
+        JournalError (the caller must not ack), CallerRejected (over its rate: nothing claimed)."""
         self.callers.admit(claim.caller)
-        name = claim.caller.name if claim.caller is not None else None
 
         def on_started(result: StageResult) -> None:
             if self.follow is not None and claim.key is not None and (req.waits or result.follow):
-                self.follow(claim.key, req, result, claim.route or Route(""), name)
+                self.follow(claim.key, req, result, claim.route or Route(""), claim.caller_name)
 
         with self.keys.hold(claim.key), structlog.contextvars.bound_contextvars(**{CALLER_CONTEXT: label(claim.caller)}):
             handled = _handle(self, req, emit, claim, on_started)
@@ -173,17 +170,14 @@ class StartService:
         caller: CallerConfig | None = None,
     ) -> tuple[TaskOutcome | None, dict[int, TaskOutcome]]:
         """A retry (contract section 7): the task is looked up again (its running state too) and
-        started under the same policies, if the request's caller may still start it (its
-        allow-list, judged on the task as it is now: else `denied`, nothing sent). (None, {})
-        when it no longer exists; else its outcome and, when it waits in the queue, {entry id: outcome}."""
+        started under the same policies if the caller may still (else `denied`). (None, {}) when
+        it no longer exists; else its outcome and, when it waits in the queue, {entry id: outcome}."""
         selection, tasks = self.resolve_tasks(StartRequest(taskId=[task_id]))
         if not selection.selected:
             return None, {}
         task = selection.selected[0].task
         o = TaskOutcome(task.id, task.name, "started", list(matched_by), attempt=ticket.attempt)
-        why = denial(task, caller)
-        if why is not None:
-            o.status, o.reason = "denied", why
+        if deny(o, task, caller):
             send(replies.task(o, ticket.request_id, ticket.stage))
             return o, {}
         # Claimed like a first start: after a crash, this attempt's recorded answer or its
@@ -211,8 +205,8 @@ class StartService:
         route: Route | None = None,
         caller: CallerConfig | None = None,
     ) -> StageResult:
-        """Resolve and start one stage, emitting one `task` event per task then the summary.
-        start_filter, then the caller's allow-list (contract section 10): outside either, `denied`.
+        """Resolve and start one stage (start_filter, then the caller's allow-list), emitting one
+        `task` event per task then the summary.
 
         Raises QrsUnreachable (and other QrsError) only while resolving, i.e. before anything
         was started, so the caller may safely retry the whole request later.
@@ -418,6 +412,10 @@ class Claim:
     route: Route | None = None
     caller: CallerConfig | None = None
 
+    @property
+    def caller_name(self) -> str | None:
+        return self.caller.name if self.caller is not None else None
+
 
 def _handle(
     service: StartService,
@@ -432,8 +430,7 @@ def _handle(
     prior = None
     if journal is not None and key is not None:  # the request itself is kept for the history
         asked = req.model_dump(mode="json", exclude_defaults=True)
-        prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked,
-                              caller=claim.caller.name if claim.caller is not None else None)
+        prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked, caller=claim.caller_name)
     if prior is not None and prior.done:
         for ev in prior.replies:
             emit(ev)
