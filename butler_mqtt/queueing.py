@@ -23,13 +23,14 @@ from typing import Any
 
 import structlog
 
-from butler_mqtt import replies
+from butler_mqtt import keys, replies
 from butler_mqtt.admission import Admission
+from butler_mqtt.callers import denial
 from butler_mqtt.config import PoliciesConfig
 from butler_mqtt.errors import ButlerError, QrsError
 from butler_mqtt.journal import Journal
 from butler_mqtt.journal.runq import Entry, Waiter
-from butler_mqtt.model import TaskOutcome, matches
+from butler_mqtt.model import StartRequest, TaskOutcome, matches
 from butler_mqtt.ops.metrics import Metrics
 from butler_mqtt.policies import effective
 from butler_mqtt.replies import Event
@@ -135,6 +136,10 @@ class QueueRunner:
     def _start_entry(self, entry: Entry) -> dict[str, Any]:
         """Send one claimed entry's start; its outcome (a failure to send ends it `failed`)."""
         try:
+            denied = self._denied(entry)
+            if denied is not None:
+                log.warning("queue_start_denied", taskId=entry.task_id, reason=denied)
+                return {"status": "denied", "reason": denied}
             o = self.service.start_one(TaskOutcome(entry.task_id, entry.task_name, "started"))
         except Exception as exc:  # noqa: BLE001 - a claimed entry must end done, never stay `starting`
             log.exception("queue_start_failed", taskId=entry.task_id)
@@ -147,6 +152,21 @@ class QueueRunner:
             outcome["reason"] = o.reason
         return outcome
 
+    def _denied(self, entry: Entry) -> str | None:
+        """Callers (contract section 10): a queued task starts when its turn comes, and its tags
+        may have changed since it was queued. When every request waiting on it is a caller's
+        and none of those callers may start the task now, it is not started: why (`denied`).
+        A waiter of the anonymous caller (start_filter, judged when queued) lets it start."""
+        names = {keys.caller_of(w.key) for w in self.journal.runq.waiters(entry.id)}
+        if not names or None in names:
+            return None
+        selection = self.service.resolve(StartRequest(taskId=[entry.task_id]))
+        if not selection.selected:
+            return None  # gone: the start itself says so
+        task = selection.selected[0].task
+        reasons = [denial(task, self.service.callers.stored(name)) for name in sorted(n for n in names if n)]
+        return reasons[0] if all(reasons) else None
+
     def _tell(self, entry_id: int) -> None:
         """Publish the `task` event of a done entry to each request still waiting on it."""
         runq = self.journal.runq
@@ -155,14 +175,18 @@ class QueueRunner:
             return
         told = []
         first: Event | None = None
+        caller = ""
         for w in runq.waiters(entry_id):
-            with structlog.contextvars.bound_contextvars(requestId=w.request_id):
+            # The waiter's caller (its key is scoped to it) names the events in metrics and alerts.
+            with structlog.contextvars.bound_contextvars(requestId=w.request_id, caller=keys.caller_of(w.key) or ""):
                 ev = self._tell_one(w, outcome)
             told.append(w.key)
-            first = first or ev
+            if first is None:
+                first, caller = ev, keys.caller_of(w.key) or ""
         runq.notified(entry_id, told)
         if first is not None:  # observers (alerts, metrics) hear of the entry once, however many wait on it
-            self.service.notify(first)
+            with structlog.contextvars.bound_contextvars(caller=caller):
+                self.service.notify(first)
 
     def _tell_one(self, w: Waiter, outcome: dict[str, Any]) -> Event:
         o = TaskOutcome(w.task_id, outcome.get("taskName", ""), outcome["status"], matches(w.matched_by),

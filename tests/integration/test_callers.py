@@ -413,3 +413,54 @@ def test_a_retry_is_judged_by_the_callers_allow_list_again(qrs_certs, sim, broke
     retried = [e for e in events if e["event"] == "task" and e.get("attempt") == 2]
     assert [(e["status"], e["reason"]) for e in retried] == [("denied", "not on caller erp's allow-list")]
     assert [s.task_id for s in sim.starts] == [FAILS]  # the first attempt only
+
+
+def test_stop_requests_are_routed_to_their_caller_and_answered(cfg, start_daemon, requester, sim):
+    """The hook for stops (contract section 8): routed by caller like starts, answered, nothing
+    stopped; an unknown caller level under topics.stop is refused like one under topics.start."""
+    start_daemon(cfg)
+    stop = cfg.mqtt.topics.stop
+    [err] = ask(requester, f"{stop}/erp", {"requestId": "s1", "taskId": [ERP1]})
+    assert err["error"] == "Stop not supported" and "nothing was stopped" in err["details"]
+    [err] = ask(requester, f"{stop}/nobody", {"requestId": "s2", "taskId": [ERP1]})
+    assert err["error"] == "Unknown caller"
+    assert sim.starts == []
+
+
+def test_the_served_documents_name_the_callers(cfg, start_daemon):
+    port = start_daemon(cfg).daemon.http_server.port
+    asyncapi = requests.get(f"http://127.0.0.1:{port}/asyncapi.json", timeout=10).json()
+    channel = asyncapi["channels"]["callerStart"]
+    assert channel["address"] == f"{START}/{{caller}}" and channel["parameters"]["caller"]["enum"] == ["erp", "dwh-loader"]
+    assert "startTasksAsCaller" in asyncapi["operations"]
+    openapi = requests.get(f"http://127.0.0.1:{port}/openapi.json", timeout=10).json()
+    start = openapi["paths"]["/v4/reloadtask/{taskId}/start"]["post"]
+    assert start["security"] == [{"bearerToken": []}] and "429" in start["responses"]
+    history = openapi["paths"]["/v4/requests"]["get"]
+    assert "caller" in {p["name"] for p in history["parameters"]}
+    assert "caller" in openapi["components"]["schemas"]["HistoryRecord"]["properties"]
+
+
+LONG = "10101010-6666-4666-8666-666666666666"
+QUEUED = "20202020-7777-4777-8777-777777777777"
+
+
+def test_a_queued_start_is_judged_by_the_callers_allow_list_when_its_turn_comes(
+    qrs_certs, sim, broker, tmp_path, start_daemon, requester
+):
+    sim.store.add_task(SimTask(LONG, "ERP long", tags=["erp"], run_seconds=1.5))
+    sim.store.add_task(SimTask(QUEUED, "ERP queued", tags=["erp"], run_seconds=0.1))
+    cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state", callers=callers(),
+                      policies={"max_running": 1})
+    start_daemon(cfg)
+    assert statuses(ask(requester, f"{START}/erp", {"requestId": "qa", "taskId": [LONG]})) == {LONG: "started"}
+    _token, box = requester.send({"requestId": "qb", "taskId": [QUEUED]}, topic=f"{START}/erp")
+    events = [box.get(timeout=20)]
+    assert events[0]["status"] == "queued", events
+    # While it waits for the slot, the task leaves erp's allow-list.
+    sim.store.replace_task(SimTask(QUEUED, "ERP queued", tags=["elsewhere"], run_seconds=0.1))
+    while not [e for e in events if e["event"] == "task" and e["status"] not in ("queued",)]:
+        events.append(box.get(timeout=30))
+    last = [e for e in events if e["event"] == "task"][-1]
+    assert (last["status"], last.get("reason")) == ("denied", "not on caller erp's allow-list")
+    assert [s.task_id for s in sim.starts] == [LONG]
