@@ -270,6 +270,8 @@ def _add_request_command(sub: Subcommands) -> None:
     p.add_argument("--request-id", metavar="ID", help="idempotency key, echoed in every reply (default: a new UUID)")
     p.add_argument("--wait", action="store_true", help="follow every reload to its end (taskFinished, requestFinished)")
     p.add_argument("--dry-run", action="store_true", help="report what would start (wouldStart); start nothing")
+    p.add_argument("--caller", type=caller_level, metavar="LEVEL",
+                   help="publish as a caller: on <mqtt.topics.start>/LEVEL (callers[].topic, docs/callers.md)")
     p.add_argument(
         "--timeout",
         type=positive_seconds,
@@ -340,6 +342,16 @@ def task_guid(text: str) -> str:
     if not is_guid(text.strip()):
         raise argparse.ArgumentTypeError(f"not a task GUID: {text!r}")
     return text.strip().lower()
+
+
+def caller_level(text: str) -> str:
+    """argparse type: a caller's topic level (callers[].topic)."""
+    from butler_mqtt.config import topic_level_problem
+
+    problem = topic_level_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def caller_name(text: str) -> str:
@@ -509,14 +521,15 @@ def cmd_request(args: argparse.Namespace) -> int:
         )
         return EXIT_FAIL
     replies = "a private response topic (MQTT 5)" if requester.v5 else f"{m.topics.reply} (MQTT 3.1.1)"
+    topic = f"{m.topics.start}/{args.caller}" if args.caller else m.topics.start
     print(
-        f"butler-mqtt: request {body['requestId']} sent to topic {m.topics.start} on broker {where}; "
+        f"butler-mqtt: request {body['requestId']} sent to topic {topic} on broker {where}; "
         f"replies on {replies}",
         file=sys.stderr,
         flush=True,
     )
     try:
-        requester.request(body, timeout=args.timeout, on_event=show)
+        requester.request(body, timeout=args.timeout, on_event=show, topic=topic)
     except TimeoutError as exc:
         print(f"butler-mqtt: {exc}", file=sys.stderr)
         print(f"butler-mqtt: {no_answer_hint(requester, m, args.timeout)}", file=sys.stderr)

@@ -496,3 +496,26 @@ def test_a_chain_resumed_after_a_restart_is_judged_by_the_same_caller(
     else:
         assert set(stage1.values()) == {"denied"} and len(stage1) == 4
         assert sorted(s.task_id for s in sim.starts) == [SLOW]
+
+
+def test_the_request_command_publishes_as_a_caller(cfg, start_daemon, broker, sim):
+    import os
+    import subprocess
+    import sys
+
+    start_daemon(cfg)
+    env = {**os.environ, "BUTLER_MQTT__MQTT__HOST": "127.0.0.1", "BUTLER_MQTT__MQTT__PORT": str(broker.port)}
+    repo = Path(__file__).resolve().parents[2]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "butler_mqtt", "request", *args], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    denied = run("--task-id", DWH1, "--caller", "erp")
+    assert f"sent to topic {START}/erp" in denied.stderr
+    assert [json.loads(line)["status"] for line in denied.stdout.splitlines()[:1]] == ["denied"]
+    ok = run("--task-id", ERP1, "--caller", "erp")
+    assert ok.returncode == 0, ok.stderr
+    bad = run("--task-id", ERP1, "--caller", "a/+")
+    assert bad.returncode == 2 and "--caller" in bad.stderr
+    assert started_ids(sim) == [ERP1]
