@@ -223,10 +223,8 @@ class RequestHandler:
             emit(replies.error(d.request_id, r.error, r.details))
             self._finish(job, d.replies)
 
-        # MQTT 3.1.1 clears the retain flag on live delivery: the probe asks the broker instead.
-        retained = job.retained or (self.retain_probe is not None and self.retain_probe.retained(job))
-        # Whose request it is: the topic names the caller (contract section 10).
-        found = ingress_rules.route(job, self.callers, self.cfg.mqtt, retained)
+        # The topic names the caller (contract section 10); first, so our own replies cost no probe.
+        found = ingress_rules.route(job, self.callers, self.cfg.mqtt, job.retained)
         if found is None or isinstance(found, ingress_rules.Clear):
             self.listener.ack(job)  # our own reply under <topics.start>/+, or a retained clear: no answer
             return
@@ -236,6 +234,8 @@ class RequestHandler:
         structlog.contextvars.bind_contextvars(caller=label(caller))
         if found.action == "stop":  # the hook for stop requests (contract section 8)
             return reject(ingress_rules.stop_unsupported(job.topic))
+        # MQTT 3.1.1 clears the retain flag on live delivery: the probe asks the broker instead.
+        retained = job.retained or (self.retain_probe is not None and self.retain_probe.retained(job))
         verdict = ingress_rules.screen(job, self.cfg.mqtt, self.listener.limits, time.monotonic(), retained,
                                        self._listening)
         if isinstance(verdict, ingress_rules.Clear):

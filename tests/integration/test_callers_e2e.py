@@ -519,3 +519,18 @@ def test_the_request_command_publishes_as_a_caller(cfg, start_daemon, broker, si
     bad = run("--task-id", ERP1, "--caller", "a/+")
     assert bad.returncode == 2 and "--caller" in bad.stderr
     assert started_ids(sim) == [ERP1]
+
+
+def test_callers_over_mqtt_311_answer_on_the_reply_topic_without_a_loop(qrs_certs, sim, broker, tmp_path,
+                                                                        start_daemon, listen):
+    """MQTT 3.1.1 has no No Local: the daemon receives its own replies on topics.reply (under
+    <topics.start>/+) and must ack them silently, without asking the retain probe."""
+    cfg = make_config(qrs_certs, sim.port, broker, tmp_path / "state", callers=callers(), mqtt={"protocol": "3.1.1"})
+    d = start_daemon(cfg)
+    inbox = listen(cfg.mqtt.topics.reply)
+    with Requester(cfg.mqtt) as r:
+        events = r.request({"requestId": "v311", "taskId": [ERP1, DWH1]}, topic=f"{START}/erp")
+    assert statuses(events) == {ERP1: "started", DWH1: "denied"}
+    time.sleep(1.0)
+    assert len(inbox.messages) == 3  # two task events and the summary: each once, never answered
+    assert d.daemon.listener.unacked == 0 and started_ids(sim) == [ERP1]
