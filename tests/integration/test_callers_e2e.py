@@ -255,6 +255,10 @@ def test_rest_identifies_the_caller_by_token_hash(cfg, start_daemon, sim):
     wrong = post(port, {"tag": ["daily"]}, ERP_TOKEN + "z")
     assert wrong.status_code == 401 and wrong.json()["error"] == "Unauthorized"
     assert wrong.headers["WWW-Authenticate"].startswith("Bearer")
+    # Hostile tokens: very long, a caller's hash given as the token, a name in place of a token.
+    for bad in ("t" * 5000, token_sha256(ERP_TOKEN), "erp"):
+        resp = post(port, {"tag": ["daily"]}, bad)
+        assert resp.status_code == 401 and bad not in resp.text
     # Butler's body shape through the same caller.
     resp = post(port, [{"type": "starttaskid", "payload": {"taskId": DWH1}}], ERP_TOKEN)
     assert resp.json()["tasksId"]["denied"] == [{"taskId": DWH1, "taskName": "DWH load"}]
