@@ -128,3 +128,17 @@ def test_history_records_and_table_show_the_caller():
     assert "CALLER" not in table([anon])
     with pytest.raises(ValueError, match="caller"):
         check_query(HistoryQuery(caller="../etc"))
+
+
+def test_check_names_the_callers_and_warns_about_open_doors(capsys: pytest.CaptureFixture[str]):
+    from butler_mqtt.check import check_callers
+
+    assert check_callers(Config()) is True and capsys.readouterr().out == ""
+    assert check_callers(CFG) is True
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[ok  ] callers: 2: erp (qliksense/task/start/erp), dwh (qliksense/task/start/loader)")
+    assert out[1] == "[warn] callers[1].allow: dwh's allow-list is empty: it may start nothing"
+    assert out[2].startswith("[warn] callers_only: false")
+    strict = CFG.model_copy(update={"callers_only": True})
+    check_callers(strict)
+    assert not any("callers_only" in line for line in capsys.readouterr().out.splitlines())
