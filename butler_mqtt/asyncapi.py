@@ -18,6 +18,7 @@ Pure: builds dicts and text, no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -387,7 +388,25 @@ def _alerts_channel(topic: str | None) -> dict[str, Any]:
     }
 
 
-def _channels(cfg: MqttConfig, alerts_topic: str | None) -> dict[str, Any]:
+def _caller_channel(cfg: MqttConfig, levels: Sequence[str], group: str) -> dict[str, Any]:
+    """`<topics.start>/{caller}` (contract section 10): a caller's own start topic."""
+    param = {"enum": list(levels), "description": "The caller's topic level (callers[].topic): it names the caller. A "
+                                                  "level no caller has is answered with the `error` event `Unknown caller`."}
+    return {
+        "address": cfg.topics.start + "/{caller}",
+        "title": "A caller's start requests",
+        "description": "With `callers` configured (contract section 10): the same JSON start requests as on the "
+                       "start channel, from one caller, started only within its allow-list (`denied` outside it) "
+                       "and its requests_per_minute (else the `error` event `Rate limited`). The broker's ACL should "
+                       f"let only that caller's broker user publish here. Its stop requests go to `{cfg.topics.stop}/"
+                       "{caller}`, judged by the same allow-list. With "
+                       "callers_only, the bare start topics answer `Caller required` and start nothing." + group,
+        "parameters": {"caller": param},
+        "messages": {"startRequest": _ref("#/components/messages/startRequest")},
+    }
+
+
+def _channels(cfg: MqttConfig, alerts_topic: str | None, caller_levels: Sequence[str] = ()) -> dict[str, Any]:
     t = cfg.topics
     reply_msgs = {spec.name: _ref(f"#/components/messages/{spec.name}") for spec in REPLY_EVENTS}
     reply_msgs["stopSummary"] = _ref("#/components/messages/stopSummary")
@@ -413,6 +432,8 @@ def _channels(cfg: MqttConfig, alerts_topic: str | None) -> dict[str, Any]:
         "description": "JSON stop requests (QoS 1, not retained; contract section 8)." + group,
         "messages": {"stopRequest": _ref("#/components/messages/stopRequest")},
     }
+    if caller_levels:
+        chans["callerStart"] = _caller_channel(cfg, caller_levels, group)
     chans["replies"] = {
         "address": t.reply,
         "title": "Replies",
@@ -469,13 +490,17 @@ def _start_operation(cfg: MqttConfig, channel: str, message: str, summary: str) 
     }
 
 
-def _operations(cfg: MqttConfig) -> dict[str, Any]:
+def _operations(cfg: MqttConfig, callers: bool = False) -> dict[str, Any]:
     ops: dict[str, Any] = {
         "startTasks": _start_operation(cfg, "start", "startRequest", "Start reload tasks selected by ID, tag or custom property."),
     }
     if cfg.topics.start_plain:
         ops["startTaskPlain"] = _start_operation(cfg, "startPlain", "startTaskPlain", "Start one reload task by its ID.")
     ops["stopTasks"] = _start_operation(cfg, "stop", "stopRequest", "Stop the running reloads of the selected tasks.")
+    if callers:
+        ops["startTasksAsCaller"] = _start_operation(
+            cfg, "callerStart", "startRequest", "Start reload tasks as a caller (its allow-list applies)."
+        )
     ops["sendReplies"] = {
         "action": "send",
         "channel": _ref("#/channels/replies"),
@@ -527,13 +552,19 @@ def _server(cfg: MqttConfig) -> dict[str, Any]:
     return server
 
 
-def build_document(cfg: MqttConfig | None = None, alerts_topic: str | None = None, *, of_daemon: bool = False) -> dict[str, Any]:
-    """The AsyncAPI document for `cfg` (default: the default configuration's topics and broker)
-    and `alerts_topic` (config `alerts.topic`; None: the channel shows the example topic).
-    `of_daemon`: the document of one running daemon (GET /asyncapi.json), which lists the alerts
-    channel only when it publishes alerts (the alert message stays: a webhook receives it)."""
+def build_document(
+    cfg: MqttConfig | None = None, alerts_topic: str | None = None, caller_levels: Sequence[str] = (), *,
+    of_daemon: bool = False,
+) -> dict[str, Any]:
+    """The AsyncAPI document for `cfg` (default: the default configuration's topics and broker),
+    `alerts_topic` (config `alerts.topic`; None: the channel shows the example topic) and
+    `caller_levels` (the configured callers' topic levels: with any, the caller channel
+    `<topics.start>/{caller}` lists them; the default configuration has none). `of_daemon`: the
+    document of one running daemon (GET /asyncapi.json), which lists the alerts channel only when
+    it publishes alerts (the alert message stays: a webhook receives it)."""
     cfg = cfg if cfg is not None else MqttConfig()
     components: dict[str, Any] = {"schemas": component_schemas(), "messages": _messages(cfg)}
+    channels = _channels(cfg, alerts_topic, caller_levels)
     if cfg.username:
         components["securitySchemes"] = {"userPassword": {"type": "userPassword", "description": "mqtt.username, mqtt.password"}}
     doc: dict[str, Any] = {
@@ -547,8 +578,8 @@ def build_document(cfg: MqttConfig | None = None, alerts_topic: str | None = Non
         },
         "defaultContentType": "application/json",
         "servers": {"broker": _server(cfg)},
-        "channels": _channels(cfg, alerts_topic),
-        "operations": _operations(cfg),
+        "channels": channels,
+        "operations": _operations(cfg, "callerStart" in channels),
         "components": components,
     }
     if of_daemon and alerts_topic is None:

@@ -87,6 +87,11 @@ def label(caller: CallerConfig | None) -> str:
     return caller.name if caller is not None else ""
 
 
+def caller_labels(cfg: Config) -> tuple[str, ...]:
+    """Every value the `caller` metrics label can take (`Callers.labels` without building one)."""
+    return ("", *(c.name for c in cfg.callers))
+
+
 def quote_level(level: str) -> str:
     """A topic level for an error reply: repr-escaped (control characters visible), cut short."""
     cut = level[:QUOTE_CHARS]
@@ -136,6 +141,14 @@ def denial(task: QrsTask, caller: CallerConfig | None) -> str | None:
     if caller is None or allowed(task, caller.allow):
         return None
     return f"not on caller {caller.name}'s allow-list"
+
+
+def deny(o: TaskOutcome, task: QrsTask, caller: CallerConfig | None) -> bool:
+    """Mark `o` (a candidate start of `task`) `denied` when `caller` may not start it; whether it was."""
+    why = denial(task, caller)
+    if why is not None:
+        o.status, o.reason = "denied", why
+    return why is not None
 
 
 def restrict(outcomes: list[TaskOutcome], selection: Selection, caller: CallerConfig | None) -> list[TaskOutcome]:
@@ -214,7 +227,7 @@ class Callers:
 
     def labels(self) -> tuple[str, ...]:
         """Every value the `caller` metrics label can take: "" (anonymous) and the names."""
-        return ("", *(c.name for c in self.callers))
+        return ("", *(c.name for c in self.callers))  # = caller_labels(cfg)
 
     def stored(self, name: str | None) -> CallerConfig | None:
         """The caller a journal record names (a chain stage, retry or queued start resumed

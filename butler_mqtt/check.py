@@ -101,6 +101,26 @@ def check_http(cfg: Config) -> bool:
     return True
 
 
+def check_callers(cfg: Config) -> bool:
+    """Callers (contract section 10): who they are and where they publish; warns about a caller
+    that may start nothing and about bare topics still open. Never fails (the config is valid)."""
+    if not cfg.callers:
+        return True
+    t = cfg.mqtt.topics
+    names = ", ".join(f"{c.name} ({t.start}/{c.topic})" for c in cfg.callers[:5])
+    more = f" and {len(cfg.callers) - 5} more" if len(cfg.callers) > 5 else ""
+    _line(OK, "callers", f"{len(cfg.callers)}: {names}{more}; the broker ACL must give each level to one broker user "
+          "(docs/callers.md)")
+    for i, c in enumerate(cfg.callers):
+        a = c.allow
+        if not (a.task_ids or a.tags or a.custom_properties):
+            _line(WARN, f"callers[{i}].allow", f"{c.name}'s allow-list is empty: it may start nothing")
+    if not cfg.callers_only:
+        _line(WARN, "callers_only", f"false: {t.start} and http.token still start tasks as the anonymous caller "
+              "(start_filter only); set it to true once every system has its caller")
+    return True
+
+
 def check_broker(cfg: MqttConfig, timeout: float = 10.0) -> bool:
     """Connect with the configured credentials and subscribe to the start topic."""
     answers = _ask_broker(cfg, timeout)
@@ -234,6 +254,7 @@ def run_checks(config_file: Path) -> int:
     files_ok = check_cert_files(cfg)
     steps: list[Callable[[], bool]] = [
         lambda: check_http(cfg),
+        lambda: check_callers(cfg),
         lambda: check_broker(cfg.mqtt),
         lambda: check_qrs(cfg),
     ]

@@ -342,6 +342,8 @@ def _add_request_command(sub: Subcommands) -> None:
     p.add_argument("--stop", action="store_true",
                    help="stop the running reloads of the selected tasks instead (mqtt.topics.stop; with --wait: "
                         "follow each stopped execution to its end); starts nothing")
+    p.add_argument("--caller", type=caller_level, metavar="LEVEL",
+                   help="publish as a caller: on <mqtt.topics.start>/LEVEL (callers[].topic, docs/callers.md)")
     p.add_argument(
         "--timeout",
         type=positive_seconds,
@@ -390,7 +392,8 @@ def _add_local_commands(sub: Subcommands) -> None:
 HISTORY_HELP = """\
 The request history from the journal of the configured daemon (state_dir, or journal.url), read
 directly: it works while the daemon runs, and writes nothing. One row per request, oldest first:
-when it came (UTC), its ingress and source (MQTT topic or REST client), the requestId, the
+when it came (UTC), its ingress and source (MQTT topic or REST client), its caller (contract
+section 10; "-": the anonymous caller), the requestId, the
 criteria, what happened to the tasks (started, denied, failed, not found, ...), the final states
 (FinishedSuccess 2, FinishedFail 1; "running" while followed), the state (handling, answered,
 following, finished) and how often it came again as a duplicate. With --request-id, one line per
@@ -417,6 +420,25 @@ def task_guid(text: str) -> str:
     return text.strip().lower()
 
 
+def caller_level(text: str) -> str:
+    """argparse type: a caller's topic level (callers[].topic)."""
+    from butler_mqtt.config import topic_level_problem
+
+    problem = topic_level_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def caller_name(text: str) -> str:
+    """argparse type: a caller name ([a-z0-9_-]{1,64})."""
+    from butler_mqtt.config import CALLER_NAME
+
+    if not CALLER_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a caller name (1 to 64 of a-z, 0-9, '_' and '-'): {text[:70]!r}")
+    return text
+
+
 def history_limit(text: str) -> int:
     """argparse type: 1..1000."""
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:
@@ -432,6 +454,7 @@ def _add_history(sub: Subcommands) -> None:
                    help="only requests received since: 30m, 2h, 1d, 1w, or an ISO date / date-time (UTC unless it has an offset)")
     p.add_argument("--request-id", metavar="ID", help="only this requestId (and show its tasks)")
     p.add_argument("--task", type=task_guid, metavar="ID", help="only requests that selected or named this task GUID")
+    p.add_argument("--caller", type=caller_name, metavar="NAME", help="only this caller's requests (callers[].name)")
     p.add_argument("--limit", type=history_limit, default=100, metavar="N", help="the newest N requests (default 100, at most 1000)")
     p.add_argument("--json", action="store_true", help="one JSON object per line (the records of GET /v4/requests)")
 
@@ -441,7 +464,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     from butler_mqtt.journal.history import HistoryQuery, check_query
 
     try:  # checked before the journal is opened, with the words GET /v4/requests answers
-        query = check_query(HistoryQuery(since=args.since, request_id=args.request_id, task_id=args.task, limit=args.limit))
+        query = check_query(HistoryQuery(since=args.since, request_id=args.request_id, task_id=args.task, limit=args.limit,
+                                         caller=args.caller))
     except ValueError as exc:
         raise RequestRejected("Invalid query", str(exc)) from None
     return run_history(_load(args), query, args.json)
@@ -598,6 +622,7 @@ def cmd_request(args: argparse.Namespace) -> int:
         )
         return EXIT_FAIL
     replies = "a private response topic (MQTT 5)" if requester.v5 else f"{m.topics.reply} (MQTT 3.1.1)"
+    topic = f"{m.topics.start}/{args.caller}" if args.caller else m.topics.start
     print(
         f"butler-mqtt: request {body['requestId']} sent to topic {topic} on broker {where}; "
         f"replies on {replies}",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from butler_mqtt import runtime
+from butler_mqtt.callers import caller_subscriptions
 from butler_mqtt.config import Config, load_config
 from butler_mqtt.errors import JournalError
 from butler_mqtt.mqtt.handler import MqttHealth, RequestHandler, alert_publisher, route_publisher
@@ -36,6 +37,7 @@ from butler_mqtt.mqtt.workers import WorkerPool
 from butler_mqtt.ops import fds, systemd
 from butler_mqtt.ops.lock import StateDirLock
 from butler_mqtt.ops.logging import setup_logging
+from butler_mqtt.ops.profiling import run_profiled
 from butler_mqtt.reload import Reloader
 
 if TYPE_CHECKING:
@@ -58,7 +60,8 @@ class Daemon:
             from butler_mqtt.http.tls import http_ssl_context
             http_ssl_context(cfg.http.tls)
         client_id = cfg.mqtt.effective_client_id()
-        self.listener = MqttListener(cfg.mqtt, lambda job: self.workers.enqueue(job), client_id=client_id)
+        self.listener = MqttListener(cfg.mqtt, lambda job: self.workers.enqueue(job), client_id=client_id,
+                                     extra=caller_subscriptions(cfg.mqtt, cfg.callers))
         self.listener.on_subscribed = lambda: systemd.notify("READY=1\nSTATUS=connected and subscribed")
         self.health = MqttHealth(self.listener)
         self.runtime = runtime.build(cfg, route_publisher(self.listener, cfg.backend), self.health, alert=alert_publisher(self.listener))
@@ -89,8 +92,10 @@ class Daemon:
         self._start("reloader", self.reloader.start, self.reloader.stop)
         if cfg.serves_http:
             self._start("http", self._start_http, lambda: self.http_server.stop() if self.http_server else None)
-        log.info("started", broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}", qrs=runtime.backend_url(cfg), backend=cfg.backend, client_id=self.listener.client_id,
-                 topics=self.listener.topics(), start_filter=cfg.start_filter.enabled, http=cfg.http.enabled)
+        log.info("started", broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}", qrs=runtime.backend_url(cfg), backend=cfg.backend,
+                 client_id=self.listener.client_id, topics=self.listener.topics(),
+                 caller_topics=[s.topic for s in self.listener.extra] or None, start_filter=cfg.start_filter.enabled,
+                 http=cfg.http.enabled)
 
     def _start(self, name: str, start: Callable[[], object], stop: Callable[[], object]) -> None:
         start()
@@ -186,15 +191,4 @@ def run(config_file: Path | None) -> int:
     runtime.probe_at_start(cfg)
     daemon = Daemon(cfg, config_file)  # its preflight: a bad certificate file is the first line a user sees
     fds.raise_fd_limit()  # systemd's default soft limit is 1024; the unit's LimitNOFILE is the hard one
-    profile = os.environ.get("BUTLER_MQTT_PROFILE")
-    if not profile:
-        return daemon.run()
-    import yappi  # type: ignore[import-untyped]  # benchmarks only (bench/throughput.py --profile): all threads, CPU time
-
-    yappi.set_clock_type("cpu")
-    yappi.start()
-    try:
-        return daemon.run()
-    finally:
-        yappi.stop()
-        yappi.get_func_stats().save(profile, type="pstat")
+    return run_profiled(daemon.run)

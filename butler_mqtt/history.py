@@ -138,7 +138,12 @@ def _render(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
 
 def table(records: list[dict[str, Any]], with_tasks: bool = False) -> str:
     """The records as an aligned table; `with_tasks`: each request's tasks below it."""
-    lines = _render(COLUMNS, [_row(r) for r in records])
+    rows = [_row(r) for r in records]
+    header: tuple[str, ...] = COLUMNS
+    if any(r.get("caller") for r in records):  # callers (contract section 10): whose request, "-" anonymous
+        header = (*COLUMNS[:3], "CALLER", *COLUMNS[3:])
+        rows = [[*row[:3], str(r.get("caller") or "-"), *row[3:]] for row, r in zip(rows, records, strict=True)]
+    lines = _render(header, rows)
     if with_tasks:
         for rec in records:
             if rec["tasks"]:

@@ -47,3 +47,11 @@ def for_caller(key: str, caller: str | None) -> str:
     written before callers keep suppressing duplicates. Caller names are [a-z0-9_-]: the `:`
     after the name cannot be part of it."""
     return key if caller is None else f"caller:{caller}:{key}"
+
+
+def caller_of(key: str) -> str | None:
+    """The caller a request key is scoped to (`for_caller`), None for the anonymous caller."""
+    if not key.startswith("caller:"):
+        return None
+    name, sep, _rest = key[len("caller:") :].partition(":")
+    return name if sep and name else None

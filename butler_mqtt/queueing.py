@@ -23,8 +23,9 @@ from typing import Any
 
 import structlog
 
-from butler_mqtt import replies
+from butler_mqtt import keys, replies
 from butler_mqtt.admission import Admission
+from butler_mqtt.callers import denial
 from butler_mqtt.config import PoliciesConfig
 from butler_mqtt.errors import ButlerError, QrsError, rate_limited
 from butler_mqtt.journal import Journal
@@ -143,6 +144,10 @@ class QueueRunner:
         when QRS answered 429 (nothing ran): the entry stays `starting` under our lease and is
         started again at the next maintenance."""
         try:
+            denied = self._denied(entry)
+            if denied is not None:
+                log.warning("queue_start_denied", taskId=entry.task_id, reason=denied)
+                return {"status": "denied", "reason": denied}
             partial, variables = self._options(entry)
             o = self.service.start_one(TaskOutcome(entry.task_id, entry.task_name, "started", partial=partial,
                                                    variables=variables))
@@ -178,6 +183,22 @@ class QueueRunner:
             log.warning("queue_options_unreadable", taskId=entry.task_id, error=str(exc))
         return False, None
 
+    def _denied(self, entry: Entry) -> str | None:
+        """Callers (contract section 10): a queued task starts when its turn comes, and its tags
+        may have changed since it was queued. When every request waiting on it is a caller's
+        and none of those callers may start the task now, it is not started: why (`denied`).
+        A waiter of the anonymous caller (start_filter, judged when queued) lets it start."""
+        names = {keys.caller_of(w.key) for w in self.journal.runq.waiters(entry.id)}
+        if not names or None in names:
+            return None
+        cloud = self.service.backend.kind == "cloud"  # Qlik Cloud addresses an app by appId
+        selection = self.service.resolve(StartRequest(appId=[entry.task_id]) if cloud else StartRequest(taskId=[entry.task_id]))
+        if not selection.selected:
+            return None  # gone: the start itself says so
+        task = selection.selected[0].task
+        reasons = [denial(task, self.service.callers.stored(name)) for name in sorted(n for n in names if n)]
+        return reasons[0] if all(reasons) else None
+
     def _tell(self, entry_id: int) -> None:
         """Publish the `task` event of a done entry to each request still waiting on it."""
         runq = self.journal.runq
@@ -186,14 +207,18 @@ class QueueRunner:
             return
         told = []
         first: Event | None = None
+        caller = ""
         for w in runq.waiters(entry_id):
-            with structlog.contextvars.bound_contextvars(requestId=w.request_id):
+            # The waiter's caller (its key is scoped to it) names the events in metrics and alerts.
+            with structlog.contextvars.bound_contextvars(requestId=w.request_id, caller=keys.caller_of(w.key) or ""):
                 ev = self._tell_one(w, outcome)
             told.append(w.key)
-            first = first or ev
+            if first is None:
+                first, caller = ev, keys.caller_of(w.key) or ""
         runq.notified(entry_id, told)
         if first is not None:  # observers (alerts, metrics) hear of the entry once, however many wait on it
-            self.service.notify(first)
+            with structlog.contextvars.bound_contextvars(caller=caller):
+                self.service.notify(first)
 
     def _tell_one(self, w: Waiter, outcome: dict[str, Any]) -> Event:
         o = TaskOutcome(w.task_id, outcome.get("taskName", ""), outcome["status"], matches(w.matched_by),

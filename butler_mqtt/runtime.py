@@ -28,6 +28,7 @@ from butler_mqtt.backends.qrs.backend import QrsBackend
 from butler_mqtt.backends.qrs.client import CallObserver, QrsClient
 from butler_mqtt.backends.qrs.client import probe_at_start as _qrs_probe
 from butler_mqtt.backends.qrs.failure import ScriptLogReader
+from butler_mqtt.callers import caller_labels
 from butler_mqtt.errors import ButlerError, ConfigError, QrsError
 from butler_mqtt.journal import Journal
 from butler_mqtt.ops import alerts
@@ -251,7 +252,7 @@ def build(cfg: Config, publish: Publish, health: Health, alert: PublishMqtt | No
         owner=cfg.mqtt.effective_client_id(),
         lease_s=cfg.journal.lease_seconds,
     )
-    metrics = Metrics()
+    metrics = Metrics(caller_labels(cfg))  # the `caller` label: bounded by the configured callers
     # Alerts (ops/alerts.py) watch the QRS calls and every new reply event, like the metrics.
     alerter = Alerter(cfg.alerts, metrics, instance=cfg.mqtt.effective_client_id(), qrs=backend_url(cfg), publish=alert)
     qrs = backend(cfg, observer=alerts.observers(metrics.observe_qrs, alerter.observe_qrs))

@@ -18,7 +18,8 @@ import structlog
 from butler_mqtt import replies
 from butler_mqtt.admission import Admission, Admitted, Ticket
 from butler_mqtt.backends.base import Backend
-from butler_mqtt.config import Config
+from butler_mqtt.callers import Callers, deny, label, restrict
+from butler_mqtt.config import CallerConfig, Config
 from butler_mqtt.errors import ButlerError, QrsError
 from butler_mqtt.journal import Journal, Prior
 from butler_mqtt.model import Match, QrsTask, Route, StartRequest, TaskOutcome
@@ -36,8 +37,11 @@ Emit = Callable[[Event], None]
 Publish = Callable[[Route, Event], None]
 
 
-#: Follow a request: (its key, the request, its first stage's result, where its replies go).
-Follow = Callable[[str, StartRequest, "StageResult", Route], None]
+#: Follow a request: (its key, the request, its first stage's result, where its replies go,
+#: its caller's name: later stages and retries are judged by the same caller).
+Follow = Callable[[str, StartRequest, "StageResult", Route, str | None], None]
+#: The structlog context key naming the caller of the work on this thread (metrics, alerts).
+CALLER_CONTEXT = "caller"
 
 
 @dataclass
@@ -56,6 +60,22 @@ class StageResult:
         return self.policy.follows
 
 
+
+class _SwappableFilter:
+    """The start_filter in force, swapped whole on SIGHUP (a lock: never half of one)."""
+
+    def __init__(self, start_filter: Any) -> None:
+        self._lock = threading.Lock()
+        self._filter = start_filter
+
+    def set(self, start_filter: Any) -> None:
+        with self._lock:
+            self._filter = start_filter
+
+    def allow(self) -> Any:
+        with self._lock:
+            return self._filter.allow if self._filter.enabled else None
+
 class StartService:
     """Resolve, filter and start. Thread-safe; one instance serves every ingress."""
 
@@ -65,9 +85,9 @@ class StartService:
         self.journal = journal
         concurrency = cfg.cloud.start_concurrency if backend.kind == "cloud" else cfg.qrs.start_concurrency
         self.starts = Starts(backend, concurrency)
-        self._allow_lock = threading.Lock()
-        self._allow = cfg.start_filter
+        self._filter = _SwappableFilter(cfg.start_filter)
         self.keys = KeyLocks()
+        self.callers = Callers(cfg)  # contract section 10: one rate limiter for every ingress
         self.admission = Admission(backend, journal)
         #: Every fresh reply event (never a replayed one), whatever the ingress: alerter, metrics.
         self.observers: list[Emit] = []
@@ -76,8 +96,8 @@ class StartService:
         self.follow: Follow | None = None
         #: The way out of a request's later events (MQTT: its route); runtime.build sets it.
         self.publish: Publish | None = None
-        #: Called with (ingress, replayed, start seconds) after each request (the metrics).
-        self.handled: list[Callable[[str, bool, float | None], None]] = []
+        #: Called with (ingress, replayed, start seconds, caller label) after each request (the metrics).
+        self.handled: list[Callable[[str, bool, float | None, str], None]] = []
 
     def close(self) -> None:
         self.starts.close()
@@ -116,29 +136,26 @@ class StartService:
     def submit(self, req: StartRequest, claim: Claim, emit: Emit) -> Handled:
         """The one use case, for every ingress: claim (a duplicate gets the recorded outcome), run
         the first stage with each event handed to `emit`, hand a followed request to the tracker,
-        record. Raises RequestRejected (nothing claimed), QrsError (nothing started: the claim is
-        dropped) and JournalError (the caller must not ack)."""
+        record. Raises RequestRejected (nothing claimed), CallerRejected (over its rate: nothing
+        claimed), QrsError (nothing started: the claim is dropped), JournalError (do not ack)."""
         check_for_backend(req, self.backend.kind)  # before the claim: a refused request is not journaled
+        self.callers.admit(claim.caller)
 
         def on_started(result: StageResult) -> None:
             if self.follow is not None and claim.key is not None and (req.waits or result.follow):
-                self.follow(claim.key, req, result, claim.route or Route(""))
+                self.follow(claim.key, req, result, claim.route or Route(""), claim.caller_name)
 
-        with self.keys.hold(claim.key):
+        with self.keys.hold(claim.key), structlog.contextvars.bound_contextvars(**{CALLER_CONTEXT: label(claim.caller)}):
             handled = _handle(self, req, emit, claim, on_started)
         for observe in self.handled:
-            observe(claim.ingress, handled.replayed, handled.start_seconds)
+            observe(claim.ingress, handled.replayed, handled.start_seconds, label(claim.caller))
         return handled
 
     def set_start_filter(self, start_filter: Any) -> None:
-        """Swap the allow-list (SIGHUP reload) without disturbing requests in flight."""
-        with self._allow_lock:
-            self._allow = start_filter
+        self._filter.set(start_filter)  # SIGHUP reload: requests in flight are not disturbed
 
     def allow_list(self) -> Any:
-        """The start_filter allow-list in force (None: every task is allowed)."""
-        with self._allow_lock:
-            return self._allow.allow if self._allow.enabled else None
+        return self._filter.allow()  # the start_filter allow-list in force (None: every task is allowed)
 
     def resolve(self, stage: StartRequest) -> Selection:
         return self.resolve_tasks(stage)[0]  # all criteria in one backend query (chunked if long)
@@ -166,11 +183,11 @@ class StartService:
 
     def start_task_again(
         self, task_id: str, matched_by: list[Match], policy: Policy, ticket: Ticket, send: Emit,
-        stage: StartRequest | None = None,
+        stage: StartRequest | None = None, caller: CallerConfig | None = None,
     ) -> tuple[TaskOutcome | None, dict[int, TaskOutcome]]:
-        """A retry (section 7): looked up again and started under the same policies. (None, {})
-        when it no longer exists; else its outcome and, when queued, {entry id: outcome}. `stage`:
-        the stage it was selected in (its Qlik Cloud reload options apply to the retry too)."""
+        """A retry (section 7): looked up again and started under the same policies if the caller
+        may still (else `denied`). (None, {}) when it no longer exists; else its outcome and, when
+        queued, {entry id: outcome}. `stage`: its stage (Qlik Cloud reload options apply too)."""
         # Qlik Cloud addresses an app (the task) by appId, QRS a reload task by taskId.
         lookup = StartRequest(appId=[task_id]) if self.backend.kind == "cloud" else StartRequest(taskId=[task_id])
         selection, tasks = self.resolve_tasks(lookup)
@@ -179,6 +196,9 @@ class StartService:
         task = selection.selected[0].task
         o = TaskOutcome(task.id, task.name, "started", list(matched_by), attempt=ticket.attempt,
                         partial=bool(stage and stage.partial), variables=stage.variables if stage else None)
+        if deny(o, task, caller):
+            send(replies.task(o, ticket.request_id, ticket.stage))
+            return o, {}
         # Claimed like a first start: after a crash, this attempt's recorded answer or its
         # intent (then QRS is asked whether the start arrived) is found, never sent twice.
         prior = self.journal.load(ticket.key) if self.journal is not None and ticket.key is not None else None
@@ -191,27 +211,17 @@ class StartService:
         return self.starts.one(o)  # a queued task (the queue runner); `o` gets the answer
 
     def run_stage(
-        self,
-        stage: StartRequest,
-        request_id: str | None,
-        emit: Emit,
-        stage_index: int | None = None,
-        key: str | None = None,
-        prior: Prior | None = None,
-        *,
-        root: StartRequest | None = None,
-        route: Route | None = None,
+        self, stage: StartRequest, request_id: str | None, emit: Emit, stage_index: int | None = None,
+        key: str | None = None, prior: Prior | None = None, *, root: StartRequest | None = None,
+        route: Route | None = None, caller: CallerConfig | None = None,
     ) -> StageResult:
-        """Resolve and start one stage, emitting one `task` event per task then the summary.
-
-        Raises QrsUnreachable (and other QrsError) only while resolving, i.e. before anything
-        was started, so the caller may safely retry the whole request later.
-        """
+        """Resolve and start one stage (start_filter, then the caller's allow-list), emitting one
+        `task` event per task then the summary. Raises QrsError only while resolving (nothing
+        started yet: the whole request may safely be tried again later)."""
         t0 = time.perf_counter()
         selection, tasks = self.resolve_tasks(stage)
-        with self._allow_lock:
-            allow = self._allow.allow if self._allow.enabled else None
-        outcomes = plan(selection, stage, allow)
+        allow = self.allow_list()
+        outcomes = restrict(plan(selection, stage, allow), selection, caller)
         events: list[Event] = []
 
         def send(ev: Event) -> None:
@@ -250,6 +260,7 @@ class StartService:
         root: StartRequest,
         route: Route | None,
         started: Callable[[StageResult], None],
+        caller: CallerConfig | None = None,
     ) -> StageResult:
         """Every stage of every request, the first and each `then`, is run and recorded here:
         its events go to `emit` as they are made, `started` takes the result (the first stage:
@@ -258,7 +269,7 @@ class StartService:
         checked with the backend; `started` first, so a crash in between never forgets to
         follow what started. Raises QrsError before anything started (resolving), and
         JournalError when the record fails (after `started`)."""
-        result = self.run_stage(stage, request_id, emit, index, key, prior, root=root, route=route)
+        result = self.run_stage(stage, request_id, emit, index, key, prior, root=root, route=route, caller=caller)
         started(result)
         if key is not None and self.journal is not None:
             self.journal.finish(key, result.events)
@@ -360,8 +371,9 @@ class Handled:
     start_seconds: float | None = None
 
 
-def _audit_fields(req: StartRequest) -> dict[str, Any]:
+def _audit_fields(req: StartRequest, caller: CallerConfig | None) -> dict[str, Any]:
     return {
+        "caller": caller.name if caller is not None else None,
         "criteria": {
             "taskId": req.taskId,
             "tag": req.tag,
@@ -394,6 +406,7 @@ def handle_request(
     on_started: Callable[[StageResult], None] | None = None,
     route: Route | None = None,
     received: float | None = None,
+    caller: CallerConfig | None = None,
 ) -> Handled:
     """`service.submit` with the claim spelled out (tests, benchmarks). `key` is the
     idempotency key (requestId, or MQTT 5 correlation data); None disables duplicate
@@ -401,7 +414,7 @@ def handle_request(
     done, instead of the tracker (which `submit` hands a followed request to there, so a crash
     in between resumes the request instead of forgetting to follow it). `received`: when the
     request arrived (time.time(); the history's received time; default: now)."""
-    claim = Claim(ingress, key, source, payload_hash, route, received)
+    claim = Claim(ingress, key, source, payload_hash, route, received, caller)
     if on_started is None:
         return service.submit(req, claim, emit)
     with service.keys.hold(key):
@@ -410,7 +423,9 @@ def handle_request(
 
 @dataclass(frozen=True)
 class Claim:
-    """Who asks (ingress, source) and under which idempotency key (None: no suppression)."""
+    """Who asks (ingress, source, caller) and under which idempotency key (None: no
+    suppression). With a caller, `key` is already scoped to it (`keys.for_caller`): the
+    ingress names the caller from its transport, never from the request body."""
 
     ingress: str
     key: str | None
@@ -418,6 +433,11 @@ class Claim:
     payload_hash: str | None = None
     route: Route | None = None
     received: float | None = None
+    caller: CallerConfig | None = None
+
+    @property
+    def caller_name(self) -> str | None:
+        return self.caller.name if self.caller is not None else None
 
 
 def _handle(
@@ -433,12 +453,13 @@ def _handle(
     prior = None
     if journal is not None and key is not None:  # the request itself is kept for the history
         asked = req.model_dump(mode="json", exclude_defaults=True)
-        prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked, received=claim.received)
+        prior = journal.begin(key, ingress, claim.payload_hash, source=source, request=asked, received=claim.received,
+                              caller=claim.caller_name)
     if prior is not None and prior.done:
         again = [replies.replayed(ev) for ev in prior.replies]
         for ev in again:
             emit(ev)
-        log.info("audit", ingress=ingress, source=source, requestId=req.requestId, duplicate=True, **_audit_fields(req),
+        log.info("audit", ingress=ingress, source=source, requestId=req.requestId, duplicate=True, **_audit_fields(req, claim.caller),
                  outcome="earlier outcome re-published; nothing started")
         return Handled(again, replayed=True)
 
@@ -454,7 +475,7 @@ def _handle(
     try:
         result = service.run_and_record(
             req, req.requestId, service.observed(emit), 0 if req.then is not None else None, key,
-            prior, root=req, route=claim.route, started=started,
+            prior, root=req, route=claim.route, started=started, caller=claim.caller,
         )
     except QrsError:
         if journal is not None and key is not None and prior is None and not _sent_starts(journal, key):
@@ -468,7 +489,7 @@ def _handle(
         requestId=req.requestId,
         duplicate=False,
         resumed=prior is not None,
-        **_audit_fields(req),
+        **_audit_fields(req, claim.caller),
         **{status: by_status.get(status, []) for status in ("started", "notStarted", "wouldStart", "denied", "failed")},
         notFound=list(result.not_found),
         ms=round((time.perf_counter() - t0) * 1000, 1),

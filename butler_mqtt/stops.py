@@ -34,12 +34,14 @@ import structlog
 
 from butler_mqtt import replies
 from butler_mqtt.backends.base import Backend, StopAnswer
+from butler_mqtt.callers import label, restrict
+from butler_mqtt.config import CallerConfig
 from butler_mqtt.errors import QrsError
 from butler_mqtt.journal import Prior
 from butler_mqtt.model import QrsTask, RetryRequest, Route, StopRequest, TaskOutcome
 from butler_mqtt.replies import Event
 from butler_mqtt.selection import plan
-from butler_mqtt.service import Claim, Emit, Handled, StageResult, StartService
+from butler_mqtt.service import CALLER_CONTEXT, Claim, Emit, Handled, StageResult, StartService
 
 log = structlog.get_logger("butler_mqtt.stops")
 
@@ -132,12 +134,13 @@ class StopService:
         """Claim, select, stop, reply (module docstring). Raises QrsError while resolving
         (nothing was stopped: the claim is dropped) and JournalError (the caller must not ack)."""
         key = KEY_PREFIX + claim.key if claim.key is not None else None
+        self.service.callers.admit(claim.caller)  # over its rate: CallerRejected, nothing claimed
         for observe in self.handled:
             observe(claim.ingress)
-        with self.service.keys.hold(key):
+        with self.service.keys.hold(key), structlog.contextvars.bound_contextvars(**{CALLER_CONTEXT: label(claim.caller)}):
             handled = self._handle(req, claim, key, self.service.observed(emit))
-        for counted in self.service.handled:  # requests_total{ingress, outcome} like every request
-            counted(claim.ingress, handled.replayed, None)
+        for counted in self.service.handled:  # requests_total{ingress, outcome, caller} like every request
+            counted(claim.ingress, handled.replayed, None, label(claim.caller))
         return handled
 
     def _handle(self, req: StopRequest, claim: Claim, key: str | None, emit: Emit) -> Handled:
@@ -145,14 +148,15 @@ class StopService:
         prior: Prior | None = None
         if journal is not None and key is not None:
             asked = req.model_dump(mode="json", exclude_defaults=True)
-            prior = journal.begin(key, claim.ingress, claim.payload_hash, source=claim.source, request={**asked, "stop": True})
+            prior = journal.begin(key, claim.ingress, claim.payload_hash, source=claim.source, request={**asked, "stop": True},
+                                  received=claim.received, caller=claim.caller_name)
         if prior is not None and prior.done:
             for ev in prior.replies:
                 emit(ev)
             log.info("audit_stop", ingress=claim.ingress, requestId=req.requestId, duplicate=True)
             return Handled(prior.replies, replayed=True)
         try:
-            outcomes, not_found = self._stop(req, key, prior, emit)
+            outcomes, not_found = self._stop(req, key, prior, emit, claim.caller)
         except QrsError:
             if journal is not None and key is not None and prior is None:
                 journal.forget(key)
@@ -161,7 +165,7 @@ class StopService:
         emit(summ)
         events: list[Event] = [*(replies.task(o, req.requestId) for o in outcomes), summ]
         if req.wait and key is not None:
-            self._follow(req, key, outcomes, claim.route or Route(""))
+            self._follow(req, key, outcomes, claim.route or Route(""), claim.caller_name)
         if journal is not None and key is not None:
             journal.finish(key, events)
         log.info("audit_stop", ingress=claim.ingress, source=claim.source, requestId=req.requestId, duplicate=False,
@@ -171,12 +175,13 @@ class StopService:
                  failed=[o.task_id for o in outcomes if o.status == "failed"], notFound=not_found)
         return Handled(events)
 
-    def _stop(self, req: StopRequest, key: str | None, prior: Prior | None,
-              emit: Emit) -> tuple[list[TaskOutcome], list[dict[str, Any]]]:
+    def _stop(self, req: StopRequest, key: str | None, prior: Prior | None, emit: Emit,
+              caller: CallerConfig | None = None) -> tuple[list[TaskOutcome], list[dict[str, Any]]]:
         stage = req.selection()
         selection, tasks = self.service.resolve_tasks(stage)
-        allow = self.service.allow_list()
-        outcomes = plan(selection, stage, allow)  # candidates are "started": they mean "to stop" here
+        # start_filter, then the caller's allow-list (contract section 10): a stop is judged like a start.
+        outcomes = restrict(plan(selection, stage, self.service.allow_list()), selection, caller)
+        # candidates are "started" here: they mean "to stop"
         candidates = [o for o in outcomes if o.status == "started"]
         running = self.running(candidates, tasks)
         jobs: dict[str, StopJob] = {}
@@ -230,7 +235,8 @@ class StopService:
             o.status = answer
             o.execution_id = jobs[o.task_id].execution_id if answer == "stopping" else None
 
-    def _follow(self, req: StopRequest, key: str, outcomes: list[TaskOutcome], route: Route) -> None:
+    def _follow(self, req: StopRequest, key: str, outcomes: list[TaskOutcome], route: Route,
+                caller: str | None = None) -> None:
         """`wait`: the tracker follows each stopped execution to its end (never retried)."""
         follow = self.service.follow
         followed = [
@@ -241,7 +247,7 @@ class StopService:
             return
         as_start = req.selection(wait=True).model_copy(update={"retry": RetryRequest(attempts=0, delay=0)})
         result = StageResult(followed, [], replies.stop_summary(req.requestId, [], []))  # type: ignore[arg-type]
-        follow(key, as_start, result, route)
+        follow(key, as_start, result, route, caller)
 
 
 def _intended(prior: Prior | None, task_id: str) -> str | None:

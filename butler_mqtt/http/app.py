@@ -8,7 +8,8 @@ override, and mapping outcomes and failures to status codes, always with a JSON 
 
 from __future__ import annotations
 
-import hmac
+import dataclasses
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -28,6 +29,8 @@ from starlette.routing import Route
 
 from butler_mqtt import __version__, keys, replies
 from butler_mqtt.asyncapi import build_document
+from butler_mqtt.callers import CHALLENGE, CallerRejected, label
+from butler_mqtt.config import CallerConfig
 from butler_mqtt.errors import JournalError, QrsError, RequestRejected, is_transient, retry_after
 from butler_mqtt.http import schemas
 from butler_mqtt.http.bodies import (
@@ -39,6 +42,7 @@ from butler_mqtt.http.bodies import (
     seed_request,
     summary_response,
 )
+from butler_mqtt.http.protocol import CLIENT_CERT_CN
 from butler_mqtt.http.stops import add_stop_routes, stop_request
 from butler_mqtt.journal import history
 from butler_mqtt.model import Route as ReplyRoute
@@ -143,7 +147,8 @@ class RestApi:
             return error_response(500, "Internal error", "an unexpected error occurred; see the daemon's log")
 
     async def _start(self, request: Request) -> Response:
-        self._authorize(request)
+        caller = self._authorize(request)
+        structlog.contextvars.bind_contextvars(caller=label(caller))
         _check_content_type(request)
         try:
             flag = parse_flag(request.query_params.getlist("allTaskIdsMustExist"))
@@ -152,11 +157,11 @@ class RestApi:
             data: Any = decode_json(raw, self.cfg.http.max_body_bytes) if raw.strip() else {}
             if isinstance(data, list):
                 plan = butler_plan(data, task_id, flag)
-                events = await self._run(plan.request, request) if plan.request is not None else []
+                events = await self._run(plan.request, request, caller) if plan.request is not None else []
                 return JSONResponse(butler_response(plan, events))
             if isinstance(data, dict):
                 req = seed_request(data, task_id, flag)
-                return JSONResponse(summary_response(await self._run(req, request), self.cfg.backend))
+                return JSONResponse(summary_response(await self._run(req, request, caller), self.cfg.backend))
         except RequestRejected as rej:
             raise ApiError(400, rej.error, rej.details) from None
         raise ApiError(
@@ -165,17 +170,14 @@ class RestApi:
             "the body must be a JSON object (this API's shape) or a JSON array (Butler's shape)",
         )
 
-    def _authorize(self, request: Request) -> None:
-        token = self.cfg.http.token
-        if token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        challenge = {"WWW-Authenticate": 'Bearer realm="butler-mqtt"'}
-        if scheme.lower() != "bearer" or not given.strip():
-            raise ApiError(401, "Unauthorized", "send 'Authorization: Bearer <token>' (http.token)", "unauthorized", challenge)
-        # Constant time: the comparison must not tell an attacker how much of a guess was right.
-        if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-            raise ApiError(401, "Unauthorized", "wrong bearer token", "unauthorized", challenge)
+    def _authorize(self, request: Request) -> CallerConfig | None:
+        """Who calls (contract section 10): a caller by its bearer token's SHA-256 (compared in
+        constant time) or by its client certificate's CN (mutual TLS); None: the anonymous
+        caller (http.token, or no token configured). ApiError 401 otherwise."""
+        try:
+            return self.rt.service.callers.identify_rest(request.headers.get("authorization"), _cert_cn(request))
+        except CallerRejected as rej:
+            raise ApiError(rej.http_status, rej.error, rej.details, "unauthorized", CHALLENGE) from None
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused with 413 as soon as it is known to be too large.
@@ -197,7 +199,7 @@ class RestApi:
             raise ApiError(400, "Incomplete request", "the connection closed before the whole body arrived") from None
         return bytes(body)
 
-    async def _run(self, req: StartRequest, request: Request) -> list[Event]:
+    async def _run(self, req: StartRequest, request: Request, caller: CallerConfig | None = None) -> list[Event]:
         """Run the one pipeline in a worker thread (QRS calls block); return its events.
 
         `requestId` is the idempotency key exactly as on MQTT (same journal, same key). A
@@ -210,7 +212,8 @@ class RestApi:
         # in a copy of this context), carry the requestId.
         structlog.contextvars.bind_contextvars(requestId=req.requestId)
         key = keys.for_request_id(req.requestId) if req.requestId else keys.anonymous("rest")
-        claim = Claim(INGRESS, key, _client(request), route=ReplyRoute(self.cfg.mqtt.topics.reply))
+        key = keys.for_caller(key, caller.name if caller is not None else None)  # two callers: two requests
+        claim = Claim(INGRESS, key, _client(request), route=ReplyRoute(self.cfg.mqtt.topics.reply), caller=caller)
 
         def work() -> Handled:
             # The events come back in Handled; nothing to stream.
@@ -218,6 +221,8 @@ class RestApi:
 
         try:
             handled = await run_in_threadpool(work)
+        except CallerRejected as rej:  # over its requests_per_minute (counted with MQTT's): nothing claimed
+            raise _rate_limited(rej) from None
         except QrsError as exc:
             self._last_qrs_failure = time.monotonic()
             # Raised while resolving (nothing started), or for a start QRS refused with 429 (it did
@@ -241,8 +246,10 @@ class RestApi:
     async def requests(self, request: Request) -> Response:
         """`GET /v4/requests`: the journal's request history (journal/history.py)."""
         try:
-            self._authorize(request)
+            caller = self._authorize(request)
             query = history_query(request.query_params.multi_items())
+            if caller is not None:  # a caller sees its own requests only
+                query = dataclasses.replace(query, caller=caller.name)
             records = await run_in_threadpool(self.rt.journal.history, query)
         except ApiError as exc:
             log.warning("rest_history_refused", status=exc.status, error=exc.error, details=exc.details, client=_client(request))
@@ -328,8 +335,15 @@ class RestApi:
         protocol, and its alerts topic (docs/asyncapi.yaml is the same for the default configuration). Open like
         /openapi.json: it names topics and the broker address, never a credential."""
         if self._asyncapi is None:
-            self._asyncapi = build_document(self.cfg.mqtt, alerts_topic=self.cfg.alerts.topic, of_daemon=True)
+            self._asyncapi = build_document(self.cfg.mqtt, alerts_topic=self.cfg.alerts.topic,
+                                            caller_levels=[c.topic for c in self.cfg.callers], of_daemon=True)
         return JSONResponse(self._asyncapi)
+
+
+def _rate_limited(rej: CallerRejected) -> ApiError:
+    """A caller over its requests_per_minute (counted with MQTT's): 429 with a Retry-After."""
+    wait = {"Retry-After": str(max(1, math.ceil(rej.retry_after or 1)))}
+    return ApiError(rej.http_status, rej.error, rej.details, "rate_limited", wait)
 
 
 #: A delivery kept for a retry longer than this turns /healthz unavailable.
@@ -338,7 +352,7 @@ WAITING_ALERT_S = 60.0
 
 #: The query parameters of `GET /v4/requests`; any other is a 400 (a misspelt filter must not
 #: silently return every record).
-HISTORY_PARAMS = ("since", "requestId", "taskId", "limit")
+HISTORY_PARAMS = ("since", "requestId", "taskId", "limit", "caller")
 
 
 def history_query(params: Sequence[tuple[str, str]]) -> history.HistoryQuery:
@@ -358,6 +372,7 @@ def history_query(params: Sequence[tuple[str, str]]) -> history.HistoryQuery:
             request_id=given.get("requestId"),
             task_id=given.get("taskId"),
             limit=_limit(given.get("limit")),
+            caller=given.get("caller"),
         )
         return history.check_query(q)
     except ValueError as exc:
@@ -376,6 +391,13 @@ def _limit(text: str | None) -> int:
     if not (text.strip().isascii() and text.strip().isdigit()):
         raise ValueError(f"limit: not a whole number: {history.shown(text)}")
     return int(text)
+
+
+def _cert_cn(request: Request) -> str | None:
+    """The CN of the client certificate this connection presented over mutual TLS (put into
+    the scope by http/protocol.py: uvicorn does not pass the peer certificate on)."""
+    cn = request.scope.get(CLIENT_CERT_CN)
+    return cn if isinstance(cn, str) else None
 
 
 def _client(request: Request) -> str:
@@ -452,7 +474,7 @@ class StopEndpoint:
             return error_response(500, "Internal error", "an unexpected error occurred; see the daemon's log")
 
     async def _stop(self, request: Request) -> Response:
-        self.api._authorize(request)
+        caller = self.api._authorize(request)
         _check_content_type(request)
         try:
             task_id = path_task_id(request.path_params.get("taskId", "-"))
@@ -462,13 +484,16 @@ class StopEndpoint:
         except RequestRejected as rej:
             raise ApiError(400, rej.error, rej.details) from None
         key = keys.for_request_id(req.requestId) if req.requestId else keys.anonymous("rest")
-        claim = Claim(INGRESS, key, _client(request), route=ReplyRoute(self.api.cfg.mqtt.topics.reply))
+        key = keys.for_caller(key, caller.name if caller is not None else None)  # two callers: two requests
+        claim = Claim(INGRESS, key, _client(request), route=ReplyRoute(self.api.cfg.mqtt.topics.reply), caller=caller)
 
         def work() -> Handled:
             return self.api.rt.stops.submit(req, claim, lambda _ev: None)
 
         try:
             handled = await run_in_threadpool(work)
+        except CallerRejected as rej:
+            raise _rate_limited(rej) from None
         except QrsError as exc:
             if is_transient(exc):
                 raise ApiError(503, "QRS unreachable", str(exc), "unavailable", {"Retry-After": RETRY_AFTER_S}) from None
@@ -484,7 +509,7 @@ class StopEndpoint:
 def create_app(runtime: Runtime, full: bool) -> FastAPI:
     """The application. `full`: the whole API; else only /metrics and /healthz (metrics.port)."""
     api = RestApi(runtime)
-    token_required = runtime.cfg.http.token is not None
+    token_required = runtime.cfg.http.token is not None or any(c.tokens_sha256 for c in runtime.cfg.callers)
     app = FastAPI(
         title="butler-mqtt REST API",
         version=__version__,

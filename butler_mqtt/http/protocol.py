@@ -35,6 +35,7 @@ import h11
 import structlog
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from butler_mqtt.callers import client_cert_cn
 from butler_mqtt.ops.ratelimit import RateLimiter
 
 log = structlog.get_logger("butler_mqtt.http")
@@ -55,6 +56,8 @@ _BUSY = _raw_response(
 _TIMEOUT = _raw_response(
     "408 Request Timeout", "Request timeout", "the complete request did not arrive within http.request_timeout"
 )
+#: The ASGI scope key holding the CN of the client certificate (mutual TLS), None without one.
+CLIENT_CERT_CN = "butler_mqtt.client_cert_cn"
 #: their_state values of a request that has not fully arrived yet.
 _INCOMPLETE = (h11.IDLE, h11.SEND_BODY)
 
@@ -106,7 +109,21 @@ class LimitedH11Protocol(H11Protocol):
             return
         self._made = True
         super().connection_made(transport)
+        self._with_peer(transport)
         self._arm()
+
+    def _with_peer(self, transport: asyncio.Transport) -> None:
+        """uvicorn does not pass the client certificate to the app: every request of this
+        connection gets its CN in the scope (CLIENT_CERT_CN; callers, contract section 10). The
+        certificate was verified in the handshake (http.tls.client_ca, CERT_REQUIRED)."""
+        cn = client_cert_cn(transport.get_extra_info("peercert"))
+        inner = self.app
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            scope[CLIENT_CERT_CN] = cn
+            await inner(scope, receive, send)
+
+        self.app = app
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

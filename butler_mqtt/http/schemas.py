@@ -136,11 +136,14 @@ class HistoryRecord(BaseModel):
     """One request as the journal knows it."""
 
     requestId: str | None
-    key: str = Field(description="The journal key: id:<requestId>, cd:... (MQTT 5 correlation data) or anon:...")
+    key: str = Field(description="The journal key: id:<requestId>, cd:... (MQTT 5 correlation data) or anon:...;"
+                                 " caller:<name>:<that key> for a caller's request")
     received: str = Field(description="UTC, ISO 8601.")
     updated: str
     ingress: str = Field(description="mqtt, mqtt-plain or rest.")
     source: str | None = Field(description="The MQTT topic, or the REST client's address.")
+    caller: str | None = Field(default=None, description="The caller (callers[].name, contract section 10) whose "
+                               "request it was; null: the anonymous caller.")
     state: Literal["handling", "answered", "following", "finished"]
     criteria: dict[str, Any] | None = Field(description="taskId, tag, customProperty as requested (null: not recorded).")
     request: dict[str, Any] | None = Field(description="The request as received, defaults left out.")
@@ -266,13 +269,9 @@ def start_operation(token_required: bool, path_task_id: bool = True) -> dict[str
         "description": START_DESCRIPTION if path_task_id else BODY_ONLY_DESCRIPTION + "\n" + START_DESCRIPTION,
         "parameters": [
             *([path_param] if path_task_id else []),
-            {
-                "name": "allTaskIdsMustExist",
-                "in": "query",
-                "required": False,
-                "description": "When true and any listed task ID does not exist, no task selected by ID starts.",
-                "schema": {"type": "string", "enum": ["true", "false"]},
-            },
+            {"name": "allTaskIdsMustExist", "in": "query", "required": False,
+             "description": "When true and any listed task ID does not exist, no task selected by ID starts.",
+             "schema": {"type": "string", "enum": ["true", "false"]}},
         ],
         "requestBody": {
             "required": False,
@@ -301,6 +300,7 @@ def start_operation(token_required: bool, path_task_id: bool = True) -> dict[str
             "405": _error("Method not allowed (also an X-HTTP-Method-Override other than PUT or POST)."),
             "413": _error("Body larger than http.max_body_bytes."),
             "415": _error("Content-Type is not JSON."),
+            "429": _error("The caller is over its requests_per_minute (nothing started; see Retry-After)."),
             "502": _error("QRS refused the request (nothing was started)."),
             "503": _error("QRS unreachable (nothing was started; retry later)."),
         },
@@ -324,8 +324,9 @@ def health_operation() -> dict[str, Any]:
 HISTORY_DESCRIPTION = """\
 The request history from the journal (also `butler-mqtt history`): one record per request of the
 last `journal.retention_hours`, oldest first: when and how it came (ingress, source), the criteria,
-what happened to each task's start, the final states, duplicates. Needs the bearer token when
-`http.token` is set.
+what happened to each task's start, the final states, duplicates, the caller. Needs the bearer
+token when `http.token` is set; with callers (contract section 10) a caller's token or client
+certificate works too, and shows that caller's requests only.
 """
 
 
@@ -343,6 +344,8 @@ def history_operation(token_required: bool) -> dict[str, Any]:
             param("requestId", "Only this requestId.", {"type": "string", "minLength": 1, "maxLength": 128}),
             param("taskId", "Only requests that selected or named this task.", {"type": "string", "pattern": GUID_RE.pattern}),
             param("limit", "The newest this many (default 100).", {"type": "integer", "minimum": 1, "maximum": 1000}),
+            param("caller", "Only this caller's requests (callers[].name). A caller identified by its token or "
+                  "client certificate sees only its own requests.", {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"}),
         ],
         "responses": {
             "200": {"description": "The matching requests.", "content": {"application/json": {"schema": _ref("HistoryPage")}}},
@@ -412,6 +415,7 @@ def finish_document(doc: dict[str, Any], token_required: bool) -> dict[str, Any]
         components.setdefault("securitySchemes", {})["bearerToken"] = {
             "type": "http",
             "scheme": "bearer",
-            "description": "http.token from the configuration.",
+            "description": "http.token from the configuration, or a caller's token (callers[].tokens_sha256 "
+                           "lists its SHA-256).",
         }
     return doc

@@ -173,17 +173,18 @@ class Journal:
         source: str = "",
         request: dict[str, Any] | None = None,
         received: float | None = None,
+        caller: str | None = None,
     ) -> Prior | None:
         """Claim `key`. None: a new request, now ours. Else what was recorded before.
 
         When another live instance holds the key (its lease runs), wait for it to finish (up
         to `wait_s`), then return its outcome; a lease that expires meanwhile is taken over.
-        `source` and `request` (the request as JSON) are kept for the history; a done key seen
-        again counts as a duplicate there. `received` (time.time() when the request arrived;
-        default: now) is the history's received time.
+        `source`, `request` (the request as JSON) and `caller` (its name; None: anonymous) are
+        kept for the history; a done key seen again counts as a duplicate there. `received`
+        (time.time() when the request arrived; default: now) is the history's received time.
         """
         deadline = time.monotonic() + wait_s
-        about = (source, json.dumps(request, separators=(",", ":")) if request is not None else None)
+        about = (source, json.dumps(request, separators=(",", ":")) if request is not None else None, caller)
         while True:
             with self._guard("claim"):
                 outcome = self._try_claim(key, ingress, payload_hash, about, received)
@@ -194,15 +195,16 @@ class Journal:
             time.sleep(0.05)
 
     def _try_claim(
-        self, key: str, ingress: str, payload_hash: str | None, about: tuple[str, str | None] = ("", None),
-        received: float | None = None,
+        self, key: str, ingress: str, payload_hash: str | None,
+        about: tuple[str, str | None, str | None] = ("", None, None), received: float | None = None,
     ) -> Prior | None | str:
         now = time.time()
         arrived = min(received, now) if received is not None else now  # the history's received time
         with self._db.tx() as db:
             won = db.run(
                 "INSERT INTO requests(key, state, ingress, payload_hash, created, updated, owner, lease_until,"
-                " source, request) VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING key",
+                " source, request, caller) VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING"
+                " RETURNING key",
                 (key, ingress, payload_hash, arrived, now, self.owner, now + self.lease_s, *about),
             )
             if won:
@@ -216,7 +218,7 @@ class Journal:
             if now - created > self.retention:  # expired: a new request under an old key
                 db.run(
                     "UPDATE requests SET state = 'open', ingress = ?, payload_hash = ?, created = ?, updated = ?,"
-                    " owner = ?, lease_until = ?, source = ?, request = ?, duplicates = 0, last_duplicate = NULL"
+                    " owner = ?, lease_until = ?, source = ?, request = ?, caller = ?, duplicates = 0, last_duplicate = NULL"
                     " WHERE key = ?",
                     (ingress, payload_hash, arrived, now, self.owner, now + self.lease_s, *about, key),
                 )

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from butler_mqtt import keys
+from butler_mqtt.config import CALLER_NAME
 from butler_mqtt.errors import JournalError
 from butler_mqtt.journal.backends import (
     Cursor,
@@ -64,6 +65,7 @@ class HistoryQuery:
     request_id: str | None = None
     task_id: str | None = None
     limit: int = DEFAULT_LIMIT
+    caller: str | None = None  # a caller's name (contract section 10)
 
 
 #: How much of a bad value an error message echoes.
@@ -124,8 +126,10 @@ def check_query(q: HistoryQuery) -> HistoryQuery:
     problem = storable_problem(q.request_id) if q.request_id is not None else None
     if problem is not None:  # the journal holds no such value: asking for it is a bad query
         raise ValueError(f"requestId: {problem}")
+    if q.caller is not None and not CALLER_NAME.fullmatch(q.caller):
+        raise ValueError(f"caller: {q.caller[:70]!r} is not a caller name (1 to 64 of a-z, 0-9, '_' and '-')")
     task = q.task_id.strip().lower() if q.task_id is not None else None
-    return HistoryQuery(q.since, q.request_id, task, q.limit)
+    return HistoryQuery(q.since, q.request_id, task, q.limit, q.caller)
 
 
 def iso(ts: float | None) -> str | None:
@@ -137,24 +141,40 @@ def iso(ts: float | None) -> str | None:
 
 # ---------------------------------------------------------------------------- reading
 
-_COLUMNS = "key, state, ingress, source, request, created, updated, duplicates, last_duplicate"
+_COLUMNS = "key, state, ingress, source, request, created, updated, duplicates, last_duplicate, {caller}"
+#: The first schema version that records the caller (older journals: every request anonymous).
+CALLER_SCHEMA = 4
 
 
-def read_history(db: Cursor, q: HistoryQuery, retention_s: float, now: float | None = None) -> list[dict[str, Any]]:
-    """The records matching `q` within the retention window, oldest first."""
+def read_history(db: Cursor, q: HistoryQuery, retention_s: float, now: float | None = None,
+                 *, with_caller: bool = True) -> list[dict[str, Any]]:
+    """The records matching `q` within the retention window, oldest first. `with_caller`: the
+    journal has the caller column (schema CALLER_SCHEMA)."""
     q = check_query(q)
     cutoff = (time.time() if now is None else now) - retention_s
     where = ["created >= ?"]
     args: list[Any] = [max(cutoff, q.since) if q.since is not None else cutoff]
     if q.request_id is not None:
-        where.append("key IN (?, ?)")  # a start or a stop (stops.py: its own key space) with this requestId
-        args += [keys.for_request_id(q.request_id), "stop:" + keys.for_request_id(q.request_id)]
+        # The anonymous caller's key, or a caller's (keys.for_caller: the same requestId from
+        # two callers is two requests, both shown); a start or a stop (stops.py: its own key space).
+        rid = keys.for_request_id(q.request_id)
+        if with_caller:
+            where.append("(key IN (?, ?) OR (caller IS NOT NULL AND key = 'caller:' || caller || ':' || ?))")
+            args += [rid, "stop:" + rid, rid]
+        else:
+            where.append("key IN (?, ?)")
+            args += [rid, "stop:" + rid]
+    if q.caller is not None:
+        if not with_caller:
+            return []  # written before callers: every request was the anonymous caller's
+        where.append("caller = ?")
+        args.append(q.caller)
     if q.task_id is not None:
         # The task's own events (started, denied, ...), or a request naming it (not found).
         where.append("(key IN (SELECT key FROM events WHERE kind = 'reply' AND task_id = ?) OR request LIKE ?)")
         args += [q.task_id, f'%"{q.task_id}"%']
     rows = db.run(
-        f"SELECT {_COLUMNS} FROM requests WHERE {' AND '.join(where)} ORDER BY created DESC, key LIMIT ?",
+        f"SELECT {_COLUMNS.format(caller='caller' if with_caller else 'NULL')} FROM requests WHERE {' AND '.join(where)} ORDER BY created DESC, key LIMIT ?",
         (*args, q.limit),
     )
     replies = _replies(db, [str(r[0]) for r in rows])
@@ -181,7 +201,8 @@ def _replies(db: Cursor, keys_: Sequence[str]) -> dict[str, list[dict[str, Any]]
 
 def build_record(row: Sequence[Any], replies: Sequence[Event]) -> dict[str, Any]:
     """One history record from a `requests` row and its reply events (in journal order)."""
-    key, state, ingress, source, request_text, created, updated, duplicates, last_duplicate = row
+    key, state, ingress, source, request_text, created, updated, duplicates, last_duplicate, *rest = row
+    caller = rest[0] if rest else None
     request: dict[str, Any] | None = json.loads(request_text) if request_text else None
     tasks = _tasks(replies)
     finished = next((ev for ev in reversed(replies) if ev.get("event") == "requestFinished"), None)
@@ -196,6 +217,7 @@ def build_record(row: Sequence[Any], replies: Sequence[Event]) -> dict[str, Any]
         "updated": iso(updated),
         "ingress": ingress,
         "source": source or None,
+        "caller": caller,
         "state": _state(str(state), request, finished, tasks),
         "criteria": _criteria(request),
         "request": request,
@@ -213,6 +235,8 @@ def build_record(row: Sequence[Any], replies: Sequence[Event]) -> dict[str, Any]
 
 def _request_id(key: str) -> str | None:
     key = key.removeprefix("stop:")
+    if key.startswith("caller:"):  # keys.for_caller: caller:<name>:<key>
+        key = key.split(":", 2)[2] if key.count(":") >= 2 else key
     return key[3:] if key.startswith("id:") else None
 
 
@@ -284,6 +308,7 @@ class HistoryReader:
         self._db = db
         self.retention = retention_hours * 3600
         self._errors = db_errors()
+        self.with_caller = True
 
     @classmethod
     def open(cls, state_dir: Path, url: str | None, retention_hours: float) -> HistoryReader:
@@ -300,6 +325,7 @@ class HistoryReader:
                 db = Postgres(url)
             reader = cls(db, retention_hours)
             version = reader._version()
+            reader.with_caller = version >= CALLER_SCHEMA
         except JournalError:
             raise
         except db_errors() as exc:
@@ -320,7 +346,7 @@ class HistoryReader:
 
     def history(self, q: HistoryQuery) -> list[dict[str, Any]]:
         try:
-            return read_history(self._db, q, self.retention)
+            return read_history(self._db, q, self.retention, with_caller=self.with_caller)
         except data_errors() as exc:
             raise unstorable(exc) from None
         except self._errors as exc:

@@ -112,5 +112,12 @@ MIGRATIONS: dict[int, dict[str, list[str]]] = {
             "CREATE INDEX IF NOT EXISTS events_task ON events(task_id)",
         ],
     },
+    # Callers (contract section 10): whose request it was, for the history (`--caller`).
+    4: {
+        "*": [
+            "ALTER TABLE requests ADD COLUMN caller TEXT",
+            "CREATE INDEX IF NOT EXISTS requests_caller ON requests(caller, created)",
+        ],
+    },
 }
 SCHEMA_VERSION = max(MIGRATIONS)

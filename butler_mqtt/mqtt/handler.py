@@ -18,7 +18,8 @@ from typing import Any
 import structlog
 
 from butler_mqtt import keys, replies
-from butler_mqtt.config import Config
+from butler_mqtt.callers import CallerRejected, caller_topic_filters, label
+from butler_mqtt.config import CallerConfig, Config
 from butler_mqtt.errors import (
     CloudNotFound,
     CloudRefused,
@@ -30,7 +31,7 @@ from butler_mqtt.errors import (
     is_transient,
     retry_after,
 )
-from butler_mqtt.model import Route, StopRequest
+from butler_mqtt.model import Route, StartRequest, StopRequest
 from butler_mqtt.mqtt import ingress as ingress_rules
 from butler_mqtt.mqtt.listener import Job, MqttListener
 from butler_mqtt.mqtt.retain_probe import RetainProbe
@@ -133,6 +134,10 @@ class RequestHandler:
         self.health = health
         self.should_exit = should_exit
         self.retain_probe = retain_probe
+        #: The callers (contract section 10), shared with REST through the use case (one rate
+        #: limiter); their topic filters, which no response topic may match.
+        self.callers = rt.service.callers
+        self._listening = caller_topic_filters(rt.cfg.mqtt, rt.cfg.callers)
         self._limiter = RateLimiter(60.0)
         self.handled = 0
         self.qrs_health = rt.qrs.health
@@ -236,9 +241,19 @@ class RequestHandler:
             emit(replies.error(d.request_id, r.error, r.details))
             self._finish(job, d.replies)
 
+        # The topic names the caller (contract section 10); first, so our own replies cost no probe.
+        found = ingress_rules.route(job, self.callers, self.cfg.mqtt, job.retained)
+        if found is None or isinstance(found, ingress_rules.Clear):
+            self.listener.ack(job)  # our own reply under <topics.start>/+, or a retained clear: no answer
+            return
+        if isinstance(found, ingress_rules.Reject):
+            return reject(found)
+        caller = found.caller
+        structlog.contextvars.bind_contextvars(caller=label(caller))
         # MQTT 3.1.1 clears the retain flag on live delivery: the probe asks the broker instead.
         retained = job.retained or (self.retain_probe is not None and self.retain_probe.retained(job))
-        verdict = ingress_rules.screen(job, self.cfg.mqtt, self.listener.limits, time.monotonic(), retained)
+        verdict = ingress_rules.screen(job, self.cfg.mqtt, self.listener.limits, time.monotonic(), retained,
+                                       self._listening)
         if isinstance(verdict, ingress_rules.Clear):
             self.listener.ack(job)  # someone clearing a retained message: nothing to answer
             return
@@ -247,19 +262,15 @@ class RequestHandler:
         req, d.request_id = verdict, verdict.requestId
         structlog.contextvars.bind_contextvars(requestId=req.requestId)
         route = Route(d.topic(self.cfg), job.correlation_data.hex() if job.correlation_data else None)
-        key, fingerprint = ingress_rules.idempotency_key(req, job, route.topic)
-        if key is None and fingerprint is not None:
-            # Tried again in this process (QRS or the journal unavailable for now, or a start QRS
-            # refused with 429 after others started): the same anonymous request, the same key.
-            earlier = d.key or (self.journal.recent_hash(fingerprint, ANON_DUP_WINDOW_S) if job.dup else None)
-            key = earlier or keys.anonymous(ingress)
-        d.key = key
+        key, fingerprint = self._key(req, job, d, route, caller)
         try:
-            claim = Claim(ingress, key, job.topic, fingerprint, route, job.received)
+            claim = Claim(ingress, key, job.topic, fingerprint, route, job.received, caller)
             if isinstance(req, StopRequest):
                 self.stops.submit(req, claim, emit)
             else:
                 self.service.submit(req, claim, emit)
+        except CallerRejected as rej:  # over its requests_per_minute: nothing claimed, nothing started
+            return reject(ingress_rules.Reject("request_rate_limited", "rate_limited", rej.error, rej.details))
         except RequestRejected as rej:  # selectors the backend lacks (section 9), text the journal cannot store
             return reject(ingress_rules.Reject("request_rejected", "rejected", rej.error, rej.details))
         except QrsError as exc:
@@ -270,6 +281,20 @@ class RequestHandler:
         if self.health.qrs_problem is not None:
             self.health.set_qrs_problem(None)
         self._finish(job, d.replies)
+
+    def _key(self, req: StartRequest | StopRequest, job: Job, d: Delivery, route: Route,
+             caller: CallerConfig | None) -> tuple[str | None, str | None]:
+        """The request's idempotency key (kept on the delivery) and its payload fingerprint."""
+        key, fingerprint = ingress_rules.idempotency_key(req, job, route.topic)
+        if key is None and fingerprint is not None:
+            # Tried again in this process (QRS or the journal unavailable for now, or a start QRS
+            # refused with 429 after others started): the same anonymous request, the same key.
+            earlier = d.key or (self.journal.recent_hash(fingerprint, ANON_DUP_WINDOW_S) if job.dup else None)
+            key = earlier or keys.anonymous(job.ingress)
+        else:  # the same requestId from two callers is two requests
+            key = keys.for_caller(key, caller.name if caller is not None else None) if key is not None else None
+        d.key = key
+        return key, fingerprint
 
     def _qrs_refused(self, exc: QrsError) -> None:
         """A permanent QRS failure: logged at error level once per interval, shown in /healthz."""

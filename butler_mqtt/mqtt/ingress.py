@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from butler_mqtt import keys
+from butler_mqtt.callers import CallerRejected, Callers, TopicRoute, caller_topic_filters
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.errors import RequestRejected
 from butler_mqtt.model import (
@@ -51,15 +53,17 @@ class Clear:
 
 
 def screen(
-    job: Job, cfg: MqttConfig, limits: tuple[int, int], now: float, retained: bool | None = None
+    job: Job, cfg: MqttConfig, limits: tuple[int, int], now: float, retained: bool | None = None,
+    listening: Sequence[str] = (),
 ) -> Reject | Clear | StartRequest | StopRequest:
     """The request in `job`, or why it is not one (`now`: time.monotonic(); `retained`: the
-    retain flag when known better than the delivery's, e.g. from the MQTT 3.1.1 probe)."""
+    retain flag when known better than the delivery's, e.g. from the MQTT 3.1.1 probe;
+    `listening`: the caller topic filters, which no response topic may match)."""
     retained = job.retained if retained is None else retained
     if retained and not job.payload and not job.oversize:
         return Clear()
     if job.response_topic is not None:
-        problem = response_topic_problem(job.response_topic, cfg)
+        problem = response_topic_problem(job.response_topic, cfg, listening)
         if problem is not None:
             return Reject("request_rejected", "rejected", "Invalid response topic", f"{problem}; nothing was started", True)
     plain = job.ingress == "mqtt-plain"
@@ -83,6 +87,23 @@ def screen(
         return Reject("request_expired", "expired", "Request expired",
                       "the message expiry interval passed before it could be handled")
     return req
+
+
+def route(job: Job, callers: Callers, cfg: MqttConfig, retained: bool) -> TopicRoute | Reject | Clear | None:
+    """Whose request `job` is, from its topic alone (contract section 10; never from the body):
+    a TopicRoute; None for one of the daemon's own topics under `<topics.start>/+` (its
+    replies: ack, answer nothing, no loop); Clear for an empty retained message; a Reject
+    (answered, acked, nothing kept) for an unknown caller level or a bare topic with
+    callers_only. The error goes to the response topic only when that one is usable."""
+    try:
+        found = callers.route_topic(job.topic)
+    except CallerRejected as rej:
+        if retained and not job.payload and not job.oversize:
+            return Clear()
+        bad_route = job.response_topic is not None and response_topic_problem(
+            job.response_topic, cfg, caller_topic_filters(cfg, callers.callers)) is not None
+        return Reject("request_rejected", "unauthorized", rej.error, f"{rej.details}; nothing was started", bad_route)
+    return found
 
 
 def request_id_of(job: Job) -> str | None:

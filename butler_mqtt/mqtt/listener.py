@@ -64,7 +64,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from butler_mqtt import __version__, keys
+from butler_mqtt.callers import Subscription
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.model import MAX_PAYLOAD_BYTES, MAX_PLAIN_PAYLOAD_BYTES
 from butler_mqtt.replies import Event
@@ -136,6 +137,12 @@ def _fingerprint(payload: bytes, topic: str, mid: int, oversize: int) -> str:
     return keys.delivery_fingerprint(payload if not oversize else b"oversize:%d" % oversize, topic, mid)
 
 
+
+def _is_stop(topic: str, stop: str) -> bool:
+    """topics.stop, or a caller's `<topics.stop>/<level>` (contract section 10): a stop request,
+    never parsed as a start."""
+    return topic == stop or topic.startswith(stop + "/")
+
 class MqttListener:
     def __init__(
         self,
@@ -143,10 +150,14 @@ class MqttListener:
         on_job: Callable[[Job], bool | None],
         client_id: str | None = None,
         limits: tuple[int, int] = DEFAULT_LIMITS,
+        extra: Sequence[Subscription] = (),
     ) -> None:
         self.cfg = cfg
         self._on_job = on_job
         self.limits = limits
+        #: The caller topics (contract section 10, callers.caller_subscriptions): subscribed
+        #: beside the bare topics, already under the share with shared_group.
+        self.extra = tuple(extra)
         self._inflight_lock = threading.Lock()
         self._inflight: dict[int, Job] = {}  # packet id -> delivery being handled (this epoch)
         self._answered: OrderedDict[int, str] = OrderedDict()  # packet id -> fingerprint, acked
@@ -238,6 +249,10 @@ class MqttListener:
         t.append(self.cfg.topics.stop)
         return t
 
+    def subscriptions(self) -> list[str]:
+        """Every topic filter subscribed to, as sent to the broker (share prefix included)."""
+        return [self._sub_topic(t) for t in self.topics()] + [s.topic for s in self.extra]
+
     def set_problem(self, name: str, text: str | None) -> None:
         """Show (or clear) a standing problem, e.g. QRS refusing for good, on the status topic."""
         with self._inflight_lock:
@@ -312,23 +327,30 @@ class MqttListener:
                 qos=1, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
             ) if self.v5 else 1
             subs.append((self._sub_topic(topic), opts))
+        for extra in self.extra:
+            # No Local: the daemon's own replies and alerts can be under <topics.start>/+.
+            opts = SubscribeOptions(
+                qos=1, noLocal=extra.no_local, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
+            ) if self.v5 else 1
+            subs.append((extra.topic, opts))
         _rc, mid = client.subscribe(subs)
         if mid is not None:
             self._sub_mids.add(mid)
         client.publish(self.status_topic, self.status_payload("online"), qos=1, retain=True)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, rcs: list[ReasonCode], _p: Any) -> None:
-        refused = [t for t, r in zip(self.topics(), rcs, strict=False) if r.is_failure]
+        subscribed = self.subscriptions()
+        refused = [t for t, r in zip(subscribed, rcs, strict=False) if r.is_failure]
         if refused == [self.cfg.topics.stop]:  # an ACL from before topics.stop: starts still work
             log.error("mqtt_subscribe_refused", reasons=[str(r) for r in rcs if r.is_failure], topics=refused,
                       detail="stop requests are not received: grant the daemon read on mqtt.topics.stop")
         elif refused or any(r.is_failure for r in rcs):
-            log.error("mqtt_subscribe_refused", reasons=[str(r) for r in rcs if r.is_failure], topics=self.topics())
+            log.error("mqtt_subscribe_refused", reasons=[str(r) for r in rcs if r.is_failure], topics=subscribed)
             return
         if mid in self._sub_mids:
             self._sub_mids.discard(mid)
             self.subscribed.set()
-            log.info("mqtt_subscribed", topics=[self._sub_topic(t) for t in self.topics()])
+            log.info("mqtt_subscribed", topics=self.subscriptions())
             if self.on_subscribed is not None:
                 self.on_subscribed()
 
@@ -465,7 +487,7 @@ class MqttListener:
         expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
         now = time.monotonic()
         job = Job(
-            ingress="mqtt-plain" if plain else ("mqtt-stop" if msg.topic == self.cfg.topics.stop else "mqtt"),
+            ingress="mqtt-plain" if plain else ("mqtt-stop" if _is_stop(msg.topic, self.cfg.topics.stop) else "mqtt"),
             topic=msg.topic,
             payload=kept,
             mid=msg.mid,

@@ -138,8 +138,8 @@ class Requester:
         on_event: Callable[[Event], None] | None = None,
         topic: str | None = None,
     ) -> list[Event]:
-        """Send (on `topic`, default topics.start) and collect replies up to the last one;
-        raises TimeoutError when it never comes."""
+        """Send (on `topic`, default topics.start; a caller's: `<topics.start>/<level>`) and
+        collect replies up to the last one; raises TimeoutError when it never comes."""
         waits = bool(request.get("wait") or request.get("then"))
         token, box = self.send(request, topic)
         events: list[Event] = []

@@ -7,6 +7,8 @@ to (a loop, or a forged status). `mqtt.response_topic_prefixes`, when set, is an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from paho.mqtt.client import topic_matches_sub
 
 from butler_mqtt.config import MqttConfig
@@ -15,8 +17,11 @@ from butler_mqtt.config import MqttConfig
 MAX_TOPIC_BYTES = 1024
 
 
-def response_topic_problem(topic: str, cfg: MqttConfig) -> str | None:
-    """None when replies may be published to `topic`, else why not (for the error reply)."""
+def response_topic_problem(topic: str, cfg: MqttConfig, listening: Sequence[str] = ()) -> str | None:
+    """None when replies may be published to `topic`, else why not (for the error reply).
+    `listening`: further filters the daemon subscribes to (the caller topics,
+    `<topics.start>/+` and `<topics.stop>/+`): a reply there would be taken as a request. Only
+    topics.reply, which the daemon ignores there, is exempt."""
     if not topic:
         return "the response topic is empty"
     try:
@@ -35,6 +40,9 @@ def response_topic_problem(topic: str, cfg: MqttConfig) -> str | None:
     for sub in (t for t in own if t):
         if topic == sub or topic_matches_sub(sub, topic) or topic.startswith(cfg.topics.status + "/"):
             return f"the response topic is one of the daemon's own topics ({sub})"
+    for sub in listening:
+        if topic_matches_sub(sub, topic) and topic != cfg.topics.reply:
+            return f"the response topic is one the daemon listens on for callers ({sub})"
     prefixes = cfg.response_topic_prefixes
     if prefixes is not None and not any(topic.startswith(p) for p in prefixes):
         return "the response topic is not under mqtt.response_topic_prefixes (" + ", ".join(prefixes) + ")"

@@ -129,8 +129,8 @@ def message(alert: AlertKind, instance: str, fields: dict[str, Any], now: float 
     return msg
 
 
-def from_event(alert: AlertKind, ev: Event, instance: str, qrs: str) -> dict[str, Any]:
-    return message(alert, instance, {**{f: ev.get(f) for f in FIELDS}, "qrs": qrs})
+def from_event(alert: AlertKind, ev: Event, instance: str, qrs: str, caller: str | None = None) -> dict[str, Any]:
+    return message(alert, instance, {**{f: ev.get(f) for f in FIELDS}, "qrs": qrs, "caller": caller or None})
 
 
 def _minutes(ms: Any) -> str:
@@ -396,7 +396,9 @@ class Alerter:
             return
         if kind in PER_EXECUTION and ev.get("executionId") and not self._seen.first((kind, ev["executionId"])):
             return  # the same execution, followed for another request too (ifRunning attach)
-        self.raise_alert(from_event(kind, ev, self.instance, self.qrs))
+        # The caller of the work on this thread (bound by the use case and the tracker).
+        caller = structlog.contextvars.get_contextvars().get("caller")
+        self.raise_alert(from_event(kind, ev, self.instance, self.qrs, str(caller) if caller else None))
 
     def observe_qrs(self, method: str, route: str, status: int | None, seconds: float) -> None:
         """A QrsClient call observer (same signature as Metrics.observe_qrs)."""

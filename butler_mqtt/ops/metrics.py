@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from butler_mqtt import replies
@@ -44,14 +45,23 @@ class Recent:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """`callers`: every value the `caller` label may take (Callers.labels(): "" for the anonymous
+    caller and each configured name); any other value counts as "" (the label set stays bounded)."""
+
+    def __init__(self, callers: Iterable[str] = ("",)) -> None:
         r = self.registry = CollectorRegistry()
+        self.callers = frozenset(callers) | {""}
+        # Without callers configured the counters keep their labels of before (no `caller`).
+        by = ["caller"] if len(self.callers) > 1 else []
         self.requests = Counter(
-            "butler_mqtt_requests", "Start requests by ingress and outcome", ["ingress", "outcome"], registry=r
+            "butler_mqtt_requests", "Start requests by ingress and outcome (and caller)", ["ingress", "outcome", *by],
+            registry=r,
         )
-        self.task_outcomes = Counter("butler_mqtt_tasks", "Tasks by outcome status", ["status"], registry=r)
+        self.task_outcomes = Counter("butler_mqtt_tasks", "Tasks by outcome status (and caller)", ["status", *by],
+                                     registry=r)
         for status in TASK_STATUSES:  # present from the start: increase() then sees the first one
-            self.task_outcomes.labels(status)
+            for caller in sorted(self.callers):
+                self.task_outcomes.labels(status, *([caller] if by else []))
         self.qrs_latency = Histogram(
             "butler_mqtt_qrs_call_seconds",
             "QRS call latency",
@@ -154,8 +164,19 @@ class Metrics:
     def script_log_failed(self) -> None:
         self.script_log_failures.inc()
 
-    def request(self, ingress: str, outcome: str) -> None:
-        self.requests.labels(ingress, outcome).inc()
+    def _by(self, name: str | None = None) -> list[str]:
+        """The `caller` label value as a label list: [] when the counters have no caller label."""
+        return [self.caller(name)] if len(self.callers) > 1 else []
+
+    def caller(self, name: str | None = None) -> str:
+        """The `caller` label: `name`, else the caller bound to this thread's work (the use case
+        and the tracker bind it, see service.CALLER_CONTEXT); "" when unknown or not configured."""
+        if name is None:
+            name = str(structlog.contextvars.get_contextvars().get("caller") or "")
+        return name if name in self.callers else ""
+
+    def request(self, ingress: str, outcome: str, caller: str | None = None) -> None:
+        self.requests.labels(ingress, outcome, *self._by(caller)).inc()
 
     def tasks(self, events: list[Event]) -> None:
         for ev in events:
@@ -167,14 +188,14 @@ class Metrics:
         if kind == replies.TASK and ev.get("status") in ("stopping", "notRunning"):
             pass  # a stop request's answer: the stops sent are counted where they are sent (stops_done)
         elif kind == replies.TASK:
-            self.task_outcomes.labels(str(ev.get("status"))).inc()
+            self.task_outcomes.labels(str(ev.get("status")), *self._by()).inc()
         elif kind == replies.TASK_FINISHED and "retryIn" not in ev and self._finished.first(ev.get("executionId")):
             self.executions_finished.labels(str(ev.get("status"))).inc()
 
-    def handled(self, ingress: str, replayed: bool, start_seconds: float | None) -> None:
+    def handled(self, ingress: str, replayed: bool, start_seconds: float | None, caller: str = "") -> None:
         """A request the use case handled (StartService.submit): counted, its start latency observed;
         its tasks are counted as events (observe_event)."""
-        self.request(ingress, "duplicate" if replayed else "ok")
+        self.request(ingress, "duplicate" if replayed else "ok", caller)
         self.started(ingress, start_seconds)
 
     def started(self, ingress: str, seconds: float | None) -> None:

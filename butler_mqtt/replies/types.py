@@ -442,6 +442,11 @@ class AlertMessage(TypedDict):
         Annotated[str, Field(max_length=MAX_REQUEST_ID_LENGTH)] | None,
         Field(description="The request the event belonged to; null when it had none, and for QRS outages."),
     ]
+    caller: Annotated[
+        Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")] | None,
+        Field(description="The caller (callers[].name, contract section 10) whose request it was; null for the "
+                          "anonymous caller, when unknown, and for QRS outages."),
+    ]
     taskId: Annotated[
         Guid | None, Field(description="The reload task's ID in QRS (backend: cloud: the app's ID); null for QRS outages.")
     ]

@@ -115,5 +115,5 @@ class Tracker:
     def queue_changed(self) -> None:
         self.poller.queue_changed()
 
-    def follow(self, key: str, req: StartRequest, result: StageResult, route: Route) -> None:
-        self.stages.follow(key, req, result, route)
+    def follow(self, key: str, req: StartRequest, result: StageResult, route: Route, caller: str | None = None) -> None:
+        self.stages.follow(key, req, result, route, caller)

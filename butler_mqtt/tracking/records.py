@@ -67,6 +67,9 @@ class Waited:
     report: bool = True  # wait/then: publish taskFinished and requestFinished (else: retries, deadlines only)
     queued: dict[str, dict[str, Any]] = field(default_factory=dict)  # queue entry id -> the task waiting on it
     retrying: dict[str, dict[str, Any]] = field(default_factory=dict)  # task id -> the retry to come
+    #: The caller's name (contract section 10; None: anonymous): later stages and retries, also
+    #: after a restart, are judged by its allow-list (`Callers.stored`).
+    caller: str | None = None
 
     @property
     def idle(self) -> bool:
@@ -99,5 +102,6 @@ def queued_record(o: TaskOutcome, stage: int | None) -> dict[str, Any]:
 
 
 def bound(w: Waited) -> AbstractContextManager[None]:
-    """The logging context of work done for this request: its `requestId` on every line."""
-    return structlog.contextvars.bound_contextvars(requestId=w.request_id)
+    """The logging context of work done for this request: its `requestId` on every line, and
+    its caller (also read by the metrics and alerts observers: `caller` label and field)."""
+    return structlog.contextvars.bound_contextvars(requestId=w.request_id, caller=w.caller or "")

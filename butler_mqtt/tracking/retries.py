@@ -73,7 +73,8 @@ class Retries:
             ticket = Ticket(key, w.request_id, r["stage"], w.route, attempt=int(r["attempt"]))
             try:
                 o, queued = self.service.start_task_again(r["task_id"], matches(r["matched_by"]), policy, ticket,
-                                                          lambda ev: self.stages.emit(w, ev), w.stage_request(r["stage"] or 0))
+                                                          lambda ev: self.stages.emit(w, ev), w.stage_request(r["stage"] or 0),
+                                                          self.service.callers.stored(w.caller))
             except Exception as exc:  # noqa: BLE001 - every failure ends in a later try or a final outcome
                 if is_transient(exc) and attempt_no < 50:  # QRS or the journal unavailable for now
                     log.warning("retry_deferred", taskId=r["task_id"], error=str(exc))

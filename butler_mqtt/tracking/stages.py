@@ -59,10 +59,10 @@ class Stages:
 
     # ------------------------------------------------------------------ a request to follow
 
-    def follow(self, key: str, req: StartRequest, result: StageResult, route: Route) -> None:
+    def follow(self, key: str, req: StartRequest, result: StageResult, route: Route, caller: str | None = None) -> None:
         """Called once stage 0 of a waited request (or one with retries or a deadline) started."""
         w = Waited(key=key, request_id=req.requestId, request=req.model_dump(mode="json"), route=route,
-                   started=time.time(), chained=req.then is not None, report=req.waits)
+                   started=time.time(), chained=req.then is not None, report=req.waits, caller=caller)
         with self.waits.locked():
             self.absorb(w, result)
             self.waits.add(w)
@@ -219,6 +219,7 @@ class Stages:
             self.service.run_and_record(
                 stage_req, w.request_id, lambda ev: self.service.send_later(None, w.route, ev), index, key, prior,
                 root=StartRequest.model_validate(w.request), route=w.route, started=started,
+                caller=self.service.callers.stored(w.caller),
             )
         except Exception as exc:  # noqa: BLE001 - every failure ends in a retry or requestFinished
             if not idle:  # nothing of the stage started: try the stage again later, or give up

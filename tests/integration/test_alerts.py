@@ -35,7 +35,7 @@ TASKS = [
 ]
 SECRET_PATH = "/hooks/s3cr3t-path-token"
 SECRET_HEADER = "Bearer hdr-s3cr3t"
-FIELDS = {"alert", "severity", "time", "instance", "requestId", "taskId", "taskName", "executionId", "status",
+FIELDS = {"alert", "severity", "time", "instance", "requestId", "caller", "taskId", "taskName", "executionId", "status",
           "reason", "stage", "attempt", "runningForMs", "durationMs", "failure", "qrs", "since", "downForMs", "text"}
 
 

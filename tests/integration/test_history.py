@@ -265,3 +265,59 @@ def test_every_bad_history_query_is_a_400_naming_the_parameter_and_the_cli_says_
     assert f"{rest['error']}: {rest['details']}" in empty.stderr
     far = history_cli(config, "--since", "200000w")
     assert far.returncode == 2 and "out of range" in far.stderr and "Traceback" not in far.stderr
+
+
+def test_history_by_caller_on_both_journals(journal_url, tmp_path):
+    """Callers (contract section 10): the caller is stored with the request (migration 4); the
+    same requestId from two callers is two records, both found by requestId; --caller filters."""
+    from butler_mqtt import keys
+    from butler_mqtt.journal.history import HistoryReader
+
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path, retention_hours=1, url=journal_url)
+    try:
+        for caller in ("erp", "dwh", None):
+            key = keys.for_caller(keys.for_request_id("same"), caller)
+            assert j.begin(key, "mqtt", source="t", request={"requestId": "same", "tag": ["x"]}, caller=caller) is None
+            j.finish(key, [{"event": "summary", "requestId": "same", "tasksNotFound": [{"tag": "x"}]}])
+        recs = j.history(HistoryQuery(request_id="same"))
+        assert sorted((r["caller"] or "", r["requestId"]) for r in recs) == [("", "same"), ("dwh", "same"), ("erp", "same")]
+        assert [r["key"] for r in j.history(HistoryQuery(caller="erp"))] == ["caller:erp:id:same"]
+        assert j.history(HistoryQuery(caller="nobody")) == []
+        with pytest.raises(ValueError, match="caller"):
+            j.history(HistoryQuery(caller="Erp' OR 1=1 --"))
+    finally:
+        j.close()
+    reader = HistoryReader.open(tmp_path, journal_url or f"sqlite:///{path}", 1)  # the CLI's reader
+    try:
+        assert [r["caller"] for r in reader.history(HistoryQuery(caller="dwh"))] == ["dwh"]
+    finally:
+        reader.close()
+
+
+def test_a_journal_of_schema_3_is_read_as_anonymous_and_upgraded(tmp_path):
+    """The CLI reads a journal the daemon has not upgraded yet (no caller column): every request
+    anonymous, `--caller` finds none; the daemon's Journal upgrades it at start (migration 4)."""
+    from butler_mqtt.journal.history import HistoryReader
+
+    path = tmp_path / "journal.sqlite3"
+    j = Journal(path, retention_hours=1)
+    assert j.begin("id:old", "mqtt", source="t", request={"requestId": "old", "tag": ["x"]}) is None
+    j.finish("id:old", [{"event": "summary", "requestId": "old", "tasksNotFound": []}])
+    j.close()
+    with sqlite3.connect(path) as db:  # as a version 3 journal
+        db.execute("DROP INDEX requests_caller")
+        db.execute("ALTER TABLE requests DROP COLUMN caller")
+        db.execute("DELETE FROM schema_version WHERE version = 4")
+    reader = HistoryReader.open(tmp_path, None, 1)
+    try:
+        assert [r["caller"] for r in reader.history(HistoryQuery())] == [None]
+        assert reader.history(HistoryQuery(caller="erp")) == []
+        assert [r["requestId"] for r in reader.history(HistoryQuery(request_id="old"))] == ["old"]
+    finally:
+        reader.close()
+    j = Journal(path, retention_hours=1)
+    try:
+        assert j.schema_version() == 4 and j.history(HistoryQuery())[0]["caller"] is None
+    finally:
+        j.close()

@@ -173,3 +173,34 @@ def test_flood_just_under_the_limit_through_a_small_queue(qrs_certs, sim, flood_
         sender.close()
         inbox.close()
         daemon.stop()
+
+
+def test_flood_on_unknown_caller_topics(qrs_certs, sim, flood_broker, tmp_path):
+    """Callers (contract section 10): 3,000 requests, each on a caller level no caller has (all
+    different, 100 characters): each answered `Unknown caller` once and acked, nothing started,
+    the daemon's peak RSS bounded; a caller's valid request afterwards is served."""
+    import json
+
+    n = 3000
+    callers = [{"name": f"c{i}", "allow": {"task_ids": [AFTER]}} for i in range(10)]
+    daemon, inbox, sender, t = _rig(qrs_certs, sim, flood_broker, tmp_path, BUTLER_MQTT__CALLERS=json.dumps(callers))
+    try:
+        for i in range(n):
+            sender.send({"requestId": f"u-{i}", "taskId": AFTER}, topic=f"{t['start']}/u{i:05d}-{'z' * 94}")
+        sender.confirm_all(120)
+        unknown = lambda r: r.event.get("event") == "error" and r.event.get("error") == "Unknown caller"  # noqa: E731
+        got = inbox.wait_count(unknown, n, 120)
+        assert got == n, f"{n - got} of {n} unknown-caller requests got no 'Unknown caller' reply"
+        assert sim.starts == []
+        sender.send({"requestId": "after-flood", "taskId": AFTER}, topic=f"{t['start']}/c3", confirm=True)
+        final = inbox.wait_final(lambda r: r.event.get("requestId") == "after-flood", 60)
+        assert final.event["event"] == "summary" and final.event["totalTasksStarted"] == 1, final.event
+        assert inbox.wait_count(unknown, n + 1, 1) == n, "an unknown-caller request was answered twice"
+        assert daemon.proc.poll() is None, "the daemon died:\n" + daemon.log_text()
+        peak = vm_hwm_mb(daemon.proc.pid)
+        print(f"unknown-caller flood: daemon peak RSS {peak:.1f} MB")
+        assert peak < RSS_LIMIT_MB, f"daemon peak RSS {peak:.0f} MB (limit {RSS_LIMIT_MB} MB)"
+    finally:
+        sender.close()
+        inbox.close()
+        daemon.stop()

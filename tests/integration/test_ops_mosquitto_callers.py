@@ -24,10 +24,14 @@ import paho.mqtt.client as mqtt
 import pytest
 import trustme
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from butler_mqtt.callers import caller_subscriptions
 from butler_mqtt.config import Config
 from butler_mqtt.ops.mosquitto import Mosquitto, find_mosquitto, free_port
+from butler_mqtt.sim import SimTask
+from tests.conftest import make_config
 from tests.support.ops import REPO, client
 
 EXAMPLE = REPO / "docs" / "examples" / "mosquitto"
@@ -317,3 +321,73 @@ def test_dynamic_security_gives_each_caller_its_own_topics(dynsec_broker):
         matrix(dynsec_broker, daemon)
     finally:
         daemon.close()
+
+
+# -- a real daemon behind the ACL ---------------------------------------------------------------
+
+ERP_TASK = "e1e1e1e1-1111-4111-8111-111111111111"
+DWH_TASK = "d1d1d1d1-3333-4333-8333-333333333333"
+#: The simulator's tasks (the `sim` fixture reads them from this module).
+TASKS = [SimTask(ERP_TASK, "ERP orders", tags=["erp"]), SimTask(DWH_TASK, "DWH load", tags=["dwh"])]
+
+
+def ask_as(broker: ExampleBroker, user: str, caller_level: str, request_id: str, task_id: str,
+           wait: float = 15.0) -> tuple[str, list[dict[str, Any]]]:
+    """Publish a start request as broker user `user` on `<start>/<caller_level>` with a Response
+    Topic under the user's own reply subtree; (PUBACK reason, the replies that came in `wait`)."""
+    got: list[dict[str, Any]] = []
+    cond = threading.Condition()
+    subscribed = threading.Event()
+    reasons: list[str] = []
+    reply_topic = f"{START}/reply/{caller_level if user != 'svc-dwh-loader' else 'dwh'}/{request_id}"
+    c = client(broker.port, username=user, password=broker.passwords[user], ca=broker.ca)
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        with cond:
+            got.append(json.loads(msg.payload))
+            cond.notify_all()
+
+    def on_publish(_c: Any, _u: Any, _mid: int, rc: Any, _p: Any) -> None:
+        with cond:
+            reasons.append(str(rc))
+            cond.notify_all()
+
+    c.on_message, c.on_publish = on_message, on_publish
+    c.on_subscribe = lambda *_a: subscribed.set()
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    try:
+        c.subscribe(reply_topic, qos=1)
+        assert subscribed.wait(10)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = reply_topic
+        c.publish(f"{START}/{caller_level}", json.dumps({"requestId": request_id, "taskId": [task_id]}), qos=1,
+                  properties=props)
+        with cond:
+            cond.wait_for(lambda: bool(reasons) and any(e.get("event") in ("summary", "error") for e in got), wait)
+            return (reasons[0] if reasons else "no PUBACK"), list(got)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_a_real_daemon_serves_a_caller_on_its_own_topic_and_the_broker_drops_the_others(
+    acl_broker, sim, qrs_certs, tmp_path, start_daemon
+):
+    mqtt_cfg = {"host": "127.0.0.1", "port": acl_broker.port, "username": "butler-mqtt",
+                "password": acl_broker.passwords["butler-mqtt"], "tls": {"enabled": True, "ca": str(acl_broker.ca)}}
+    callers = [{"name": "erp", "allow": {"tags": ["erp"]}}, {"name": "dwh", "allow": {"task_ids": [DWH_TASK]}}]
+    cfg = make_config(qrs_certs, sim.port, acl_broker, tmp_path / "state", mqtt=mqtt_cfg, callers=callers,
+                      callers_only=True)
+    start_daemon(cfg)
+    # Served: erp on its own topic, its reply on its own reply subtree.
+    reason, events = ask_as(acl_broker, "erp", "erp", "own-1", ERP_TASK)
+    assert reason == OK
+    assert [(e["event"], e.get("status")) for e in events] == [("task", "started"), ("summary", None)]
+    # Dropped by the broker: erp on dwh's topic (Not authorized), nothing reaches the daemon.
+    reason, events = ask_as(acl_broker, "erp", "dwh", "other-1", DWH_TASK, wait=2.0)
+    assert reason == NA and events == []
+    # dwh's broker user on its own topic: served, and its allow-list is dwh's.
+    reason, events = ask_as(acl_broker, "svc-dwh-loader", "dwh", "own-2", ERP_TASK)
+    assert reason == OK and [e.get("status") for e in events if e["event"] == "task"] == ["denied"]
+    assert [s.task_id for s in sim.starts] == [ERP_TASK]
