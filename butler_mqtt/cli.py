@@ -343,7 +343,7 @@ def _add_request_command(sub: Subcommands) -> None:
                    help="stop the running reloads of the selected tasks instead (mqtt.topics.stop; with --wait: "
                         "follow each stopped execution to its end); starts nothing")
     p.add_argument("--caller", type=caller_level, metavar="LEVEL",
-                   help="publish as a caller: on <mqtt.topics.start>/LEVEL (callers[].topic, docs/callers.md)")
+                   help="publish as a caller: on <mqtt.topics.start>/LEVEL (with --stop: <mqtt.topics.stop>/LEVEL; callers[].topic, docs/callers.md)")
     p.add_argument(
         "--timeout",
         type=positive_seconds,
@@ -622,7 +622,7 @@ def cmd_request(args: argparse.Namespace) -> int:
         )
         return EXIT_FAIL
     replies = "a private response topic (MQTT 5)" if requester.v5 else f"{m.topics.reply} (MQTT 3.1.1)"
-    topic = f"{m.topics.start}/{args.caller}" if args.caller else m.topics.start
+    topic = f"{topic}/{args.caller}" if args.caller else topic  # a caller's: <topics.start|stop>/LEVEL
     print(
         f"butler-mqtt: request {body['requestId']} sent to topic {topic} on broker {where}; "
         f"replies on {replies}",

@@ -171,6 +171,7 @@ class LimitedH11Protocol(H11Protocol):
         self._handshake_over()
         self._made = True
         super().connection_made(tls)  # the request timer keeps running from accept
+        self._with_peer(tls)  # the client certificate's CN (callers)
         early, self._early = self._early, []
         for data in early:
             self.data_received(data)
