@@ -28,7 +28,7 @@ def test_no_function_is_longer_than_60_lines():
 
 CLASS_LIMIT = 250
 #: Classes still over the limit, to be split by their owners' issues (a ratchet: none may be added).
-OVER_CLASS_LIMIT_FOR_NOW = {"journal/__init__.py:Journal", "journal/runq.py:RunQueue", "mqtt/listener.py:MqttListener"}
+OVER_CLASS_LIMIT_FOR_NOW = {"mqtt/listener.py:MqttListener"}
 
 
 def long_classes() -> dict[str, int]:
