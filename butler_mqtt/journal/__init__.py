@@ -35,7 +35,7 @@ from butler_mqtt import replies
 from butler_mqtt.errors import JournalError
 from butler_mqtt.journal.backends import Postgres, Sqlite, data_errors, db_errors, unstorable
 from butler_mqtt.journal.history import HistoryQuery, read_history
-from butler_mqtt.journal.migrations import MIGRATIONS, SCHEMA_VERSION
+from butler_mqtt.journal.migrations import SCHEMA_VERSION, migrate
 from butler_mqtt.journal.records import Records
 from butler_mqtt.journal.runq import RunQueue
 from butler_mqtt.journal.waits import StoredWaits
@@ -67,6 +67,18 @@ class Prior:
         return None
 
 
+    @classmethod
+    def from_rows(cls, state: str, rows: list[tuple[Any, ...]]) -> Prior:
+        """From the `events` rows of a request (kind, task_id, body), in journal order."""
+        prior = cls(state=state)
+        for kind, task_id, body in rows:
+            if kind == "intent":
+                prior.intents[task_id] = float(body or 0)
+            else:
+                prior.replies.append(json.loads(body))
+        return prior
+
+
 class Journal:
     """Thread-safe journal over SQLite or PostgreSQL."""
 
@@ -87,7 +99,7 @@ class Journal:
         where = redact_url(url) if url else str(path)  # never a password or token from the URL
         try:
             self._db: Sqlite | Postgres = Postgres(url) if url else Sqlite(path or Path("journal.sqlite3"))
-            self._migrate()
+            migrate(self._db)
         except JournalError:
             raise
         except self._errors as exc:
@@ -110,22 +122,6 @@ class Journal:
         raise JournalError(f"journal.url: unsupported scheme {url.split(':', 1)[0]!r} (sqlite:///path or postgresql://...)")
 
     # ------------------------------------------------------------------ plumbing
-
-    def _migrate(self) -> None:
-        with self._db.tx() as db:
-            self._db.advisory_lock()
-            db.run("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            current = db.run("SELECT max(version) FROM schema_version")[0][0] or 0
-            if current > SCHEMA_VERSION:
-                raise JournalError(
-                    f"the journal has schema version {current}, newer than this butler-mqtt knows ({SCHEMA_VERSION}):"
-                    " run the newer version, or restore the journal backup taken before the upgrade"
-                )
-            for version in sorted(v for v in MIGRATIONS if v > current):
-                steps = MIGRATIONS[version]
-                for stmt in steps.get("*", []) + steps.get(self._db.dialect, []):
-                    db.run(stmt)
-                db.run("INSERT INTO schema_version(version) VALUES (?)", (version,))
 
     def schema_version(self) -> int:
         return int(self._db.run("SELECT max(version) FROM schema_version")[0][0] or 0)
@@ -154,16 +150,6 @@ class Journal:
             raise unstorable(exc) from None
         except self._errors as exc:
             raise JournalError(f"journal {what} failed: {exc}") from None
-
-    @staticmethod
-    def _prior(state: str, rows: list[tuple[Any, ...]]) -> Prior:
-        prior = Prior(state=state)
-        for kind, task_id, body in rows:
-            if kind == "intent":
-                prior.intents[task_id] = float(body or 0)
-            else:
-                prior.replies.append(json.loads(body))
-        return prior
 
     # ------------------------------------------------------------------ requests
 
@@ -229,7 +215,7 @@ class Journal:
             if state == "open" and owner != self.owner and lease_until > now:
                 return "busy"  # another live instance is handling it right now
             events = db.run("SELECT kind, task_id, body FROM events WHERE key = ? ORDER BY id", (key,))
-            prior = self._prior(state, events)
+            prior = Prior.from_rows(state, events)
             if state == "done":  # a duplicate: its earlier outcome is replayed (counted for the history)
                 db.run("UPDATE requests SET duplicates = duplicates + 1, last_duplicate = ? WHERE key = ?", (now, key))
             if state == "open":
@@ -246,7 +232,7 @@ class Journal:
             if not rows:
                 return None
             events = self._db.run("SELECT kind, task_id, body FROM events WHERE key = ? ORDER BY id", (key,))
-        return self._prior(rows[0][0], events)
+        return Prior.from_rows(rows[0][0], events)
 
     def recent_hash(self, payload_hash: str, within_s: float) -> str | None:
         """Key of a request with this payload hash handled within `within_s` seconds."""
