@@ -35,8 +35,10 @@ from butler_mqtt import replies
 from butler_mqtt.errors import JournalError
 from butler_mqtt.journal.backends import Postgres, Sqlite, data_errors, db_errors, unstorable
 from butler_mqtt.journal.history import HistoryQuery, read_history
-from butler_mqtt.journal.migrations import MIGRATIONS, SCHEMA_VERSION
+from butler_mqtt.journal.migrations import SCHEMA_VERSION, migrate
+from butler_mqtt.journal.records import Records
 from butler_mqtt.journal.runq import RunQueue
+from butler_mqtt.journal.waits import StoredWaits
 from butler_mqtt.redaction import redact_url
 from butler_mqtt.replies import Event
 
@@ -65,6 +67,18 @@ class Prior:
         return None
 
 
+    @classmethod
+    def from_rows(cls, state: str, rows: list[tuple[Any, ...]]) -> Prior:
+        """From the `events` rows of a request (kind, task_id, body), in journal order."""
+        prior = cls(state=state)
+        for kind, task_id, body in rows:
+            if kind == "intent":
+                prior.intents[task_id] = float(body or 0)
+            else:
+                prior.replies.append(json.loads(body))
+        return prior
+
+
 class Journal:
     """Thread-safe journal over SQLite or PostgreSQL."""
 
@@ -85,13 +99,15 @@ class Journal:
         where = redact_url(url) if url else str(path)  # never a password or token from the URL
         try:
             self._db: Sqlite | Postgres = Postgres(url) if url else Sqlite(path or Path("journal.sqlite3"))
-            self._migrate()
+            migrate(self._db)
         except JournalError:
             raise
         except self._errors as exc:
             raise JournalError(f"cannot open the journal at {where}: {exc}") from None
         self.dialect = self._db.dialect
         self.runq = RunQueue(self)
+        self.records = Records(self)
+        self.waits = StoredWaits(self)
 
     @classmethod
     def from_config(
@@ -106,22 +122,6 @@ class Journal:
         raise JournalError(f"journal.url: unsupported scheme {url.split(':', 1)[0]!r} (sqlite:///path or postgresql://...)")
 
     # ------------------------------------------------------------------ plumbing
-
-    def _migrate(self) -> None:
-        with self._db.tx() as db:
-            self._db.advisory_lock()
-            db.run("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            current = db.run("SELECT max(version) FROM schema_version")[0][0] or 0
-            if current > SCHEMA_VERSION:
-                raise JournalError(
-                    f"the journal has schema version {current}, newer than this butler-mqtt knows ({SCHEMA_VERSION}):"
-                    " run the newer version, or restore the journal backup taken before the upgrade"
-                )
-            for version in sorted(v for v in MIGRATIONS if v > current):
-                steps = MIGRATIONS[version]
-                for stmt in steps.get("*", []) + steps.get(self._db.dialect, []):
-                    db.run(stmt)
-                db.run("INSERT INTO schema_version(version) VALUES (?)", (version,))
 
     def schema_version(self) -> int:
         return int(self._db.run("SELECT max(version) FROM schema_version")[0][0] or 0)
@@ -150,16 +150,6 @@ class Journal:
             raise unstorable(exc) from None
         except self._errors as exc:
             raise JournalError(f"journal {what} failed: {exc}") from None
-
-    @staticmethod
-    def _prior(state: str, rows: list[tuple[Any, ...]]) -> Prior:
-        prior = Prior(state=state)
-        for kind, task_id, body in rows:
-            if kind == "intent":
-                prior.intents[task_id] = float(body or 0)
-            else:
-                prior.replies.append(json.loads(body))
-        return prior
 
     # ------------------------------------------------------------------ requests
 
@@ -227,7 +217,7 @@ class Journal:
             if state == "open" and owner != self.owner and lease_until > now:
                 return "busy"  # another live instance is handling it right now
             events = db.run("SELECT kind, task_id, body FROM events WHERE key = ? ORDER BY id", (key,))
-            prior = self._prior(state, events)
+            prior = Prior.from_rows(state, events)
             if state == "done":  # a duplicate: its earlier outcome is replayed (counted for the history)
                 db.run("UPDATE requests SET duplicates = duplicates + 1, last_duplicate = ? WHERE key = ?", (now, key))
             if state == "open":
@@ -244,7 +234,7 @@ class Journal:
             if not rows:
                 return None
             events = self._db.run("SELECT kind, task_id, body FROM events WHERE key = ? ORDER BY id", (key,))
-        return self._prior(rows[0][0], events)
+        return Prior.from_rows(rows[0][0], events)
 
     def recent_hash(self, payload_hash: str, within_s: float) -> str | None:
         """Key of a request with this payload hash handled within `within_s` seconds."""
@@ -256,40 +246,16 @@ class Journal:
         return None if not rows else str(rows[0][0])
 
     def intents(self, key: str, task_ids: Sequence[str]) -> None:
-        """Record, before any of their starts is sent, that these tasks are about to start.
-
-        One transaction for the whole stage. After a crash, a task with an intent and no
-        recorded outcome is looked up in QRS: started then, or started now, never twice.
-        """
-        now = time.time()
-        with self._guard("write"), self._db.tx() as db:
-            for task_id in task_ids:
-                db.run("INSERT INTO events(key, kind, task_id, body) VALUES (?, 'intent', ?, ?)", (key, task_id, repr(now)))
-            db.run("UPDATE requests SET lease_until = ? WHERE key = ?", (now + self.lease_s, key))
+        self.records.intents(key, task_ids)
 
     def withdraw_intents(self, key: str, task_ids: Sequence[str]) -> None:
-        """These starts were refused before anything ran (QRS answered 429): forget their
-        intents, so that the request, handled again, starts them rather than asking QRS."""
-        with self._guard("write"), self._db.tx() as db:
-            for task_id in task_ids:
-                db.run("DELETE FROM events WHERE key = ? AND kind = 'intent' AND task_id = ?", (key, task_id))
+        self.records.withdraw_intents(key, task_ids)
 
     def reply(self, key: str, event: Event) -> None:
-        with self._guard("write"):
-            self._db.run(
-                "INSERT INTO events(key, kind, task_id, body) VALUES (?, 'reply', ?, ?)",
-                (key, event.get("taskId"), json.dumps(event, separators=(",", ":"))),
-            )
+        self.records.reply(key, event)
 
     def finish(self, key: str, replies: Sequence[Event] = ()) -> None:
-        """Mark `key` done, recording its replies in the same transaction."""
-        with self._guard("write"), self._db.tx() as db:
-            for event in replies:
-                db.run(
-                    "INSERT INTO events(key, kind, task_id, body) VALUES (?, 'reply', ?, ?)",
-                    (key, event.get("taskId"), json.dumps(event, separators=(",", ":"))),
-                )
-            db.run("UPDATE requests SET state = 'done', updated = ? WHERE key = ?", (time.time(), key))
+        self.records.finish(key, replies)
 
     def forget(self, key: str) -> None:
         """Drop a claim whose request never started anything (so a retry is handled anew)."""
@@ -326,41 +292,16 @@ class Journal:
     # ------------------------------------------------------------------ waits (tracking)
 
     def save_wait(self, key: str, body: str) -> None:
-        now = time.time()
-        with self._guard("write"):
-            self._db.run(
-                "INSERT INTO waits(key, body, updated, owner, lease_until) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (key) DO UPDATE SET body = excluded.body, updated = excluded.updated,"
-                " owner = excluded.owner, lease_until = excluded.lease_until",
-                (key, body, now, self.owner, now + self.lease_s),
-            )
+        self.waits.save(key, body)
 
     def drop_wait(self, key: str) -> None:
-        with self._guard("write"):
-            self._db.run("DELETE FROM waits WHERE key = ?", (key,))
+        self.waits.drop(key)
 
     def claim_waits(self) -> list[tuple[str, str]]:
-        """Take every wait that is ours (a previous run) or whose owner's lease expired.
-
-        Returns (key, body) of the waits newly taken. Atomic per row: of several surviving
-        instances, one takes each orphaned chain.
-        """
-        now = time.time()
-        with self._guard("claim"):
-            return [
-                (str(k), str(b))
-                for k, b in self._db.run(
-                    "UPDATE waits SET owner = ?, lease_until = ? WHERE owner <> ? AND lease_until < ?"
-                    " RETURNING key, body",
-                    (self.owner, now + self.lease_s, self.owner, now),
-                )
-            ]
+        return self.waits.claim()
 
     def own_waits(self) -> list[tuple[str, str]]:
-        with self._guard("read"):
-            return [(str(k), str(b)) for k, b in self._db.run("SELECT key, body FROM waits WHERE owner = ?", (self.owner,))]
+        return self.waits.own()
 
     def renew_waits(self) -> None:
-        """Extend the lease of every wait this instance follows (called at least every lease/3)."""
-        with self._guard("write"):
-            self._db.run("UPDATE waits SET lease_until = ? WHERE owner = ?", (time.time() + self.lease_s, self.owner))
+        self.waits.renew()

@@ -1,10 +1,36 @@
 """Versioned schema migrations of the journal, per dialect ("sqlite", "postgresql"; "*" for both).
 
-A newer schema than this code knows is refused (see `Journal._migrate`): never run an old
+A newer schema than this code knows is refused (see `migrate`): never run an old
 daemon on a journal an upgrade has changed.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from butler_mqtt.errors import JournalError
+
+if TYPE_CHECKING:
+    from butler_mqtt.journal.backends import Postgres, Sqlite
+
+
+def migrate(journal_db: Sqlite | Postgres) -> None:
+    """Bring the journal's schema up to SCHEMA_VERSION (under an advisory lock on PostgreSQL)."""
+    with journal_db.tx() as db:
+        journal_db.advisory_lock()
+        db.run("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        current = db.run("SELECT max(version) FROM schema_version")[0][0] or 0
+        if current > SCHEMA_VERSION:
+            raise JournalError(
+                f"the journal has schema version {current}, newer than this butler-mqtt knows ({SCHEMA_VERSION}):"
+                " run the newer version, or restore the journal backup taken before the upgrade"
+            )
+        for version in sorted(v for v in MIGRATIONS if v > current):
+            steps = MIGRATIONS[version]
+            for stmt in steps.get("*", []) + steps.get(journal_db.dialect, []):
+                db.run(stmt)
+            db.run("INSERT INTO schema_version(version) VALUES (?)", (version,))
+
 
 _RUNQ = """CREATE TABLE IF NOT EXISTS runq (
     id {id},

@@ -78,8 +78,8 @@ class Entry:
     created: float
 
 
-class RunQueue:
-    """The queue operations, on the journal's database."""
+class _OnJournal:
+    """A part of the run queue, on the journal's database."""
 
     def __init__(self, journal: Journal) -> None:
         self.j = journal
@@ -87,6 +87,15 @@ class RunQueue:
     def _lock(self) -> None:
         if self.j.dialect == "postgresql":
             self.j._db.run("SELECT pg_advisory_xact_lock(?)", (_QUEUE_LOCK,))
+
+
+class RunQueue(_OnJournal):
+    """The queue operations, on the journal's database: asking, queueing, dispatching, waiters.
+    Its upkeep (expiry, leases, take-over, purge) is `QueueUpkeep`; the methods here delegate."""
+
+    def __init__(self, journal: Journal) -> None:
+        super().__init__(journal)
+        self.upkeep = QueueUpkeep(journal)
 
     # ------------------------------------------------------------------ asking
 
@@ -250,17 +259,7 @@ class RunQueue:
         )
 
     def expire(self) -> list[Entry]:
-        """Give up waiting entries past `queue_timeout`: done, outcome `expired`."""
-        now = time.time()
-        outcome = json.dumps({"status": "expired"})
-        with self.j._guard("write"), self.j._db.tx() as db:
-            self._lock()
-            rows = db.run(
-                "UPDATE runq SET state = 'done', outcome = ?, updated = ? WHERE state = 'waiting' AND expires < ?"
-                " RETURNING id, task_id, task_name, needs_slot, created",
-                (outcome, now, now),
-            )
-        return [Entry(int(i), str(t), str(n), bool(s), float(c)) for i, t, n, s, c in rows]
+        return self.upkeep.expire()
 
     def ended(self, execution_ids: Iterable[str]) -> bool:
         """Executions seen at their end: free their slots, make the reruns waiting for them due.
@@ -312,6 +311,35 @@ class RunQueue:
                 " WHERE q.state = 'done' AND w.notified = 0"
             )
         return [int(r[0]) for r in rows]
+
+    # ------------------------------------------------------------------ upkeep (QueueUpkeep)
+
+    def renew(self) -> None:
+        self.upkeep.renew()
+
+    def take_over(self, include_own: bool = False) -> list[Entry]:
+        return self.upkeep.take_over(include_own)
+
+    def purge(self, cutoff: float) -> None:
+        self.upkeep.purge(cutoff)
+
+
+class QueueUpkeep(_OnJournal):
+    """The run queue's upkeep: entries past their timeout expire, leases are renewed, the runs
+    and entries of a dead instance taken over, old entries purged."""
+
+    def expire(self) -> list[Entry]:
+        """Give up waiting entries past `queue_timeout`: done, outcome `expired`."""
+        now = time.time()
+        outcome = json.dumps({"status": "expired"})
+        with self.j._guard("write"), self.j._db.tx() as db:
+            self._lock()
+            rows = db.run(
+                "UPDATE runq SET state = 'done', outcome = ?, updated = ? WHERE state = 'waiting' AND expires < ?"
+                " RETURNING id, task_id, task_name, needs_slot, created",
+                (outcome, now, now),
+            )
+        return [Entry(int(i), str(t), str(n), bool(s), float(c)) for i, t, n, s, c in rows]
 
     # ------------------------------------------------------------------ leases
 

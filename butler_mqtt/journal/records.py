@@ -1,0 +1,60 @@
+"""What a claimed request records in the journal: intents before its starts, its replies, done.
+
+Why: after a crash, a task with an intent and no recorded outcome is looked up in QRS (started
+then, or started now, never twice), and a done request's replies are replayed to a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from butler_mqtt.replies import Event
+
+if TYPE_CHECKING:
+    from butler_mqtt.journal import Journal
+
+
+class Records:
+    """The `events` of a request and its done mark (Journal.intents, .reply, .finish delegate here)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.j = journal
+
+    def intents(self, key: str, task_ids: Sequence[str]) -> None:
+        """Record, before any of their starts is sent, that these tasks are about to start.
+
+        One transaction for the whole stage. After a crash, a task with an intent and no
+        recorded outcome is looked up in QRS: started then, or started now, never twice.
+        """
+        now = time.time()
+        with self.j._guard("write"), self.j._db.tx() as db:
+            for task_id in task_ids:
+                db.run("INSERT INTO events(key, kind, task_id, body) VALUES (?, 'intent', ?, ?)", (key, task_id, repr(now)))
+            db.run("UPDATE requests SET lease_until = ? WHERE key = ?", (now + self.j.lease_s, key))
+
+    def withdraw_intents(self, key: str, task_ids: Sequence[str]) -> None:
+        """These starts were refused before anything ran (QRS answered 429): forget their
+        intents, so that the request, handled again, starts them rather than asking QRS."""
+        with self.j._guard("write"), self.j._db.tx() as db:
+            for task_id in task_ids:
+                db.run("DELETE FROM events WHERE key = ? AND kind = 'intent' AND task_id = ?", (key, task_id))
+
+    def reply(self, key: str, event: Event) -> None:
+        with self.j._guard("write"):
+            self.j._db.run(
+                "INSERT INTO events(key, kind, task_id, body) VALUES (?, 'reply', ?, ?)",
+                (key, event.get("taskId"), json.dumps(event, separators=(",", ":"))),
+            )
+
+    def finish(self, key: str, replies: Sequence[Event] = ()) -> None:
+        """Mark `key` done, recording its replies in the same transaction."""
+        with self.j._guard("write"), self.j._db.tx() as db:
+            for event in replies:
+                db.run(
+                    "INSERT INTO events(key, kind, task_id, body) VALUES (?, 'reply', ?, ?)",
+                    (key, event.get("taskId"), json.dumps(event, separators=(",", ":"))),
+                )
+            db.run("UPDATE requests SET state = 'done', updated = ? WHERE key = ?", (time.time(), key))
