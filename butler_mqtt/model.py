@@ -89,6 +89,14 @@ def storable_text(text: str) -> str:
     return _UNSTORABLE_RE.sub("\ufffd", text)
 
 
+def _guids(values: list[str], details: str) -> list[str]:
+    """Task or app IDs: GUIDs, lower-cased; ValueError(`details`) for any other."""
+    for v in values:
+        if not is_guid(v.strip()):
+            raise ValueError(details)
+    return [v.strip().lower() for v in values]
+
+
 def _check_name(value: str, what: str) -> str:
     check_storable(value, what)
     if not value:
@@ -172,18 +180,12 @@ class StartRequest(BaseModel):
     @field_validator("taskId")
     @classmethod
     def _task_ids(cls, v: list[str]) -> list[str]:
-        for t in v:
-            if not is_guid(t.strip()):
-                raise ValueError(INVALID_GUID_DETAILS)
-        return [t.strip().lower() for t in v]
+        return _guids(v, INVALID_GUID_DETAILS)
 
     @field_validator("appId")
     @classmethod
     def _app_ids(cls, v: list[str]) -> list[str]:
-        for t in v:
-            if not is_guid(t.strip()):
-                raise ValueError(INVALID_APP_ID_DETAILS)
-        return [t.strip().lower() for t in v]
+        return _guids(v, INVALID_APP_ID_DETAILS)
 
     @field_validator("space")
     @classmethod
