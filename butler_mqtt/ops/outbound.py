@@ -202,3 +202,18 @@ def read_capped(resp: Any, cap: int) -> tuple[bytes, bool]:
         n += len(chunk)
     data = b"".join(parts)
     return data[:cap], n > cap
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """The exception and what it wraps (urllib3 keeps the socket/ssl error in args or cause),
+    at most 10: the one walk both backends' error tables read."""
+    out: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo and len(out) < 10:
+        e = todo.pop(0)
+        if e in out:
+            continue
+        out.append(e)
+        todo.extend(a for a in e.args if isinstance(a, BaseException))
+        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
+    return out

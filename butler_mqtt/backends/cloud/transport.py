@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import urllib3
 
 from butler_mqtt.errors import CloudRefused, CloudTlsRejected, CloudUnreachable, ConfigError
+from butler_mqtt.ops.outbound import causes as causes_of
 
 from .settings import CloudSettings
 from .watchdog import Watchdog, WatchedHTTPSConnectionPool
@@ -217,7 +218,7 @@ class CloudTransport:
 
     def _map(self, exc: BaseException, what: str) -> Exception:
         """The one table from urllib3/ssl/socket errors to the Cloud errors."""
-        causes = _causes(exc)
+        causes = causes_of(exc)
         tenant = redact_url(self.settings.tenant)
         via = f" through the proxy {self.proxy_shown}" if self.proxy_shown else ""
         verify = next((c for c in causes if isinstance(c, ssl.SSLCertVerificationError)), None)
@@ -245,14 +246,3 @@ class CloudTransport:
         return CloudUnreachable(f"connection to {tenant}{via} failed ({what}): {text}")
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    todo: list[BaseException] = [exc]
-    while todo and len(out) < 10:
-        e = todo.pop(0)
-        if e in out:
-            continue
-        out.append(e)
-        todo.extend(a for a in e.args if isinstance(a, BaseException))
-        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
-    return out

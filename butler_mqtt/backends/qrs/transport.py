@@ -28,6 +28,7 @@ import urllib3
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import ConfigError, QrsError, QrsRefused, QrsTlsRejected, QrsUnreachable
 from butler_mqtt.ops.outbound import WatchedHTTPSConnectionPool, deadline, read_capped
+from butler_mqtt.ops.outbound import causes as causes_of
 from butler_mqtt.ops.pem import check_pem
 
 #: A path segment that is a GUID, whole (between slashes or the ends).
@@ -195,20 +196,6 @@ def _short(exc: BaseException) -> str:
     return text if len(text) < 200 else text[:200] + "..."
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    """The exception and what it wraps (urllib3 keeps the socket/ssl error in args or cause)."""
-    out: list[BaseException] = []
-    todo: list[BaseException] = [exc]
-    while todo and len(out) < 10:
-        e = todo.pop(0)
-        if e in out:
-            continue
-        out.append(e)
-        todo.extend(a for a in e.args if isinstance(a, BaseException))
-        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
-    return out
-
-
 #: Server alerts that mean "your client certificate is not accepted" (OpenSSL reason names).
 _CLIENT_CERT_ALERTS = (
     "UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "CERTIFICATE_UNKNOWN",
@@ -222,7 +209,7 @@ _NOT_TLS = ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "UNSUPPO
 
 def map_transport_error(exc: BaseException, base_url: str, timeout: float, what: str) -> QrsError:
     """The one table from urllib3/ssl/socket errors to the error tree (errors.py)."""
-    causes = _causes(exc)
+    causes = causes_of(exc)
     verify = next((c for c in causes if isinstance(c, ssl.SSLCertVerificationError)), None)
     if verify is not None:
         return QrsTlsRejected(
