@@ -72,12 +72,9 @@ def path_task_id(raw: str) -> str | None:
 # --------------------------------------------------------------------------- seed shape
 
 
-def seed_request(data: dict[str, Any], task_id: str | None, all_must_exist: bool | None) -> StartRequest:
-    """A seed-shaped body plus the path's task ID and the query flag -> one StartRequest.
-
-    A malformed path ID rejects the request exactly like a malformed body ID (the contract's
-    `Invalid task ID format`); `{}` with a path ID is a complete request.
-    """
+def with_path_task_id(data: dict[str, Any], task_id: str | None) -> dict[str, Any]:
+    """The body with the path's task ID (`/v4/reloadtask/{id}/...`) put first in its `taskId`
+    list; a malformed path ID is refused like a malformed body ID (`Invalid task ID format`)."""
     merged = dict(data)
     if task_id is not None:
         if not is_guid(task_id):
@@ -85,9 +82,19 @@ def seed_request(data: dict[str, Any], task_id: str | None, all_must_exist: bool
         body_ids = merged.get("taskId", [])
         if isinstance(body_ids, str):
             body_ids = [body_ids]
-        # A wrong type is left in place so validate_request names it.
+        # A wrong type is left in place so validation names it.
         if isinstance(body_ids, list):
             merged["taskId"] = [task_id, *body_ids]
+    return merged
+
+
+def seed_request(data: dict[str, Any], task_id: str | None, all_must_exist: bool | None) -> StartRequest:
+    """A seed-shaped body plus the path's task ID and the query flag -> one StartRequest.
+
+    A malformed path ID rejects the request exactly like a malformed body ID (the contract's
+    `Invalid task ID format`); `{}` with a path ID is a complete request.
+    """
+    merged = with_path_task_id(data, task_id)
     if all_must_exist is not None:
         in_body = merged.get("allTaskIdsMustExist")
         if isinstance(in_body, bool) and in_body != all_must_exist:

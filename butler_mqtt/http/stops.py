@@ -13,13 +13,8 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 
 from butler_mqtt.errors import RequestRejected
-from butler_mqtt.model import (
-    INVALID_GUID_DETAILS,
-    INVALID_GUID_ERROR,
-    StopRequest,
-    is_guid,
-    validate_stop,
-)
+from butler_mqtt.http.bodies import with_path_task_id
+from butler_mqtt.model import StopRequest, validate_stop
 
 STOP_PATH = "/v4/reloadtask/{taskId}/stop"
 
@@ -28,16 +23,7 @@ def stop_request(data: Any, task_id: str | None) -> StopRequest:
     """A body plus the path's task ID -> one StopRequest (RequestRejected naming the problem)."""
     if not isinstance(data, dict):
         raise RequestRejected("Invalid request", "the body of a stop must be a JSON object")
-    merged = dict(data)
-    if task_id is not None:
-        if not is_guid(task_id):
-            raise RequestRejected(INVALID_GUID_ERROR, INVALID_GUID_DETAILS)
-        body_ids = merged.get("taskId", [])
-        if isinstance(body_ids, str):
-            body_ids = [body_ids]
-        if isinstance(body_ids, list):
-            merged["taskId"] = [task_id, *body_ids]
-    return validate_stop(merged)
+    return validate_stop(with_path_task_id(data, task_id))
 
 
 def add_stop_routes(app: FastAPI, handler: Callable[[Request], Awaitable[Response]], operation: dict[str, Any]) -> None:
