@@ -37,6 +37,7 @@ from butler_mqtt.mqtt.workers import WorkerPool
 from butler_mqtt.ops import fds, systemd
 from butler_mqtt.ops.lock import StateDirLock
 from butler_mqtt.ops.logging import setup_logging
+from butler_mqtt.ops.mainthread import run_beside_main
 from butler_mqtt.ops.profiling import run_profiled
 from butler_mqtt.reload import Reloader
 
@@ -176,25 +177,8 @@ class Daemon:
         os._exit(128 + signum)
 
     def run(self) -> int:
-        """serve() in the `lifecycle` thread; the main thread only waits for it, in 0.2 s slices.
-        A signal may be delivered to any thread, but CPython runs its handler in the main thread
-        only, once that thread runs Python code again: blocked in a 30 s drain it would hear a
-        second SIGTERM only when the drain ended."""
         self.install_signals()
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            try:
-                self.serve()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread below
-                failure.append(exc)
-
-        lifecycle = threading.Thread(target=serve, name="lifecycle")
-        lifecycle.start()
-        while lifecycle.is_alive():
-            lifecycle.join(0.2)
-        if failure:
-            raise failure[0]
+        run_beside_main(self.serve, "lifecycle")  # the main thread stays free for signal handlers
         return 0
 
 
