@@ -1,6 +1,8 @@
 """The QRS transport: how one HTTPS request reaches QRS and how its failures are named.
 
-`PoolTransport` is the real one: a urllib3 connection pool with the Qlik client certificate,
+`PoolTransport` is the real one: urllib3 connections with the Qlik client certificate (the
+request path's calls through the lean HTTP/1.1 client of ops/http1.py, streamed reads through
+a urllib3 pool),
 server verification against `qrs.ca` unless `qrs.verify: false`, each call cut at a TOTAL
 deadline of `qrs.timeout` (head and body together, however slowly they drip: ops/outbound.py),
 answers read with the `qrs.max_response_bytes` cap while they stream in, and ONE table (`map_transport_error`) from urllib3/ssl/socket
@@ -27,7 +29,8 @@ import urllib3
 
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import ConfigError, QrsError, QrsRefused, QrsTlsRejected, QrsUnreachable
-from butler_mqtt.ops.outbound import WatchedHTTPSConnectionPool, deadline, read_capped
+from butler_mqtt.ops.http1 import Http1Pool
+from butler_mqtt.ops.outbound import WatchedHTTPSConnectionPool, deadline
 from butler_mqtt.ops.outbound import causes as causes_of
 from butler_mqtt.ops.pem import check_pem
 
@@ -96,9 +99,17 @@ class PoolTransport:
             retries=False,
             timeout=urllib3.Timeout(connect=min(cfg.timeout, 10.0), read=cfg.timeout),
         )
+        # The request path's calls (send) go through the lean HTTP/1.1 client on urllib3's own
+        # connections (ops/http1.py); the streamed reads of `open` (script logs) through the pool.
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        self._lean = Http1Pool(
+            self._pool._new_conn,  # the pool's own factory: the same TLS settings and connect errors
+            f"{host}:{cfg.port}", maxsize=max(cfg.start_concurrency * 2, 10), read_timeout=cfg.timeout,
+        )
 
     def close(self) -> None:
         self._pool.close()
+        self._lean.close()
 
     def reload_tls(self) -> None:
         """Re-read the client certificate, its key and qrs.ca (SIGHUP) into a new pool, swapped in
@@ -111,25 +122,24 @@ class PoolTransport:
         closer.start()
 
     def send(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> Answer:
-        path = target.split("?", 1)[0]
-        what = f"{method} {route_name(path)}"
+        what = f"{method} {route_name(target.split('?', 1)[0])}"
+        cap = self.cfg.max_response_bytes
         with deadline(self.cfg.timeout) as d:
             try:
-                resp = self._pool.urlopen(
-                    method, target, body=body, headers=headers, retries=False, redirect=False, preload_content=False
-                )
-                content = self._read_capped(resp, what)
-            except QrsError:
-                raise
+                reply = self._lean.request(method, target, headers, body, cap)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 if d.expired:
                     raise QrsUnreachable(f"QRS did not answer within {self.cfg.timeout:g} s in all ({what})") from None
                 raise map_transport_error(exc, self.cfg.base_url, self.cfg.timeout, what) from None
         if d.expired:  # cut mid-answer: what was parsed (even a status) is not QRS's answer
-            resp.close()
             raise QrsUnreachable(f"QRS did not answer within {self.cfg.timeout:g} s in all ({what})")
-        resp.release_conn()
-        return Answer(resp.status, content, resp.headers.get("Date"), resp.headers.get("Retry-After"))
+        if reply.over:  # the connection was closed, the rest never read
+            raise QrsRefused(
+                f"{what}: the QRS answer is larger than qrs.max_response_bytes ({cap} bytes);"
+                " narrow the selection or raise qrs.max_response_bytes",
+                reply.status,
+            )
+        return Answer(reply.status, reply.body, reply.headers.get("date"), reply.headers.get("retry-after"))
 
     def open(self, method: str, target: str, headers: dict[str, str], timeout: float) -> Any:
         """One request whose answer the caller reads (a urllib3 response, not preloaded: read it
@@ -143,23 +153,6 @@ class PoolTransport:
             )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise map_transport_error(exc, self.cfg.base_url, timeout, f"{method} {route_name(path)}") from None
-
-    def _read_capped(self, resp: Any, what: str) -> bytes:
-        """The body, at most `qrs.max_response_bytes`: a runaway answer must not eat the memory."""
-        cap = self.cfg.max_response_bytes
-        try:
-            data, over = read_capped(resp, cap)
-        except BaseException:
-            resp.close()
-            raise
-        if over:
-            resp.close()  # neither read nor reuse the rest of this connection
-            raise QrsRefused(
-                f"{what}: the QRS answer is larger than qrs.max_response_bytes ({cap} bytes);"
-                " narrow the selection or raise qrs.max_response_bytes",
-                resp.status,
-            )
-        return data
 
 
 def _check_pem_files(cfg: QrsConfig) -> None:
