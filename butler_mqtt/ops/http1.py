@@ -41,7 +41,8 @@ MAX_CHUNK_LINE = 4096
 MAX_INTERIM = 10
 
 #: What a request target may not hold (controls, space); what a header may not (controls but tab).
-_BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
+_BAD_TARGET = re.compile(r"[^\x21-\x7e]")  # printable ASCII only: the caller percent-encodes
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also takes "²"
 _BAD_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -180,7 +181,7 @@ def _read_reply(c: _Conn, method: str, cap: int) -> tuple[Reply, bool]:
         return Reply(status, headers, b""), keep
     te = headers.get("transfer-encoding")
     if te is not None:
-        if te.lower().rsplit(",", 1)[-1].strip() != "chunked":
+        if te.strip().lower() != "chunked":  # another transfer coding (gzip, chunked) is not decoded here
             raise ProtocolError(f"unsupported Transfer-Encoding: {te[:80]}")
         body, over = _read_chunked(c, cap)
         keep = keep and not over
@@ -219,7 +220,7 @@ def _read_head(c: _Conn) -> tuple[str, int, dict[str, str]]:
 
 def _status_line(line: str) -> tuple[str, int]:
     parts = line.split(" ", 2)
-    if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or len(parts[1]) != 3 or not parts[1].isdigit():
+    if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not _DIGITS.fullmatch(parts[1]) or len(parts[1]) != 3:
         raise ProtocolError(f"not an HTTP/1.x status line: {line[:80]!r}")
     status = int(parts[1])
     if status < 100:
@@ -259,7 +260,7 @@ def _content_length(value: str) -> int:
     if len(values) != 1:
         raise ProtocolError(f"conflicting Content-Length headers: {value[:80]}")
     (v,) = values
-    if not v.isdigit() or len(v) > 18:
+    if not _DIGITS.fullmatch(v) or len(v) > 18:
         raise ProtocolError(f"not a Content-Length: {v[:80]!r}")
     return int(v)
 
@@ -321,22 +322,36 @@ def _chunk_size(line: str) -> int:
 
 
 def _decoded(headers: dict[str, str], body: bytes, over: bool, cap: int, status: int) -> Reply:
-    """gzip/deflate bodies decoded (at most `cap` bytes out: a small bomb stays small)."""
+    """gzip/deflate bodies decoded whole (every gzip member), at most `cap` bytes out: a small
+    bomb stays small; a stream cut short or corrupt is an error, never a part of the body."""
     coding = headers.get("content-encoding", "").strip().lower()
     if over or coding not in ("gzip", "x-gzip", "deflate"):
         return Reply(status, headers, body, over)
-    wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS
+    if coding == "deflate":
+        out = _inflate(body, zlib.MAX_WBITS, cap)  # zlib-wrapped, as the RFC says
+        if out is None:
+            out = _inflate(body, -zlib.MAX_WBITS, cap)  # raw deflate, as some servers send it
+    else:
+        out = _inflate(body, 16 + zlib.MAX_WBITS, cap)
+    if out is None:
+        raise ProtocolError(f"the {coding} body does not decode (corrupt or cut short)")
+    return Reply(status, headers, out[:cap], len(out) > cap)
+
+
+def _inflate(data: bytes, wbits: int, cap: int) -> bytes | None:
+    """`data` decoded (at most cap + 1 bytes; more means over the cap), None when it is not a
+    complete stream of this kind. gzip members follow one another (RFC 1952)."""
+    out = b""
     try:
-        d = zlib.decompressobj(wbits)
-        out = d.decompress(body, cap + 1)
-        if coding == "deflate" and not out and body:
-            raise zlib.error("empty")
+        while True:
+            d = zlib.decompressobj(wbits)
+            out += d.decompress(data, cap + 1 - len(out))
+            if len(out) > cap:  # the output limit was reached: over the cap, decoding stops here
+                return out
+            if not d.eof:
+                return None
+            data = d.unused_data
+            if not data or wbits <= 0 or wbits == zlib.MAX_WBITS:
+                return out if not data else None
     except zlib.error:
-        if coding != "deflate":
-            raise ProtocolError("the gzip body does not decode") from None
-        try:  # raw deflate, as some servers send it
-            d = zlib.decompressobj(-zlib.MAX_WBITS)
-            out = d.decompress(body, cap + 1)
-        except zlib.error:
-            raise ProtocolError("the deflate body does not decode") from None
-    return Reply(status, headers, out[:cap], len(out) > cap or bool(d.unconsumed_tail))
+        return None

@@ -116,8 +116,15 @@ class PoolTransport:
         at once: new requests use it, requests in flight finish on the old one, closed later.
         ConfigError naming the key when a file cannot be loaded; the pool in use is kept."""
         _check_pem_files(self.cfg)
-        old, self._pool = self._pool, PoolTransport(self.cfg)._pool
-        closer = threading.Timer(self.cfg.timeout + 15.0, old.close)  # after the longest call on it
+        fresh = PoolTransport(self.cfg)
+        old_pool, old_lean = self._pool, self._lean
+        self._pool, self._lean = fresh._pool, fresh._lean  # both: `send` goes through the lean one
+
+        def close_old() -> None:
+            old_pool.close()
+            old_lean.close()
+
+        closer = threading.Timer(self.cfg.timeout + 15.0, close_old)  # after the longest call on them
         closer.daemon = True
         closer.start()
 
