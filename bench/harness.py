@@ -81,7 +81,7 @@ class Stack:
         }
         self.daemon = subprocess.Popen(
             [sys.executable, "-m", "butler_mqtt", "run", "--config", str(self.work / "none.yaml")],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(self.work / "daemon.log", "wb"),  # noqa: SIM115
+            cwd=REPO, env=env, stdout=open(self.work / "daemon.out", "wb") if os.environ.get("BENCH_KEEP_STDOUT") else subprocess.DEVNULL, stderr=open(self.work / "daemon.log", "wb"),  # noqa: SIM115
         )
         (self.work / "none.yaml").write_text("{}\n")
         self._wait_online()

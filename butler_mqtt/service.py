@@ -236,7 +236,9 @@ class StartService:
         admitted = self.start_tasks(to_start, tasks, policy, Ticket(key, request_id, stage_index, route), send)
         summ = replies.summary(request_id, outcomes, selection.not_found, stage_index)
         send(summ)
-        log.info(
+        # The first stage's figures are in the request's `audit` line (info) that follows: only
+        # a chain stage, which has no audit line of its own, says them at info.
+        (log.debug if stage_index is None else log.info)(
             "stage_done",
             stage=stage_index,
             selected=len(outcomes),

@@ -11,7 +11,7 @@ import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import structlog
 
@@ -42,11 +42,18 @@ class Starts:
         A start that raised (QRS answered 429: nothing ran) is not yielded: once every other
         answer is, `refused` is told of the 429'd ones and the first error is raised (the
         request is then handled again later, resumed from its intents)."""
-        if len(outcomes) == 1:
-            futures = [_done(self.one, outcomes[0])]
-        else:  # each start runs in a copy of this request's logging context (its requestId)
-            start: Callable[[TaskOutcome], TaskOutcome] = self.one
-            futures = [self._pool.submit(contextvars.copy_context().run, start, o) for o in outcomes]
+        if len(outcomes) == 1:  # inline, no pool and no Future: the common single-task request
+            try:
+                done = self.one(outcomes[0])
+            except Exception as error:
+                if refused is not None:
+                    refused([outcomes[0]] if rate_limited(error) else [])
+                raise
+            yield done
+            return
+        # Each start runs in a copy of this request's logging context (its requestId).
+        start: Callable[[TaskOutcome], TaskOutcome] = self.one
+        futures = [self._pool.submit(contextvars.copy_context().run, start, o) for o in outcomes]
         for fut in as_completed(futures):
             if fut.exception() is None:
                 yield fut.result()
@@ -116,13 +123,3 @@ class Starts:
             o.execution_id = execution_id
             o.reason = "start confirmed from QRS (handling of this request was interrupted after the start was sent)"
         log.warning("start_recovered", taskId=o.task_id, executionId=execution_id, restarted=execution_id is None)
-
-
-def _done(fn: Callable[[TaskOutcome], TaskOutcome], o: TaskOutcome) -> Future[TaskOutcome]:
-    """`fn(o)` run here, as a finished Future (one start needs no pool thread)."""
-    fut: Future[TaskOutcome] = Future()
-    try:
-        fut.set_result(fn(o))
-    except Exception as exc:  # noqa: BLE001 - handed to the caller through the Future
-        fut.set_exception(exc)
-    return fut
