@@ -1,7 +1,7 @@
 """Throughput: single-task requests per second sustained, broker + simulator + daemon on this
 machine, nothing lost (every request answered, every task started exactly once).
 
-Run: .venv/bin/python bench/throughput.py [--requests N] [--profile]
+Run: .venv/bin/python bench/throughput.py [--requests N] [--profile] [--log-level info]
 `--profile` runs the daemon under cProfile and prints where its time goes.
 """
 
@@ -19,9 +19,10 @@ from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import SimTask
 
 
-def run(n: int, profile: str | None) -> list[object]:
+def run(n: int, profile: str | None, log_level: str = "warning") -> list[object]:
     ids = [f"7a5c0000-0000-4000-8000-{i:012d}" for i in range(n)]
     env = {"BUTLER_MQTT_PROFILE": profile} if profile else {}
+    env["BUTLER_MQTT__LOGGING__LEVEL"] = log_level  # info: the daemon's default, every line rendered
     stack = Stack([SimTask(t, f"Task {i}", run_seconds=0.05) for i, t in enumerate(ids)], daemon_env=env)
     replies = Replies(stack.broker.port)
     pub = publisher(stack.broker.port)
@@ -56,9 +57,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--log-level", default="warning", help="the daemon's logging.level (its default is info)")
     args = ap.parse_args()
-    row = run(args.requests, "/tmp/butler-mqtt-daemon.prof" if args.profile else None)
-    print(f"# single-task requests, QRS latency 0, one daemon\n# {machine()}\n")
+    row = run(args.requests, "/tmp/butler-mqtt-daemon.prof" if args.profile else None, args.log_level)
+    print(f"# single-task requests, QRS latency 0, one daemon, logging.level {args.log_level}\n# {machine()}\n")
     print(table(["requests", "published in s", "all answered in s", "requests/s", "lost", "double starts", "tasks started", "daemon RSS MB",
                 "daemon CPU ms/request", "simulator+clients CPU ms/request"], [row]))
 
