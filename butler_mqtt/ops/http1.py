@@ -151,8 +151,12 @@ class Http1Pool:
                 return c
             c.close()
         conn = self._connect()
-        conn.connect()
-        conn.sock.settimeout(self._read_timeout)
+        try:
+            conn.connect()
+            conn.sock.settimeout(self._read_timeout)
+        except BaseException:
+            conn.close()  # a failed handshake leaves the TCP socket open otherwise (until collected)
+            raise
         return _Conn(conn)
 
     def _checkin(self, c: _Conn) -> None:

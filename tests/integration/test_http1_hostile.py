@@ -12,6 +12,7 @@ non-reuse are asserted, not assumed.
 from __future__ import annotations
 
 import gzip
+import os
 import socket
 import ssl
 import threading
@@ -827,6 +828,43 @@ def test_plain_http_on_the_tls_port_is_named(tcp_only, make_transport):
     t = make_transport(port)
     exc = fails(t, QrsTlsRejected)
     assert "does not speak TLS" in str(exc) and "qrs.port" in str(exc), str(exc)
+
+
+def test_failed_handshakes_leave_no_socket_open(make_transport):
+    """Each failed TLS handshake closes its TCP socket at once (not when the garbage collector
+    gets to it): 40 failures against a plain-HTTP server that closes its side, no descriptor
+    more than before."""
+    import gc
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    t = make_transport(int(listener.getsockname()[1]))
+    try:
+        fails(t, QrsTlsRejected)  # warm up (imports, the context)
+        gc.disable()
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(40):
+            fails(t, QrsTlsRejected)
+        time.sleep(0.1)  # the server's last close
+        after = len(os.listdir("/proc/self/fd"))
+    finally:
+        gc.enable()
+        listener.close()
+    assert after <= before + 2, f"{after - before} descriptors left open by 40 failed handshakes"
 
 
 # ------------------------------------------------------------------ the pool itself
