@@ -9,7 +9,8 @@ over MQTT (all published at once, every summary awaited) and over REST (`--concu
 client's; the goal is at least 0.9 on both, with every start confirmed and every request
 journaled (the daemon runs with its defaults: SQLite journal, confirmed starts).
 
-Run: .venv/bin/python bench/ceiling.py [--requests 1000] [--concurrency 8] [--rounds 1]
+Run: .venv/bin/python bench/ceiling.py [--requests 1000] [--concurrency 8] [--rounds 1] [--sim-process]
+(`--sim-process`: the simulator in a process of its own, as an independent stand-in would be.)
 """
 
 from __future__ import annotations
@@ -102,19 +103,20 @@ def through_rest(port: int, ids: list[str], concurrency: int) -> tuple[float, in
     return len(ids) / (time.perf_counter() - t0), failed
 
 
-def run(n: int, concurrency: int) -> list[list[Any]]:
+def run(n: int, concurrency: int, sim_process: bool = False) -> list[list[Any]]:
     http_port = _free_port()
     base, mq, rest = _ids("ce110000", n), _ids("ce220000", n), _ids("ce330000", n)
     tasks = [SimTask(t, f"Task {i}", run_seconds=0.05) for ids in (base, mq, rest) for i, t in enumerate(ids)]
-    stack = Stack(tasks, daemon_env={"BUTLER_MQTT__HTTP__ENABLED": "true", "BUTLER_MQTT__HTTP__PORT": str(http_port)})
+    stack = Stack(tasks, daemon_env={"BUTLER_MQTT__HTTP__ENABLED": "true", "BUTLER_MQTT__HTTP__PORT": str(http_port)},
+                  sim_process=sim_process)
     try:
         ceiling = minimal_client(stack, base, concurrency)
         mqtt_rate, mqtt_lost = through_mqtt(stack, mq)
         rest_rate, rest_failed = through_rest(http_port, rest, concurrency)
-        starts = [s.task_id for s in stack.sim.starts]
+        starts = [s.task_id for s in stack.sim.starts] if stack.sim.starts is not None else None
     finally:
         stack.close()
-    doubled = len(starts) - len(set(starts))
+    doubled: Any = len(starts) - len(set(starts)) if starts is not None else "- (simulator in its own process)"
     return [
         ["minimal client (2 QRS calls)", f"{ceiling:.0f}", "1.00", "-", doubled],
         ["MQTT through butler-mqtt", f"{mqtt_rate:.0f}", f"{mqtt_rate / ceiling:.2f}", mqtt_lost, ""],
@@ -127,11 +129,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=8, help="threads of the minimal and the REST client (default 8)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--sim-process", action="store_true",
+                    help="run the QRS simulator in a process of its own (as an independent stand-in), not in this one")
     args = ap.parse_args()
-    print(f"# single-task requests, QRS stand-in answering at once, {args.requests} per path\n# {machine()}\n")
+    where = "in its own process" if args.sim_process else "in the benchmark's process"
+    print(f"# single-task requests, QRS stand-in answering at once ({where}), {args.requests} per path\n# {machine()}\n")
     for _ in range(args.rounds):
         print(table(["path", "requests/s", "fraction of the stand-in", "lost or not started", "double starts"],
-                    run(args.requests, args.concurrency)))
+                    run(args.requests, args.concurrency, args.sim_process)))
         print()
 
 

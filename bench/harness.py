@@ -59,10 +59,15 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 class Stack:
     """Simulator (in this process), mosquitto and the daemon (subprocesses)."""
 
-    def __init__(self, tasks: list[SimTask], latency_ms: float = 0, daemon_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tasks: list[SimTask], latency_ms: float = 0, daemon_env: dict[str, str] | None = None, sim_process: bool = False
+    ) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="butler-mqtt-bench-"))
         self.certs = ensure_certs(self.work / "certs")
-        self.sim = QrsSimulator(tasks, certs_dir=self.work / "certs", latency_ms=latency_ms).start()
+        # sim_process: the stand-in in a process of its own (`butler-mqtt sim`), as an independent
+        # QRS stand-in would be, not sharing this process's GIL with the load generators.
+        self.sim: Any = (SimProcess(tasks, self.work, latency_ms) if sim_process
+                         else QrsSimulator(tasks, certs_dir=self.work / "certs", latency_ms=latency_ms).start())
         self.broker = Mosquitto(self.work / "broker").start()
         self.client_id = f"bench-{uuid.uuid4().hex[:8]}"
         env = {
@@ -124,6 +129,45 @@ class Stack:
             self.daemon.kill()
         self.broker.stop()
         self.sim.stop()
+
+
+class SimProcess:
+    """`butler-mqtt sim` in a subprocess serving `tasks` (its starts are not visible here)."""
+
+    starts: list[Any] | None = None
+
+    def __init__(self, tasks: list[SimTask], work: Path, latency_ms: float = 0) -> None:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        tasks_file = work / "tasks.json"
+        tasks_file.write_text(json.dumps([{"id": t.id, "name": t.name, "tags": list(t.tags), "runSeconds": t.run_seconds}
+                                          for t in tasks]))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "butler_mqtt", "sim", "--tasks", str(tasks_file), "--port", str(self.port),
+             "--certs", str(work / "certs"), "--latency-ms", str(latency_ms)],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(work / "sim.log", "wb"),  # noqa: SIM115
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"the simulator did not listen; see {work / 'sim.log'}")
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def tagged_tasks(counts: dict[str, int], run_seconds: float = 0.5) -> list[SimTask]:
