@@ -118,15 +118,10 @@ class Stack:
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the daemon process has used so far."""
-        fields = Path(f"/proc/{self.daemon.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_s(self.daemon.pid)
 
     def close(self) -> None:
-        self.daemon.terminate()
-        try:
-            self.daemon.wait(20)
-        except subprocess.TimeoutExpired:
-            self.daemon.kill()
+        end_process(self.daemon)
         self.broker.stop()
         self.sim.stop()
 
@@ -159,15 +154,25 @@ class SimProcess:
         raise RuntimeError(f"the simulator did not listen; see {work / 'sim.log'}")
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_s(self.proc.pid)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        end_process(self.proc)
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def end_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, SIGKILL after 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def tagged_tasks(counts: dict[str, int], run_seconds: float = 0.5) -> list[SimTask]:
