@@ -7,8 +7,9 @@ one `sendall` and parses the answer from one buffer.
 
 What it keeps from the urllib3 path: the connection is urllib3's `HTTPSConnection` (its
 `connect()` does the TLS handshake, the hostname check and raises urllib3's connect errors, so
-the backends' error tables stay as they are); every call runs under `ops.outbound.deadline`
-(the reaper shuts the socket down at the TOTAL deadline); answers are read with a byte cap and
+the backends' error tables stay as they are); every call has a TOTAL deadline (each blocking
+send or read may take only what is left of it, so a peer dripping a byte at a time is cut at the
+deadline, head and body together, with no watcher thread); answers are read with a byte cap and
 never buffered beyond it; an idle connection that the server closed (or wrote to unasked) is
 not reused. What it reads, strictly: a status line, at most `MAX_HEADERS` header lines in at
 most `MAX_HEAD` bytes, bodies framed by `Content-Length`, `Transfer-Encoding: chunked` or the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from http.client import RemoteDisconnected
@@ -29,7 +31,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from urllib3.util.wait import wait_for_read
 
-from butler_mqtt.ops.outbound import CHUNK, watch_current
+from butler_mqtt.ops.outbound import CHUNK
 
 #: The most bytes of a response head (status line and headers) that are read.
 MAX_HEAD = 64 * 1024
@@ -60,15 +62,24 @@ class Reply:
 class _Conn:
     """A connected urllib3 connection and the bytes read from it but not yet used."""
 
-    __slots__ = ("conn", "buf", "sock")
+    __slots__ = ("conn", "buf", "sock", "until")
 
     def __init__(self, conn: HTTPConnection) -> None:
         self.conn = conn
         self.sock: Any = conn.sock
         self.buf = bytearray()
+        self.until = 0.0  # time.monotonic() of the current call's total deadline
+
+    def allow(self) -> None:
+        """The next blocking send or read may take what is left of the deadline, no more."""
+        left = self.until - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the total deadline passed")
+        self.sock.settimeout(left)
 
     def fill(self) -> bool:
         """Read what the socket has (at most CHUNK); False at the end of the connection."""
+        self.allow()
         data = self.sock.recv(CHUNK)
         if not data:
             return False
@@ -106,18 +117,24 @@ class Http1Pool:
         for c in idle:
             c.close()
 
-    def request(self, method: str, target: str, headers: dict[str, str], body: bytes | None, cap: int) -> Reply:
-        """Send one request and read its answer (at most `cap` bytes of body). Raises urllib3's
-        connect errors, `ProtocolError`, `ReadTimeoutError` or OSError/ssl errors."""
+    def request(
+        self, method: str, target: str, headers: dict[str, str], body: bytes | None, cap: int, until: float | None = None
+    ) -> Reply:
+        """Send one request and read its answer (at most `cap` bytes of body), all of it by
+        `until` (time.monotonic(); default: the pool's read timeout from now). Raises urllib3's
+        connect errors, `ProtocolError`, `ReadTimeoutError` (the deadline passed) or OSError/ssl
+        errors."""
         data = self._encode(method, target, headers, body)
+        until = until if until is not None else time.monotonic() + self._read_timeout
         c = self._checkout()
-        watch_current(c.conn)  # the TOTAL deadline of the caller's `deadline` block
+        c.until = until
         try:
+            c.allow()
             c.sock.sendall(data)
             reply, reusable = _read_reply(c, method, cap)
         except TimeoutError as exc:
             c.close()
-            raise ReadTimeoutError(None, target, f"Read timed out. (read timeout={self._read_timeout})") from exc  # type: ignore[arg-type]
+            raise ReadTimeoutError(None, target, "the total deadline passed") from exc  # type: ignore[arg-type]
         except BaseException:
             c.close()
             raise

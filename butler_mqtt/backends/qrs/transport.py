@@ -4,7 +4,7 @@
 request path's calls through the lean HTTP/1.1 client of ops/http1.py, streamed reads through
 a urllib3 pool),
 server verification against `qrs.ca` unless `qrs.verify: false`, each call cut at a TOTAL
-deadline of `qrs.timeout` (head and body together, however slowly they drip: ops/outbound.py),
+deadline of `qrs.timeout` (head and body together, however slowly they drip: ops/http1.py),
 answers read with the `qrs.max_response_bytes` cap while they stream in, and ONE table (`map_transport_error`) from urllib3/ssl/socket
 errors to the tree of errors.py. `MockTransport(handler)` stands in for it in unit tests
 (in the spirit of httpx's MockTransport): the client's operations and the resume logic above
@@ -19,6 +19,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import urllib3
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import ConfigError, QrsError, QrsRefused, QrsTlsRejected, QrsUnreachable
 from butler_mqtt.ops.http1 import Http1Pool
-from butler_mqtt.ops.outbound import WatchedHTTPSConnectionPool, deadline
+from butler_mqtt.ops.outbound import WatchedHTTPSConnectionPool
 from butler_mqtt.ops.outbound import causes as causes_of
 from butler_mqtt.ops.pem import check_pem
 
@@ -131,15 +132,12 @@ class PoolTransport:
     def send(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> Answer:
         what = f"{method} {route_name(target.split('?', 1)[0])}"
         cap = self.cfg.max_response_bytes
-        with deadline(self.cfg.timeout) as d:
-            try:
-                reply = self._lean.request(method, target, headers, body, cap)
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                if d.expired:
-                    raise QrsUnreachable(f"QRS did not answer within {self.cfg.timeout:g} s in all ({what})") from None
-                raise map_transport_error(exc, self.cfg.base_url, self.cfg.timeout, what) from None
-        if d.expired:  # cut mid-answer: what was parsed (even a status) is not QRS's answer
-            raise QrsUnreachable(f"QRS did not answer within {self.cfg.timeout:g} s in all ({what})")
+        try:  # the lean client cuts the call at the deadline itself (no watcher thread)
+            reply = self._lean.request(method, target, headers, body, cap, time.monotonic() + self.cfg.timeout)
+        except urllib3.exceptions.ReadTimeoutError:  # each read got what was left of qrs.timeout
+            raise QrsUnreachable(f"QRS did not answer within {self.cfg.timeout:g} s in all ({what})") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise map_transport_error(exc, self.cfg.base_url, self.cfg.timeout, what) from None
         if reply.over:  # the connection was closed, the rest never read
             raise QrsRefused(
                 f"{what}: the QRS answer is larger than qrs.max_response_bytes ({cap} bytes);"
