@@ -1,5 +1,6 @@
-"""Outbound HTTP calls with a TOTAL deadline and a byte cap: QRS, the alert webhook and (later)
-Qlik Cloud use this one helper.
+"""Outbound HTTP calls with a TOTAL deadline and a byte cap, through urllib3: the alert webhook
+uses this helper (QRS calls go through ops/http1.py, whose reads enforce the same total
+deadline themselves; Qlik Cloud has its own watchdog, backends/cloud/watchdog.py).
 
 urllib3's timeouts are per socket operation: a peer that drips a byte just inside the read
 timeout holds a call for ever, in the response head as well as in the body. Here a call runs
