@@ -153,16 +153,11 @@ def deadline(seconds: float) -> Iterator[Deadline]:
         d.finish()
 
 
-def watch_current(conn: HTTPConnection) -> None:
-    """`conn` is cut at the deadline of the `deadline` block this thread is in (if any)."""
-    d: Deadline | None = getattr(_current, "deadline", None)
-    if d is not None:
-        d.attach(conn)
-
-
 class _Watched:
     def request(self, *args: Any, **kwargs: Any) -> None:
-        watch_current(self)  # type: ignore[arg-type]
+        d: Deadline | None = getattr(_current, "deadline", None)
+        if d is not None:
+            d.attach(self)  # type: ignore[arg-type]
         super().request(*args, **kwargs)  # type: ignore[misc]
 
 

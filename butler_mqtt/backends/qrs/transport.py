@@ -1,11 +1,11 @@
 """The QRS transport: how one HTTPS request reaches QRS and how its failures are named.
 
-`PoolTransport` is the real one: urllib3 connections with the Qlik client certificate (the
-request path's calls through the lean HTTP/1.1 client of ops/http1.py, streamed reads through
-a urllib3 pool),
-server verification against `qrs.ca` unless `qrs.verify: false`, each call cut at a TOTAL
-deadline of `qrs.timeout` (head and body together, however slowly they drip: ops/http1.py),
-answers read with the `qrs.max_response_bytes` cap while they stream in, and ONE table (`map_transport_error`) from urllib3/ssl/socket
+`PoolTransport` is the real one: urllib3 connections with the Qlik client certificate, server
+verification against `qrs.ca` unless `qrs.verify: false`. `send` (every call of the request
+path) goes through the lean HTTP/1.1 client of ops/http1.py: each call cut at a TOTAL deadline
+of `qrs.timeout` (head and body together, however slowly they drip), answers read with the
+`qrs.max_response_bytes` cap while they stream in. `open` (streamed script logs) goes through a
+urllib3 pool. ONE table (`map_transport_error`) maps urllib3/ssl/socket
 errors to the tree of errors.py. `MockTransport(handler)` stands in for it in unit tests
 (in the spirit of httpx's MockTransport): the client's operations and the resume logic above
 it are then tested without TLS or a server.
@@ -31,7 +31,6 @@ import urllib3
 from butler_mqtt.config import QrsConfig
 from butler_mqtt.errors import ConfigError, QrsError, QrsRefused, QrsTlsRejected, QrsUnreachable
 from butler_mqtt.ops.http1 import Http1Pool
-from butler_mqtt.ops.outbound import WatchedHTTPSConnectionPool
 from butler_mqtt.ops.outbound import causes as causes_of
 from butler_mqtt.ops.pem import check_pem
 
@@ -89,10 +88,11 @@ class PoolTransport:
             ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("qrs.cert", f"cannot load the client certificate and key: {exc}") from None
-        self._pool = WatchedHTTPSConnectionPool(
+        connections = max(cfg.start_concurrency * 2, 10)  # kept idle, per pool
+        self._pool = urllib3.HTTPSConnectionPool(  # streamed reads bound their own time (failure.py)
             cfg.host,
             cfg.port,
-            maxsize=max(cfg.start_concurrency * 2, 10),
+            maxsize=connections,
             block=False,
             ssl_context=ctx,
             cert_reqs="CERT_REQUIRED" if cfg.verify else "CERT_NONE",
@@ -105,7 +105,7 @@ class PoolTransport:
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self._lean = Http1Pool(
             self._pool._new_conn,  # the pool's own factory: the same TLS settings and connect errors
-            f"{host}:{cfg.port}", maxsize=max(cfg.start_concurrency * 2, 10), read_timeout=cfg.timeout,
+            f"{host}:{cfg.port}", maxsize=connections, read_timeout=cfg.timeout,
         )
 
     def close(self) -> None:
