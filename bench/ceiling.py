@@ -9,7 +9,7 @@ over MQTT (all published at once, every summary awaited) and over REST (`--concu
 client's; the goal is at least 0.9 on both, with every start confirmed and every request
 journaled (the daemon runs with its defaults: SQLite journal, confirmed starts).
 
-Run: .venv/bin/python bench/ceiling.py [--requests 1000] [--concurrency 8] [--rounds 1] [--sim-process]
+Run: .venv/bin/python bench/ceiling.py [--requests 1000] [--concurrency 8] [--rounds 1] [--sim-process] [--sim-cpu-ms 1.2]
 (`--sim-process`: the simulator in a process of its own, as an independent stand-in would be.)
 """
 
@@ -103,25 +103,51 @@ def through_rest(port: int, ids: list[str], concurrency: int) -> tuple[float, in
     return len(ids) / (time.perf_counter() - t0), failed
 
 
-def run(n: int, concurrency: int, sim_process: bool = False) -> list[list[Any]]:
+def run(n: int, concurrency: int, sim_process: bool = False, sim_cpu_ms: float = 0) -> list[list[Any]]:
     http_port = _free_port()
     base, mq, rest = _ids("ce110000", n), _ids("ce220000", n), _ids("ce330000", n)
     tasks = [SimTask(t, f"Task {i}", run_seconds=0.05) for ids in (base, mq, rest) for i, t in enumerate(ids)]
     stack = Stack(tasks, daemon_env={"BUTLER_MQTT__HTTP__ENABLED": "true", "BUTLER_MQTT__HTTP__PORT": str(http_port)},
-                  sim_process=sim_process)
+                  sim_process=sim_process or sim_cpu_ms > 0, sim_cpu_ms=sim_cpu_ms)
     try:
-        ceiling = minimal_client(stack, base, concurrency)
-        mqtt_rate, mqtt_lost = through_mqtt(stack, mq)
-        rest_rate, rest_failed = through_rest(http_port, rest, concurrency)
+        with _Cores(stack) as c0:
+            ceiling = minimal_client(stack, base, concurrency)
+        with _Cores(stack) as c1:
+            mqtt_rate, mqtt_lost = through_mqtt(stack, mq)
+        with _Cores(stack) as c2:
+            rest_rate, rest_failed = through_rest(http_port, rest, concurrency)
         starts = [s.task_id for s in stack.sim.starts] if stack.sim.starts is not None else None
     finally:
         stack.close()
     doubled: Any = len(starts) - len(set(starts)) if starts is not None else "- (simulator in its own process)"
     return [
-        ["minimal client (2 QRS calls)", f"{ceiling:.0f}", "1.00", "-", doubled],
-        ["MQTT through butler-mqtt", f"{mqtt_rate:.0f}", f"{mqtt_rate / ceiling:.2f}", mqtt_lost, ""],
-        ["REST through butler-mqtt", f"{rest_rate:.0f}", f"{rest_rate / ceiling:.2f}", rest_failed, ""],
+        ["minimal client (2 QRS calls)", f"{ceiling:.0f}", "1.00", "-", doubled, *c0.cells()],
+        ["MQTT through butler-mqtt", f"{mqtt_rate:.0f}", f"{mqtt_rate / ceiling:.2f}", mqtt_lost, "", *c1.cells()],
+        ["REST through butler-mqtt", f"{rest_rate:.0f}", f"{rest_rate / ceiling:.2f}", rest_failed, "", *c2.cells()],
     ]
+
+
+class _Cores:
+    """Cores used during a phase by the stand-in (when in its own process) and by the daemon."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.sim_own = hasattr(stack.sim, "cpu_s")
+
+    def _now(self) -> tuple[float, float, float]:
+        return time.perf_counter(), self.stack.sim.cpu_s() if self.sim_own else 0.0, self.stack.cpu_s()
+
+    def __enter__(self) -> _Cores:
+        self.t0 = self._now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.t1 = self._now()
+
+    def cells(self) -> list[str]:
+        wall = self.t1[0] - self.t0[0]
+        sim = f"{(self.t1[1] - self.t0[1]) / wall:.2f}" if self.sim_own else "-"
+        return [sim, f"{(self.t1[2] - self.t0[2]) / wall:.2f}"]
 
 
 def main() -> None:
@@ -131,12 +157,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--sim-process", action="store_true",
                     help="run the QRS simulator in a process of its own (as an independent stand-in), not in this one")
+    ap.add_argument("--sim-cpu-ms", type=float, default=0,
+                    help="in its own process, and spending this much CPU on each QRS call (a slower stand-in)")
     args = ap.parse_args()
-    where = "in its own process" if args.sim_process else "in the benchmark's process"
+    where = ("in its own process" if args.sim_process or args.sim_cpu_ms > 0 else "in the benchmark's process") + (
+        f", {args.sim_cpu_ms} ms CPU per call" if args.sim_cpu_ms > 0 else "")
     print(f"# single-task requests, QRS stand-in answering at once ({where}), {args.requests} per path\n# {machine()}\n")
     for _ in range(args.rounds):
-        print(table(["path", "requests/s", "fraction of the stand-in", "lost or not started", "double starts"],
-                    run(args.requests, args.concurrency, args.sim_process)))
+        print(table(["path", "requests/s", "fraction of the stand-in", "lost or not started", "double starts",
+                     "stand-in cores", "daemon cores"],
+                    run(args.requests, args.concurrency, args.sim_process, args.sim_cpu_ms)))
         print()
 
 

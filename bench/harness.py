@@ -60,13 +60,14 @@ class Stack:
     """Simulator (in this process), mosquitto and the daemon (subprocesses)."""
 
     def __init__(
-        self, tasks: list[SimTask], latency_ms: float = 0, daemon_env: dict[str, str] | None = None, sim_process: bool = False
+        self, tasks: list[SimTask], latency_ms: float = 0, daemon_env: dict[str, str] | None = None, sim_process: bool = False,
+        sim_cpu_ms: float = 0,
     ) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="butler-mqtt-bench-"))
         self.certs = ensure_certs(self.work / "certs")
         # sim_process: the stand-in in a process of its own (`butler-mqtt sim`), as an independent
         # QRS stand-in would be, not sharing this process's GIL with the load generators.
-        self.sim: Any = (SimProcess(tasks, self.work, latency_ms) if sim_process
+        self.sim: Any = (SimProcess(tasks, self.work, latency_ms, sim_cpu_ms) if sim_process
                          else QrsSimulator(tasks, certs_dir=self.work / "certs", latency_ms=latency_ms).start())
         self.broker = Mosquitto(self.work / "broker").start()
         self.client_id = f"bench-{uuid.uuid4().hex[:8]}"
@@ -131,7 +132,7 @@ class SimProcess:
 
     starts: list[Any] | None = None
 
-    def __init__(self, tasks: list[SimTask], work: Path, latency_ms: float = 0) -> None:
+    def __init__(self, tasks: list[SimTask], work: Path, latency_ms: float = 0, cpu_ms: float = 0) -> None:
         import socket
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -140,7 +141,8 @@ class SimProcess:
         tasks_file.write_text(json.dumps([{"id": t.id, "name": t.name, "tags": list(t.tags), "runSeconds": t.run_seconds}
                                           for t in tasks]))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "butler_mqtt", "sim", "--tasks", str(tasks_file), "--port", str(self.port),
+            [sys.executable, *(["-m", "butler_mqtt"] if cpu_ms <= 0 else [str(REPO / "bench" / "slow_sim.py"), str(cpu_ms)]),
+             "sim", "--tasks", str(tasks_file), "--port", str(self.port),
              "--certs", str(work / "certs"), "--latency-ms", str(latency_ms)],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(work / "sim.log", "wb"),  # noqa: SIM115
         )

@@ -33,7 +33,7 @@ from typing import Any
 
 from butler_mqtt import replies
 from butler_mqtt.errors import JournalError
-from butler_mqtt.journal.backends import Postgres, Sqlite, data_errors, db_errors, unstorable
+from butler_mqtt.journal.backends import Cursor, Postgres, Sqlite, data_errors, db_errors, unstorable
 from butler_mqtt.journal.history import HistoryQuery, read_history
 from butler_mqtt.journal.migrations import SCHEMA_VERSION, migrate
 from butler_mqtt.journal.records import Records
@@ -190,42 +190,48 @@ class Journal:
     ) -> Prior | None | str:
         now = time.time()
         arrived = min(received, now) if received is not None else now  # the history's received time
-        with self._db.tx() as db:
-            won = db.run(
-                "INSERT INTO requests(key, state, ingress, payload_hash, created, updated, owner, lease_until,"
-                " source, request, caller) VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING"
-                " RETURNING key",
-                (key, ingress, payload_hash, arrived, now, self.owner, now + self.lease_s, *about),
+        return self._db.transact(lambda db: self._claim_in(db, key, ingress, payload_hash, about, now, arrived))
+
+    def _claim_in(
+        self, db: Cursor, key: str, ingress: str, payload_hash: str | None,
+        about: tuple[str, str | None, str | None], now: float, arrived: float,
+    ) -> Prior | None | str:
+        """`_try_claim`'s statements, in the transaction `db` (perhaps shared: group commit)."""
+        won = db.run(
+            "INSERT INTO requests(key, state, ingress, payload_hash, created, updated, owner, lease_until,"
+            " source, request, caller) VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING"
+            " RETURNING key",
+            (key, ingress, payload_hash, arrived, now, self.owner, now + self.lease_s, *about),
+        )
+        if won:
+            db.run("DELETE FROM events WHERE key = ?", (key,))
+            return None
+        lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
+        rows = db.run(f"SELECT state, created, owner, lease_until FROM requests WHERE key = ?{lock}", (key,))
+        if not rows:
+            return "busy"  # deleted between the two statements: try again
+        state, created, owner, lease_until = rows[0]
+        if now - created > self.retention:  # expired: a new request under an old key
+            db.run(
+                "UPDATE requests SET state = 'open', ingress = ?, payload_hash = ?, created = ?, updated = ?,"
+                " owner = ?, lease_until = ?, source = ?, request = ?, caller = ?, duplicates = 0, last_duplicate = NULL"
+                " WHERE key = ?",
+                (ingress, payload_hash, arrived, now, self.owner, now + self.lease_s, *about, key),
             )
-            if won:
-                db.run("DELETE FROM events WHERE key = ?", (key,))
-                return None
-            lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
-            rows = db.run(f"SELECT state, created, owner, lease_until FROM requests WHERE key = ?{lock}", (key,))
-            if not rows:
-                return "busy"  # deleted between the two statements: try again
-            state, created, owner, lease_until = rows[0]
-            if now - created > self.retention:  # expired: a new request under an old key
-                db.run(
-                    "UPDATE requests SET state = 'open', ingress = ?, payload_hash = ?, created = ?, updated = ?,"
-                    " owner = ?, lease_until = ?, source = ?, request = ?, caller = ?, duplicates = 0, last_duplicate = NULL"
-                    " WHERE key = ?",
-                    (ingress, payload_hash, arrived, now, self.owner, now + self.lease_s, *about, key),
-                )
-                db.run("DELETE FROM events WHERE key = ?", (key,))
-                return None
-            if state == "open" and owner != self.owner and lease_until > now:
-                return "busy"  # another live instance is handling it right now
-            events = db.run("SELECT kind, task_id, body FROM events WHERE key = ? ORDER BY id", (key,))
-            prior = Prior.from_rows(state, events)
-            if state == "done":  # a duplicate: its earlier outcome is replayed (counted for the history)
-                db.run("UPDATE requests SET duplicates = duplicates + 1, last_duplicate = ? WHERE key = ?", (now, key))
-            if state == "open":
-                # Ours from a previous run, or a dead instance's: take it over and resume. The
-                # replies are sent again (and re-recorded) by the resumed run; intents stay.
-                db.run("UPDATE requests SET owner = ?, lease_until = ? WHERE key = ?", (self.owner, now + self.lease_s, key))
-                db.run("DELETE FROM events WHERE key = ? AND kind = 'reply'", (key,))
-            return prior
+            db.run("DELETE FROM events WHERE key = ?", (key,))
+            return None
+        if state == "open" and owner != self.owner and lease_until > now:
+            return "busy"  # another live instance is handling it right now
+        events = db.run("SELECT kind, task_id, body FROM events WHERE key = ? ORDER BY id", (key,))
+        prior = Prior.from_rows(state, events)
+        if state == "done":  # a duplicate: its earlier outcome is replayed (counted for the history)
+            db.run("UPDATE requests SET duplicates = duplicates + 1, last_duplicate = ? WHERE key = ?", (now, key))
+        if state == "open":
+            # Ours from a previous run, or a dead instance's: take it over and resume. The
+            # replies are sent again (and re-recorded) by the resumed run; intents stay.
+            db.run("UPDATE requests SET owner = ?, lease_until = ? WHERE key = ?", (self.owner, now + self.lease_s, key))
+            db.run("DELETE FROM events WHERE key = ? AND kind = 'reply'", (key,))
+        return prior
 
     def load(self, key: str) -> Prior | None:
         """What is recorded for `key`, without claiming it (resuming a chain stage)."""

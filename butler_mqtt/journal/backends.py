@@ -7,12 +7,15 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from butler_mqtt.errors import JournalError, UnstorableValue
+from butler_mqtt.journal.groupcommit import GroupCommit
+
+T = TypeVar("T")
 
 
 def _log_error(event: str, detail: str) -> None:
@@ -50,6 +53,8 @@ class Sqlite:
         self._open()
         self.marker.touch()
         self.problem: str | None = None
+        self.group = GroupCommit(self._lock, lambda: self._db.execute("BEGIN IMMEDIATE"),
+                                 lambda: self._db.execute("COMMIT"), lambda: self._db.execute("ROLLBACK"))
 
     def _open(self) -> None:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
@@ -103,6 +108,11 @@ class Sqlite:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def transact(self, fn: Callable[[Cursor], T]) -> T:
+        """`fn` inside a transaction, perhaps one shared with other threads' (group commit: see
+        journal/groupcommit.py). `fn` may run twice (its batch rolled back): only SQL in it."""
+        return self.group.transact(lambda: fn(self))
 
     def advisory_lock(self) -> None:
         pass  # BEGIN IMMEDIATE already serialises writers
@@ -170,6 +180,11 @@ class Postgres:
                 yield self
             finally:
                 self._tx.conn = None
+
+    def transact(self, fn: Callable[[Cursor], T]) -> T:
+        """`fn` inside a transaction of its own (a pool of connections: no queue to group)."""
+        with self.tx() as db:
+            return fn(db)
 
     def advisory_lock(self) -> None:
         self.run("SELECT pg_advisory_xact_lock(4242424242)")  # one migrator at a time

@@ -15,6 +15,7 @@ from butler_mqtt.replies import Event
 
 if TYPE_CHECKING:
     from butler_mqtt.journal import Journal
+    from butler_mqtt.journal.backends import Cursor
 
 
 class Records:
@@ -30,10 +31,14 @@ class Records:
         recorded outcome is looked up in QRS: started then, or started now, never twice.
         """
         now = time.time()
-        with self.j._guard("write"), self.j._db.tx() as db:
+
+        def record(db: Cursor) -> None:
             for task_id in task_ids:
                 db.run("INSERT INTO events(key, kind, task_id, body) VALUES (?, 'intent', ?, ?)", (key, task_id, repr(now)))
             db.run("UPDATE requests SET lease_until = ? WHERE key = ?", (now + self.j.lease_s, key))
+
+        with self.j._guard("write"):
+            self.j._db.transact(record)
 
     def withdraw_intents(self, key: str, task_ids: Sequence[str]) -> None:
         """These starts were refused before anything ran (QRS answered 429): forget their
@@ -51,10 +56,12 @@ class Records:
 
     def finish(self, key: str, replies: Sequence[Event] = ()) -> None:
         """Mark `key` done, recording its replies in the same transaction."""
-        with self.j._guard("write"), self.j._db.tx() as db:
-            for event in replies:
-                db.run(
-                    "INSERT INTO events(key, kind, task_id, body) VALUES (?, 'reply', ?, ?)",
-                    (key, event.get("taskId"), json.dumps(event, separators=(",", ":"))),
-                )
+        rows = [(key, event.get("taskId"), json.dumps(event, separators=(",", ":"))) for event in replies]
+
+        def record(db: Cursor) -> None:
+            for row in rows:
+                db.run("INSERT INTO events(key, kind, task_id, body) VALUES (?, 'reply', ?, ?)", row)
             db.run("UPDATE requests SET state = 'done', updated = ? WHERE key = ?", (time.time(), key))
+
+        with self.j._guard("write"):
+            self.j._db.transact(record)

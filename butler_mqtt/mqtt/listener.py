@@ -80,6 +80,7 @@ from butler_mqtt.callers import Subscription
 from butler_mqtt.config import MqttConfig
 from butler_mqtt.mqtt.connection import apply_credentials, nodelay, wait_published
 from butler_mqtt.mqtt.deliveries import DEFAULT_LIMITS, Deliveries, Job
+from butler_mqtt.mqtt.gate import SendGate
 from butler_mqtt.mqtt.publishing import ReplyPublisher
 from butler_mqtt.mqtt.status import Status
 from butler_mqtt.mqtt.takeover import SESSION_TAKEN_OVER, SessionTakeover
@@ -142,7 +143,7 @@ class MqttListener:
         #: The caller topics (contract section 10, callers.caller_subscriptions): subscribed
         #: beside the bare topics, already under the share with shared_group.
         self.extra = tuple(extra)
-        self._publish_lock = threading.Lock()  # replies and acks vs. a deliberate reconnect
+        self._gate = SendGate()  # replies and acks vs. a deliberate reconnect
         self._own_drop = False  # the next disconnect is our own (request_redelivery)
         self.v5 = cfg.protocol == "5"
         self.client_id = client_id or cfg.client_id
@@ -168,7 +169,7 @@ class MqttListener:
         c.on_message = self._guard(self.deliveries._on_message)
         c.on_subscribe = self._guard(self._on_subscribe)
         self.client = c
-        self.replies = ReplyPublisher(c, self.v5, self._publish_lock, self)
+        self.replies = ReplyPublisher(c, self.v5, self._gate, self)
         c.on_publish = self._guard(self.replies._on_publish)
 
     # ------------------------------------------------------------------ lifecycle
@@ -314,8 +315,11 @@ class MqttListener:
         """Ack a delivery, once. A job of an earlier broker session is not acked: its packet id
         may by now belong to another message of the new session."""
         if self.deliveries.ack(job):
-            with self._publish_lock:
+            self._gate.enter()
+            try:
                 self.client.ack(job.mid, job.qos)
+            finally:
+                self._gate.leave()
 
     def release(self, job: Job) -> None:
         """Give a delivery back to the broker without acking it (it is redelivered later)."""
@@ -344,7 +348,7 @@ class MqttListener:
         # Everything sent so far reaches the broker first, and nothing new is sent meanwhile: a
         # reply whose PUBACK is lost with the connection is sent again by paho (a second copy
         # for the subscriber); an ack lost makes the broker resend a delivery already answered.
-        with self._publish_lock:
+        with self._gate.closed():
             deadline = time.monotonic() + FLUSH_BEFORE_REDELIVERY_S
             while self.connected.is_set() and self._sending() and time.monotonic() < deadline:
                 time.sleep(0.005)

@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from butler_mqtt.mqtt.connection import wait_published
+from butler_mqtt.mqtt.gate import SendGate
 from butler_mqtt.replies import Event
 
 log = structlog.get_logger("butler_mqtt.mqtt")
@@ -41,10 +42,10 @@ class Session(Protocol):
 class ReplyPublisher:
     """Publishes the replies of one client and confirms them (the listener owns one)."""
 
-    def __init__(self, client: mqtt.Client, v5: bool, publish_lock: threading.Lock, session: Session) -> None:
+    def __init__(self, client: mqtt.Client, v5: bool, gate: SendGate, session: Session) -> None:
         self.client = client
         self.v5 = v5
-        self._publish_lock = publish_lock  # replies and acks vs. a deliberate reconnect
+        self._gate = gate  # replies and acks vs. a deliberate reconnect
         self.session = session
         # mid -> (PUBACK reason code, topic, the message if it may be resent); not success
         self._pubacks: OrderedDict[int, tuple[int, str | None, mqtt.MQTTMessage | None]] = OrderedDict()
@@ -114,8 +115,12 @@ class ReplyPublisher:
             body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate (e.g. in a task name from QRS): ASCII escapes
             body = json.dumps(event, separators=(",", ":")).encode("ascii")
-        with self._publish_lock:
-            return self.client.publish(topic, body, qos=1, retain=False, properties=self._reply_properties(correlation))
+        props = self._reply_properties(correlation)
+        self._gate.enter()
+        try:
+            return self.client.publish(topic, body, qos=1, retain=False, properties=props)
+        finally:
+            self._gate.leave()
 
 
 class _PackedOnce(Properties):
