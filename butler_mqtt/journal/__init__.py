@@ -33,7 +33,14 @@ from typing import Any
 
 from butler_mqtt import replies
 from butler_mqtt.errors import JournalError
-from butler_mqtt.journal.backends import Cursor, Postgres, Sqlite, data_errors, db_errors, unstorable
+from butler_mqtt.journal.backends import (
+    Cursor,
+    Postgres,
+    Sqlite,
+    data_errors,
+    db_errors,
+    unstorable,
+)
 from butler_mqtt.journal.history import HistoryQuery, read_history
 from butler_mqtt.journal.migrations import SCHEMA_VERSION, migrate
 from butler_mqtt.journal.records import Records
