@@ -9,7 +9,7 @@ over MQTT (all published at once, every summary awaited) and over REST (`--concu
 client's; the goal is at least 0.9 on both, with every start confirmed and every request
 journaled (the daemon runs with its defaults: SQLite journal, confirmed starts).
 
-Run: .venv/bin/python bench/ceiling.py [--requests 1000] [--concurrency 8] [--rounds 1] [--sim-process] [--sim-cpu-ms 1.2]
+Run: .venv/bin/python bench/ceiling.py [--requests 1000] [--concurrency 8] [--rounds 1] [--sim-process] [--sim-cpu-ms 1.2] [--set KEY=VALUE]
 (`--sim-process`: the simulator in a process of its own, as an independent stand-in would be.)
 """
 
@@ -103,11 +103,13 @@ def through_rest(port: int, ids: list[str], concurrency: int) -> tuple[float, in
     return len(ids) / (time.perf_counter() - t0), failed
 
 
-def run(n: int, concurrency: int, sim_process: bool = False, sim_cpu_ms: float = 0) -> list[list[Any]]:
+def run(n: int, concurrency: int, sim_process: bool = False, sim_cpu_ms: float = 0,
+        settings: dict[str, str] | None = None) -> list[list[Any]]:
     http_port = _free_port()
     base, mq, rest = _ids("ce110000", n), _ids("ce220000", n), _ids("ce330000", n)
     tasks = [SimTask(t, f"Task {i}", run_seconds=0.05) for ids in (base, mq, rest) for i, t in enumerate(ids)]
-    stack = Stack(tasks, daemon_env={"BUTLER_MQTT__HTTP__ENABLED": "true", "BUTLER_MQTT__HTTP__PORT": str(http_port)},
+    env = {"BUTLER_MQTT__HTTP__ENABLED": "true", "BUTLER_MQTT__HTTP__PORT": str(http_port), **(settings or {})}
+    stack = Stack(tasks, daemon_env=env,
                   sim_process=sim_process or sim_cpu_ms > 0, sim_cpu_ms=sim_cpu_ms)
     try:
         with _Cores(stack) as c0:
@@ -159,14 +161,17 @@ def main() -> None:
                     help="run the QRS simulator in a process of its own (as an independent stand-in), not in this one")
     ap.add_argument("--sim-cpu-ms", type=float, default=0,
                     help="in its own process, and spending this much CPU on each QRS call (a slower stand-in)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a daemon setting as an environment variable, e.g. BUTLER_MQTT__MQTT__WORKERS=8 (repeatable)")
     args = ap.parse_args()
+    settings = dict(kv.split("=", 1) for kv in args.set)
     where = ("in its own process" if args.sim_process or args.sim_cpu_ms > 0 else "in the benchmark's process") + (
         f", {args.sim_cpu_ms} ms CPU per call" if args.sim_cpu_ms > 0 else "")
     print(f"# single-task requests, QRS stand-in answering at once ({where}), {args.requests} per path\n# {machine()}\n")
     for _ in range(args.rounds):
         print(table(["path", "requests/s", "fraction of the stand-in", "lost or not started", "double starts",
                      "stand-in cores", "daemon cores"],
-                    run(args.requests, args.concurrency, args.sim_process, args.sim_cpu_ms)))
+                    run(args.requests, args.concurrency, args.sim_process, args.sim_cpu_ms, settings)))
         print()
 
 

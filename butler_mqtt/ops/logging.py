@@ -12,6 +12,7 @@ most once a minute, with a count of the repeats (`RateLimitFilter`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -28,9 +29,15 @@ RATE_LIMITED_LOGGERS = ("asyncio", "uvicorn", "uvicorn.error", "uvicorn.access")
 _SECRET_KEYS = ("password", "token", "secret", "authorization", "key_pem", "private")
 
 
+@functools.lru_cache(maxsize=4096)  # the keys are the code's own field names: a bounded set
+def _secret_key(key: str) -> bool:
+    lowered = key.lower()
+    return any(s in lowered for s in _SECRET_KEYS)
+
+
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for k in list(event):
-        if any(s in k.lower() for s in _SECRET_KEYS):
+        if _secret_key(k):
             event[k] = "**********"
     return event
 
