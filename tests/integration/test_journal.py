@@ -43,6 +43,24 @@ def test_new_done_and_replay(make):
     assert [e["event"] for e in prior.replies] == ["task", "summary"]
 
 
+def test_many_intents_and_replies_are_kept_whole_and_in_order(make):
+    """Intents and replies go in as multi-row INSERTs of at most ROWS_PER_INSERT rows: more rows
+    than that (a 1201-task request) are all kept, in the order given, on both databases."""
+    from butler_mqtt.journal.records import ROWS_PER_INSERT
+
+    n = 2 * ROWS_PER_INSERT + 201
+    ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(n)]
+    j = make()
+    assert j.begin("big", "mqtt") is None
+    j.intents("big", ids)
+    j.finish("big", [{"event": "task", "taskId": t, "n": i} for i, t in enumerate(ids)] + [{"event": "summary"}])
+    prior = j.begin("big", "mqtt")
+    assert prior is not None and prior.done
+    assert list(prior.intents) == ids
+    assert [e.get("n") for e in prior.replies[:-1]] == list(range(n))
+    assert [e.get("taskId") for e in prior.replies[:-1]] == ids and prior.replies[-1] == {"event": "summary"}
+
+
 def test_exactly_one_of_many_concurrent_claims_wins(make):
     instances = [make(f"i{n}") for n in range(4)]
     results: list[object] = []
