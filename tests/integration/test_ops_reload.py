@@ -67,6 +67,9 @@ def test_sighup_changes_the_allow_list_of_a_running_daemon(qrs_certs, sim, broke
         failed = daemon.wait_log("reload_failed")
         assert "start_filter.allow.task_ids" in failed["error"]
         assert start_beta()["status"] == "started"  # beta still allowed (not "denied")
+        # The audit line follows the replies (it is written once the outcome is recorded): wait
+        # for it, or it could land after the level change below and be counted as the next one's.
+        daemon.wait_log("audit", n=3)
 
         # Back to alpha only, the log level raised to warning and a key that needs a restart:
         # the reload is still logged, and the change that was not applied is named.
