@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from butler_mqtt.journal.backends import Cursor
 
 
-#: Rows per INSERT statement: 4 values each, well under SQLite's and PostgreSQL's limits on
-#: bound parameters (32766 and 65535).
-ROWS_PER_INSERT = 500
+#: Rows per INSERT statement: 4 values each, 800 bound parameters, under the lowest limit a
+#: SQLite build may have (999 before 3.32; PostgreSQL allows 65535).
+ROWS_PER_INSERT = 200
 
 
 def insert_events(db: Cursor, rows: Sequence[tuple[str, str, str | None, str]]) -> None:
@@ -31,6 +31,10 @@ def insert_events(db: Cursor, rows: Sequence[tuple[str, str, str | None, str]]) 
         chunk = rows[i:i + ROWS_PER_INSERT]
         values = ", ".join(["(?, ?, ?, ?)"] * len(chunk))
         db.run(f"INSERT INTO events(key, kind, task_id, body) VALUES {values}", [v for row in chunk for v in row])  # noqa: S608
+
+
+def _reply_row(key: str, event: Event) -> tuple[str, str, str | None, str]:
+    return key, "reply", event.get("taskId"), json.dumps(event, separators=(",", ":"))
 
 
 class Records:
@@ -46,7 +50,6 @@ class Records:
         recorded outcome is looked up in QRS: started then, or started now, never twice.
         """
         now = time.time()
-
         rows = [(key, "intent", task_id, repr(now)) for task_id in task_ids]
 
         def record(db: Cursor) -> None:
@@ -65,14 +68,11 @@ class Records:
 
     def reply(self, key: str, event: Event) -> None:
         with self.j._guard("write"):
-            self.j._db.run(
-                "INSERT INTO events(key, kind, task_id, body) VALUES (?, 'reply', ?, ?)",
-                (key, event.get("taskId"), json.dumps(event, separators=(",", ":"))),
-            )
+            insert_events(self.j._db, [_reply_row(key, event)])
 
     def finish(self, key: str, replies: Sequence[Event] = ()) -> None:
         """Mark `key` done, recording its replies in the same transaction."""
-        rows = [(key, "reply", event.get("taskId"), json.dumps(event, separators=(",", ":"))) for event in replies]
+        rows = [_reply_row(key, event) for event in replies]
 
         def record(db: Cursor) -> None:
             insert_events(db, rows)

@@ -9,6 +9,7 @@ import pytest
 
 from butler_mqtt.errors import JournalError
 from butler_mqtt.journal import SCHEMA_VERSION, Journal
+from butler_mqtt.journal.records import ROWS_PER_INSERT
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -46,8 +47,6 @@ def test_new_done_and_replay(make):
 def test_many_intents_and_replies_are_kept_whole_and_in_order(make):
     """Intents and replies go in as multi-row INSERTs of at most ROWS_PER_INSERT rows: more rows
     than that (a 1201-task request) are all kept, in the order given, on both databases."""
-    from butler_mqtt.journal.records import ROWS_PER_INSERT
-
     n = 2 * ROWS_PER_INSERT + 201
     ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(n)]
     j = make()
