@@ -26,7 +26,7 @@ import uvicorn
 
 from butler_mqtt.config import HttpTlsConfig
 from butler_mqtt.errors import ConfigError
-from butler_mqtt.http.app import create_app
+from butler_mqtt.http.app import create_app, served
 from butler_mqtt.http.protocol import HttpLimits, limited_protocol
 from butler_mqtt.http.tls import http_ssl_context, listener_warnings, reloaded_context
 from butler_mqtt.ops.fds import (
@@ -114,7 +114,7 @@ class HttpServer:
         self.port: int = int(address[1])
         self.tls = tls is not None and tls.enabled
         config = uvicorn.Config(
-            app,
+            served(app),  # the start endpoint's fast path ahead of the application (app.py)
             log_config=None,  # the daemon's logging setup stays in charge
             access_log=False,  # every start request already has an audit line
             lifespan="off",

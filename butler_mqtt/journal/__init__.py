@@ -52,6 +52,13 @@ from butler_mqtt.replies import Event
 __all__ = ["SCHEMA_VERSION", "HistoryQuery", "Journal", "JournalError", "Prior"]
 
 
+#: The claim: exactly one instance's INSERT of a key wins.
+_CLAIM = (
+    "INSERT INTO requests(key, state, ingress, payload_hash, created, updated, owner, lease_until,"
+    " source, request, caller) VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING"
+)
+
+
 @dataclass
 class Prior:
     """What the journal knows about a key seen before."""
@@ -197,6 +204,19 @@ class Journal:
     ) -> Prior | None | str:
         now = time.time()
         arrived = min(received, now) if received is not None else now  # the history's received time
+        # A new key (nearly always) is one statement, atomic on its own: no transaction around it.
+        # Each statement releases the GIL under the journal's lock, and waiting to take it back
+        # is what made the journal the request path's queue. The count says whether events of
+        # an earlier use of the key were left (never by this code: they go with their request).
+        won = self._db.run(
+            _CLAIM + " RETURNING (SELECT count(*) FROM events WHERE key = ?)",
+            (key, ingress, payload_hash, arrived, now, self.owner, now + self.lease_s, *about, key),
+        )
+        if won:
+            if won[0][0]:
+                self._db.run("DELETE FROM events WHERE key = ?", (key,))
+            self.records.leases.note(key, now)
+            return None
         return self._db.transact(lambda db: self._claim_in(db, key, ingress, payload_hash, about, now, arrived))
 
     def _claim_in(
@@ -204,12 +224,7 @@ class Journal:
         about: tuple[str, str | None, str | None], now: float, arrived: float,
     ) -> Prior | None | str:
         """`_try_claim`'s statements, in the transaction `db` (perhaps shared: group commit)."""
-        won = db.run(
-            "INSERT INTO requests(key, state, ingress, payload_hash, created, updated, owner, lease_until,"
-            " source, request, caller) VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING"
-            " RETURNING key",
-            (key, ingress, payload_hash, arrived, now, self.owner, now + self.lease_s, *about),
-        )
+        won = db.run(_CLAIM + " RETURNING key", (key, ingress, payload_hash, arrived, now, self.owner, now + self.lease_s, *about))
         if won:
             db.run("DELETE FROM events WHERE key = ?", (key,))
             return None
@@ -275,6 +290,7 @@ class Journal:
         with self._guard("write"), self._db.tx() as db:
             db.run("DELETE FROM requests WHERE key = ?", (key,))
             db.run("DELETE FROM events WHERE key = ?", (key,))
+        self.records.leases.drop(key)
 
     def purge(self) -> int:
         """Delete entries older than the retention period. Returns how many requests went."""

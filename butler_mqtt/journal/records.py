@@ -7,6 +7,7 @@ then, or started now, never twice), and a done request's replies are replayed to
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -37,27 +38,72 @@ def _reply_row(key: str, event: Event) -> tuple[str, str, str | None, str]:
     return key, "reply", event.get("taskId"), json.dumps(event, separators=(",", ":"))
 
 
+class Leases:
+    """When this instance last set the lease of the requests it is handling, so that a stage's
+    intents renew a lease only when a third of it has run out (a single-task request's intents
+    follow its claim by milliseconds: renewing would be a statement for nothing). In memory,
+    bounded: a key forgotten here only costs one renewal."""
+
+    MAX = 10_000
+
+    def __init__(self, lease_s: float) -> None:
+        self.lease_s = lease_s
+        self._set: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def note(self, key: str, now: float) -> None:
+        with self._lock:
+            if len(self._set) >= self.MAX:
+                self._set.clear()
+            self._set[key] = now
+
+    def due(self, key: str, now: float) -> bool:
+        with self._lock:
+            since = self._set.get(key)
+        return since is None or now - since > self.lease_s / 3
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._set.pop(key, None)
+
+
 class Records:
-    """The `events` of a request and its done mark (Journal.intents, .reply, .finish delegate here)."""
+    """The `events` of a request and its done mark (Journal.intents, .reply, .finish delegate here).
+
+    A write that is one statement runs without a transaction around it (atomic on its own):
+    every statement releases the GIL while the journal's lock is held, so BEGIN and COMMIT
+    around a lone INSERT made the lock wait twice more for the GIL, and the request workers
+    queue behind that lock.
+    """
 
     def __init__(self, journal: Journal) -> None:
         self.j = journal
+        self.leases = Leases(journal.lease_s)
 
     def intents(self, key: str, task_ids: Sequence[str]) -> None:
         """Record, before any of their starts is sent, that these tasks are about to start.
 
-        One transaction for the whole stage. After a crash, a task with an intent and no
-        recorded outcome is looked up in QRS: started then, or started now, never twice.
+        All the stage's intents at once (one statement, or one transaction when there are more
+        rows than one statement takes or the lease is renewed with them). After a crash, a task
+        with an intent and no recorded outcome is looked up in QRS: started then, or started
+        now, never twice.
         """
         now = time.time()
         rows = [(key, "intent", task_id, repr(now)) for task_id in task_ids]
+        renew = self.leases.due(key, now)
 
         def record(db: Cursor) -> None:
             insert_events(db, rows)
-            db.run("UPDATE requests SET lease_until = ? WHERE key = ?", (now + self.j.lease_s, key))
+            if renew:
+                db.run("UPDATE requests SET lease_until = ? WHERE key = ?", (now + self.j.lease_s, key))
 
         with self.j._guard("write"):
-            self.j._db.transact(record)
+            if renew or len(rows) > ROWS_PER_INSERT:
+                self.j._db.transact(record)
+            else:
+                record(self.j._db)
+        if renew:
+            self.leases.note(key, now)
 
     def withdraw_intents(self, key: str, task_ids: Sequence[str]) -> None:
         """These starts were refused before anything ran (QRS answered 429): forget their
@@ -71,7 +117,13 @@ class Records:
             insert_events(self.j._db, [_reply_row(key, event)])
 
     def finish(self, key: str, replies: Sequence[Event] = ()) -> None:
-        """Mark `key` done, recording its replies in the same transaction."""
+        """Record the replies of `key`, then mark it done.
+
+        Two statements, each atomic, in this order: a crash between them leaves the request
+        open with reply rows, which is what a crash before the done mark leaves anyway (the
+        request is resumed, its reply rows are deleted and its replies sent again: see the
+        claim). More rows than one statement takes: all in one transaction.
+        """
         rows = [_reply_row(key, event) for event in replies]
 
         def record(db: Cursor) -> None:
@@ -79,4 +131,8 @@ class Records:
             db.run("UPDATE requests SET state = 'done', updated = ? WHERE key = ?", (time.time(), key))
 
         with self.j._guard("write"):
-            self.j._db.transact(record)
+            if len(rows) > ROWS_PER_INSERT:
+                self.j._db.transact(record)
+            else:
+                record(self.j._db)
+        self.leases.drop(key)

@@ -156,3 +156,66 @@ def test_a_value_the_journal_cannot_store_is_a_bad_request_not_an_outage(make, b
         j.begin(f"id:{bad}", "mqtt")
     assert not is_transient(caught.value) and caught.value.error == "Invalid request"
     assert j.begin("id:fine", "mqtt") is None  # the journal is not wedged by it
+
+
+def test_a_fresh_claim_clears_events_left_under_its_key(make):
+    """The claim of a new key is one statement; events an earlier use of the key left behind
+    (a journal edited by hand, an older version) are still deleted, never read as this request's."""
+    j = make()
+    j._db.run("INSERT INTO events(key, kind, task_id, body) VALUES ('k', 'intent', 't-old', '0')")
+    assert j.begin("k", "mqtt") is None
+    j.finish("k", [{"event": "summary"}])
+    prior = j.begin("k", "mqtt")
+    assert prior is not None and prior.done and list(prior.intents) == []
+    assert prior.replies == [{"event": "summary"}]
+
+
+def _lease(j: Journal, key: str) -> float:
+    return float(j._db.run("SELECT lease_until FROM requests WHERE key = ?", (key,))[0][0])
+
+
+def test_intents_renew_the_lease_once_a_third_of_it_ran_out(make, monkeypatch):
+    """Right after the claim the lease is fresh (no renewal statement); a later stage's intents,
+    a third of the lease on, renew it, so a live owner is never taken over mid-request."""
+    import butler_mqtt.journal.records as records
+
+    j = make(lease_s=30)
+    assert j.begin("k", "mqtt") is None
+    claimed = _lease(j, "k")
+    j.intents("k", ["t1"])
+    assert _lease(j, "k") == claimed  # not renewed: set milliseconds ago
+    real = records.time.time
+    monkeypatch.setattr(records.time, "time", lambda: real() + 11)  # past a third of 30 s
+    j.intents("k", ["t2"])
+    assert _lease(j, "k") >= claimed + 10
+    prior = j.load("k")
+    assert prior is not None and list(prior.intents) == ["t1", "t2"]
+
+
+def test_a_key_the_journal_does_not_remember_gets_its_lease_renewed(make):
+    """Intents for a key this instance has no note of (claimed by a resume, or its notes
+    cleared) renew the lease: the note only ever saves a statement, never a renewal."""
+    j = make(lease_s=600)
+    assert j.begin("k", "mqtt") is None
+    j.records.leases.drop("k")
+    j._db.run("UPDATE requests SET lease_until = 0 WHERE key = 'k'")
+    j.intents("k", ["t1"])
+    assert _lease(j, "k") > 0
+
+
+def test_a_single_task_request_is_four_statements_and_no_transaction(tmp_path: Path):
+    """The request path's journal writes (claim, intents, done with two replies) are single
+    statements, atomic each: every statement releases the GIL while the journal's lock is held,
+    and BEGIN/COMMIT around them made the request workers queue behind that lock (SQLite)."""
+    j = Journal(tmp_path / "j.sqlite3")
+    seen: list[str] = []
+    j._db._db.set_trace_callback(seen.append)
+    try:
+        assert j.begin("k", "mqtt", request={"taskId": ["t1"]}) is None
+        j.intents("k", ["t1"])
+        j.finish("k", [{"event": "task", "taskId": "t1"}, {"event": "summary"}])
+    finally:
+        j._db._db.set_trace_callback(None)
+        j.close()
+    words = [s.split()[0].upper() for s in seen]
+    assert words == ["INSERT", "INSERT", "INSERT", "UPDATE"], seen

@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import threading
+import urllib.error
 import urllib.request
 import uuid
 
@@ -91,6 +92,11 @@ def test_a_second_sigterm_during_the_drain_exits_at_once(qrs_certs, sim, broker,
         sim.latency_ms = 600_000  # QRS holds every call: the request stays in flight
         pub.publish(TOPICS.start, json.dumps({"requestId": "held", "taskId": T1}), qos=1).wait_for_publish(10)
         assert wait_until(lambda: _unacked(metrics_port) == 1, 20)
+        for path in (f"/v4/reloadtask/{T1}/start", "/v4/reloadtask/start"):  # metrics only: no start fast path
+            req = urllib.request.Request(f"http://127.0.0.1:{metrics_port}{path}", data=b"{}", method="POST")
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=5)
+            assert err.value.code == 404
         d.signal(signal.SIGTERM)
         assert d.wait_log("stopping")["in_flight"] == 1  # a clean stop would wait up to 30 s for it
         d.signal(signal.SIGTERM)
