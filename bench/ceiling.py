@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import urllib3
-from harness import Replies, Stack, machine, publisher, table
+from harness import Replies, Stack, machine, process_cpu_s, publisher, table
 
 from butler_mqtt.mqtt.listener import wait_published
 from butler_mqtt.sim import SimTask
@@ -136,8 +136,10 @@ class _Cores:
         self.stack = stack
         self.sim_own = hasattr(stack.sim, "cpu_s")
 
-    def _now(self) -> tuple[float, float, float]:
-        return time.perf_counter(), self.stack.sim.cpu_s() if self.sim_own else 0.0, self.stack.cpu_s()
+    def _now(self) -> tuple[float, ...]:
+        broker = process_cpu_s(self.stack.broker.proc.pid) if self.stack.broker.proc is not None else 0.0
+        return (time.perf_counter(), self.stack.sim.cpu_s() if self.sim_own else 0.0, self.stack.cpu_s(), broker,
+                time.process_time())
 
     def __enter__(self) -> _Cores:
         self.t0 = self._now()
@@ -149,7 +151,7 @@ class _Cores:
     def cells(self) -> list[str]:
         wall = self.t1[0] - self.t0[0]
         sim = f"{(self.t1[1] - self.t0[1]) / wall:.2f}" if self.sim_own else "-"
-        return [sim, f"{(self.t1[2] - self.t0[2]) / wall:.2f}"]
+        return [sim, *(f"{(self.t1[i] - self.t0[i]) / wall:.2f}" for i in (2, 3, 4))]
 
 
 def main() -> None:
@@ -170,7 +172,7 @@ def main() -> None:
     print(f"# single-task requests, QRS stand-in answering at once ({where}), {args.requests} per path\n# {machine()}\n")
     for _ in range(args.rounds):
         print(table(["path", "requests/s", "fraction of the stand-in", "lost or not started", "double starts",
-                     "stand-in cores", "daemon cores"],
+                     "stand-in cores", "daemon cores", "broker cores", "load generator cores"],
                     run(args.requests, args.concurrency, args.sim_process, args.sim_cpu_ms, settings)))
         print()
 

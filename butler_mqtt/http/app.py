@@ -43,6 +43,7 @@ from butler_mqtt.http.bodies import (
     seed_request,
     summary_response,
 )
+from butler_mqtt.http.offload import Offload
 from butler_mqtt.http.protocol import CLIENT_CERT_CN
 from butler_mqtt.http.stops import add_stop_routes, stop_request
 from butler_mqtt.journal import history
@@ -160,6 +161,7 @@ class RestApi:
         self._last_probe: tuple[float, str] | None = None
         self._last_qrs_failure = 0.0
         self._asyncapi: dict[str, Any] | None = None
+        self.offload = Offload()  # the start and stop endpoints' work, off the event loop
         self.handled = 0  #: start calls answered (any outcome), for the daemon's `stopped` line
 
     # ------------------------------------------------------------------ start endpoint
@@ -256,7 +258,7 @@ class RestApi:
             return self.rt.service.submit(req, claim, lambda _ev: None)
 
         try:
-            handled = await run_in_threadpool(work)
+            handled = await self.offload.run(work)
         except CallerRejected as rej:  # over its requests_per_minute (counted with MQTT's): nothing claimed
             raise _rate_limited(rej) from None
         except QrsError as exc:
@@ -527,7 +529,7 @@ class StopEndpoint:
             return self.api.rt.stops.submit(req, claim, lambda _ev: None)
 
         try:
-            handled = await run_in_threadpool(work)
+            handled = await self.api.offload.run(work)
         except CallerRejected as rej:
             raise _rate_limited(rej) from None
         except QrsError as exc:
