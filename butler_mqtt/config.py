@@ -490,6 +490,7 @@ class Config(_Section):
     callers: list[CallerConfig] = Field(default=[], max_length=MAX_CALLERS)
     callers_only: bool = False
     backend: Literal["qrs", "cloud"] = "qrs"  # contract section 9
+    cpu_scheduling: Literal["batch", "normal"] = "batch"  # ops/scheduling.py
     cloud: CloudConfig = CloudConfig()
     _sources: Sources = PrivateAttr(default_factory=dict)
 

@@ -34,7 +34,7 @@ from butler_mqtt.mqtt.handler import MqttHealth, RequestHandler, alert_publisher
 from butler_mqtt.mqtt.listener import MqttListener
 from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.mqtt.workers import WorkerPool
-from butler_mqtt.ops import fds, systemd
+from butler_mqtt.ops import fds, scheduling, systemd
 from butler_mqtt.ops.lock import StateDirLock
 from butler_mqtt.ops.logging import setup_logging
 from butler_mqtt.ops.mainthread import run_beside_main
@@ -187,6 +187,7 @@ def run(config_file: Path | None) -> int:
     sys.setswitchinterval(0.001)
     cfg = load_config(config_file, missing_ok=False)
     setup_logging(cfg.logging.level, cfg.logging.format)
+    scheduling.apply(cfg.cpu_scheduling)  # before the daemon's threads start: they inherit it
     # Before anything touches the broker: a second daemon must not take over the session.
     lock = StateDirLock(cfg.state_dir, cfg.mqtt.effective_client_id()).acquire()  # noqa: F841 - held until exit
     runtime.probe_at_start(cfg)

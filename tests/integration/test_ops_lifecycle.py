@@ -4,6 +4,7 @@ had started; a second SIGTERM during the drain exits at once; SIGHUP reloads one
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import threading
@@ -70,6 +71,19 @@ def test_run_with_the_rest_port_taken_exits_2_naming_the_key(qrs_certs, sim, bro
     assert "stopping" in names and names[-1] == "stopped", names
 
 
+def _policies(pid: int) -> set[int]:
+    """The scheduling policies of the threads of process `pid` (more than a handful: the daemon's)."""
+    found: set[int] = set()
+    threads = os.listdir(f"/proc/{pid}/task")
+    assert len(threads) > 5, threads
+    for tid in threads:
+        try:
+            found.add(os.sched_getscheduler(int(tid)))
+        except ProcessLookupError:  # a short-lived thread that ended meanwhile
+            continue
+    return found
+
+
 def _unacked(metrics_port: int) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
@@ -89,6 +103,9 @@ def test_a_second_sigterm_during_the_drain_exits_at_once(qrs_certs, sim, broker,
     try:
         d.wait_log("mqtt_subscribed")
         d.wait_log("http_listening")
+        # cpu_scheduling's default: every thread of the running daemon is SCHED_BATCH (ops/scheduling.py).
+        assert d.wait_log("cpu_scheduling")["policy"] == "batch"
+        assert _policies(d.proc.pid) == {os.SCHED_BATCH}
         sim.latency_ms = 600_000  # QRS holds every call: the request stays in flight
         pub.publish(TOPICS.start, json.dumps({"requestId": "held", "taskId": T1}), qos=1).wait_for_publish(10)
         assert wait_until(lambda: _unacked(metrics_port) == 1, 20)

@@ -16,6 +16,8 @@ def test_shipped_config_loads_with_contract_defaults():
     assert cfg.mqtt.protocol == "5"
     assert cfg.qrs.port == 4242 and cfg.qrs.verify is True
     assert cfg.tracking.poll_interval == 5
+    assert cfg.cpu_scheduling == "batch"
+    assert load_config(None, environ={"BUTLER_MQTT__CPU_SCHEDULING": "normal"}).cpu_scheduling == "normal"
 
 
 def test_environment_overrides_nested_keys(tmp_path):
@@ -45,6 +47,8 @@ def test_environment_overrides_nested_keys(tmp_path):
         ("start_filter:\n  allow:\n    task_ids: [nope]\n", "start_filter.allow.task_ids"),
         ("bogus: 1\n", "bogus"),
         ("mqtt:\n  protocol: 4\n", "mqtt.protocol"),
+        ("cpu_scheduling: realtime\n", "cpu_scheduling"),
+        ("cpu_scheduling: [batch]\n", "cpu_scheduling"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, yaml_text, key):
