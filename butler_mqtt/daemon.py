@@ -128,7 +128,9 @@ class Daemon:
         systemd.notify("STOPPING=1")
         log.info("stopping", in_flight=self.workers.busy)
         self.listener.paused = True  # new deliveries stay unacked: redelivered next run
-        self.workers.drain(time.monotonic() + drain_timeout)
+        deadline = time.monotonic() + drain_timeout
+        self.workers.drain(deadline)
+        self.handler.acks.after.settle(deadline)  # the last acks, once their replies are confirmed
         started, self._started = self._started, []
         for name, stop in started:
             try:
@@ -187,10 +189,10 @@ def run(config_file: Path | None) -> int:
     sys.setswitchinterval(0.001)
     cfg = load_config(config_file, missing_ok=False)
     setup_logging(cfg.logging.level, cfg.logging.format)
-    scheduling.apply(cfg.cpu_scheduling)  # before the daemon's threads start: they inherit it
     # Before anything touches the broker: a second daemon must not take over the session.
     lock = StateDirLock(cfg.state_dir, cfg.mqtt.effective_client_id()).acquire()  # noqa: F841 - held until exit
     runtime.probe_at_start(cfg)
     daemon = Daemon(cfg, config_file)  # its preflight: a bad certificate file is the first line a user sees
     fds.raise_fd_limit()  # systemd's default soft limit is 1024; the unit's LimitNOFILE is the hard one
+    scheduling.apply(cfg.cpu_scheduling)  # after the preflight; the threads started later inherit it
     return run_profiled(daemon.run)

@@ -28,6 +28,14 @@ class SendGate:
                 self._cond.wait()
             self._passing += 1
 
+    def try_enter(self) -> bool:
+        """`enter` without waiting: False (nothing entered) while the gate is closed."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._passing += 1
+            return True
+
     def leave(self) -> None:
         with self._cond:
             self._passing -= 1

@@ -33,6 +33,7 @@ from butler_mqtt.errors import (
 )
 from butler_mqtt.model import Route, StartRequest, StopRequest
 from butler_mqtt.mqtt import ingress as ingress_rules
+from butler_mqtt.mqtt.acking import DeliveryAcks
 from butler_mqtt.mqtt.listener import Job, MqttListener
 from butler_mqtt.mqtt.retain_probe import RetainProbe
 from butler_mqtt.ops import retry
@@ -140,6 +141,8 @@ class RequestHandler:
         self._listening = caller_topic_filters(rt.cfg.mqtt, rt.cfg.callers)
         self._limiter = RateLimiter(60.0)
         self.handled = 0
+        self._handled_lock = threading.Lock()  # counted by workers and by paho's thread (acks)
+        self.acks = DeliveryAcks(listener, PUBLISH_TIMEOUT_S, self._answered)
         self.qrs_health = rt.qrs.health
         self.qrs_health.on_change.append(health.set_qrs_unreachable)
 
@@ -305,20 +308,15 @@ class RequestHandler:
                       detail="requests are answered with an error until this is fixed; nothing is started")
 
     def _finish(self, job: Job, replies: list[Any], force: bool = False) -> None:
-        """Ack only once the broker has taken every reply (see MqttListener.confirm).
+        """Ack only once the broker has taken every reply (mqtt/acking.py: the worker goes on
+        meanwhile). A reply the broker has not confirmed in time is left to the broker: the
+        delivery stays unacked, the connection is renewed, and the redelivery replays the
+        journal's outcome. `force` (an internal error) acks regardless, after a bounded wait."""
+        self.acks.finish(job, replies, force)
 
-        A reply the broker has not confirmed in time is left to the broker: the delivery stays
-        unacked, the connection is renewed, and the redelivery replays the journal's outcome.
-        `force` (an internal error) acks regardless, after a bounded wait: such a delivery would
-        fail again and must not hold a broker slot."""
-        if replies and not self.listener.confirm(replies, PUBLISH_TIMEOUT_S) and not force:
-            log.warning("reply_not_confirmed", detail="request left unacked; a redelivery replays the journal")
-            self.listener.release(job)
-            self.listener.refused += 1
-            self.listener.request_redelivery()
-            return
-        self.listener.ack(job)
-        self.handled += 1
+    def _answered(self) -> None:
+        with self._handled_lock:
+            self.handled += 1
 
 
 class Delivery:

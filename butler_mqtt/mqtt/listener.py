@@ -311,15 +311,20 @@ class MqttListener:
 
     # ------------------------------------------------------------------ worker side
 
-    def ack(self, job: Job) -> None:
+    def ack(self, job: Job, wait: bool = True) -> bool:
         """Ack a delivery, once. A job of an earlier broker session is not acked: its packet id
-        may by now belong to another message of the new session."""
-        if self.deliveries.ack(job):
+        may by now belong to another message of the new session. `wait=False` (paho's network
+        thread, mqtt/acking.py): while the send gate is closed, False and nothing done."""
+        if wait:
             self._gate.enter()
-            try:
+        elif not self._gate.try_enter():
+            return False
+        try:
+            if self.deliveries.ack(job):
                 self.client.ack(job.mid, job.qos)
-            finally:
-                self._gate.leave()
+        finally:
+            self._gate.leave()
+        return True
 
     def release(self, job: Job) -> None:
         """Give a delivery back to the broker without acking it (it is redelivered later)."""

@@ -31,6 +31,12 @@ REPLY_RESEND_WINDOW_S = 20.0
 _PUBACKS_KEPT = 1024  # non-success PUBACKs remembered for the workers (bounded)
 
 
+class PubackListener(Protocol):
+    """Told of every PUBACK of a reply (mqtt/acking.py: deliveries acked after their replies)."""
+
+    def on_puback(self, info: mqtt.MQTTMessageInfo, mid: int, code: int) -> None: ...
+
+
 class Session(Protocol):
     """What the publisher reads of the listener's connection."""
 
@@ -50,20 +56,56 @@ class ReplyPublisher:
         # mid -> (PUBACK reason code, topic, the message if it may be resent); not success
         self._pubacks: OrderedDict[int, tuple[int, str | None, mqtt.MQTTMessage | None]] = OrderedDict()
         self._pubacks_lock = threading.Lock()
+        self.acks: PubackListener | None = None  # set by the request handler (mqtt/acking.py)
 
     def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
         """Remember a PUBACK that is not plain success, for `confirm`. Runs before paho marks
-        the message published and drops it, so the message is still at hand for a resend."""
+        the message published and drops it, so the message is still at hand for a resend.
+        Then tell `acks` (the deliveries acked after their replies: mqtt/acking.py)."""
         code = int(getattr(rc, "value", 0) or 0)
+        msg = client._out_messages.get(mid)  # noqa: SLF001
         with self._pubacks_lock:
             self._pubacks.pop(mid, None)  # the mid's previous use, if any
-            if code == 0:
-                return
-            msg = client._out_messages.get(mid)  # noqa: SLF001
-            topic = msg.topic if msg is not None else None
-            self._pubacks[mid] = (code, topic, msg if code == NO_MATCHING_SUBSCRIBERS else None)
-            while len(self._pubacks) > _PUBACKS_KEPT:
-                self._pubacks.popitem(last=False)
+            if code != 0:
+                topic = msg.topic if msg is not None else None
+                self._pubacks[mid] = (code, topic, msg if code == NO_MATCHING_SUBSCRIBERS else None)
+                while len(self._pubacks) > _PUBACKS_KEPT:
+                    self._pubacks.popitem(last=False)
+        if self.acks is not None and msg is not None:
+            self.acks.on_puback(msg.info, mid, code)
+
+    def _resend_due(self, code: int, msg: mqtt.MQTTMessage | None, deadline: float, delay: float) -> bool:
+        """A reply the broker dropped for want of a subscriber is published again, within the
+        resend window after a reconnect and before `deadline` (see `confirm`)."""
+        if code != NO_MATCHING_SUBSCRIBERS or msg is None:
+            return False
+        window_end = self.session.connected_at + REPLY_RESEND_WINDOW_S if self.session.connects > 1 else 0.0
+        return time.monotonic() + delay <= min(window_end, deadline)
+
+    def _settled_log(self, code: int, topic: str | None) -> None:
+        """What `confirm` says of a PUBACK that is not success and needs no resend."""
+        if code != NO_MATCHING_SUBSCRIBERS:
+            log.error("reply_refused", topic=topic, reason=_reason(code), detail="the broker refused the reply")
+        elif self.session.connects > 1:
+            log.info("reply_unmatched", topic=topic, detail="no client subscribed to the reply topic in time")
+
+    def settled_now(self, codes: list[tuple[int, int]], deadline: float) -> bool:
+        """The PUBACKs (mid, code) of a delivery's replies settle it without waiting: no resend
+        is due (a code of -1: not known here, looked up among the remembered ones). Then what they say is logged as `confirm` would, and True. False: leave them
+        to `confirm` (nothing consumed)."""
+        if all(code == 0 for _, code in codes):
+            return True
+        with self._pubacks_lock:
+            found = [(mid, self._pubacks.get(mid)) for mid, code in codes if code != 0]
+        if any(e is not None and self._resend_due(e[0], e[2], deadline, 0.25) for _, e in found):
+            return False
+        with self._pubacks_lock:
+            for mid, _ in found:
+                self._pubacks.pop(mid, None)
+        for _, e in found:
+            if e is not None:
+                self._settled_log(e[0], e[1])
+        return True
 
     def confirm(self, replies: list[mqtt.MQTTMessageInfo], timeout: float) -> bool:
         """Wait until the broker has taken every reply: each one, since PUBACK order is not
@@ -81,15 +123,10 @@ class ReplyPublisher:
                     code, topic, msg = self._pubacks.pop(info.mid, (0, None, None))
                 if code == 0:
                     break
-                if code != NO_MATCHING_SUBSCRIBERS or msg is None:
-                    log.error("reply_refused", topic=topic, reason=_reason(code), detail="the broker refused the reply")
-                    break
-                window_end = self.session.connected_at + REPLY_RESEND_WINDOW_S if self.session.connects > 1 else 0.0
-                if time.monotonic() + delay > min(window_end, deadline):
-                    if window_end:
-                        log.info("reply_unmatched", topic=topic, detail="no client subscribed to the reply topic in time")
-                    break  # nobody listens (fire and forget): the reply is not needed
-                if self.session.paused:
+                if not self._resend_due(code, msg, deadline, delay):
+                    self._settled_log(code, topic)
+                    break  # refused, or nobody listens (fire and forget): the reply is not needed
+                if self.session.paused or msg is None:
                     return False
                 log.debug("reply_resent", topic=topic, reason=_reason(code), retry_in_s=delay)
                 time.sleep(delay)
