@@ -120,8 +120,9 @@ class Daemon:
                     log.error("journal_purge_failed", error=str(exc))
 
     def healthy_threads(self) -> bool:
-        """The MQTT network thread, the tracker and every worker run (gates the watchdog)."""
-        return self.listener.alive and self.runtime.tracker.alive and self.workers.alive
+        """The MQTT network thread, the tracker, every worker and the acks' deadline sweeper run
+        (gates the watchdog)."""
+        return self.listener.alive and self.runtime.tracker.alive and self.workers.alive and self.handler.acks.after.alive
 
     def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Drain the workers, then stop what startup() started (also after a failed startup)."""

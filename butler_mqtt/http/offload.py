@@ -45,11 +45,17 @@ class Offload:
             spawn = self._idle == 0 and self._threads < self.limit
             if spawn:
                 self._threads += 1
+                name = f"{self.name}-{self._threads}"
             elif self._idle > 0:
                 self._idle -= 1
-        self._jobs.put((loop, future, contextvars.copy_context(), fn))
         if spawn:
-            threading.Thread(target=self._serve, name=f"{self.name}-{self._threads}", daemon=True).start()
+            try:  # before the job is queued: a thread that cannot start leaves no job behind
+                threading.Thread(target=self._serve, name=name, daemon=True).start()
+            except RuntimeError:
+                with self._lock:
+                    self._threads -= 1
+                raise
+        self._jobs.put((loop, future, contextvars.copy_context(), fn))
         return await future
 
     def _serve(self) -> None:

@@ -52,10 +52,13 @@ from butler_mqtt.replies import Event
 __all__ = ["SCHEMA_VERSION", "HistoryQuery", "Journal", "JournalError", "Prior"]
 
 
+_COLUMNS = "key, state, ingress, payload_hash, created, updated, owner, lease_until, source, request, caller"
 #: The claim: exactly one instance's INSERT of a key wins.
-_CLAIM = (
-    "INSERT INTO requests(key, state, ingress, payload_hash, created, updated, owner, lease_until,"
-    " source, request, caller) VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING"
+_CLAIM = f"INSERT INTO requests({_COLUMNS}) VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING"
+#: The claim of a key with no events under it, on its own (no transaction needed).
+_CLAIM_NEW = (
+    f"INSERT INTO requests({_COLUMNS}) SELECT ?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?"  # noqa: S608
+    " WHERE NOT EXISTS (SELECT 1 FROM events WHERE key = ?) ON CONFLICT (key) DO NOTHING RETURNING key"
 )
 
 
@@ -206,15 +209,13 @@ class Journal:
         arrived = min(received, now) if received is not None else now  # the history's received time
         # A new key (nearly always) is one statement, atomic on its own: no transaction around it.
         # Each statement releases the GIL under the journal's lock, and waiting to take it back
-        # is what made the journal the request path's queue. The count says whether events of
-        # an earlier use of the key were left (never by this code: they go with their request).
+        # is what made the journal the request path's queue. A key taken, or with events of an
+        # earlier use left under it (never by this code: they go with their request), goes the
+        # transaction's way, which deletes them in the same transaction.
         won = self._db.run(
-            _CLAIM + " RETURNING (SELECT count(*) FROM events WHERE key = ?)",
-            (key, ingress, payload_hash, arrived, now, self.owner, now + self.lease_s, *about, key),
+            _CLAIM_NEW, (key, ingress, payload_hash, arrived, now, self.owner, now + self.lease_s, *about, key)
         )
         if won:
-            if won[0][0]:
-                self._db.run("DELETE FROM events WHERE key = ?", (key,))
             self.records.leases.note(key, now)
             return None
         return self._db.transact(lambda db: self._claim_in(db, key, ingress, payload_hash, about, now, arrived))

@@ -40,11 +40,14 @@ def _reply_row(key: str, event: Event) -> tuple[str, str, str | None, str]:
 
 class Leases:
     """When this instance last set the lease of the requests it is handling, so that a stage's
-    intents renew a lease only when a third of it has run out (a single-task request's intents
-    follow its claim by milliseconds: renewing would be a statement for nothing). In memory,
-    bounded: a key forgotten here only costs one renewal."""
+    intents renew a lease unless it was set within the last RENEW_AFTER_S (a single-task
+    request's intents follow its claim by milliseconds: renewing would be a statement for
+    nothing, and the lease left is then within a second of a fresh one). In memory, bounded: a
+    key forgotten here only costs one renewal."""
 
     MAX = 10_000
+    #: A lease set this recently is not renewed by intents.
+    RENEW_AFTER_S = 1.0
 
     def __init__(self, lease_s: float) -> None:
         self.lease_s = lease_s
@@ -60,7 +63,7 @@ class Leases:
     def due(self, key: str, now: float) -> bool:
         with self._lock:
             since = self._set.get(key)
-        return since is None or now - since > self.lease_s / 3
+        return since is None or now - since > min(self.RENEW_AFTER_S, self.lease_s / 30)
 
     def drop(self, key: str) -> None:
         with self._lock:
@@ -84,7 +87,7 @@ class Records:
         """Record, before any of their starts is sent, that these tasks are about to start.
 
         All the stage's intents at once (one statement, or one transaction when there are more
-        rows than one statement takes or the lease is renewed with them). After a crash, a task
+        rows than one statement takes or the lease is renewed with them: see Leases). After a crash, a task
         with an intent and no recorded outcome is looked up in QRS: started then, or started
         now, never twice.
         """

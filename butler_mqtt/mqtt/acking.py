@@ -42,8 +42,11 @@ _EARLY_KEPT = 1024
 UNKNOWN = -1
 #: How often the deadlines of the deliveries waiting for PUBACKs are checked.
 SWEEP_S = 0.5
-#: Threads for the deliveries that need the waiting path (resends, time-outs, a closed gate).
-SLOW_THREADS = 4
+#: Threads for the deliveries that need the waiting path (resends after a reconnect, time-outs,
+#: a closed gate), started as needed: as many as deliveries the broker lets in flight by default
+#: (`mqtt.receive_maximum`), so that after a reconnect every reply due for a resend is resent
+#: within the window, as when each worker waited for its own.
+SLOW_THREADS = 32
 
 
 class _Pending:
@@ -62,16 +65,17 @@ class AckAfterReplies:
 
     `fast(job, codes)` runs where the last PUBACK is handled (paho's thread, or the worker when
     every PUBACK was in already) and returns False when the delivery needs the waiting path;
-    `slow(job, replies, deadline)` is that path, run in a small pool.
+    `slow(job, replies, deadline)` is that path, run in a pool; `lost(job)` (never blocking)
+    gives a delivery back to the broker when not even the pool can take it.
     """
 
     def __init__(
         self,
         fast: Callable[[Job, list[tuple[int, int]]], bool],
         slow: Callable[[Job, list[mqtt.MQTTMessageInfo], float], None],
+        lost: Callable[[Job], None] = lambda _job: None,
     ) -> None:
-        self._fast = fast
-        self._slow = slow
+        self._fast, self._slow, self._lost = fast, slow, lost
         self._lock = threading.Lock()
         self._by_info: dict[int, _Pending] = {}
         self._pending: set[_Pending] = set()
@@ -79,16 +83,21 @@ class AckAfterReplies:
         # kept so that its id cannot be reused meanwhile.
         self._early: OrderedDict[int, tuple[mqtt.MQTTMessageInfo, int, int]] = OrderedDict()
         self._pool = ThreadPoolExecutor(SLOW_THREADS, thread_name_prefix="mqtt-confirm")
-        self._slow_running = 0  # handed to the pool and not finished
+        self._busy = 0  # taken off `_pending` and not settled yet (deciding, or in the pool)
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="mqtt-ack-sweep", daemon=True)
         self._sweeper.start()
 
     @property
     def waiting(self) -> int:
-        """Deliveries not acked (or left for redelivery) yet: waiting for PUBACKs or in the pool."""
+        """Deliveries not acked (or left for redelivery) yet: waiting for PUBACKs or being settled."""
         with self._lock:
-            return len(self._pending) + self._slow_running
+            return len(self._pending) + self._busy
+
+    @property
+    def alive(self) -> bool:
+        """The deadline sweeper runs (gates the systemd watchdog with the other threads)."""
+        return self._sweeper.is_alive()
 
     def hand(self, job: Job, replies: list[mqtt.MQTTMessageInfo], timeout: float) -> None:
         p = _Pending(job, replies, time.monotonic() + timeout)
@@ -105,6 +114,7 @@ class AckAfterReplies:
             if p.waiting:
                 self._pending.add(p)
                 return
+            self._busy += 1
         self._complete(p)
 
     def on_puback(self, info: mqtt.MQTTMessageInfo, mid: int, code: int) -> None:
@@ -121,45 +131,57 @@ class AckAfterReplies:
             if p.waiting:
                 return
             self._pending.discard(p)
+            self._busy += 1
         self._complete(p)
 
     def _complete(self, p: _Pending) -> None:
+        """Settle `p` (counted in `_busy` by the caller): ack it at once, or the waiting path."""
         try:
             if self._fast(p.job, p.codes):
+                self._done()
                 return
         except Exception:  # noqa: BLE001 - never in paho's thread: the waiting path decides
             log.exception("ack_after_replies_failed")
         self._to_slow(p)
 
-    def _to_slow(self, p: _Pending) -> None:
+    def _done(self) -> None:
         with self._lock:
-            self._slow_running += 1
+            self._busy -= 1
+
+    def _to_slow(self, p: _Pending) -> None:
         try:
             self._pool.submit(self._run_slow, p)
-        except RuntimeError:  # shut down: left unacked, redelivered to the next run
-            with self._lock:
-                self._slow_running -= 1
+        except RuntimeError:  # shut down, or no thread to be had: back to the broker
+            self._done()
+            self._lost(p.job)
 
     def _run_slow(self, p: _Pending) -> None:
         try:
             self._slow(p.job, p.replies, p.deadline)
-        except Exception:  # noqa: BLE001 - the pool thread must live on; the delivery stays unacked
+        except Exception:  # noqa: BLE001 - the pool thread must live on
             log.exception("ack_after_replies_failed")
+            self._lost(p.job)
         finally:
-            with self._lock:
-                self._slow_running -= 1
+            self._done()
 
     def _sweep(self) -> None:
         while not self._stop.wait(SWEEP_S):
-            now = time.monotonic()
-            with self._lock:
-                late = [p for p in self._pending if p.deadline <= now]
-                for p in late:
-                    self._pending.discard(p)
-                    for key in [k for k, v in self._by_info.items() if v is p]:
-                        del self._by_info[key]
-            for p in late:  # the waiting path finds what was confirmed and leaves the rest unacked
-                self._to_slow(p)
+            try:
+                self._sweep_once(time.monotonic())
+            except Exception:  # noqa: BLE001 - the sweeper must live on
+                log.exception("ack_sweep_failed")
+
+    def _sweep_once(self, now: float) -> None:
+        with self._lock:
+            late = [p for p in self._pending if p.deadline <= now]
+            for p in late:
+                self._pending.discard(p)
+                for info in p.replies:
+                    if self._by_info.get(id(info)) is p:
+                        del self._by_info[id(info)]
+            self._busy += len(late)
+        for p in late:  # the waiting path finds what was confirmed and leaves the rest unacked
+            self._to_slow(p)
 
     def settle(self, deadline: float) -> int:
         """Wait (until `deadline`, monotonic) for the deliveries still waiting for PUBACKs and
@@ -181,7 +203,7 @@ class DeliveryAcks:
         self.listener = listener
         self.timeout = timeout
         self.on_answered = on_answered
-        self.after = AckAfterReplies(self._fast, self._slow)
+        self.after = AckAfterReplies(self._fast, self._slow, self._lost)
         listener.replies.acks = self.after
 
     def finish(self, job: Job, replies: list[mqtt.MQTTMessageInfo], force: bool = False) -> None:
@@ -201,8 +223,17 @@ class DeliveryAcks:
             return False  # a resend is due: the waiting path
         if not self.listener.ack(job, wait=False):
             return False  # the send gate is closed: the waiting path acks once it opens
-        self.on_answered()
+        try:  # acked: nothing after this may send the delivery to the waiting path (a second ack)
+            self.on_answered()
+        except Exception:  # noqa: BLE001
+            log.exception("ack_count_failed")
         return True
+
+    def _lost(self, job: Job) -> None:
+        """Not even the waiting path could take it: unacked, the broker sends it again (a worker
+        asks for the redelivery once the queue has room: `refused`). Never blocks."""
+        self.listener.release(job)
+        self.listener.refused += 1
 
     def _slow(self, job: Job, replies: list[mqtt.MQTTMessageInfo], deadline: float) -> None:
         try:

@@ -11,7 +11,9 @@ and 0.92-0.95. On an idle host nothing changes. `normal`: the kernel's default (
 
 The policy is set on every thread the process has, and the threads started later inherit it.
 It needs no privilege (the nice value is unchanged); where it cannot be set (not Linux, or a
-sandbox refusing it) one line says so and the daemon runs on with the default.
+sandbox refusing it) one line says so and the daemon runs on with the default. A process started
+under another policy than the default (systemd's `CPUSchedulingPolicy=`, `chrt`) keeps it: the
+administrator chose it. `normal` changes nothing.
 """
 
 from __future__ import annotations
@@ -37,15 +39,19 @@ def apply(policy: str) -> bool:
     """Set `policy` (one of POLICIES) on every thread of this process. True when it is in effect."""
     if policy not in POLICIES:
         raise ValueError(f"cpu_scheduling: {policy!r} is not one of {', '.join(POLICIES)}")
+    if policy == "normal":
+        return True
     if not hasattr(os, "sched_setscheduler") or not Path("/proc/self/task").is_dir():
-        if policy == "batch":
-            log.info("cpu_scheduling_unchanged", policy=policy, detail="not available on this system; the default is kept")
-        return policy == "normal"
-    which = os.SCHED_BATCH if policy == "batch" else os.SCHED_OTHER
+        log.info("cpu_scheduling_unchanged", policy=policy, detail="not available on this system; the default is kept")
+        return False
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        log.info("cpu_scheduling_unchanged", policy=policy, running=current(),
+                 detail="started under another policy than the default (CPUSchedulingPolicy=, chrt): kept")
+        return False
     try:
         for tid in _threads():
             try:
-                os.sched_setscheduler(tid, which, os.sched_param(0))
+                os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
             except ProcessLookupError:  # a thread that ended meanwhile
                 continue
     except OSError as exc:
@@ -61,4 +67,6 @@ def current() -> str:
     if not hasattr(os, "sched_getscheduler"):
         return "normal"
     got = os.sched_getscheduler(0)
-    return {os.SCHED_BATCH: "batch", os.SCHED_OTHER: "normal"}.get(got, str(got))
+    names = {os.SCHED_BATCH: "batch", os.SCHED_OTHER: "normal", getattr(os, "SCHED_IDLE", -1): "idle",
+             os.SCHED_FIFO: "fifo", os.SCHED_RR: "rr"}
+    return names.get(got, str(got))

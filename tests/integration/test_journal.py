@@ -174,9 +174,9 @@ def _lease(j: Journal, key: str) -> float:
     return float(j._db.run("SELECT lease_until FROM requests WHERE key = ?", (key,))[0][0])
 
 
-def test_intents_renew_the_lease_once_a_third_of_it_ran_out(make, monkeypatch):
+def test_intents_renew_the_lease_unless_it_was_set_within_a_second(make, monkeypatch):
     """Right after the claim the lease is fresh (no renewal statement); a later stage's intents,
-    a third of the lease on, renew it, so a live owner is never taken over mid-request."""
+    a second or more on, renew it, so a live owner is never taken over mid-request."""
     import butler_mqtt.journal.records as records
 
     j = make(lease_s=30)
@@ -185,9 +185,9 @@ def test_intents_renew_the_lease_once_a_third_of_it_ran_out(make, monkeypatch):
     j.intents("k", ["t1"])
     assert _lease(j, "k") == claimed  # not renewed: set milliseconds ago
     real = records.time.time
-    monkeypatch.setattr(records.time, "time", lambda: real() + 11)  # past a third of 30 s
+    monkeypatch.setattr(records.time, "time", lambda: real() + 1.5)  # past Leases.RENEW_AFTER_S
     j.intents("k", ["t2"])
-    assert _lease(j, "k") >= claimed + 10
+    assert _lease(j, "k") >= claimed + 1.4
     prior = j.load("k")
     assert prior is not None and list(prior.intents) == ["t1", "t2"]
 

@@ -141,3 +141,35 @@ def test_a_failing_callback_never_reaches_the_caller(fail_in):
     assert r.slow_done.wait(5)
     assert calls == ["fast", "slow"]
     assert acks.settle(time.monotonic() + 5) == 0
+
+
+def test_a_delivery_being_acked_still_counts_as_waiting():
+    """settle() at shutdown must not see 0 while the last ack is being decided."""
+    inside, go = threading.Event(), threading.Event()
+
+    def fast(job: Any, codes: list[tuple[int, int]]) -> bool:
+        inside.set()
+        go.wait(5)
+        return True
+
+    acks = AckAfterReplies(fast, lambda *a: None)
+    info = mqtt.MQTTMessageInfo(13)
+    acks.hand("job", [info], 30)
+    t = threading.Thread(target=_puback, args=(acks, info))
+    t.start()
+    assert inside.wait(5)
+    assert acks.waiting == 1 and acks.alive
+    go.set()
+    t.join(5)
+    assert acks.waiting == 0
+
+
+def test_a_delivery_the_pool_cannot_take_goes_back_to_the_broker():
+    lost: list[Any] = []
+    r = Recorder(fast_ok=False)
+    acks = AckAfterReplies(r.on_fast, r.on_slow, lost.append)
+    assert acks.settle(time.monotonic()) == 0  # shuts the pool down
+    info = mqtt.MQTTMessageInfo(14)
+    acks.hand("job", [info], 30)
+    _puback(acks, info)
+    assert lost == ["job"] and r.slow == [] and acks.waiting == 0
