@@ -9,9 +9,10 @@ MQTT path reached 0.91-0.92 of what the stand-in serves a minimal client with th
 worker, 0.96-0.98 with no wait at all. The order on the wire is the same as before: the ack
 follows the PUBACK of every reply.
 
-What a PUBACK says decides as before (ReplyPublisher.settles): success, a refusal (logged), or
-no subscriber (fine, unless within the resend window after a reconnect: then the delivery goes
-to `slow`, a few threads that run the waiting confirmation, resends included). A delivery whose
+What a PUBACK says decides as before: success, or no subscriber before any reconnect, is acked
+at once (ReplyPublisher.settled_now); a refusal (logged) and no subscriber after a reconnect (a
+resend may be due) go to `slow`, a pool running the waiting confirmation, resends included,
+so that nothing is logged and nothing sleeps on paho's thread. A delivery whose
 replies are not all confirmed within its deadline goes to `slow` too, which leaves it unacked
 for redelivery as before. Nothing here blocks paho's thread: an ack the send gate holds back
 (a deliberate reconnect in progress) is written by `slow` as well.
@@ -151,7 +152,7 @@ class AckAfterReplies:
     def _to_slow(self, p: _Pending) -> None:
         try:
             self._pool.submit(self._run_slow, p)
-        except RuntimeError:  # shut down, or no thread to be had: back to the broker
+        except Exception:  # noqa: BLE001 - shut down, or no thread to be had: back to the broker
             self._done()
             self._lost(p.job)
 
@@ -219,8 +220,8 @@ class DeliveryAcks:
         self.on_answered()
 
     def _fast(self, job: Job, codes: list[tuple[int, int]]) -> bool:
-        if not self.listener.replies.settled_now(codes, time.monotonic() + self.timeout):
-            return False  # a resend is due: the waiting path
+        if not self.listener.replies.settled_now(codes):
+            return False  # something to log or a resend that may be due: the waiting path
         if not self.listener.ack(job, wait=False):
             return False  # the send gate is closed: the waiting path acks once it opens
         try:  # acked: nothing after this may send the delivery to the waiting path (a second ack)

@@ -74,37 +74,21 @@ class ReplyPublisher:
         if self.acks is not None and msg is not None:
             self.acks.on_puback(msg.info, mid, code)
 
-    def _resend_due(self, code: int, msg: mqtt.MQTTMessage | None, deadline: float, delay: float) -> bool:
-        """A reply the broker dropped for want of a subscriber is published again, within the
-        resend window after a reconnect and before `deadline` (see `confirm`)."""
-        if code != NO_MATCHING_SUBSCRIBERS or msg is None:
-            return False
-        window_end = self.session.connected_at + REPLY_RESEND_WINDOW_S if self.session.connects > 1 else 0.0
-        return time.monotonic() + delay <= min(window_end, deadline)
-
-    def _settled_log(self, code: int, topic: str | None) -> None:
-        """What `confirm` says of a PUBACK that is not success and needs no resend."""
-        if code != NO_MATCHING_SUBSCRIBERS:
-            log.error("reply_refused", topic=topic, reason=_reason(code), detail="the broker refused the reply")
-        elif self.session.connects > 1:
-            log.info("reply_unmatched", topic=topic, detail="no client subscribed to the reply topic in time")
-
-    def settled_now(self, codes: list[tuple[int, int]], deadline: float) -> bool:
-        """The PUBACKs (mid, code) of a delivery's replies settle it without waiting: no resend
-        is due (a code of -1: not known here, looked up among the remembered ones). Then what they say is logged as `confirm` would, and True. False: leave them
-        to `confirm` (nothing consumed)."""
-        if all(code == 0 for _, code in codes):
+    def settled_now(self, codes: list[tuple[int, int]]) -> bool:
+        """True when the PUBACKs (mid, code) of a delivery's replies settle it with nothing to
+        do: success, or no subscriber before any reconnect (nobody asked for the replies: no
+        resend is due and `confirm` would say nothing). Anything else (a refusal to log, a resend
+        that may be due) is left to `confirm`, which runs off paho's network thread. A code of -1
+        (not known to the caller) is looked up among the remembered ones."""
+        unusual = [(mid, code) for mid, code in codes if code != 0]
+        if not unusual:
             return True
         with self._pubacks_lock:
-            found = [(mid, self._pubacks.get(mid)) for mid, code in codes if code != 0]
-        if any(e is not None and self._resend_due(e[0], e[2], deadline, 0.25) for _, e in found):
-            return False
-        with self._pubacks_lock:
-            for mid, _ in found:
+            known = [code if code >= 0 else self._pubacks.get(mid, (0,))[0] for mid, code in unusual]
+            if self.session.connects > 1 or any(code not in (0, NO_MATCHING_SUBSCRIBERS) for code in known):
+                return False
+            for mid, _ in unusual:
                 self._pubacks.pop(mid, None)
-        for _, e in found:
-            if e is not None:
-                self._settled_log(e[0], e[1])
         return True
 
     def confirm(self, replies: list[mqtt.MQTTMessageInfo], timeout: float) -> bool:
@@ -123,10 +107,15 @@ class ReplyPublisher:
                     code, topic, msg = self._pubacks.pop(info.mid, (0, None, None))
                 if code == 0:
                     break
-                if not self._resend_due(code, msg, deadline, delay):
-                    self._settled_log(code, topic)
-                    break  # refused, or nobody listens (fire and forget): the reply is not needed
-                if self.session.paused or msg is None:
+                if code != NO_MATCHING_SUBSCRIBERS or msg is None:
+                    log.error("reply_refused", topic=topic, reason=_reason(code), detail="the broker refused the reply")
+                    break
+                window_end = self.session.connected_at + REPLY_RESEND_WINDOW_S if self.session.connects > 1 else 0.0
+                if time.monotonic() + delay > min(window_end, deadline):
+                    if window_end:
+                        log.info("reply_unmatched", topic=topic, detail="no client subscribed to the reply topic in time")
+                    break  # nobody listens (fire and forget): the reply is not needed
+                if self.session.paused:
                     return False
                 log.debug("reply_resent", topic=topic, reason=_reason(code), retry_in_s=delay)
                 time.sleep(delay)

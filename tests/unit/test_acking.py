@@ -173,3 +173,32 @@ def test_a_delivery_the_pool_cannot_take_goes_back_to_the_broker():
     acks.hand("job", [info], 30)
     _puback(acks, info)
     assert lost == ["job"] and r.slow == [] and acks.waiting == 0
+
+
+class _Session:
+    def __init__(self, connects: int) -> None:
+        self.connects = connects
+        self.connected_at = time.monotonic()
+        self.paused = False
+
+
+@pytest.mark.parametrize(
+    ("connects", "codes", "remembered", "at_once"),
+    [
+        (1, [(1, 0), (2, 0)], {}, True),  # success
+        (1, [(1, 0), (2, 0x10)], {}, True),  # nobody subscribed, never reconnected: nothing to say
+        (1, [(1, 0x87)], {}, False),  # refused: logged by confirm, off paho's thread
+        (2, [(1, 0x10)], {}, False),  # after a reconnect a resend may be due
+        (1, [(1, UNKNOWN)], {1: 0x87}, False),  # a code looked up: refused
+        (1, [(1, UNKNOWN)], {}, True),  # nothing remembered: it was success
+    ],
+)
+def test_which_pubacks_settle_a_delivery_on_pahos_thread(connects, codes, remembered, at_once):
+    from butler_mqtt.mqtt.gate import SendGate
+    from butler_mqtt.mqtt.publishing import ReplyPublisher
+
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub = ReplyPublisher(client, True, SendGate(), _Session(connects))
+    for mid, code in remembered.items():
+        pub._pubacks[mid] = (code, "t", None)
+    assert pub.settled_now(codes) is at_once
